@@ -1,0 +1,1 @@
+"""The loramux server: engine, adapter cache and gRPC layer. Needs the `server` extra."""

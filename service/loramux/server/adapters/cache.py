@@ -1,0 +1,272 @@
+"""The tiered adapter cache: accelerator slots (tier 1), host memory (tier 2), disk (tier 3).
+
+Every registered adapter is in exactly one tier:
+
+- ACCELERATOR: its weights fill one slot of the SlotBank. Slots are handed out from a free
+  list; when none is free the least recently used *evictable* slot is evicted: its weights
+  are copied back into tier 2. A slot is evictable only while no running request uses it
+  (`acquire`/`release` count uses) and the adapter is not pinned.
+- HOST: a copy in host memory (pinned memory on CUDA), in an LRU bounded in bytes; what
+  falls out goes to tier 3.
+- DISK: nothing in memory; the adapter's files are read and validated again when needed,
+  and refused if their content changed since the adapter was registered.
+
+The LRU bookkeeping uses cachetools. All state changes happen under one lock; reading
+files from disk happens outside it, and concurrent requests for the same adapter share
+one read. The cache knows tiers and slots, never names, tenants or gRPC.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import threading
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import Future
+
+import torch
+from cachetools import LRUCache
+
+from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+from loramux.server.lora.slot_bank import SlotBank
+
+
+class Tier(enum.Enum):
+    ACCELERATOR = "accelerator"
+    HOST = "host"
+    DISK = "disk"
+
+
+class NoSlotAvailable(Exception):
+    """Every slot is in use by running requests or pinned. Callers wait; this never reaches users."""
+
+
+class _HostTier(LRUCache):
+    """Host copies by adapter uid, bounded in bytes; evicted entries drop to disk."""
+
+    def __init__(self, capacity_bytes: int):
+        super().__init__(maxsize=capacity_bytes, getsizeof=lambda w: w.nbytes)
+        self.evicted: list[int] = []
+
+    def popitem(self):
+        uid, weights = super().popitem()
+        self.evicted.append(uid)
+        return uid, weights
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheSnapshot:
+    slot_table: tuple[int | None, ...]  # slot -> uid of the adapter in it
+    host: tuple[int, ...]  # uids in host memory, least recently used first
+    host_bytes: int
+    in_use: dict[int, int]  # uid -> running requests using it
+    pinned: frozenset[int]
+
+
+class TieredAdapterCache:
+    def __init__(
+        self,
+        bank: SlotBank,
+        host_capacity_bytes: int,
+        reload: Callable[[int], AdapterWeights],
+        host_pin_memory: bool = False,
+    ):
+        """`reload(uid)` reads and validates an adapter's files again (tier 3 -> memory)."""
+        self._bank = bank
+        self._reload = reload
+        self._pin_memory = host_pin_memory
+        self._lock = threading.RLock()
+        self._slot_table: list[int | None] = [None] * bank.num_slots
+        self._slot_of: dict[int, int] = {}
+        self._evictable: LRUCache = LRUCache(maxsize=bank.num_slots)  # uid -> slot, LRU first
+        self._host = _HostTier(host_capacity_bytes)
+        self._in_use: Counter[int] = Counter()
+        self._pinned: set[int] = set()
+        self._ranks: dict[int, AdapterWeights] = {}  # uid -> zero-size template of its shapes/scales
+        self._removed: set[int] = set()  # unregistered while in use: freed on last release
+        self._loading: dict[int, Future] = {}
+        # Read from disk but larger than the whole host tier: held only until acquire() takes it.
+        self._parked: dict[int, AdapterWeights] = {}
+        self.on_event: Callable[[str, int, Tier], None] | None = None  # (kind, uid, tier) for metrics
+
+    # -- registration -------------------------------------------------------------------
+
+    def add(self, uid: int, weights: AdapterWeights) -> Tier:
+        """Register a freshly validated adapter; it starts in host memory (or on disk if it does not fit)."""
+        with self._lock:
+            if uid in self._ranks:
+                raise KeyError(f"adapter uid {uid} is already cached")
+            self._ranks[uid] = _template(weights)
+            self._put_host(uid, weights)
+            return self.tier(uid)
+
+    def remove(self, uid: int) -> None:
+        """Forget an adapter. A slot in use by running requests is freed when they finish."""
+        with self._lock:
+            self._host.pop(uid, None)
+            self._parked.pop(uid, None)
+            self._pinned.discard(uid)
+            if uid in self._slot_of:
+                if self._in_use[uid]:
+                    self._removed.add(uid)
+                    return
+                self._free_slot(uid)
+            self._ranks.pop(uid, None)
+
+    # -- tiers --------------------------------------------------------------------------
+
+    def tier(self, uid: int) -> Tier:
+        with self._lock:
+            if uid in self._slot_of:
+                return Tier.ACCELERATOR
+            if uid in self._host or uid in self._parked:
+                return Tier.HOST
+            return Tier.DISK
+
+    def ensure_in_memory(self, uid: int) -> Tier:
+        """Bring a tier-3 adapter into host memory (reading its files once however many ask).
+
+        Called off the engine thread. Returns the tier found before any load. Raises what
+        `reload` raises (for instance when the files changed on disk)."""
+        with self._lock:
+            found = self.tier(uid)
+            if found is not Tier.DISK:
+                return found
+            future = self._loading.get(uid)
+            owner = future is None
+            if owner:
+                future = self._loading[uid] = Future()
+        if not owner:
+            future.result()
+            return found
+        try:
+            weights = self._reload(uid)
+            with self._lock:
+                if uid in self._ranks and self.tier(uid) is Tier.DISK:
+                    if not self._put_host(uid, weights):
+                        # Too big for the host tier: nothing can hold it but a slot.
+                        self._parked[uid] = weights
+            future.set_result(None)
+        except BaseException as e:
+            future.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(uid, None)
+        return found
+
+    # -- slots --------------------------------------------------------------------------
+
+    def acquire(self, uid: int) -> int:
+        """Put the adapter in a slot if needed and mark it in use; returns the slot.
+
+        Engine thread only. The adapter must be in memory (see ensure_in_memory), else KeyError.
+        Raises NoSlotAvailable when every slot is in use or pinned."""
+        with self._lock:
+            slot = self._slot_of.get(uid)
+            if slot is None:
+                weights = self._host.pop(uid, None) or self._parked.pop(uid, None)
+                if weights is None:
+                    raise KeyError(f"adapter uid {uid} is not in memory")
+                try:
+                    slot = self._take_slot()
+                except NoSlotAvailable:
+                    self._put_host(uid, weights)
+                    raise
+                self._bank.fill(slot, weights)
+                self._slot_table[slot] = uid
+                self._slot_of[uid] = slot
+                self._emit("promote", uid, Tier.ACCELERATOR)
+            else:
+                self._evictable.pop(uid, None)
+            self._in_use[uid] += 1
+            return slot
+
+    def release(self, uid: int) -> None:
+        with self._lock:
+            self._in_use[uid] -= 1
+            if self._in_use[uid] > 0:
+                return
+            del self._in_use[uid]
+            if uid in self._removed:
+                self._removed.discard(uid)
+                self._free_slot(uid)
+                self._ranks.pop(uid, None)
+            elif uid not in self._pinned:
+                self._evictable[uid] = self._slot_of[uid]
+
+    def pin(self, uid: int) -> None:
+        """Keep the adapter in its slot for good (it must be in a slot: acquire it first)."""
+        with self._lock:
+            self._pinned.add(uid)
+            self._evictable.pop(uid, None)
+
+    def slots_available_for(self, uids: set[int]) -> bool:
+        """Whether all of `uids` could be in slots at once, given pins and running requests."""
+        with self._lock:
+            missing = sum(1 for uid in uids if uid not in self._slot_of)
+            free = self._slot_table.count(None) + len(self._evictable)
+            # Evictable slots holding one of `uids` don't count: they'd be used, not evicted.
+            free -= sum(1 for uid in uids if uid in self._evictable)
+            return missing <= free
+
+    def pinned_count(self) -> int:
+        with self._lock:
+            return len(self._pinned)
+
+    def snapshot(self) -> CacheSnapshot:
+        with self._lock:
+            return CacheSnapshot(
+                slot_table=tuple(self._slot_table),
+                host=tuple(self._host.keys()),
+                host_bytes=self._host.currsize,
+                in_use=dict(self._in_use),
+                pinned=frozenset(self._pinned),
+            )
+
+    # -- internals (lock held) ----------------------------------------------------------
+
+    def _take_slot(self) -> int:
+        if None in self._slot_table:
+            return self._slot_table.index(None)
+        if not self._evictable:
+            raise NoSlotAvailable
+        victim, slot = self._evictable.popitem()  # least recently used, not in use, not pinned
+        weights = self._bank.read(slot, self._ranks[victim])
+        self._bank.clear(slot)
+        del self._slot_of[victim]
+        self._slot_table[slot] = None
+        self._emit("evict", victim, Tier.ACCELERATOR)
+        self._put_host(victim, weights)
+        return slot
+
+    def _free_slot(self, uid: int) -> None:
+        slot = self._slot_of.pop(uid)
+        self._evictable.pop(uid, None)
+        self._bank.clear(slot)
+        self._slot_table[slot] = None
+
+    def _put_host(self, uid: int, weights: AdapterWeights) -> bool:
+        if self._pin_memory:
+            weights = weights.to("cpu", pin_memory=True)
+        try:
+            self._host[uid] = weights
+        except ValueError:  # larger than the whole host tier
+            self._emit("evict", uid, Tier.HOST)
+            return False
+        for victim in self._host.evicted:
+            self._emit("evict", victim, Tier.HOST)
+        self._host.evicted.clear()
+        return True
+
+    def _emit(self, kind: str, uid: int, tier: Tier) -> None:
+        if self.on_event is not None:
+            self.on_event(kind, uid, tier)
+
+
+def _template(weights: AdapterWeights) -> AdapterWeights:
+    """The adapter's ranks and scales without its data, to read a slot back with."""
+    return AdapterWeights(
+        {n: ModuleLora(torch.empty(m.rank, 0), torch.empty(0, m.rank), m.scale) for n, m in weights.modules.items()}
+    )

@@ -1,0 +1,111 @@
+"""Load the served base model and tokenizer, and put adapter slots into its Linears."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loramux.server.adapters.checkpoint import BaseModelView
+from loramux.server.errors import InvalidSettings
+from loramux.server.lora.slot_bank import SlotBank
+from loramux.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclasses.dataclass
+class BaseModel:
+    model: nn.Module
+    tokenizer: object  # a transformers PreTrainedTokenizerBase
+    bank: SlotBank
+    device: torch.device
+    dtype: torch.dtype
+    model_id: str
+    revision: str
+    max_sequence_length: int
+    eos_token_ids: frozenset[int]
+    pad_token_id: int
+    vocab_size: int
+
+    def view(self, settings: Settings) -> BaseModelView:
+        weights = {name.replace(".base_layer.", "."): p for name, p in self.model.named_parameters()}
+        return BaseModelView(
+            name=settings.served_model_name,
+            slot_shapes=self.bank.shapes(),
+            base_weights=weights,
+            module_names=frozenset(name.replace(".base_layer", "") for name, _ in self.model.named_modules()),
+            max_rank=settings.max_lora_rank,
+            dtype=self.dtype,
+            base_mismatch=settings.base_mismatch,
+            allow_pickle=settings.allow_pickle_weights,
+        )
+
+    def base_state_dict(self) -> dict[str, torch.Tensor]:
+        """The base weights under their checkpoint names (slot wrappers and slots left out)."""
+        return {name.replace(".base_layer.", "."): t for name, t in self.model.state_dict().items()}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidSettings(f"device {name!r} requested but CUDA is not available", field="device")
+    return device
+
+
+def load_base_model(settings: Settings) -> BaseModel:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    device = resolve_device(settings.device)
+    local = Path(settings.model).expanduser()
+    source = str(local) if local.is_dir() else settings.model
+    revision = None if local.is_dir() else settings.revision
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    dtype = _pick_dtype(settings.dtype, config, device)
+    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+    model.to(device)
+    model.eval()
+    model.requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank)
+
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    if eos is None:
+        eos = tokenizer.eos_token_id
+    eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = next(iter(eos_ids), 0)
+    max_len = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    log.info("loaded %s on %s as %s (%d slot layers)", source, device, dtype, len(bank.layers))
+    return BaseModel(
+        model=model,
+        tokenizer=tokenizer,
+        bank=bank,
+        device=device,
+        dtype=dtype,
+        model_id=settings.model,
+        revision=getattr(config, "_commit_hash", None) or ("local" if local.is_dir() else settings.revision or "main"),
+        max_sequence_length=max_len,
+        eos_token_ids=eos_ids,
+        pad_token_id=int(pad),
+        vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+    )
+
+
+def _pick_dtype(name: str, config, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return _DTYPES[name]
+    if device.type == "cpu":
+        return torch.float32  # 16-bit matmuls are slow or unsupported on many CPUs
+    stored = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(stored, str):
+        stored = _DTYPES.get(stored)
+    return stored if stored in (torch.bfloat16, torch.float16) else torch.float32

@@ -1,0 +1,1 @@
+"""The engine: owns the model and the accelerator, on one worker thread."""

@@ -1,0 +1,79 @@
+"""What a generation request is, and the events the engine sends back for it."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+from collections.abc import Callable
+
+from loramux.server.errors import LoramuxError
+
+
+class FinishReason(enum.Enum):
+    LENGTH = "length"
+    STOP_TOKEN = "stop_token"
+    STOP_SEQUENCE = "stop_sequence"
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    return_logprobs: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    queue_wait_s: float
+    time_to_first_token_s: float
+    total_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+    """Tokens decoded in one step, and the text they made safe to show."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishEvent:
+    text: str  # text not yet sent in a TokenEvent
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    timings: Timings
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorEvent:
+    error: LoramuxError
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+
+
+@dataclasses.dataclass(eq=False)
+class GenerationRequest:
+    tenant: str
+    adapter_uid: int | None  # None: the base model alone
+    prompt_ids: list[int]
+    params: SamplingParams
+    emit: Callable[[Event], None]  # called on the engine thread; must not block
+    deadline: float | None = None  # time.monotonic() by which it must finish
+    arrival: float = dataclasses.field(default_factory=time.monotonic)
+    cancelled: bool = False  # set from any thread; the engine drops the row at its next step
+    adapter_id: str = ""

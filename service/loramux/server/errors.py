@@ -1,0 +1,142 @@
+"""Typed domain errors with stable reasons.
+
+Each error carries a `kind` (what sort of failure, independent of transport), a stable
+`reason` (UPPER_SNAKE_CASE, part of the API), the request `field` at fault when there is
+one, and `metadata` with the numbers. The gRPC layer maps kinds to status codes in one
+place (loramux.server.api.status); nothing else knows about gRPC.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Kind(enum.Enum):
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    ALREADY_EXISTS = "already_exists"
+    FAILED_PRECONDITION = "failed_precondition"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    DEADLINE_EXCEEDED = "deadline_exceeded"
+    CANCELLED = "cancelled"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class LoramuxError(Exception):
+    kind: Kind = Kind.INTERNAL
+    reason: str = "INTERNAL"
+
+    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None, **metadata: object):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if reason is not None:
+            self.reason = reason
+        self.metadata = {k: str(v) for k, v in metadata.items()}
+
+
+class InvalidSettings(LoramuxError):
+    kind = Kind.INVALID_ARGUMENT
+    reason = "INVALID_SETTINGS"
+
+
+class InvalidRequest(LoramuxError):
+    """A request field is wrong; `reason` names the rule, `field` the field."""
+
+    kind = Kind.INVALID_ARGUMENT
+    reason = "INVALID_ARGUMENT"
+
+
+class PromptTooLong(LoramuxError):
+    kind = Kind.INVALID_ARGUMENT
+    reason = "PROMPT_TOO_LONG"
+
+
+class NoChatTemplate(LoramuxError):
+    kind = Kind.INVALID_ARGUMENT
+    reason = "NO_CHAT_TEMPLATE"
+
+
+class AdapterNotFound(LoramuxError):
+    kind = Kind.NOT_FOUND
+    reason = "ADAPTER_NOT_FOUND"
+
+
+class AdapterExists(LoramuxError):
+    kind = Kind.ALREADY_EXISTS
+    reason = "ADAPTER_ALREADY_EXISTS"
+
+
+class SourceOutsideRoot(LoramuxError):
+    kind = Kind.INVALID_ARGUMENT
+    reason = "SOURCE_OUTSIDE_ROOT"
+
+
+class SourceNotFound(LoramuxError):
+    kind = Kind.NOT_FOUND
+    reason = "SOURCE_NOT_FOUND"
+
+
+class AdapterInvalid(LoramuxError):
+    """The adapter's files are unreadable or not a LoRA checkpoint loramux can serve.
+
+    Reasons: ADAPTER_CORRUPT, ADAPTER_CONFIG_INVALID, ADAPTER_UNSUPPORTED, ADAPTER_PICKLE_REFUSED,
+    ADAPTER_WEIGHTS_MISSING.
+    """
+
+    kind = Kind.INVALID_ARGUMENT
+    reason = "ADAPTER_CORRUPT"
+
+
+class AdapterIncompatible(LoramuxError):
+    """The adapter is a valid checkpoint but does not fit the served base model or settings.
+
+    Reasons: ADAPTER_INCOMPATIBLE (other base model, missing module, shape),
+    ADAPTER_RANK_TOO_LARGE, ADAPTER_MODIFIES_BASE.
+    """
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "ADAPTER_INCOMPATIBLE"
+
+
+class AdapterChanged(LoramuxError):
+    """An evicted adapter's files changed on disk since it was loaded; load it again."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "ADAPTER_FILES_CHANGED"
+
+
+class PinLimit(LoramuxError):
+    kind = Kind.FAILED_PRECONDITION
+    reason = "PIN_LIMIT_REACHED"
+
+
+class MergeFailed(LoramuxError):
+    kind = Kind.FAILED_PRECONDITION
+    reason = "MERGE_NOT_CONFIGURED"
+
+
+class OperationNotFound(LoramuxError):
+    kind = Kind.NOT_FOUND
+    reason = "OPERATION_NOT_FOUND"
+
+
+class QueueFull(LoramuxError):
+    kind = Kind.RESOURCE_EXHAUSTED
+    reason = "QUEUE_FULL"
+
+
+class DeadlineExceeded(LoramuxError):
+    kind = Kind.DEADLINE_EXCEEDED
+    reason = "DEADLINE_EXCEEDED"
+
+
+class Cancelled(LoramuxError):
+    kind = Kind.CANCELLED
+    reason = "CANCELLED"
+
+
+class ShuttingDown(LoramuxError):
+    kind = Kind.UNAVAILABLE
+    reason = "SHUTTING_DOWN"

@@ -1,0 +1,113 @@
+"""The one validated settings object, built at start-up and passed down.
+
+Nothing in the server reads the environment; `loramux serve` builds this from its flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from loramux.server.errors import InvalidSettings
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+BASE_MISMATCH_POLICIES = ("error", "warn")
+# The projections of Llama-style attention and MLP blocks; any subset may be served.
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    model: str
+    """Local directory or Hugging Face Hub id of the base model."""
+    revision: str | None = None
+    """Hub revision of the base model; ignored for a local directory."""
+    model_name: str | None = None
+    """Name adapters' `base_model_name_or_path` is checked against; defaults to `model`."""
+    dtype: str = "auto"
+    """Serving dtype: auto (the checkpoint's, float32 on CPU when it is 16-bit), float32, bfloat16, float16."""
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto (cuda when available)."""
+    host: str = "127.0.0.1"
+    port: int = 50051
+    """0 picks a free port (tests)."""
+    adapter_roots: tuple[Path, ...] = ()
+    """Directories local adapter sources must lie under. None: only Hub sources load."""
+    merge_root: Path | None = None
+    """Directory merged checkpoints are written under. None: Merge is refused."""
+    hub_cache_dir: Path | None = None
+    """Hugging Face cache for Hub adapters (None: huggingface_hub's default)."""
+    hub_offline: bool = False
+    """Resolve Hub adapters from the local cache only."""
+    adapter_slots: int = 8
+    """Tier 1: adapters resident in accelerator slots at once."""
+    host_cache_mib: int = 1024
+    """Tier 2: MiB of host memory for adapters evicted from slots."""
+    max_lora_rank: int = 64
+    """Adapters of higher rank are refused; slots are padded to this rank."""
+    target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
+    """Base modules (by short name) that get adapter slots; adapters may target any subset."""
+    max_batch_size: int = 16
+    batch_window_ms: float = 5.0
+    """How long the batcher waits for more requests once one has arrived."""
+    max_queue: int = 256
+    """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED."""
+    default_max_new_tokens: int = 64
+    max_new_tokens_limit: int = 4096
+    base_mismatch: str = "error"
+    """When an adapter names another base model: refuse it (error) or log and load (warn)."""
+    allow_pickle_weights: bool = False
+    """Load adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists."""
+    default_tenant: str = "default"
+    """Tenant every call runs for until authentication assigns one."""
+    shutdown_grace_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> InvalidSettings:
+            return InvalidSettings(f"{field}: {why}", field=field)
+
+        if not self.model:
+            raise bad("model", "a local directory or Hub id is required")
+        if self.dtype not in DTYPES:
+            raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (self.device in DEVICES or self.device.startswith("cuda:")):
+            raise bad("device", f"{self.device!r} is not one of {', '.join(DEVICES)} or cuda:N")
+        if not 0 <= self.port <= 65535:
+            raise bad("port", f"{self.port} is not a TCP port")
+        for name, value, low in (
+            ("adapter_slots", self.adapter_slots, 1),
+            ("max_lora_rank", self.max_lora_rank, 1),
+            ("max_batch_size", self.max_batch_size, 1),
+            ("max_queue", self.max_queue, 1),
+            ("default_max_new_tokens", self.default_max_new_tokens, 1),
+            ("max_new_tokens_limit", self.max_new_tokens_limit, 1),
+            ("host_cache_mib", self.host_cache_mib, 0),
+        ):
+            if value < low:
+                raise bad(name, f"must be >= {low}, got {value}")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise bad("default_max_new_tokens", "must not exceed max_new_tokens_limit")
+        if self.batch_window_ms < 0:
+            raise bad("batch_window_ms", f"must be >= 0, got {self.batch_window_ms}")
+        if not self.target_modules:
+            raise bad("target_modules", "at least one module name is required")
+        if self.base_mismatch not in BASE_MISMATCH_POLICIES:
+            raise bad("base_mismatch", f"{self.base_mismatch!r} is not one of {BASE_MISMATCH_POLICIES}")
+        roots = tuple(Path(r).expanduser().resolve() for r in self.adapter_roots)
+        for root in roots:
+            if not root.is_dir():
+                raise bad("adapter_roots", f"{root} is not a directory")
+        object.__setattr__(self, "adapter_roots", roots)
+        if self.merge_root is not None:
+            merge_root = Path(self.merge_root).expanduser().resolve()
+            merge_root.mkdir(parents=True, exist_ok=True)
+            object.__setattr__(self, "merge_root", merge_root)
+
+    @property
+    def host_cache_bytes(self) -> int:
+        return self.host_cache_mib * 1024 * 1024
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model_name or self.model
