@@ -117,6 +117,11 @@ class MergeFailed(LoramuxError):
     reason = "MERGE_NOT_CONFIGURED"
 
 
+class MergeOutputExists(LoramuxError):
+    kind = Kind.ALREADY_EXISTS
+    reason = "MERGE_OUTPUT_EXISTS"
+
+
 class OperationNotFound(LoramuxError):
     kind = Kind.NOT_FOUND
     reason = "OPERATION_NOT_FOUND"

@@ -101,7 +101,7 @@ def _decode(base: BaseModel, rows: list[Row]) -> None:
             input_ids=input_ids,
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
             logits_to_keep=1,
         )

@@ -24,6 +24,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+import torch
+
 from loramux.server.adapters.cache import NoSlotAvailable, TieredAdapterCache, Tier
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.base_model import BaseModel
@@ -41,10 +43,13 @@ from loramux.server.errors import (
     Cancelled,
     DeadlineExceeded,
     LoramuxError,
+    MergeFailed,
     PinLimit,
     QueueFull,
     ShuttingDown,
 )
+from loramux.server.merge import MergeResult, merge_to_checkpoint, resolve_output
+from loramux.server.operations import Operation, OperationStore
 from loramux.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -69,6 +74,8 @@ class Engine:
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self._loads: dict[int, Future] = {}  # disk reads in flight for queued requests, by uid
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io")
+        self._merges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge")
+        self.operations = OperationStore()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
 
@@ -94,6 +101,7 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._io.shutdown(wait=False, cancel_futures=True)
+        self._merges.shutdown(wait=True, cancel_futures=True)
 
     # -- generation ---------------------------------------------------------------------
 
@@ -178,6 +186,50 @@ class Engine:
 
     def tier(self, record: AdapterRecord) -> Tier:
         return self.registry.tier(record)
+
+    def start_merge(self, tenant: str, adapter_id: str, output_dir: str, overwrite: bool = False) -> Operation:
+        """Check the request and start merging on the merge thread; returns the operation.
+
+        The merge reads the base weights (never changed while serving) and the adapter's files,
+        so it runs beside generation without touching slots."""
+        if self.settings.merge_root is None:
+            raise MergeFailed("this server has no merge root (--merge-root); merging is off")
+        record = self.registry.get(tenant, adapter_id)
+        target = resolve_output(self.settings.merge_root, output_dir, overwrite)
+        op = self.operations.create(
+            tenant,
+            "merge",
+            {"adapter_id": adapter_id, "output_dir": output_dir, "phase": "queued", "tensors_done": 0, "tensors_total": 0},
+        )
+
+        def work() -> None:
+            try:
+                self.operations.update(op, phase="merging")
+                weights = self.registry.read_weights(record, dtype=torch.float32)
+                provenance = {
+                    "base_model": self.settings.served_model_name,
+                    "base_revision": self.base.revision,
+                    "adapter_id": adapter_id,
+                    "adapter_source": record.source,
+                    "adapter_revision": record.revision,
+                }
+
+                def progress(done: int, total: int) -> None:
+                    self.operations.update(op, tensors_done=done, tensors_total=total)
+                    if done == total:
+                        self.operations.update(op, phase="writing_config")
+
+                result: MergeResult = merge_to_checkpoint(self.base, weights, target, provenance, progress)
+                self.operations.update(op, phase="done")
+                self.operations.finish(op, result=result)
+            except LoramuxError as e:
+                self.operations.finish(op, error=e)
+            except Exception as e:
+                log.exception("merge %s failed", op.name)
+                self.operations.finish(op, error=LoramuxError(f"merge failed: {type(e).__name__}: {e}"))
+
+        self._merges.submit(work)
+        return op
 
     def call_on_engine(self, fn: Callable[[], T]) -> Future:
         """Run `fn` on the engine thread between batches."""

@@ -1,0 +1,39 @@
+"""loramux client SDK: `from loramux.client import Client, AsyncClient`.
+
+Installs without torch (the package's base dependencies are the client's).
+"""
+
+from loramux.client.aio import AsyncClient, AsyncMergeHandle
+from loramux.client.errors import (
+    AlreadyExists,
+    Cancelled,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InternalError,
+    InvalidArgument,
+    LoramuxError,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unauthenticated,
+    Unavailable,
+    Unimplemented,
+)
+from loramux.client.sync import Client, MergeHandle
+from loramux.client.types import (
+    AdapterInfo,
+    GenerateResult,
+    MergeProgress,
+    MergeResult,
+    ServerInfo,
+    StreamChunk,
+    Timings,
+    Usage,
+)
+
+__all__ = [
+    "AdapterInfo", "AlreadyExists", "AsyncClient", "AsyncMergeHandle", "Cancelled", "Client", "DeadlineExceeded",
+    "FailedPrecondition", "GenerateResult", "InternalError", "InvalidArgument", "LoramuxError", "MergeHandle",
+    "MergeProgress", "MergeResult", "NotFound", "PermissionDenied", "ResourceExhausted", "ServerInfo", "StreamChunk",
+    "Timings", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
+]

@@ -1,0 +1,163 @@
+"""Request building and response conversion shared by Client and AsyncClient."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+from google.longrunning import operations_pb2
+
+import grpc
+
+from loramux.client import types
+from loramux.client.errors import from_status
+from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2
+
+_FINISH = {
+    generation_pb2.FINISH_REASON_LENGTH: "length",
+    generation_pb2.FINISH_REASON_STOP_TOKEN: "stop_token",
+    generation_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
+_TIER = {adapter_pb2.TIER_ACCELERATOR: "accelerator", adapter_pb2.TIER_HOST: "host", adapter_pb2.TIER_DISK: "disk"}
+_PHASE = {
+    loramux_service_pb2.MergeMetadata.PHASE_QUEUED: "queued",
+    loramux_service_pb2.MergeMetadata.PHASE_MERGING: "merging",
+    loramux_service_pb2.MergeMetadata.PHASE_WRITING_CONFIG: "writing_config",
+    loramux_service_pb2.MergeMetadata.PHASE_DONE: "done",
+}
+
+Message = Mapping[str, str] | tuple[str, str]
+
+
+def generate_request(
+    adapter_id: str = "",
+    prompt: str | None = None,
+    prompt_token_ids: Sequence[int] | None = None,
+    messages: Iterable[Message] | None = None,
+    max_new_tokens: int = 0,
+    temperature: float = 0.0,
+    top_p: float = 0.0,
+    top_k: int = 0,
+    repetition_penalty: float = 0.0,
+    seed: int | None = None,
+    stop: Sequence[str] = (),
+    stop_token_ids: Sequence[int] = (),
+    return_logprobs: bool = False,
+) -> generation_pb2.GenerateRequest:
+    request = generation_pb2.GenerateRequest(
+        adapter_id=adapter_id,
+        prompt=prompt or "",
+        prompt_token_ids=list(prompt_token_ids or ()),
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        stop=list(stop),
+        stop_token_ids=list(stop_token_ids),
+        return_logprobs=return_logprobs,
+    )
+    for m in messages or ():
+        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
+        request.messages.add(role=role, content=content)
+    if seed is not None:
+        request.seed = seed
+    return request
+
+
+def _timings(t: generation_pb2.Timings) -> types.Timings:
+    return types.Timings(
+        queue_wait_s=t.queue_wait.ToNanoseconds() / 1e9,
+        time_to_first_token_s=t.time_to_first_token.ToNanoseconds() / 1e9,
+        total_s=t.total.ToNanoseconds() / 1e9,
+    )
+
+
+def generate_result(r: generation_pb2.GenerateResponse) -> types.GenerateResult:
+    return types.GenerateResult(
+        text=r.text,
+        token_ids=list(r.token_ids),
+        logprobs=list(r.logprobs),
+        finish_reason=_FINISH.get(r.finish_reason, "unspecified"),
+        usage=types.Usage(r.usage.prompt_tokens, r.usage.completion_tokens),
+        timings=_timings(r.timings),
+    )
+
+
+def stream_chunk(c: generation_pb2.GenerateStreamResponse) -> types.StreamChunk:
+    last = c.finish_reason != generation_pb2.FINISH_REASON_UNSPECIFIED
+    return types.StreamChunk(
+        text=c.text,
+        token_ids=list(c.token_ids),
+        logprobs=list(c.logprobs),
+        finish_reason=_FINISH.get(c.finish_reason) if last else None,
+        usage=types.Usage(c.usage.prompt_tokens, c.usage.completion_tokens) if last else None,
+        timings=_timings(c.timings) if last else None,
+    )
+
+
+def adapter_info(a: adapter_pb2.Adapter) -> types.AdapterInfo:
+    return types.AdapterInfo(
+        adapter_id=a.adapter_id,
+        source=a.source,
+        revision=a.revision,
+        rank=a.rank,
+        alpha=a.alpha,
+        target_modules=list(a.target_modules),
+        size_bytes=a.size_bytes,
+        tier=_TIER.get(a.tier, "unspecified"),
+        pinned=a.pinned,
+        last_used=a.last_used_time.ToDatetime() if a.HasField("last_used_time") else None,
+        use_count=a.use_count,
+        use_rslora=a.use_rslora,
+        base_model=a.base_model,
+        load_time=a.load_time.ToDatetime() if a.HasField("load_time") else None,
+    )
+
+
+def merge_progress(op: operations_pb2.Operation) -> types.MergeProgress:
+    meta = loramux_service_pb2.MergeMetadata()
+    op.metadata.Unpack(meta)
+    return types.MergeProgress(
+        operation=op.name,
+        phase=_PHASE.get(meta.phase, "unspecified"),
+        tensors_done=meta.tensors_done,
+        tensors_total=meta.tensors_total,
+        percent=meta.progress_percent,
+        done=op.done,
+    )
+
+
+def merge_result(op: operations_pb2.Operation) -> types.MergeResult:
+    """The result of a finished merge operation; raises its error if it failed."""
+    if op.HasField("error"):
+        code = next((c for c in grpc.StatusCode if c.value[0] == op.error.code), grpc.StatusCode.UNKNOWN)
+        raise from_status(code, op.error, op.error.message)
+    response = loramux_service_pb2.MergeResponse()
+    op.response.Unpack(response)
+    return types.MergeResult(
+        output_path=response.output_path, files=list(response.files), size_bytes=response.size_bytes, merged_tensors=response.merged_tensors
+    )
+
+
+def server_info(i: loramux_service_pb2.ServerInfo) -> types.ServerInfo:
+    return types.ServerInfo(
+        model_id=i.model_id,
+        model_revision=i.model_revision,
+        dtype=i.dtype,
+        device=i.device,
+        adapter_slots=i.adapter_slots,
+        host_cache_bytes=i.host_cache_bytes,
+        max_lora_rank=i.max_lora_rank,
+        max_batch_size=i.max_batch_size,
+        max_sequence_length=i.max_sequence_length,
+        target_modules=list(i.target_modules),
+        versions=dict(i.versions),
+    )
+
+
+def channel_credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    if not tls and root_certificates is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+
+

@@ -1,0 +1,148 @@
+"""The asyncio client: the same calls as Client, awaited."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+from loramux.client import _convert, types
+from loramux.client.errors import from_rpc_error
+from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
+
+
+def _translated(method):
+    @functools.wraps(method)
+    async def call(*args, **kwargs):
+        try:
+            return await method(*args, **kwargs)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    return call
+
+
+class AsyncMergeHandle:
+    def __init__(self, client: AsyncClient, operation: operations_pb2.Operation):
+        self._client = client
+        self._op = operation
+
+    @property
+    def name(self) -> str:
+        return self._op.name
+
+    @_translated
+    async def progress(self) -> types.MergeProgress:
+        self._op = await self._client._operations.GetOperation(
+            operations_pb2.GetOperationRequest(name=self.name), timeout=self._client.timeout
+        )
+        return _convert.merge_progress(self._op)
+
+    @_translated
+    async def result(self, timeout: float | None = None) -> types.MergeResult:
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._op.done:
+            left = 30.0 if end is None else end - time.monotonic()
+            if left <= 0:
+                raise asyncio.TimeoutError(f"merge {self.name} not done after {timeout}s")
+            wait = duration_pb2.Duration()
+            wait.FromNanoseconds(int(min(left, 30.0) * 1e9))
+            self._op = await self._client._operations.WaitOperation(
+                operations_pb2.WaitOperationRequest(name=self.name, timeout=wait), timeout=min(left, 30.0) + 5
+            )
+        return _convert.merge_result(self._op)
+
+
+class AsyncClient:
+    """asyncio loramux client; `async with AsyncClient(target) as client: ...`."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 60.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        channel: grpc.aio.Channel | None = None,
+        options: list[tuple[str, object]] | None = None,
+    ):
+        if channel is None:
+            creds = _convert.channel_credentials(tls, root_certificates)
+            channel = grpc.aio.secure_channel(target, creds, options) if creds else grpc.aio.insecure_channel(target, options)
+        self._channel = channel
+        self.timeout = timeout
+        self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)
+        self._operations = operations_pb2_grpc.OperationsStub(channel)
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    @_translated
+    async def generate(self, *, timeout: float | None = None, **kwargs) -> types.GenerateResult:
+        response = await self._stub.Generate(_convert.generate_request(**kwargs), timeout=self._deadline(timeout))
+        return _convert.generate_result(response)
+
+    async def generate_stream(self, *, timeout: float | None = None, **kwargs) -> AsyncIterator[types.StreamChunk]:
+        call = self._stub.GenerateStream(_convert.generate_request(**kwargs), timeout=self._deadline(timeout))
+        try:
+            async for chunk in call:
+                yield _convert.stream_chunk(chunk)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    @_translated
+    async def load_adapter(
+        self, adapter_id: str, *, source: str, revision: str = "", pin: bool = False, warm: bool = False,
+        replace: bool = False, timeout: float | None = None,
+    ) -> types.AdapterInfo:
+        request = adapter_pb2.LoadAdapterRequest(
+            adapter_id=adapter_id, source=source, revision=revision, pin=pin, warm=warm, replace=replace
+        )
+        return _convert.adapter_info(await self._stub.LoadAdapter(request, timeout=self._deadline(timeout)))
+
+    @_translated
+    async def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
+        await self._stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(adapter_id=adapter_id), timeout=self._deadline(timeout))
+
+    @_translated
+    async def get_adapter(self, adapter_id: str, *, timeout: float | None = None) -> types.AdapterInfo:
+        response = await self._stub.GetAdapter(adapter_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout=self._deadline(timeout))
+        return _convert.adapter_info(response)
+
+    @_translated
+    async def list_adapters(self, *, page_size: int = 0, timeout: float | None = None) -> list[types.AdapterInfo]:
+        adapters, token = [], ""
+        while True:
+            page = await self._stub.ListAdapters(
+                adapter_pb2.ListAdaptersRequest(page_size=page_size, page_token=token), timeout=self._deadline(timeout)
+            )
+            adapters += [_convert.adapter_info(a) for a in page.adapters]
+            token = page.next_page_token
+            if not token:
+                return adapters
+
+    @_translated
+    async def merge(self, adapter_id: str, output_dir: str, *, overwrite: bool = False, timeout: float | None = None) -> AsyncMergeHandle:
+        request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite)
+        return AsyncMergeHandle(self, await self._stub.Merge(request, timeout=self._deadline(timeout)))
+
+    @_translated
+    async def server_info(self, *, timeout: float | None = None) -> types.ServerInfo:
+        response = await self._stub.GetServerInfo(loramux_service_pb2.GetServerInfoRequest(), timeout=self._deadline(timeout))
+        return _convert.server_info(response)

@@ -1,0 +1,82 @@
+"""Typed exceptions for loramux calls, built from the google.rpc.Status details."""
+
+from __future__ import annotations
+
+import grpc
+from google.rpc import error_details_pb2, status_pb2
+
+DETAILS_KEY = "grpc-status-details-bin"
+
+
+class LoramuxError(Exception):
+    """Base of every error a loramux call raises.
+
+    `code` is the gRPC status code, `reason` the server's stable reason (e.g.
+    "ADAPTER_NOT_FOUND"; empty when the failure came from the transport), `metadata` the
+    numbers that go with it, and `field_violations` (field, description) pairs for the
+    request fields at fault.
+    """
+
+    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", metadata=None, field_violations=()):
+        super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}")
+        self.code = code
+        self.message = message
+        self.reason = reason
+        self.metadata = dict(metadata or {})
+        self.field_violations = list(field_violations)
+
+
+class InvalidArgument(LoramuxError): ...
+class NotFound(LoramuxError): ...
+class AlreadyExists(LoramuxError): ...
+class FailedPrecondition(LoramuxError): ...
+class ResourceExhausted(LoramuxError): ...
+class DeadlineExceeded(LoramuxError): ...
+class Cancelled(LoramuxError): ...
+class Unavailable(LoramuxError): ...
+class Unimplemented(LoramuxError): ...
+class PermissionDenied(LoramuxError): ...
+class Unauthenticated(LoramuxError): ...
+class InternalError(LoramuxError): ...
+
+
+_BY_CODE = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidArgument,
+    grpc.StatusCode.OUT_OF_RANGE: InvalidArgument,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.FAILED_PRECONDITION: FailedPrecondition,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: ResourceExhausted,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+}
+
+
+def from_status(code: grpc.StatusCode, status: status_pb2.Status | None, message: str) -> LoramuxError:
+    reason, metadata, violations = "", {}, []
+    if status is not None:
+        message = status.message or message
+        for detail in status.details:
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                reason, metadata = info.reason, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                violations = [(v.field, v.description) for v in bad.field_violations]
+    cls = _BY_CODE.get(code, InternalError)
+    return cls(code, message, reason, metadata, violations)
+
+
+def from_rpc_error(error: grpc.RpcError) -> LoramuxError:
+    """Works for sync and asyncio call errors alike."""
+    status = None
+    for key, value in error.trailing_metadata() or ():
+        if key == DETAILS_KEY:
+            status = status_pb2.Status.FromString(value)
+    return from_status(error.code(), status, error.details() or "")

@@ -1,0 +1,157 @@
+"""The blocking client."""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+
+import grpc
+from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import duration_pb2
+
+from loramux.client import _convert, types
+from loramux.client.errors import from_rpc_error
+from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
+
+
+def _translated(method):
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+
+    return call
+
+
+class MergeHandle:
+    """A running merge: poll `progress()`, or block on `result()`."""
+
+    def __init__(self, client: Client, operation: operations_pb2.Operation):
+        self._client = client
+        self._op = operation
+
+    @property
+    def name(self) -> str:
+        return self._op.name
+
+    @_translated
+    def progress(self) -> types.MergeProgress:
+        self._op = self._client._operations.GetOperation(operations_pb2.GetOperationRequest(name=self.name), timeout=self._client.timeout)
+        return _convert.merge_progress(self._op)
+
+    @_translated
+    def result(self, timeout: float | None = None) -> types.MergeResult:
+        """Wait for the merge (at most `timeout` seconds) and return what it wrote; raises its error."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while not self._op.done:
+            left = 30.0 if end is None else end - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"merge {self.name} not done after {timeout}s")
+            wait = duration_pb2.Duration()
+            wait.FromNanoseconds(int(min(left, 30.0) * 1e9))
+            self._op = self._client._operations.WaitOperation(
+                operations_pb2.WaitOperationRequest(name=self.name, timeout=wait), timeout=min(left, 30.0) + 5
+            )
+        return _convert.merge_result(self._op)
+
+
+class Client:
+    """Blocking loramux client. `timeout` is the default deadline (seconds) for each call.
+
+    Use as a context manager, or call close()."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        timeout: float | None = 60.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        channel: grpc.Channel | None = None,
+        options: list[tuple[str, object]] | None = None,
+    ):
+        if channel is None:
+            creds = _convert.channel_credentials(tls, root_certificates)
+            channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
+        self._channel = channel
+        self.timeout = timeout
+        self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)
+        self._operations = operations_pb2_grpc.OperationsStub(channel)
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return self.timeout if timeout is None else timeout
+
+    @_translated
+    def generate(self, *, timeout: float | None = None, **kwargs) -> types.GenerateResult:
+        """Generate to the end. Takes exactly one of prompt=, prompt_token_ids=, messages=,
+        and adapter_id= (empty: the base model) plus sampling parameters
+        (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
+        stop_token_ids, return_logprobs)."""
+        response = self._stub.Generate(_convert.generate_request(**kwargs), timeout=self._deadline(timeout))
+        return _convert.generate_result(response)
+
+    def generate_stream(self, *, timeout: float | None = None, **kwargs) -> Iterator[types.StreamChunk]:
+        """Like generate, yielding chunks as tokens are decoded; the last has finish_reason set.
+        Closing the iterator early cancels the request on the server."""
+        call = self._stub.GenerateStream(_convert.generate_request(**kwargs), timeout=self._deadline(timeout))
+        try:
+            for chunk in call:
+                yield _convert.stream_chunk(chunk)
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from None
+        finally:
+            call.cancel()
+
+    @_translated
+    def load_adapter(
+        self, adapter_id: str, *, source: str, revision: str = "", pin: bool = False, warm: bool = False,
+        replace: bool = False, timeout: float | None = None,
+    ) -> types.AdapterInfo:
+        request = adapter_pb2.LoadAdapterRequest(
+            adapter_id=adapter_id, source=source, revision=revision, pin=pin, warm=warm, replace=replace
+        )
+        return _convert.adapter_info(self._stub.LoadAdapter(request, timeout=self._deadline(timeout)))
+
+    @_translated
+    def unload_adapter(self, adapter_id: str, *, timeout: float | None = None) -> None:
+        self._stub.UnloadAdapter(adapter_pb2.UnloadAdapterRequest(adapter_id=adapter_id), timeout=self._deadline(timeout))
+
+    @_translated
+    def get_adapter(self, adapter_id: str, *, timeout: float | None = None) -> types.AdapterInfo:
+        response = self._stub.GetAdapter(adapter_pb2.GetAdapterRequest(adapter_id=adapter_id), timeout=self._deadline(timeout))
+        return _convert.adapter_info(response)
+
+    @_translated
+    def list_adapters(self, *, page_size: int = 0, timeout: float | None = None) -> list[types.AdapterInfo]:
+        """Every adapter of the caller's tenant, following pages."""
+        adapters, token = [], ""
+        while True:
+            page = self._stub.ListAdapters(
+                adapter_pb2.ListAdaptersRequest(page_size=page_size, page_token=token), timeout=self._deadline(timeout)
+            )
+            adapters += [_convert.adapter_info(a) for a in page.adapters]
+            token = page.next_page_token
+            if not token:
+                return adapters
+
+    @_translated
+    def merge(self, adapter_id: str, output_dir: str, *, overwrite: bool = False, timeout: float | None = None) -> MergeHandle:
+        request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite)
+        return MergeHandle(self, self._stub.Merge(request, timeout=self._deadline(timeout)))
+
+    @_translated
+    def server_info(self, *, timeout: float | None = None) -> types.ServerInfo:
+        response = self._stub.GetServerInfo(loramux_service_pb2.GetServerInfoRequest(), timeout=self._deadline(timeout))
+        return _convert.server_info(response)

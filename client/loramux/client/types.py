@@ -1,0 +1,90 @@
+"""Plain results the client returns (no protobuf in the SDK's surface)."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Timings:
+    queue_wait_s: float
+    time_to_first_token_s: float
+    total_s: float
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "length", "stop_token" or "stop_sequence"
+    usage: Usage
+    timings: Timings
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamChunk:
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None  # set on the last chunk only, with usage and timings
+    usage: Usage | None
+    timings: Timings | None
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    adapter_id: str
+    source: str
+    revision: str
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    size_bytes: int
+    tier: str  # "accelerator", "host" or "disk"
+    pinned: bool
+    last_used: datetime | None
+    use_count: int
+    use_rslora: bool
+    base_model: str
+    load_time: datetime | None
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeProgress:
+    operation: str
+    phase: str  # "queued", "merging", "writing_config", "done"
+    tensors_done: int
+    tensors_total: int
+    percent: float
+    done: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    output_path: str
+    files: list[str]
+    size_bytes: int
+    merged_tensors: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    model_id: str
+    model_revision: str
+    dtype: str
+    device: str
+    adapter_slots: int
+    host_cache_bytes: int
+    max_lora_rank: int
+    max_batch_size: int
+    max_sequence_length: int
+    target_modules: list[str]
+    versions: dict[str, str]

@@ -1,0 +1,1 @@
+"""The gRPC layer: protobuf <-> domain calls, and nothing else."""

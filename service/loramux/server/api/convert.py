@@ -1,0 +1,159 @@
+"""Protobuf messages <-> domain objects."""
+
+from __future__ import annotations
+
+import base64
+import importlib.metadata
+
+from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
+from google.longrunning import operations_pb2
+
+from loramux.server.adapters.cache import Tier
+from loramux.server.adapters.registry import AdapterRecord
+from loramux.server.api.status import to_status
+from loramux.server.engine.inputs import GenerateInput
+from loramux.server.engine.request import FinishReason, Timings
+from loramux.server.errors import InvalidRequest
+from loramux.server.merge import MergeResult
+from loramux.server.operations import Operation
+from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2
+
+_TIERS = {
+    Tier.ACCELERATOR: adapter_pb2.TIER_ACCELERATOR,
+    Tier.HOST: adapter_pb2.TIER_HOST,
+    Tier.DISK: adapter_pb2.TIER_DISK,
+}
+_FINISH = {
+    FinishReason.LENGTH: generation_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP_TOKEN: generation_pb2.FINISH_REASON_STOP_TOKEN,
+    FinishReason.STOP_SEQUENCE: generation_pb2.FINISH_REASON_STOP_SEQUENCE,
+}
+_PHASES = {
+    "queued": loramux_service_pb2.MergeMetadata.PHASE_QUEUED,
+    "merging": loramux_service_pb2.MergeMetadata.PHASE_MERGING,
+    "writing_config": loramux_service_pb2.MergeMetadata.PHASE_WRITING_CONFIG,
+    "done": loramux_service_pb2.MergeMetadata.PHASE_DONE,
+}
+VERSIONED_PACKAGES = ("loramux", "torch", "transformers", "peft", "safetensors", "grpcio", "protobuf")
+
+
+def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
+    return GenerateInput(
+        adapter_id=req.adapter_id,
+        prompt=req.prompt,
+        prompt_token_ids=list(req.prompt_token_ids),
+        messages=[(m.role, m.content) for m in req.messages],
+        max_new_tokens=req.max_new_tokens,
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=req.top_k,
+        repetition_penalty=req.repetition_penalty,
+        seed=req.seed if req.HasField("seed") else None,
+        stop=list(req.stop),
+        stop_token_ids=list(req.stop_token_ids),
+        return_logprobs=req.return_logprobs,
+    )
+
+
+def finish_reason(reason: FinishReason) -> int:
+    return _FINISH[reason]
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> generation_pb2.Usage:
+    return generation_pb2.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens)
+
+
+def timings(t: Timings) -> generation_pb2.Timings:
+    def dur(seconds: float) -> duration_pb2.Duration:
+        d = duration_pb2.Duration()
+        d.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
+        return d
+
+    return generation_pb2.Timings(
+        queue_wait=dur(t.queue_wait_s), time_to_first_token=dur(t.time_to_first_token_s), total=dur(t.total_s)
+    )
+
+
+def _timestamp(epoch: float | None) -> timestamp_pb2.Timestamp | None:
+    if epoch is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(epoch * 1e9))
+    return ts
+
+
+def adapter(record: AdapterRecord, tier: Tier) -> adapter_pb2.Adapter:
+    spec = record.spec
+    return adapter_pb2.Adapter(
+        adapter_id=record.adapter_id,
+        source=record.source,
+        revision=record.revision,
+        rank=spec.rank,
+        alpha=spec.alpha,
+        target_modules=list(spec.target_modules),
+        size_bytes=spec.size_bytes,
+        tier=_TIERS[tier],
+        pinned=record.pinned,
+        last_used_time=_timestamp(record.last_used),
+        use_count=record.use_count,
+        use_rslora=spec.use_rslora,
+        base_model=spec.base_model,
+        load_time=_timestamp(record.load_time),
+    )
+
+
+def page(items: list, page_size: int, page_token: str, key) -> tuple[list, str]:
+    """AIP-158 pagination over items sorted by `key`; tokens are opaque (the last key seen)."""
+    if page_size < 0:
+        raise InvalidRequest(f"page_size must be >= 0, got {page_size}", field="page_size", reason="INVALID_PAGE_SIZE")
+    size = min(page_size or 50, 1000)
+    start = 0
+    if page_token:
+        try:
+            after = base64.urlsafe_b64decode(page_token.encode()).decode()
+        except (ValueError, UnicodeDecodeError) as e:
+            raise InvalidRequest("page_token is not a token this server issued", field="page_token", reason="INVALID_PAGE_TOKEN") from e
+        start = next((i for i, item in enumerate(items) if key(item) > after), len(items))
+    chosen = items[start : start + size]
+    more = start + size < len(items)
+    token = base64.urlsafe_b64encode(key(chosen[-1]).encode()).decode() if more and chosen else ""
+    return chosen, token
+
+
+def operation(op: Operation) -> operations_pb2.Operation:
+    m = op.metadata
+    done, total = m.get("tensors_done", 0), m.get("tensors_total", 0)
+    metadata = loramux_service_pb2.MergeMetadata(
+        adapter_id=m.get("adapter_id", ""),
+        output_dir=m.get("output_dir", ""),
+        phase=_PHASES.get(m.get("phase", ""), 0),
+        tensors_done=done,
+        tensors_total=total,
+        progress_percent=100.0 if op.done and op.error is None else (100.0 * done / total if total else 0.0),
+        create_time=_timestamp(op.create_time),
+        end_time=_timestamp(op.end_time),
+    )
+    msg = operations_pb2.Operation(name=op.name, done=op.done)
+    msg.metadata.Pack(metadata)
+    if op.error is not None:
+        msg.error.CopyFrom(to_status(op.error))
+    elif op.done and isinstance(op.result, MergeResult):
+        r = op.result
+        any_response = any_pb2.Any()
+        any_response.Pack(
+            loramux_service_pb2.MergeResponse(
+                output_path=str(r.output_path), files=list(r.files), size_bytes=r.size_bytes, merged_tensors=r.merged_tensors
+            )
+        )
+        msg.response.CopyFrom(any_response)
+    return msg
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for name in VERSIONED_PACKAGES:
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return found

@@ -1,0 +1,179 @@
+"""loramux.v1.Loramux over the engine. Each RPC converts, calls the engine, converts back.
+
+Blocking engine calls (file reads, validation, tokenization) run in the default executor;
+the event loop only awaits. Errors go through `api.status.abort`, the one mapping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+from google.protobuf import empty_pb2
+
+from loramux.server.api import convert
+from loramux.server.api.status import abort
+from loramux.server.engine.engine import Engine
+from loramux.server.engine.request import ErrorEvent, Event, FinishEvent, TokenEvent
+from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2, loramux_service_pb2_grpc
+
+
+def tenant_of(context: grpc.aio.ServicerContext, engine: Engine) -> str:
+    """The tenant a call runs for. Until authentication lands, everyone is the default tenant."""
+    return engine.settings.default_tenant
+
+
+def maps_errors(method):
+    """Turn any exception raised by an RPC method into its gRPC status (unary and streaming)."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream(self, request, context):
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                await abort(context, e)
+
+        return stream
+
+    @functools.wraps(method)
+    async def unary(self, request, context):
+        try:
+            return await method(self, request, context)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await abort(context, e)
+
+    return unary
+
+
+async def _blocking(fn, *args, **kwargs):
+    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+
+
+class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    async def _events(self, request: generation_pb2.GenerateRequest, context) -> AsyncIterator[Event]:
+        """Submit to the engine and yield its events; a caller that goes away cancels the row."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def emit(event: Event) -> None:  # engine thread
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None else None
+        inp = convert.generate_input(request)
+        submitted = await _blocking(self._engine.submit, tenant_of(context, self._engine), inp, emit, deadline)
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, ErrorEvent):
+                    finished = True
+                    raise event.error
+                finished = isinstance(event, FinishEvent)
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self._engine.cancel(submitted)
+
+    @maps_errors
+    async def Generate(self, request, context):
+        response = generation_pb2.GenerateResponse()
+        text = []
+        async for event in self._events(request, context):
+            text.append(event.text)
+            if isinstance(event, TokenEvent):
+                response.token_ids.extend(event.token_ids)
+                response.logprobs.extend(event.logprobs)
+            else:
+                response.finish_reason = convert.finish_reason(event.finish_reason)
+                response.usage.CopyFrom(convert.usage(event.prompt_tokens, event.completion_tokens))
+                response.timings.CopyFrom(convert.timings(event.timings))
+        response.text = "".join(text)
+        return response
+
+    @maps_errors
+    async def GenerateStream(self, request, context):
+        async for event in self._events(request, context):
+            chunk = generation_pb2.GenerateStreamResponse(text=event.text)
+            if isinstance(event, TokenEvent):
+                chunk.token_ids.extend(event.token_ids)
+                chunk.logprobs.extend(event.logprobs)
+            else:
+                chunk.finish_reason = convert.finish_reason(event.finish_reason)
+                chunk.usage.CopyFrom(convert.usage(event.prompt_tokens, event.completion_tokens))
+                chunk.timings.CopyFrom(convert.timings(event.timings))
+            yield chunk
+
+    @maps_errors
+    async def LoadAdapter(self, request, context):
+        record = await _blocking(
+            self._engine.load_adapter,
+            tenant_of(context, self._engine),
+            request.adapter_id,
+            request.source,
+            revision=request.revision,
+            pin=request.pin,
+            warm=request.warm,
+            replace=request.replace,
+        )
+        return convert.adapter(record, self._engine.tier(record))
+
+    @maps_errors
+    async def UnloadAdapter(self, request, context):
+        await _blocking(self._engine.unload_adapter, tenant_of(context, self._engine), request.adapter_id)
+        return empty_pb2.Empty()
+
+    @maps_errors
+    async def GetAdapter(self, request, context):
+        record = self._engine.registry.get(tenant_of(context, self._engine), request.adapter_id)
+        return convert.adapter(record, self._engine.tier(record))
+
+    @maps_errors
+    async def ListAdapters(self, request, context):
+        records = self._engine.registry.list(tenant_of(context, self._engine))
+        chosen, token = convert.page(records, request.page_size, request.page_token, key=lambda r: r.adapter_id)
+        return adapter_pb2.ListAdaptersResponse(
+            adapters=[convert.adapter(r, self._engine.tier(r)) for r in chosen], next_page_token=token
+        )
+
+    @maps_errors
+    async def Merge(self, request, context):
+        op = await _blocking(
+            self._engine.start_merge, tenant_of(context, self._engine), request.adapter_id, request.output_dir, request.overwrite
+        )
+        return convert.operation(op)
+
+    @maps_errors
+    async def GetServerInfo(self, request, context):
+        engine, base, settings = self._engine, self._engine.base, self._engine.settings
+        return loramux_service_pb2.ServerInfo(
+            model_id=settings.served_model_name,
+            model_revision=base.revision,
+            dtype=str(base.dtype).removeprefix("torch."),
+            device=str(base.device),
+            adapter_slots=settings.adapter_slots,
+            host_cache_bytes=settings.host_cache_bytes,
+            max_lora_rank=settings.max_lora_rank,
+            max_batch_size=settings.max_batch_size,
+            max_sequence_length=base.max_sequence_length,
+            target_modules=sorted({name.rsplit(".", 1)[-1] for name in base.bank.layers}),
+            versions=convert.versions(),
+        )

@@ -1,0 +1,90 @@
+"""Build and run the server: load the model, start the engine, serve gRPC.
+
+`create_server` binds and starts a server for an engine (port 0 picks a free port, which
+tests use); `serve` is `loramux serve`: it runs until SIGINT/SIGTERM and then drains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import signal
+
+import grpc
+from google.longrunning import operations_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from loramux.server.api.operations_servicer import OperationsServicer
+from loramux.server.api.servicer import LoramuxServicer
+from loramux.server.base_model import load_base_model
+from loramux.server.engine.engine import Engine
+from loramux.server.settings import Settings
+from loramux.v1 import loramux_service_pb2, loramux_service_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"].full_name
+OPERATIONS_SERVICE = "google.longrunning.Operations"
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+
+@dataclasses.dataclass
+class RunningServer:
+    server: grpc.aio.Server
+    port: int
+    engine: Engine
+    health: health.aio.HealthServicer
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Report NOT_SERVING, let calls in flight finish for `grace` seconds, stop the engine."""
+        grace = self.engine.settings.shutdown_grace_s if grace is None else grace
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+
+
+async def create_server(engine: Engine, host: str | None = None, port: int | None = None) -> RunningServer:
+    settings = engine.settings
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    loramux_service_pb2_grpc.add_LoramuxServicer_to_server(LoramuxServicer(engine), server)
+    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, OPERATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+    )
+    address = f"{host or settings.host}:{settings.port if port is None else port}"
+    bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    for service in ("", SERVICE_NAME, OPERATIONS_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    log.info("loramux serving %s on %s:%d", settings.served_model_name, host or settings.host, bound)
+    return RunningServer(server=server, port=bound, engine=engine, health=health_servicer)
+
+
+def build_engine(settings: Settings) -> Engine:
+    return Engine(settings, load_base_model(settings)).start()
+
+
+async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    engine = await asyncio.get_running_loop().run_in_executor(None, build_engine, settings)
+    running = await create_server(engine)
+    print(f"loramux listening on {settings.host}:{running.port}", flush=True)
+    if ready is not None:
+        ready.set()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)
+    await running.stop()

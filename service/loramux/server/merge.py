@@ -1,0 +1,133 @@
+"""Merge an adapter into the base weights and write a standalone Hugging Face checkpoint.
+
+For each base weight W that the adapter targets: W' = W + scale * B @ A, computed in
+float32 from the adapter's files (not from a slot) and cast back to W's dtype. The result
+must be finite, as peft's safe_merge checks. Everything is written into a temporary
+directory beside the destination and moved into place only when complete, so a failed
+merge leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from loramux.server.adapters.weights import AdapterWeights
+from loramux.server.base_model import BaseModel
+from loramux.server.errors import InvalidRequest, LoramuxError, MergeOutputExists
+
+SHARD_BYTES = 2 * 1024**3
+MERGE_INFO_FILE = "loramux_merge.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeResult:
+    output_path: Path
+    files: tuple[str, ...]
+    size_bytes: int
+    merged_tensors: int
+
+
+def resolve_output(merge_root: Path, output_dir: str, overwrite: bool) -> Path:
+    if not output_dir:
+        raise InvalidRequest("output_dir is required", field="output_dir", reason="OUTPUT_DIR_REQUIRED")
+    target = (merge_root / output_dir).resolve()
+    if target == merge_root or not target.is_relative_to(merge_root):
+        raise InvalidRequest(
+            f"output_dir {output_dir!r} must name a directory inside the merge root", field="output_dir", reason="OUTPUT_OUTSIDE_ROOT"
+        )
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise MergeOutputExists(f"{output_dir!r} exists and is not empty; set overwrite to replace it", field="output_dir")
+    return target
+
+
+def merge_to_checkpoint(
+    base: BaseModel,
+    weights: AdapterWeights,
+    target: Path,
+    provenance: dict,
+    progress: Callable[[int, int], None],
+    shard_bytes: int = SHARD_BYTES,
+) -> MergeResult:
+    state = base.base_state_dict()
+    names = _unique_tensors(state)
+    total = len(names)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        shard_size = 0
+        merged = 0
+        for done, name in enumerate(names, 1):
+            tensor = state[name]
+            module = name.removesuffix(".weight")
+            lora = weights.modules.get(module) if name.endswith(".weight") else None
+            if lora is not None:
+                delta = lora.scale * (lora.b.float() @ lora.a.float())
+                new = (tensor.detach().float().cpu() + delta).to(tensor.dtype)
+                if not torch.isfinite(new).all():
+                    raise LoramuxError(f"merging into {name} gives non-finite weights", reason="MERGE_NOT_FINITE")
+                tensor = new
+                merged += 1
+            tensor = tensor.detach().to("cpu").contiguous()
+            if shard_size and shard_size + tensor.nbytes > shard_bytes:
+                shards.append({})
+                shard_size = 0
+            shards[-1][name] = tensor
+            shard_size += tensor.nbytes
+            progress(done, total)
+        if merged != len(weights.modules):
+            raise LoramuxError(f"merged {merged} of the adapter's {len(weights.modules)} modules", reason="MERGE_INCOMPLETE")
+        files = _write_shards(tmp, shards)
+        base.model.config.save_pretrained(str(tmp))
+        if getattr(base.model, "generation_config", None) is not None:
+            base.model.generation_config.save_pretrained(str(tmp))
+        base.tokenizer.save_pretrained(str(tmp))
+        (tmp / MERGE_INFO_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    written = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
+    size = sum((target / f).stat().st_size for f in written)
+    return MergeResult(output_path=target, files=tuple(written), size_bytes=size, merged_tensors=merged)
+
+
+def _unique_tensors(state: dict[str, torch.Tensor]) -> list[str]:
+    """Names in order, dropping tensors that share storage with an earlier one (tied weights:
+    transformers ties them again on load)."""
+    seen: set[tuple[int, int]] = set()
+    names = []
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        if key in seen:
+            continue
+        seen.add(key)
+        names.append(name)
+    return names
+
+
+def _write_shards(directory: Path, shards: list[dict[str, torch.Tensor]]) -> list[str]:
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
+        return ["model.safetensors"]
+    files = []
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata={"format": "pt"})
+        files.append(fname)
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.nbytes for shard in shards for t in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return files
