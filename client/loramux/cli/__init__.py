@@ -1,0 +1,1 @@
+"""The `loramux` command line."""

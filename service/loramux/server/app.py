@@ -88,3 +88,34 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)
     await running.stop()
+
+
+class BackgroundServer:
+    """An engine and gRPC server on their own event-loop thread (the demo and tests use it).
+
+    Binds 127.0.0.1 on a free port unless the settings say otherwise."""
+
+    def __init__(self, settings: Settings, base=None, host: str = "127.0.0.1", port: int = 0):
+        import threading
+
+        self.engine = Engine(settings, base or load_base_model(settings)).start()
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="loramux-grpc", daemon=True)
+        self._thread.start()
+        self.running: RunningServer = self.run(create_server(self.engine, host=host, port=port))
+        self.target = f"{host}:{self.running.port}"
+
+    def run(self, coro, timeout: float = 120):
+        """Run a coroutine on the server's loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout=timeout)
+
+    def stop(self, grace: float = 1.0) -> None:
+        self.run(self.running.stop(grace=grace))
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def __enter__(self) -> BackgroundServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,238 @@
+"""`loramux`: serve, manage adapters, generate, merge, and run the demo.
+
+Client commands talk to a running server (--target); `serve` and `demo` need the server
+extra (`pip install 'loramux[server]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="serve a base model with LoRA adapters over gRPC")
+    p.add_argument("--model", required=True, help="local model directory or Hugging Face Hub id")
+    p.add_argument("--revision", help="Hub revision of the model")
+    p.add_argument("--model-name", help="name adapters' base_model_name_or_path is checked against (default: --model)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR", help="directory local adapters must lie under (repeatable)")
+    p.add_argument("--merge-root", metavar="DIR", help="directory merged checkpoints are written under (default: merging off)")
+    p.add_argument("--adapter-slots", type=int, default=8, help="adapters resident on the accelerator at once")
+    p.add_argument("--host-cache-mib", type=int, default=1024, help="host memory for adapters evicted from slots")
+    p.add_argument("--max-lora-rank", type=int, default=64)
+    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                   help="comma-separated Linear names that get adapter slots")
+    p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--batch-window-ms", type=float, default=5.0)
+    p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--default-max-new-tokens", type=int, default=64)
+    p.add_argument("--base-mismatch", default="error", choices=["error", "warn"],
+                   help="an adapter trained on another base model: refuse it, or log and load")
+    p.add_argument("--allow-pickle-weights", action="store_true", help="load adapter_model.bin when there is no safetensors file")
+    p.add_argument("--hub-cache-dir", help="Hugging Face cache for hf:// adapters")
+    p.add_argument("--hub-offline", action="store_true", help="resolve hf:// adapters from the local cache only")
+    p.add_argument("--log-level", default="INFO")
+
+
+def _client_parsers(sub) -> None:
+    adapters = sub.add_parser("adapters", help="load, unload, list and show adapters").add_subparsers(dest="action", required=True)
+    load = adapters.add_parser("load", help="load an adapter")
+    load.add_argument("adapter_id")
+    load.add_argument("--source", required=True, help="directory under an adapter root, or hf://<repo_id>")
+    load.add_argument("--revision", default="")
+    load.add_argument("--pin", action="store_true", help="keep it on the accelerator, never evicted")
+    load.add_argument("--warm", action="store_true", help="bring it onto the accelerator now")
+    load.add_argument("--replace", action="store_true", help="replace an adapter of that id from another source")
+    adapters.add_parser("unload", help="unload an adapter").add_argument("adapter_id")
+    adapters.add_parser("list", help="list adapters")
+    adapters.add_parser("show", help="show one adapter").add_argument("adapter_id")
+
+    gen = sub.add_parser("generate", help="generate text, streamed to the terminal")
+    gen.add_argument("--adapter", default="", help="adapter id (default: the base model)")
+    src = gen.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt")
+    src.add_argument("--prompt-token-ids", help="comma-separated token ids")
+    src.add_argument("--message", action="append", metavar="ROLE:CONTENT", help="a chat message (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=0)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-p", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--repetition-penalty", type=float, default=0.0)
+    gen.add_argument("--seed", type=int)
+    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    gen.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+
+    merge = sub.add_parser("merge", help="merge an adapter into the base and write a checkpoint")
+    merge.add_argument("adapter_id")
+    merge.add_argument("output_dir", help="directory under the server's merge root")
+    merge.add_argument("--overwrite", action="store_true")
+
+    sub.add_parser("info", help="show what the server serves")
+
+    for p in (gen, merge, sub.choices["info"], *adapters.choices.values()):
+        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
+        p.add_argument("--timeout", type=float, default=600.0, help="deadline per call, seconds")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loramux", description="Multi-tenant LoRA adapter inference server.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _client_parsers(sub)
+    demo = sub.add_parser("demo", help="build a tiny model and adapters locally and tour the server")
+    demo.add_argument("--cache-dir", help="where the demo's model and adapters are built (default ./.demo)")
+    demo.add_argument("--rebuild", action="store_true", help="build the assets again")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "demo":
+        from loramux.demo.tour import run_demo
+
+        return run_demo(args.cache_dir, rebuild=args.rebuild)
+    from loramux.client import Client, LoramuxError
+
+    try:
+        with Client(args.target, timeout=args.timeout) as client:
+            return _CLIENT_COMMANDS[args.command](client, args)
+    except LoramuxError as e:
+        print(f"error: {e}", file=sys.stderr)
+        for field, description in e.field_violations:
+            print(f"  {field}: {description}", file=sys.stderr)
+        return 1
+
+
+def _serve(args) -> int:
+    import asyncio
+
+    from loramux.server.app import serve
+    from loramux.server.errors import InvalidSettings
+    from loramux.server.settings import Settings
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = Settings(
+            model=args.model,
+            revision=args.revision,
+            model_name=args.model_name,
+            dtype=args.dtype,
+            device=args.device,
+            host=args.host,
+            port=args.port,
+            adapter_roots=tuple(args.adapter_root),
+            merge_root=args.merge_root,
+            adapter_slots=args.adapter_slots,
+            host_cache_mib=args.host_cache_mib,
+            max_lora_rank=args.max_lora_rank,
+            target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+            max_batch_size=args.max_batch_size,
+            batch_window_ms=args.batch_window_ms,
+            max_queue=args.max_queue,
+            default_max_new_tokens=args.default_max_new_tokens,
+            base_mismatch=args.base_mismatch,
+            allow_pickle_weights=args.allow_pickle_weights,
+            hub_cache_dir=args.hub_cache_dir,
+            hub_offline=args.hub_offline,
+        )
+    except InvalidSettings as e:
+        print(f"error: --{e.field.replace('_', '-')}: {e.message}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(settings))
+    return 0
+
+
+def _adapters(client, args) -> int:
+    if args.action == "load":
+        info = client.load_adapter(
+            args.adapter_id, source=args.source, revision=args.revision, pin=args.pin, warm=args.warm, replace=args.replace
+        )
+        _show(info)
+    elif args.action == "unload":
+        client.unload_adapter(args.adapter_id)
+        print(f"unloaded {args.adapter_id}")
+    elif args.action == "show":
+        _show(client.get_adapter(args.adapter_id))
+    else:
+        rows = [(a.adapter_id, str(a.rank), a.tier, "yes" if a.pinned else "", str(a.use_count), a.source) for a in client.list_adapters()]
+        _table(("ADAPTER", "RANK", "TIER", "PINNED", "USES", "SOURCE"), rows)
+    return 0
+
+
+def _generate(client, args) -> int:
+    kwargs = dict(
+        adapter_id=args.adapter,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop,
+    )
+    if args.prompt is not None:
+        kwargs["prompt"] = args.prompt
+    elif args.prompt_token_ids is not None:
+        kwargs["prompt_token_ids"] = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
+    else:
+        kwargs["messages"] = [tuple(m.split(":", 1)) if ":" in m else ("user", m) for m in args.message]
+    if args.no_stream:
+        result = client.generate(**kwargs)
+        print(result.text)
+        usage, finish = result.usage, result.finish_reason
+    else:
+        for chunk in client.generate_stream(**kwargs):
+            print(chunk.text, end="", flush=True)
+            if chunk.finish_reason:
+                usage, finish = chunk.usage, chunk.finish_reason
+        print()
+    print(f"[{finish}; {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens]", file=sys.stderr)
+    return 0
+
+
+def _merge(client, args) -> int:
+    handle = client.merge(args.adapter_id, args.output_dir, overwrite=args.overwrite)
+    while True:
+        progress = handle.progress()
+        filled = int(progress.percent / 5)
+        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {progress.percent:5.1f}% {progress.phase:<15}", end="", file=sys.stderr, flush=True)
+        if progress.done:
+            break
+        time.sleep(0.2)
+    print(file=sys.stderr)
+    result = handle.result()
+    print(f"wrote {result.output_path} ({len(result.files)} files, {result.size_bytes} bytes, {result.merged_tensors} tensors merged)")
+    return 0
+
+
+def _info(client, args) -> int:
+    _show(client.server_info())
+    return 0
+
+
+def _show(obj) -> None:
+    for field in dataclasses.fields(obj):
+        print(f"{field.name}: {getattr(obj, field.name)}")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+
+
+_CLIENT_COMMANDS = {"adapters": _adapters, "generate": _generate, "merge": _merge, "info": _info}
+
+if __name__ == "__main__":
+    sys.exit(main())
