@@ -1,0 +1,56 @@
+"""The `loramux` command against a real server."""
+
+import subprocess
+import sys
+
+import pytest
+
+from loramux.cli.main import build_parser, main
+from loramux.server.app import BackgroundServer
+
+COMMANDS = [["serve"], ["adapters"], ["adapters", "load"], ["adapters", "unload"], ["adapters", "list"],
+            ["adapters", "show"], ["generate"], ["merge"], ["info"], ["demo"], []]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "loramux")
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0 and "usage: loramux" in capsys.readouterr().out
+
+
+def test_serve_flags_are_the_contract():
+    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
+    flags = {opt for action in serve._actions for opt in action.option_strings}
+    assert {"--model", "--revision", "--dtype", "--device", "--host", "--port", "--adapter-root", "--merge-root",
+            "--adapter-slots", "--host-cache-mib", "--max-lora-rank", "--max-batch-size", "--batch-window-ms"} <= flags
+
+
+def test_bad_settings_exit_2(assets, capsys):
+    assert main(["serve", "--model", str(assets.base), "--adapter-slots", "0"]) == 2
+    assert "--adapter-slots: adapter_slots: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_client_commands(assets, tmp_path, capsys):
+    with BackgroundServer(assets.settings(merge_root=tmp_path / "m")) as srv:
+        t = ["--target", srv.target]
+        assert main(["adapters", "load", "qv-r4", "--source", "qv-r4", "--warm", *t]) == 0
+        assert "tier: accelerator" in capsys.readouterr().out
+        assert main(["adapters", "list", *t]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].split() == ["ADAPTER", "RANK", "TIER", "PINNED", "USES", "SOURCE"] and out[1].split()[:3] == ["qv-r4", "4", "accelerator"]
+        assert main(["generate", "--adapter", "qv-r4", "--prompt", "fox", "--max-new-tokens", "8", *t]) == 0
+        streamed = capsys.readouterr()
+        assert main(["generate", "--adapter", "qv-r4", "--prompt", "fox", "--max-new-tokens", "8", "--no-stream", *t]) == 0
+        whole = capsys.readouterr()
+        assert streamed.out == whole.out and "prompt +" in streamed.err
+        assert main(["merge", "qv-r4", "out", *t]) == 0
+        assert "4 tensors merged" in capsys.readouterr().out
+        assert main(["adapters", "show", "missing", *t]) == 1
+        assert "NOT_FOUND: ADAPTER_NOT_FOUND" in capsys.readouterr().err
+        assert main(["adapters", "unload", "qv-r4", *t]) == 0
+
+
+def test_console_script_is_installed():
+    out = subprocess.run([sys.executable, "-m", "loramux.cli.main", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "serve" in out.stdout

@@ -1,0 +1,22 @@
+import pytest
+
+from loramux.server.errors import InvalidSettings
+from loramux.server.settings import Settings
+
+
+@pytest.mark.parametrize("field,value", [
+    ("dtype", "int4"), ("device", "tpu"), ("adapter_slots", 0), ("max_lora_rank", 0), ("port", 70000),
+    ("batch_window_ms", -1), ("base_mismatch", "ignore"), ("target_modules", ()), ("max_batch_size", 0),
+])
+def test_invalid_settings_name_the_field(tmp_path, field, value):
+    with pytest.raises(InvalidSettings) as e:
+        Settings(model="m", **{field: value})
+    assert e.value.field == field and e.value.reason == "INVALID_SETTINGS"
+
+
+def test_roots_are_resolved_and_must_exist(tmp_path):
+    s = Settings(model="m", adapter_roots=(str(tmp_path / "."),), merge_root=tmp_path / "merge")
+    assert s.adapter_roots == (tmp_path.resolve(),) and s.merge_root.is_dir()
+    with pytest.raises(InvalidSettings) as e:
+        Settings(model="m", adapter_roots=(tmp_path / "missing",))
+    assert e.value.field == "adapter_roots"
