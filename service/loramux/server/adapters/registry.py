@@ -11,6 +11,7 @@ import dataclasses
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
@@ -52,7 +53,7 @@ def validate_adapter_id(adapter_id: str, field: str = "adapter_id") -> None:
 
 
 class AdapterRegistry:
-    def __init__(self, settings: Settings, base: BaseModelView, cache_for: "callable"):
+    def __init__(self, settings: Settings, base: BaseModelView, cache_for: Callable[[Callable[[int], AdapterWeights]], TieredAdapterCache]):
         """`cache_for(reload)` builds the tiered cache given this registry's reload function."""
         self._settings = settings
         self._base = base
