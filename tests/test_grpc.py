@@ -251,3 +251,21 @@ def test_hub_source_from_local_cache(assets, tmp_path):
         assert info.revision == sha and info.rank == 4
         assert c.generate(prompt="fox", adapter_id="from-hub", max_new_tokens=N).token_ids == assets.oracle("qv-r4", "fox", N)
         expect_error(lc.NotFound, "SOURCE_NOT_FOUND", c.load_adapter, "x", source="hf://acme/qv-adapter", revision="v9")
+
+
+def test_abandoned_stream_releases_its_row_and_adapter(client, server):
+    import time
+
+    full = client.generate(prompt="fox", adapter_id="qv-r4", max_new_tokens=240)
+    assert full.usage.completion_tokens == 240  # long enough that finishing is not mistaken for cancelling
+    stream = client.generate_stream(prompt="fox", adapter_id="qv-r4", max_new_tokens=240)
+    first = next(stream)
+    assert first.token_ids and first.finish_reason is None
+    closed = time.monotonic()
+    stream.close()  # cancels the call; the engine drops the row at its next step
+    while server.engine.cache.snapshot().in_use and time.monotonic() - closed < 10:
+        time.sleep(0.005)
+    released_after = time.monotonic() - closed
+    assert server.engine.cache.snapshot().in_use == {}
+    assert released_after < full.timings.total_s / 3, (released_after, full.timings.total_s)
+    assert client.generate(prompt="fox", max_new_tokens=1).usage.completion_tokens == 1

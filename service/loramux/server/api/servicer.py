@@ -59,6 +59,17 @@ async def _blocking(fn, *args, **kwargs):
     return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
 
 
+def _add_event(message, event: TokenEvent | FinishEvent) -> None:
+    """Add an engine event to a GenerateResponse or GenerateStreamResponse (same field names)."""
+    if isinstance(event, TokenEvent):
+        message.token_ids.extend(event.token_ids)
+        message.logprobs.extend(event.logprobs)
+    else:
+        message.finish_reason = convert.finish_reason(event.finish_reason)
+        message.usage.CopyFrom(convert.usage(event.prompt_tokens, event.completion_tokens))
+        message.timings.CopyFrom(convert.timings(event.timings))
+
+
 class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     def __init__(self, engine: Engine):
         self._engine = engine
@@ -99,13 +110,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         text = []
         async for event in self._events(request, context):
             text.append(event.text)
-            if isinstance(event, TokenEvent):
-                response.token_ids.extend(event.token_ids)
-                response.logprobs.extend(event.logprobs)
-            else:
-                response.finish_reason = convert.finish_reason(event.finish_reason)
-                response.usage.CopyFrom(convert.usage(event.prompt_tokens, event.completion_tokens))
-                response.timings.CopyFrom(convert.timings(event.timings))
+            _add_event(response, event)
         response.text = "".join(text)
         return response
 
@@ -113,13 +118,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     async def GenerateStream(self, request, context):
         async for event in self._events(request, context):
             chunk = generation_pb2.GenerateStreamResponse(text=event.text)
-            if isinstance(event, TokenEvent):
-                chunk.token_ids.extend(event.token_ids)
-                chunk.logprobs.extend(event.logprobs)
-            else:
-                chunk.finish_reason = convert.finish_reason(event.finish_reason)
-                chunk.usage.CopyFrom(convert.usage(event.prompt_tokens, event.completion_tokens))
-                chunk.timings.CopyFrom(convert.timings(event.timings))
+            _add_event(chunk, event)
             yield chunk
 
     @maps_errors
