@@ -95,8 +95,8 @@ def _decode(base: BaseModel, rows: list[Row]) -> None:
     if len(live) < len(rows):
         keep = [i for i, row in enumerate(rows) if row in live]
         input_ids, mask, positions = input_ids[keep], mask[keep], positions[keep]
+    base.bank.route([row.slot for row in live], device)
     while live:
-        base.bank.route([row.slot for row in live], device)
         out = base.model(
             input_ids=input_ids,
             attention_mask=mask,
@@ -120,6 +120,7 @@ def _decode(base: BaseModel, rows: list[Row]) -> None:
             cache.batch_select_indices(index)
             mask, positions, tokens = mask[index], positions[index], tokens[index]
             live = [live[i] for i in keep]
+            base.bank.route([row.slot for row in live], device)  # only when rows leave
         mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
         positions = positions[:, -1:] + 1
         input_ids = tokens[:, None]
