@@ -7,6 +7,8 @@ from loramux.server.settings import Settings
 @pytest.mark.parametrize("field,value", [
     ("dtype", "int4"), ("device", "tpu"), ("adapter_slots", 0), ("max_lora_rank", 0), ("port", 70000),
     ("batch_window_ms", -1), ("base_mismatch", "ignore"), ("target_modules", ()), ("max_batch_size", 0),
+    ("scheduling", "fifo"), ("adapter_wait_ms", -5), ("max_batch_tokens", 1), ("max_prefill_tokens", 0),
+    ("max_queue_per_tenant", 10_000), ("max_queue_per_tenant", 0),
 ])
 def test_invalid_settings_name_the_field(tmp_path, field, value):
     with pytest.raises(InvalidSettings) as e:
@@ -20,3 +22,7 @@ def test_roots_are_resolved_and_must_exist(tmp_path):
     with pytest.raises(InvalidSettings) as e:
         Settings(model="m", adapter_roots=(tmp_path / "missing",))
     assert e.value.field == "adapter_roots"
+
+
+def test_per_tenant_queue_defaults_to_the_whole_queue():
+    assert Settings(model="m", max_queue=7).max_queue_per_tenant == 7

@@ -31,9 +31,16 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated Linear names that get adapter slots")
-    p.add_argument("--max-batch-size", type=int, default=16)
-    p.add_argument("--batch-window-ms", type=float, default=5.0)
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows decoding together at most")
+    p.add_argument("--max-batch-tokens", type=int, default=65536,
+                   help="prompt plus possible output tokens of all running rows at most")
+    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled in one step at most")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, wait this long for more requests")
+    p.add_argument("--adapter-wait-ms", type=float, default=2000.0,
+                   help="how long a request may be passed over for ones whose adapters are in slots")
+    p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
     p.add_argument("--max-queue", type=int, default=256)
+    p.add_argument("--max-queue-per-tenant", type=int, help="requests one tenant may have waiting (default: --max-queue)")
     p.add_argument("--default-max-new-tokens", type=int, default=64)
     p.add_argument("--base-mismatch", default="error", choices=["error", "warn"],
                    help="an adapter trained on another base model: refuse it, or log and load")
@@ -138,8 +145,13 @@ def _serve(args) -> int:
             max_lora_rank=args.max_lora_rank,
             target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
             max_batch_size=args.max_batch_size,
+            max_batch_tokens=args.max_batch_tokens,
+            max_prefill_tokens=args.max_prefill_tokens,
             batch_window_ms=args.batch_window_ms,
+            adapter_wait_ms=args.adapter_wait_ms,
+            scheduling=args.scheduling,
             max_queue=args.max_queue,
+            max_queue_per_tenant=args.max_queue_per_tenant,
             default_max_new_tokens=args.default_max_new_tokens,
             base_mismatch=args.base_mismatch,
             allow_pickle_weights=args.allow_pickle_weights,

@@ -14,16 +14,26 @@ class LoramuxError(Exception):
     `code` is the gRPC status code, `reason` the server's stable reason (e.g.
     "ADAPTER_NOT_FOUND"; empty when the failure came from the transport), `metadata` the
     numbers that go with it, and `field_violations` (field, description) pairs for the
-    request fields at fault.
+    request fields at fault. `retry_after` (seconds) is the server's hint for when a retry
+    can succeed (google.rpc.RetryInfo), or None.
     """
 
-    def __init__(self, code: grpc.StatusCode, message: str, reason: str = "", metadata=None, field_violations=()):
+    def __init__(
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        reason: str = "",
+        metadata=None,
+        field_violations=(),
+        retry_after: float | None = None,
+    ):
         super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}")
         self.code = code
         self.message = message
         self.reason = reason
         self.metadata = dict(metadata or {})
         self.field_violations = list(field_violations)
+        self.retry_after = retry_after
 
 
 class InvalidArgument(LoramuxError): ...
@@ -57,7 +67,7 @@ _BY_CODE = {
 
 
 def from_status(code: grpc.StatusCode, status: status_pb2.Status | None, message: str) -> LoramuxError:
-    reason, metadata, violations = "", {}, []
+    reason, metadata, violations, retry_after = "", {}, [], None
     if status is not None:
         message = status.message or message
         for detail in status.details:
@@ -69,8 +79,12 @@ def from_status(code: grpc.StatusCode, status: status_pb2.Status | None, message
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = [(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     cls = _BY_CODE.get(code, InternalError)
-    return cls(code, message, reason, metadata, violations)
+    return cls(code, message, reason, metadata, violations, retry_after)
 
 
 def from_rpc_error(error: grpc.RpcError) -> LoramuxError:

@@ -27,10 +27,19 @@ class LoramuxError(Exception):
     kind: Kind = Kind.INTERNAL
     reason: str = "INTERNAL"
 
-    def __init__(self, message: str, *, field: str | None = None, reason: str | None = None, **metadata: object):
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        reason: str | None = None,
+        retry_after_s: float | None = None,
+        **metadata: object,
+    ):
         super().__init__(message)
         self.message = message
         self.field = field
+        self.retry_after_s = retry_after_s  # sent as google.rpc.RetryInfo when set
         if reason is not None:
             self.reason = reason
         self.metadata = {k: str(v) for k, v in metadata.items()}

@@ -13,6 +13,7 @@ from loramux.server.errors import InvalidSettings
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 BASE_MISMATCH_POLICIES = ("error", "warn")
+SCHEDULING = ("continuous", "static")
 # The projections of Llama-style attention and MLP blocks; any subset may be served.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -49,10 +50,24 @@ class Settings:
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     """Base modules (by short name) that get adapter slots; adapters may target any subset."""
     max_batch_size: int = 16
+    """Rows decoding together at most."""
+    max_batch_tokens: int = 65536
+    """Prompt plus possible output tokens of all running rows at most (bounds KV cache memory).
+    A request that alone needs more is refused."""
+    max_prefill_tokens: int = 4096
+    """Prompt tokens prefilled in one step at most (a longer prompt is prefilled alone)."""
     batch_window_ms: float = 5.0
-    """How long the batcher waits for more requests once one has arrived."""
+    """When nothing runs: how long to wait for more requests once one has arrived."""
+    adapter_wait_ms: float = 2000.0
+    """How long a request may be passed over for requests whose adapters are already in slots;
+    after that it goes first and holds up admission until it gets a slot."""
+    scheduling: str = "continuous"
+    """continuous: new requests join the running batch at the next step. static: a new batch
+    starts only when the running one has finished (the baseline the benchmark compares with)."""
     max_queue: int = 256
-    """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED."""
+    """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED (and a retry hint)."""
+    max_queue_per_tenant: int | None = None
+    """Requests one tenant may have waiting (None: max_queue)."""
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int = 4096
     base_mismatch: str = "error"
@@ -79,6 +94,8 @@ class Settings:
             ("adapter_slots", self.adapter_slots, 1),
             ("max_lora_rank", self.max_lora_rank, 1),
             ("max_batch_size", self.max_batch_size, 1),
+            ("max_batch_tokens", self.max_batch_tokens, 2),
+            ("max_prefill_tokens", self.max_prefill_tokens, 1),
             ("max_queue", self.max_queue, 1),
             ("default_max_new_tokens", self.default_max_new_tokens, 1),
             ("max_new_tokens_limit", self.max_new_tokens_limit, 1),
@@ -88,8 +105,15 @@ class Settings:
                 raise bad(name, f"must be >= {low}, got {value}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise bad("default_max_new_tokens", "must not exceed max_new_tokens_limit")
-        if self.batch_window_ms < 0:
-            raise bad("batch_window_ms", f"must be >= 0, got {self.batch_window_ms}")
+        for name in ("batch_window_ms", "adapter_wait_ms"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        if self.scheduling not in SCHEDULING:
+            raise bad("scheduling", f"{self.scheduling!r} is not one of {', '.join(SCHEDULING)}")
+        if self.max_queue_per_tenant is None:
+            object.__setattr__(self, "max_queue_per_tenant", self.max_queue)
+        elif not 1 <= self.max_queue_per_tenant <= self.max_queue:
+            raise bad("max_queue_per_tenant", f"must be in 1..max_queue ({self.max_queue}), got {self.max_queue_per_tenant}")
         if not self.target_modules:
             raise bad("target_modules", "at least one module name is required")
         if self.base_mismatch not in BASE_MISMATCH_POLICIES:

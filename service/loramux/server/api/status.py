@@ -1,8 +1,9 @@
 """The one place where domain errors become gRPC statuses.
 
 Every failure leaves the server as a canonical code plus google.rpc.Status details: an
-ErrorInfo (domain "loramux.dev", the error's stable reason, its numbers as metadata) and,
-when a request field is at fault, a BadRequest naming it. The details travel in the
+ErrorInfo (domain "loramux.dev", the error's stable reason, its numbers as metadata),
+a BadRequest naming the request field at fault if one is, and a RetryInfo when retrying
+later can succeed (a full queue). The details travel in the
 `grpc-status-details-bin` trailer, sent with `context.abort` (not abort_with_status, which
 leaves tracing interceptors recording status 0).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 
 import grpc
-from google.protobuf import any_pb2
+from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
 from loramux.server.errors import Kind, LoramuxError
@@ -45,6 +46,10 @@ def to_status(error: BaseException) -> status_pb2.Status:
     if error.field is not None:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message, reason=error.reason)
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if error.retry_after_s is not None:
+        delay = duration_pb2.Duration()
+        delay.FromNanoseconds(int(error.retry_after_s * 1e9))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
     packed = []
     for detail in details:
         any_detail = any_pb2.Any()

@@ -1,10 +1,18 @@
-"""Run one padded batch of requests, mixing adapters, from prefill to the last token.
+"""The running batch: rows that decode together, mixing adapters, with one padded KV cache.
 
-Rows are left-padded to a common length; position ids come from the attention mask so a
-padded row computes what it would alone. Each step routes every row to its adapter slot
-(the base slot for the base model), picks the next tokens with each row's own parameters,
-and sends each row's new tokens out at once. Finished, cancelled and expired rows leave
-the batch at the next step: their KV cache rows are dropped.
+This follows the padded-batch design of text-generation-inference's Python CausalLM:
+
+- `prefill` runs new requests' prompts (left-padded to a common length) through the model
+  and picks each row's first token;
+- `concatenate` joins a freshly prefilled batch to the running one: the shorter KV cache is
+  left-padded with masked zeros so both have the same length, then rows are stacked;
+- `step` decodes one token for every row;
+- `filter` drops finished, cancelled and expired rows, and trims the KV columns that are
+  padding in every remaining row.
+
+Between forward passes the batch holds, per row, the token chosen last (not yet in the KV
+cache), the attention mask over the cache plus that token, and that token's position. Every
+row's positions count only its own tokens, so a padded row computes what it would alone.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import time
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.detokenizer import Detokenizer
@@ -37,93 +46,176 @@ class Row:
     detokenizer: Detokenizer
     generator: torch.Generator | None
     seen: torch.Tensor  # [prompt + generated] token ids, for the repetition penalty
-    started: float  # time.monotonic() when the batch started
+    started: float  # time.monotonic() when the row was admitted
     stop_tokens: frozenset[int]  # the model's EOS ids and the request's stop_token_ids
     generated: int = 0
     first_token_at: float | None = None
+    last_token_at: float | None = None
     done: bool = False
 
 
-def run_batch(base: BaseModel, requests: list[tuple[GenerationRequest, int]], on_row_done) -> None:
-    """Generate for `requests` ([(request, slot)]) until every row is done.
-
-    `on_row_done(request)` is called once per row, whatever way it ended."""
-    started = time.monotonic()
-    device = base.device
-    rows = []
-    for request, slot in requests:
-        room = base.max_sequence_length - len(request.prompt_ids)
-        rows.append(
-            Row(
-                request=request,
-                slot=slot,
-                max_new_tokens=min(request.params.max_new_tokens, room),
-                detokenizer=Detokenizer(base.tokenizer, request.params.stop),
-                generator=new_generator(request.params, device),
-                seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=device),
-                started=started,
-                stop_tokens=base.eos_token_ids | request.params.stop_token_ids,
-            )
-        )
-    try:
-        _decode(base, rows)
-    except LoramuxError as e:
-        _fail_all(rows, e, on_row_done)
-        raise
-    except BaseException as e:
-        _fail_all(rows, LoramuxError(f"generation failed: {type(e).__name__}: {e}"), on_row_done)
-        raise
-    finally:
-        base.bank.routing.set(None, base.bank.base_slot)
-    for row in rows:
-        on_row_done(row.request)
+def new_row(base: BaseModel, request: GenerationRequest, slot: int, now: float) -> Row:
+    room = base.max_sequence_length - len(request.prompt_ids)
+    return Row(
+        request=request,
+        slot=slot,
+        max_new_tokens=min(request.params.max_new_tokens, room),
+        detokenizer=Detokenizer(base.tokenizer, request.params.stop),
+        generator=new_generator(request.params, base.device),
+        seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=base.device),
+        started=now,
+        stop_tokens=base.eos_token_ids | request.params.stop_token_ids,
+    )
 
 
-@torch.inference_mode()
-def _decode(base: BaseModel, rows: list[Row]) -> None:
-    device = base.device
-    longest = max(len(r.request.prompt_ids) for r in rows)
-    input_ids = torch.full((len(rows), longest), base.pad_token_id, dtype=torch.long, device=device)
-    mask = torch.zeros((len(rows), longest), dtype=torch.long, device=device)  # [batch, seq]
-    for i, row in enumerate(rows):
-        n = len(row.request.prompt_ids)
-        input_ids[i, longest - n:] = row.seen
-        mask[i, longest - n:] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [batch, seq]
+def check_cache_layout(base: BaseModel) -> None:
+    """The padded design needs plain full-attention KV layers (no sliding window, no states)."""
     cache = DynamicCache(config=base.model.config)
-    live = [row for row in rows if not _end_early(row)]
-    if len(live) < len(rows):
-        keep = [i for i, row in enumerate(rows) if row in live]
-        input_ids, mask, positions = input_ids[keep], mask[keep], positions[keep]
-    base.bank.route([row.slot for row in live], device)
-    while live:
-        out = base.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
-        logits = out.logits[:, -1, :].float()  # [batch, vocab]
+    odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
+    if odd:
+        raise ValueError(f"cache layers {sorted(odd)} are not supported; loramux serves full-attention models")
+
+
+class Batch:
+    def __init__(self, base: BaseModel, rows: list[Row], cache: DynamicCache, tokens, mask, positions):
+        self.base = base
+        self.rows = rows
+        self.cache = cache
+        self.tokens = tokens  # [n] the token chosen last per row, fed at the next step
+        self.mask = mask  # [n, kv + 1] attention mask over the cache and that token
+        self.positions = positions  # [n, 1] that token's position
+        self._route()
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def kv_length(self) -> int:
+        return self.mask.shape[1] - 1
+
+    def tokens_reserved(self) -> int:
+        """Prompt plus still-possible output tokens of every row: what admission budgets against."""
+        return sum(len(r.request.prompt_ids) + r.max_new_tokens for r in self.rows)
+
+    # -- the four operations ------------------------------------------------------------
+
+    @classmethod
+    @torch.inference_mode()
+    def prefill(cls, base: BaseModel, rows: list[Row]) -> Batch:
+        """Run the rows' prompts (none of them done) and pick their first tokens."""
+        device = base.device
+        longest = max(len(r.request.prompt_ids) for r in rows)
+        input_ids = torch.full((len(rows), longest), base.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long, device=device)  # [n, seq]
+        for i, row in enumerate(rows):
+            n = len(row.request.prompt_ids)
+            input_ids[i, longest - n:] = row.seen
+            mask[i, longest - n:] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=base.model.config)
+        batch = cls(base, rows, cache, None, mask, positions)
+        batch._forward(input_ids)
+        return batch
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        """Decode one token for every row."""
+        self._forward(self.tokens[:, None])
+
+    @torch.inference_mode()
+    def filter(self) -> list[Row]:
+        """Drop rows that finished or must end early; returns the rows dropped."""
+        for row in self.rows:
+            ended_early(row)
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(keep) == len(self.rows):
+            return []
+        gone = [row for row in self.rows if row.done]
+        self.rows = [self.rows[i] for i in keep]
+        if not keep:
+            return gone
+        index = torch.tensor(keep, dtype=torch.long, device=self.base.device)
+        self.cache.batch_select_indices(index)
+        self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
+        # Columns that are padding in every row left are dead weight: trim them.
+        used = self.mask.any(dim=0)
+        first = int(used.nonzero()[0, 0])
+        if first > 0:
+            self.mask = self.mask[:, first:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
+        self._route()
+        return gone
+
+    @torch.inference_mode()
+    def concatenate(self, other: Batch) -> None:
+        """Append `other`'s rows (prefilled separately) to this batch."""
+        length = max(self.kv_length, other.kv_length)
+        mine, theirs = length - self.kv_length, length - other.kv_length
+        for mine_layer, their_layer in zip(self.cache.layers, other.cache.layers, strict=True):
+            mine_layer.keys = torch.cat([_pad_left(mine_layer.keys, mine), _pad_left(their_layer.keys, theirs)])
+            mine_layer.values = torch.cat([_pad_left(mine_layer.values, mine), _pad_left(their_layer.values, theirs)])
+        self.mask = torch.cat([_pad_left(self.mask, mine), _pad_left(other.mask, theirs)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.rows = self.rows + other.rows
+        self._route()
+
+    def fail(self, error: LoramuxError) -> list[Row]:
+        """End every row with `error` (rows already ended keep their outcome); returns all rows."""
+        rows, self.rows = self.rows, []
+        return Batch.abandon(rows, error)
+
+    @staticmethod
+    def abandon(rows: list[Row], error: LoramuxError) -> list[Row]:
+        for row in rows:
+            if not row.done:
+                row.done = True
+                row.request.emit(ErrorEvent(error))
+        return rows
+
+    # -- internals ----------------------------------------------------------------------
+
+    def _route(self) -> None:
+        self._slots = self.base.bank.routing_index([row.slot for row in self.rows], self.base.device)
+
+    def _forward(self, input_ids: torch.Tensor) -> None:
+        self.base.bank.route(self._slots)
+        try:
+            out = self.base.model(
+                input_ids=input_ids,
+                attention_mask=self.mask,
+                position_ids=self.positions,
+                cache=self.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        finally:
+            self.base.bank.route(None)
+        logits = out.logits[:, -1, :].float()  # [n, vocab]
+        rows = self.rows
         tokens, logprobs = choose_tokens(
-            logits, [r.request.params for r in live], [r.seen for r in live], [r.generator for r in live]
+            logits, [r.request.params for r in rows], [r.seen for r in rows], [r.generator for r in rows]
         )
         token_list = tokens.tolist()
         logprob_list = logprobs.tolist() if logprobs is not None else None
         now = time.monotonic()
-        for i, row in enumerate(live):
+        for i, row in enumerate(rows):
             _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now, tokens[i : i + 1])
-        keep = [i for i, row in enumerate(live) if not row.done and not _end_early(row)]
-        if len(keep) < len(live):
-            index = torch.tensor(keep, dtype=torch.long, device=device)
-            cache.batch_select_indices(index)
-            mask, positions, tokens = mask[index], positions[index], tokens[index]
-            live = [live[i] for i in keep]
-            base.bank.route([row.slot for row in live], device)  # only when rows leave
-        mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=1)
-        positions = positions[:, -1:] + 1
-        input_ids = tokens[:, None]
+        self.tokens = tokens
+        self.mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
+        self.positions = self.positions[:, -1:] + 1
+
+
+def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
+    """Zeros before the sequence dimension's start: dim 2 of KV [n, heads, seq, dim], dim 1 of a mask."""
+    if n == 0:
+        return t
+    dim = 2 if t.dim() == 4 else 1
+    shape = list(t.shape)
+    shape[dim] = n
+    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _advance(row: Row, token: int, logprob: float | None, now: float, token_t: torch.Tensor) -> None:
@@ -131,6 +223,7 @@ def _advance(row: Row, token: int, logprob: float | None, now: float, token_t: t
     row.generated += 1
     if row.first_token_at is None:
         row.first_token_at = now
+    row.last_token_at = now
     if params.repetition_penalty != 1.0:
         row.seen = torch.cat([row.seen, token_t])
     text = row.detokenizer.add(token)
@@ -159,8 +252,8 @@ def _advance(row: Row, token: int, logprob: float | None, now: float, token_t: t
         )
 
 
-def _end_early(row: Row) -> bool:
-    """Drop a row whose caller went away or whose deadline passed (reporting it once)."""
+def ended_early(row: Row) -> bool:
+    """End a row whose caller went away or whose deadline passed (reporting it once)."""
     if row.done:
         return False
     request = row.request
@@ -175,10 +268,3 @@ def _end_early(row: Row) -> bool:
     request.emit(ErrorEvent(error))
     return True
 
-
-def _fail_all(rows: list[Row], error: LoramuxError, on_row_done) -> None:
-    for row in rows:
-        if not row.done:
-            row.done = True
-            row.request.emit(ErrorEvent(error))
-        on_row_done(row.request)

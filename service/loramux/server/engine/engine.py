@@ -1,20 +1,18 @@
 """The engine: the only code that touches the model and the accelerator.
 
-One worker thread takes queued requests, forms batches that mix adapters, puts their
-adapters in slots and runs the batch. Other threads (the gRPC layer's executor, I/O
-workers) read adapter files and register adapters, but slot changes happen on the worker
-thread only, between batches.
-
-Scheduling here is by batch: requests that arrive within `batch_window_ms` of the oldest
-waiting one (up to `max_batch_size`) run together until the last of them finishes.
-A request whose adapter is on disk waits while an I/O thread reads it; a request whose
-adapter cannot get a slot (all slots held by the batch being formed, or pinned) waits for
-the next batch, and requests behind it with resident adapters may go first. Waiting is
-bounded by each request's deadline.
+One worker thread runs the running batch one step at a time (continuous batching). Between
+steps it runs queued jobs (slot warm-ups), asks the scheduler which waiting requests join,
+prefills those and concatenates them to the running batch; rows that finished, were
+cancelled or expired leave the batch after the step and release their adapters at once.
+Other threads (the gRPC layer's executor, I/O workers) read adapter files and register
+adapters, but slot changes happen on the worker thread only, between steps. The scheduler
+(scheduler.py) owns the waiting requests and the admission policy; the batch (batch.py)
+owns the KV cache.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -26,11 +24,12 @@ from typing import TypeVar
 
 import torch
 
-from loramux.server.adapters.cache import NoSlotAvailable, TieredAdapterCache, Tier
+from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.base_model import BaseModel
-from loramux.server.engine.batch import run_batch
+from loramux.server.engine.batch import Batch, Row, check_cache_layout, ended_early, new_row
 from loramux.server.engine.inputs import GenerateInput, prompt_ids, sampling_params
+from loramux.server.engine.scheduler import Scheduler
 from loramux.server.engine.request import (
     ErrorEvent,
     Event,
@@ -39,13 +38,10 @@ from loramux.server.engine.request import (
     TokenEvent,
 )
 from loramux.server.errors import (
-    AdapterNotFound,
-    Cancelled,
-    DeadlineExceeded,
+    InvalidRequest,
     LoramuxError,
     MergeFailed,
     PinLimit,
-    QueueFull,
     ShuttingDown,
 )
 from loramux.server.merge import MergeResult, merge_to_checkpoint, resolve_output
@@ -54,7 +50,17 @@ from loramux.server.settings import Settings
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_IDLE_POLL_S = 0.02  # while requests wait for an adapter read or a slot
+_IDLE_POLL_S = 0.02  # while requests wait for an adapter read or a slot and nothing runs
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    waiting_by_tenant: dict[str, int]
+    running: int
+    kv_length: int  # KV cache columns of the running batch (padding included)
+    steps: int  # decode steps run so far
+    prefills: int  # prefill passes run so far
 
 
 class Engine:
@@ -69,11 +75,16 @@ class Engine:
             ),
         )
         self.cache = self.registry.cache
+        check_cache_layout(base)
         self._cond = threading.Condition()
-        self._queue: deque[GenerationRequest] = deque()
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
-        self._loads: dict[int, Future] = {}  # disk reads in flight for queued requests, by uid
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io")
+        self._scheduler = Scheduler(
+            settings, self.cache, self.registry.is_live, self._io, self._wake, base.bank.base_slot
+        )
+        self._running: Batch | None = None
+        self._steps = 0
+        self._prefills = 0
         self._merges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge")
         self.operations = OperationStore()
         self._stopping = False
@@ -86,11 +97,10 @@ class Engine:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Finish the running batch, fail what is queued with SHUTTING_DOWN, stop the worker."""
+        """Finish the running rows, fail what waits with SHUTTING_DOWN, stop the worker."""
         with self._cond:
             self._stopping = True
-            waiting = list(self._queue)
-            self._queue.clear()
+            waiting = self._scheduler.drain()
             jobs = list(self._jobs)
             self._jobs.clear()
             self._cond.notify_all()
@@ -110,26 +120,46 @@ class Engine:
     ) -> GenerationRequest:
         """Validate and queue a request; events arrive through `emit` on the engine thread."""
         record = self.registry.get(tenant, inp.adapter_id) if inp.adapter_id else None
+        ids = prompt_ids(inp, self.base)
+        params = sampling_params(inp, self.base, self.settings)
+        room = self.base.max_sequence_length - len(ids)
+        if params.max_new_tokens > room:  # the context length caps the output
+            params = dataclasses.replace(params, max_new_tokens=room)
+        if len(ids) + params.max_new_tokens > self.settings.max_batch_tokens:
+            raise InvalidRequest(
+                f"the prompt ({len(ids)} tokens) plus max_new_tokens ({params.max_new_tokens}) exceed the "
+                f"{self.settings.max_batch_tokens} tokens a batch may hold; ask for fewer tokens",
+                field="max_new_tokens",
+                reason="REQUEST_TOO_LARGE",
+                max_batch_tokens=self.settings.max_batch_tokens,
+            )
         request = GenerationRequest(
             tenant=tenant,
             adapter_uid=record.uid if record else None,
             adapter_id=inp.adapter_id,
-            prompt_ids=prompt_ids(inp, self.base),
-            params=sampling_params(inp, self.base, self.settings),
+            prompt_ids=ids,
+            params=params,
             emit=emit,
             deadline=deadline,
         )
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
-            if len(self._queue) >= self.settings.max_queue:
-                raise QueueFull(
-                    f"{len(self._queue)} requests are waiting, the most this server queues; retry later",
-                    queued=len(self._queue),
-                )
-            self._queue.append(request)
+            self._scheduler.push(request)
             self._cond.notify_all()
         return request
+
+    def stats(self) -> EngineStats:
+        with self._cond:
+            running = self._running
+            return EngineStats(
+                waiting=len(self._scheduler),
+                waiting_by_tenant=self._scheduler.waiting_by_tenant(),
+                running=len(running) if running is not None else 0,
+                kv_length=running.kv_length if running is not None else 0,
+                steps=self._steps,
+                prefills=self._prefills,
+            )
 
     def cancel(self, request: GenerationRequest) -> None:
         request.cancelled = True
@@ -264,39 +294,107 @@ class Engine:
 
     # -- the worker ---------------------------------------------------------------------
 
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _run(self) -> None:
         while True:
-            batch = self._next_batch()
-            if batch is None:
+            admitted = self._next_work()
+            if admitted is None:
                 return
             try:
-                run_batch(self.base, batch, self._row_done)
-            except Exception:
-                log.exception("batch of %d failed", len(batch))
+                if admitted:
+                    self._join(admitted)
+                elif self._running is not None:
+                    self._running.step()
+                    self._steps += 1
+            except LoramuxError as e:
+                self._fail_running(e)
+            except Exception as e:
+                log.exception("generation step failed")
+                self._fail_running(LoramuxError(f"generation failed: {type(e).__name__}: {e}"))
+            if self._running is not None:
+                for row in self._running.filter():
+                    self._row_done(row)
+                if not self._running:
+                    with self._cond:
+                        self._running = None
 
-    def _row_done(self, request: GenerationRequest) -> None:
+    def _join(self, admitted: list[tuple[GenerationRequest, int]]) -> None:
+        """Prefill newly admitted requests and add them to the running batch."""
+        now = time.monotonic()
+        rows = [new_row(self.base, request, slot, now) for request, slot in admitted]
+        live = []
+        for row in rows:
+            if ended_early(row):
+                self._row_done(row)
+            else:
+                live.append(row)
+        if not live:
+            return
+        try:
+            fresh = Batch.prefill(self.base, live)
+        except BaseException as e:
+            error = e if isinstance(e, LoramuxError) else LoramuxError(f"prefill failed: {type(e).__name__}: {e}")
+            if not isinstance(e, LoramuxError):
+                log.exception("prefill of %d rows failed", len(live))
+            for row in Batch.abandon(live, error):
+                self._row_done(row)
+            return
+        self._prefills += 1
+        with self._cond:
+            if self._running is None:
+                self._running = fresh
+            else:
+                self._running.concatenate(fresh)
+
+    def _fail_running(self, error: LoramuxError) -> None:
+        if self._running is not None:
+            for row in self._running.fail(error):
+                self._row_done(row)
+            with self._cond:
+                self._running = None
+
+    def _row_done(self, row: Row) -> None:
+        request = row.request
         if request.adapter_uid is not None:
             self.cache.release(request.adapter_uid)
             self.registry.mark_used(request.adapter_uid, time.time())
+        # The queue-full retry hint: about how long one row holds its place, recently.
+        held = time.monotonic() - row.started
+        hint = self._scheduler.retry_hint_s
+        self._scheduler.retry_hint_s = 0.9 * hint + 0.1 * held
 
-    def _next_batch(self) -> list[tuple[GenerationRequest, int]] | None:
+    def _next_work(self) -> list[tuple[GenerationRequest, int]] | None:
+        """Run pending jobs, then return the requests to admit now ([] = just step), or None to stop."""
         window = self.settings.batch_window_ms / 1000
         while True:
             with self._cond:
-                if self._stopping:
-                    return None
                 job = self._jobs.popleft() if self._jobs else None
                 if job is None:
-                    if not self._queue:
+                    running = len(self._running) if self._running is not None else 0
+                    if self._stopping:
+                        return [] if running else None
+                    if not len(self._scheduler):
+                        if running:
+                            return []
                         self._cond.wait()
                         continue
-                    wait_left = self._queue[0].arrival + window - time.monotonic()
-                    if len(self._queue) < self.settings.max_batch_size and wait_left > 0:
-                        self._cond.wait(wait_left)
-                        continue
-                    batch = self._form_batch()
-                    if batch:
-                        return batch
+                    if running and self.settings.scheduling == "static":
+                        return []
+                    now = time.monotonic()
+                    if not running:
+                        wait_left = self._scheduler.oldest_arrival() + window - now
+                        if len(self._scheduler) < self.settings.max_batch_size and wait_left > 0:
+                            self._cond.wait(wait_left)
+                            continue
+                    reserved = self._running.tokens_reserved() if running else 0
+                    admitted = self._scheduler.admit(
+                        self.settings.max_batch_size - running, self.settings.max_batch_tokens - reserved, now
+                    )
+                    if admitted or running:
+                        return admitted
                     self._cond.wait(_IDLE_POLL_S)
                     continue
             fn, future = job
@@ -304,73 +402,3 @@ class Engine:
                 future.set_result(fn())
             except BaseException as e:
                 future.set_exception(e)
-
-    def _form_batch(self) -> list[tuple[GenerationRequest, int]]:
-        """Pick queued requests that can run now and give them slots (lock held)."""
-        chosen: list[GenerationRequest] = []
-        uids: set[int] = set()
-        now = time.monotonic()
-        for request in list(self._queue):
-            if len(chosen) >= self.settings.max_batch_size:
-                break
-            error = self._why_drop(request, now)
-            if error is not None:
-                self._queue.remove(request)
-                request.emit(ErrorEvent(error))
-                continue
-            uid = request.adapter_uid
-            if uid is not None and uid not in uids:
-                if self.cache.tier(uid) is Tier.DISK:
-                    self._start_read(uid)
-                    continue
-                if not self.cache.slots_available_for(uids | {uid}):
-                    continue
-                uids.add(uid)
-            chosen.append(request)
-        for future_uid in [u for u, f in self._loads.items() if f.done()]:
-            del self._loads[future_uid]
-        # Resident adapters first: taking a slot for another must not evict them.
-        chosen.sort(key=lambda r: r.adapter_uid is None or self.cache.tier(r.adapter_uid) is not Tier.ACCELERATOR)
-        batch = []
-        for request in chosen:
-            uid = request.adapter_uid
-            if uid is None:
-                slot = self.base.bank.base_slot
-            else:
-                try:
-                    slot = self.cache.acquire(uid)
-                except (KeyError, NoSlotAvailable):  # pushed out of memory meanwhile: read it again
-                    continue
-            self._queue.remove(request)
-            batch.append((request, slot))
-        return batch
-
-    def _why_drop(self, request: GenerationRequest, now: float) -> LoramuxError | None:
-        if request.cancelled:
-            return Cancelled("the request was cancelled while queued")
-        if request.deadline is not None and now > request.deadline:
-            return DeadlineExceeded(
-                f"the deadline passed after {now - request.arrival:.3f}s in the queue", waited_s=round(now - request.arrival, 3)
-            )
-        uid = request.adapter_uid
-        if uid is not None and not self.registry.is_live(uid):
-            return AdapterNotFound(
-                f"adapter {request.adapter_id!r} was unloaded while the request waited", field="adapter_id"
-            )
-        load = self._loads.get(uid) if uid is not None else None
-        if load is not None and load.done() and load.exception() is not None:
-            error = load.exception()
-            return error if isinstance(error, LoramuxError) else LoramuxError(f"reading the adapter failed: {error}")
-        return None
-
-    def _start_read(self, uid: int) -> None:
-        if uid in self._loads:
-            return
-        future = self._io.submit(self.cache.ensure_in_memory, uid)
-        self._loads[uid] = future
-
-        def wake(_: Future) -> None:
-            with self._cond:
-                self._cond.notify_all()
-
-        future.add_done_callback(wake)

@@ -77,3 +77,12 @@ class GenerationRequest:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the row at its next step
     adapter_id: str = ""
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    @property
+    def tokens_reserved(self) -> int:
+        """Prompt plus the most output it may produce: its share of the batch's token budget."""
+        return len(self.prompt_ids) + self.params.max_new_tokens

@@ -63,9 +63,15 @@ class SlotBank:
             modules[name] = ModuleLora(a=a, b=b, scale=lora.scale)
         return AdapterWeights(modules=modules)
 
-    def route(self, slots: list[int], device: torch.device) -> None:
-        """Route the rows of the next forward passes: slots[i] for row i (base_slot = no adapter)."""
-        self.routing.set(torch.tensor(slots, dtype=torch.long, device=device), self.base_slot)
+    def routing_index(self, slots: list[int], device: torch.device) -> torch.Tensor | None:
+        """The routing tensor for rows using `slots` (base_slot = no adapter); None when no row has one."""
+        if all(s == self.base_slot for s in slots):
+            return None
+        return torch.tensor(slots, dtype=torch.long, device=device)
+
+    def route(self, index: torch.Tensor | None) -> None:
+        """Route the rows of the next forward passes (an index from `routing_index`, or None)."""
+        self.routing.slot_index = index
 
     def _check(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

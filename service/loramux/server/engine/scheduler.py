@@ -1,0 +1,218 @@
+"""Waiting requests, and which of them join the running batch at the next step.
+
+Admission is fair across tenants and aware of adapters:
+
+- Tenants take turns (round robin). In its turn a tenant offers its best waiting request;
+  a tenant that was just served goes to the back of the turn order.
+- A tenant's best request is its oldest *urgent* one (waiting longer than
+  `adapter_wait_ms`), else its oldest whose adapter is already in a slot (or chosen in this
+  pass, so same-adapter requests batch together, or no adapter at all), else its oldest
+  whose adapter is in host memory, else its oldest whose adapter is on disk.
+- A request whose adapter is on disk starts a read on an I/O thread and waits for it.
+- A request whose adapter cannot get a slot (every slot held by running rows or pinned)
+  waits. If that request is urgent, admission stops until it gets in: running rows finish,
+  their slots free up, and nothing new takes them first. So no request waits much longer
+  than `adapter_wait_ms` plus the longest running request, however cold its adapter.
+- Limits per step: rows (`max_batch_size`), tokens reserved by the running rows (prompt plus
+  possible output, `max_batch_tokens`) and prompt tokens prefilled together
+  (`max_prefill_tokens`; a longer prompt is prefilled alone). An urgent request that does
+  not fit also stops admission until it does.
+
+Everything here runs under the engine's lock, on the engine thread (admit) or a caller's
+thread (push, remove).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from loramux.server.adapters.cache import NoSlotAvailable, Tier, TieredAdapterCache
+from loramux.server.engine.request import ErrorEvent, GenerationRequest
+from loramux.server.errors import AdapterNotFound, Cancelled, DeadlineExceeded, LoramuxError, QueueFull
+from loramux.server.settings import Settings
+
+_TIER_RANK = {Tier.ACCELERATOR: 0, Tier.HOST: 1, Tier.DISK: 2}
+
+
+class Scheduler:
+    def __init__(
+        self,
+        settings: Settings,
+        cache: TieredAdapterCache,
+        is_live: Callable[[int], bool],
+        io: ThreadPoolExecutor,
+        wake: Callable[[], None],
+        base_slot: int,
+    ):
+        self._settings = settings
+        self._cache = cache
+        self._is_live = is_live
+        self._io = io
+        self._wake = wake
+        self._base_slot = base_slot
+        self._waiting: dict[str, deque[GenerationRequest]] = {}  # tenant -> FIFO
+        self._turns: deque[str] = deque()  # tenants with waiting requests, next to be served first
+        self._count = 0
+        self._loads: dict[int, Future] = {}  # disk reads in flight for waiting requests, by adapter uid
+        self.retry_hint_s = 1.0  # kept current by the engine from recent request durations
+
+    def __len__(self) -> int:
+        return self._count
+
+    def oldest_arrival(self) -> float | None:
+        return min((q[0].arrival for q in self._waiting.values() if q), default=None)
+
+    def waiting_by_tenant(self) -> dict[str, int]:
+        return {tenant: len(q) for tenant, q in self._waiting.items()}
+
+    def push(self, request: GenerationRequest) -> None:
+        s = self._settings
+        queue = self._waiting.get(request.tenant)
+        if self._count >= s.max_queue:
+            raise self._full(f"{self._count} requests are waiting, the most this server queues; retry later")
+        if queue is not None and len(queue) >= s.max_queue_per_tenant:
+            raise self._full(
+                f"tenant {request.tenant!r} has {len(queue)} requests waiting, the most one tenant may queue; retry later"
+            )
+        if queue is None:
+            queue = self._waiting[request.tenant] = deque()
+            self._turns.append(request.tenant)
+        queue.append(request)
+        self._count += 1
+
+    def drain(self) -> list[GenerationRequest]:
+        """Take every waiting request out (at shutdown)."""
+        out = [r for q in self._waiting.values() for r in q]
+        self._waiting.clear()
+        self._turns.clear()
+        self._count = 0
+        return out
+
+    def admit(self, rows_free: int, tokens_free: int, now: float) -> list[tuple[GenerationRequest, int]]:
+        """Choose requests to prefill now and give their adapters slots; returns [(request, slot)].
+
+        Requests that were cancelled, expired, lost their adapter or failed to read it are
+        answered with an error and dropped here."""
+        self._drop_dead(now)
+        for uid in [u for u, f in self._loads.items() if f.done()]:
+            del self._loads[uid]
+        if rows_free <= 0 or not self._count:
+            return []
+        wait_bound = self._settings.adapter_wait_ms / 1000
+        prefill_free = self._settings.max_prefill_tokens
+        options = {t: list(self._waiting[t]) for t in self._turns}
+        chosen: list[GenerationRequest] = []
+        uids: set[int] = set()
+        served: list[str] = []
+        blocked = False
+        while rows_free > 0 and not blocked:
+            progressed = False
+            for tenant in list(self._turns):
+                left = options[tenant]
+                while left:
+                    best = min(left, key=lambda r: self._preference(r, uids, now, wait_bound))
+                    left.remove(best)
+                    urgent = now - best.arrival > wait_bound
+                    cost = best.tokens_reserved
+                    fits = cost <= tokens_free and (best.prompt_tokens <= prefill_free or not chosen)
+                    uid = best.adapter_uid
+                    ready = True
+                    if uid is not None and uid not in uids:
+                        if self._cache.tier(uid) is Tier.DISK:
+                            self._start_read(uid)
+                            ready = False
+                        elif not self._cache.slots_available_for(uids | {uid}):
+                            ready = False
+                            blocked = urgent
+                    if ready and not fits:
+                        blocked = urgent
+                    if blocked:
+                        break
+                    if not ready or not fits:
+                        continue
+                    chosen.append(best)
+                    if uid is not None:
+                        uids.add(uid)
+                    rows_free -= 1
+                    tokens_free -= cost
+                    prefill_free -= best.prompt_tokens
+                    served.append(tenant)
+                    progressed = True
+                    break
+                if blocked or rows_free <= 0:
+                    break
+            if not progressed:
+                break
+        return self._give_slots(chosen, served)
+
+    def _preference(self, r: GenerationRequest, uids: set[int], now: float, wait_bound: float):
+        if now - r.arrival > wait_bound:
+            return (0, 0, r.arrival)
+        if r.adapter_uid is None or r.adapter_uid in uids:
+            return (1, 0, r.arrival)
+        return (1, _TIER_RANK[self._cache.tier(r.adapter_uid)], r.arrival)
+
+    def _give_slots(self, chosen: list[GenerationRequest], served: list[str]) -> list[tuple[GenerationRequest, int]]:
+        # Adapters already in slots first: promoting another must not evict one of them.
+        chosen.sort(key=lambda r: r.adapter_uid is not None and self._cache.tier(r.adapter_uid) is not Tier.ACCELERATOR)
+        admitted = []
+        for request in chosen:
+            uid = request.adapter_uid
+            if uid is None:
+                slot = self._base_slot
+            else:
+                try:
+                    slot = self._cache.acquire(uid)
+                except (KeyError, NoSlotAvailable):  # pushed out of memory meanwhile: it waits, read again
+                    continue
+            self._remove(request)
+            admitted.append((request, slot))
+        for tenant in served:  # served tenants go to the back, in the order they were served
+            if tenant in self._turns:
+                self._turns.remove(tenant)
+                self._turns.append(tenant)
+        return admitted
+
+    def _remove(self, request: GenerationRequest) -> None:
+        queue = self._waiting[request.tenant]
+        queue.remove(request)
+        self._count -= 1
+        if not queue:
+            del self._waiting[request.tenant]
+            self._turns.remove(request.tenant)
+
+    def _drop_dead(self, now: float) -> None:
+        for queue in list(self._waiting.values()):
+            for request in list(queue):
+                error = self._why_drop(request, now)
+                if error is not None:
+                    self._remove(request)
+                    request.emit(ErrorEvent(error))
+
+    def _why_drop(self, request: GenerationRequest, now: float) -> LoramuxError | None:
+        if request.cancelled:
+            return Cancelled("the request was cancelled while queued")
+        if request.deadline is not None and now > request.deadline:
+            waited = round(now - request.arrival, 3)
+            return DeadlineExceeded(f"the deadline passed after {waited:.3f}s in the queue", waited_s=waited)
+        uid = request.adapter_uid
+        if uid is not None and not self._is_live(uid):
+            return AdapterNotFound(f"adapter {request.adapter_id!r} was unloaded while the request waited", field="adapter_id")
+        load = self._loads.get(uid) if uid is not None else None
+        if load is not None and load.done() and load.exception() is not None:
+            error = load.exception()
+            return error if isinstance(error, LoramuxError) else LoramuxError(f"reading the adapter failed: {error}")
+        return None
+
+    def _start_read(self, uid: int) -> None:
+        if uid in self._loads:
+            return
+        future = self._io.submit(self._cache.ensure_in_memory, uid)
+        self._loads[uid] = future
+        future.add_done_callback(lambda _: self._wake())
+
+    def _full(self, message: str) -> QueueFull:
+        return QueueFull(message, retry_after_s=self.retry_hint_s, queued=self._count)
+

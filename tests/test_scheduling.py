@@ -1,0 +1,293 @@
+"""Continuous batching and admission: requests join and leave the running batch mid-decode
+with outputs still equal to peft; tenants take turns; resident adapters go first, within a
+bound; limits on rows, tokens and the queue."""
+
+import queue
+import threading
+
+import grpc
+import pytest
+
+import loramux.client as lc
+from conftest import ADAPTERS, PROMPTS
+from loramux.server.adapters.cache import Tier
+from loramux.server.app import BackgroundServer
+from loramux.server.base_model import load_base_model
+from loramux.server.engine.engine import Engine
+from loramux.server.engine.inputs import GenerateInput
+from loramux.server.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from loramux.server.errors import Cancelled, InvalidRequest, QueueFull
+
+N = 24
+
+
+class Recorder:
+    """Collects every request's events in the one order the engine thread emitted them."""
+
+    def __init__(self):
+        self.log: list[tuple[str, object]] = []
+        self._lock = threading.Lock()
+        self._ended: dict[str, threading.Event] = {}
+        self._tokens: dict[str, queue.Queue] = {}
+
+    def emit_for(self, name: str):
+        self._ended[name] = threading.Event()
+        self._tokens[name] = queue.Queue()
+
+        def emit(event):
+            with self._lock:
+                self.log.append((name, event))
+            if isinstance(event, TokenEvent):
+                self._tokens[name].put(event)
+            else:
+                self._ended[name].set()
+
+        return emit
+
+    def wait_tokens(self, name: str, n: int) -> None:
+        for _ in range(n):
+            self._tokens[name].get(timeout=60)
+
+    def wait_all(self) -> None:
+        for name, ended in self._ended.items():
+            assert ended.wait(60), name
+
+    def token_ids(self, name: str) -> list[int]:
+        return [t for n, e in self.log if n == name and isinstance(e, TokenEvent) for t in e.token_ids]
+
+    def index(self, name: str, kind: type) -> int:
+        """Position in the log of `name`'s first event of `kind`."""
+        return next(i for i, (n, e) in enumerate(self.log) if n == name and isinstance(e, kind))
+
+    def outcome(self, name: str):
+        return next(e for n, e in self.log if n == name and not isinstance(e, TokenEvent))
+
+    def first_token_order(self) -> list[str]:
+        seen = []
+        for name, event in self.log:
+            if isinstance(event, TokenEvent) and name not in seen:
+                seen.append(name)
+        return seen
+
+
+def make_engine(assets, **overrides):
+    settings = assets.settings(**{"batch_window_ms": 0, **overrides})
+    engine = Engine(settings, load_base_model(settings)).start()
+    for name in ADAPTERS:
+        engine.load_adapter("default", name, name)
+    return engine
+
+
+def hold(engine) -> threading.Event:
+    """Block the engine thread (between steps) until the returned event is set."""
+    gate = threading.Event()
+    entered = threading.Event()
+
+    def wait():
+        entered.set()
+        gate.wait(60)
+
+    engine.call_on_engine(wait)
+    assert entered.wait(10)
+    return gate
+
+
+def settle(engine) -> None:
+    """Wait until the engine thread is between steps (rows that ended have released their adapters)."""
+    engine.call_on_engine(lambda: None).result(60)
+
+
+def submit(engine, rec, name, adapter, prompt, n=N, tenant="default"):
+    return engine.submit(tenant, GenerateInput(adapter_id=adapter, prompt=prompt, max_new_tokens=n), rec.emit_for(name))
+
+
+def long_jobs(assets, count):
+    """(adapter, prompt) pairs whose peft output runs the full N tokens, for mid-decode joins."""
+    jobs = [(a, p) for p in PROMPTS for a in ADAPTERS if len(assets.oracle(a, p, N)) == N]
+    assert len(jobs) >= count, "the test assets give too few long outputs"
+    return jobs
+
+
+def test_requests_join_mid_decode_with_more_adapters_than_slots(assets):
+    engine = make_engine(assets, adapter_slots=2, max_batch_size=8)
+    try:
+        jobs = long_jobs(assets, 4)
+        distinct = []
+        for a, p in jobs:
+            if a not in [d[0] for d in distinct]:
+                distinct.append((a, p))
+        assert len(distinct) >= 3
+        first, later = distinct[0], distinct[1:4]
+        rec = Recorder()
+        submit(engine, rec, "first", *first)
+        rec.wait_tokens("first", 3)
+        for i, (a, p) in enumerate(later):
+            submit(engine, rec, f"later{i}", a, p)
+        rec.wait_tokens("later0", 2)
+        submit(engine, rec, "base", "", PROMPTS[2])  # joins whatever runs then
+        rec.wait_all()
+        # The first later request got tokens while `first` was still decoding: it joined mid-decode.
+        assert rec.index("later0", TokenEvent) < rec.index("first", FinishEvent)
+        for name, (a, p) in [("first", first), *[(f"later{i}", j) for i, j in enumerate(later)], ("base", ("", PROMPTS[2]))]:
+            assert isinstance(rec.outcome(name), FinishEvent), name
+            assert rec.token_ids(name) == assets.oracle(a or None, p, N), name
+        # 3+ adapters through 2 slots: at least one adapter waited for a slot and was promoted.
+        settle(engine)
+        snap = engine.cache.snapshot()
+        assert snap.in_use == {} and sum(s is not None for s in snap.slot_table) == 2
+        stats = engine.stats()
+        assert stats.running == 0 and stats.waiting == 0 and stats.prefills >= 3
+    finally:
+        engine.stop()
+
+
+def test_cancel_mid_decode_drops_the_row_and_its_pin(assets):
+    engine = make_engine(assets, adapter_slots=2)
+    try:
+        (a1, p1), (a2, p2) = long_jobs(assets, 2)[:2]
+        rec = Recorder()
+        gate = hold(engine)
+        doomed = submit(engine, rec, "doomed", a1, p1)
+        submit(engine, rec, "kept", a2, p2)
+        gate.set()
+        rec.wait_tokens("doomed", 3)
+        engine.cancel(doomed)
+        rec.wait_all()
+        assert isinstance(rec.outcome("doomed").error, Cancelled)
+        assert 3 <= len(rec.token_ids("doomed")) < N
+        assert rec.token_ids("kept") == assets.oracle(a2, p2, N)
+        settle(engine)
+        assert engine.cache.snapshot().in_use == {}
+    finally:
+        engine.stop()
+
+
+def test_tenants_take_turns(assets):
+    engine = make_engine(assets, max_batch_size=1)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        for i in range(5):
+            submit(engine, rec, f"flood{i}", "", PROMPTS[0], n=2, tenant="flood")
+        for i in range(2):
+            submit(engine, rec, f"small{i}", "", PROMPTS[1], n=2, tenant="small")
+        assert engine.stats().waiting_by_tenant == {"flood": 5, "small": 2}
+        gate.set()
+        rec.wait_all()
+        assert rec.first_token_order() == ["flood0", "small0", "flood1", "small1", "flood2", "flood3", "flood4"]
+    finally:
+        engine.stop()
+
+
+def adapter_order_run(assets, adapter_wait_ms):
+    engine = make_engine(assets, adapter_slots=2, max_batch_size=4, adapter_wait_ms=adapter_wait_ms)
+    try:
+        x, y, z = "qv-r4", "mlp-r2", "all-r16"
+        engine.load_adapter("default", x, x, warm=True)
+        engine.load_adapter("default", y, y, warm=True)
+        uid = {a: engine.registry.get("default", a).uid for a in (x, y, z)}
+        assert [engine.cache.tier(uid[a]) for a in (x, y, z)] == [Tier.ACCELERATOR, Tier.ACCELERATOR, Tier.HOST]
+        rec = Recorder()
+        gate = hold(engine)
+        for name, adapter in [("z", z), ("x0", x), ("y", y), ("x1", x)]:
+            submit(engine, rec, name, adapter, PROMPTS[0], n=6)
+        gate.set()
+        rec.wait_all()
+        for name, adapter in [("z", z), ("x0", x), ("y", y), ("x1", x)]:
+            assert rec.token_ids(name) == assets.oracle(adapter, PROMPTS[0], 6), name
+        return rec
+    finally:
+        engine.stop()
+
+
+def test_resident_adapters_go_first_and_same_adapter_requests_batch(assets):
+    rec = adapter_order_run(assets, adapter_wait_ms=60_000)
+    # z (oldest, adapter in host memory) waits: x0, y and x1 use the two resident slots.
+    assert rec.first_token_order()[:3] == ["x0", "y", "x1"]
+    assert rec.index("z", TokenEvent) > min(rec.index(n, FinishEvent) for n in ("x0", "y", "x1"))
+
+
+def test_a_request_passed_over_too_long_goes_first(assets):
+    rec = adapter_order_run(assets, adapter_wait_ms=0)
+    # Everyone is past the bound: oldest first. z and x0 are admitted together (z takes the
+    # idle slot of y); y cannot get a slot then and holds up admission, so x1 does not overtake it.
+    assert set(rec.first_token_order()[:2]) == {"z", "x0"}
+    assert rec.index("z", TokenEvent) < min(rec.index(n, FinishEvent) for n in ("z", "x0", "y", "x1"))
+    # y starts no later than x1 (in the same prefill at the latest: before x1's second token).
+    x1_tokens = [i for i, (n, e) in enumerate(rec.log) if n == "x1" and isinstance(e, TokenEvent)]
+    assert rec.index("y", TokenEvent) < x1_tokens[1]
+
+
+def test_token_budget_limits_rows_and_oversized_requests_are_refused(assets):
+    prompt_len = len(assets.tokenizer(PROMPTS[0])["input_ids"])
+    engine = make_engine(assets, max_batch_tokens=2 * (prompt_len + 6) + 1)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        for i in range(3):
+            submit(engine, rec, f"r{i}", "", PROMPTS[0], n=6)
+        gate.set()
+        rec.wait_all()
+        # Two fit the budget; the third starts only after one of them has left.
+        assert rec.index("r2", TokenEvent) > min(rec.index("r0", FinishEvent), rec.index("r1", FinishEvent))
+        assert rec.index("r1", TokenEvent) < rec.index("r0", FinishEvent)
+        with pytest.raises(InvalidRequest) as e:
+            engine.submit("default", GenerateInput(prompt=PROMPTS[0], max_new_tokens=prompt_len + 20), lambda e: None)
+        assert (e.value.reason, e.value.field) == ("REQUEST_TOO_LARGE", "max_new_tokens")
+    finally:
+        engine.stop()
+
+
+def test_static_scheduling_waits_for_the_running_batch(assets):
+    engine = make_engine(assets, scheduling="static")
+    try:
+        (a1, p1), (a2, p2) = long_jobs(assets, 2)[:2]
+        rec = Recorder()
+        submit(engine, rec, "first", a1, p1)
+        rec.wait_tokens("first", 3)
+        submit(engine, rec, "second", a2, p2)
+        rec.wait_all()
+        assert rec.index("second", TokenEvent) > rec.index("first", FinishEvent)
+        assert rec.token_ids("second") == assets.oracle(a2, p2, N)
+    finally:
+        engine.stop()
+
+
+def test_per_tenant_queue_limit(assets):
+    engine = make_engine(assets, max_queue=4, max_queue_per_tenant=2)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        submit(engine, rec, "a0", "", "x", n=1, tenant="a")
+        submit(engine, rec, "a1", "", "x", n=1, tenant="a")
+        with pytest.raises(QueueFull) as e:
+            engine.submit("a", GenerateInput(prompt="x", max_new_tokens=1), lambda e: None)
+        assert "tenant 'a'" in e.value.message and e.value.retry_after_s > 0
+        submit(engine, rec, "b0", "", "x", n=1, tenant="b")  # another tenant still gets in
+        gate.set()
+        rec.wait_all()
+    finally:
+        engine.stop()
+
+
+def test_full_queue_is_resource_exhausted_with_retry_info(assets):
+    with BackgroundServer(assets.settings(max_queue=2, batch_window_ms=0)) as server:
+        gate = hold(server.engine)
+        with lc.Client(server.target, timeout=60) as client:
+            streams = [client.generate_stream(prompt="x", max_new_tokens=1) for _ in range(2)]
+            firsts = []
+            # Open both streams (each is queued once its first read is under way).
+            threads = [threading.Thread(target=lambda s=s: firsts.append(list(s))) for s in streams]
+            for t in threads:
+                t.start()
+            deadline = threading.Event()
+            while server.engine.stats().waiting < 2 and not deadline.wait(0.01):
+                pass
+            with pytest.raises(lc.ResourceExhausted) as e:
+                client.generate(prompt="x", max_new_tokens=1)
+            assert e.value.code is grpc.StatusCode.RESOURCE_EXHAUSTED and e.value.reason == "QUEUE_FULL"
+            assert e.value.retry_after is not None and e.value.retry_after > 0
+            gate.set()
+            for t in threads:
+                t.join(60)
+            assert [c[-1].finish_reason for c in firsts] == ["length", "length"]
