@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test proto clean
+.PHONY: install demo test bench bench-quick proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Every system side by side on one workload (a few minutes on 2 CPU cores); writes bench-results/.
+bench: $(STAMP)
+	$(PY) -m loramux.bench --out bench-results
+
+bench-quick: $(STAMP)
+	$(PY) -m loramux.bench --quick --out bench-results
+
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py
 
 clean:
-	rm -rf $(VENV) .demo .pytest_cache
+	rm -rf $(VENV) .demo .pytest_cache bench-results

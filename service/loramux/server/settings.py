@@ -14,6 +14,8 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 BASE_MISMATCH_POLICIES = ("error", "warn")
 SCHEDULING = ("continuous", "static")
+EXPORTERS = ("otlp", "console")
+OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 # The projections of Llama-style attention and MLP blocks; any subset may be served.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -77,6 +79,20 @@ class Settings:
     default_tenant: str = "default"
     """Tenant every call runs for until authentication assigns one."""
     shutdown_grace_s: float = 5.0
+    service_name: str = "loramux"
+    """OpenTelemetry service.name of traces and metrics."""
+    traces_exporters: tuple[str, ...] = ()
+    """Where spans go: any of otlp, console (none: tracing off)."""
+    metrics_exporters: tuple[str, ...] = ()
+    """Where metrics are pushed besides Prometheus: any of otlp, console."""
+    otlp_protocol: str = "grpc"
+    """grpc or http/protobuf."""
+    otlp_endpoint: str | None = None
+    """OTLP collector endpoint (None: the exporter's default or OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    metrics_port: int | None = None
+    """Serve Prometheus text at http://<metrics_host>:<port>/metrics (0 picks a free port; None: off)."""
+    metrics_host: str | None = None
+    """Address of the metrics endpoint (None: the same as host)."""
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> InvalidSettings:
@@ -118,6 +134,14 @@ class Settings:
             raise bad("target_modules", "at least one module name is required")
         if self.base_mismatch not in BASE_MISMATCH_POLICIES:
             raise bad("base_mismatch", f"{self.base_mismatch!r} is not one of {BASE_MISMATCH_POLICIES}")
+        for name, values in (("traces_exporters", self.traces_exporters), ("metrics_exporters", self.metrics_exporters)):
+            odd = [v for v in values if v not in EXPORTERS]
+            if odd:
+                raise bad(name, f"{odd[0]!r} is not one of {', '.join(EXPORTERS)}")
+        if self.otlp_protocol not in OTLP_PROTOCOLS:
+            raise bad("otlp_protocol", f"{self.otlp_protocol!r} is not one of {', '.join(OTLP_PROTOCOLS)}")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise bad("metrics_port", f"{self.metrics_port} is not a TCP port")
         roots = tuple(Path(r).expanduser().resolve() for r in self.adapter_roots)
         for root in roots:
             if not root.is_dir():

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -88,7 +89,11 @@ class TieredAdapterCache:
         self._loading: dict[int, Future] = {}
         # Read from disk but larger than the whole host tier: held only until acquire() takes it.
         self._parked: dict[int, AdapterWeights] = {}
-        self.on_event: Callable[[str, int, Tier], None] | None = None  # (kind, uid, tier) for metrics
+        self._nbytes: dict[int, int] = {}  # uid -> bytes of its weights (as registered)
+        # (kind, uid, tier, seconds) for metrics: ("evict", uid, tier evicted from, None) or
+        # ("load", uid, tier loaded from, seconds it took).
+        self.on_event: Callable[[str, int, Tier, float | None], None] | None = None
+        self.last_read_s: dict[int, float] = {}  # uid -> how long its latest read from disk took
 
     # -- registration -------------------------------------------------------------------
 
@@ -98,6 +103,7 @@ class TieredAdapterCache:
             if uid in self._ranks:
                 raise KeyError(f"adapter uid {uid} is already cached")
             self._ranks[uid] = _template(weights)
+            self._nbytes[uid] = weights.nbytes
             self._put_host(uid, weights)
             return self.tier(uid)
 
@@ -113,6 +119,8 @@ class TieredAdapterCache:
                     return
                 self._free_slot(uid)
             self._ranks.pop(uid, None)
+            self._nbytes.pop(uid, None)
+            self.last_read_s.pop(uid, None)
 
     # -- tiers --------------------------------------------------------------------------
 
@@ -141,8 +149,12 @@ class TieredAdapterCache:
             future.result()
             return found
         try:
+            started = time.perf_counter()
             weights = self._reload(uid)
+            seconds = time.perf_counter() - started
             with self._lock:
+                self.last_read_s[uid] = seconds
+                self._emit("load", uid, Tier.DISK, seconds)
                 if uid in self._ranks and self.tier(uid) is Tier.DISK:
                     if not self._put_host(uid, weights):
                         # Too big for the host tier: nothing can hold it but a slot.
@@ -169,6 +181,7 @@ class TieredAdapterCache:
                 weights = self._host.pop(uid, None) or self._parked.pop(uid, None)
                 if weights is None:
                     raise KeyError(f"adapter uid {uid} is not in memory")
+                started = time.perf_counter()
                 try:
                     slot = self._take_slot()
                 except NoSlotAvailable:
@@ -177,7 +190,7 @@ class TieredAdapterCache:
                 self._bank.fill(slot, weights)
                 self._slot_table[slot] = uid
                 self._slot_of[uid] = slot
-                self._emit("promote", uid, Tier.ACCELERATOR)
+                self._emit("load", uid, Tier.HOST, time.perf_counter() - started)
             else:
                 self._evictable.pop(uid, None)
             self._in_use[uid] += 1
@@ -211,6 +224,18 @@ class TieredAdapterCache:
             free -= sum(1 for uid in uids if uid in self._evictable)
             return missing <= free
 
+    def usage(self) -> dict[Tier, tuple[int, int]]:
+        """Per tier: (adapters, bytes of their weights)."""
+        with self._lock:
+            out = {tier: [0, 0] for tier in Tier}
+            for uid, nbytes in self._nbytes.items():
+                if uid in self._removed:
+                    continue
+                entry = out[self.tier(uid)]
+                entry[0] += 1
+                entry[1] += nbytes
+            return {tier: (n, b) for tier, (n, b) in out.items()}
+
     def pinned_count(self) -> int:
         with self._lock:
             return len(self._pinned)
@@ -237,7 +262,7 @@ class TieredAdapterCache:
         self._bank.clear(slot)
         del self._slot_of[victim]
         self._slot_table[slot] = None
-        self._emit("evict", victim, Tier.ACCELERATOR)
+        self._emit("evict", victim, Tier.ACCELERATOR, None)
         self._put_host(victim, weights)
         return slot
 
@@ -253,16 +278,16 @@ class TieredAdapterCache:
         try:
             self._host[uid] = weights
         except ValueError:  # larger than the whole host tier
-            self._emit("evict", uid, Tier.HOST)
+            self._emit("evict", uid, Tier.HOST, None)
             return False
         for victim in self._host.evicted:
-            self._emit("evict", victim, Tier.HOST)
+            self._emit("evict", victim, Tier.HOST, None)
         self._host.evicted.clear()
         return True
 
-    def _emit(self, kind: str, uid: int, tier: Tier) -> None:
+    def _emit(self, kind: str, uid: int, tier: Tier, seconds: float | None) -> None:
         if self.on_event is not None:
-            self.on_event(kind, uid, tier)
+            self.on_event(kind, uid, tier, seconds)
 
 
 def _template(weights: AdapterWeights) -> AdapterWeights:

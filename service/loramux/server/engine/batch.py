@@ -224,6 +224,7 @@ def _advance(row: Row, token: int, logprob: float | None, now: float, token_t: t
     if row.first_token_at is None:
         row.first_token_at = now
     row.last_token_at = now
+    request.timeline.generated = row.generated
     if params.repetition_penalty != 1.0:
         row.seen = torch.cat([row.seen, token_t])
     text = row.detokenizer.add(token)

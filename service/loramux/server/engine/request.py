@@ -7,6 +7,7 @@ import enum
 import time
 from collections.abc import Callable
 
+from loramux.server.adapters.cache import Tier
 from loramux.server.errors import LoramuxError
 
 
@@ -66,6 +67,20 @@ class ErrorEvent:
 Event = TokenEvent | FinishEvent | ErrorEvent
 
 
+@dataclasses.dataclass
+class Timeline:
+    """When a request passed each stage (wall clock, ns), for its trace spans."""
+
+    arrival_ns: int = dataclasses.field(default_factory=time.time_ns)
+    tier_found: Tier | None = None  # where its adapter was when it arrived
+    load_s: float | None = None  # time spent bringing the adapter into a slot (disk read, promotion)
+    admitted_ns: int = 0
+    prefill_start_ns: int = 0
+    prefill_end_ns: int = 0
+    prefill_rows: int = 0  # rows prefilled together with it
+    generated: int = 0
+
+
 @dataclasses.dataclass(eq=False)
 class GenerationRequest:
     tenant: str
@@ -77,6 +92,8 @@ class GenerationRequest:
     arrival: float = dataclasses.field(default_factory=time.monotonic)
     cancelled: bool = False  # set from any thread; the engine drops the row at its next step
     adapter_id: str = ""
+    trace_context: object = None  # the caller's OpenTelemetry context (spans are its children)
+    timeline: Timeline = dataclasses.field(default_factory=Timeline)
 
     @property
     def prompt_tokens(self) -> int:

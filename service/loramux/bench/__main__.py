@@ -1,0 +1,140 @@
+"""python -m loramux.bench [--quick] [--out DIR]: every system on the same workload, in one process."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loramux.bench import assets, micro, report, runners
+from loramux.bench.config import BenchConfig
+from loramux.bench.metrics import summarize
+from loramux.bench.workload import adapter_names, make_requests, poisson_arrivals
+
+log = logging.getLogger("loramux.bench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loramux.bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="a small model and workload (under a minute)")
+    parser.add_argument("--out", default="bench-results", help="directory for results.json, .md and .png")
+    parser.add_argument("--work-dir", help="where the model and adapters are built (default: a temporary directory)")
+    for field in dataclasses.fields(BenchConfig):
+        if field.type in ("int", "float"):
+            parser.add_argument(f"--{field.name.replace('_', '-')}", type=int if field.type == "int" else float)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    cfg = BenchConfig.quick() if args.quick else BenchConfig()
+    overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if getattr(args, f.name, None) is not None}
+    cfg = dataclasses.replace(cfg, **overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(cfg, Path(args.work_dir or tmp))
+    results["command"] = " ".join(["python -m loramux.bench", *(argv if argv is not None else sys.argv[1:])])
+    report.write(results, Path(args.out))
+    print(report.markdown(results))
+    return 0
+
+
+def run(cfg: BenchConfig, work: Path) -> dict:
+    from transformers import AutoModelForCausalLM
+    from peft import PeftModel
+
+    from loramux.server.app import BackgroundServer
+    from loramux.server.base_model import load_base_model
+    from loramux.server.engine.engine import Engine
+    from loramux.server.settings import Settings
+    import loramux.client as lc
+
+    started = time.monotonic()
+    torch.manual_seed(cfg.seed)
+    log.info("building a random model (hidden %d, %d layers) and %d adapters", cfg.hidden, cfg.layers, cfg.adapters)
+    model_dir, adapters_dir = assets.build(cfg, work)
+    names = adapter_names(cfg)
+    sources = [str(adapters_dir / n) for n in names]
+    settings = Settings(
+        model=str(model_dir), dtype="float32", device="cpu", port=0, adapter_roots=(adapters_dir,),
+        adapter_slots=cfg.slots, max_lora_rank=cfg.rank, target_modules=cfg.target_modules,
+        max_batch_size=cfg.concurrency, max_queue=4 * cfg.requests,
+    )
+    base = load_base_model(settings)
+    vocab = (3, base.vocab_size)
+    reqs = make_requests(cfg, cfg.requests, vocab, cfg.seed)
+    warm = make_requests(cfg, cfg.concurrency, vocab, cfg.seed + 7)
+    systems: dict[str, dict] = {}
+
+    def load_all(engine: Engine) -> None:
+        for name, source in zip(names, sources):
+            engine.load_adapter("bench", name, source)
+
+    log.info("(a) and (b): the engine in process")
+    engine = Engine(settings, base).start()
+    load_all(engine)
+    runners.engine_closed_loop(engine, warm, cfg.concurrency, True)
+    systems["b_loramux_base_only"] = summarize(runners.engine_closed_loop(engine, reqs, cfg.concurrency, False))
+    systems["a_loramux_mixed"] = summarize(runners.engine_closed_loop(engine, reqs, cfg.concurrency, True))
+
+    rate = cfg.poisson_load * systems["a_loramux_mixed"]["requests_per_s"]
+    poisson_reqs = make_requests(cfg, cfg.poisson_requests, vocab, cfg.seed + 1)
+    arrivals = poisson_arrivals(cfg.poisson_requests, rate, cfg.seed + 2)
+    log.info("Poisson arrivals at %.2f req/s: continuous, then static batching", rate)
+    poisson = {"rate_per_s": rate, "continuous": summarize(runners.engine_poisson(engine, poisson_reqs, arrivals))}
+    engine.stop()
+    static = Engine(dataclasses.replace(settings, scheduling="static"), base).start()
+    load_all(static)
+    runners.engine_closed_loop(static, warm, cfg.concurrency, True)
+    poisson["static"] = summarize(runners.engine_poisson(static, poisson_reqs, arrivals))
+    static.stop()
+
+    log.info("(e): through gRPC")
+    server = BackgroundServer(settings, base=base)
+    try:
+        with lc.Client(server.target, timeout=600) as client:
+            for name, source in zip(names, sources):
+                client.load_adapter(name, source=source)
+        runners.grpc_closed_loop(server.target, warm, cfg.concurrency)
+        systems["e_loramux_grpc"] = summarize(runners.grpc_closed_loop(server.target, reqs, cfg.concurrency))
+        rpc = micro.one_token_rpc(server.engine, server.target, cfg, reqs[0].prompt)
+    finally:
+        server.stop()
+
+    log.info("(c) and (d): peft")
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    peft_model = PeftModel.from_pretrained(hf, sources[0], adapter_name=names[0])
+    for name, source in zip(names[1:], sources[1:]):
+        peft_model.load_adapter(source, adapter_name=name)
+    pad = base.pad_token_id
+    runners.peft_mixed_batches(peft_model, warm, cfg.concurrency, pad)
+    systems["c_peft_adapter_names"] = summarize(runners.peft_mixed_batches(peft_model, reqs, cfg.concurrency, pad))
+    systems["d_peft_naive"] = summarize(runners.peft_naive(peft_model, reqs, cfg.concurrency, pad))
+    del peft_model, hf
+
+    log.info("microbenchmarks")
+    wide = dataclasses.replace(settings, adapter_slots=max(cfg.step_rows, cfg.slots), host_cache_mib=0)
+    wide_base = load_base_model(wide)
+    step = micro.decode_step(wide_base, cfg)
+    promote = micro.promotion(wide_base, cfg, step["base_step_ms"])
+    disk = micro.disk_reads(Engine(wide, wide_base), cfg, sources)
+
+    results = {
+        "config": dataclasses.asdict(cfg),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                    "device": "cpu"},
+        "systems": systems,
+        "poisson": poisson,
+        "micro": {"decode_step": step, "promotion": promote, "disk": disk, "rpc": rpc},
+    }
+    results["ratios"] = report.ratios(results)
+    results["targets"] = report.targets(results)
+    results["wall_s"] = round(time.monotonic() - started, 1)
+    return results
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,41 @@
+"""A random Llama big enough that matrix work dominates on CPU, and real peft adapters for it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loramux.bench.config import BenchConfig
+from loramux.bench.workload import adapter_names
+from loramux.demo import corpus
+from loramux.demo.assets import build_model, build_tokenizer
+
+
+def build(cfg: BenchConfig, root: Path) -> tuple[Path, Path]:
+    """Writes the model (with a tokenizer) and cfg.adapters peft adapters; returns (model_dir, adapters_dir)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model_dir, adapters_dir = root / "model", root / "adapters"
+    tokenizer = build_tokenizer(root / "tokenizer", corpus.plain(300), max_length=4096)
+    model = build_model(
+        model_dir, tokenizer, hidden=cfg.hidden, layers=cfg.layers, heads=cfg.heads, kv_heads=cfg.kv_heads,
+        intermediate=cfg.intermediate, max_positions=4096, seed=cfg.seed, init_std=0.02,
+    )
+    # EOS gets a zero logit, below the maximum of the others: every system then generates exactly
+    # the requested number of tokens, so all of them do the same work.
+    with torch.no_grad():
+        model.lm_head.weight[tokenizer.eos_token_id].zero_()
+    model.save_pretrained(str(model_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    config = LoraConfig(r=cfg.rank, lora_alpha=2 * cfg.rank, target_modules=list(cfg.target_modules), lora_dropout=0.0)
+    peft_model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    for name in adapter_names(cfg):
+        with torch.no_grad():
+            for pname, p in peft_model.named_parameters():
+                if "lora_A" in pname or "lora_B" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+        peft_model.save_pretrained(str(adapters_dir / name))
+    return model_dir, adapters_dir

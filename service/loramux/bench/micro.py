@@ -1,0 +1,135 @@
+"""Microbenchmarks: one decode step with and without adapters, promotion from host memory,
+reading from disk with few and many adapters registered, and gRPC's cost on a 1-token call."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+from transformers import DynamicCache
+
+from loramux.bench.config import BenchConfig
+from loramux.bench.metrics import median_ms
+from loramux.server.adapters.cache import TieredAdapterCache, Tier
+from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+from loramux.server.base_model import BaseModel
+from loramux.server.engine.engine import Engine
+from loramux.server.engine.inputs import GenerateInput
+
+
+def random_weights(base: BaseModel, cfg: BenchConfig, seed: int) -> AdapterWeights:
+    gen = torch.Generator().manual_seed(seed)
+    modules = {}
+    for name, layer in base.bank.layers.items():
+        if name.rsplit(".", 1)[-1] in cfg.target_modules:
+            a = torch.randn(cfg.rank, layer.in_features, generator=gen) * 0.02
+            b = torch.randn(layer.out_features, cfg.rank, generator=gen) * 0.02
+            modules[name] = ModuleLora(a=a, b=b, scale=2.0)
+    return AdapterWeights(modules=modules)
+
+
+@torch.inference_mode()
+def decode_step(base: BaseModel, cfg: BenchConfig) -> dict:
+    """A decode step of `step_rows` rows over a `step_kv`-token cache, every row with its own
+    adapter, against the same step with no adapter. Needs a bank of >= step_rows slots."""
+    rows = cfg.step_rows
+    for slot in range(rows):
+        base.bank.fill(slot, random_weights(base, cfg, 100 + slot))
+    rng = random.Random(cfg.seed)
+    ids = torch.tensor([[rng.randrange(3, base.vocab_size) for _ in range(cfg.step_kv)] for _ in range(rows)])
+    cache = DynamicCache(config=base.model.config)
+    base.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
+    saved = [(layer.keys, layer.values) for layer in cache.layers]
+    token = ids[:, -1:]
+    mask = torch.ones(rows, cfg.step_kv + 1, dtype=torch.long)
+    positions = torch.full((rows, 1), cfg.step_kv)
+    routed = base.bank.routing_index(list(range(rows)), base.device)
+    times: dict[str, list[float]] = {"base": [], "lora": []}
+    for rep in range(cfg.step_reps + 2):
+        for kind, index in (("base", None), ("lora", routed)):
+            for layer, (k, v) in zip(cache.layers, saved):
+                layer.keys, layer.values = k, v
+            base.bank.route(index)
+            t0 = time.perf_counter()
+            base.model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
+                       logits_to_keep=1)
+            if rep >= 2:  # two warm-up rounds
+                times[kind].append(time.perf_counter() - t0)
+    base.bank.route(None)
+    for slot in range(rows):
+        base.bank.clear(slot)
+    b, lora = median_ms(times["base"]), median_ms(times["lora"])
+    return {"rows": rows, "distinct_adapters": rows, "base_step_ms": b, "lora_step_ms": lora, "ratio": round(lora / b, 3)}
+
+
+def promotion(base: BaseModel, cfg: BenchConfig, step_ms: float) -> dict:
+    """Host memory -> slot with every slot full, so each promotion also evicts one adapter back to host."""
+    slots = base.bank.num_slots
+    cache = TieredAdapterCache(base.bank, 1 << 40, reload=lambda uid: None)
+    for uid in range(slots + 8):
+        cache.add(uid, random_weights(base, cfg, 200 + uid))
+    for uid in range(slots):
+        cache.acquire(uid)
+        cache.release(uid)
+    times = []
+    for uid in range(slots, slots + 8):
+        assert cache.tier(uid) is Tier.HOST
+        t0 = time.perf_counter()
+        cache.acquire(uid)
+        times.append(time.perf_counter() - t0)
+        cache.release(uid)
+    for uid in range(slots + 8):
+        cache.remove(uid)
+    ms = median_ms(times)
+    return {"promote_ms": ms, "decode_step_ms": step_ms, "ratio_to_step": round(ms / step_ms, 3)}
+
+
+def disk_reads(engine: Engine, cfg: BenchConfig, sources: list[str]) -> dict:
+    """Register and read back from disk with few, then many, adapters registered.
+    The engine must have no host tier (host_cache_mib=0), so registered adapters stay on disk."""
+    registry, cache = engine.registry, engine.cache
+
+    def register(i: int) -> float:
+        t0 = time.perf_counter()
+        registry.load("scale", f"n{i:05d}", sources[i % len(sources)])
+        return time.perf_counter() - t0
+
+    def read(i: int) -> float:
+        uid = registry.get("scale", f"n{i:05d}").uid
+        assert cache.tier(uid) is Tier.DISK
+        t0 = time.perf_counter()
+        cache.ensure_in_memory(uid)
+        elapsed = time.perf_counter() - t0
+        return elapsed
+
+    samples = 5
+    out = {}
+    for label, count in (("small", cfg.registered_small), ("large", cfg.registered_large)):
+        have = len(registry.list("scale"))
+        reg = [register(i) for i in range(have, count)]
+        out[f"registered_{label}"] = count
+        out[f"register_ms_{label}"] = median_ms(reg[-samples:])
+        out[f"read_ms_{label}"] = median_ms([read(i) for i in range(count - samples, count)])
+    out["read_ratio"] = round(out["read_ms_large"] / out["read_ms_small"], 3)
+    out["register_ratio"] = round(out["register_ms_large"] / out["register_ms_small"], 3)
+    return out
+
+
+def one_token_rpc(engine: Engine, target: str, cfg: BenchConfig, prompt: list[int]) -> dict:
+    """p50 of a 1-token Generate through gRPC against the same call on the engine in process."""
+    import loramux.client as lc
+
+    rpc, local = [], []
+    with lc.Client(target, timeout=60) as client:
+        for i in range(cfg.rpc_calls + 3):
+            t0 = time.perf_counter()
+            client.generate(prompt_token_ids=prompt, max_new_tokens=1)
+            t1 = time.perf_counter()
+            engine.generate("bench", GenerateInput(prompt_token_ids=prompt, max_new_tokens=1), 60)
+            t2 = time.perf_counter()
+            if i >= 3:
+                rpc.append(t1 - t0)
+                local.append(t2 - t1)
+    r, p = median_ms(rpc), median_ms(local)
+    return {"grpc_p50_ms": r, "in_process_p50_ms": p, "ratio": round(r / p, 3)}

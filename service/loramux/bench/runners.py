@@ -1,0 +1,174 @@
+"""The systems under test, each serving the same requests: loramux in process and through gRPC,
+peft mixed batches, and naive per-request peft serving."""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from loramux.bench.metrics import Record
+from loramux.bench.workload import Req
+from loramux.server.engine.engine import Engine
+from loramux.server.engine.inputs import GenerateInput
+from loramux.server.engine.request import ErrorEvent, TokenEvent
+
+
+def _engine_call(engine: Engine, req: Req, use_adapter: bool, arrival: float, sink: queue.Queue) -> Record:
+    """Submit one request; its Record is complete when `sink` gets it."""
+    record = Record(arrival, [])
+
+    def emit(event):
+        if isinstance(event, TokenEvent):
+            record.token_times.append(time.monotonic())
+        else:
+            sink.put(event.error if isinstance(event, ErrorEvent) else record)
+
+    inp = GenerateInput(adapter_id=req.adapter if use_adapter else "", prompt_token_ids=req.prompt,
+                        max_new_tokens=req.output_tokens)
+    engine.submit("bench", inp, emit)
+    return record
+
+
+def _check(result):
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+def engine_closed_loop(engine: Engine, reqs: list[Req], concurrency: int, use_adapter: bool) -> list[Record]:
+    """`concurrency` clients, each sending its next request when the last one finished."""
+    records: list[Record | None] = [None] * len(reqs)
+    next_index = iter(range(len(reqs)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def client():
+        sink: queue.Queue = queue.Queue()
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            try:
+                _engine_call(engine, reqs[i], use_adapter, time.monotonic(), sink)
+                records[i] = _check(sink.get(timeout=600))
+            except BaseException as e:
+                errors.append(e)
+                return
+
+    _run_threads(client, concurrency)
+    if errors:
+        raise errors[0]
+    return records
+
+
+def engine_poisson(engine: Engine, reqs: list[Req], arrivals: list[float]) -> list[Record]:
+    """Open loop: request i is sent at start + arrivals[i], whatever is still running."""
+    sink: queue.Queue = queue.Queue()
+    start = time.monotonic()
+    for req, offset in zip(reqs, arrivals):
+        delay = start + offset - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        _engine_call(engine, req, True, start + offset, sink)
+    return [_check(sink.get(timeout=600)) for _ in reqs]
+
+
+def grpc_closed_loop(target: str, reqs: list[Req], concurrency: int) -> list[Record]:
+    import loramux.client as lc
+
+    records: list[Record | None] = [None] * len(reqs)
+    next_index = iter(range(len(reqs)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    with lc.Client(target, timeout=600) as client:
+
+        def worker():
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                req = reqs[i]
+                record = Record(time.monotonic(), [])
+                try:
+                    for chunk in client.generate_stream(
+                        adapter_id=req.adapter, prompt_token_ids=req.prompt, max_new_tokens=req.output_tokens
+                    ):
+                        now = time.monotonic()
+                        record.token_times += [now] * len(chunk.token_ids)
+                except BaseException as e:
+                    errors.append(e)
+                    return
+                records[i] = record
+
+        _run_threads(worker, concurrency)
+    if errors:
+        raise errors[0]
+    return records
+
+
+class _StepTimes(LogitsProcessor):
+    """Records when each generation step's logits are ready (one token per row per step)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.monotonic())
+        return scores
+
+
+def peft_mixed_batches(model, reqs: list[Req], concurrency: int, pad_id: int) -> list[Record]:
+    """peft `generate(adapter_names=...)` on consecutive batches of `concurrency` requests: each
+    batch's clients send their next requests when the batch has finished."""
+    records = []
+    for start in range(0, len(reqs), concurrency):
+        batch = reqs[start : start + concurrency]
+        longest = max(len(r.prompt) for r in batch)
+        ids = torch.full((len(batch), longest), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(batch):
+            ids[i, longest - len(r.prompt):] = torch.tensor(r.prompt)
+            mask[i, longest - len(r.prompt):] = 1
+        timer = _StepTimes()
+        arrival = time.monotonic()
+        with torch.inference_mode():
+            model.generate(
+                input_ids=ids, attention_mask=mask, adapter_names=[r.adapter for r in batch], do_sample=False,
+                max_new_tokens=max(r.output_tokens for r in batch), pad_token_id=pad_id,
+                logits_processor=LogitsProcessorList([timer]),
+            )
+        records += [Record(arrival, timer.times[: r.output_tokens]) for r in batch]
+    return records
+
+
+def peft_naive(model, reqs: list[Req], concurrency: int, pad_id: int) -> list[Record]:
+    """One request at a time: `set_adapter` then `generate`. With `concurrency` clients in a
+    closed loop, request i is sent when request i - concurrency has finished."""
+    records: list[Record] = []
+    start = time.monotonic()
+    for i, r in enumerate(reqs):
+        arrival = records[i - concurrency].token_times[-1] if i >= concurrency else start
+        timer = _StepTimes()
+        with torch.inference_mode():
+            model.set_adapter(r.adapter)
+            model.generate(
+                input_ids=torch.tensor([r.prompt]), attention_mask=torch.ones(1, len(r.prompt), dtype=torch.long),
+                do_sample=False, max_new_tokens=r.output_tokens, pad_token_id=pad_id,
+                logits_processor=LogitsProcessorList([timer]),
+            )
+        records.append(Record(arrival, timer.times))
+    return records
+
+
+def _run_threads(fn, n: int) -> None:
+    threads = [threading.Thread(target=fn, daemon=True) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

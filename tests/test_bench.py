@@ -1,0 +1,29 @@
+"""`python -m loramux.bench --quick`: every system serves the same workload and the report is complete."""
+
+import json
+
+from loramux.bench.__main__ import main
+from loramux.bench.config import BenchConfig
+from loramux.bench.report import SYSTEMS
+from loramux.bench.workload import make_requests
+
+
+def test_quick_benchmark_runs_every_system_on_the_same_work(tmp_path):
+    assert main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "results.json").read_text())
+    cfg = BenchConfig.quick()
+    reqs = make_requests(cfg, cfg.requests, (3, 4), cfg.seed)  # lengths do not depend on the vocabulary
+    expected_tokens = sum(r.output_tokens for r in reqs)
+    assert set(results["systems"]) == set(SYSTEMS)
+    for name, system in results["systems"].items():
+        # Exactly the requested tokens: no system stopped early or did extra work.
+        assert (system["requests"], system["output_tokens"]) == (cfg.requests, expected_tokens), name
+        assert system["output_tokens_per_s"] > 0 and system["ttft_p50_ms"] <= system["ttft_p99_ms"], name
+    assert results["poisson"]["continuous"]["requests"] == cfg.poisson_requests
+    assert [t["what"] for t in results["targets"]][:2] == [
+        "decode step, 16 distinct adapters / base step", "(a) / (b) throughput"
+    ]
+    assert all(isinstance(t["met"], bool) for t in results["targets"]) and len(results["targets"]) == 8
+    assert results["micro"]["disk"]["registered_large"] == cfg.registered_large
+    assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| (a) loramux engine, mixed adapters |" in (tmp_path / "results.md").read_text()
