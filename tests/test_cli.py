@@ -23,12 +23,25 @@ def test_serve_flags_are_the_contract():
     serve = build_parser()._subparsers._group_actions[0].choices["serve"]
     flags = {opt for action in serve._actions for opt in action.option_strings}
     assert {"--model", "--revision", "--dtype", "--device", "--host", "--port", "--adapter-root", "--merge-root",
-            "--adapter-slots", "--host-cache-mib", "--max-lora-rank", "--max-batch-size", "--batch-window-ms"} <= flags
+            "--adapter-slots", "--host-cache-mib", "--max-lora-rank", "--max-batch-size", "--batch-window-ms",
+            "--max-batch-tokens", "--max-prefill-tokens", "--adapter-wait-ms", "--scheduling", "--max-queue-per-tenant",
+            "--metrics-port", "--metrics-host", "--otel-traces-exporter", "--otel-metrics-exporter",
+            "--otel-exporter-otlp-protocol", "--otel-exporter-otlp-endpoint", "--otel-service-name",
+            "--log-format"} <= flags
 
 
 def test_bad_settings_exit_2(assets, capsys):
     assert main(["serve", "--model", str(assets.base), "--adapter-slots", "0"]) == 2
     assert "--adapter-slots: adapter_slots: must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_telemetry_flags_fall_back_to_otel_variables(assets, capsys, monkeypatch):
+    monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
+    assert main(["serve", "--model", str(assets.base)]) == 2
+    assert "--otel-traces-exporter: traces_exporters: 'zipkin' is not one of otlp, console" in capsys.readouterr().err
+    # A flag wins over the variable.
+    assert main(["serve", "--model", str(assets.base), "--otel-traces-exporter", "none", "--metrics-port", "70000"]) == 2
+    assert "metrics_port: 70000 is not a TCP port" in capsys.readouterr().err
 
 
 def test_client_commands(assets, tmp_path, capsys):

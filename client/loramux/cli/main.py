@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
+import os
 import sys
 import time
 
@@ -48,6 +48,20 @@ def _serve_parser(sub) -> None:
     p.add_argument("--hub-cache-dir", help="Hugging Face cache for hf:// adapters")
     p.add_argument("--hub-offline", action="store_true", help="resolve hf:// adapters from the local cache only")
     p.add_argument("--log-level", default="INFO")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="json: one JSON object per line, with trace_id and span_id inside requests")
+    otel = p.add_argument_group("telemetry", "flags left unset fall back to the standard OTEL_* variables")
+    otel.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics")
+    otel.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
+    otel.add_argument("--otel-traces-exporter", metavar="LIST",
+                      help="otlp, console, both comma-separated, or none (env OTEL_TRACES_EXPORTER; default none)")
+    otel.add_argument("--otel-metrics-exporter", metavar="LIST",
+                      help="push metrics too: otlp, console or none (env OTEL_METRICS_EXPORTER; default none)")
+    otel.add_argument("--otel-exporter-otlp-protocol", choices=["grpc", "http/protobuf"],
+                      help="env OTEL_EXPORTER_OTLP_PROTOCOL; default grpc")
+    otel.add_argument("--otel-exporter-otlp-endpoint", metavar="URL",
+                      help="collector endpoint (env OTEL_EXPORTER_OTLP_ENDPOINT; default the exporter's)")
+    otel.add_argument("--otel-service-name", help="env OTEL_SERVICE_NAME; default loramux")
 
 
 def _client_parsers(sub) -> None:
@@ -121,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+# Settings fields whose serve flag is not simply --field-name.
+_FLAG_OF_FIELD = {
+    "adapter_roots": "--adapter-root",
+    "traces_exporters": "--otel-traces-exporter",
+    "metrics_exporters": "--otel-metrics-exporter",
+    "otlp_protocol": "--otel-exporter-otlp-protocol",
+    "otlp_endpoint": "--otel-exporter-otlp-endpoint",
+    "service_name": "--otel-service-name",
+}
+
+
 def _serve(args) -> int:
     import asyncio
 
@@ -128,7 +153,17 @@ def _serve(args) -> int:
     from loramux.server.errors import InvalidSettings
     from loramux.server.settings import Settings
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from loramux.server.telemetry.logs import configure_logging
+
+    configure_logging(args.log_level, args.log_format)
+
+    def env(flag, name: str, default):
+        """A flag, else the standard OpenTelemetry environment variable, else the default."""
+        return flag if flag is not None else os.environ.get(name, default)
+
+    def exporters(value: str) -> tuple[str, ...]:
+        return tuple(e.strip() for e in value.split(",") if e.strip() and e.strip() != "none")
+
     try:
         settings = Settings(
             model=args.model,
@@ -157,9 +192,17 @@ def _serve(args) -> int:
             allow_pickle_weights=args.allow_pickle_weights,
             hub_cache_dir=args.hub_cache_dir,
             hub_offline=args.hub_offline,
+            service_name=env(args.otel_service_name, "OTEL_SERVICE_NAME", "loramux"),
+            traces_exporters=exporters(env(args.otel_traces_exporter, "OTEL_TRACES_EXPORTER", "none")),
+            metrics_exporters=exporters(env(args.otel_metrics_exporter, "OTEL_METRICS_EXPORTER", "none")),
+            otlp_protocol=env(args.otel_exporter_otlp_protocol, "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            otlp_endpoint=env(args.otel_exporter_otlp_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", None),
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
         )
     except InvalidSettings as e:
-        print(f"error: --{e.field.replace('_', '-')}: {e.message}", file=sys.stderr)
+        flag = _FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
+        print(f"error: {flag}: {e.message}", file=sys.stderr)
         return 2
     asyncio.run(serve(settings))
     return 0

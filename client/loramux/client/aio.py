@@ -59,7 +59,11 @@ class AsyncMergeHandle:
 
 
 class AsyncClient:
-    """asyncio loramux client; `async with AsyncClient(target) as client: ...`."""
+    """asyncio loramux client; `async with AsyncClient(target) as client: ...`.
+
+    Calls are traced like the blocking Client's (OpenTelemetry's asyncio client interceptors;
+    `tracer_provider` or the global one). A `channel` you pass is used as is: give it the
+    interceptors yourself if you want its calls traced."""
 
     def __init__(
         self,
@@ -70,10 +74,18 @@ class AsyncClient:
         root_certificates: bytes | None = None,
         channel: grpc.aio.Channel | None = None,
         options: list[tuple[str, object]] | None = None,
+        tracer_provider=None,
     ):
+        from opentelemetry.instrumentation.grpc import aio_client_interceptors
+
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates)
-            channel = grpc.aio.secure_channel(target, creds, options) if creds else grpc.aio.insecure_channel(target, options)
+            interceptors = aio_client_interceptors(tracer_provider=tracer_provider)
+            channel = (
+                grpc.aio.secure_channel(target, creds, options, interceptors=interceptors)
+                if creds
+                else grpc.aio.insecure_channel(target, options, interceptors=interceptors)
+            )
         self._channel = channel
         self.timeout = timeout
         self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)

@@ -61,7 +61,9 @@ class MergeHandle:
 class Client:
     """Blocking loramux client. `timeout` is the default deadline (seconds) for each call.
 
-    Use as a context manager, or call close()."""
+    Every call is traced by OpenTelemetry's gRPC client interceptor, with the W3C trace
+    context sent to the server: through `tracer_provider`, or the global one (a no-op until
+    the application installs the SDK). Use as a context manager, or call close()."""
 
     def __init__(
         self,
@@ -72,11 +74,16 @@ class Client:
         root_certificates: bytes | None = None,
         channel: grpc.Channel | None = None,
         options: list[tuple[str, object]] | None = None,
+        tracer_provider=None,
     ):
+        from opentelemetry.instrumentation.grpc import client_interceptor
+        from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
+
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates)
             channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
         self._channel = channel
+        channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
         self.timeout = timeout
         self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)
         self._operations = operations_pb2_grpc.OperationsStub(channel)
@@ -112,7 +119,12 @@ class Client:
         except grpc.RpcError as e:
             raise from_rpc_error(e) from None
         finally:
-            call.cancel()
+            # Traced, the call is the interceptor's generator: closing it releases the gRPC call,
+            # which cancels it (grpc cancels a call that is dropped before it ends).
+            if hasattr(call, "cancel"):
+                call.cancel()
+            else:
+                call.close()
 
     @_translated
     def load_adapter(

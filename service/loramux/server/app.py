@@ -21,6 +21,8 @@ from loramux.server.api.servicer import LoramuxServicer
 from loramux.server.base_model import load_base_model
 from loramux.server.engine.engine import Engine
 from loramux.server.settings import Settings
+from loramux.server.telemetry.providers import build_telemetry
+from loramux.server.telemetry.signals import Telemetry
 from loramux.v1 import loramux_service_pb2, loramux_service_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -47,11 +49,21 @@ class RunningServer:
 
 async def create_server(engine: Engine, host: str | None = None, port: int | None = None) -> RunningServer:
     settings = engine.settings
+    interceptors = []
+    if engine.telemetry.tracing:  # every RPC but health checks gets a server span
+        from opentelemetry.instrumentation.grpc import aio_server_interceptor, filters
+
+        interceptors.append(
+            aio_server_interceptor(
+                tracer_provider=engine.telemetry.tracer_provider, filter_=filters.negate(filters.health_check())
+            )
+        )
     server = grpc.aio.server(
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
+        ],
     )
     loramux_service_pb2_grpc.add_LoramuxServicer_to_server(LoramuxServicer(engine), server)
     operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(engine), server)
@@ -71,12 +83,15 @@ async def create_server(engine: Engine, host: str | None = None, port: int | Non
     return RunningServer(server=server, port=bound, engine=engine, health=health_servicer)
 
 
-def build_engine(settings: Settings) -> Engine:
-    return Engine(settings, load_base_model(settings)).start()
+def build_engine(settings: Settings, telemetry: Telemetry) -> Engine:
+    return Engine(settings, load_base_model(settings), telemetry).start()
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
-    engine = await asyncio.get_running_loop().run_in_executor(None, build_engine, settings)
+    telemetry = build_telemetry(settings)
+    if telemetry.metrics_port is not None:
+        log.info("metrics at http://%s:%d/metrics", settings.metrics_host or settings.host, telemetry.metrics_port)
+    engine = await asyncio.get_running_loop().run_in_executor(None, build_engine, settings, telemetry)
     running = await create_server(engine)
     print(f"loramux listening on {settings.host}:{running.port}", flush=True)
     if ready is not None:
@@ -88,17 +103,23 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)
     await running.stop()
+    telemetry.shutdown()  # flushes spans and metrics still buffered
 
 
 class BackgroundServer:
     """An engine and gRPC server on their own event-loop thread (the demo and tests use it).
 
-    Binds 127.0.0.1 on a free port unless the settings say otherwise."""
+    Binds 127.0.0.1 on a free port unless the settings say otherwise. Without `telemetry` it
+    builds its own from the settings and shuts it down on stop."""
 
-    def __init__(self, settings: Settings, base=None, host: str = "127.0.0.1", port: int = 0):
+    def __init__(
+        self, settings: Settings, base=None, host: str = "127.0.0.1", port: int = 0, telemetry: Telemetry | None = None
+    ):
         import threading
 
-        self.engine = Engine(settings, base or load_base_model(settings)).start()
+        self._own_telemetry = telemetry is None
+        self.telemetry = telemetry or build_telemetry(settings)
+        self.engine = Engine(settings, base or load_base_model(settings), self.telemetry).start()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loramux-grpc", daemon=True)
         self._thread.start()
@@ -113,6 +134,8 @@ class BackgroundServer:
         self.run(self.running.stop(grace=grace))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if self._own_telemetry:
+            self.telemetry.shutdown()
 
     def __enter__(self) -> BackgroundServer:
         return self

@@ -2,6 +2,10 @@
 
 Blocking engine calls (file reads, validation, tokenization) run in the default executor;
 the event loop only awaits. Errors go through `api.status.abort`, the one mapping.
+
+The tracing interceptor (see app.py) makes each call's server span current here; Generate
+calls add the GenAI attributes to it and hand its context to the engine, whose spans become
+its children. `maps_errors` also counts and times every call and logs one access line.
 """
 
 from __future__ import annotations
@@ -9,14 +13,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
+import logging
 import time
 from collections.abc import AsyncIterator
 
 import grpc
 from google.protobuf import empty_pb2
+from opentelemetry import context as otel_context
+from opentelemetry import trace
 
 from loramux.server.api import convert
-from loramux.server.api.status import abort
+from loramux.server.api.status import abort, to_status
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.request import ErrorEvent, Event, FinishEvent, TokenEvent
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2, loramux_service_pb2_grpc
@@ -27,30 +34,68 @@ def tenant_of(context: grpc.aio.ServicerContext, engine: Engine) -> str:
     return engine.settings.default_tenant
 
 
+access_log = logging.getLogger("loramux.access")
+
+
+def _finished(servicer, name: str, started: float, code: grpc.StatusCode, error: BaseException | None = None) -> None:
+    seconds = time.perf_counter() - started
+    attributes = {"rpc.method": name, "rpc.grpc.status_code": code.name}
+    telemetry = servicer._engine.telemetry
+    telemetry.rpc_requests.add(1, attributes)
+    telemetry.rpc_duration.record(seconds, attributes)
+    extra = {"rpc_method": name, "grpc_code": code.name, "duration_ms": round(1000 * seconds, 3)}
+    if error is not None:
+        extra["reason"] = getattr(error, "reason", "INTERNAL")
+        # The gRPC instrumentation leaves client-side codes (NOT_FOUND, INVALID_ARGUMENT...)
+        # unset on server spans; loramux marks every failed call as an error, with its reason.
+        span = trace.get_current_span()
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {extra['reason']}"))
+        span.set_attribute("error.type", extra["reason"])
+    access_log.info("%s %s %.1fms", name, code.name, 1000 * seconds, extra=extra)
+
+
+def _code_of(error: BaseException) -> grpc.StatusCode:
+    code = to_status(error, log_unexpected=False).code
+    return next(c for c in grpc.StatusCode if c.value[0] == code)
+
+
 def maps_errors(method):
-    """Turn any exception raised by an RPC method into its gRPC status (unary and streaming)."""
+    """Turn any exception raised by an RPC method into its gRPC status (unary and streaming);
+    count, time and log every call."""
+    name = method.__name__
     if inspect.isasyncgenfunction(method):
 
         @functools.wraps(method)
         async def stream(self, request, context):
+            started = time.perf_counter()
             try:
                 async for item in method(self, request, context):
                     yield item
             except asyncio.CancelledError:
+                _finished(self, name, started, grpc.StatusCode.CANCELLED)
                 raise
             except Exception as e:
+                _finished(self, name, started, _code_of(e), e)
                 await abort(context, e)
+            else:
+                _finished(self, name, started, grpc.StatusCode.OK)
 
         return stream
 
     @functools.wraps(method)
     async def unary(self, request, context):
+        started = time.perf_counter()
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
         except asyncio.CancelledError:
+            _finished(self, name, started, grpc.StatusCode.CANCELLED)
             raise
         except Exception as e:
+            _finished(self, name, started, _code_of(e), e)
             await abort(context, e)
+        else:
+            _finished(self, name, started, grpc.StatusCode.OK)
+            return response
 
     return unary
 
@@ -88,7 +133,19 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         inp = convert.generate_input(request)
-        submitted = await _blocking(self._engine.submit, tenant_of(context, self._engine), inp, emit, deadline)
+        tenant = tenant_of(context, self._engine)
+        span = trace.get_current_span()
+        span.set_attributes({
+            "gen_ai.operation.name": "text_completion",
+            "gen_ai.request.model": self._engine.settings.served_model_name,
+            "gen_ai.request.max_tokens": inp.max_new_tokens or self._engine.settings.default_max_new_tokens,
+            "gen_ai.request.temperature": inp.temperature,
+            "loramux.adapter.id": inp.adapter_id,
+            "loramux.tenant": tenant,
+        })
+        submitted = await _blocking(
+            self._engine.submit, tenant, inp, emit, deadline, trace_context=otel_context.get_current()
+        )
         finished = False
         try:
             while True:
@@ -97,6 +154,12 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
                     finished = True
                     raise event.error
                 finished = isinstance(event, FinishEvent)
+                if finished:
+                    span.set_attributes({
+                        "gen_ai.usage.input_tokens": event.prompt_tokens,
+                        "gen_ai.usage.output_tokens": event.completion_tokens,
+                        "gen_ai.response.finish_reasons": (event.finish_reason.value,),
+                    })
                 yield event
                 if finished:
                     return
@@ -156,7 +219,12 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     @maps_errors
     async def Merge(self, request, context):
         op = await _blocking(
-            self._engine.start_merge, tenant_of(context, self._engine), request.adapter_id, request.output_dir, request.overwrite
+            self._engine.start_merge,
+            tenant_of(context, self._engine),
+            request.adapter_id,
+            request.output_dir,
+            request.overwrite,
+            trace_context=otel_context.get_current(),
         )
         return convert.operation(op)
 

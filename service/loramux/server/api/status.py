@@ -36,10 +36,11 @@ _CODES = {
 }
 
 
-def to_status(error: BaseException) -> status_pb2.Status:
+def to_status(error: BaseException, log_unexpected: bool = True) -> status_pb2.Status:
     """google.rpc.Status for any exception; unexpected ones become INTERNAL without internals."""
     if not isinstance(error, LoramuxError):
-        log.error("unexpected error", exc_info=error)
+        if log_unexpected:
+            log.error("unexpected error", exc_info=error)
         error = LoramuxError("internal error; the server log has the details")
     code = _CODES[error.kind]
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)]

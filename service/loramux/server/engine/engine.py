@@ -23,6 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 import torch
+from opentelemetry.trace import StatusCode
 
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
@@ -47,6 +48,7 @@ from loramux.server.errors import (
 from loramux.server.merge import MergeResult, merge_to_checkpoint, resolve_output
 from loramux.server.operations import Operation, OperationStore
 from loramux.server.settings import Settings
+from loramux.server.telemetry.signals import Telemetry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,9 +66,10 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, settings: Settings, base: BaseModel):
+    def __init__(self, settings: Settings, base: BaseModel, telemetry: Telemetry | None = None):
         self.settings = settings
         self.base = base
+        self.telemetry = telemetry or Telemetry()
         self.registry = AdapterRegistry(
             settings,
             base.view(settings),
@@ -75,6 +78,7 @@ class Engine:
             ),
         )
         self.cache = self.registry.cache
+        self.cache.on_event = self.telemetry.cache_event
         check_cache_layout(base)
         self._cond = threading.Condition()
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
@@ -88,6 +92,7 @@ class Engine:
         self._merges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge")
         self.operations = OperationStore()
         self._stopping = False
+        self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -116,9 +121,15 @@ class Engine:
     # -- generation ---------------------------------------------------------------------
 
     def submit(
-        self, tenant: str, inp: GenerateInput, emit: Callable[[Event], None], deadline: float | None = None
+        self,
+        tenant: str,
+        inp: GenerateInput,
+        emit: Callable[[Event], None],
+        deadline: float | None = None,
+        trace_context: object = None,
     ) -> GenerationRequest:
-        """Validate and queue a request; events arrive through `emit` on the engine thread."""
+        """Validate and queue a request; events arrive through `emit` on the engine thread.
+        `trace_context` (an OpenTelemetry context) is the parent of the request's engine spans."""
         record = self.registry.get(tenant, inp.adapter_id) if inp.adapter_id else None
         ids = prompt_ids(inp, self.base)
         params = sampling_params(inp, self.base, self.settings)
@@ -133,15 +144,26 @@ class Engine:
                 reason="REQUEST_TOO_LARGE",
                 max_batch_tokens=self.settings.max_batch_tokens,
             )
+        telemetry = self.telemetry
+
+        def emit_last_after_telemetry(event: Event) -> None:
+            if not isinstance(event, TokenEvent):
+                telemetry.request_ended(request, event)
+            emit(event)
+
         request = GenerationRequest(
             tenant=tenant,
             adapter_uid=record.uid if record else None,
             adapter_id=inp.adapter_id,
             prompt_ids=ids,
             params=params,
-            emit=emit,
+            emit=emit_last_after_telemetry,
             deadline=deadline,
+            trace_context=trace_context,
         )
+        if record is not None:
+            request.timeline.tier_found = self.cache.tier(record.uid)
+            telemetry.adapter_lookup(request.timeline.tier_found)
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
@@ -217,11 +239,14 @@ class Engine:
     def tier(self, record: AdapterRecord) -> Tier:
         return self.registry.tier(record)
 
-    def start_merge(self, tenant: str, adapter_id: str, output_dir: str, overwrite: bool = False) -> Operation:
+    def start_merge(
+        self, tenant: str, adapter_id: str, output_dir: str, overwrite: bool = False, trace_context: object = None
+    ) -> Operation:
         """Check the request and start merging on the merge thread; returns the operation.
 
         The merge reads the base weights (never changed while serving) and the adapter's files,
-        so it runs beside generation without touching slots."""
+        so it runs beside generation without touching slots. Its spans (one per phase) are
+        children of `trace_context`."""
         if self.settings.merge_root is None:
             raise MergeFailed("this server has no merge root (--merge-root); merging is off")
         record = self.registry.get(tenant, adapter_id)
@@ -231,35 +256,60 @@ class Engine:
             "merge",
             {"adapter_id": adapter_id, "output_dir": output_dir, "phase": "queued", "tensors_done": 0, "tensors_total": 0},
         )
+        tracer = self.telemetry.tracer
 
         def work() -> None:
-            try:
-                self.operations.update(op, phase="merging")
-                weights = self.registry.read_weights(record, dtype=torch.float32)
-                provenance = {
-                    "base_model": self.settings.served_model_name,
-                    "base_revision": self.base.revision,
-                    "adapter_id": adapter_id,
-                    "adapter_source": record.source,
-                    "adapter_revision": record.revision,
-                }
-
-                def progress(done: int, total: int) -> None:
-                    self.operations.update(op, tensors_done=done, tensors_total=total)
-                    if done == total:
-                        self.operations.update(op, phase="writing_config")
-
-                result: MergeResult = merge_to_checkpoint(self.base, weights, target, provenance, progress)
-                self.operations.update(op, phase="done")
-                self.operations.finish(op, result=result)
-            except LoramuxError as e:
-                self.operations.finish(op, error=e)
-            except Exception as e:
-                log.exception("merge %s failed", op.name)
-                self.operations.finish(op, error=LoramuxError(f"merge failed: {type(e).__name__}: {e}"))
+            started = time.perf_counter()
+            attributes = {"loramux.tenant": tenant, "loramux.adapter.id": adapter_id, "loramux.operation": op.name}
+            with tracer.start_as_current_span("loramux.merge", context=trace_context, attributes=attributes) as span:
+                outcome = "ok"
+                try:
+                    self._merge(op, record, adapter_id, target)
+                except BaseException as e:
+                    outcome = "error"
+                    error = e if isinstance(e, LoramuxError) else LoramuxError(f"merge failed: {type(e).__name__}: {e}")
+                    if not isinstance(e, LoramuxError):
+                        log.exception("merge %s failed", op.name)
+                    span.set_status(StatusCode.ERROR, error.message)
+                    span.set_attribute("error.type", error.reason)
+                    self.operations.finish(op, error=error)
+                self.telemetry.merge_duration.record(time.perf_counter() - started, {"outcome": outcome})
 
         self._merges.submit(work)
         return op
+
+    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target) -> None:
+        """The merge itself, on the merge thread, one child span per phase."""
+        tracer = self.telemetry.tracer
+        self.operations.update(op, phase="merging")
+        with tracer.start_as_current_span("loramux.merge.read_adapter"):
+            weights = self.registry.read_weights(record, dtype=torch.float32)
+        provenance = {
+            "base_model": self.settings.served_model_name,
+            "base_revision": self.base.revision,
+            "adapter_id": adapter_id,
+            "adapter_source": record.source,
+            "adapter_revision": record.revision,
+        }
+        phase = {"span": tracer.start_span("loramux.merge.merge_tensors")}
+
+        def progress(done: int, total: int) -> None:
+            self.operations.update(op, tensors_done=done, tensors_total=total)
+            if done == total:
+                phase["span"].set_attribute("loramux.merge.tensors", total)
+                phase["span"].end()
+                phase["span"] = tracer.start_span("loramux.merge.write_checkpoint")
+                self.operations.update(op, phase="writing_config")
+
+        try:
+            result: MergeResult = merge_to_checkpoint(self.base, weights, target, provenance, progress)
+        except BaseException as e:
+            phase["span"].set_status(StatusCode.ERROR, str(e))
+            raise
+        finally:
+            phase["span"].end()
+        self.operations.update(op, phase="done")
+        self.operations.finish(op, result=result)
 
     def call_on_engine(self, fn: Callable[[], T]) -> Future:
         """Run `fn` on the engine thread between batches."""
@@ -333,8 +383,16 @@ class Engine:
                 live.append(row)
         if not live:
             return
+        started_ns = time.time_ns()
+        for row in live:
+            row.request.timeline.prefill_start_ns = started_ns
+            row.request.timeline.prefill_rows = len(live)
         try:
             fresh = Batch.prefill(self.base, live)
+            # The first tokens were emitted inside prefill; the end stamp only orders the spans.
+            ended_ns = time.time_ns()
+            for row in live:
+                row.request.timeline.prefill_end_ns = ended_ns
         except BaseException as e:
             error = e if isinstance(e, LoramuxError) else LoramuxError(f"prefill failed: {type(e).__name__}: {e}")
             if not isinstance(e, LoramuxError):

@@ -24,6 +24,7 @@ thread (push, remove).
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -160,13 +161,20 @@ class Scheduler:
         admitted = []
         for request in chosen:
             uid = request.adapter_uid
+            timeline = request.timeline
             if uid is None:
                 slot = self._base_slot
             else:
+                started = time.perf_counter()
                 try:
                     slot = self._cache.acquire(uid)
                 except (KeyError, NoSlotAvailable):  # pushed out of memory meanwhile: it waits, read again
                     continue
+                if timeline.tier_found is not Tier.ACCELERATOR:
+                    timeline.load_s = time.perf_counter() - started
+                    if timeline.tier_found is Tier.DISK:
+                        timeline.load_s += self._cache.last_read_s.get(uid, 0.0)
+            timeline.admitted_ns = time.time_ns()
             self._remove(request)
             admitted.append((request, slot))
         for tenant in served:  # served tenants go to the back, in the order they were served

@@ -1,0 +1,132 @@
+"""What loramux emits: the spans inside a request and a merge, and every metric instrument.
+
+One `Telemetry` is built at start-up and handed to the engine; the gRPC layer reaches it
+through the engine. With no providers it is all no-ops (the OpenTelemetry API's own), so
+nothing else needs to check whether telemetry is on.
+
+Spans inside a Generate call are children of the RPC's server span (the gRPC layer hands
+the engine its context): `loramux.queue`, `loramux.adapter.resolve` (when an adapter is
+used), `loramux.prefill` and `loramux.decode`. They are recorded with their real start and
+end times when the request ends, before its last event reaches the caller.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from opentelemetry import metrics, trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Status, StatusCode
+
+from loramux.server.adapters.cache import Tier
+from loramux.server.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest
+
+SCOPE = "loramux.server"
+# Seconds; latency histograms from a millisecond to two minutes.
+LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0]
+TIERS = (Tier.ACCELERATOR, Tier.HOST, Tier.DISK)
+
+
+class Telemetry:
+    def __init__(
+        self,
+        tracer_provider=None,
+        meter_provider=None,
+        closers: tuple[Callable[[], None], ...] = (),
+        metrics_port: int | None = None,
+    ):
+        self.metrics_port = metrics_port  # the Prometheus endpoint's port, when it runs
+        self.tracer_provider = tracer_provider or trace.NoOpTracerProvider()
+        self.meter_provider = meter_provider or metrics.NoOpMeterProvider()
+        self.tracing = tracer_provider is not None
+        self._closers = closers
+        self.tracer = self.tracer_provider.get_tracer(SCOPE)
+        m = self.meter_provider.get_meter(SCOPE)
+
+        def histogram(name: str, description: str):
+            return m.create_histogram(name, unit="s", description=description, explicit_bucket_boundaries_advisory=LATENCY_BUCKETS)
+
+        self.rpc_requests = m.create_counter("loramux.rpc.requests", unit="{request}", description="RPCs handled, by method and status code")
+        self.rpc_duration = histogram("loramux.rpc.duration", "RPC latency, by method and status code")
+        self.ttft = histogram("loramux.generate.time_to_first_token", "From arrival to the first output token")
+        self.tokens = m.create_counter("loramux.generate.tokens", unit="{token}", description="Output tokens generated")
+        self.cache_hits = m.create_counter("loramux.adapter.cache.hits", unit="{lookup}", description="Adapter found in this tier when a request arrived")
+        self.cache_misses = m.create_counter("loramux.adapter.cache.misses", unit="{lookup}", description="Adapter not in this tier when a request arrived")
+        self.evictions = m.create_counter("loramux.adapter.evictions", unit="{adapter}", description="Adapters evicted from this tier")
+        self.load_duration = histogram("loramux.adapter.load.duration", "Bringing an adapter up one tier (source: host or disk)")
+        self.merge_duration = histogram("loramux.merge.duration", "Merging an adapter into a checkpoint")
+        self._meter = m
+
+    # -- set-up -------------------------------------------------------------------------
+
+    def observe(self, stats: Callable[[], object], usage: Callable[[], dict], pinned: Callable[[], int]) -> None:
+        """Gauges read when metrics are collected: engine stats (queue, rows) and cache usage per tier."""
+        m = self._meter
+
+        def gauge(name: str, unit: str, description: str, read: Callable[[], list]) -> None:
+            m.create_observable_gauge(name, callbacks=[lambda options: read()], unit=unit, description=description)
+
+        gauge("loramux.queue.depth", "{request}", "Requests waiting to be admitted",
+              lambda: [metrics.Observation(stats().waiting)])
+        gauge("loramux.batch.size", "{request}", "Rows in the running batch",
+              lambda: [metrics.Observation(stats().running)])
+        gauge("loramux.adapter.resident", "{adapter}", "Registered adapters per tier",
+              lambda: [metrics.Observation(n, {"tier": t.value}) for t, (n, _) in usage().items()])
+        gauge("loramux.adapter.resident.bytes", "By", "Bytes of adapter weights per tier",
+              lambda: [metrics.Observation(b, {"tier": t.value}) for t, (_, b) in usage().items()])
+        gauge("loramux.adapter.pinned", "{adapter}", "Adapters pinned in slots",
+              lambda: [metrics.Observation(pinned())])
+
+    def shutdown(self) -> None:
+        """Flush and stop exporters (and the metrics endpoint)."""
+        for close in self._closers:
+            close()
+
+    # -- events from the engine ---------------------------------------------------------
+
+    def adapter_lookup(self, found: Tier) -> None:
+        """A request's adapter was found in `found`: a miss in every faster tier, a hit there."""
+        for tier in TIERS[: TIERS.index(found)]:
+            self.cache_misses.add(1, {"tier": tier.value})
+        self.cache_hits.add(1, {"tier": found.value})
+
+    def cache_event(self, kind: str, uid: int, tier: Tier, seconds: float | None) -> None:
+        if kind == "evict":
+            self.evictions.add(1, {"tier": tier.value})
+        elif kind == "load" and seconds is not None:
+            self.load_duration.record(seconds, {"source": tier.value})
+
+    def request_ended(self, request: GenerationRequest, event: Event) -> None:
+        """Metrics and the request's engine spans, when its last event is about to be sent."""
+        now_ns = time.time_ns()
+        if isinstance(event, FinishEvent):
+            self.tokens.add(event.completion_tokens)
+            self.ttft.record(event.timings.time_to_first_token_s)
+        if not self.tracing:
+            return
+        t = request.timeline
+        ctx: Context | None = request.trace_context
+        common = {"loramux.tenant": request.tenant}
+        admitted = t.admitted_ns or now_ns
+        spans = [("loramux.queue", t.arrival_ns, admitted, common)]
+        if request.adapter_uid is not None:
+            attrs = {**common, "loramux.adapter.id": request.adapter_id, "loramux.adapter.tier": t.tier_found.value}
+            if t.load_s is not None:
+                attrs["loramux.adapter.load_ms"] = round(1000 * t.load_s, 3)
+            spans.append(("loramux.adapter.resolve", t.arrival_ns, admitted, attrs))
+        if t.prefill_start_ns:
+            spans.append(("loramux.prefill", t.prefill_start_ns, t.prefill_end_ns or now_ns, {
+                "loramux.batch.rows": t.prefill_rows, "gen_ai.usage.input_tokens": request.prompt_tokens,
+            }))
+        if t.prefill_end_ns:
+            attrs = {"gen_ai.usage.output_tokens": t.generated}
+            if isinstance(event, FinishEvent):
+                attrs["gen_ai.response.finish_reasons"] = (event.finish_reason.value,)
+            spans.append(("loramux.decode", t.prefill_end_ns, now_ns, attrs))
+        for i, (name, start_ns, end_ns, attrs) in enumerate(spans):
+            span = self.tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attrs)
+            if isinstance(event, ErrorEvent) and i == len(spans) - 1:  # the stage it failed in
+                span.set_status(Status(StatusCode.ERROR, event.error.message))
+                span.set_attribute("error.type", event.error.reason)
+            span.end(end_time=end_ns)

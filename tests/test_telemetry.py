@@ -1,0 +1,283 @@
+"""Tracing, metrics and logs with the real OpenTelemetry SDK: span trees of every RPC (client
+and server in one trace), spans reaching a real OTLP receiver, a Prometheus scrape whose
+numbers move as requests run and adapters are evicted, and JSON logs carrying trace ids."""
+
+import io
+import json
+import logging
+import time
+import urllib.request
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
+from prometheus_client.parser import text_string_to_metric_families
+
+import loramux.client as lc
+from conftest import PROMPTS
+from loramux.server.app import BackgroundServer
+from loramux.server.telemetry.logs import JsonFormatter
+from loramux.server.telemetry.providers import build_telemetry
+
+N = 6
+SERVICE = "/loramux.v1.Loramux/"
+
+
+@pytest.fixture(scope="module")
+def traced(assets, tmp_path_factory):
+    exporter = InMemorySpanExporter()
+    settings = assets.settings(adapter_slots=2, merge_root=tmp_path_factory.mktemp("merged"), batch_window_ms=0)
+    telemetry = build_telemetry(settings, span_processors=[SimpleSpanProcessor(exporter)])
+    server = BackgroundServer(settings, telemetry=telemetry)
+    client_provider = TracerProvider()
+    client_provider.add_span_processor(SimpleSpanProcessor(exporter))
+    client = lc.Client(server.target, timeout=60, tracer_provider=client_provider)
+    yield server, client, exporter
+    client.close()
+    server.stop()
+    telemetry.shutdown()
+
+
+def spans_after(exporter, call, expect: set[str], timeout=10.0):
+    """Run `call`; return (its result or error, the spans it produced once all `expect` names are in)."""
+    exporter.clear()
+    try:
+        result = call()
+    except lc.LoramuxError as e:
+        result = e
+    # An RPC's name is expected twice: its client span and its server span.
+    wanted = {(n, k) for n in expect for k in ((SpanKind.CLIENT, SpanKind.SERVER) if n.startswith(SERVICE) else (None,))}
+    deadline = time.monotonic() + timeout
+    while True:
+        spans = exporter.get_finished_spans()
+        have = {(s.name, s.kind) for s in spans} | {(s.name, None) for s in spans}
+        if wanted <= have or time.monotonic() > deadline:
+            assert wanted <= have, sorted(n for n, _ in have)
+            return result, list(spans)
+        time.sleep(0.01)
+
+
+def rpc_pair(spans, method):
+    client = next(s for s in spans if s.name == SERVICE + method and s.kind is SpanKind.CLIENT)
+    server = next(s for s in spans if s.name == SERVICE + method and s.kind is SpanKind.SERVER)
+    assert server.context.trace_id == client.context.trace_id
+    assert server.parent.span_id == client.context.span_id
+    return client, server
+
+
+ENGINE_SPANS = {"loramux.queue", "loramux.adapter.resolve", "loramux.prefill", "loramux.decode"}
+
+
+def check_generate_tree(assets, spans, method, token_ids, tier):
+    _, server = rpc_pair(spans, method)
+    children = {s.name: s for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id}
+    assert set(children) == ENGINE_SPANS
+    a = server.attributes
+    assert a["gen_ai.request.model"] == str(assets.base) and a["gen_ai.request.max_tokens"] == N
+    assert a["gen_ai.request.temperature"] == 0.0 and a["loramux.adapter.id"] == "pattern"
+    assert a["loramux.tenant"] == "default" and a["rpc.grpc.status_code"] == 0
+    assert a["gen_ai.usage.input_tokens"] == len(assets.tokenizer(PROMPTS[0])["input_ids"])
+    assert a["gen_ai.usage.output_tokens"] == len(token_ids)
+    assert a["gen_ai.response.finish_reasons"] == ("length",) or a["gen_ai.response.finish_reasons"] == ("stop_token",)
+    resolve = children["loramux.adapter.resolve"]
+    assert resolve.attributes["loramux.adapter.tier"] == tier
+    assert ("loramux.adapter.load_ms" in resolve.attributes) == (tier != "accelerator")
+    decode, prefill, queue = children["loramux.decode"], children["loramux.prefill"], children["loramux.queue"]
+    assert decode.attributes["gen_ai.usage.output_tokens"] == len(token_ids)
+    assert prefill.attributes["gen_ai.usage.input_tokens"] == a["gen_ai.usage.input_tokens"]
+    assert queue.start_time <= queue.end_time <= prefill.start_time <= prefill.end_time <= decode.end_time <= server.end_time
+    assert all(s.status.status_code is StatusCode.UNSET for s in children.values())
+
+
+def test_generate_unary_and_stream_span_trees(assets, traced):
+    server, client, exporter = traced
+    client.load_adapter("pattern", source="pattern")
+    result, spans = spans_after(exporter, lambda: client.generate(prompt=PROMPTS[0], adapter_id="pattern", max_new_tokens=N),
+                                ENGINE_SPANS | {SERVICE + "Generate"})
+    assert result.token_ids == assets.oracle("pattern", PROMPTS[0], N)
+    check_generate_tree(assets, spans, "Generate", result.token_ids, "host")  # first use: promoted from host memory
+    chunks, spans = spans_after(
+        exporter, lambda: list(client.generate_stream(prompt=PROMPTS[0], adapter_id="pattern", max_new_tokens=N)),
+        ENGINE_SPANS | {SERVICE + "GenerateStream"},
+    )
+    check_generate_tree(assets, spans, "GenerateStream", sum((c.token_ids for c in chunks), []), "accelerator")
+
+
+def test_failing_call_records_the_real_status_code(traced):
+    _, client, exporter = traced
+    error, spans = spans_after(exporter, lambda: client.generate(prompt="x", adapter_id="nope"), {SERVICE + "Generate"})
+    assert isinstance(error, lc.NotFound)
+    client_span, server_span = rpc_pair(spans, "Generate")
+    for span in (client_span, server_span):
+        assert span.status.status_code is StatusCode.ERROR
+        assert span.attributes["rpc.grpc.status_code"] == grpc.StatusCode.NOT_FOUND.value[0]
+    assert not [s for s in spans if s.name.startswith("loramux.")]  # refused before reaching the engine
+
+
+def test_every_rpc_is_traced_but_health_checks(assets, traced, tmp_path):
+    server, client, exporter = traced
+    calls = [
+        ("LoadAdapter", lambda: client.load_adapter("qv-r4", source="qv-r4")),
+        ("GetAdapter", lambda: client.get_adapter("qv-r4")),
+        ("ListAdapters", lambda: client.list_adapters()),
+        ("GetServerInfo", lambda: client.server_info()),
+        ("UnloadAdapter", lambda: client.unload_adapter("qv-r4")),
+    ]
+    for method, call in calls:
+        _, spans = spans_after(exporter, call, {SERVICE + method})
+        rpc_pair(spans, method)
+    channel = grpc.insecure_channel(server.target)
+    _, spans = spans_after(exporter, lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()),
+                           set(), timeout=0)
+    time.sleep(0.2)
+    assert not exporter.get_finished_spans()
+    channel.close()
+
+
+def test_merge_phases_are_spans_under_the_merge_call(traced):
+    _, client, exporter = traced
+    client.load_adapter("mlp-r2", source="mlp-r2")
+    phases = {"loramux.merge.read_adapter", "loramux.merge.merge_tensors", "loramux.merge.write_checkpoint"}
+    handle, spans = spans_after(exporter, lambda: client.merge("mlp-r2", "traced-merge"),
+                                {SERVICE + "Merge", "loramux.merge", *phases})
+    handle.result(timeout=60)
+    _, server_span = rpc_pair(spans, "Merge")
+    merge = next(s for s in spans if s.name == "loramux.merge")
+    assert merge.parent.span_id == server_span.context.span_id and merge.attributes["loramux.adapter.id"] == "mlp-r2"
+    for name in phases:
+        assert next(s for s in spans if s.name == name).parent.span_id == merge.context.span_id
+    tensors = next(s for s in spans if s.name == "loramux.merge.merge_tensors").attributes["loramux.merge.tensors"]
+    assert tensors > 0
+
+
+class _TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
+    def __init__(self):
+        self.requests = []
+
+    def Export(self, request, context):
+        self.requests.append(request)
+        return trace_service_pb2.ExportTraceServiceResponse()
+
+
+def _received(requests):
+    out = {}
+    for request in requests:
+        for resource_spans in request.resource_spans:
+            attrs = {kv.key: kv.value.string_value for kv in resource_spans.resource.attributes}
+            for scope in resource_spans.scope_spans:
+                for span in scope.spans:
+                    out.setdefault(attrs.get("service.name"), set()).add(span.name)
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_spans_reach_a_real_otlp_receiver(assets, protocol):
+    receiver = _TraceReceiver()
+    if protocol == "grpc":
+        collector = grpc.server(futures.ThreadPoolExecutor(2))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, collector)
+        port = collector.add_insecure_port("127.0.0.1:0")
+        collector.start()
+        stop = lambda: collector.stop(0)  # noqa: E731
+    else:
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                assert self.path == "/v1/traces"
+                receiver.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                self.send_response(200)
+                self.send_header("Content-Type", "application/x-protobuf")
+                self.end_headers()
+                self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+
+            def log_message(self, *args):
+                pass
+
+        collector = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        port = collector.server_port
+        import threading
+
+        threading.Thread(target=collector.serve_forever, daemon=True).start()
+        stop = collector.shutdown
+    try:
+        settings = assets.settings(traces_exporters=("otlp",), otlp_protocol=protocol,
+                                   otlp_endpoint=f"http://127.0.0.1:{port}", service_name="loramux-otlp-test")
+        with BackgroundServer(settings) as server:
+            with lc.Client(server.target, timeout=60) as client:
+                client.generate(prompt=PROMPTS[1], max_new_tokens=3)
+        # Stopping the server shut its telemetry down, which flushed the batch processor.
+        names = _received(receiver.requests)["loramux-otlp-test"]
+        assert {SERVICE + "Generate", "loramux.queue", "loramux.prefill", "loramux.decode"} <= names
+    finally:
+        stop()
+
+
+def scrape(port) -> dict:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_scope_")))
+            samples[(s.name, labels)] = s.value
+    return samples
+
+
+def test_prometheus_endpoint_moves_with_requests_and_evictions(assets):
+    settings = assets.settings(adapter_slots=1, metrics_port=0, batch_window_ms=0)
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as client:
+        port = server.telemetry.metrics_port
+        for name in ("qv-r4", "mlp-r2"):
+            client.load_adapter(name, source=name)
+        before = scrape(port)
+        assert before[("loramux_adapter_resident", (("tier", "host"),))] == 2
+        assert before[("loramux_adapter_resident", (("tier", "accelerator"),))] == 0
+        tokens = 0
+        for adapter in ("qv-r4", "mlp-r2", "qv-r4"):  # one slot: each switch evicts the other
+            tokens += len(client.generate(prompt=PROMPTS[0], adapter_id=adapter, max_new_tokens=N).token_ids)
+        time.sleep(0.1)  # the last row releases its adapter just after the reply
+        after = scrape(port)
+        ok = (("rpc_grpc_status_code", "OK"), ("rpc_method", "Generate"))
+        assert after[("loramux_rpc_requests_total", ok)] == 3
+        assert after[("loramux_rpc_duration_seconds_count", ok)] == 3
+        assert after[("loramux_generate_tokens_total", ())] == tokens
+        assert after[("loramux_generate_time_to_first_token_seconds_count", ())] == 3
+        assert after[("loramux_adapter_evictions_total", (("tier", "accelerator"),))] == 2
+        assert after[("loramux_adapter_cache_misses_total", (("tier", "accelerator"),))] == 3
+        assert after[("loramux_adapter_cache_hits_total", (("tier", "host"),))] == 3
+        assert after[("loramux_adapter_load_duration_seconds_count", (("source", "host"),))] == 3
+        assert after[("loramux_adapter_resident", (("tier", "accelerator"),))] == 1
+        assert after[("loramux_adapter_resident", (("tier", "host"),))] == 1
+        assert after[("loramux_adapter_resident_bytes", (("tier", "host"),))] > 0
+        assert after[("loramux_queue_depth", ())] == 0 and after[("loramux_batch_size", ())] == 0
+        assert after[("loramux_adapter_pinned", ())] == 0
+        with pytest.raises(lc.NotFound):
+            client.generate(prompt="x", adapter_id="nope")
+        failed = scrape(port)[("loramux_rpc_requests_total", (("rpc_grpc_status_code", "NOT_FOUND"), ("rpc_method", "Generate")))]
+        assert failed == 1
+
+
+def test_json_logs_carry_the_request_trace(assets, traced):
+    _, client, exporter = traced
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("loramux.access")
+    access.addHandler(handler)
+    access.setLevel(logging.INFO)
+    try:
+        _, spans = spans_after(exporter, lambda: client.generate(prompt="x", max_new_tokens=2), {SERVICE + "Generate"})
+    finally:
+        access.removeHandler(handler)
+    _, server_span = rpc_pair(spans, "Generate")
+    records = [json.loads(line) for line in stream.getvalue().splitlines()]
+    record = next(r for r in records if r["rpc_method"] == "Generate")
+    assert record["trace_id"] == format(server_span.context.trace_id, "032x")
+    assert record["span_id"] == format(server_span.context.span_id, "016x")
+    assert record["grpc_code"] == "OK" and record["level"] == "INFO" and record["logger"] == "loramux.access"
