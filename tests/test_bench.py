@@ -23,7 +23,11 @@ def test_quick_benchmark_runs_every_system_on_the_same_work(tmp_path):
     assert [t["what"] for t in results["targets"]][:2] == [
         "decode step, 16 distinct adapters / base step", "(a) / (b) throughput"
     ]
-    assert all(isinstance(t["met"], bool) for t in results["targets"]) and len(results["targets"]) == 8
+    assert all(isinstance(t["met"], bool) for t in results["targets"]) and len(results["targets"]) == 9
     assert results["micro"]["disk"]["registered_large"] == cfg.registered_large
+    tracing = results["tracing"]
+    assert len(tracing["tokens_per_s_off"]) == len(tracing["tokens_per_s_on"]) == 2
+    # Traced runs really traced: per request at least a client span, a server span and the engine's.
+    assert tracing["server_spans_exported"] >= 2 * (cfg.requests + cfg.concurrency) * 5
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| (a) loramux engine, mixed adapters |" in (tmp_path / "results.md").read_text()

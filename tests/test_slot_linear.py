@@ -56,3 +56,24 @@ def test_refilling_a_slot_with_lower_rank_leaves_no_old_weights():
     assert torch.equal(ra, a) and torch.equal(rb, b) and layer.scale[0].item() == 2.0
     layer.clear(0)
     assert layer.lora_A[0].abs().sum() == 0 and layer.lora_B[0].abs().sum() == 0 and layer.scale[0] == 0
+
+
+def test_gathered_weights_are_reused_only_while_routing_and_slots_stay_the_same():
+    layer, routing = make_layer(rank=4)
+    routing.cache_rows = 2
+    a0, b0, a1, b1 = torch.randn(4, 6), torch.randn(5, 4), torch.randn(4, 6), torch.randn(5, 4)
+    layer.fill(0, a0, b0, 1.0)
+    layer.fill(1, a1, b1, 1.0)
+    x = torch.randn(2, 1, 6)
+    index = torch.tensor([0, 1])
+    routing.slot_index = index
+    first = layer(x)
+    gathered = layer._gathered
+    assert gathered is not None and gathered[0] is index
+    assert torch.equal(layer(x), first) and layer._gathered is gathered  # reused, not gathered again
+    layer.fill(1, a0, b0, 1.0)  # a slot refilled: the gathered copy is stale
+    refilled = layer(x)
+    torch.testing.assert_close(refilled[1], layer.base_layer(x[1]) + x[1] @ a0.T @ b0.T, rtol=0, atol=1e-5)
+    routing.slot_index = torch.tensor([0, 1, 0])  # more rows than cache_rows: gathered per call
+    layer(torch.randn(3, 1, 6))
+    assert layer._gathered is None

@@ -32,6 +32,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated Linear names that get adapter slots")
     p.add_argument("--max-batch-size", type=int, default=16, help="rows decoding together at most")
+    p.add_argument("--gather-cache-mib", type=int, default=256,
+                   help="memory for the running rows' per-row adapter weights, kept between steps")
     p.add_argument("--max-batch-tokens", type=int, default=65536,
                    help="prompt plus possible output tokens of all running rows at most")
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled in one step at most")
@@ -181,6 +183,7 @@ def _serve(args) -> int:
             target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
             max_batch_size=args.max_batch_size,
             max_batch_tokens=args.max_batch_tokens,
+            gather_cache_mib=args.gather_cache_mib,
             max_prefill_tokens=args.max_prefill_tokens,
             batch_window_ms=args.batch_window_ms,
             adapter_wait_ms=args.adapter_wait_ms,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from loramux.bench import assets, micro, report, runners
+from loramux.bench import assets, micro, report, runners, tracing
 from loramux.bench.config import BenchConfig
 from loramux.bench.metrics import summarize
 from loramux.bench.workload import adapter_names, make_requests, poisson_arrivals
@@ -50,6 +50,7 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     from loramux.server.base_model import load_base_model
     from loramux.server.engine.engine import Engine
     from loramux.server.settings import Settings
+    from loramux.server.telemetry.providers import build_telemetry
     import loramux.client as lc
 
     started = time.monotonic()
@@ -92,17 +93,36 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     poisson["static"] = summarize(runners.engine_poisson(static, poisson_reqs, arrivals))
     static.stop()
 
-    log.info("(e): through gRPC")
-    server = BackgroundServer(settings, base=base)
-    try:
-        with lc.Client(server.target, timeout=600) as client:
-            for name, source in zip(names, sources):
-                client.load_adapter(name, source=source)
-        runners.grpc_closed_loop(server.target, warm, cfg.concurrency)
-        systems["e_loramux_grpc"] = summarize(runners.grpc_closed_loop(server.target, reqs, cfg.concurrency))
-        rpc = micro.one_token_rpc(server.engine, server.target, cfg, reqs[0].prompt)
-    finally:
-        server.stop()
+    log.info("(e): through gRPC, untraced and traced in turn")
+    tracing_runs: dict[str, list[float]] = {"off": [], "on": []}
+    spans_exported = 0
+    for round_ in range(2):
+        for mode in ("off", "on"):
+            telemetry, client_provider, exporter = None, None, None
+            if mode == "on":
+                provider, processor, exporter = tracing.traced_provider()
+                client_provider, _, _ = tracing.traced_provider()
+                telemetry = build_telemetry(settings, span_processors=[processor])
+            server = BackgroundServer(settings, base=base, telemetry=telemetry)
+            try:
+                with lc.Client(server.target, timeout=600) as client:
+                    for name, source in zip(names, sources):
+                        client.load_adapter(name, source=source)
+                runners.grpc_closed_loop(server.target, warm, cfg.concurrency, client_provider)
+                summary = summarize(runners.grpc_closed_loop(server.target, reqs, cfg.concurrency, client_provider))
+                tracing_runs[mode].append(summary["output_tokens_per_s"])
+                if mode == "off" and round_ == 0:
+                    systems["e_loramux_grpc"] = summary
+                    rpc = micro.one_token_rpc(server.engine, server.target, cfg, reqs[0].prompt)
+            finally:
+                server.stop()
+            if telemetry is not None:
+                telemetry.shutdown()
+                client_provider.shutdown()
+                spans_exported += exporter.spans
+    off, on = (sum(tracing_runs[m]) / len(tracing_runs[m]) for m in ("off", "on"))
+    traced = {"tokens_per_s_off": tracing_runs["off"], "tokens_per_s_on": tracing_runs["on"],
+              "overhead": round(1 - on / off, 4), "server_spans_exported": spans_exported}
 
     log.info("(c) and (d): peft")
     hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -129,6 +149,7 @@ def run(cfg: BenchConfig, work: Path) -> dict:
         "systems": systems,
         "poisson": poisson,
         "micro": {"decode_step": step, "promotion": promote, "disk": disk, "rpc": rpc},
+        "tracing": traced,
     }
     results["ratios"] = report.ratios(results)
     results["targets"] = report.targets(results)

@@ -42,6 +42,7 @@ def targets(results: dict) -> list[dict]:
         ("promotion from host / decode step", m["promotion"]["ratio_to_step"], "<=", 1.0),
         ("disk read, many registered / few", m["disk"]["read_ratio"], "<=", 1.2),
         ("1-token Generate, gRPC / in process (p50)", m["rpc"]["ratio"], "<=", 1.5),
+        ("tracing overhead on gRPC throughput", results["tracing"]["overhead"], "<=", 0.05),
     ]
     return [
         {"what": what, "measured": value, "target": f"{op} {bound}", "met": value <= bound if op == "<=" else value >= bound}

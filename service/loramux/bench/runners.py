@@ -78,14 +78,14 @@ def engine_poisson(engine: Engine, reqs: list[Req], arrivals: list[float]) -> li
     return [_check(sink.get(timeout=600)) for _ in reqs]
 
 
-def grpc_closed_loop(target: str, reqs: list[Req], concurrency: int) -> list[Record]:
+def grpc_closed_loop(target: str, reqs: list[Req], concurrency: int, tracer_provider=None) -> list[Record]:
     import loramux.client as lc
 
     records: list[Record | None] = [None] * len(reqs)
     next_index = iter(range(len(reqs)))
     lock = threading.Lock()
     errors: list[BaseException] = []
-    with lc.Client(target, timeout=600) as client:
+    with lc.Client(target, timeout=600, tracer_provider=tracer_provider) as client:
 
         def worker():
             while True:

@@ -16,7 +16,9 @@ class SlotBank:
     without an adapter.
     """
 
-    def __init__(self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int):
+    def __init__(
+        self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int, gather_cache_bytes: int = 0
+    ):
         self.routing = LoraRouting()
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -31,6 +33,12 @@ class SlotBank:
                 self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"the model has no nn.Linear named any of {sorted(targets)}")
+        # Bytes one row's gathered weights take across all layers (see LoraRouting).
+        per_row = sum(
+            max_rank * (layer.in_features + layer.out_features) * layer.lora_A.element_size()
+            for layer in self.layers.values()
+        )
+        self.routing.cache_rows = gather_cache_bytes // per_row
 
     @property
     def base_slot(self) -> int:

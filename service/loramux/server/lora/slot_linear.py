@@ -21,10 +21,18 @@ class LoraRouting:
 
     Set by the engine before each forward pass. None means "no row has an adapter", and the
     layers then skip the LoRA arithmetic entirely.
+
+    Gathering each row's A and B out of the slot tensors at every step costs far more than
+    the LoRA arithmetic itself on CPU (a fresh copy of rows x rank x (in + out) per layer).
+    So a layer keeps its gathered per-row weights while the routing tensor stays the same
+    object (the engine keeps one per batch composition) and no slot was refilled, as long as
+    the batch has at most `cache_rows` rows (a memory bound).
     """
 
     def __init__(self) -> None:
         self.slot_index: torch.Tensor | None = None  # [batch] int64 on the model's device
+        self.generation = 0  # bumped whenever a slot's weights change
+        self.cache_rows = 0  # batches up to this many rows keep their gathered weights
 
     def set(self, slot_index: torch.Tensor | None, base_slot: int) -> None:
         if slot_index is not None and bool((slot_index == base_slot).all()):
@@ -49,6 +57,8 @@ class SlotLinear(nn.Module):
             "lora_B", torch.zeros(num_slots + 1, out_features, max_rank, dtype=w.dtype, device=w.device), persistent=False
         )  # [S+1, out, R]
         self.register_buffer("scale", torch.zeros(num_slots + 1, dtype=w.dtype, device=w.device), persistent=False)  # [S+1]
+        # (routing tensor, slot generation) -> per-row A^T [batch, in, R], B^T [batch, R, out], scale [batch, 1, 1]
+        self._gathered: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
     def in_features(self) -> int:
@@ -63,24 +73,38 @@ class SlotLinear(nn.Module):
         idx = self.routing.slot_index
         if idx is None:
             return result
-        a = self.lora_A.index_select(0, idx)  # [batch, R, in]
-        b = self.lora_B.index_select(0, idx)  # [batch, out, R]
-        s = self.scale.index_select(0, idx).view(-1, 1, 1)  # [batch, 1, 1]
-        x = x.to(a.dtype)
-        delta = torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2)) * s  # [batch, seq, out]
+        a_t, b_t, s = self._per_row(idx)
+        delta = torch.bmm(torch.bmm(x.to(a_t.dtype), a_t), b_t) * s  # [batch, seq, out]
         return result + delta.to(result.dtype)
+
+    def _per_row(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        routing = self.routing
+        cached = self._gathered
+        if cached is not None and cached[0] is idx and cached[1] == routing.generation:
+            return cached[2], cached[3], cached[4]
+        a_t = self.lora_A.index_select(0, idx).transpose(1, 2)  # [batch, in, R]
+        b_t = self.lora_B.index_select(0, idx).transpose(1, 2)  # [batch, R, out]
+        s = self.scale.index_select(0, idx).view(-1, 1, 1)  # [batch, 1, 1]
+        if idx.shape[0] <= routing.cache_rows:
+            a_t, b_t = a_t.contiguous(), b_t.contiguous()
+            self._gathered = (idx, routing.generation, a_t, b_t, s)
+        else:
+            self._gathered = None
+        return a_t, b_t, s
 
     @torch.no_grad()
     def fill(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
         """Copy one adapter's A [r, in] and B [out, r] into `slot`, zero-padding to max_rank."""
         r = a.shape[0]
         self.clear(slot)
+        self.routing.generation += 1
         self.lora_A[slot, :r].copy_(a, non_blocking=True)
         self.lora_B[slot, :, :r].copy_(b, non_blocking=True)
         self.scale[slot] = scale
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
+        self.routing.generation += 1
         self.lora_A[slot].zero_()
         self.lora_B[slot].zero_()
         self.scale[slot] = 0.0
