@@ -71,8 +71,10 @@ def test_gathered_weights_are_reused_only_while_routing_and_slots_stay_the_same(
     gathered = layer._gathered
     assert gathered is not None and gathered[0] is index
     assert torch.equal(layer(x), first) and layer._gathered is gathered  # reused, not gathered again
+    buffer = layer._buffer_a.data_ptr()
     layer.fill(1, a0, b0, 1.0)  # a slot refilled: the gathered copy is stale
     refilled = layer(x)
+    assert layer._buffer_a.data_ptr() == buffer  # gathered again into the same storage
     torch.testing.assert_close(refilled[1], layer.base_layer(x[1]) + x[1] @ a0.T @ b0.T, rtol=0, atol=1e-5)
     routing.slot_index = torch.tensor([0, 1, 0])  # more rows than cache_rows: gathered per call
     layer(torch.randn(3, 1, 6))

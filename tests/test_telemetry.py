@@ -14,6 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -34,7 +35,9 @@ SERVICE = "/loramux.v1.Loramux/"
 def traced(assets, tmp_path_factory):
     exporter = InMemorySpanExporter()
     settings = assets.settings(adapter_slots=2, merge_root=tmp_path_factory.mktemp("merged"), batch_window_ms=0)
-    telemetry = build_telemetry(settings, span_processors=[SimpleSpanProcessor(exporter)])
+    reader = InMemoryMetricReader()
+    telemetry = build_telemetry(settings, span_processors=[SimpleSpanProcessor(exporter)], metric_readers=[reader])
+    telemetry.test_reader = reader
     server = BackgroundServer(settings, telemetry=telemetry)
     client_provider = TracerProvider()
     client_provider.add_span_processor(SimpleSpanProcessor(exporter))
@@ -108,6 +111,22 @@ def test_generate_unary_and_stream_span_trees(assets, traced):
         ENGINE_SPANS | {SERVICE + "GenerateStream"},
     )
     check_generate_tree(assets, spans, "GenerateStream", sum((c.token_ids for c in chunks), []), "accelerator")
+
+
+def test_async_client_calls_join_the_server_trace(traced):
+    server, _, exporter = traced
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+
+    async def call():
+        async with lc.AsyncClient(server.target, timeout=60, tracer_provider=provider) as client:
+            return await client.generate(prompt=PROMPTS[2], max_new_tokens=2)
+
+    import asyncio
+
+    result, spans = spans_after(exporter, lambda: asyncio.run(call()), {SERVICE + "Generate", "loramux.decode"})
+    _, server_span = rpc_pair(spans, "Generate")  # the pair shares one trace, server under client
+    assert server_span.attributes["gen_ai.usage.output_tokens"] == len(result.token_ids) == 2
 
 
 def test_failing_call_records_the_real_status_code(traced):
@@ -229,8 +248,8 @@ def scrape(port) -> dict:
     return samples
 
 
-def test_prometheus_endpoint_moves_with_requests_and_evictions(assets):
-    settings = assets.settings(adapter_slots=1, metrics_port=0, batch_window_ms=0)
+def test_prometheus_endpoint_moves_with_requests_and_evictions(assets, tmp_path):
+    settings = assets.settings(adapter_slots=1, metrics_port=0, batch_window_ms=0, merge_root=tmp_path / "merged")
     with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as client:
         port = server.telemetry.metrics_port
         for name in ("qv-r4", "mlp-r2"):
@@ -261,6 +280,10 @@ def test_prometheus_endpoint_moves_with_requests_and_evictions(assets):
             client.generate(prompt="x", adapter_id="nope")
         failed = scrape(port)[("loramux_rpc_requests_total", (("rpc_grpc_status_code", "NOT_FOUND"), ("rpc_method", "Generate")))]
         assert failed == 1
+        client.merge("qv-r4", "m1").result(timeout=60)
+        merged = scrape(port)
+        assert merged[("loramux_merge_duration_seconds_count", (("outcome", "ok"),))] == 1
+
 
 
 def test_json_logs_carry_the_request_trace(assets, traced):
@@ -281,3 +304,51 @@ def test_json_logs_carry_the_request_trace(assets, traced):
     assert record["trace_id"] == format(server_span.context.trace_id, "032x")
     assert record["span_id"] == format(server_span.context.span_id, "016x")
     assert record["grpc_code"] == "OK" and record["level"] == "INFO" and record["logger"] == "loramux.access"
+
+
+def test_a_request_that_dies_in_the_queue_marks_its_queue_span(traced):
+    server, client, exporter = traced
+    gate, entered = __import__("threading").Event(), __import__("threading").Event()
+
+    def hold():
+        entered.set()
+        gate.wait(30)
+
+    server.engine.call_on_engine(hold)
+    assert entered.wait(10)
+    try:
+        error, spans = spans_after(exporter, lambda: client.generate(prompt="x", max_new_tokens=2, timeout=0.3),
+                                   {SERVICE + "Generate"})
+    finally:
+        gate.set()
+    assert isinstance(error, lc.DeadlineExceeded)
+    deadline = time.monotonic() + 10
+    while not any(s.name == "loramux.queue" for s in exporter.get_finished_spans()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    queue = next(s for s in exporter.get_finished_spans() if s.name == "loramux.queue")
+    assert queue.status.status_code is StatusCode.ERROR
+    # The caller's deadline both expires the request and cancels the call: whichever the
+    # engine sees first names the error.
+    assert queue.attributes["error.type"] in ("DEADLINE_EXCEEDED", "CANCELLED")
+    assert not [s for s in exporter.get_finished_spans() if s.name in ("loramux.prefill", "loramux.decode")]
+
+
+def gauge(reader, name):
+    for rm in reader.get_metrics_data().resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name == name:
+                    return {tuple(sorted(p.attributes.items())): p.value for p in metric.data.data_points}
+    raise KeyError(name)
+
+
+def test_pinned_gauge_follows_pins(traced):
+    server, client, _ = traced
+    reader = server.telemetry.test_reader
+    assert gauge(reader, "loramux.adapter.pinned") == {(): 0}
+    client.load_adapter("rslora-r8", source="rslora-r8", pin=True)
+    assert gauge(reader, "loramux.adapter.pinned") == {(): 1}
+    resident = gauge(reader, "loramux.adapter.resident")
+    assert resident[(("tier", "accelerator"),)] >= 1
+    client.unload_adapter("rslora-r8")
+    assert gauge(reader, "loramux.adapter.pinned") == {(): 0}

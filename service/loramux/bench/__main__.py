@@ -26,11 +26,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small model and workload (under a minute)")
     parser.add_argument("--out", default="bench-results", help="directory for results.json, .md and .png")
     parser.add_argument("--work-dir", help="where the model and adapters are built (default: a temporary directory)")
+    parser.add_argument("--device", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", help="float32 (default), bfloat16 or float16")
     for field in dataclasses.fields(BenchConfig):
         if field.type in ("int", "float"):
             parser.add_argument(f"--{field.name.replace('_', '-')}", type=int if field.type == "int" else float)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("loramux.access").setLevel(logging.WARNING)  # one line per RPC: too many here
     cfg = BenchConfig.quick() if args.quick else BenchConfig()
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig) if getattr(args, f.name, None) is not None}
     cfg = dataclasses.replace(cfg, **overrides)
@@ -60,7 +63,7 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     names = adapter_names(cfg)
     sources = [str(adapters_dir / n) for n in names]
     settings = Settings(
-        model=str(model_dir), dtype="float32", device="cpu", port=0, adapter_roots=(adapters_dir,),
+        model=str(model_dir), dtype=cfg.dtype, device=cfg.device, port=0, adapter_roots=(adapters_dir,),
         adapter_slots=cfg.slots, max_lora_rank=cfg.rank, target_modules=cfg.target_modules,
         max_batch_size=cfg.concurrency, max_queue=4 * cfg.requests,
     )
@@ -125,7 +128,7 @@ def run(cfg: BenchConfig, work: Path) -> dict:
               "overhead": round(1 - on / off, 4), "server_spans_exported": spans_exported}
 
     log.info("(c) and (d): peft")
-    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=base.dtype).to(base.device).eval()
     peft_model = PeftModel.from_pretrained(hf, sources[0], adapter_name=names[0])
     for name, source in zip(names[1:], sources[1:]):
         peft_model.load_adapter(source, adapter_name=name)
@@ -145,7 +148,8 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     results = {
         "config": dataclasses.asdict(cfg),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                    "device": "cpu"},
+                    "device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
+                    "gpu": torch.cuda.get_device_name() if base.device.type == "cuda" else None},
         "systems": systems,
         "poisson": poisson,
         "micro": {"decode_step": step, "promotion": promote, "disk": disk, "rpc": rpc},

@@ -30,6 +30,8 @@ class BenchConfig:
     step_reps: int = 20
     rpc_calls: int = 40
     seed: int = 0
+    device: str = "cpu"  # cuda: scripts/gpu_check.sh
+    dtype: str = "float32"
 
     @classmethod
     def quick(cls) -> BenchConfig:

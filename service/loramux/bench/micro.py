@@ -18,6 +18,11 @@ from loramux.server.engine.engine import Engine
 from loramux.server.engine.inputs import GenerateInput
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def random_weights(base: BaseModel, cfg: BenchConfig, seed: int) -> AdapterWeights:
     gen = torch.Generator().manual_seed(seed)
     modules = {}
@@ -37,36 +42,43 @@ def decode_step(base: BaseModel, cfg: BenchConfig) -> dict:
     for slot in range(rows):
         base.bank.fill(slot, random_weights(base, cfg, 100 + slot))
     rng = random.Random(cfg.seed)
-    ids = torch.tensor([[rng.randrange(3, base.vocab_size) for _ in range(cfg.step_kv)] for _ in range(rows)])
+    device = base.device
+    ids = torch.tensor([[rng.randrange(3, base.vocab_size) for _ in range(cfg.step_kv)] for _ in range(rows)], device=device)
     cache = DynamicCache(config=base.model.config)
     base.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     saved = [(layer.keys, layer.values) for layer in cache.layers]
     token = ids[:, -1:]
-    mask = torch.ones(rows, cfg.step_kv + 1, dtype=torch.long)
-    positions = torch.full((rows, 1), cfg.step_kv)
+    mask = torch.ones(rows, cfg.step_kv + 1, dtype=torch.long, device=device)
+    positions = torch.full((rows, 1), cfg.step_kv, device=device)
     routed = base.bank.routing_index(list(range(rows)), base.device)
-    times: dict[str, list[float]] = {"base": [], "lora": []}
+    times: dict[str, list[float]] = {"base": [], "lora": [], "lora_regather": []}
     for rep in range(cfg.step_reps + 2):
-        for kind, index in (("base", None), ("lora", routed)):
+        # lora: the rows stay the same, as between joins and leaves. lora_regather: a new
+        # routing every step (rows join or leave at every step), so every layer gathers again.
+        fresh = routed.clone()
+        for kind, index in (("base", None), ("lora", routed), ("lora_regather", fresh)):
             for layer, (k, v) in zip(cache.layers, saved):
                 layer.keys, layer.values = k, v
             base.bank.route(index)
+            _sync(device)
             t0 = time.perf_counter()
             base.model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                        logits_to_keep=1)
+            _sync(device)
             if rep >= 2:  # two warm-up rounds
                 times[kind].append(time.perf_counter() - t0)
     base.bank.route(None)
     for slot in range(rows):
         base.bank.clear(slot)
-    b, lora = median_ms(times["base"]), median_ms(times["lora"])
-    return {"rows": rows, "distinct_adapters": rows, "base_step_ms": b, "lora_step_ms": lora, "ratio": round(lora / b, 3)}
+    b, lora, regather = median_ms(times["base"]), median_ms(times["lora"]), median_ms(times["lora_regather"])
+    return {"rows": rows, "distinct_adapters": rows, "base_step_ms": b, "lora_step_ms": lora, "ratio": round(lora / b, 3),
+            "lora_regather_step_ms": regather, "regather_ratio": round(regather / b, 3)}
 
 
 def promotion(base: BaseModel, cfg: BenchConfig, step_ms: float) -> dict:
     """Host memory -> slot with every slot full, so each promotion also evicts one adapter back to host."""
     slots = base.bank.num_slots
-    cache = TieredAdapterCache(base.bank, 1 << 40, reload=lambda uid: None)
+    cache = TieredAdapterCache(base.bank, 1 << 40, reload=lambda uid: None, host_pin_memory=base.device.type == "cuda")
     for uid in range(slots + 8):
         cache.add(uid, random_weights(base, cfg, 200 + uid))
     for uid in range(slots):
@@ -75,8 +87,10 @@ def promotion(base: BaseModel, cfg: BenchConfig, step_ms: float) -> dict:
     times = []
     for uid in range(slots, slots + 8):
         assert cache.tier(uid) is Tier.HOST
+        _sync(base.device)
         t0 = time.perf_counter()
         cache.acquire(uid)
+        _sync(base.device)
         times.append(time.perf_counter() - t0)
         cache.release(uid)
     for uid in range(slots + 8):

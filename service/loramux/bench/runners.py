@@ -119,6 +119,8 @@ class _StepTimes(LogitsProcessor):
         self.times: list[float] = []
 
     def __call__(self, input_ids, scores):
+        if scores.is_cuda:
+            torch.cuda.synchronize()
         self.times.append(time.monotonic())
         return scores
 
@@ -139,7 +141,7 @@ def peft_mixed_batches(model, reqs: list[Req], concurrency: int, pad_id: int) ->
         arrival = time.monotonic()
         with torch.inference_mode():
             model.generate(
-                input_ids=ids, attention_mask=mask, adapter_names=[r.adapter for r in batch], do_sample=False,
+                input_ids=ids.to(model.device), attention_mask=mask.to(model.device), adapter_names=[r.adapter for r in batch], do_sample=False,
                 max_new_tokens=max(r.output_tokens for r in batch), pad_token_id=pad_id,
                 logits_processor=LogitsProcessorList([timer]),
             )
@@ -158,7 +160,8 @@ def peft_naive(model, reqs: list[Req], concurrency: int, pad_id: int) -> list[Re
         with torch.inference_mode():
             model.set_adapter(r.adapter)
             model.generate(
-                input_ids=torch.tensor([r.prompt]), attention_mask=torch.ones(1, len(r.prompt), dtype=torch.long),
+                input_ids=torch.tensor([r.prompt], device=model.device),
+                attention_mask=torch.ones(1, len(r.prompt), dtype=torch.long, device=model.device),
                 do_sample=False, max_new_tokens=r.output_tokens, pad_token_id=pad_id,
                 logits_processor=LogitsProcessorList([timer]),
             )

@@ -22,11 +22,12 @@ class LoraRouting:
     Set by the engine before each forward pass. None means "no row has an adapter", and the
     layers then skip the LoRA arithmetic entirely.
 
-    Gathering each row's A and B out of the slot tensors at every step costs far more than
-    the LoRA arithmetic itself on CPU (a fresh copy of rows x rank x (in + out) per layer).
-    So a layer keeps its gathered per-row weights while the routing tensor stays the same
-    object (the engine keeps one per batch composition) and no slot was refilled, as long as
-    the batch has at most `cache_rows` rows (a memory bound).
+    Gathering each row's A and B out of the slot tensors into fresh memory at every step
+    costs far more than the LoRA arithmetic itself on CPU (page faults on a new rows x rank x
+    (in + out) copy per layer). So a layer gathers into storage it keeps, and reuses the
+    gathered weights while the routing tensor stays the same object (the engine keeps one
+    per batch composition) and no slot was refilled. Both hold for batches of at most
+    `cache_rows` rows (a memory bound); larger ones gather fresh copies every pass.
     """
 
     def __init__(self) -> None:
@@ -59,6 +60,10 @@ class SlotLinear(nn.Module):
         self.register_buffer("scale", torch.zeros(num_slots + 1, dtype=w.dtype, device=w.device), persistent=False)  # [S+1]
         # (routing tensor, slot generation) -> per-row A^T [batch, in, R], B^T [batch, R, out], scale [batch, 1, 1]
         self._gathered: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        # Reused storage for the gathered rows: a fresh large allocation per pass costs more
+        # (page faults) than the gather itself on CPU.
+        self._buffer_a: torch.Tensor | None = None
+        self._buffer_b: torch.Tensor | None = None
 
     @property
     def in_features(self) -> int:
@@ -78,19 +83,25 @@ class SlotLinear(nn.Module):
         return result + delta.to(result.dtype)
 
     def _per_row(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each row's A^T [batch, in, R], B^T [batch, R, out] and scale [batch, 1, 1]."""
         routing = self.routing
         cached = self._gathered
         if cached is not None and cached[0] is idx and cached[1] == routing.generation:
             return cached[2], cached[3], cached[4]
-        a_t = self.lora_A.index_select(0, idx).transpose(1, 2)  # [batch, in, R]
-        b_t = self.lora_B.index_select(0, idx).transpose(1, 2)  # [batch, R, out]
-        s = self.scale.index_select(0, idx).view(-1, 1, 1)  # [batch, 1, 1]
-        if idx.shape[0] <= routing.cache_rows:
-            a_t, b_t = a_t.contiguous(), b_t.contiguous()
-            self._gathered = (idx, routing.generation, a_t, b_t, s)
-        else:
+        rows = idx.shape[0]
+        s = self.scale.index_select(0, idx).view(-1, 1, 1)
+        if rows > routing.cache_rows:  # over the memory bound: fresh copies, dropped after the pass
             self._gathered = None
-        return a_t, b_t, s
+            return self.lora_A.index_select(0, idx).transpose(1, 2), self.lora_B.index_select(0, idx).transpose(1, 2), s
+        if self._buffer_a is None or self._buffer_a.shape[0] < rows:
+            # Room for the next power of two of rows (within the bound), reused from then on.
+            capacity = min(routing.cache_rows, 1 << (rows - 1).bit_length())
+            self._buffer_a = self.lora_A.new_empty((capacity, *self.lora_A.shape[1:]))
+            self._buffer_b = self.lora_B.new_empty((capacity, *self.lora_B.shape[1:]))
+        a = torch.index_select(self.lora_A, 0, idx, out=self._buffer_a[:rows])
+        b = torch.index_select(self.lora_B, 0, idx, out=self._buffer_b[:rows])
+        self._gathered = (idx, routing.generation, a.transpose(1, 2), b.transpose(1, 2), s)
+        return self._gathered[2], self._gathered[3], s
 
     @torch.no_grad()
     def fill(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
