@@ -291,3 +291,28 @@ def test_full_queue_is_resource_exhausted_with_retry_info(assets):
             for t in threads:
                 t.join(60)
             assert [c[-1].finish_reason for c in firsts] == ["length", "length"]
+
+
+def test_a_lone_arrival_joins_a_busy_batch_after_join_max_steps(assets):
+    engine = make_engine(assets, max_batch_size=8, join_ratio=1.0, join_max_steps=3)
+    try:
+        jobs = long_jobs(assets, 4)[:4]
+        rec = Recorder()
+        gate = hold(engine)
+        for i, (a, p) in enumerate(jobs):
+            submit(engine, rec, f"r{i}", a, p)
+        gate.set()
+        rec.wait_tokens("r0", 2)
+        with rec._lock:
+            mark = len(rec.log)
+            steps_at_submit = engine.stats().steps
+        submit(engine, rec, "late", "", PROMPTS[2], n=4)  # 1 waiting < 1.0 x 4 running
+        rec.wait_all()
+        joined = rec.index("late", TokenEvent)
+        r0_tokens_between = sum(1 for n, e in rec.log[mark:joined] if n == "r0" and isinstance(e, TokenEvent))
+        assert r0_tokens_between >= 3  # it waited 3 decode steps before its prefill
+        assert joined < rec.index("r0", FinishEvent)  # but did not wait for the batch to finish
+        assert rec.token_ids("late") == assets.oracle(None, PROMPTS[2], 4)
+        assert engine.stats().steps > steps_at_submit
+    finally:
+        engine.stop()

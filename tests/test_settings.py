@@ -8,7 +8,7 @@ from loramux.server.settings import Settings
     ("dtype", "int4"), ("device", "tpu"), ("adapter_slots", 0), ("max_lora_rank", 0), ("port", 70000),
     ("batch_window_ms", -1), ("base_mismatch", "ignore"), ("target_modules", ()), ("max_batch_size", 0),
     ("scheduling", "fifo"), ("adapter_wait_ms", -5), ("max_batch_tokens", 1), ("max_prefill_tokens", 0),
-    ("max_queue_per_tenant", 10_000), ("max_queue_per_tenant", 0),
+    ("max_queue_per_tenant", 10_000), ("max_queue_per_tenant", 0), ("join_ratio", -1), ("join_max_steps", -1),
 ])
 def test_invalid_settings_name_the_field(tmp_path, field, value):
     with pytest.raises(InvalidSettings) as e:

@@ -38,6 +38,9 @@ def _serve_parser(sub) -> None:
                    help="prompt plus possible output tokens of all running rows at most")
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled in one step at most")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, wait this long for more requests")
+    p.add_argument("--join-ratio", type=float, default=0.25,
+                   help="while rows decode, prefill waiting requests once they are this share of the running rows")
+    p.add_argument("--join-max-steps", type=int, default=8, help="... or once the oldest has waited this many steps")
     p.add_argument("--adapter-wait-ms", type=float, default=2000.0,
                    help="how long a request may be passed over for ones whose adapters are in slots")
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
@@ -186,6 +189,8 @@ def _serve(args) -> int:
             gather_cache_mib=args.gather_cache_mib,
             max_prefill_tokens=args.max_prefill_tokens,
             batch_window_ms=args.batch_window_ms,
+            join_ratio=args.join_ratio,
+            join_max_steps=args.join_max_steps,
             adapter_wait_ms=args.adapter_wait_ms,
             scheduling=args.scheduling,
             max_queue=args.max_queue,

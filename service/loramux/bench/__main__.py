@@ -15,7 +15,7 @@ import torch
 
 from loramux.bench import assets, micro, report, runners, tracing
 from loramux.bench.config import BenchConfig
-from loramux.bench.metrics import summarize
+from loramux.bench.metrics import summarize, summarize_rounds
 from loramux.bench.workload import adapter_names, make_requests, poisson_arrivals
 
 log = logging.getLogger("loramux.bench")
@@ -81,8 +81,12 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     engine = Engine(settings, base).start()
     load_all(engine)
     runners.engine_closed_loop(engine, warm, cfg.concurrency, True)
-    systems["b_loramux_base_only"] = summarize(runners.engine_closed_loop(engine, reqs, cfg.concurrency, False))
-    systems["a_loramux_mixed"] = summarize(runners.engine_closed_loop(engine, reqs, cfg.concurrency, True))
+    runs: dict[bool, list] = {True: [], False: []}
+    for round_ in range(cfg.rounds):
+        for use_adapter in (False, True) if round_ % 2 == 0 else (True, False):
+            runs[use_adapter].append(runners.engine_closed_loop(engine, reqs, cfg.concurrency, use_adapter))
+    systems["a_loramux_mixed"] = summarize_rounds(runs[True])
+    systems["b_loramux_base_only"] = summarize_rounds(runs[False])
 
     rate = cfg.poisson_load * systems["a_loramux_mixed"]["requests_per_s"]
     poisson_reqs = make_requests(cfg, cfg.poisson_requests, vocab, cfg.seed + 1)
@@ -99,8 +103,8 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     log.info("(e): through gRPC, untraced and traced in turn")
     tracing_runs: dict[str, list[float]] = {"off": [], "on": []}
     spans_exported = 0
-    for round_ in range(2):
-        for mode in ("off", "on"):
+    for round_ in range(cfg.tracing_rounds):
+        for mode in ("off", "on") if round_ % 2 == 0 else ("on", "off"):
             telemetry, client_provider, exporter = None, None, None
             if mode == "on":
                 provider, processor, exporter = tracing.traced_provider()
@@ -134,7 +138,9 @@ def run(cfg: BenchConfig, work: Path) -> dict:
         peft_model.load_adapter(source, adapter_name=name)
     pad = base.pad_token_id
     runners.peft_mixed_batches(peft_model, warm, cfg.concurrency, pad)
-    systems["c_peft_adapter_names"] = summarize(runners.peft_mixed_batches(peft_model, reqs, cfg.concurrency, pad))
+    systems["c_peft_adapter_names"] = summarize_rounds(
+        [runners.peft_mixed_batches(peft_model, reqs, cfg.concurrency, pad) for _ in range(cfg.rounds)]
+    )
     systems["d_peft_naive"] = summarize(runners.peft_naive(peft_model, reqs, cfg.concurrency, pad))
     del peft_model, hf
 

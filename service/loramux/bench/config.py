@@ -29,6 +29,8 @@ class BenchConfig:
     step_kv: int = 64
     step_reps: int = 20
     rpc_calls: int = 40
+    rounds: int = 2  # (a), (b), (c) are each run this many times, in alternating order
+    tracing_rounds: int = 3  # gRPC with tracing off and on, in turn, this many times each
     seed: int = 0
     device: str = "cpu"  # cuda: scripts/gpu_check.sh
     dtype: str = "float32"
@@ -38,5 +40,6 @@ class BenchConfig:
         return cls(
             hidden=256, layers=2, heads=4, kv_heads=2, intermediate=704, adapters=8, slots=4, requests=24,
             concurrency=8, output_tokens=(8, 16), prompt_tokens=(8, 24), poisson_requests=16,
-            registered_small=10, registered_large=40, step_rows=8, step_reps=10, rpc_calls=15,
+            registered_small=10, registered_large=40, step_rows=8, step_reps=10, rpc_calls=15, rounds=1,
+            tracing_rounds=2,
         )

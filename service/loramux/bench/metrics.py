@@ -48,5 +48,19 @@ def summarize(records: list[Record]) -> dict:
     }
 
 
+def summarize_rounds(rounds: list[list[Record]]) -> dict:
+    """Repeated runs of one system: throughput is the mean over rounds (each listed), latency
+    percentiles are over the requests of all rounds."""
+    each = [summarize(records) for records in rounds]
+    pooled = summarize([r for records in rounds for r in records])
+    out = {k: v for k, v in pooled.items() if k.startswith(("ttft", "itl"))}
+    out["requests"] = each[0]["requests"]
+    out["output_tokens"] = each[0]["output_tokens"]
+    for key in ("output_tokens_per_s", "requests_per_s"):
+        out[key] = round(sum(e[key] for e in each) / len(each), 4)
+    out["rounds_output_tokens_per_s"] = [e["output_tokens_per_s"] for e in each]
+    return out
+
+
 def median_ms(values: list[float]) -> float:
     return round(1000 * statistics.median(values), 3)

@@ -63,6 +63,11 @@ class Settings:
     """Prompt tokens prefilled in one step at most (a longer prompt is prefilled alone)."""
     batch_window_ms: float = 5.0
     """When nothing runs: how long to wait for more requests once one has arrived."""
+    join_ratio: float = 0.25
+    """While rows decode, waiting requests join (are prefilled) once they number this share of
+    the running rows, or could fill the batch (prefilling together is cheaper per token)."""
+    join_max_steps: int = 8
+    """... or once the oldest has waited this many decode steps."""
     adapter_wait_ms: float = 2000.0
     """How long a request may be passed over for requests whose adapters are already in slots;
     after that it goes first and holds up admission until it gets a slot."""
@@ -115,6 +120,7 @@ class Settings:
             ("max_batch_size", self.max_batch_size, 1),
             ("max_batch_tokens", self.max_batch_tokens, 2),
             ("max_prefill_tokens", self.max_prefill_tokens, 1),
+            ("join_max_steps", self.join_max_steps, 0),
             ("max_queue", self.max_queue, 1),
             ("default_max_new_tokens", self.default_max_new_tokens, 1),
             ("max_new_tokens_limit", self.max_new_tokens_limit, 1),
@@ -125,7 +131,7 @@ class Settings:
                 raise bad(name, f"must be >= {low}, got {value}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise bad("default_max_new_tokens", "must not exceed max_new_tokens_limit")
-        for name in ("batch_window_ms", "adapter_wait_ms"):
+        for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.scheduling not in SCHEDULING:

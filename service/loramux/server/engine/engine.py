@@ -167,6 +167,7 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
+            request.arrival_step = self._steps
             self._scheduler.push(request)
             self._cond.notify_all()
         return request
@@ -424,6 +425,17 @@ class Engine:
         hint = self._scheduler.retry_hint_s
         self._scheduler.retry_hint_s = 0.9 * hint + 0.1 * held
 
+    def _worth_joining(self, running: int) -> bool:
+        """Whether waiting requests should be prefilled now, stalling the running rows for one
+        pass. Prefilling several prompts together costs much less per token than one at a
+        time, so while rows decode, requests join once they are a `join_ratio` share of the
+        running rows, could fill the batch, or the oldest has waited `join_max_steps` steps."""
+        waiting = len(self._scheduler)
+        free = self.settings.max_batch_size - running
+        if waiting >= free or waiting >= self.settings.join_ratio * running:
+            return True
+        return self._steps - self._scheduler.oldest().arrival_step >= self.settings.join_max_steps
+
     def _next_work(self) -> list[tuple[GenerationRequest, int]] | None:
         """Run pending jobs, then return the requests to admit now ([] = just step), or None to stop."""
         window = self.settings.batch_window_ms / 1000
@@ -439,7 +451,7 @@ class Engine:
                             return []
                         self._cond.wait()
                         continue
-                    if running and self.settings.scheduling == "static":
+                    if running and (self.settings.scheduling == "static" or not self._worth_joining(running)):
                         return []
                     now = time.monotonic()
                     if not running:

@@ -93,6 +93,7 @@ class GenerationRequest:
     cancelled: bool = False  # set from any thread; the engine drops the row at its next step
     adapter_id: str = ""
     trace_context: object = None  # the caller's OpenTelemetry context (spans are its children)
+    arrival_step: int = 0  # the engine's decode step count when it was queued
     timeline: Timeline = dataclasses.field(default_factory=Timeline)
 
     @property

@@ -63,7 +63,11 @@ class Scheduler:
         return self._count
 
     def oldest_arrival(self) -> float | None:
-        return min((q[0].arrival for q in self._waiting.values() if q), default=None)
+        oldest = self.oldest()
+        return oldest.arrival if oldest is not None else None
+
+    def oldest(self) -> GenerationRequest | None:
+        return min((q[0] for q in self._waiting.values() if q), key=lambda r: r.arrival, default=None)
 
     def waiting_by_tenant(self) -> dict[str, int]:
         return {tenant: len(q) for tenant, q in self._waiting.items()}
