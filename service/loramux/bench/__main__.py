@@ -82,11 +82,22 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     load_all(engine)
     runners.engine_closed_loop(engine, warm, cfg.concurrency, True)
     runs: dict[bool, list] = {True: [], False: []}
+    passes: dict[bool, list[int]] = {True: [0, 0], False: [0, 0]}  # decode steps, prefill passes
     for round_ in range(cfg.rounds):
         for use_adapter in (False, True) if round_ % 2 == 0 else (True, False):
+            before = engine.stats()
             runs[use_adapter].append(runners.engine_closed_loop(engine, reqs, cfg.concurrency, use_adapter))
-    systems["a_loramux_mixed"] = summarize_rounds(runs[True])
-    systems["b_loramux_base_only"] = summarize_rounds(runs[False])
+            after = engine.stats()
+            passes[use_adapter][0] += after.steps - before.steps
+            passes[use_adapter][1] += after.prefills - before.prefills
+    for key, use_adapter in (("a_loramux_mixed", True), ("b_loramux_base_only", False)):
+        summary = summarize_rounds(runs[use_adapter])
+        steps, prefills = passes[use_adapter]
+        summary["decode_steps_per_round"] = steps / cfg.rounds
+        summary["prefills_per_round"] = prefills / cfg.rounds
+        # Every request's first token comes from its prefill; the rest from decode steps.
+        summary["rows_per_decode_step"] = round((summary["output_tokens"] - cfg.requests) * cfg.rounds / steps, 2)
+        systems[key] = summary
 
     rate = cfg.poisson_load * systems["a_loramux_mixed"]["requests_per_s"]
     poisson_reqs = make_requests(cfg, cfg.poisson_requests, vocab, cfg.seed + 1)

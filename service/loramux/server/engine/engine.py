@@ -163,13 +163,14 @@ class Engine:
         )
         if record is not None:
             request.timeline.tier_found = self.cache.tier(record.uid)
-            telemetry.adapter_lookup(request.timeline.tier_found)
         with self._cond:
             if self._stopping:
                 raise ShuttingDown("the server is shutting down")
             request.arrival_step = self._steps
             self._scheduler.push(request)
             self._cond.notify_all()
+        if record is not None:
+            telemetry.adapter_lookup(request.timeline.tier_found)
         return request
 
     def stats(self) -> EngineStats:
@@ -429,10 +430,8 @@ class Engine:
         """Whether waiting requests should be prefilled now, stalling the running rows for one
         pass. Prefilling several prompts together costs much less per token than one at a
         time, so while rows decode, requests join once they are a `join_ratio` share of the
-        running rows, could fill the batch, or the oldest has waited `join_max_steps` steps."""
-        waiting = len(self._scheduler)
-        free = self.settings.max_batch_size - running
-        if waiting >= free or waiting >= self.settings.join_ratio * running:
+        running rows, or the oldest has waited `join_max_steps` steps."""
+        if len(self._scheduler) >= self.settings.join_ratio * running:
             return True
         return self._steps - self._scheduler.oldest().arrival_step >= self.settings.join_max_steps
 
