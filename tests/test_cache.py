@@ -79,7 +79,7 @@ def test_lru_promotion_and_eviction_step_by_step():
     # the evicted adapter's host copy is exactly what went into the slot
     back = cache._host[2]
     assert torch.equal(back.modules["q_proj"].a, weights(2).modules["q_proj"].a) and back.modules["v_proj"].scale == 4.0
-    assert torch.equal(bank.layers["q_proj"].lora_A[0, :2], weights(1).modules["q_proj"].a)
+    assert torch.equal(bank.layers["q_proj"].lora_A_t[0, :, :2], weights(1).modules["q_proj"].a.T)
     cache.release(1)
 
 
@@ -119,10 +119,10 @@ def test_remove_while_in_use_frees_and_zeroes_the_slot_on_release():
     cache.acquire(1)
     cache.remove(1)
     assert cache.snapshot().slot_table == (1, None)  # still serving the running request
-    assert bank.layers["q_proj"].lora_A[0].abs().sum() > 0
+    assert bank.layers["q_proj"].lora_A_t[0].abs().sum() > 0
     cache.release(1)
     assert cache.snapshot().slot_table == (None, None)
-    assert bank.layers["q_proj"].lora_A[0].abs().sum() == 0 and bank.layers["v_proj"].scale[0] == 0
+    assert bank.layers["q_proj"].lora_A_t[0].abs().sum() == 0 and bank.layers["v_proj"].scale[0] == 0
 
 
 def test_adapter_larger_than_host_tier_goes_straight_to_a_slot():

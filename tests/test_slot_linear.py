@@ -50,12 +50,12 @@ def test_refilling_a_slot_with_lower_rank_leaves_no_old_weights():
     layer.fill(0, torch.randn(4, 6), torch.randn(5, 4), 1.0)
     a, b = torch.randn(1, 6), torch.randn(5, 1)
     layer.fill(0, a, b, 2.0)
-    assert torch.equal(layer.lora_A[0, 1:], torch.zeros(3, 6))
-    assert torch.equal(layer.lora_B[0, :, 1:], torch.zeros(5, 3))
+    assert torch.equal(layer.lora_A_t[0, :, 1:], torch.zeros(6, 3))  # A^T [in, R]: ranks 1..3 zeroed
+    assert torch.equal(layer.lora_B_t[0, 1:], torch.zeros(3, 5))  # B^T [R, out]
     ra, rb = layer.read(0, 1)
     assert torch.equal(ra, a) and torch.equal(rb, b) and layer.scale[0].item() == 2.0
     layer.clear(0)
-    assert layer.lora_A[0].abs().sum() == 0 and layer.lora_B[0].abs().sum() == 0 and layer.scale[0] == 0
+    assert layer.lora_A_t[0].abs().sum() == 0 and layer.lora_B_t[0].abs().sum() == 0 and layer.scale[0] == 0
 
 
 def test_gathered_weights_are_reused_only_while_routing_and_slots_stay_the_same():

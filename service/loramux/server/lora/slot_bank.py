@@ -35,7 +35,7 @@ class SlotBank:
             raise ValueError(f"the model has no nn.Linear named any of {sorted(targets)}")
         # Bytes one row's gathered weights take across all layers (see LoraRouting).
         per_row = sum(
-            max_rank * (layer.in_features + layer.out_features) * layer.lora_A.element_size()
+            max_rank * (layer.in_features + layer.out_features) * layer.lora_A_t.element_size()
             for layer in self.layers.values()
         )
         self.routing.cache_rows = gather_cache_bytes // per_row

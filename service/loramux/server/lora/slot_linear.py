@@ -4,6 +4,9 @@ For row i of a batch, routed to slot s = slot_index[i]:
 
     y_i = base(x_i) + scale[s] * (x_i @ A[s]^T) @ B[s]^T
 
+The slots store A^T and B^T (`lora_A_t [S+1, in, R]`, `lora_B_t [S+1, R, out]`), so the
+rows gathered from them are already laid out for `bmm`.
+
 The adapters' weights live in preallocated tensors with one extra, permanently zero slot
 (index `num_slots`) for rows served by the base model alone: such a row gets
 base(x) + 0.0, which is exactly base(x). Ranks below the slot rank are zero-padded, and a
@@ -52,11 +55,11 @@ class SlotLinear(nn.Module):
         out_features, in_features = w.shape
         # Not persistent: the slots are serving state, never part of a checkpoint.
         self.register_buffer(
-            "lora_A", torch.zeros(num_slots + 1, max_rank, in_features, dtype=w.dtype, device=w.device), persistent=False
-        )  # [S+1, R, in]
+            "lora_A_t", torch.zeros(num_slots + 1, in_features, max_rank, dtype=w.dtype, device=w.device), persistent=False
+        )  # [S+1, in, R]: A^T
         self.register_buffer(
-            "lora_B", torch.zeros(num_slots + 1, out_features, max_rank, dtype=w.dtype, device=w.device), persistent=False
-        )  # [S+1, out, R]
+            "lora_B_t", torch.zeros(num_slots + 1, max_rank, out_features, dtype=w.dtype, device=w.device), persistent=False
+        )  # [S+1, R, out]: B^T
         self.register_buffer("scale", torch.zeros(num_slots + 1, dtype=w.dtype, device=w.device), persistent=False)  # [S+1]
         # (routing tensor, slot generation) -> per-row A^T [batch, in, R], B^T [batch, R, out], scale [batch, 1, 1]
         self._gathered: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -67,11 +70,11 @@ class SlotLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.lora_A.shape[2]
+        return self.lora_A_t.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.lora_B.shape[1]
+        return self.lora_B_t.shape[2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in]
         result = self.base_layer(x)
@@ -92,16 +95,16 @@ class SlotLinear(nn.Module):
         s = self.scale.index_select(0, idx).view(-1, 1, 1)
         if rows > routing.cache_rows:  # over the memory bound: fresh copies, dropped after the pass
             self._gathered = None
-            return self.lora_A.index_select(0, idx).transpose(1, 2), self.lora_B.index_select(0, idx).transpose(1, 2), s
+            return self.lora_A_t.index_select(0, idx), self.lora_B_t.index_select(0, idx), s
         if self._buffer_a is None or self._buffer_a.shape[0] < rows:
             # Room for the next power of two of rows (within the bound), reused from then on.
             capacity = min(routing.cache_rows, 1 << (rows - 1).bit_length())
-            self._buffer_a = self.lora_A.new_empty((capacity, *self.lora_A.shape[1:]))
-            self._buffer_b = self.lora_B.new_empty((capacity, *self.lora_B.shape[1:]))
-        a = torch.index_select(self.lora_A, 0, idx, out=self._buffer_a[:rows])
-        b = torch.index_select(self.lora_B, 0, idx, out=self._buffer_b[:rows])
-        self._gathered = (idx, routing.generation, a.transpose(1, 2), b.transpose(1, 2), s)
-        return self._gathered[2], self._gathered[3], s
+            self._buffer_a = self.lora_A_t.new_empty((capacity, *self.lora_A_t.shape[1:]))
+            self._buffer_b = self.lora_B_t.new_empty((capacity, *self.lora_B_t.shape[1:]))
+        a_t = torch.index_select(self.lora_A_t, 0, idx, out=self._buffer_a[:rows])
+        b_t = torch.index_select(self.lora_B_t, 0, idx, out=self._buffer_b[:rows])
+        self._gathered = (idx, routing.generation, a_t, b_t, s)
+        return a_t, b_t, s
 
     @torch.no_grad()
     def fill(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
@@ -109,17 +112,19 @@ class SlotLinear(nn.Module):
         r = a.shape[0]
         self.clear(slot)
         self.routing.generation += 1
-        self.lora_A[slot, :r].copy_(a, non_blocking=True)
-        self.lora_B[slot, :, :r].copy_(b, non_blocking=True)
+        self.lora_A_t[slot, :, :r].copy_(a.T, non_blocking=True)
+        self.lora_B_t[slot, :r].copy_(b.T, non_blocking=True)
         self.scale[slot] = scale
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         self.routing.generation += 1
-        self.lora_A[slot].zero_()
-        self.lora_B[slot].zero_()
+        self.lora_A_t[slot].zero_()
+        self.lora_B_t[slot].zero_()
         self.scale[slot] = 0.0
 
     def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's unpadded A [r, in] and B [out, r], as host copies."""
-        return self.lora_A[slot, :rank].to("cpu", copy=True), self.lora_B[slot, :, :rank].to("cpu", copy=True)
+        a = self.lora_A_t[slot, :, :rank].T.to("cpu", copy=True).contiguous()
+        b = self.lora_B_t[slot, :rank].T.to("cpu", copy=True).contiguous()
+        return a, b
