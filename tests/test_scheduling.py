@@ -303,16 +303,20 @@ def test_a_lone_arrival_joins_a_busy_batch_after_join_max_steps(assets):
             submit(engine, rec, f"r{i}", a, p)
         gate.set()
         rec.wait_tokens("r0", 2)
-        with rec._lock:
-            mark = len(rec.log)
-            steps_at_submit = engine.stats().steps
-        submit(engine, rec, "late", "", PROMPTS[2], n=4)  # 1 waiting < 1.0 x 4 running
+        record = rec.emit_for("late")
+        steps_at_first_token = []
+
+        def emit(event):
+            if isinstance(event, TokenEvent) and not steps_at_first_token:
+                steps_at_first_token.append(engine.stats().steps)  # on the engine thread, in the prefill
+            record(event)
+
+        late = engine.submit("default", GenerateInput(prompt=PROMPTS[2], max_new_tokens=4), emit)  # 1 waiting < 1.0 x 4 running
         rec.wait_all()
-        joined = rec.index("late", TokenEvent)
-        r0_tokens_between = sum(1 for n, e in rec.log[mark:joined] if n == "r0" and isinstance(e, TokenEvent))
-        assert r0_tokens_between >= 3  # it waited 3 decode steps before its prefill
-        assert joined < rec.index("r0", FinishEvent)  # but did not wait for the batch to finish
+        # Prefilled exactly when the oldest waiter had waited 3 decode steps, not before and
+        # not at the end of the running batch.
+        assert steps_at_first_token[0] - late.arrival_step == 3
+        assert rec.index("late", TokenEvent) < rec.index("r0", FinishEvent)
         assert rec.token_ids("late") == assets.oracle(None, PROMPTS[2], 4)
-        assert engine.stats().steps > steps_at_submit
     finally:
         engine.stop()

@@ -160,8 +160,6 @@ def _serve(args) -> int:
 
     from loramux.server.telemetry.logs import configure_logging
 
-    configure_logging(args.log_level, args.log_format)
-
     def env(flag, name: str, default):
         """A flag, else the standard OpenTelemetry environment variable, else the default."""
         return flag if flag is not None else os.environ.get(name, default)
@@ -212,6 +210,7 @@ def _serve(args) -> int:
         flag = _FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
         print(f"error: {flag}: {e.message}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, args.log_format)
     asyncio.run(serve(settings))
     return 0
 
