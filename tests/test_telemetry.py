@@ -260,8 +260,7 @@ def test_prometheus_endpoint_moves_with_requests_and_evictions(assets, tmp_path)
         tokens = 0
         for adapter in ("qv-r4", "mlp-r2", "qv-r4"):  # one slot: each switch evicts the other
             tokens += len(client.generate(prompt=PROMPTS[0], adapter_id=adapter, max_new_tokens=N).token_ids)
-        time.sleep(0.1)  # the last row releases its adapter just after the reply
-        after = scrape(port)
+        after = scrape(port)  # everything below is recorded before the reply is sent
         ok = (("rpc_grpc_status_code", "OK"), ("rpc_method", "Generate"))
         assert after[("loramux_rpc_requests_total", ok)] == 3
         assert after[("loramux_rpc_duration_seconds_count", ok)] == 3

@@ -264,23 +264,26 @@ class Engine:
             started = time.perf_counter()
             attributes = {"loramux.tenant": tenant, "loramux.adapter.id": adapter_id, "loramux.operation": op.name}
             with tracer.start_as_current_span("loramux.merge", context=trace_context, attributes=attributes) as span:
-                outcome = "ok"
                 try:
-                    self._merge(op, record, adapter_id, target)
+                    result = self._merge(op, record, adapter_id, target)
                 except BaseException as e:
-                    outcome = "error"
                     error = e if isinstance(e, LoramuxError) else LoramuxError(f"merge failed: {type(e).__name__}: {e}")
                     if not isinstance(e, LoramuxError):
                         log.exception("merge %s failed", op.name)
                     span.set_status(StatusCode.ERROR, error.message)
                     span.set_attribute("error.type", error.reason)
+                    # Metrics first: whoever waits on the operation may read them at once.
+                    self.telemetry.merge_duration.record(time.perf_counter() - started, {"outcome": "error"})
                     self.operations.finish(op, error=error)
-                self.telemetry.merge_duration.record(time.perf_counter() - started, {"outcome": outcome})
+                    return
+                self.telemetry.merge_duration.record(time.perf_counter() - started, {"outcome": "ok"})
+                self.operations.update(op, phase="done")
+                self.operations.finish(op, result=result)
 
         self._merges.submit(work)
         return op
 
-    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target) -> None:
+    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target) -> MergeResult:
         """The merge itself, on the merge thread, one child span per phase."""
         tracer = self.telemetry.tracer
         self.operations.update(op, phase="merging")
@@ -310,8 +313,7 @@ class Engine:
             raise
         finally:
             phase["span"].end()
-        self.operations.update(op, phase="done")
-        self.operations.finish(op, result=result)
+        return result
 
     def call_on_engine(self, fn: Callable[[], T]) -> Future:
         """Run `fn` on the engine thread between batches."""
