@@ -13,6 +13,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
@@ -22,6 +23,8 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client.parser import text_string_to_metric_families
 
 import loramux.client as lc
+from loramux.client.errors import from_rpc_error
+from loramux.v1 import adapter_pb2
 from conftest import PROMPTS
 from loramux.server.app import BackgroundServer
 from loramux.server.telemetry.logs import JsonFormatter
@@ -56,7 +59,7 @@ def spans_after(exporter, call, expect: set[str], timeout=10.0):
     except lc.LoramuxError as e:
         result = e
     # An RPC's name is expected twice: its client span and its server span.
-    wanted = {(n, k) for n in expect for k in ((SpanKind.CLIENT, SpanKind.SERVER) if n.startswith(SERVICE) else (None,))}
+    wanted = {(n, k) for n in expect for k in ((SpanKind.CLIENT, SpanKind.SERVER) if n.startswith("/") else (None,))}
     deadline = time.monotonic() + timeout
     while True:
         spans = exporter.get_finished_spans()
@@ -67,9 +70,9 @@ def spans_after(exporter, call, expect: set[str], timeout=10.0):
         time.sleep(0.01)
 
 
-def rpc_pair(spans, method):
-    client = next(s for s in spans if s.name == SERVICE + method and s.kind is SpanKind.CLIENT)
-    server = next(s for s in spans if s.name == SERVICE + method and s.kind is SpanKind.SERVER)
+def rpc_pair(spans, method, service=SERVICE):
+    client = next(s for s in spans if s.name == service + method and s.kind is SpanKind.CLIENT)
+    server = next(s for s in spans if s.name == service + method and s.kind is SpanKind.SERVER)
     assert server.context.trace_id == client.context.trace_id
     assert server.parent.span_id == client.context.span_id
     return client, server
@@ -140,6 +143,14 @@ def test_failing_call_records_the_real_status_code(traced):
     assert not [s for s in spans if s.name.startswith("loramux.")]  # refused before reaching the engine
 
 
+def raw(stub_method, request):
+    """A call through the client's own (traced) stub, for requests its methods never send."""
+    try:
+        return stub_method(request, timeout=60)
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from None
+
+
 def test_every_rpc_is_traced_but_health_checks(assets, traced, tmp_path):
     server, client, exporter = traced
     calls = [
@@ -152,6 +163,22 @@ def test_every_rpc_is_traced_but_health_checks(assets, traced, tmp_path):
     for method, call in calls:
         _, spans = spans_after(exporter, call, {SERVICE + method})
         rpc_pair(spans, method)
+    failing = [
+        ("LoadAdapter", lambda: client.load_adapter("x", source="../../etc"), grpc.StatusCode.INVALID_ARGUMENT, "SOURCE_OUTSIDE_ROOT"),
+        ("GetAdapter", lambda: client.get_adapter("nope"), grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND"),
+        ("ListAdapters", lambda: raw(client._stub.ListAdapters, adapter_pb2.ListAdaptersRequest(page_token="garbage")),
+         grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_TOKEN"),
+        ("UnloadAdapter", lambda: client.unload_adapter("nope"), grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND"),
+        ("Merge", lambda: client.merge("nope", "out"), grpc.StatusCode.NOT_FOUND, "ADAPTER_NOT_FOUND"),
+        ("GenerateStream", lambda: list(client.generate_stream(prompt="x", adapter_id="nope")), grpc.StatusCode.NOT_FOUND,
+         "ADAPTER_NOT_FOUND"),
+    ]
+    for method, call, code, reason in failing:
+        error, spans = spans_after(exporter, call, {SERVICE + method})
+        assert error.code is code and error.reason == reason, (method, error)
+        client_span, server_span = rpc_pair(spans, method)
+        assert server_span.status.status_code is StatusCode.ERROR and server_span.attributes["error.type"] == reason
+        assert server_span.attributes["rpc.grpc.status_code"] == client_span.attributes["rpc.grpc.status_code"] == code.value[0]
     channel = grpc.insecure_channel(server.target)
     _, spans = spans_after(exporter, lambda: health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest()),
                            set(), timeout=0)
@@ -166,7 +193,8 @@ def test_merge_phases_are_spans_under_the_merge_call(traced):
     phases = {"loramux.merge.read_adapter", "loramux.merge.merge_tensors", "loramux.merge.write_checkpoint"}
     handle, spans = spans_after(exporter, lambda: client.merge("mlp-r2", "traced-merge"),
                                 {SERVICE + "Merge", "loramux.merge", *phases})
-    handle.result(timeout=60)
+    _, wait_spans = spans_after(exporter, lambda: handle.result(timeout=60), {"/google.longrunning.Operations/WaitOperation"})
+    rpc_pair(wait_spans, "WaitOperation", service="/google.longrunning.Operations/")
     _, server_span = rpc_pair(spans, "Merge")
     merge = next(s for s in spans if s.name == "loramux.merge")
     assert merge.parent.span_id == server_span.context.span_id and merge.attributes["loramux.adapter.id"] == "mlp-r2"
@@ -179,10 +207,24 @@ def test_merge_phases_are_spans_under_the_merge_call(traced):
 class _TraceReceiver(trace_service_pb2_grpc.TraceServiceServicer):
     def __init__(self):
         self.requests = []
+        self.metrics = []
 
     def Export(self, request, context):
         self.requests.append(request)
         return trace_service_pb2.ExportTraceServiceResponse()
+
+
+class _MetricsReceiver(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, into: list):
+        self.into = into
+
+    def Export(self, request, context):
+        self.into.append(request)
+        return metrics_service_pb2.ExportMetricsServiceResponse()
+
+
+def _metric_names(requests):
+    return {m.name for r in requests for rm in r.resource_metrics for sm in rm.scope_metrics for m in sm.metrics}
 
 
 def _received(requests):
@@ -197,11 +239,12 @@ def _received(requests):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
-def test_spans_reach_a_real_otlp_receiver(assets, protocol):
+def test_spans_and_metrics_reach_a_real_otlp_receiver(assets, protocol):
     receiver = _TraceReceiver()
     if protocol == "grpc":
         collector = grpc.server(futures.ThreadPoolExecutor(2))
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(receiver, collector)
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_MetricsReceiver(receiver.metrics), collector)
         port = collector.add_insecure_port("127.0.0.1:0")
         collector.start()
         stop = lambda: collector.stop(0)  # noqa: E731
@@ -209,12 +252,17 @@ def test_spans_reach_a_real_otlp_receiver(assets, protocol):
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
-                assert self.path == "/v1/traces"
-                receiver.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                if self.path == "/v1/traces":
+                    receiver.requests.append(trace_service_pb2.ExportTraceServiceRequest.FromString(body))
+                    reply = trace_service_pb2.ExportTraceServiceResponse()
+                else:
+                    assert self.path == "/v1/metrics", self.path
+                    receiver.metrics.append(metrics_service_pb2.ExportMetricsServiceRequest.FromString(body))
+                    reply = metrics_service_pb2.ExportMetricsServiceResponse()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/x-protobuf")
                 self.end_headers()
-                self.wfile.write(trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
+                self.wfile.write(reply.SerializeToString())
 
             def log_message(self, *args):
                 pass
@@ -226,7 +274,7 @@ def test_spans_reach_a_real_otlp_receiver(assets, protocol):
         threading.Thread(target=collector.serve_forever, daemon=True).start()
         stop = collector.shutdown
     try:
-        settings = assets.settings(traces_exporters=("otlp",), otlp_protocol=protocol,
+        settings = assets.settings(traces_exporters=("otlp",), metrics_exporters=("otlp",), otlp_protocol=protocol,
                                    otlp_endpoint=f"http://127.0.0.1:{port}", service_name="loramux-otlp-test")
         with BackgroundServer(settings) as server:
             with lc.Client(server.target, timeout=60) as client:
@@ -234,6 +282,8 @@ def test_spans_reach_a_real_otlp_receiver(assets, protocol):
         # Stopping the server shut its telemetry down, which flushed the batch processor.
         names = _received(receiver.requests)["loramux-otlp-test"]
         assert {SERVICE + "Generate", "loramux.queue", "loramux.prefill", "loramux.decode"} <= names
+        # Metrics too: the periodic reader exports once more when it shuts down.
+        assert {"loramux.rpc.requests", "loramux.generate.tokens", "loramux.queue.depth"} <= _metric_names(receiver.metrics)
     finally:
         stop()
 
@@ -351,3 +401,13 @@ def test_pinned_gauge_follows_pins(traced):
     assert resident[(("tier", "accelerator"),)] >= 1
     client.unload_adapter("rslora-r8")
     assert gauge(reader, "loramux.adapter.pinned") == {(): 0}
+
+
+def test_console_exporter_prints_spans_at_shutdown(assets, capsys):
+    telemetry = build_telemetry(assets.settings(traces_exporters=("console",)))
+    with telemetry.tracer.start_as_current_span("loramux.console-check"):
+        pass
+    telemetry.shutdown()  # flushes the batch processor
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["name"] == "loramux.console-check"
+    assert printed["resource"]["attributes"]["service.name"] == "loramux"

@@ -8,6 +8,7 @@ at import.
 
 from __future__ import annotations
 
+import sys
 from importlib import metadata
 
 from loramux.server.settings import Settings
@@ -65,7 +66,7 @@ def _span_exporter(name: str, settings: Settings):
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-        return ConsoleSpanExporter()
+        return ConsoleSpanExporter(out=sys.stdout)  # the stream of now, not of import time
     if settings.otlp_protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
@@ -80,7 +81,7 @@ def _metric_exporter(name: str, settings: Settings):
     if name == "console":
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
 
-        return ConsoleMetricExporter()
+        return ConsoleMetricExporter(out=sys.stdout)
     if settings.otlp_protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
 
