@@ -329,6 +329,14 @@ def test_prometheus_endpoint_moves_with_requests_and_evictions(assets, tmp_path)
             client.generate(prompt="x", adapter_id="nope")
         failed = scrape(port)[("loramux_rpc_requests_total", (("rpc_grpc_status_code", "NOT_FOUND"), ("rpc_method", "Generate")))]
         assert failed == 1
+        stream = client.generate_stream(prompt=PROMPTS[0], max_new_tokens=40)
+        next(stream)
+        stream.close()  # the caller goes away mid-stream
+        cancelled = ("loramux_rpc_requests_total", (("rpc_grpc_status_code", "CANCELLED"), ("rpc_method", "GenerateStream")))
+        deadline = time.monotonic() + 10
+        while scrape(port).get(cancelled) != 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert scrape(port)[cancelled] == 1
         client.merge("qv-r4", "m1").result(timeout=60)
         merged = scrape(port)
         assert merged[("loramux_merge_duration_seconds_count", (("outcome", "ok"),))] == 1

@@ -71,7 +71,7 @@ def maps_errors(method):
             try:
                 async for item in method(self, request, context):
                     yield item
-            except asyncio.CancelledError:
+            except (asyncio.CancelledError, GeneratorExit):  # the caller went away mid-stream
                 _finished(self, name, started, grpc.StatusCode.CANCELLED)
                 raise
             except Exception as e:
