@@ -15,7 +15,7 @@ from loramux.server.app import BackgroundServer
 from loramux.server.base_model import load_base_model
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.inputs import GenerateInput
-from loramux.server.engine.request import ErrorEvent, FinishEvent, TokenEvent
+from loramux.server.engine.request import FinishEvent, TokenEvent
 from loramux.server.errors import Cancelled, InvalidRequest, QueueFull
 
 N = 24

@@ -1,6 +1,7 @@
 import torch
 from torch import nn
 
+from loramux.server.lora.slot_bank import SlotBank
 from loramux.server.lora.slot_linear import LoraRouting, SlotLinear
 
 
@@ -15,7 +16,7 @@ def test_rows_without_adapter_get_exactly_the_base_output():
     layer, routing = make_layer()
     layer.fill(0, torch.randn(4, 6), torch.randn(5, 4), 2.0)
     x = torch.randn(3, 2, 6)
-    routing.set(torch.tensor([3, 0, 3]), base_slot=3)
+    routing.slot_index = torch.tensor([3, 0, 3])  # slot 3 = the zero slot
     out = layer(x)
     base = layer.base_layer(x)
     assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2])
@@ -23,10 +24,14 @@ def test_rows_without_adapter_get_exactly_the_base_output():
 
 
 def test_all_base_rows_skip_lora():
-    layer, routing = make_layer()
-    routing.set(torch.tensor([3, 3]), base_slot=3)
-    assert routing.slot_index is None
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(6, 5))
+    bank = SlotBank(model, ("q_proj",), num_slots=3, max_rank=4)
+    assert bank.routing_index([3, 3], torch.device("cpu")) is None  # no row has an adapter
+    assert torch.equal(bank.routing_index([3, 0], torch.device("cpu")), torch.tensor([3, 0]))
+    bank.route(None)
     x = torch.randn(2, 1, 6)
+    layer = bank.layers["q_proj"]
     assert torch.equal(layer(x), layer.base_layer(x))
 
 
@@ -37,7 +42,7 @@ def test_mixed_rows_match_per_adapter_lora_with_rank_padding():
     layer.fill(0, a0, b0, 0.5)
     layer.fill(1, a1, b1, 3.0)
     x = torch.randn(3, 4, 6)
-    routing.set(torch.tensor([1, 0, 1]), base_slot=3)
+    routing.slot_index = torch.tensor([1, 0, 1])
     out = layer(x)
     base = layer.base_layer(x)
     torch.testing.assert_close(out[0], base[0] + (x[0] @ a1.T @ b1.T) * 3.0, rtol=0, atol=1e-5)

@@ -2,9 +2,11 @@
 and server in one trace), spans reaching a real OTLP receiver, a Prometheus scrape whose
 numbers move as requests run and adapters are evicted, and JSON logs carrying trace ids."""
 
+import asyncio
 import io
 import json
 import logging
+import threading
 import time
 import urllib.request
 from concurrent import futures
@@ -124,8 +126,6 @@ def test_async_client_calls_join_the_server_trace(traced):
     async def call():
         async with lc.AsyncClient(server.target, timeout=60, tracer_provider=provider) as client:
             return await client.generate(prompt=PROMPTS[2], max_new_tokens=2)
-
-    import asyncio
 
     result, spans = spans_after(exporter, lambda: asyncio.run(call()), {SERVICE + "Generate", "loramux.decode"})
     _, server_span = rpc_pair(spans, "Generate")  # the pair shares one trace, server under client
@@ -269,8 +269,6 @@ def test_spans_and_metrics_reach_a_real_otlp_receiver(assets, protocol):
 
         collector = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         port = collector.server_port
-        import threading
-
         threading.Thread(target=collector.serve_forever, daemon=True).start()
         stop = collector.shutdown
     try:
@@ -365,7 +363,7 @@ def test_json_logs_carry_the_request_trace(assets, traced):
 
 def test_a_request_that_dies_in_the_queue_marks_its_queue_span(traced):
     server, client, exporter = traced
-    gate, entered = __import__("threading").Event(), __import__("threading").Event()
+    gate, entered = threading.Event(), threading.Event()
 
     def hold():
         entered.set()

@@ -85,7 +85,7 @@ def merge_to_checkpoint(
             progress(done, total)
         if merged != len(weights.modules):
             raise LoramuxError(f"merged {merged} of the adapter's {len(weights.modules)} modules", reason="MERGE_INCOMPLETE")
-        files = _write_shards(tmp, shards)
+        _write_shards(tmp, shards)
         base.model.config.save_pretrained(str(tmp))
         if getattr(base.model, "generation_config", None) is not None:
             base.model.generation_config.save_pretrained(str(tmp))

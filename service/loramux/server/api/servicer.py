@@ -230,7 +230,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
 
     @maps_errors
     async def GetServerInfo(self, request, context):
-        engine, base, settings = self._engine, self._engine.base, self._engine.settings
+        base, settings = self._engine.base, self._engine.settings
         return loramux_service_pb2.ServerInfo(
             model_id=settings.served_model_name,
             model_revision=base.revision,

@@ -42,7 +42,6 @@ from loramux.server.errors import Cancelled, DeadlineExceeded, LoramuxError
 class Row:
     request: GenerationRequest
     slot: int  # adapter slot, or the bank's base slot
-    max_new_tokens: int  # capped by the model's context length
     detokenizer: Detokenizer
     generator: torch.Generator | None
     seen: torch.Tensor  # [prompt + generated] token ids, for the repetition penalty
@@ -50,16 +49,14 @@ class Row:
     stop_tokens: frozenset[int]  # the model's EOS ids and the request's stop_token_ids
     generated: int = 0
     first_token_at: float | None = None
-    last_token_at: float | None = None
     done: bool = False
 
 
 def new_row(base: BaseModel, request: GenerationRequest, slot: int, now: float) -> Row:
-    room = base.max_sequence_length - len(request.prompt_ids)
+    """A row for an admitted request (its max_new_tokens already fits the context: Engine.submit)."""
     return Row(
         request=request,
         slot=slot,
-        max_new_tokens=min(request.params.max_new_tokens, room),
         detokenizer=Detokenizer(base.tokenizer, request.params.stop),
         generator=new_generator(request.params, base.device),
         seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=base.device),
@@ -95,7 +92,7 @@ class Batch:
 
     def tokens_reserved(self) -> int:
         """Prompt plus still-possible output tokens of every row: what admission budgets against."""
-        return sum(len(r.request.prompt_ids) + r.max_new_tokens for r in self.rows)
+        return sum(r.request.tokens_reserved for r in self.rows)
 
     # -- the four operations ------------------------------------------------------------
 
@@ -223,7 +220,6 @@ def _advance(row: Row, token: int, logprob: float | None, now: float, token_t: t
     row.generated += 1
     if row.first_token_at is None:
         row.first_token_at = now
-    row.last_token_at = now
     request.timeline.generated = row.generated
     if params.repetition_penalty != 1.0:
         row.seen = torch.cat([row.seen, token_t])
@@ -233,7 +229,7 @@ def _advance(row: Row, token: int, logprob: float | None, now: float, token_t: t
         reason = FinishReason.STOP_SEQUENCE
     elif token in row.stop_tokens:
         reason = FinishReason.STOP_TOKEN
-    elif row.generated >= row.max_new_tokens:
+    elif row.generated >= params.max_new_tokens:
         reason = FinishReason.LENGTH
     request.emit(TokenEvent([token], [logprob] if params.return_logprobs else [], text))
     if reason is not None:

@@ -34,7 +34,6 @@ from loramux.server.engine.scheduler import Scheduler
 from loramux.server.engine.request import (
     ErrorEvent,
     Event,
-    FinishEvent,
     GenerationRequest,
     TokenEvent,
 )

@@ -38,11 +38,6 @@ class LoraRouting:
         self.generation = 0  # bumped whenever a slot's weights change
         self.cache_rows = 0  # batches up to this many rows keep their gathered weights
 
-    def set(self, slot_index: torch.Tensor | None, base_slot: int) -> None:
-        if slot_index is not None and bool((slot_index == base_slot).all()):
-            slot_index = None
-        self.slot_index = slot_index
-
 
 class SlotLinear(nn.Module):
     def __init__(self, base_layer: nn.Linear, num_slots: int, max_rank: int, routing: LoraRouting):
