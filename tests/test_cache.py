@@ -103,7 +103,7 @@ def test_pinned_adapter_stays_in_its_slot():
     for u in (1, 2, 3, 4):
         cache.add(u, weights(u))
     cache.acquire(1)
-    cache.pin(1)
+    assert cache.pin(1, max_pinned=1)
     cache.release(1)
     for u in (2, 3, 4, 2, 3):
         slot = cache.acquire(u)

@@ -91,7 +91,7 @@ def test_shapes_of_another_model_refused(assets, view, tmp_path):
     make_adapter(tmp_path / "wide", assets.adapters / "wide", r=4, base_model_name=str(assets.base))
     with pytest.raises(AdapterIncompatible) as e:
         read_checkpoint(assets.adapters / "wide", view)
-    assert e.value.reason == "ADAPTER_INCOMPATIBLE" and "do not fit" in e.value.message
+    assert e.value.reason == "ADAPTER_INCOMPATIBLE" and "does not fit" in e.value.message
 
 
 def test_pickle_weights_refused_unless_allowed(assets, base_model, view):

@@ -12,24 +12,27 @@ import logging
 import signal
 
 import grpc
-from google.longrunning import operations_pb2_grpc
+from google.longrunning import operations_pb2
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from loramux.server.api.operations_servicer import OperationsServicer
-from loramux.server.api.servicer import LoramuxServicer
+from loramux.server.api.servicer import LoramuxServicer, Malformed, Pools
 from loramux.server.base_model import load_base_model
 from loramux.server.engine.engine import Engine
 from loramux.server.settings import Settings
 from loramux.server.telemetry.providers import build_telemetry
 from loramux.server.telemetry.signals import Telemetry
-from loramux.v1 import loramux_service_pb2, loramux_service_pb2_grpc
+from loramux.v1 import loramux_service_pb2
 
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"].full_name
 OPERATIONS_SERVICE = "google.longrunning.Operations"
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+_MIN_RECEIVE_BYTES = 4 * 1024 * 1024
 
 
 @dataclasses.dataclass
@@ -38,13 +41,67 @@ class RunningServer:
     port: int
     engine: Engine
     health: health.aio.HealthServicer
+    servicer: LoramuxServicer
+    pools: Pools
+    watchdog: asyncio.Task
 
     async def stop(self, grace: float | None = None) -> None:
-        """Report NOT_SERVING, let calls in flight finish for `grace` seconds, stop the engine."""
+        """Shut down in order: health says NOT_SERVING and new calls get SHUTTING_DOWN while the
+        listener stays open; work in flight finishes for up to `grace` seconds; what is left is
+        answered with SHUTTING_DOWN; then the listener closes and the engine stops."""
         grace = self.engine.settings.shutdown_grace_s if grace is None else grace
+        self.servicer.draining = True
+        self.watchdog.cancel()
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(grace)
-        await asyncio.get_running_loop().run_in_executor(None, self.engine.stop)
+        loop = asyncio.get_running_loop()
+        finished = await loop.run_in_executor(None, self.engine.drain, grace)
+        if not finished:
+            log.warning("shutdown: work still running after %.1fs was ended with SHUTTING_DOWN", grace)
+        await self.server.stop(_FINAL_FLUSH_S)  # the last answers go out
+        await loop.run_in_executor(None, self.engine.stop)
+        self.pools.shutdown()
+
+
+_FINAL_FLUSH_S = 2.0
+_HEALTH_PERIOD_S = 1.0
+_SERVICES = ("", SERVICE_NAME, OPERATIONS_SERVICE)
+
+
+def _lenient_handlers(service, servicer) -> grpc.GenericRpcHandler:
+    """The service's method handlers, with a deserializer that never raises: a body that does
+    not parse reaches the servicer as `Malformed`, which answers INVALID_ARGUMENT /
+    MALFORMED_REQUEST (gRPC itself would answer INTERNAL)."""
+    handlers = {}
+    for method in service.methods:
+        request_cls = message_factory.GetMessageClass(method.input_type)
+        response_cls = message_factory.GetMessageClass(method.output_type)
+
+        def parse(data: bytes, cls=request_cls):
+            try:
+                return cls.FromString(data)
+            except DecodeError as e:
+                return Malformed(cls.DESCRIPTOR.full_name, str(e))
+
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            getattr(servicer, method.name), request_deserializer=parse, response_serializer=response_cls.SerializeToString
+        )
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
+
+
+async def _watch_health(engine: Engine, health_servicer: health.aio.HealthServicer) -> None:
+    """NOT_SERVING while the engine cannot make progress (its thread died, or one pass has run
+    longer than engine_stall_s); SERVING again once it does."""
+    serving = True
+    while True:
+        await asyncio.sleep(_HEALTH_PERIOD_S)
+        ok = engine.healthy(engine.settings.engine_stall_s)
+        if ok != serving:
+            serving = ok
+            status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            log.warning("engine %s: health %s", "recovered" if ok else "cannot make progress", "SERVING" if ok else "NOT_SERVING")
+            for service in _SERVICES:
+                await health_servicer.set(service, status)
 
 
 async def create_server(engine: Engine, host: str | None = None, port: int | None = None) -> RunningServer:
@@ -58,15 +115,21 @@ async def create_server(engine: Engine, host: str | None = None, port: int | Non
                 tracer_provider=engine.telemetry.tracer_provider, filter_=filters.negate(filters.health_check())
             )
         )
+    # A request holds at most the prompt text (bounded) or ids, stop strings and small fields.
+    max_receive = max(_MIN_RECEIVE_BYTES, 2 * settings.max_prompt_bytes + _MIN_RECEIVE_BYTES)
     server = grpc.aio.server(
         interceptors=interceptors,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", max_receive),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    loramux_service_pb2_grpc.add_LoramuxServicer_to_server(LoramuxServicer(engine), server)
-    operations_pb2_grpc.add_OperationsServicer_to_server(OperationsServicer(engine), server)
+    pools = Pools()
+    servicer = LoramuxServicer(engine, pools)
+    server.add_generic_rpc_handlers((
+        _lenient_handlers(loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"], servicer),
+        _lenient_handlers(operations_pb2.DESCRIPTOR.services_by_name["Operations"], OperationsServicer(engine, servicer)),
+    ))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -77,10 +140,13 @@ async def create_server(engine: Engine, host: str | None = None, port: int | Non
     if bound == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
-    for service in ("", SERVICE_NAME, OPERATIONS_SERVICE):
+    for service in _SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    log.info("loramux serving %s on %s:%d", settings.served_model_name, host or settings.host, bound)
-    return RunningServer(server=server, port=bound, engine=engine, health=health_servicer)
+    watchdog = asyncio.get_running_loop().create_task(_watch_health(engine, health_servicer))
+    log.info("loramux serving %s on %s:%d", settings.public_model_name, host or settings.host, bound)
+    return RunningServer(
+        server=server, port=bound, engine=engine, health=health_servicer, servicer=servicer, pools=pools, watchdog=watchdog
+    )
 
 
 def build_engine(settings: Settings, telemetry: Telemetry) -> Engine:

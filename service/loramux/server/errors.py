@@ -9,6 +9,10 @@ place (loramux.server.api.status); nothing else knows about gRPC.
 from __future__ import annotations
 
 import enum
+import logging
+import uuid
+
+log = logging.getLogger(__name__)
 
 
 class Kind(enum.Enum):
@@ -20,7 +24,16 @@ class Kind(enum.Enum):
     DEADLINE_EXCEEDED = "deadline_exceeded"
     CANCELLED = "cancelled"
     UNAVAILABLE = "unavailable"
+    ABORTED = "aborted"
     INTERNAL = "internal"
+
+
+MAX_MESSAGE_CHARS = 1024
+MAX_METADATA_CHARS = 256  # per value: request fields echoed back are cut to this
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 class LoramuxError(Exception):
@@ -36,13 +49,33 @@ class LoramuxError(Exception):
         retry_after_s: float | None = None,
         **metadata: object,
     ):
+        message = _cut(message, MAX_MESSAGE_CHARS)
         super().__init__(message)
         self.message = message
         self.field = field
         self.retry_after_s = retry_after_s  # sent as google.rpc.RetryInfo when set
         if reason is not None:
             self.reason = reason
-        self.metadata = {k: str(v) for k, v in metadata.items()}
+        self.metadata = {k: _cut(str(v), MAX_METADATA_CHARS) for k, v in metadata.items()}
+
+
+class InternalError(LoramuxError):
+    """Something went wrong that is not the caller's doing. Clients see only a correlation id;
+    the log line with the same id has the details."""
+
+    kind = Kind.INTERNAL
+    reason = "INTERNAL"
+
+    def __init__(self, correlation_id: str):
+        super().__init__(f"internal error (correlation id {correlation_id}); the server log has the details",
+                         correlation_id=correlation_id)
+
+    @classmethod
+    def logged(cls, error: BaseException, what: str = "unexpected error") -> InternalError:
+        """Log an unexpected exception (with its traceback) under a fresh correlation id."""
+        correlation_id = uuid.uuid4().hex[:16]
+        log.error("%s (correlation id %s)", what, correlation_id, exc_info=error, extra={"correlation_id": correlation_id})
+        return cls(correlation_id)
 
 
 class InvalidSettings(LoramuxError):
@@ -87,6 +120,13 @@ class SourceNotFound(LoramuxError):
     reason = "SOURCE_NOT_FOUND"
 
 
+class SourceUnavailable(LoramuxError):
+    """The source could not be fetched now (network, Hub errors); retrying may work."""
+
+    kind = Kind.UNAVAILABLE
+    reason = "SOURCE_UNAVAILABLE"
+
+
 class AdapterInvalid(LoramuxError):
     """The adapter's files are unreadable or not a LoRA checkpoint loramux can serve.
 
@@ -121,6 +161,29 @@ class PinLimit(LoramuxError):
     reason = "PIN_LIMIT_REACHED"
 
 
+class NoSlotFree(LoramuxError):
+    """warm/pin found every slot held by running requests or pins for longer than it may wait.
+    The registration stands; retrying later can succeed."""
+
+    kind = Kind.RESOURCE_EXHAUSTED
+    reason = "NO_SLOT_AVAILABLE"
+
+
+class NonFiniteOutput(LoramuxError):
+    """The model's scores for one row became NaN or infinite (an adapter's weights overflow the
+    serving dtype, say). Only that row fails."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "NON_FINITE_LOGITS"
+
+
+class Interrupted(LoramuxError):
+    """Work that a restart cut short (a merge running when the server stopped)."""
+
+    kind = Kind.ABORTED
+    reason = "INTERRUPTED_BY_RESTART"
+
+
 class MergeFailed(LoramuxError):
     kind = Kind.FAILED_PRECONDITION
     reason = "MERGE_NOT_CONFIGURED"
@@ -129,6 +192,13 @@ class MergeFailed(LoramuxError):
 class MergeOutputExists(LoramuxError):
     kind = Kind.ALREADY_EXISTS
     reason = "MERGE_OUTPUT_EXISTS"
+
+
+class MergeOutputForeign(LoramuxError):
+    """overwrite was asked for a directory that is not a previous merge's output."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "MERGE_OUTPUT_NOT_A_MERGE"
 
 
 class OperationNotFound(LoramuxError):
@@ -154,3 +224,10 @@ class Cancelled(LoramuxError):
 class ShuttingDown(LoramuxError):
     kind = Kind.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+
+
+class OutOfMemory(LoramuxError):
+    """The accelerator or host ran out of memory for a batch; only its requests fail."""
+
+    kind = Kind.RESOURCE_EXHAUSTED
+    reason = "OUT_OF_MEMORY"

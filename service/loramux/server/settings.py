@@ -80,6 +80,17 @@ class Settings:
     """Requests one tenant may have waiting (None: max_queue)."""
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int = 4096
+    max_prompt_bytes: int = 1 << 20
+    """Prompt text (prompt, or all messages) above this many UTF-8 bytes is refused before it is
+    tokenized (PROMPT_TOO_LONG), which bounds the time and memory one request spends tokenizing."""
+    slot_wait_s: float = 10.0
+    """LoadAdapter with warm or pin: how long to wait for a free slot (at most the call's
+    deadline) before answering NO_SLOT_AVAILABLE; the registration stands either way."""
+    engine_stall_s: float = 60.0
+    """Health reports NOT_SERVING while one engine pass has run longer than this, or the engine
+    thread has died."""
+    state_dir: Path | None = None
+    """Where registrations and operations are kept across restarts (None: nothing is kept)."""
     base_mismatch: str = "error"
     """When an adapter names another base model: refuse it (error) or log and load (warn)."""
     allow_pickle_weights: bool = False
@@ -126,12 +137,15 @@ class Settings:
             ("max_new_tokens_limit", self.max_new_tokens_limit, 1),
             ("host_cache_mib", self.host_cache_mib, 0),
             ("gather_cache_mib", self.gather_cache_mib, 0),
+            ("max_prompt_bytes", self.max_prompt_bytes, 1),
         ):
             if value < low:
                 raise bad(name, f"must be >= {low}, got {value}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise bad("default_max_new_tokens", "must not exceed max_new_tokens_limit")
-        for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio"):
+        if not self.engine_stall_s > 0:
+            raise bad("engine_stall_s", f"must be > 0, got {self.engine_stall_s}")
+        for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio", "slot_wait_s"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.scheduling not in SCHEDULING:
@@ -161,6 +175,13 @@ class Settings:
             merge_root = Path(self.merge_root).expanduser().resolve()
             merge_root.mkdir(parents=True, exist_ok=True)
             object.__setattr__(self, "merge_root", merge_root)
+        if self.state_dir is not None:
+            state_dir = Path(self.state_dir).expanduser().resolve()
+            try:
+                state_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise bad("state_dir", f"cannot be created: {e.strerror}") from None
+            object.__setattr__(self, "state_dir", state_dir)
 
     @property
     def host_cache_bytes(self) -> int:
@@ -169,3 +190,12 @@ class Settings:
     @property
     def served_model_name(self) -> str:
         return self.model_name or self.model
+
+    @property
+    def public_model_name(self) -> str:
+        """The model's name as clients see it: a local directory is shown by its last component,
+        never by its server path."""
+        if self.model_name:
+            return self.model_name
+        local = Path(self.model).expanduser()
+        return local.name if local.is_absolute() or local.exists() else self.model

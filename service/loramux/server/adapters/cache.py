@@ -43,6 +43,10 @@ class NoSlotAvailable(Exception):
     """Every slot is in use by running requests or pinned. Callers wait; this never reaches users."""
 
 
+class AdapterGone(Exception):
+    """The uid is not (or no longer) registered. Callers look the name up again."""
+
+
 class _HostTier(LRUCache):
     """Host copies by adapter uid, bounded in bytes; evicted entries drop to disk."""
 
@@ -108,19 +112,27 @@ class TieredAdapterCache:
             return self.tier(uid)
 
     def remove(self, uid: int) -> None:
-        """Forget an adapter. A slot in use by running requests is freed when they finish."""
+        """Forget an adapter. A slot in use by running requests is freed when they finish; until
+        then the adapter counts nowhere (not in usage(), not pinned)."""
         with self._lock:
             self._host.pop(uid, None)
             self._parked.pop(uid, None)
             self._pinned.discard(uid)
-            if uid in self._slot_of:
-                if self._in_use[uid]:
-                    self._removed.add(uid)
-                    return
-                self._free_slot(uid)
-            self._ranks.pop(uid, None)
-            self._nbytes.pop(uid, None)
-            self.last_read_s.pop(uid, None)
+            if uid in self._slot_of and self._in_use[uid]:
+                self._removed.add(uid)
+                return
+            self._forget(uid)
+
+    def _forget(self, uid: int) -> None:
+        if uid in self._slot_of:
+            self._free_slot(uid)
+        self._removed.discard(uid)
+        self._ranks.pop(uid, None)
+        self._nbytes.pop(uid, None)
+        self.last_read_s.pop(uid, None)
+
+    def _known(self, uid: int) -> bool:
+        return uid in self._ranks and uid not in self._removed
 
     # -- tiers --------------------------------------------------------------------------
 
@@ -176,6 +188,8 @@ class TieredAdapterCache:
         Engine thread only. The adapter must be in memory (see ensure_in_memory), else KeyError.
         Raises NoSlotAvailable when every slot is in use or pinned."""
         with self._lock:
+            if not self._known(uid):
+                raise AdapterGone(uid)
             slot = self._slot_of.get(uid)
             if slot is None:
                 weights = self._host.pop(uid, None) or self._parked.pop(uid, None)
@@ -198,22 +212,31 @@ class TieredAdapterCache:
 
     def release(self, uid: int) -> None:
         with self._lock:
+            if self._in_use[uid] <= 0:  # a release without an acquire would corrupt the books
+                del self._in_use[uid]
+                raise RuntimeError(f"adapter uid {uid} released more often than acquired")
             self._in_use[uid] -= 1
             if self._in_use[uid] > 0:
                 return
             del self._in_use[uid]
             if uid in self._removed:
-                self._removed.discard(uid)
-                self._free_slot(uid)
-                self._ranks.pop(uid, None)
+                self._forget(uid)
             elif uid not in self._pinned:
                 self._evictable[uid] = self._slot_of[uid]
 
-    def pin(self, uid: int) -> None:
-        """Keep the adapter in its slot for good (it must be in a slot: acquire it first)."""
+    def pin(self, uid: int, max_pinned: int) -> bool:
+        """Keep the adapter in its slot for good (it must be in a slot and acquired). False if
+        `max_pinned` adapters are pinned already; AdapterGone if it was unloaded meanwhile."""
         with self._lock:
+            if not self._known(uid) or uid not in self._slot_of:
+                raise AdapterGone(uid)
+            if uid in self._pinned:
+                return True
+            if len(self._pinned) >= max_pinned:
+                return False
             self._pinned.add(uid)
             self._evictable.pop(uid, None)
+            return True
 
     def slots_available_for(self, uids: set[int]) -> bool:
         """Whether all of `uids` could be in slots at once, given pins and running requests."""
@@ -239,6 +262,41 @@ class TieredAdapterCache:
     def pinned_count(self) -> int:
         with self._lock:
             return len(self._pinned)
+
+    def registered(self) -> set[int]:
+        """The uids that count: registered and not removed."""
+        with self._lock:
+            return {uid for uid in self._ranks if uid not in self._removed}
+
+    def audit(self) -> list[str]:
+        """Every way the books disagree with each other (empty when they balance)."""
+        with self._lock:
+            problems = []
+            for slot, uid in enumerate(self._slot_table):
+                if uid is not None and self._slot_of.get(uid) != slot:
+                    problems.append(f"slot {slot} holds uid {uid}, which maps to {self._slot_of.get(uid)}")
+            if len(self._slot_of) != sum(uid is not None for uid in self._slot_table):
+                problems.append("slot map and slot table differ in size")
+            for uid in self._evictable:
+                if uid not in self._slot_of or uid in self._pinned or self._in_use[uid]:
+                    problems.append(f"uid {uid} is evictable but not in a free, unpinned slot")
+            idle = {uid for uid in self._slot_of if not self._in_use[uid] and uid not in self._pinned and uid not in self._removed}
+            if idle != set(self._evictable.keys()):
+                problems.append(f"idle slots {sorted(idle)} but evictable {sorted(self._evictable.keys())}")
+            if not self._pinned <= {u for u in self._slot_of if self._known(u)}:
+                problems.append(f"pinned {sorted(self._pinned)} not all registered and in slots")
+            if any(n <= 0 for n in self._in_use.values()) or not set(self._in_use) <= set(self._slot_of):
+                problems.append(f"in-use counts {dict(self._in_use)} do not match slots")
+            if not self._removed <= set(self._in_use):
+                problems.append(f"removed uids {sorted(self._removed)} are no longer in use")
+            if set(self._ranks) != set(self._nbytes) or set(self.last_read_s) - set(self._ranks):
+                problems.append("per-adapter records (shapes, bytes, read times) disagree")
+            for uid in list(self._host.keys()) + list(self._parked):
+                if not self._known(uid) or uid in self._slot_of:
+                    problems.append(f"uid {uid} in host memory but not registered or also in a slot")
+            if self._host.currsize != sum(self._nbytes.get(uid, -1) for uid in self._host.keys()):
+                problems.append("host tier byte count is off")
+            return problems
 
     def snapshot(self) -> CacheSnapshot:
         with self._lock:

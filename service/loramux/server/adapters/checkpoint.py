@@ -12,24 +12,34 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 import re
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 
+from loramux.server.adapters.adapter_config import (
+    CONFIG_FILE,
+    MAX_CONFIG_BYTES,
+    LoraConfigView,
+    parse_config,
+    view_of,
+)
 from loramux.server.adapters.weights import AdapterWeights, ModuleLora
-from loramux.server.errors import AdapterIncompatible, AdapterInvalid
+from loramux.server.errors import AdapterIncompatible, AdapterInvalid, LoramuxError, SourceOutsideRoot
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
 SAFETENSORS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 _PEFT_PREFIX = "base_model.model."
+MAX_HEADER_BYTES = 32 << 20  # a safetensors header (JSON); a LoRA on every expert of a large MoE fits
+MAX_TENSORS = 100_000
+MAX_KEY_CHARS = 1024
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
 _UNSUPPORTED_KEYS = {
     "lora_magnitude_vector": "DoRA (use_dora) adapters",
@@ -68,33 +78,35 @@ class AdapterSpec:
     module_ranks: Mapping[str, int]
 
 
-def read_checkpoint(directory: Path, base: BaseModelView, dtype: torch.dtype | None = None) -> tuple[AdapterSpec, AdapterWeights]:
+def read_checkpoint(
+    directory: Path, base: BaseModelView, dtype: torch.dtype | None = None, root: Path | None = None
+) -> tuple[AdapterSpec, AdapterWeights]:
     """Parse and validate the adapter in `directory`; weights come back on the CPU in `dtype`
-    (default: the serving dtype)."""
-    config = _read_config(directory)
-    _check_config(config, base)
-    weights_path = _weights_path(directory, base.allow_pickle)
-    tensors = _read_tensors(weights_path)
-    content_hash = _hash_files([directory / CONFIG_FILE, weights_path])
+    (default: the serving dtype). Every file read must resolve inside `root` (default: the
+    directory itself), so a symlink at any level cannot lead elsewhere."""
+    root = root or directory
+    config_raw = _read_bounded(_checked_file(directory / CONFIG_FILE, root, "ADAPTER_CONFIG_INVALID"), MAX_CONFIG_BYTES)
+    config = parse_config(config_raw)
+    _check_supported(config)
+    view = view_of(config)
+    _check_base_name(view.base_model, base)
+    weights_path = _weights_path(directory, root, base.allow_pickle)
+    tensors = _read_tensors(weights_path, view, base)
+    content_hash = _hash(config_raw, weights_path)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        if not key.startswith(_PEFT_PREFIX):
-            raise AdapterInvalid(f"tensor {key!r} is not a PEFT adapter key (no {_PEFT_PREFIX!r} prefix)")
         inner = key[len(_PEFT_PREFIX):]
-        for marker, what in _UNSUPPORTED_KEYS.items():
-            if f".{marker}" in inner:
-                raise AdapterInvalid(f"{what} are not supported (tensor {key!r})", reason="ADAPTER_UNSUPPORTED")
         m = _LORA_KEY.match(inner)
         if m:
             pairs.setdefault(m["module"], {})[m["which"]] = tensor
         else:
             _check_base_copy(inner, key, tensor, base)
 
-    expected = _expected_modules(config, base)
+    expected = {name for name in base.slot_shapes if view.targets(name)}
     modules: dict[str, ModuleLora] = {}
     for module, pair in sorted(pairs.items()):
-        modules[module] = _module_lora(module, pair, config, base, dtype or base.dtype)
+        modules[module] = _module_lora(module, pair, view, dtype or base.dtype)
     missing = sorted(expected - modules.keys())
     if missing:
         raise AdapterInvalid(
@@ -110,10 +122,10 @@ def read_checkpoint(directory: Path, base: BaseModelView, dtype: torch.dtype | N
     module_ranks = {name: lora.rank for name, lora in modules.items()}
     spec = AdapterSpec(
         rank=max(module_ranks.values()),
-        alpha=float(config.get("lora_alpha", 8)),
-        use_rslora=bool(config.get("use_rslora", False)),
+        alpha=view.lora_alpha,
+        use_rslora=view.use_rslora,
         target_modules=tuple(sorted({name.rsplit(".", 1)[-1] for name in modules})),
-        base_model=str(config.get("base_model_name_or_path") or ""),
+        base_model=view.base_model,
         content_hash=content_hash,
         size_bytes=sum(lora.rank * sum(base.slot_shapes[n]) for n, lora in modules.items())
         * torch.tensor([], dtype=base.dtype).element_size(),
@@ -122,41 +134,56 @@ def read_checkpoint(directory: Path, base: BaseModelView, dtype: torch.dtype | N
     return spec, weights
 
 
-def _read_config(directory: Path) -> dict:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise AdapterInvalid(f"no {CONFIG_FILE} in the adapter directory", reason="ADAPTER_CONFIG_INVALID")
+def _checked_file(path: Path, root: Path, missing_reason: str) -> Path:
+    """`path` resolved (symlinks at every level), inside `root`, a regular file; else refused.
+    Messages name the file, never a server path."""
     try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterInvalid(f"{CONFIG_FILE} is not valid JSON: {e}", reason="ADAPTER_CONFIG_INVALID") from e
-    if not isinstance(config, dict):
-        raise AdapterInvalid(f"{CONFIG_FILE} is not a JSON object", reason="ADAPTER_CONFIG_INVALID")
-    return config
+        resolved = path.resolve(strict=True)
+    except FileNotFoundError:
+        raise AdapterInvalid(f"no {path.name} in the adapter directory", reason=missing_reason) from None
+    except (OSError, RuntimeError):  # a symlink loop, a name too long, permissions
+        raise AdapterInvalid(f"{path.name} cannot be opened", reason=missing_reason) from None
+    if not resolved.is_relative_to(root):
+        raise SourceOutsideRoot(f"{path.name} is a link that leads outside the adapter's root", field="source")
+    try:
+        mode = resolved.stat().st_mode
+    except OSError:
+        raise AdapterInvalid(f"{path.name} cannot be opened", reason=missing_reason) from None
+    if not stat.S_ISREG(mode):
+        raise AdapterInvalid(f"{path.name} is not a regular file", reason=missing_reason)
+    return resolved
 
 
-def _check_config(config: dict, base: BaseModelView) -> None:
+def _read_bounded(path: Path, limit: int) -> bytes:
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit + 1)
+    except OSError as e:
+        raise AdapterInvalid(f"cannot read {path.name}: {e.strerror}", reason="ADAPTER_CONFIG_INVALID") from None
+    if len(data) > limit:
+        raise AdapterInvalid(f"{path.name} is larger than {limit} bytes", reason="ADAPTER_CONFIG_INVALID")
+    return data
+
+
+def _check_supported(config: dict) -> None:
     peft_type = config.get("peft_type")
     if peft_type != "LORA":
-        raise AdapterInvalid(f"peft_type {peft_type!r} is not supported; only LORA adapters are", reason="ADAPTER_UNSUPPORTED")
+        shown = peft_type if isinstance(peft_type, str) and len(peft_type) <= 40 else "?"
+        raise AdapterInvalid(f"peft_type {shown!r} is not supported; only LORA adapters are", reason="ADAPTER_UNSUPPORTED")
     for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("layer_replication", "layer replication")):
         if config.get(flag):
             raise AdapterInvalid(f"{what} adapters ({flag}) are not supported", reason="ADAPTER_UNSUPPORTED")
     if config.get("target_parameters"):
         raise AdapterInvalid("adapters on parameters (target_parameters) are not supported", reason="ADAPTER_UNSUPPORTED")
-    r = config.get("r")
-    if not isinstance(r, int) or r < 1:
-        raise AdapterInvalid(f"r must be a positive integer, got {r!r}", reason="ADAPTER_CONFIG_INVALID")
-    for key in ("rank_pattern", "alpha_pattern"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise AdapterInvalid(f"{key} must be an object", reason="ADAPTER_CONFIG_INVALID")
-    named = config.get("base_model_name_or_path")
+
+
+def _check_base_name(named: str, base: BaseModelView) -> None:
     if not named:
         log.warning("adapter config names no base model; checking shapes only")
-    elif not _same_model(str(named), base.name):
-        message = f"the adapter was trained on {named!r}, but this server serves {base.name!r}"
+    elif not _same_model(named, base.name):
+        message = f"the adapter was trained on {named[:200]!r}, but this server serves {base.name!r}"
         if base.base_mismatch == "error":
-            raise AdapterIncompatible(message, adapter_base=named, served_base=base.name)
+            raise AdapterIncompatible(message, adapter_base=named[:200], served_base=base.name)
         log.warning("%s; loading it anyway (base mismatch policy: warn)", message)
 
 
@@ -167,85 +194,95 @@ def _same_model(named: str, served: str) -> bool:
     return Path(named.rstrip("/")).name == Path(served.rstrip("/")).name
 
 
-def _weights_path(directory: Path, allow_pickle: bool) -> Path:
-    if (directory / SAFETENSORS_FILE).is_file():
-        return directory / SAFETENSORS_FILE
-    if (directory / PICKLE_FILE).is_file():
+def _weights_path(directory: Path, root: Path, allow_pickle: bool) -> Path:
+    if (directory / SAFETENSORS_FILE).exists() or (directory / SAFETENSORS_FILE).is_symlink():
+        return _checked_file(directory / SAFETENSORS_FILE, root, "ADAPTER_WEIGHTS_MISSING")
+    if (directory / PICKLE_FILE).exists() or (directory / PICKLE_FILE).is_symlink():
         if not allow_pickle:
             raise AdapterIncompatible(
                 f"the adapter has only pickle weights ({PICKLE_FILE}); the server loads them only "
                 "with --allow-pickle-weights. Convert it to safetensors instead.",
                 reason="ADAPTER_PICKLE_REFUSED",
             )
-        return directory / PICKLE_FILE
+        return _checked_file(directory / PICKLE_FILE, root, "ADAPTER_WEIGHTS_MISSING")
     raise AdapterInvalid(f"no {SAFETENSORS_FILE} in the adapter directory", reason="ADAPTER_WEIGHTS_MISSING")
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, view: LoraConfigView, base: BaseModelView) -> dict[str, torch.Tensor]:
+    """The file's tensors, each key and shape checked against the base before its data is read
+    (so a hostile file costs no more memory than a valid adapter of its size)."""
+    if path.suffix != ".safetensors":
+        try:
+            tensors = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # pickle and OS errors alike: unreadable
+            raise AdapterInvalid(f"cannot read {path.name}: {_describe(e)}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
+            raise AdapterInvalid(f"{path.name} does not hold a flat dict of tensors")
+        if len(tensors) > MAX_TENSORS:
+            raise AdapterInvalid(f"{path.name} holds {len(tensors)} tensors, more than {MAX_TENSORS}")
+        for key, tensor in tensors.items():
+            _check_entry(key, tuple(tensor.shape), tensor.is_floating_point(), view, base)
+        return tensors
+
+    from safetensors import safe_open
+
     try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        tensors = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # safetensors, pickle and OS errors all mean: unreadable file
-        raise AdapterInvalid(f"cannot read {path.name}: {type(e).__name__}: {e}") from e
-    if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-        raise AdapterInvalid(f"{path.name} does not hold a flat dict of tensors")
-    return tensors
-
-
-def _hash_files(paths: list[Path]) -> str:
-    digest = hashlib.sha256()
-    for path in paths:
         with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return f"sha256:{digest.hexdigest()}"
+            head = f.read(8)
+        header_bytes = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < header_bytes <= MAX_HEADER_BYTES:
+            raise AdapterInvalid(f"{path.name} has no safetensors header of at most {MAX_HEADER_BYTES} bytes")
+        tensors = {}
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            keys = list(f.keys())
+            if len(keys) > MAX_TENSORS:
+                raise AdapterInvalid(f"{path.name} holds {len(keys)} tensors, more than {MAX_TENSORS}")
+            for key in keys:
+                piece = f.get_slice(key)
+                _check_entry(key, tuple(piece.get_shape()), piece.get_dtype() in _FLOAT_DTYPES, view, base)
+            for key in keys:
+                tensors[key] = f.get_tensor(key)
+        return tensors
+    except LoramuxError:
+        raise
+    except Exception as e:  # safetensors and OS errors alike: an unreadable or truncated file
+        raise AdapterInvalid(f"cannot read {path.name}: {_describe(e)}") from None
 
 
-def _check_base_copy(inner: str, key: str, tensor: torch.Tensor, base: BaseModelView) -> None:
-    """A saved copy of a base weight is fine only if it is the served weight, unchanged."""
-    param = inner.replace(".base_layer.", ".").replace(".modules_to_save.", ".")
-    param = re.sub(r"\.original_module\.", ".", param)
-    served = base.base_weights.get(param)
-    if served is None:
-        raise AdapterInvalid(f"tensor {key!r} matches nothing in the base model", reason="ADAPTER_UNSUPPORTED")
-    same = served.shape == tensor.shape and torch.equal(served.detach().to("cpu", tensor.dtype), tensor)
-    if not same:
-        raise AdapterIncompatible(
-            f"tensor {key!r} would replace the base weight {param!r} for every tenant "
-            "(modules_to_save, trainable tokens or a changed base layer); loramux serves only "
-            "LoRA deltas. Merge it into a separate model instead.",
-            reason="ADAPTER_MODIFIES_BASE",
-            tensor=key,
-        )
+def _describe(error: BaseException) -> str:
+    """An error's text for a client: never a server path."""
+    if isinstance(error, OSError):
+        return error.strerror or type(error).__name__
+    return f"{type(error).__name__}: {str(error)[:200]}"
 
 
-def _expected_modules(config: dict, base: BaseModelView) -> set[str]:
-    """The served modules peft would have wrapped for this config (for the completeness check)."""
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-
-    known = {f.name for f in dataclasses.fields(LoraConfig)}
-    try:
-        lora_config = LoraConfig(**{k: v for k, v in config.items() if k in known and k != "peft_type"})
-    except (TypeError, ValueError) as e:
-        raise AdapterInvalid(f"adapter config is not a valid LoraConfig: {e}", reason="ADAPTER_CONFIG_INVALID") from e
-    return {name for name in base.slot_shapes if check_target_module_exists(lora_config, name)}
-
-
-def _pattern_value(patterns: dict, module: str, default: float) -> float:
-    # Same rule as peft: the first pattern key whose regex matches the end of the module name.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _module_lora(module: str, pair: dict[str, torch.Tensor], config: dict, base: BaseModelView, dtype: torch.dtype) -> ModuleLora:
-    if set(pair) != {"A", "B"}:
-        raise AdapterInvalid(f"module {module!r} has lora_{next(iter(pair))} but not its pair")
+def _check_entry(key: str, shape: tuple[int, ...], floating: bool, view: LoraConfigView, base: BaseModelView) -> None:
+    """Refuse a tensor by its key, dtype and shape alone."""
+    shown = key if len(key) <= 120 else key[:117] + "..."
+    if len(key) > MAX_KEY_CHARS:
+        raise AdapterInvalid(f"tensor key {shown!r} is longer than {MAX_KEY_CHARS} characters")
+    if not key.startswith(_PEFT_PREFIX):
+        raise AdapterInvalid(f"tensor {shown!r} is not a PEFT adapter key (no {_PEFT_PREFIX!r} prefix)")
+    inner = key[len(_PEFT_PREFIX):]
+    for marker, what in _UNSUPPORTED_KEYS.items():
+        if f".{marker}" in inner:
+            raise AdapterInvalid(f"{what} are not supported (tensor {shown!r})", reason="ADAPTER_UNSUPPORTED")
+    if not floating:
+        raise AdapterInvalid(f"tensor {shown!r} is not a floating-point tensor")
+    m = _LORA_KEY.match(inner)
+    if m is None:
+        param = _base_param(inner)
+        served = base.base_weights.get(param)
+        if served is None:
+            raise AdapterInvalid(f"tensor {shown!r} matches nothing in the base model", reason="ADAPTER_UNSUPPORTED")
+        if tuple(served.shape) != shape:
+            raise AdapterIncompatible(
+                f"tensor {shown!r} has shape {shape}, but the base weight {param!r} is {tuple(served.shape)}",
+                reason="ADAPTER_MODIFIES_BASE",
+                tensor=shown,
+            )
+        return
+    module = m["module"]
     if module not in base.slot_shapes:
         if module in base.module_names:
             raise AdapterIncompatible(
@@ -254,14 +291,13 @@ def _module_lora(module: str, pair: dict[str, torch.Tensor], config: dict, base:
                 "restart with --target-modules including it",
                 module=module,
             )
-        raise AdapterIncompatible(f"the base model has no module {module!r}", module=module)
-    a, b = pair["A"], pair["B"]
+        raise AdapterIncompatible(f"the base model has no module {module[:120]!r}", module=module[:120])
     in_f, out_f = base.slot_shapes[module]
-    r = _pattern_value(config.get("rank_pattern") or {}, module, config["r"])
-    if a.dim() != 2 or b.dim() != 2 or a.shape != (r, in_f) or b.shape != (out_f, r):
+    r = view.rank_of(module)
+    expected = (r, in_f) if m["which"] == "A" else (out_f, r)
+    if shape != expected:
         raise AdapterIncompatible(
-            f"module {module!r}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} do not fit the base layer "
-            f"(expected ({r}, {in_f}) and ({out_f}, {r}))",
+            f"module {module!r}: lora_{m['which']} {shape} does not fit the base layer (expected {expected})",
             module=module,
         )
     if r > base.max_rank:
@@ -271,8 +307,46 @@ def _module_lora(module: str, pair: dict[str, torch.Tensor], config: dict, base:
             rank=r,
             max_lora_rank=base.max_rank,
         )
+
+
+def _base_param(inner: str) -> str:
+    return inner.replace(".base_layer.", ".").replace(".modules_to_save.", ".").replace(".original_module.", ".")
+
+
+def _hash(config_raw: bytes, weights_path: Path) -> str:
+    """sha256 over the config's bytes (as read and validated) and the weights file."""
+    digest = hashlib.sha256(config_raw)
+    with weights_path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def _check_base_copy(inner: str, key: str, tensor: torch.Tensor, base: BaseModelView) -> None:
+    """A saved copy of a base weight is fine only if it is the served weight, unchanged."""
+    param = _base_param(inner)
+    served = base.base_weights[param]  # present and of the same shape: _check_entry
+    if not torch.equal(served.detach().to("cpu", tensor.dtype), tensor):
+        raise AdapterIncompatible(
+            f"tensor {key!r} would replace the base weight {param!r} for every tenant "
+            "(modules_to_save, trainable tokens or a changed base layer); loramux serves only "
+            "LoRA deltas. Merge it into a separate model instead.",
+            reason="ADAPTER_MODIFIES_BASE",
+            tensor=key,
+        )
+
+
+def _module_lora(module: str, pair: dict[str, torch.Tensor], view: LoraConfigView, dtype: torch.dtype) -> ModuleLora:
+    """One module's A and B (shapes already checked), finite, in `dtype`, with its scale."""
+    if set(pair) != {"A", "B"}:
+        raise AdapterInvalid(f"module {module!r} has lora_{next(iter(pair))} but not its pair")
+    a, b = pair["A"], pair["B"]
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
         raise AdapterInvalid(f"module {module!r} has non-finite LoRA weights")
-    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return ModuleLora(a=a.to(dtype).contiguous(), b=b.to(dtype).contiguous(), scale=float(scale))
+    a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        raise AdapterInvalid(f"module {module!r} has LoRA weights too large for the serving dtype {dtype}")
+    scale = view.scale_of(module)
+    if not math.isfinite(scale):
+        raise AdapterInvalid(f"module {module!r} has a non-finite scale", reason="ADAPTER_CONFIG_INVALID")
+    return ModuleLora(a=a, b=b, scale=float(scale))

@@ -33,6 +33,7 @@ class AdapterRecord:
     source: str
     revision: str  # Hub commit sha, or the content hash of local files
     directory: Path
+    root: Path  # the directory every file read for it must resolve inside
     spec: AdapterSpec
     load_time: float  # epoch seconds
     pinned: bool = False
@@ -44,8 +45,9 @@ def validate_adapter_id(adapter_id: str, field: str = "adapter_id") -> None:
     if not adapter_id:
         raise InvalidRequest(f"{field} is required", field=field, reason="ADAPTER_ID_INVALID")
     if len(adapter_id) > MAX_ID_LENGTH or not set(adapter_id) <= _ID_CHARS or adapter_id[0] in "-.":
+        shown = adapter_id if len(adapter_id) <= 40 else adapter_id[:37] + "..."
         raise InvalidRequest(
-            f"{field} {adapter_id!r} must be 1-{MAX_ID_LENGTH} characters of letters, digits, '-', '_' and '.', "
+            f"{field} {shown!r} must be 1-{MAX_ID_LENGTH} characters of letters, digits, '-', '_' and '.', "
             "not starting with '-' or '.'",
             field=field,
             reason="ADAPTER_ID_INVALID",
@@ -85,7 +87,7 @@ class AdapterRegistry:
                     )
                 return existing, False
             resolved = resolve_source(source, revision, self._settings)
-            spec, weights = read_checkpoint(resolved.directory, self._base)
+            spec, weights = read_checkpoint(resolved.directory, self._base, root=resolved.root)
             record = AdapterRecord(
                 uid=next(self._uids),
                 tenant=tenant,
@@ -93,6 +95,7 @@ class AdapterRegistry:
                 source=source,
                 revision=resolved.hub_revision or spec.content_hash,
                 directory=resolved.directory,
+                root=resolved.root,
                 spec=spec,
                 load_time=time.time(),
             )
@@ -110,6 +113,7 @@ class AdapterRegistry:
         return record
 
     def get(self, tenant: str, adapter_id: str) -> AdapterRecord:
+        validate_adapter_id(adapter_id)
         with self._lock:
             record = self._by_name.get((tenant, adapter_id))
         if record is None:
@@ -124,6 +128,15 @@ class AdapterRegistry:
         with self._lock:
             return uid in self._by_uid
 
+    def current_uid(self, tenant: str, adapter_id: str, uid: int) -> int | None:
+        """`uid` while it is registered; else the uid that holds the name now (after a
+        replace); None once the name is unloaded."""
+        with self._lock:
+            if uid in self._by_uid:
+                return uid
+            record = self._by_name.get((tenant, adapter_id))
+            return record.uid if record is not None else None
+
     def tier(self, record: AdapterRecord) -> Tier:
         return self.cache.tier(record.uid)
 
@@ -136,7 +149,7 @@ class AdapterRegistry:
 
     def read_weights(self, record: AdapterRecord, dtype=None) -> AdapterWeights:
         """The adapter's weights read from its files, checked unchanged (used by merge)."""
-        spec, weights = read_checkpoint(record.directory, self._base, dtype=dtype)
+        spec, weights = read_checkpoint(record.directory, self._base, dtype=dtype, root=record.root)
         if spec.content_hash != record.spec.content_hash:
             raise AdapterChanged(
                 f"the files of adapter {record.adapter_id!r} changed on disk since it was loaded; "
@@ -147,7 +160,9 @@ class AdapterRegistry:
 
     def _reload(self, uid: int) -> AdapterWeights:
         with self._lock:
-            record = self._by_uid[uid]
+            record = self._by_uid.get(uid)
+        if record is None:
+            raise AdapterNotFound("the adapter was unloaded or replaced while it was being read", field="adapter_id")
         return self.read_weights(record)
 
     def _forget(self, record: AdapterRecord) -> None:

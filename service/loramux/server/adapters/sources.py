@@ -4,7 +4,11 @@
   through huggingface_hub into its cache, or read from that cache alone when offline.
 - anything else: a directory that must lie under one of the configured adapter roots,
   given absolute or relative to a root (roots tried in order). Symlinks are resolved
-  before the check, so a link cannot lead out of the roots.
+  before the check, so a link cannot lead out of the roots; the files inside are checked
+  the same way when they are read (checkpoint.py), against the root returned here.
+
+The source string is checked first (length, NUL and control characters, path components),
+and no message echoes a resolved server path.
 """
 
 from __future__ import annotations
@@ -12,47 +16,69 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot
+from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot, SourceUnavailable
 from loramux.server.settings import Settings
 
 HUB_PREFIX = "hf://"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+MAX_PATH_CHARS = 1024
+MAX_COMPONENT_CHARS = 255
+MAX_REVISION_CHARS = 256
 
 
 @dataclasses.dataclass(frozen=True)
 class ResolvedSource:
     directory: Path
+    root: Path  # every file read for the adapter must resolve inside this directory
     hub_revision: str | None  # the commit sha a Hub source resolved to; None for local
+
+
+def check_path_text(value: str, field: str, reason: str) -> None:
+    """A path given in a request: bounded, printable, each component a possible file name."""
+    bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)
+    if bad is not None:
+        raise InvalidRequest(f"{field} holds a control character (code {ord(bad)})", field=field, reason=reason)
+    if len(value) > MAX_PATH_CHARS:
+        raise InvalidRequest(f"{field} is {len(value)} characters long, more than {MAX_PATH_CHARS}", field=field, reason=reason)
+    if any(len(part.encode()) > MAX_COMPONENT_CHARS for part in value.split("/")):
+        raise InvalidRequest(f"{field} has a path component longer than {MAX_COMPONENT_CHARS} bytes", field=field, reason=reason)
 
 
 def resolve_source(source: str, revision: str, settings: Settings) -> ResolvedSource:
     if not source:
         raise InvalidRequest("source is required", field="source", reason="SOURCE_REQUIRED")
+    check_path_text(source, "source", "SOURCE_INVALID")
     if source.startswith(HUB_PREFIX):
+        if len(revision) > MAX_REVISION_CHARS or any(ord(c) < 32 for c in revision):
+            raise InvalidRequest(f"revision must be at most {MAX_REVISION_CHARS} printable characters", field="revision", reason="SOURCE_INVALID")
         return _resolve_hub(source[len(HUB_PREFIX):], revision or None, settings)
-    return ResolvedSource(_resolve_local(source, settings.adapter_roots), None)
+    directory, root = _resolve_local(source, settings.adapter_roots)
+    return ResolvedSource(directory, root, None)
 
 
-def _resolve_local(source: str, roots: tuple[Path, ...]) -> Path:
+def _resolve_local(source: str, roots: tuple[Path, ...]) -> tuple[Path, Path]:
     if not roots:
         raise SourceOutsideRoot(
             "the server has no adapter root configured (--adapter-root); only hf:// sources load",
             field="source",
             source=source,
         )
-    given = Path(source).expanduser()
+    given = Path(source)
     candidates = [given] if given.is_absolute() else [root / given for root in roots]
     for candidate in candidates:
-        resolved = candidate.resolve()
-        if not any(resolved == root or resolved.is_relative_to(root) for root in roots):
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError):  # a symlink loop, permissions
+            raise SourceNotFound(f"adapter directory {source!r} cannot be opened", field="source", source=source) from None
+        inside = next((root for root in roots if resolved == root or resolved.is_relative_to(root)), None)
+        if inside is None:
             raise SourceOutsideRoot(
-                f"{source!r} resolves to {resolved}, outside the adapter roots "
-                f"({', '.join(str(r) for r in roots)})",
+                f"{source!r} leads outside the adapter roots (through '..', an absolute path or a symlink)",
                 field="source",
                 source=source,
             )
         if resolved.is_dir():
-            return resolved
+            return resolved, inside
     raise SourceNotFound(f"no adapter directory {source!r} under the adapter roots", field="source", source=source)
 
 
@@ -82,5 +108,12 @@ def _resolve_hub(repo_id: str, revision: str | None, settings: Settings) -> Reso
             field="source",
             source=f"{HUB_PREFIX}{repo_id}",
         ) from e
-    directory = Path(path)
-    return ResolvedSource(directory, directory.name)
+    except Exception as e:  # network failures, HTTP errors, a full disk: retriable, not the caller's fault
+        raise SourceUnavailable(
+            f"adapter {repo_id!r} could not be fetched from the Hub ({type(e).__name__}); retry later",
+            field="source",
+            retry_after_s=5.0,
+        ) from e
+    directory = Path(path).resolve()
+    # Snapshot files are links into the repository's blobs/: the repository folder is the root.
+    return ResolvedSource(directory, directory.parent.parent, directory.name)

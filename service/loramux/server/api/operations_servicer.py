@@ -5,15 +5,22 @@ from __future__ import annotations
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from loramux.server.api import convert
-from loramux.server.api.servicer import _blocking, maps_errors, tenant_of
+import asyncio
+
+from loramux.server.api.servicer import maps_errors, tenant_of
 from loramux.server.engine.engine import Engine
 
 MAX_WAIT_S = 600.0
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, loramux):
         self._engine = engine
+        self._loramux = loramux  # its `draining` flag refuses new calls here too
+
+    @property
+    def draining(self) -> bool:
+        return self._loramux.draining
 
     @maps_errors
     async def GetOperation(self, request, context):
@@ -34,6 +41,14 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             limits.append(max(remaining - 0.05, 0.0))
-        tenant = tenant_of(context, self._engine)
-        op = await _blocking(self._engine.operations.wait, tenant, request.name, min(limits))
+        store = self._engine.operations
+        op = store.get(tenant_of(context, self._engine), request.name)
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        # No thread waits: the store calls back (from the merge thread) when the operation ends.
+        store.on_done(op, lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
+        try:
+            await asyncio.wait_for(asyncio.shield(done), timeout=min(limits))
+        except TimeoutError:
+            pass
         return convert.operation(op)

@@ -1,7 +1,9 @@
 """loramux.v1.Loramux over the engine. Each RPC converts, calls the engine, converts back.
 
-Blocking engine calls (file reads, validation, tokenization) run in the default executor;
-the event loop only awaits. Errors go through `api.status.abort`, the one mapping.
+Blocking engine calls run in bounded pools, one per kind of work (`Pools`): tokenizing and
+queueing generate calls, and adapter administration (Hub, files, waiting for slots), so a
+burst of slow adapter loads cannot delay a Generate. The event loop only awaits. Errors go
+through `api.status.abort`, the one mapping.
 
 The tracing interceptor (see app.py) makes each call's server span current here; Generate
 calls add the GenAI attributes to it and hand its context to the engine, whose spans become
@@ -16,6 +18,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf import empty_pb2
@@ -23,9 +26,10 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from loramux.server.api import convert
-from loramux.server.api.status import abort, to_status
+from loramux.server.api.status import abort, code_of
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.request import ErrorEvent, Event, FinishEvent, TokenEvent
+from loramux.server.errors import InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2, loramux_service_pb2_grpc
 
 
@@ -37,7 +41,7 @@ def tenant_of(context: grpc.aio.ServicerContext, engine: Engine) -> str:
 access_log = logging.getLogger("loramux.access")
 
 
-def _finished(servicer, name: str, started: float, code: grpc.StatusCode, error: BaseException | None = None) -> None:
+def _finished(servicer, name: str, started: float, code: grpc.StatusCode, error: LoramuxError | None = None) -> None:
     seconds = time.perf_counter() - started
     attributes = {"rpc.method": name, "rpc.grpc.status_code": code.name}
     telemetry = servicer._engine.telemetry
@@ -45,38 +49,65 @@ def _finished(servicer, name: str, started: float, code: grpc.StatusCode, error:
     telemetry.rpc_duration.record(seconds, attributes)
     extra = {"rpc_method": name, "grpc_code": code.name, "duration_ms": round(1000 * seconds, 3)}
     if error is not None:
-        extra["reason"] = getattr(error, "reason", "INTERNAL")
+        extra["reason"] = error.reason
+        if "correlation_id" in error.metadata:
+            extra["correlation_id"] = error.metadata["correlation_id"]
         # The gRPC instrumentation leaves client-side codes (NOT_FOUND, INVALID_ARGUMENT...)
         # unset on server spans; loramux marks every failed call as an error, with its reason.
         span = trace.get_current_span()
-        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {extra['reason']}"))
-        span.set_attribute("error.type", extra["reason"])
+        span.set_status(trace.Status(trace.StatusCode.ERROR, f"{code.name}: {error.reason}"))
+        span.set_attribute("error.type", error.reason)
     access_log.info("%s %s %.1fms", name, code.name, 1000 * seconds, extra=extra)
 
 
-def _code_of(error: BaseException) -> grpc.StatusCode:
-    code = to_status(error, log_unexpected=False).code
-    return next(c for c in grpc.StatusCode if c.value[0] == code)
+class Malformed:
+    """What the lenient deserializer (app.py) hands over when a request body does not parse."""
+
+    def __init__(self, message_type: str, detail: str):
+        self.message_type = message_type
+        self.detail = detail
+
+
+def _domain_error(error: BaseException) -> LoramuxError:
+    return error if isinstance(error, LoramuxError) else InternalError.logged(error)
+
+
+def _admit(servicer, request) -> None:
+    """Refusals that come before any work: a body that did not parse, a server that is draining."""
+    if isinstance(request, Malformed):
+        raise InvalidRequest(
+            f"the request body is not a valid {request.message_type} message ({request.detail[:200]})",
+            reason="MALFORMED_REQUEST",
+        )
+    if servicer.draining:
+        raise ShuttingDown("the server is shutting down; send the call to another replica")
 
 
 def maps_errors(method):
     """Turn any exception raised by an RPC method into its gRPC status (unary and streaming);
-    count, time and log every call."""
+    count, time and log every call. Unexpected exceptions become INTERNAL with a correlation id."""
     name = method.__name__
-    if inspect.isasyncgenfunction(method):
+    streaming = inspect.isasyncgenfunction(method)
+
+    async def fail(self, context, started: float, e: BaseException) -> None:
+        error = _domain_error(e)
+        _finished(self, name, started, code_of(error), error)
+        await abort(context, error)
+
+    if streaming:
 
         @functools.wraps(method)
         async def stream(self, request, context):
             started = time.perf_counter()
             try:
+                _admit(self, request)
                 async for item in method(self, request, context):
                     yield item
             except (asyncio.CancelledError, GeneratorExit):  # the caller went away mid-stream
                 _finished(self, name, started, grpc.StatusCode.CANCELLED)
                 raise
             except Exception as e:
-                _finished(self, name, started, _code_of(e), e)
-                await abort(context, e)
+                await fail(self, context, started, e)
             else:
                 _finished(self, name, started, grpc.StatusCode.OK)
 
@@ -86,13 +117,13 @@ def maps_errors(method):
     async def unary(self, request, context):
         started = time.perf_counter()
         try:
+            _admit(self, request)
             response = await method(self, request, context)
         except asyncio.CancelledError:
             _finished(self, name, started, grpc.StatusCode.CANCELLED)
             raise
         except Exception as e:
-            _finished(self, name, started, _code_of(e), e)
-            await abort(context, e)
+            await fail(self, context, started, e)
         else:
             _finished(self, name, started, grpc.StatusCode.OK)
             return response
@@ -100,8 +131,29 @@ def maps_errors(method):
     return unary
 
 
-async def _blocking(fn, *args, **kwargs):
-    return await asyncio.get_running_loop().run_in_executor(None, functools.partial(fn, *args, **kwargs))
+class Pools:
+    """Bounded thread pools for blocking work, one per kind, so that one kind cannot starve
+    another: tokenizing and queueing generate calls (admission), and adapter administration
+    (Hub resolution, reading and validating files, waiting for a slot). Waiting on operations
+    needs no thread (it is awaited)."""
+
+    def __init__(self, admission_threads: int = 4, adapter_threads: int = 4):
+        self.admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="loramux-admit")
+        self.adapters = ThreadPoolExecutor(adapter_threads, thread_name_prefix="loramux-adapters")
+
+    def shutdown(self) -> None:
+        self.admission.shutdown(wait=False, cancel_futures=True)
+        self.adapters.shutdown(wait=False, cancel_futures=True)
+
+
+async def _blocking(pool: ThreadPoolExecutor, fn, *args, **kwargs):
+    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+
+
+def _wait_budget(context, limit_s: float) -> float:
+    """How long a call may wait for something (a free slot): its deadline, at most `limit_s`."""
+    remaining = context.time_remaining()
+    return limit_s if remaining is None else max(0.0, min(limit_s, remaining - 0.05))
 
 
 def _add_event(message, event: TokenEvent | FinishEvent) -> None:
@@ -116,8 +168,10 @@ def _add_event(message, event: TokenEvent | FinishEvent) -> None:
 
 
 class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, pools: Pools):
         self._engine = engine
+        self._pools = pools
+        self.draining = False  # set at shutdown: new calls get UNAVAILABLE / SHUTTING_DOWN
 
     async def _events(self, request: generation_pb2.GenerateRequest, context) -> AsyncIterator[Event]:
         """Submit to the engine and yield its events; a caller that goes away cancels the row."""
@@ -144,7 +198,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             "loramux.tenant": tenant,
         })
         submitted = await _blocking(
-            self._engine.submit, tenant, inp, emit, deadline, trace_context=otel_context.get_current()
+            self._pools.admission, self._engine.submit, tenant, inp, emit, deadline, trace_context=otel_context.get_current()
         )
         finished = False
         try:
@@ -187,6 +241,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     @maps_errors
     async def LoadAdapter(self, request, context):
         record = await _blocking(
+            self._pools.adapters,
             self._engine.load_adapter,
             tenant_of(context, self._engine),
             request.adapter_id,
@@ -195,12 +250,13 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             pin=request.pin,
             warm=request.warm,
             replace=request.replace,
+            wait_s=_wait_budget(context, self._engine.settings.slot_wait_s),
         )
         return convert.adapter(record, self._engine.tier(record))
 
     @maps_errors
     async def UnloadAdapter(self, request, context):
-        await _blocking(self._engine.unload_adapter, tenant_of(context, self._engine), request.adapter_id)
+        await _blocking(self._pools.adapters, self._engine.unload_adapter, tenant_of(context, self._engine), request.adapter_id)
         return empty_pb2.Empty()
 
     @maps_errors
@@ -219,6 +275,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     @maps_errors
     async def Merge(self, request, context):
         op = await _blocking(
+            self._pools.adapters,
             self._engine.start_merge,
             tenant_of(context, self._engine),
             request.adapter_id,
@@ -232,7 +289,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     async def GetServerInfo(self, request, context):
         base, settings = self._engine.base, self._engine.settings
         return loramux_service_pb2.ServerInfo(
-            model_id=settings.served_model_name,
+            model_id=settings.public_model_name,
             model_revision=base.revision,
             dtype=str(base.dtype).removeprefix("torch."),
             device=str(base.device),

@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from loramux.server.errors import Kind, LoramuxError
+from loramux.server.errors import InternalError, Kind, LoramuxError
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +32,16 @@ _CODES = {
     Kind.DEADLINE_EXCEEDED: grpc.StatusCode.DEADLINE_EXCEEDED,
     Kind.CANCELLED: grpc.StatusCode.CANCELLED,
     Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    Kind.ABORTED: grpc.StatusCode.ABORTED,
     Kind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
 
 def to_status(error: BaseException, log_unexpected: bool = True) -> status_pb2.Status:
-    """google.rpc.Status for any exception; unexpected ones become INTERNAL without internals."""
+    """google.rpc.Status for any exception; unexpected ones become INTERNAL without internals
+    (with a correlation id that the log line carries too)."""
     if not isinstance(error, LoramuxError):
-        if log_unexpected:
-            log.error("unexpected error", exc_info=error)
-        error = LoramuxError("internal error; the server log has the details")
+        error = InternalError.logged(error) if log_unexpected else InternalError("-")
     code = _CODES[error.kind]
     details = [error_details_pb2.ErrorInfo(reason=error.reason, domain=DOMAIN, metadata=error.metadata)]
     if error.field is not None:
@@ -68,3 +68,7 @@ async def abort(context: grpc.aio.ServicerContext, error: BaseException) -> None
     await context.abort(grpc_code(status), status.message, trailing_metadata=((DETAILS_KEY, status.SerializeToString()),))
 
 
+
+
+def code_of(error: LoramuxError) -> grpc.StatusCode:
+    return _CODES[error.kind]

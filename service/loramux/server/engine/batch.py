@@ -35,7 +35,7 @@ from loramux.server.engine.request import (
     TokenEvent,
 )
 from loramux.server.engine.sampling import choose_tokens, new_generator
-from loramux.server.errors import Cancelled, DeadlineExceeded, LoramuxError
+from loramux.server.errors import Cancelled, DeadlineExceeded, LoramuxError, NonFiniteOutput
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,6 +50,7 @@ class Row:
     generated: int = 0
     first_token_at: float | None = None
     done: bool = False
+    released: bool = False  # its adapter slot has been given back (engine)
 
 
 def new_row(base: BaseModel, request: GenerationRequest, slot: int, now: float) -> Row:
@@ -150,14 +151,23 @@ class Batch:
         """Append `other`'s rows (prefilled separately) to this batch."""
         length = max(self.kv_length, other.kv_length)
         mine, theirs = length - self.kv_length, length - other.kv_length
-        for mine_layer, their_layer in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine_layer.keys = torch.cat([_pad_left(mine_layer.keys, mine), _pad_left(their_layer.keys, theirs)])
-            mine_layer.values = torch.cat([_pad_left(mine_layer.values, mine), _pad_left(their_layer.values, theirs)])
-        self.mask = torch.cat([_pad_left(self.mask, mine), _pad_left(other.mask, theirs)])
-        self.positions = torch.cat([self.positions, other.positions])
-        self.tokens = torch.cat([self.tokens, other.tokens])
-        self.rows = self.rows + other.rows
-        self._route()
+        # Everything new is built before anything is assigned: if an allocation fails, this
+        # batch is left as it was and only `other`'s rows are concerned.
+        layers = [
+            (
+                torch.cat([_pad_left(mine_layer.keys, mine), _pad_left(their_layer.keys, theirs)]),
+                torch.cat([_pad_left(mine_layer.values, mine), _pad_left(their_layer.values, theirs)]),
+            )
+            for mine_layer, their_layer in zip(self.cache.layers, other.cache.layers, strict=True)
+        ]
+        mask = torch.cat([_pad_left(self.mask, mine), _pad_left(other.mask, theirs)])
+        positions = torch.cat([self.positions, other.positions])
+        tokens = torch.cat([self.tokens, other.tokens])
+        rows = self.rows + other.rows
+        slots = self.base.bank.routing_index([row.slot for row in rows], self.base.device)
+        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+            layer.keys, layer.values = keys, values
+        self.mask, self.positions, self.tokens, self.rows, self._slots = mask, positions, tokens, rows, slots
 
     def fail(self, error: LoramuxError) -> list[Row]:
         """End every row with `error` (rows already ended keep their outcome); returns all rows."""
@@ -192,14 +202,22 @@ class Batch:
             self.base.bank.route(None)
         logits = out.logits[:, -1, :].float()  # [n, vocab]
         rows = self.rows
-        tokens, logprobs = choose_tokens(
+        tokens, logprobs, bad = choose_tokens(
             logits, [r.request.params for r in rows], [r.seen for r in rows], [r.generator for r in rows]
         )
         token_list = tokens.tolist()
         logprob_list = logprobs.tolist() if logprobs is not None else None
         now = time.monotonic()
+        for i in bad:  # this row alone fails; filter() drops it after the pass
+            rows[i].done = True
+            rows[i].request.emit(ErrorEvent(NonFiniteOutput(
+                "the model's scores for this request became NaN or infinite (the adapter's weights or the "
+                "sampling parameters overflow the serving dtype)",
+                generated=rows[i].generated,
+            )))
         for i, row in enumerate(rows):
-            _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now, tokens[i : i + 1])
+            if not row.done:
+                _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now, tokens[i : i + 1])
         self.tokens = tokens
         self.mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
         self.positions = self.positions[:, -1:] + 1

@@ -25,7 +25,7 @@ from typing import TypeVar
 import torch
 from opentelemetry.trace import StatusCode
 
-from loramux.server.adapters.cache import TieredAdapterCache, Tier
+from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable, TieredAdapterCache, Tier
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.batch import Batch, Row, check_cache_layout, ended_early, new_row
@@ -38,9 +38,14 @@ from loramux.server.engine.request import (
     TokenEvent,
 )
 from loramux.server.errors import (
+    AdapterNotFound,
+    DeadlineExceeded,
+    InternalError,
     InvalidRequest,
     LoramuxError,
     MergeFailed,
+    NoSlotFree,
+    OutOfMemory,
     PinLimit,
     ShuttingDown,
 )
@@ -52,6 +57,8 @@ from loramux.server.telemetry.signals import Telemetry
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_POLL_S = 0.02  # while requests wait for an adapter read or a slot and nothing runs
+_SLOT_RETRY_S = 0.05  # warm/pin: how often to look for a free slot again
+_CUT_WAIT_S = 5.0  # after the grace period: how long the cut rows may take to be answered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +69,20 @@ class EngineStats:
     kv_length: int  # KV cache columns of the running batch (padding included)
     steps: int  # decode steps run so far
     prefills: int  # prefill passes run so far
+
+
+def _domain_error(error: BaseException, what: str) -> LoramuxError:
+    """A failure as callers see it: domain errors as they are, running out of memory as a
+    retriable RESOURCE_EXHAUSTED, anything else as INTERNAL with a logged correlation id."""
+    if isinstance(error, LoramuxError):
+        return error
+    if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
+        log.error("%s: out of memory", what, exc_info=error)
+        return OutOfMemory(
+            f"the server ran out of memory for this batch ({what}); retry later or ask for fewer tokens",
+            retry_after_s=1.0,
+        )
+    return InternalError.logged(error, what)
 
 
 class Engine:
@@ -83,14 +104,17 @@ class Engine:
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io")
         self._scheduler = Scheduler(
-            settings, self.cache, self.registry.is_live, self._io, self._wake, base.bank.base_slot
+            settings, self.cache, self.registry.current_uid, self._io, self._wake, base.bank.base_slot
         )
         self._running: Batch | None = None
         self._steps = 0
         self._prefills = 0
         self._merges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge")
         self.operations = OperationStore()
-        self._stopping = False
+        self._stopping = False  # the worker ends once the running rows finish
+        self._draining = False  # new work is refused
+        self._cut: LoramuxError | None = None  # set: end everything queued or running with it
+        self._pass_started: float | None = None  # when the worker's current pass began (None: idle)
         self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
 
@@ -100,10 +124,35 @@ class Engine:
         self._thread.start()
         return self
 
+    def drain(self, grace_s: float) -> bool:
+        """Shut down step one: refuse new work, let what is queued or running finish for up to
+        `grace_s`, then end what is left with SHUTTING_DOWN (merges too). True if all finished."""
+        with self._cond:
+            self._draining = True
+            self._cond.notify_all()
+        finished = self._wait_idle(grace_s)
+        if not finished:
+            with self._cond:
+                self._cut = ShuttingDown("the server is shutting down and its grace period ended")
+                self._cond.notify_all()
+            self.operations.cancel_running(self._cut)
+            self._wait_idle(_CUT_WAIT_S)
+        return finished
+
+    def _wait_idle(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._running is not None or len(self._scheduler) or self._jobs or self.operations.running():
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return False
+                self._cond.wait(min(left, _IDLE_POLL_S))
+        return True
+
     def stop(self, timeout: float = 10.0) -> None:
         """Finish the running rows, fail what waits with SHUTTING_DOWN, stop the worker."""
         with self._cond:
-            self._stopping = True
+            self._stopping = self._draining = True
             waiting = self._scheduler.drain()
             jobs = list(self._jobs)
             self._jobs.clear()
@@ -117,6 +166,13 @@ class Engine:
         self._io.shutdown(wait=False, cancel_futures=True)
         self._merges.shutdown(wait=True, cancel_futures=True)
 
+    def healthy(self, stall_s: float) -> bool:
+        """Whether the worker can make progress: alive, and no pass has run longer than `stall_s`."""
+        if not self._thread.is_alive():
+            return False
+        started = self._pass_started
+        return started is None or time.monotonic() - started < stall_s
+
     # -- generation ---------------------------------------------------------------------
 
     def submit(
@@ -129,8 +185,10 @@ class Engine:
     ) -> GenerationRequest:
         """Validate and queue a request; events arrive through `emit` on the engine thread.
         `trace_context` (an OpenTelemetry context) is the parent of the request's engine spans."""
+        if self._draining:
+            raise ShuttingDown("the server is shutting down")
         record = self.registry.get(tenant, inp.adapter_id) if inp.adapter_id else None
-        ids = prompt_ids(inp, self.base)
+        ids = prompt_ids(inp, self.base, self.settings)
         params = sampling_params(inp, self.base, self.settings)
         room = self.base.max_sequence_length - len(ids)
         if params.max_new_tokens > room:  # the context length caps the output
@@ -162,8 +220,10 @@ class Engine:
         )
         if record is not None:
             request.timeline.tier_found = self.cache.tier(record.uid)
+        if deadline is not None and time.monotonic() > deadline:  # tokenizing took the caller's time
+            raise DeadlineExceeded("the deadline passed while the prompt was being tokenized")
         with self._cond:
-            if self._stopping:
+            if self._draining:
                 raise ShuttingDown("the server is shutting down")
             request.arrival_step = self._steps
             self._scheduler.push(request)
@@ -219,19 +279,19 @@ class Engine:
         pin: bool = False,
         warm: bool = False,
         replace: bool = False,
+        wait_s: float | None = None,
     ) -> AdapterRecord:
-        """Register (read, validate) an adapter; with pin or warm, also put it in a slot now.
-        Blocking: call it off the event loop."""
+        """Register (read, validate) an adapter; with pin or warm, also put it in a slot now,
+        waiting at most `wait_s` (default `slot_wait_s`) for one to be free. If none frees up
+        the registration stands and NO_SLOT_AVAILABLE (retriable) is raised. Blocking: call it
+        off the event loop."""
+        if self._draining:
+            raise ShuttingDown("the server is shutting down")
         if pin:
             self._check_pin_room()
-        record, created = self.registry.load(tenant, adapter_id, source, revision, replace)
+        record, _ = self.registry.load(tenant, adapter_id, source, revision, replace)
         if pin or warm:
-            try:
-                self.call_on_engine(lambda: self._warm(record, pin)).result()
-            except BaseException:
-                if created:
-                    self.registry.unload(tenant, adapter_id)
-                raise
+            self._warm(record, pin, self.settings.slot_wait_s if wait_s is None else wait_s)
         return record
 
     def unload_adapter(self, tenant: str, adapter_id: str) -> AdapterRecord:
@@ -298,6 +358,8 @@ class Engine:
         phase = {"span": tracer.start_span("loramux.merge.merge_tensors")}
 
         def progress(done: int, total: int) -> None:
+            if op.cancel_error is not None:  # shutdown past its grace period: stop here, clean up
+                raise op.cancel_error
             self.operations.update(op, tensors_done=done, tensors_total=total)
             if done == total:
                 phase["span"].set_attribute("loramux.merge.tensors", total)
@@ -326,24 +388,53 @@ class Engine:
 
     def _check_pin_room(self) -> None:
         if self.cache.pinned_count() >= self.settings.adapter_slots - 1:
-            raise PinLimit(
-                f"{self.cache.pinned_count()} of {self.settings.adapter_slots} slots are pinned; at least one "
-                "slot must stay free for unpinned adapters. Unpin one, or serve with more --adapter-slots",
-                pinned=self.cache.pinned_count(),
-                adapter_slots=self.settings.adapter_slots,
-            )
+            raise self._pin_limit()
 
-    def _warm(self, record: AdapterRecord, pin: bool) -> None:
-        self.cache.ensure_in_memory(record.uid)
-        if pin and not record.pinned:
-            self._check_pin_room()
-        self.cache.acquire(record.uid)
+    def _pin_limit(self) -> PinLimit:
+        return PinLimit(
+            f"{self.cache.pinned_count()} of {self.settings.adapter_slots} slots are pinned; at least one "
+            "slot must stay free for unpinned adapters. Unpin one, or serve with more --adapter-slots",
+            pinned=self.cache.pinned_count(),
+            adapter_slots=self.settings.adapter_slots,
+        )
+
+    def _warm(self, record: AdapterRecord, pin: bool, wait_s: float) -> None:
+        """Put a registered adapter in a slot (and pin it), retrying until `wait_s` passes.
+        Files are read on the calling thread; only the slot change runs on the engine thread."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            if not self.registry.is_live(record.uid):
+                raise AdapterNotFound(f"adapter {record.adapter_id!r} was unloaded or replaced meanwhile", field="adapter_id")
+            self.cache.ensure_in_memory(record.uid)
+            placed = self.call_on_engine(lambda: self._place(record, pin)).result()
+            if placed:
+                return
+            if time.monotonic() >= deadline:
+                raise NoSlotFree(
+                    f"adapter {record.adapter_id!r} is registered, but no slot became free within {wait_s:.1f}s "
+                    "(every slot is used by running requests or pinned); it will be placed on first use, "
+                    "or retry warm/pin later",
+                    retry_after_s=max(self._scheduler.retry_hint_s, 0.1),
+                    adapter_slots=self.settings.adapter_slots,
+                )
+            time.sleep(_SLOT_RETRY_S)
+
+    def _place(self, record: AdapterRecord, pin: bool) -> bool:
+        """Engine thread: into a slot and, with pin, pinned. False when no slot is free now."""
+        try:
+            self.cache.acquire(record.uid)
+        except NoSlotAvailable:
+            return False
+        except (KeyError, AdapterGone):  # evicted to disk again, or unloaded: the caller retries or reports
+            return False
         try:
             if pin:
-                self.cache.pin(record.uid)
+                if not self.cache.pin(record.uid, self.settings.adapter_slots - 1):
+                    raise self._pin_limit()
                 record.pinned = True
         finally:
             self.cache.release(record.uid)
+        return True
 
     # -- the worker ---------------------------------------------------------------------
 
@@ -352,63 +443,104 @@ class Engine:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        """The worker. Nothing that goes wrong in a pass ends it: a failure fails the requests it
+        concerns (the rows being joined, or the running batch) and the loop goes on."""
         while True:
-            admitted = self._next_work()
+            try:
+                admitted = self._next_work()
+            except Exception as e:  # a bug in admission: report it, keep serving
+                InternalError.logged(e, "admission failed")
+                time.sleep(_IDLE_POLL_S)
+                continue
             if admitted is None:
                 return
+            self._pass_started = time.monotonic()
             try:
-                if admitted:
-                    self._join(admitted)
-                elif self._running is not None:
-                    self._running.step()
-                    self._steps += 1
-            except LoramuxError as e:
-                self._fail_running(e)
+                self._pass(admitted)
+            except Exception as e:  # last resort: nothing below should raise
+                self._fail_running(_domain_error(e, "engine pass failed"))
+            finally:
+                with self._cond:
+                    self._pass_started = None
+                    self._cond.notify_all()
+
+    def _pass(self, admitted: list[tuple[GenerationRequest, int]]) -> None:
+        if self._cut is not None:
+            self._end_all(admitted, self._cut)
+            return
+        if admitted:
+            self._join(admitted)
+        elif self._running is not None:
+            try:
+                self._running.step()
+                self._steps += 1
+            except Exception as e:  # the forward pass is shared: every running row is concerned
+                self._fail_running(_domain_error(e, "decode step failed"))
+        if self._running is not None:
+            try:
+                gone = self._running.filter()
             except Exception as e:
-                log.exception("generation step failed")
-                self._fail_running(LoramuxError(f"generation failed: {type(e).__name__}: {e}"))
-            if self._running is not None:
-                for row in self._running.filter():
-                    self._row_done(row)
-                if not self._running:
-                    with self._cond:
-                        self._running = None
+                self._fail_running(_domain_error(e, "filtering the batch failed"))
+                return
+            for row in gone:
+                self._row_done(row)
+            if not self._running:
+                with self._cond:
+                    self._running = None
+
+    def _end_all(self, admitted: list[tuple[GenerationRequest, int]], error: LoramuxError) -> None:
+        """Answer every admitted, waiting and running request with `error` (at shutdown)."""
+        self._abandon(admitted, [], error)
+        with self._cond:
+            waiting = self._scheduler.drain()
+        for request in waiting:
+            request.emit(ErrorEvent(error))
+        self._fail_running(error)
 
     def _join(self, admitted: list[tuple[GenerationRequest, int]]) -> None:
-        """Prefill newly admitted requests and add them to the running batch."""
-        now = time.monotonic()
-        rows = [new_row(self.base, request, slot, now) for request, slot in admitted]
-        live = []
-        for row in rows:
-            if ended_early(row):
-                self._row_done(row)
-            else:
-                live.append(row)
-        if not live:
-            return
-        started_ns = time.time_ns()
-        for row in live:
-            row.request.timeline.prefill_start_ns = started_ns
-            row.request.timeline.prefill_rows = len(live)
+        """Prefill newly admitted requests and add them to the running batch. If anything fails
+        on the way, the admitted requests (and only they) get the error and their slots back."""
+        rows: list[Row] = []
         try:
+            now = time.monotonic()
+            for request, slot in admitted:
+                rows.append(new_row(self.base, request, slot, now))
+            live = []
+            for row in rows:
+                if ended_early(row):
+                    self._row_done(row)
+                else:
+                    live.append(row)
+            if not live:
+                return
+            started_ns = time.time_ns()
+            for row in live:
+                row.request.timeline.prefill_start_ns = started_ns
+                row.request.timeline.prefill_rows = len(live)
             fresh = Batch.prefill(self.base, live)
             # The first tokens were emitted inside prefill; the end stamp only orders the spans.
             ended_ns = time.time_ns()
             for row in live:
                 row.request.timeline.prefill_end_ns = ended_ns
-        except BaseException as e:
-            error = e if isinstance(e, LoramuxError) else LoramuxError(f"prefill failed: {type(e).__name__}: {e}")
-            if not isinstance(e, LoramuxError):
-                log.exception("prefill of %d rows failed", len(live))
-            for row in Batch.abandon(live, error):
-                self._row_done(row)
-            return
-        self._prefills += 1
-        with self._cond:
-            if self._running is None:
-                self._running = fresh
-            else:
-                self._running.concatenate(fresh)
+            self._prefills += 1
+            with self._cond:
+                if self._running is None:
+                    self._running = fresh
+                else:
+                    self._running.concatenate(fresh)  # all or nothing: the running batch is intact on failure
+        except Exception as e:
+            self._abandon(admitted, rows, _domain_error(e, f"joining {len(admitted)} request(s) failed"))
+
+    def _abandon(self, admitted: list[tuple[GenerationRequest, int]], rows: list[Row], error: LoramuxError) -> None:
+        """End admitted requests that are not in the running batch, releasing their slots."""
+        with_rows = {id(row.request) for row in rows}
+        for row in Batch.abandon(rows, error):
+            self._row_done(row)
+        for request, _ in admitted:
+            if id(request) not in with_rows:
+                request.emit(ErrorEvent(error))
+                if request.adapter_uid is not None:
+                    self.cache.release(request.adapter_uid)
 
     def _fail_running(self, error: LoramuxError) -> None:
         if self._running is not None:
@@ -418,6 +550,9 @@ class Engine:
                 self._running = None
 
     def _row_done(self, row: Row) -> None:
+        if row.released:  # a row is released once, however it ended
+            return
+        row.released = True
         request = row.request
         if request.adapter_uid is not None:
             self.cache.release(request.adapter_uid)
@@ -446,6 +581,8 @@ class Engine:
                     running = len(self._running) if self._running is not None else 0
                     if self._stopping:
                         return [] if running else None
+                    if self._cut is not None and (running or len(self._scheduler)):
+                        return []  # the pass ends them
                     if not len(self._scheduler):
                         if running:
                             return []

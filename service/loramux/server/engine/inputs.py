@@ -12,6 +12,12 @@ from loramux.server.settings import Settings
 
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_LENGTH = 256
+MAX_STOP_TOKEN_IDS = 256
+MAX_MESSAGES = 4096
+MAX_ROLE_CHARS = 64
+# Outside these, scores overflow float32 (temperature 1e-38 makes every logit infinite).
+TEMPERATURE_RANGE = (1e-3, 100.0)
+REPETITION_PENALTY_RANGE = (1e-2, 100.0)
 
 
 @dataclasses.dataclass
@@ -33,7 +39,9 @@ class GenerateInput:
     return_logprobs: bool = False
 
 
-def prompt_ids(inp: GenerateInput, base: BaseModel) -> list[int]:
+def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[int]:
+    """The prompt's token ids. Text is bounded in bytes before it is tokenized, so the time a
+    request can spend in the tokenizer is bounded too."""
     given = [name for name, present in (
         ("prompt", bool(inp.prompt)),
         ("prompt_token_ids", bool(inp.prompt_token_ids)),
@@ -47,7 +55,23 @@ def prompt_ids(inp: GenerateInput, base: BaseModel) -> list[int]:
             reason="PROMPT_REQUIRED" if not given else "PROMPT_AMBIGUOUS",
         )
     tokenizer = base.tokenizer
+    text_bytes = len(inp.prompt.encode()) + sum(len(c.encode()) + len(r.encode()) for r, c in inp.messages)
+    if text_bytes > settings.max_prompt_bytes:
+        raise PromptTooLong(
+            f"the prompt text is {text_bytes} bytes, more than the {settings.max_prompt_bytes} this server tokenizes",
+            field=given[0],
+            prompt_bytes=text_bytes,
+            max_prompt_bytes=settings.max_prompt_bytes,
+        )
     if inp.prompt_token_ids:
+        if len(inp.prompt_token_ids) >= base.max_sequence_length:
+            raise PromptTooLong(
+                f"the prompt has {len(inp.prompt_token_ids)} tokens; the model's context is {base.max_sequence_length} "
+                "and at least one token must be generated",
+                field="prompt_token_ids",
+                prompt_tokens=len(inp.prompt_token_ids),
+                max_sequence_length=base.max_sequence_length,
+            )
         ids = list(inp.prompt_token_ids)
         bad = [t for t in ids if not 0 <= t < base.vocab_size]
         if bad:
@@ -59,9 +83,15 @@ def prompt_ids(inp: GenerateInput, base: BaseModel) -> list[int]:
     elif inp.messages:
         if not getattr(tokenizer, "chat_template", None):
             raise NoChatTemplate("the served tokenizer has no chat template; send prompt or prompt_token_ids", field="messages")
+        if len(inp.messages) > MAX_MESSAGES:
+            raise InvalidRequest(f"messages holds {len(inp.messages)} messages, more than {MAX_MESSAGES}", field="messages", reason="TOO_MANY_MESSAGES")
         for i, (role, _) in enumerate(inp.messages):
             if not role:
                 raise InvalidRequest(f"messages[{i}].role is empty", field=f"messages[{i}].role", reason="MESSAGE_ROLE_REQUIRED")
+            if len(role) > MAX_ROLE_CHARS:
+                raise InvalidRequest(
+                    f"messages[{i}].role is longer than {MAX_ROLE_CHARS} characters", field=f"messages[{i}].role", reason="MESSAGE_ROLE_INVALID"
+                )
         chat = [{"role": role, "content": content} for role, content in inp.messages]
         rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
@@ -90,6 +120,10 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
         value = getattr(inp, name)
         if not math.isfinite(value) or value < 0:
             raise bad(name, f"must be a finite number >= 0, got {value}")
+    for name, (low, high) in (("temperature", TEMPERATURE_RANGE), ("repetition_penalty", REPETITION_PENALTY_RANGE)):
+        value = getattr(inp, name)
+        if value != 0 and not low <= value <= high:
+            raise bad(name, f"must be 0 (off) or in [{low:g}, {high:g}], got {value:g}")
     if inp.top_p > 1:
         raise bad("top_p", f"must be in [0, 1], got {inp.top_p}")
     if inp.top_k < 0:
@@ -99,6 +133,8 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
     for s in inp.stop:
         if not s or len(s) > MAX_STOP_LENGTH:
             raise bad("stop", f"sequences must be 1-{MAX_STOP_LENGTH} characters, got {len(s)}")
+    if len(inp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise bad("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(inp.stop_token_ids)}")
     out_of_range = [t for t in inp.stop_token_ids if not 0 <= t < base.vocab_size]
     if out_of_range:
         raise bad("stop_token_ids", f"has ids outside 0..{base.vocab_size - 1}, e.g. {out_of_range[0]}")

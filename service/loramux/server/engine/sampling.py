@@ -49,8 +49,14 @@ def choose_tokens(
     params: list[SamplingParams],
     seen: list[torch.Tensor],  # per row: [n] token ids so far
     generators: list[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Returns next tokens [batch] and, if any row asked, the model's logprobs of them [batch]."""
+) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """Returns next tokens [batch], the model's logprobs of them [batch] if any row asked, and
+    the rows whose scores were not finite (their tokens are meaningless: those rows must end).
+    A bad row never stops the others from getting their tokens."""
+    finite = torch.isfinite(logits).all(dim=-1)  # [batch]
+    bad = [] if bool(finite.all()) else (~finite).nonzero()[:, 0].tolist()
+    if bad:
+        logits = logits.masked_fill(~finite[:, None], 0.0)  # any token will do for rows that end
     want_logprobs = any(p.return_logprobs for p in params)
     raw_logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if all(p.greedy and p.repetition_penalty == 1.0 for p in params):
@@ -58,13 +64,20 @@ def choose_tokens(
     else:
         tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
         for i, p in enumerate(params):
+            if i in bad:
+                tokens[i] = 0
+                continue
             row = logits[i].clone()
             if p.repetition_penalty != 1.0:
                 apply_repetition_penalty(row, seen[i], p.repetition_penalty)
             if p.greedy:
                 tokens[i] = row.argmax()
                 continue
-            row = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p)
-            tokens[i] = torch.multinomial(row.softmax(-1), 1, generator=generators[i])[0]
+            probs = filter_top_k_top_p(row / p.temperature, p.top_k, p.top_p).softmax(-1)
+            if not bool(torch.isfinite(probs).all()) or not float(probs.sum()) > 0:
+                bad.append(i)
+                tokens[i] = 0
+                continue
+            tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0] if raw_logprobs is not None else None
-    return tokens, logprobs
+    return tokens, logprobs, sorted(bad)

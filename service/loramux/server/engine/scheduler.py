@@ -42,14 +42,14 @@ class Scheduler:
         self,
         settings: Settings,
         cache: TieredAdapterCache,
-        is_live: Callable[[int], bool],
+        current_uid: Callable[[str, str, int], int | None],
         io: ThreadPoolExecutor,
         wake: Callable[[], None],
         base_slot: int,
     ):
         self._settings = settings
         self._cache = cache
-        self._is_live = is_live
+        self._current_uid = current_uid
         self._io = io
         self._wake = wake
         self._base_slot = base_slot
@@ -210,8 +210,14 @@ class Scheduler:
             waited = round(now - request.arrival, 3)
             return DeadlineExceeded(f"the deadline passed after {waited:.3f}s in the queue", waited_s=waited)
         uid = request.adapter_uid
-        if uid is not None and not self._is_live(uid):
-            return AdapterNotFound(f"adapter {request.adapter_id!r} was unloaded while the request waited", field="adapter_id")
+        if uid is not None:
+            # A replaced adapter: a queued request runs on the version its name holds now.
+            current = self._current_uid(request.tenant, request.adapter_id, uid)
+            if current is None:
+                return AdapterNotFound(f"adapter {request.adapter_id!r} was unloaded while the request waited", field="adapter_id")
+            if current != uid:
+                request.adapter_uid = uid = current
+                request.timeline.tier_found = self._cache.tier(uid)
         load = self._loads.get(uid) if uid is not None else None
         if load is not None and load.done() and load.exception() is not None:
             error = load.exception()
