@@ -47,6 +47,16 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-queue", type=int, default=256)
     p.add_argument("--max-queue-per-tenant", type=int, help="requests one tenant may have waiting (default: --max-queue)")
     p.add_argument("--default-max-new-tokens", type=int, default=64)
+    p.add_argument("--max-prompt-bytes", type=int, default=1 << 20,
+                   help="prompt text above this many UTF-8 bytes is refused before tokenizing")
+    p.add_argument("--slot-wait-s", type=float, default=10.0,
+                   help="LoadAdapter warm/pin: how long to wait for a free slot before NO_SLOT_AVAILABLE")
+    p.add_argument("--engine-stall-s", type=float, default=60.0,
+                   help="health says NOT_SERVING while one engine pass runs longer than this")
+    p.add_argument("--shutdown-grace-s", type=float, default=5.0,
+                   help="on SIGTERM: how long work in flight may finish before it is ended with SHUTTING_DOWN")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="keep adapter registrations and operations here across restarts (default: nothing kept)")
     p.add_argument("--base-mismatch", default="error", choices=["error", "warn"],
                    help="an adapter trained on another base model: refuse it, or log and load")
     p.add_argument("--allow-pickle-weights", action="store_true", help="load adapter_model.bin when there is no safetensors file")
@@ -194,6 +204,11 @@ def _serve(args) -> int:
             max_queue=args.max_queue,
             max_queue_per_tenant=args.max_queue_per_tenant,
             default_max_new_tokens=args.default_max_new_tokens,
+            max_prompt_bytes=args.max_prompt_bytes,
+            slot_wait_s=args.slot_wait_s,
+            engine_stall_s=args.engine_stall_s,
+            shutdown_grace_s=args.shutdown_grace_s,
+            state_dir=args.state_dir,
             base_mismatch=args.base_mismatch,
             allow_pickle_weights=args.allow_pickle_weights,
             hub_cache_dir=args.hub_cache_dir,

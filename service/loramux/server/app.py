@@ -22,6 +22,7 @@ from loramux.server.api.operations_servicer import OperationsServicer
 from loramux.server.api.servicer import LoramuxServicer, Malformed, Pools
 from loramux.server.base_model import load_base_model
 from loramux.server.engine.engine import Engine
+from loramux.server.engine.restore import restore_state
 from loramux.server.settings import Settings
 from loramux.server.telemetry.providers import build_telemetry
 from loramux.server.telemetry.signals import Telemetry
@@ -149,8 +150,11 @@ async def create_server(engine: Engine, host: str | None = None, port: int | Non
     )
 
 
-def build_engine(settings: Settings, telemetry: Telemetry) -> Engine:
-    return Engine(settings, load_base_model(settings), telemetry).start()
+def build_engine(settings: Settings, telemetry: Telemetry, base=None) -> Engine:
+    """Load the model, start the engine and restore what the state directory kept."""
+    engine = Engine(settings, base or load_base_model(settings), telemetry).start()
+    engine.restore_report = restore_state(engine)
+    return engine
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
@@ -185,7 +189,7 @@ class BackgroundServer:
 
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or build_telemetry(settings)
-        self.engine = Engine(settings, base or load_base_model(settings), self.telemetry).start()
+        self.engine = build_engine(settings, self.telemetry, base)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loramux-grpc", daemon=True)
         self._thread.start()

@@ -12,7 +12,8 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
-from loramux.server.errors import LoramuxError, OperationNotFound
+from loramux.server.errors import Interrupted, Kind, LoramuxError, OperationNotFound
+from loramux.server.state import StateStore
 
 MAX_KEPT = 1000  # finished operations kept for Get/List, oldest dropped first
 
@@ -30,8 +31,19 @@ class Operation:
     cancel_error: LoramuxError | None = None  # set to stop the work at its next check
 
 
+@dataclasses.dataclass(frozen=True)
+class ResultCodec:
+    """How an operation's result is written to the state store and read back."""
+
+    encode: Callable[[object], dict]
+    decode: Callable[[dict], object]
+
+
 class OperationStore:
-    def __init__(self) -> None:
+    def __init__(self, store: StateStore | None = None, codec: ResultCodec | None = None) -> None:
+        """With a `store`, operations are written when created and when they finish."""
+        self._store = store
+        self._codec = codec
         self._ops: OrderedDict[str, Operation] = OrderedDict()
         self._cond = threading.Condition()
         self._callbacks: dict[str, list[Callable[[], None]]] = {}
@@ -41,6 +53,7 @@ class OperationStore:
         with self._cond:
             self._ops[op.name] = op
             self._trim()
+            self._save(op)
         return op
 
     def update(self, op: Operation, **metadata: object) -> None:
@@ -50,6 +63,7 @@ class OperationStore:
     def finish(self, op: Operation, result: object | None = None, error: LoramuxError | None = None) -> None:
         with self._cond:
             op.done, op.result, op.error, op.end_time = True, result, error, time.time()
+            self._save(op)
             self._cond.notify_all()
             callbacks = self._callbacks.pop(op.name, [])
         for callback in callbacks:
@@ -97,3 +111,41 @@ class OperationStore:
         finished = [name for name, op in self._ops.items() if op.done]
         for name in finished[: max(0, len(self._ops) - MAX_KEPT)]:
             del self._ops[name]
+            if self._store is not None:
+                self._store.delete_operation(name)
+
+    # -- persistence ----------------------------------------------------------------------
+
+    def _save(self, op: Operation) -> None:
+        if self._store is None:
+            return
+        body = {"metadata": op.metadata, "create_time": op.create_time, "done": op.done, "end_time": op.end_time}
+        if op.error is not None:
+            body["error"] = {"kind": op.error.kind.value, "reason": op.error.reason, "message": op.error.message,
+                             "field": op.error.field, "metadata": op.error.metadata}
+        if op.result is not None and self._codec is not None:
+            body["result"] = self._codec.encode(op.result)
+        self._store.put_operation(op.name, op.tenant, body)
+
+    def restore(self) -> int:
+        """Read the saved operations back; those a restart cut short end with
+        INTERRUPTED_BY_RESTART. Returns how many were interrupted."""
+        if self._store is None:
+            return 0
+        interrupted = 0
+        for name, tenant, body in self._store.operations():
+            op = Operation(name=name, tenant=tenant, metadata=body["metadata"], create_time=body["create_time"],
+                           done=body["done"], end_time=body["end_time"])
+            if "error" in body:
+                saved = body["error"]
+                op.error = LoramuxError(saved["message"], field=saved["field"], reason=saved["reason"], **saved["metadata"])
+                op.error.kind = Kind(saved["kind"])
+            if "result" in body and self._codec is not None:
+                op.result = self._codec.decode(body["result"])
+            with self._cond:
+                self._ops[name] = op
+            if not op.done:
+                interrupted += 1
+                self.finish(op, error=Interrupted(f"the server restarted while this {name.split('/')[-1].split('-')[0]} "
+                                                  "was running; run it again"))
+        return interrupted

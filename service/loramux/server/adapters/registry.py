@@ -20,6 +20,7 @@ from loramux.server.adapters.sources import resolve_source
 from loramux.server.adapters.weights import AdapterWeights
 from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest
 from loramux.server.settings import Settings
+from loramux.server.state import SavedAdapter, StateStore
 
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 MAX_ID_LENGTH = 128
@@ -55,9 +56,17 @@ def validate_adapter_id(adapter_id: str, field: str = "adapter_id") -> None:
 
 
 class AdapterRegistry:
-    def __init__(self, settings: Settings, base: BaseModelView, cache_for: Callable[[Callable[[int], AdapterWeights]], TieredAdapterCache]):
-        """`cache_for(reload)` builds the tiered cache given this registry's reload function."""
+    def __init__(
+        self,
+        settings: Settings,
+        base: BaseModelView,
+        cache_for: Callable[[Callable[[int], AdapterWeights]], TieredAdapterCache],
+        store: StateStore | None = None,
+    ):
+        """`cache_for(reload)` builds the tiered cache given this registry's reload function.
+        With a `store`, every registration, pin and unload is written to it."""
         self._settings = settings
+        self._store = store
         self._base = base
         self._lock = threading.RLock()
         self._by_name: dict[tuple[str, str], AdapterRecord] = {}
@@ -105,11 +114,30 @@ class AdapterRegistry:
                 self._by_name[key] = record
             if existing is not None:
                 self._forget(existing)
+            self._save(record)
             return record, True
+
+    def set_pinned(self, record: AdapterRecord) -> None:
+        record.pinned = True
+        self._save(record)
+
+    def _save(self, record: AdapterRecord) -> None:
+        if self._store is None:
+            return
+        with self._lock:
+            if self._by_name.get((record.tenant, record.adapter_id)) is not record:
+                return  # replaced or unloaded meanwhile: its successor's row stands
+            self._store.put_adapter(
+                SavedAdapter(record.tenant, record.adapter_id, record.source, record.revision, record.pinned, record.load_time)
+            )
 
     def unload(self, tenant: str, adapter_id: str) -> AdapterRecord:
         record = self.get(tenant, adapter_id)
-        self._forget(record)
+        with self._lock:
+            current = self._by_name.get((tenant, adapter_id)) is record
+            self._forget(record)
+            if current and self._store is not None:
+                self._store.delete_adapter(tenant, adapter_id)
         return record
 
     def get(self, tenant: str, adapter_id: str) -> AdapterRecord:

@@ -19,6 +19,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
@@ -44,13 +45,15 @@ from loramux.server.errors import (
     InvalidRequest,
     LoramuxError,
     MergeFailed,
+    MergeOutputExists,
     NoSlotFree,
     OutOfMemory,
     PinLimit,
     ShuttingDown,
 )
-from loramux.server.merge import MergeResult, merge_to_checkpoint, resolve_output
+from loramux.server.merge import MERGE_RESULTS, MergeResult, merge_to_checkpoint, resolve_output
 from loramux.server.operations import Operation, OperationStore
+from loramux.server.state import StateStore
 from loramux.server.settings import Settings
 from loramux.server.telemetry.signals import Telemetry
 
@@ -90,12 +93,14 @@ class Engine:
         self.settings = settings
         self.base = base
         self.telemetry = telemetry or Telemetry()
+        self.state = StateStore(settings.state_dir) if settings.state_dir is not None else None
         self.registry = AdapterRegistry(
             settings,
             base.view(settings),
             lambda reload: TieredAdapterCache(
                 base.bank, settings.host_cache_bytes, reload, host_pin_memory=base.device.type == "cuda"
             ),
+            store=self.state,
         )
         self.cache = self.registry.cache
         self.cache.on_event = self.telemetry.cache_event
@@ -110,11 +115,13 @@ class Engine:
         self._steps = 0
         self._prefills = 0
         self._merges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge")
-        self.operations = OperationStore()
+        self._merge_claims: dict[Path, int] = {}  # output directory -> merges queued or running for it
+        self.operations = OperationStore(self.state, MERGE_RESULTS)
         self._stopping = False  # the worker ends once the running rows finish
         self._draining = False  # new work is refused
         self._cut: LoramuxError | None = None  # set: end everything queued or running with it
         self._pass_started: float | None = None  # when the worker's current pass began (None: idle)
+        self.restore_report = None  # what start-up brought back from the state directory (app.build_engine)
         self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
 
@@ -164,7 +171,10 @@ class Engine:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._io.shutdown(wait=False, cancel_futures=True)
+        self.operations.cancel_running(ShuttingDown("the server is shutting down"))
         self._merges.shutdown(wait=True, cancel_futures=True)
+        if self.state is not None:
+            self.state.close()
 
     def healthy(self, stall_s: float) -> bool:
         """Whether the worker can make progress: alive, and no pass has run longer than `stall_s`."""
@@ -310,8 +320,18 @@ class Engine:
         children of `trace_context`."""
         if self.settings.merge_root is None:
             raise MergeFailed("this server has no merge root (--merge-root); merging is off")
+        if self._draining:
+            raise ShuttingDown("the server is shutting down")
         record = self.registry.get(tenant, adapter_id)
         target = resolve_output(self.settings.merge_root, output_dir, overwrite)
+        with self._cond:  # merges to one output run one after another; without overwrite, only one
+            claims = self._merge_claims.get(target, 0)
+            if claims and not overwrite:
+                raise MergeOutputExists(
+                    "another merge to this output_dir is queued or running; set overwrite to replace its output after it",
+                    field="output_dir",
+                )
+            self._merge_claims[target] = claims + 1
         op = self.operations.create(
             tenant,
             "merge",
@@ -320,15 +340,22 @@ class Engine:
         tracer = self.telemetry.tracer
 
         def work() -> None:
+            try:
+                run()
+            finally:
+                with self._cond:
+                    self._merge_claims[target] -= 1
+                    if not self._merge_claims[target]:
+                        del self._merge_claims[target]
+
+        def run() -> None:
             started = time.perf_counter()
             attributes = {"loramux.tenant": tenant, "loramux.adapter.id": adapter_id, "loramux.operation": op.name}
             with tracer.start_as_current_span("loramux.merge", context=trace_context, attributes=attributes) as span:
                 try:
-                    result = self._merge(op, record, adapter_id, target)
+                    result = self._merge(op, record, adapter_id, target, overwrite)
                 except BaseException as e:
-                    error = e if isinstance(e, LoramuxError) else LoramuxError(f"merge failed: {type(e).__name__}: {e}")
-                    if not isinstance(e, LoramuxError):
-                        log.exception("merge %s failed", op.name)
+                    error = _domain_error(e, f"merge {op.name} failed")
                     span.set_status(StatusCode.ERROR, error.message)
                     span.set_attribute("error.type", error.reason)
                     # Metrics first: whoever waits on the operation may read them at once.
@@ -342,7 +369,7 @@ class Engine:
         self._merges.submit(work)
         return op
 
-    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target) -> MergeResult:
+    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target, overwrite: bool) -> MergeResult:
         """The merge itself, on the merge thread, one child span per phase."""
         tracer = self.telemetry.tracer
         self.operations.update(op, phase="merging")
@@ -368,7 +395,7 @@ class Engine:
                 self.operations.update(op, phase="writing_config")
 
         try:
-            result: MergeResult = merge_to_checkpoint(self.base, weights, target, provenance, progress)
+            result: MergeResult = merge_to_checkpoint(self.base, weights, target, provenance, progress, overwrite=overwrite)
         except BaseException as e:
             phase["span"].set_status(StatusCode.ERROR, str(e))
             raise
@@ -431,7 +458,7 @@ class Engine:
             if pin:
                 if not self.cache.pin(record.uid, self.settings.adapter_slots - 1):
                     raise self._pin_limit()
-                record.pinned = True
+                self.registry.set_pinned(record)
         finally:
             self.cache.release(record.uid)
         return True
