@@ -107,6 +107,14 @@ def read_checkpoint(
     modules: dict[str, ModuleLora] = {}
     for module, pair in sorted(pairs.items()):
         modules[module] = _module_lora(module, pair, view, dtype or base.dtype)
+    untargeted = sorted(modules.keys() - expected)
+    if untargeted:  # peft would not build these layers: the tensors would go unused
+        raise AdapterInvalid(
+            f"the file holds LoRA weights for {len(untargeted)} module(s) its config does not target, "
+            f"e.g. {untargeted[0]!r}",
+            reason="ADAPTER_CONFIG_INVALID",
+            untargeted=len(untargeted),
+        )
     missing = sorted(expected - modules.keys())
     if missing:
         raise AdapterInvalid(
