@@ -1,0 +1,290 @@
+"""One caller cannot hurt another: a real server on loopback, hostile requests beside good ones."""
+
+import contextlib
+import queue
+import threading
+
+import grpc
+import pytest
+from grpc_status import rpc_status
+from google.rpc import error_details_pb2
+from safetensors.torch import load_file, save_file
+
+import loramux.client as lc
+from conftest import ADAPTERS, PROMPTS
+from loramux.server.app import BackgroundServer
+from loramux.server.engine.batch import Batch
+from loramux.server.engine.inputs import GenerateInput
+from loramux.server.engine.request import ErrorEvent, FinishEvent
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def server(assets, tmp_path_factory):
+    overflow = assets.copy_adapter("qv-r4", "overflow")
+    tensors = load_file(str(overflow / "adapter_model.safetensors"))
+    save_file({k: v * 1e20 for k, v in tensors.items()}, str(overflow / "adapter_model.safetensors"))
+    settings = assets.settings(
+        adapter_slots=3, merge_root=tmp_path_factory.mktemp("merged"), batch_window_ms=50, max_prompt_bytes=4096,
+        slot_wait_s=0.2,
+    )
+    srv = BackgroundServer(settings)
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with lc.Client(server.target, timeout=60) as c:
+        for name in [*ADAPTERS, "overflow"]:
+            c.load_adapter(name, source=name)
+        yield c
+
+
+def books_balance(engine):
+    """The cache's books agree with each other and with the registry."""
+    cache, registry = engine.cache, engine.registry
+    assert cache.audit() == []
+    live = {r.uid for t in ("default", "t1", "t2") for r in registry.list(t)}
+    assert cache.registered() == live
+    usage = cache.usage()
+    assert sum(n for n, _ in usage.values()) == len(live)
+    assert cache.snapshot().pinned == {r.uid for t in ("default", "t1", "t2") for r in registry.list(t) if r.pinned}
+
+
+@contextlib.contextmanager
+def engine_paused(engine):
+    """Hold the engine thread in a job, so that submitted requests stay queued until the block ends."""
+    gate, entered = threading.Event(), threading.Event()
+    future = engine.call_on_engine(lambda: (entered.set(), gate.wait(30)))
+    assert entered.wait(10)
+    try:
+        yield
+    finally:
+        gate.set()
+        future.result(10)
+
+
+def expect(reason, fn, *args, **kwargs):
+    with pytest.raises(lc.LoramuxError) as e:
+        fn(*args, **kwargs)
+    assert e.value.reason == reason, e.value
+    return e.value
+
+
+def test_a_non_finite_row_fails_alone_and_its_batch_mates_equal_peft(assets, server, client):
+    results: dict[str, object] = {}
+
+    def run(name, adapter):
+        try:
+            results[name] = client.generate(prompt=PROMPTS[1], adapter_id=adapter, max_new_tokens=N)
+        except lc.LoramuxError as e:
+            results[name] = e
+
+    with engine_paused(server.engine):  # all four are queued, then prefilled and decoded together
+        threads = [threading.Thread(target=run, args=(n, a)) for n, a in
+                   (("base", ""), ("qv", "qv-r4"), ("bad", "overflow"), ("all", "all-r16"))]
+        for t in threads:
+            t.start()
+        while server.engine.stats().waiting < 4:
+            threading.Event().wait(0.01)
+    for t in threads:
+        t.join(30)
+    assert isinstance(results["bad"], lc.LoramuxError) and results["bad"].reason == "NON_FINITE_LOGITS"
+    assert results["bad"].code == grpc.StatusCode.FAILED_PRECONDITION
+    for name, adapter in (("base", None), ("qv", "qv-r4"), ("all", "all-r16")):
+        assert results[name].token_ids == assets.oracle(adapter, PROMPTS[1], N), name
+    assert server.engine.stats().prefills >= 1
+    books_balance(server.engine)
+
+
+def test_numeric_extremes_refused_at_the_edge(client):
+    for field, value in (("temperature", 1e-30), ("temperature", 1e9), ("repetition_penalty", 1e-30),
+                         ("repetition_penalty", 1e30), ("temperature", float("nan")), ("top_p", 2.0)):
+        error = expect("INVALID_SAMPLING_PARAMETER", client.generate, prompt="x", **{field: value})
+        assert error.field_violations[0][0] == field
+    expect("INVALID_SAMPLING_PARAMETER", client.generate, prompt="x", stop_token_ids=list(range(300)))
+
+
+def test_large_prompts_refused_before_tokenizing(client, server):
+    error = expect("PROMPT_TOO_LONG", client.generate, prompt="a" * 4097)
+    assert error.metadata["max_prompt_bytes"] == "4096"
+    expect("PROMPT_TOO_LONG", client.generate, messages=[{"role": "user", "content": "b" * 5000}])
+    expect("PROMPT_TOO_LONG", client.generate, prompt_token_ids=[1] * 100_000)
+    big = "c" * (16 << 20)  # past the transport's limit: refused by gRPC itself, the server unharmed
+    with pytest.raises(lc.LoramuxError) as e:
+        client.generate(prompt=big)
+    assert e.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.generate(prompt=PROMPTS[0], max_new_tokens=2).usage.completion_tokens == 2
+
+
+def _raw_call(target, method, body):
+    with grpc.insecure_channel(target) as channel:
+        call = channel.unary_unary(method)
+        with pytest.raises(grpc.RpcError) as e:
+            call(body, timeout=10)
+    status = rpc_status.from_call(e.value)
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    return e.value.code(), info.reason
+
+
+def test_garbage_protobuf_is_invalid_argument(server):
+    for method in ("/loramux.v1.Loramux/Generate", "/loramux.v1.Loramux/LoadAdapter",
+                   "/google.longrunning.Operations/GetOperation"):
+        for body in (b"\xff\xff\xff\xff", b"\x12\x05ab", b"\x0a\x02\xc3\x28"):  # bad tag, short field, bad UTF-8
+            assert _raw_call(server.target, method, body) == (grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+
+
+def test_paths_and_ids_validated_on_every_rpc(client, server):
+    for source, reason in (("qv\0r4", "SOURCE_INVALID"), ("x" * 5000, "SOURCE_INVALID"), ("a/" + "y" * 300, "SOURCE_INVALID"),
+                           ("../../../../etc", "SOURCE_OUTSIDE_ROOT"), ("/proc/self/cwd", "SOURCE_OUTSIDE_ROOT")):
+        error = expect(reason, client.load_adapter, "fine", source=source)
+        assert error.field_violations[0][0] == "source" and "/tmp" not in str(error) and "/proc/self/cwd " not in str(error)
+    for fn in (client.get_adapter, client.unload_adapter):
+        error = expect("ADAPTER_ID_INVALID", fn, "z" * 100_000)
+        assert len(str(error)) < 2000 and all(len(v) <= 256 for v in error.metadata.values())
+    expect("ADAPTER_ID_INVALID", client.generate, prompt="x", adapter_id="bad id\0")
+    expect("ADAPTER_ID_INVALID", client.merge, "bad\nid", "out")
+    for output, reason in (("out\0", "OUTPUT_DIR_INVALID"), ("o" * 300, "OUTPUT_DIR_INVALID"), ("../x", "OUTPUT_OUTSIDE_ROOT")):
+        expect(reason, client.merge, "qv-r4", output)
+    from google.longrunning import operations_pb2
+
+    body = operations_pb2.GetOperationRequest(name="operations/" + "q" * 100_000).SerializeToString()
+    assert _raw_call(server.target, "/google.longrunning.Operations/GetOperation", body) == (
+        grpc.StatusCode.NOT_FOUND, "OPERATION_NOT_FOUND")
+    assert "/" not in client.server_info().model_id
+
+
+def test_warm_and_pin_without_a_free_slot_answer_retriable_and_keep_the_registration(server, client):
+    engine = server.engine
+    held = [engine.registry.get("default", a).uid for a in ("qv-r4", "pattern", "mlp-r2")]
+    for uid in held:  # running requests' way of holding slots, done directly on the engine thread
+        engine.cache.ensure_in_memory(uid)
+        engine.call_on_engine(lambda uid=uid: engine.cache.acquire(uid)).result()
+    try:
+        error = expect("NO_SLOT_AVAILABLE", client.load_adapter, "warm-me", source="rslora-r8", warm=True)
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and error.retry_after is not None
+        assert client.get_adapter("warm-me").tier in ("host", "disk")
+        expect("NO_SLOT_AVAILABLE", client.load_adapter, "warm-me", source="rslora-r8", pin=True)
+        assert not client.get_adapter("warm-me").pinned and engine.cache.pinned_count() == 0
+    finally:
+        for uid in held:
+            engine.call_on_engine(lambda uid=uid: engine.cache.release(uid)).result()
+    assert client.load_adapter("warm-me", source="rslora-r8", pin=True).pinned
+    assert engine.cache.pinned_count() == 1
+    client.unload_adapter("warm-me")
+    assert engine.cache.pinned_count() == 0
+    books_balance(engine)
+
+
+def test_replace_lets_queued_requests_run_on_the_new_version(assets, server, client):
+    client.load_adapter("swap", source="qv-r4")
+    events: queue.Queue = queue.Queue()
+    with engine_paused(server.engine):
+        server.engine.submit("default", GenerateInput(adapter_id="swap", prompt=PROMPTS[2], max_new_tokens=N), events.put)
+        client.load_adapter("swap", source="pattern", replace=True)
+    tokens = []
+    while True:
+        event = events.get(timeout=30)
+        assert not isinstance(event, ErrorEvent), event.error
+        if isinstance(event, FinishEvent):
+            break
+        tokens += event.token_ids
+    assert tokens == assets.oracle("pattern", PROMPTS[2], N)
+    client.unload_adapter("swap")
+    books_balance(server.engine)
+
+
+def test_unloading_an_adapter_mid_stream_leaves_no_phantom(assets, server, client):
+    client.load_adapter("brief", source="all-r16")
+    stream = client.generate_stream(prompt=PROMPTS[0], adapter_id="brief", max_new_tokens=40)
+    first = next(stream)
+    client.unload_adapter("brief")
+    rest = list(stream)
+    assert rest[-1].finish_reason in ("length", "stop_token")
+    assert first.token_ids + sum((c.token_ids for c in rest), []) == assets.oracle("all-r16", PROMPTS[0], 40)[: 1 + sum(len(c.token_ids) for c in rest)]
+    books_balance(server.engine)
+    assert server.engine.cache.snapshot().in_use == {}
+
+
+def test_a_failed_join_fails_only_the_joining_requests(assets, server, monkeypatch):
+    engine = server.engine
+    long_events: queue.Queue = queue.Queue()
+    engine.submit("t1", GenerateInput(adapter_id="", prompt=PROMPTS[3], max_new_tokens=60), long_events.put)
+    first = long_events.get(timeout=30)
+    assert first.token_ids
+
+    calls = {"n": 0}
+    original = Batch.concatenate
+
+    def failing(self, other):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+        return original(self, other)
+
+    monkeypatch.setattr(Batch, "concatenate", failing)
+    joiners = [queue.Queue() for _ in range(2)]
+    for q, adapter in zip(joiners, ("qv-r4", "mlp-r2")):
+        engine.submit("default", GenerateInput(adapter_id=adapter, prompt=PROMPTS[0], max_new_tokens=N), q.put)
+    for q in joiners:  # prefill sent each its first token; then the join failed and ended them
+        event = q.get(timeout=30)
+        while not isinstance(event, (ErrorEvent, FinishEvent)):
+            event = q.get(timeout=30)
+        assert isinstance(event, ErrorEvent) and event.error.reason == "OUT_OF_MEMORY"
+        assert event.error.retry_after_s == 1.0
+    tokens = list(first.token_ids)
+    while True:
+        event = long_events.get(timeout=30)
+        assert not isinstance(event, ErrorEvent)
+        if isinstance(event, FinishEvent):
+            break
+        tokens += event.token_ids
+    assert tokens == assets.oracle(None, PROMPTS[3], 60)[: len(tokens)] and len(tokens) == event.completion_tokens
+    assert calls["n"] == 1
+    books_balance(engine)
+    assert engine.cache.snapshot().in_use == {}
+
+
+def test_a_failed_step_answers_its_rows_with_a_correlation_id_and_serving_goes_on(assets, server, client, monkeypatch):
+    original = Batch.step
+    calls = {"n": 0}
+
+    def failing(self):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise ValueError("a bug in the model code")
+        return original(self)
+
+    monkeypatch.setattr(Batch, "step", failing)
+    error = expect("INTERNAL", client.generate, prompt=PROMPTS[1], adapter_id="qv-r4", max_new_tokens=N)
+    assert len(error.metadata["correlation_id"]) == 16 and "bug" not in str(error)
+    monkeypatch.setattr(Batch, "step", original)
+    assert client.generate(prompt=PROMPTS[1], adapter_id="qv-r4", max_new_tokens=N).token_ids == assets.oracle("qv-r4", PROMPTS[1], N)
+    books_balance(server.engine)
+
+
+def test_merges_to_one_output_are_serialized_and_overwrite_only_replaces_merges(server, client):
+    root = server.engine.settings.merge_root
+    (root / "foreign").mkdir()
+    (root / "foreign" / "precious.txt").write_text("not a merge")
+    expect("MERGE_OUTPUT_EXISTS", client.merge, "qv-r4", "foreign")
+    expect("MERGE_OUTPUT_NOT_A_MERGE", client.merge, "qv-r4", "foreign", overwrite=True)
+    assert (root / "foreign" / "precious.txt").read_text() == "not a merge"
+
+    first = client.merge("qv-r4", "same")
+    second_error = None
+    try:
+        client.merge("pattern", "same")
+    except lc.LoramuxError as e:
+        second_error = e
+    first.result(timeout=60)
+    if second_error is None:  # the first had already finished: the second must then have been refused later
+        pytest.fail("a second merge to an existing output without overwrite was accepted")
+    assert second_error.reason == "MERGE_OUTPUT_EXISTS"
+    again = client.merge("pattern", "same", overwrite=True).result(timeout=60)
+    assert (root / "same" / "loramux_merge.json").read_text().count('"adapter_id": "pattern"') == 1
+    assert again.output_path.endswith("same")
+    assert not [p for p in root.iterdir() if p.name.startswith(".loramux-merge")]
