@@ -45,11 +45,15 @@ class RunningServer:
     servicer: LoramuxServicer
     pools: Pools
     watchdog: asyncio.Task
+    stopped: bool = False
 
     async def stop(self, grace: float | None = None) -> None:
         """Shut down in order: health says NOT_SERVING and new calls get SHUTTING_DOWN while the
         listener stays open; work in flight finishes for up to `grace` seconds; what is left is
         answered with SHUTTING_DOWN; then the listener closes and the engine stops."""
+        if self.stopped:
+            return
+        self.stopped = True
         grace = self.engine.settings.shutdown_grace_s if grace is None else grace
         self.servicer.draining = True
         self.watchdog.cancel()

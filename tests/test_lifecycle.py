@@ -1,0 +1,207 @@
+"""Shutdown in order, health that tells the truth, and nothing lost across a SIGKILL."""
+
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from google.longrunning import operations_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+import loramux.client as lc
+from conftest import PROMPTS
+from loramux.server.app import BackgroundServer
+from loramux.server.engine.batch import Batch
+from test_isolation import engine_paused
+
+N = 8
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def health_of(target: str) -> int:
+    with grpc.insecure_channel(target) as channel:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+
+
+def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def test_shutdown_past_grace_cuts_with_shutting_down_after_health_says_not_serving(assets):
+    srv = BackgroundServer(assets.settings(adapter_slots=2))
+    outcome: queue.Queue = queue.Queue()
+
+    def call():
+        try:
+            with lc.Client(srv.target, timeout=30) as c:
+                outcome.put(c.generate(prompt=PROMPTS[0], max_new_tokens=200))
+        except lc.LoramuxError as e:
+            outcome.put(e)
+
+    try:
+        with engine_paused(srv.engine):
+            threading.Thread(target=call).start()
+            wait_for(lambda: srv.engine.stats().waiting == 1, what="the request to queue")
+            stopper = threading.Thread(target=lambda: srv.run(srv.running.stop(grace=0.0)))
+            stopper.start()
+            # The listener is still open: health answers NOT_SERVING, new calls SHUTTING_DOWN.
+            wait_for(lambda: health_of(srv.target) == NOT_SERVING, what="NOT_SERVING")
+            with lc.Client(srv.target, timeout=10) as c, pytest.raises(lc.LoramuxError) as refused:
+                c.generate(prompt="x", max_new_tokens=1)
+            assert (refused.value.code, refused.value.reason) == (grpc.StatusCode.UNAVAILABLE, "SHUTTING_DOWN")
+        cut = outcome.get(timeout=20)
+        assert isinstance(cut, lc.LoramuxError) and cut.reason == "SHUTTING_DOWN", cut
+        stopper.join(20)
+        assert not stopper.is_alive()
+    finally:
+        srv.stop()
+
+
+def test_work_in_flight_finishes_within_the_grace_period(assets):
+    srv = BackgroundServer(assets.settings(adapter_slots=2))
+    outcome: queue.Queue = queue.Queue()
+
+    def call():
+        with lc.Client(srv.target, timeout=30) as c:
+            outcome.put(c.generate(prompt=PROMPTS[1], adapter_id="", max_new_tokens=N))
+
+    try:
+        with engine_paused(srv.engine):
+            threading.Thread(target=call).start()
+            wait_for(lambda: srv.engine.stats().waiting == 1, what="the request to queue")
+            stopper = threading.Thread(target=lambda: srv.run(srv.running.stop(grace=20.0)))
+            stopper.start()
+            wait_for(lambda: srv.running.servicer.draining, what="draining")
+        assert outcome.get(timeout=20).token_ids == assets.oracle(None, PROMPTS[1], N)
+        stopper.join(20)
+        assert not stopper.is_alive()
+    finally:
+        srv.stop()
+
+
+def test_health_is_not_serving_while_the_engine_is_stuck_and_recovers(assets, monkeypatch):
+    srv = BackgroundServer(assets.settings(adapter_slots=2, engine_stall_s=0.3))
+    original = Batch.step
+    calls = {"n": 0}
+
+    def slow(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            time.sleep(2.5)
+        return original(self)
+
+    monkeypatch.setattr(Batch, "step", slow)
+    result: queue.Queue = queue.Queue()
+    try:
+        with lc.Client(srv.target, timeout=30) as c:
+            threading.Thread(target=lambda: result.put(c.generate(prompt=PROMPTS[2], max_new_tokens=N))).start()
+            wait_for(lambda: health_of(srv.target) == NOT_SERVING, timeout=5, what="NOT_SERVING")
+            assert result.get(timeout=20).token_ids == assets.oracle(None, PROMPTS[2], N)
+            wait_for(lambda: health_of(srv.target) == SERVING, timeout=5, what="SERVING again")
+    finally:
+        srv.stop()
+
+
+# -- a real process: SIGKILL and restart, SIGTERM ------------------------------------------
+
+
+class Process:
+    def __init__(self, assets, state_dir, merge_root, log_path):
+        self.log = open(log_path, "a")
+        cmd = [sys.executable, "-m", "loramux.cli.main", "serve", "--model", str(assets.base),
+               "--adapter-root", str(assets.adapters), "--merge-root", str(merge_root), "--state-dir", str(state_dir),
+               "--port", "0", "--max-lora-rank", "16", "--adapter-slots", "3", "--log-level", "INFO"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        line = ""
+        end = time.monotonic() + 120
+        while "listening on" not in line:
+            line = self.proc.stdout.readline()
+            if not line and self.proc.poll() is not None or time.monotonic() > end:
+                raise RuntimeError(f"server did not start: {open(log_path).read()[-3000:]}")
+        self.target = line.strip().split()[-1]
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout)
+        self.log.close()
+        return code
+
+
+def test_sigkill_and_restart_bring_back_every_registration_pin_and_operation(assets, tmp_path):
+    state, merged, log = tmp_path / "state", tmp_path / "merged", tmp_path / "server.log"
+    vanishing = assets.copy_adapter("mlp-r2", "vanishing")
+    first = Process(assets, state, merged, log)
+    with lc.Client(first.target, timeout=60) as c:
+        c.load_adapter("qv", source="qv-r4")
+        c.load_adapter("pinned", source="pattern", pin=True)
+        c.load_adapter("gone", source="vanishing")
+        c.load_adapter("replaced", source="qv-r4")
+        c.load_adapter("replaced", source="all-r16", replace=True)
+        c.load_adapter("dropped", source="qv-r4")
+        c.unload_adapter("dropped")
+        merge = c.merge("qv", "out")
+        load_thread = threading.Thread(target=lambda: _quietly(c.load_adapter, "late", source="rslora-r8"))
+        load_thread.start()
+        first.stop(signal.SIGKILL)  # mid-merge or just after it, mid-load or just after it
+        load_thread.join(30)
+    # What a merge killed mid-write leaves behind, and an adapter whose files vanish meanwhile.
+    (merged / "nested").mkdir(parents=True, exist_ok=True)
+    (merged / "nested" / ".loramux-merge-tmp-out-abc123").mkdir()
+    (merged / "nested" / ".loramux-merge-tmp-out-abc123" / "model.safetensors").write_bytes(b"partial")
+    import shutil
+
+    shutil.rmtree(vanishing)
+
+    second = Process(assets, state, merged, log)
+    try:
+        with lc.Client(second.target, timeout=60) as c:
+            listed = {a.adapter_id: a for a in c.list_adapters()}
+            assert {"qv", "pinned", "replaced"} <= set(listed) and "gone" not in listed and "dropped" not in listed
+            assert set(listed) - {"qv", "pinned", "replaced"} <= {"late"}  # the load in flight: all or nothing
+            assert listed["pinned"].pinned and listed["pinned"].tier == "accelerator"
+            assert listed["replaced"].rank == 16
+            assert c.generate(prompt=PROMPTS[1], adapter_id="replaced", max_new_tokens=N).token_ids == \
+                assets.oracle("all-r16", PROMPTS[1], N)
+            op = c._operations.GetOperation(operations_pb2.GetOperationRequest(name=merge.name), timeout=10)
+            assert op.done
+            if op.HasField("error"):
+                assert op.error.code == grpc.StatusCode.ABORTED.value[0]
+            else:
+                assert (merged / "out" / "loramux_merge.json").is_file()
+        assert not [p for p in merged.rglob(".loramux-merge-*")]
+        text = log.read_text()
+        assert "not restored: adapter 'gone'" in text and "SOURCE_NOT_FOUND" in text
+    finally:
+        assert second.stop(signal.SIGTERM) == 0
+
+
+def _quietly(fn, *args, **kwargs):
+    try:
+        fn(*args, **kwargs)
+    except lc.LoramuxError:
+        pass
+
+
+def test_sigterm_lets_a_stream_finish_and_exits_zero(assets, tmp_path):
+    server = Process(assets, tmp_path / "state", tmp_path / "merged", tmp_path / "server.log")
+    with lc.Client(server.target, timeout=60) as c:
+        stream = c.generate_stream(prompt=PROMPTS[3], max_new_tokens=60)
+        first = next(stream)
+        server.proc.send_signal(signal.SIGTERM)
+        rest = list(stream)
+    assert rest[-1].finish_reason in ("length", "stop_token")
+    tokens = first.token_ids + sum((chunk.token_ids for chunk in rest), [])
+    assert tokens == assets.oracle(None, PROMPTS[3], 60)[: len(tokens)]
+    assert server.proc.wait(30) == 0
+    server.log.close()
