@@ -29,9 +29,9 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from loramux.server.adapters.cache import NoSlotAvailable, Tier, TieredAdapterCache
+from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable, Tier, TieredAdapterCache
 from loramux.server.engine.request import ErrorEvent, GenerationRequest
-from loramux.server.errors import AdapterNotFound, Cancelled, DeadlineExceeded, LoramuxError, QueueFull
+from loramux.server.errors import AdapterNotFound, Cancelled, DeadlineExceeded, InternalError, LoramuxError, QueueFull
 from loramux.server.settings import Settings
 
 _TIER_RANK = {Tier.ACCELERATOR: 0, Tier.HOST: 1, Tier.DISK: 2}
@@ -172,7 +172,13 @@ class Scheduler:
                 started = time.perf_counter()
                 try:
                     slot = self._cache.acquire(uid)
-                except (KeyError, NoSlotAvailable):  # pushed out of memory meanwhile: it waits, read again
+                except (KeyError, NoSlotAvailable, AdapterGone):
+                    # Pushed out of memory meanwhile (it waits, read again), or unloaded or
+                    # replaced meanwhile (the next pass re-points or drops it).
+                    continue
+                except Exception as e:  # a bug: this request alone fails
+                    self._remove(request)
+                    request.emit(ErrorEvent(InternalError.logged(e, "giving a request its adapter slot failed")))
                     continue
                 if timeline.tier_found is not Tier.ACCELERATOR:
                     timeline.load_s = time.perf_counter() - started
