@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench bench-quick proto clean
+.PHONY: install demo test fuzz bench bench-quick proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The full-size fuzzing and churn run (the suite runs a small version of the same tests).
+fuzz: $(STAMP)
+	LORAMUX_FUZZ_EXAMPLES=3000 LORAMUX_CHURN_S=60 $(PY) -m pytest -q tests/test_fuzz.py tests/test_hostile_adapters.py
 
 # Every system side by side on one workload (a few minutes on 2 CPU cores); writes bench-results/.
 bench: $(STAMP)

@@ -252,6 +252,18 @@ def test_hub_source_from_local_cache(assets, tmp_path):
         assert info.revision == sha and info.rank == 4
         assert c.generate(prompt="fox", adapter_id="from-hub", max_new_tokens=N).token_ids == assets.oracle("qv-r4", "fox", N)
         expect_error(lc.NotFound, "SOURCE_NOT_FOUND", c.load_adapter, "x", source="hf://acme/qv-adapter", revision="v9")
+        # A hostile config arrives through the Hub as well: refused quickly, with the same reason.
+        evil_sha = "f" * 40
+        evil = repo / "snapshots" / evil_sha
+        shutil.copytree(assets.adapters / "qv-r4", evil)
+        config = json.loads((evil / "adapter_config.json").read_text())
+        config["target_modules"] = "([a-z._0-9]+)+Z"
+        (evil / "adapter_config.json").write_text(json.dumps(config))
+        expect_error(lc.InvalidArgument, "ADAPTER_CONFIG_INVALID", c.load_adapter, "evil", source="hf://acme/qv-adapter", revision=evil_sha)
+        # A snapshot file that links out of the repository's cache folder is refused.
+        (evil / "adapter_config.json").unlink()
+        (evil / "adapter_config.json").symlink_to(assets.adapters / "qv-r4" / "adapter_config.json")
+        expect_error(lc.InvalidArgument, "SOURCE_OUTSIDE_ROOT", c.load_adapter, "evil", source="hf://acme/qv-adapter", revision=evil_sha)
 
 
 def test_abandoned_stream_releases_its_row_and_adapter(client, server):

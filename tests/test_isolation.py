@@ -288,3 +288,60 @@ def test_merges_to_one_output_are_serialized_and_overwrite_only_replaces_merges(
     assert (root / "same" / "loramux_merge.json").read_text().count('"adapter_id": "pattern"') == 1
     assert again.output_path.endswith("same")
     assert not [p for p in root.iterdir() if p.name.startswith(".loramux-merge")]
+
+
+def test_slow_calls_do_not_starve_generate(server, client):
+    """Adapter loads stuck waiting for a slot and many WaitOperation calls hold no thread that a
+    Generate needs: a Generate is answered while they all still wait."""
+    engine = server.engine
+    held = [engine.registry.get("default", a).uid for a in ("qv-r4", "pattern", "mlp-r2")]
+    for uid in held:
+        engine.cache.ensure_in_memory(uid)
+        engine.call_on_engine(lambda uid=uid: engine.cache.acquire(uid)).result()
+    op = engine.operations.create("default", "merge", {"adapter_id": "x", "output_dir": "y", "phase": "queued"})
+    finished: queue.Queue = queue.Queue()
+
+    def slow_load(i):
+        with lc.Client(server.target, timeout=30) as c:
+            try:
+                c.load_adapter(f"slow-{i}", source="rslora-r8", warm=True, timeout=30)
+                finished.put(("load", "OK"))
+            except lc.LoramuxError as e:
+                finished.put(("load", e.reason))
+
+    def slow_wait():
+        from google.longrunning import operations_pb2
+        from google.protobuf import duration_pb2
+
+        from google.longrunning import operations_pb2_grpc
+
+        with grpc.insecure_channel(server.target) as ch:
+            request = operations_pb2.WaitOperationRequest(name=op.name, timeout=duration_pb2.Duration(seconds=3))
+            operations_pb2_grpc.OperationsStub(ch).WaitOperation(request, timeout=10)
+            finished.put(("wait", None))
+
+    threads = [threading.Thread(target=slow_load, args=(i,)) for i in range(8)]
+    threads += [threading.Thread(target=slow_wait) for _ in range(12)]
+    try:
+        engine_settings_wait = engine.settings.slot_wait_s
+        assert engine_settings_wait == 0.2
+        object.__setattr__(engine.settings, "slot_wait_s", 3.0)
+        for t in threads:
+            t.start()
+        threading.Event().wait(0.3)
+        result = client.generate(prompt=PROMPTS[0], max_new_tokens=2, timeout=10)
+        assert result.usage.completion_tokens == 2
+        assert finished.qsize() == 0  # every slow call was still waiting when Generate was answered
+    finally:
+        object.__setattr__(engine.settings, "slot_wait_s", 0.2)
+        for uid in held:
+            engine.call_on_engine(lambda uid=uid: engine.cache.release(uid)).result()
+        for t in threads:
+            t.join(20)
+        engine.operations.finish(op)
+    outcomes = [finished.get_nowait() for _ in range(finished.qsize())]
+    assert sorted(kind for kind, _ in outcomes) == ["load"] * 8 + ["wait"] * 12
+    assert {reason for kind, reason in outcomes if kind == "load"} <= {"OK", "NO_SLOT_AVAILABLE"}
+    for name in [f"slow-{i}" for i in range(8)]:
+        client.unload_adapter(name)
+    books_balance(engine)

@@ -5,6 +5,7 @@ Installs without torch (the package's base dependencies are the client's).
 
 from loramux.client.aio import AsyncClient, AsyncMergeHandle
 from loramux.client.errors import (
+    Aborted,
     AlreadyExists,
     Cancelled,
     DeadlineExceeded,
@@ -32,7 +33,7 @@ from loramux.client.types import (
 )
 
 __all__ = [
-    "AdapterInfo", "AlreadyExists", "AsyncClient", "AsyncMergeHandle", "Cancelled", "Client", "DeadlineExceeded",
+    "Aborted", "AdapterInfo", "AlreadyExists", "AsyncClient", "AsyncMergeHandle", "Cancelled", "Client", "DeadlineExceeded",
     "FailedPrecondition", "GenerateResult", "InternalError", "InvalidArgument", "LoramuxError", "MergeHandle",
     "MergeProgress", "MergeResult", "NotFound", "PermissionDenied", "ResourceExhausted", "ServerInfo", "StreamChunk",
     "Timings", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
