@@ -127,6 +127,30 @@ def test_links_out_of_the_root_are_refused_at_every_level(assets, view, tmp_path
     assert refused(path, view, root=assets.adapters).reason == "ADAPTER_WEIGHTS_MISSING"
 
 
+def hostile_corpus(assets) -> dict[str, str]:
+    """Adapter directories under the adapter root, each hostile in its own way -> the reason it must get."""
+    corpus = {}
+    for i, (case, (changes, reason)) in enumerate(sorted(CASES.items())):
+        if reason is not None and case != "long integer":
+            with_config(assets, f"corpus-{i}", **changes)
+            corpus[f"corpus-{i}"] = reason
+    path = assets.copy_adapter("qv-r4", "corpus-header")
+    (path / WEIGHTS).write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
+    corpus["corpus-header"] = "ADAPTER_CORRUPT"
+    path = assets.copy_adapter("qv-r4", "corpus-fifo")
+    (path / WEIGHTS).unlink()
+    os.mkfifo(path / WEIGHTS)
+    corpus["corpus-fifo"] = "ADAPTER_WEIGHTS_MISSING"
+    path = assets.copy_adapter("qv-r4", "corpus-link")
+    (path / CONFIG).unlink()
+    (path / CONFIG).symlink_to("/proc/self/environ")
+    corpus["corpus-link"] = "SOURCE_OUTSIDE_ROOT"
+    path = assets.copy_adapter("qv-r4", "corpus-nested")
+    (path / CONFIG).write_text("[" * 50_000 + "]" * 50_000)
+    corpus["corpus-nested"] = "ADAPTER_CONFIG_INVALID"
+    return corpus
+
+
 def _header_file(path, header: dict, data: bytes = b""):
     raw = json.dumps(header).encode()
     (path / WEIGHTS).write_bytes(struct.pack("<Q", len(raw)) + raw + data)
@@ -232,4 +256,36 @@ def test_any_config_is_accepted_or_refused_with_config_invalid(fields):
         for name in MODULE_NAMES[:20]:
             ours.targets(name)
             assert ours.rank_of(name) >= 1
+    assert time.perf_counter() - started < BOUND_S
+
+
+KEYS = [f"base_model.model.model.layers.{i}.self_attn.{p}.lora_{w}.weight" for i in (0, 1) for p in ("q_proj", "v_proj") for w in "AB"]
+KEYS += ["base_model.model.lm_head.weight", "base_model.model.model.norm.weight", "nope", "base_model.model.x.lora_A.weight"]
+ACCEPTED_REASONS = {"ADAPTER_CORRUPT", "ADAPTER_INCOMPATIBLE", "ADAPTER_UNSUPPORTED", "ADAPTER_MODIFIES_BASE",
+                    "ADAPTER_WEIGHTS_MISSING", "ADAPTER_CONFIG_INVALID", "ADAPTER_RANK_TOO_LARGE"}
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+@given(
+    header=st.dictionaries(
+        st.one_of(st.sampled_from(KEYS), st.text(max_size=30)),
+        st.fixed_dictionaries({
+            "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "U8", "F64", "X"]),
+            "shape": st.lists(st.integers(-2, 2**40), max_size=3),
+            "data_offsets": st.lists(st.integers(-4, 2**40), min_size=0, max_size=3),
+        }),
+        max_size=6,
+    ),
+    data=st.binary(max_size=512),
+)
+def test_generated_safetensors_headers_are_refused_with_a_reason(assets, view, header, data):
+    path = assets.adapters / "gen-header"
+    if not path.exists():
+        assets.copy_adapter("qv-r4", "gen-header")
+    _header_file(path, header, data)
+    started = time.perf_counter()
+    try:
+        read_checkpoint(path, view, root=path.parent)
+    except LoramuxError as e:
+        assert e.reason in ACCEPTED_REASONS, e
     assert time.perf_counter() - started < BOUND_S

@@ -345,3 +345,45 @@ def test_slow_calls_do_not_starve_generate(server, client):
     for name in [f"slow-{i}" for i in range(8)]:
         client.unload_adapter(name)
     books_balance(engine)
+
+
+def test_hostile_adapters_and_requests_beside_a_decoding_caller(assets, server, client):
+    """While one caller decodes again and again, another sends every hostile adapter and request:
+    each is refused with its reason within a bound, and every one of the first caller's outputs
+    equals peft's."""
+    import time
+
+    from test_hostile_adapters import hostile_corpus
+
+    corpus = hostile_corpus(assets)
+    stop = threading.Event()
+    victim: list = []
+
+    def decode():
+        with lc.Client(server.target, timeout=60) as c:
+            while not stop.is_set():
+                for adapter in ("qv-r4", "all-r16", ""):
+                    chunks = list(c.generate_stream(prompt=PROMPTS[3], adapter_id=adapter, max_new_tokens=24))
+                    victim.append((adapter, sum((ch.token_ids for ch in chunks), [])))
+
+    thread = threading.Thread(target=decode)
+    thread.start()
+    try:
+        for name, reason in sorted(corpus.items()):
+            started = time.perf_counter()
+            error = expect(reason, client.load_adapter, name, source=name)
+            assert time.perf_counter() - started < 5 and "/tmp" not in str(error) and "environ" not in str(error)
+        expect("PROMPT_TOO_LONG", client.generate, prompt="z" * 5000)
+        expect("INVALID_SAMPLING_PARAMETER", client.generate, prompt="x", temperature=1e-30)
+        expect("SOURCE_INVALID", client.load_adapter, "x", source="a\0b")
+        assert _raw_call(server.target, "/loramux.v1.Loramux/Generate", b"\xff\xff") == (
+            grpc.StatusCode.INVALID_ARGUMENT, "MALFORMED_REQUEST")
+        expect("NON_FINITE_LOGITS", client.generate, prompt=PROMPTS[0], adapter_id="overflow", max_new_tokens=4)
+    finally:
+        stop.set()
+        thread.join(60)
+    assert len(victim) >= 3
+    for adapter, tokens in victim:
+        assert tokens == assets.oracle(adapter or None, PROMPTS[3], 24), adapter
+    assert {a.adapter_id for a in client.list_adapters()}.isdisjoint(corpus)
+    books_balance(server.engine)
