@@ -174,6 +174,10 @@ def test_warm_and_pin_without_a_free_slot_answer_retriable_and_keep_the_registra
             engine.call_on_engine(lambda uid=uid: engine.cache.release(uid)).result()
     assert client.load_adapter("warm-me", source="rslora-r8", pin=True).pinned
     assert engine.cache.pinned_count() == 1
+    client.load_adapter("pin-2", source="qv-r4", pin=True)  # 3 slots: 2 may be pinned
+    expect("PIN_LIMIT_REACHED", client.load_adapter, "pin-3", source="mlp-r2", pin=True)
+    assert client.load_adapter("warm-me", source="rslora-r8", pin=True).pinned  # again: a no-op, not a refusal
+    client.unload_adapter("pin-2")
     client.unload_adapter("warm-me")
     assert engine.cache.pinned_count() == 0
     books_balance(engine)

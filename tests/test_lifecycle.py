@@ -1,6 +1,5 @@
 """Shutdown in order, health that tells the truth, and nothing lost across a SIGKILL."""
 
-import os
 import queue
 import signal
 import subprocess

@@ -276,7 +276,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     async def Merge(self, request, context):
         op = await _blocking(
             self._pools.adapters,
-            self._engine.start_merge,
+            self._engine.merges.start,
             tenant_of(context, self._engine),
             request.adapter_id,
             request.output_dir,

@@ -19,16 +19,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from pathlib import Path
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
-import torch
-from opentelemetry.trace import StatusCode
 
 from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable, TieredAdapterCache, Tier
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.base_model import BaseModel
+from loramux.server.engine.failures import as_domain_error
 from loramux.server.engine.batch import Batch, Row, check_cache_layout, ended_early, new_row
 from loramux.server.engine.inputs import GenerateInput, prompt_ids, sampling_params
 from loramux.server.engine.scheduler import Scheduler
@@ -44,15 +42,13 @@ from loramux.server.errors import (
     InternalError,
     InvalidRequest,
     LoramuxError,
-    MergeFailed,
-    MergeOutputExists,
     NoSlotFree,
-    OutOfMemory,
     PinLimit,
     ShuttingDown,
 )
-from loramux.server.merge import MERGE_RESULTS, MergeResult, merge_to_checkpoint, resolve_output
-from loramux.server.operations import Operation, OperationStore
+from loramux.server.engine.merges import Merges
+from loramux.server.merge import MERGE_RESULTS
+from loramux.server.operations import OperationStore
 from loramux.server.state import StateStore
 from loramux.server.settings import Settings
 from loramux.server.telemetry.signals import Telemetry
@@ -72,20 +68,6 @@ class EngineStats:
     kv_length: int  # KV cache columns of the running batch (padding included)
     steps: int  # decode steps run so far
     prefills: int  # prefill passes run so far
-
-
-def _domain_error(error: BaseException, what: str) -> LoramuxError:
-    """A failure as callers see it: domain errors as they are, running out of memory as a
-    retriable RESOURCE_EXHAUSTED, anything else as INTERNAL with a logged correlation id."""
-    if isinstance(error, LoramuxError):
-        return error
-    if isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error):
-        log.error("%s: out of memory", what, exc_info=error)
-        return OutOfMemory(
-            f"the server ran out of memory for this batch ({what}); retry later or ask for fewer tokens",
-            retry_after_s=1.0,
-        )
-    return InternalError.logged(error, what)
 
 
 class Engine:
@@ -114,9 +96,8 @@ class Engine:
         self._running: Batch | None = None
         self._steps = 0
         self._prefills = 0
-        self._merges = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge")
-        self._merge_claims: dict[Path, int] = {}  # output directory -> merges queued or running for it
         self.operations = OperationStore(self.state, MERGE_RESULTS)
+        self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry)
         self._stopping = False  # the worker ends once the running rows finish
         self._draining = False  # new work is refused
         self._cut: LoramuxError | None = None  # set: end everything queued or running with it
@@ -135,7 +116,7 @@ class Engine:
         """Shut down step one: refuse new work, let what is queued or running finish for up to
         `grace_s`, then end what is left with SHUTTING_DOWN (merges too). True if all finished."""
         with self._cond:
-            self._draining = True
+            self._draining = self.merges.draining = True
             self._cond.notify_all()
         finished = self._wait_idle(grace_s)
         if not finished:
@@ -172,7 +153,7 @@ class Engine:
             self._thread.join(timeout)
         self._io.shutdown(wait=False, cancel_futures=True)
         self.operations.cancel_running(ShuttingDown("the server is shutting down"))
-        self._merges.shutdown(wait=True, cancel_futures=True)
+        self.merges.shutdown()
         if self.state is not None:
             self.state.close()
 
@@ -297,8 +278,8 @@ class Engine:
         off the event loop."""
         if self._draining:
             raise ShuttingDown("the server is shutting down")
-        if pin:
-            self._check_pin_room()
+        if pin and not self._pinned_already(tenant, adapter_id, source, replace):
+            self._check_pin_room()  # refuse before reading anything (the cache checks again, atomically)
         record, _ = self.registry.load(tenant, adapter_id, source, revision, replace)
         if pin or warm:
             self._warm(record, pin, self.settings.slot_wait_s if wait_s is None else wait_s)
@@ -310,99 +291,6 @@ class Engine:
     def tier(self, record: AdapterRecord) -> Tier:
         return self.registry.tier(record)
 
-    def start_merge(
-        self, tenant: str, adapter_id: str, output_dir: str, overwrite: bool = False, trace_context: object = None
-    ) -> Operation:
-        """Check the request and start merging on the merge thread; returns the operation.
-
-        The merge reads the base weights (never changed while serving) and the adapter's files,
-        so it runs beside generation without touching slots. Its spans (one per phase) are
-        children of `trace_context`."""
-        if self.settings.merge_root is None:
-            raise MergeFailed("this server has no merge root (--merge-root); merging is off")
-        if self._draining:
-            raise ShuttingDown("the server is shutting down")
-        record = self.registry.get(tenant, adapter_id)
-        target = resolve_output(self.settings.merge_root, output_dir, overwrite)
-        with self._cond:  # merges to one output run one after another; without overwrite, only one
-            claims = self._merge_claims.get(target, 0)
-            if claims and not overwrite:
-                raise MergeOutputExists(
-                    "another merge to this output_dir is queued or running; set overwrite to replace its output after it",
-                    field="output_dir",
-                )
-            self._merge_claims[target] = claims + 1
-        op = self.operations.create(
-            tenant,
-            "merge",
-            {"adapter_id": adapter_id, "output_dir": output_dir, "phase": "queued", "tensors_done": 0, "tensors_total": 0},
-        )
-        tracer = self.telemetry.tracer
-
-        def work() -> None:
-            try:
-                run()
-            finally:
-                with self._cond:
-                    self._merge_claims[target] -= 1
-                    if not self._merge_claims[target]:
-                        del self._merge_claims[target]
-
-        def run() -> None:
-            started = time.perf_counter()
-            attributes = {"loramux.tenant": tenant, "loramux.adapter.id": adapter_id, "loramux.operation": op.name}
-            with tracer.start_as_current_span("loramux.merge", context=trace_context, attributes=attributes) as span:
-                try:
-                    result = self._merge(op, record, adapter_id, target, overwrite)
-                except BaseException as e:
-                    error = _domain_error(e, f"merge {op.name} failed")
-                    span.set_status(StatusCode.ERROR, error.message)
-                    span.set_attribute("error.type", error.reason)
-                    # Metrics first: whoever waits on the operation may read them at once.
-                    self.telemetry.merge_duration.record(time.perf_counter() - started, {"outcome": "error"})
-                    self.operations.finish(op, error=error)
-                    return
-                self.telemetry.merge_duration.record(time.perf_counter() - started, {"outcome": "ok"})
-                self.operations.update(op, phase="done")
-                self.operations.finish(op, result=result)
-
-        self._merges.submit(work)
-        return op
-
-    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target, overwrite: bool) -> MergeResult:
-        """The merge itself, on the merge thread, one child span per phase."""
-        tracer = self.telemetry.tracer
-        self.operations.update(op, phase="merging")
-        with tracer.start_as_current_span("loramux.merge.read_adapter"):
-            weights = self.registry.read_weights(record, dtype=torch.float32)
-        provenance = {
-            "base_model": self.settings.served_model_name,
-            "base_revision": self.base.revision,
-            "adapter_id": adapter_id,
-            "adapter_source": record.source,
-            "adapter_revision": record.revision,
-        }
-        phase = {"span": tracer.start_span("loramux.merge.merge_tensors")}
-
-        def progress(done: int, total: int) -> None:
-            if op.cancel_error is not None:  # shutdown past its grace period: stop here, clean up
-                raise op.cancel_error
-            self.operations.update(op, tensors_done=done, tensors_total=total)
-            if done == total:
-                phase["span"].set_attribute("loramux.merge.tensors", total)
-                phase["span"].end()
-                phase["span"] = tracer.start_span("loramux.merge.write_checkpoint")
-                self.operations.update(op, phase="writing_config")
-
-        try:
-            result: MergeResult = merge_to_checkpoint(self.base, weights, target, provenance, progress, overwrite=overwrite)
-        except BaseException as e:
-            phase["span"].set_status(StatusCode.ERROR, str(e))
-            raise
-        finally:
-            phase["span"].end()
-        return result
-
     def call_on_engine(self, fn: Callable[[], T]) -> Future:
         """Run `fn` on the engine thread between batches."""
         future: Future = Future()
@@ -412,6 +300,14 @@ class Engine:
             self._jobs.append((fn, future))
             self._cond.notify_all()
         return future
+
+    def _pinned_already(self, tenant: str, adapter_id: str, source: str, replace: bool) -> bool:
+        """Pinning again what is pinned is a no-op, never a pin-limit refusal."""
+        try:
+            record = self.registry.get(tenant, adapter_id)
+        except LoramuxError:
+            return False
+        return record.pinned and record.source == source and not replace
 
     def _check_pin_room(self) -> None:
         if self.cache.pinned_count() >= self.settings.adapter_slots - 1:
@@ -485,7 +381,7 @@ class Engine:
             try:
                 self._pass(admitted)
             except Exception as e:  # last resort: nothing below should raise
-                self._fail_running(_domain_error(e, "engine pass failed"))
+                self._fail_running(as_domain_error(e, "engine pass failed"))
             finally:
                 with self._cond:
                     self._pass_started = None
@@ -502,12 +398,12 @@ class Engine:
                 self._running.step()
                 self._steps += 1
             except Exception as e:  # the forward pass is shared: every running row is concerned
-                self._fail_running(_domain_error(e, "decode step failed"))
+                self._fail_running(as_domain_error(e, "decode step failed"))
         if self._running is not None:
             try:
                 gone = self._running.filter()
             except Exception as e:
-                self._fail_running(_domain_error(e, "filtering the batch failed"))
+                self._fail_running(as_domain_error(e, "filtering the batch failed"))
                 return
             for row in gone:
                 self._row_done(row)
@@ -556,7 +452,7 @@ class Engine:
                 else:
                     self._running.concatenate(fresh)  # all or nothing: the running batch is intact on failure
         except Exception as e:
-            self._abandon(admitted, rows, _domain_error(e, f"joining {len(admitted)} request(s) failed"))
+            self._abandon(admitted, rows, as_domain_error(e, f"joining {len(admitted)} request(s) failed"))
 
     def _abandon(self, admitted: list[tuple[GenerationRequest, int]], rows: list[Row], error: LoramuxError) -> None:
         """End admitted requests that are not in the running batch, releasing their slots."""
