@@ -326,6 +326,8 @@ class Engine:
         Files are read on the calling thread; only the slot change runs on the engine thread."""
         deadline = time.monotonic() + wait_s
         while True:
+            if self._cut is not None:  # shutdown past its grace period
+                raise self._cut
             if not self.registry.is_live(record.uid):
                 raise AdapterNotFound(f"adapter {record.adapter_id!r} was unloaded or replaced meanwhile", field="adapter_id")
             self.cache.ensure_in_memory(record.uid)
