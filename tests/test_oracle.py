@@ -95,3 +95,27 @@ def test_stop_sequences_and_stop_tokens(assets, engine):
     needle = text[start : start + 2]
     cut = engine.generate("default", GenerateInput(prompt=PROMPTS[0], adapter_id="all-r16", max_new_tokens=N, stop=[needle]), 60)
     assert cut["text"] == text[: text.index(needle)] and cut["finish"].finish_reason is FinishReason.STOP_SEQUENCE
+
+
+def test_repetition_penalty_in_mixed_batches_equals_transformers(assets, engine):
+    """Greedy with a repetition penalty, rows with and without one joined into one batch: each
+    equals transformers' generate with the same penalty (the seen-token mask follows joins and
+    departures)."""
+    import torch
+
+    jobs = [(a, p, pen) for p, a, pen in zip(PROMPTS, ["", "qv-r4", "", "all-r16"], [1.5, 1.0, 0.7, 2.0])]
+    jobs += [("mlp-r2", PROMPTS[0], 1.2), ("", PROMPTS[1], 1.0)]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [
+            pool.submit(engine.generate, "default",
+                        GenerateInput(adapter_id=a, prompt=p, max_new_tokens=N - i, repetition_penalty=pen), 60)
+            for i, (a, p, pen) in enumerate(jobs)
+        ]
+        results = [f.result() for f in futures]
+    for i, ((adapter, prompt, penalty), result) in enumerate(zip(jobs, results)):
+        ids = assets.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = assets.peft_model(adapter or None).generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=N - i, do_sample=False, repetition_penalty=penalty
+            )
+        assert result["token_ids"] == out[0, ids.shape[1]:].tolist(), (adapter, penalty)

@@ -34,7 +34,7 @@ from loramux.server.engine.request import (
     Timings,
     TokenEvent,
 )
-from loramux.server.engine.sampling import choose_tokens, new_generator
+from loramux.server.engine.sampling import BatchParams, choose_tokens, new_generator
 from loramux.server.errors import Cancelled, DeadlineExceeded, LoramuxError, NonFiniteOutput
 
 
@@ -44,10 +44,10 @@ class Row:
     slot: int  # adapter slot, or the bank's base slot
     detokenizer: Detokenizer
     generator: torch.Generator | None
-    seen: torch.Tensor  # [prompt + generated] token ids, for the repetition penalty
     started: float  # time.monotonic() when the row was admitted
     stop_tokens: frozenset[int]  # the model's EOS ids and the request's stop_token_ids
     generated: int = 0
+    generated_ids: list[int] = dataclasses.field(default_factory=list)  # for the repetition penalty's seen mask
     first_token_at: float | None = None
     done: bool = False
     released: bool = False  # its adapter slot has been given back (engine)
@@ -60,7 +60,6 @@ def new_row(base: BaseModel, request: GenerationRequest, slot: int, now: float) 
         slot=slot,
         detokenizer=Detokenizer(base.tokenizer, request.params.stop),
         generator=new_generator(request.params, base.device),
-        seen=torch.tensor(request.prompt_ids, dtype=torch.long, device=base.device),
         started=now,
         stop_tokens=base.eos_token_ids | request.params.stop_token_ids,
     )
@@ -75,13 +74,14 @@ def check_cache_layout(base: BaseModel) -> None:
 
 
 class Batch:
-    def __init__(self, base: BaseModel, rows: list[Row], cache: DynamicCache, tokens, mask, positions):
+    def __init__(self, base: BaseModel, rows: list[Row], cache: DynamicCache, tokens, mask, positions, seen=None):
         self.base = base
         self.rows = rows
         self.cache = cache
         self.tokens = tokens  # [n] the token chosen last per row, fed at the next step
-        self.mask = mask  # [n, kv + 1] attention mask over the cache and that token
+        self._set_mask(mask)  # self.mask: [n, kv + 1] attention mask over the cache and that token
         self.positions = positions  # [n, 1] that token's position
+        self.seen = seen  # [n, V] bool: tokens each row has seen (only while a row has a repetition penalty)
         self._route()
 
     def __len__(self) -> int:
@@ -107,11 +107,11 @@ class Batch:
         mask = torch.zeros((len(rows), longest), dtype=torch.long, device=device)  # [n, seq]
         for i, row in enumerate(rows):
             n = len(row.request.prompt_ids)
-            input_ids[i, longest - n:] = row.seen
+            input_ids[i, longest - n:] = torch.tensor(row.request.prompt_ids, dtype=torch.long, device=device)
             mask[i, longest - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=base.model.config)
-        batch = cls(base, rows, cache, None, mask, positions)
+        batch = cls(base, rows, cache, None, mask, positions, _seen_mask(base, rows))
         batch._forward(input_ids)
         return batch
 
@@ -134,15 +134,18 @@ class Batch:
             return gone
         index = torch.tensor(keep, dtype=torch.long, device=self.base.device)
         self.cache.batch_select_indices(index)
-        self.mask, self.positions, self.tokens = self.mask[index], self.positions[index], self.tokens[index]
+        mask = self.mask[index]
+        self.positions, self.tokens = self.positions[index], self.tokens[index]
+        self.seen = self.seen[index] if self.seen is not None and _needs_seen(self.rows) else None
         # Columns that are padding in every row left are dead weight: trim them.
-        used = self.mask.any(dim=0)
+        used = mask.any(dim=0)
         first = int(used.nonzero()[0, 0])
         if first > 0:
-            self.mask = self.mask[:, first:]
+            mask = mask[:, first:]
             for layer in self.cache.layers:
                 layer.keys = layer.keys[:, :, first:]
                 layer.values = layer.values[:, :, first:]
+        self._set_mask(mask)
         self._route()
         return gone
 
@@ -164,10 +167,17 @@ class Batch:
         positions = torch.cat([self.positions, other.positions])
         tokens = torch.cat([self.tokens, other.tokens])
         rows = self.rows + other.rows
+        seen = None
+        if _needs_seen(rows):
+            mine_seen = self.seen if self.seen is not None else _seen_mask(self.base, self.rows, force=True)
+            their_seen = other.seen if other.seen is not None else _seen_mask(self.base, other.rows, force=True)
+            seen = torch.cat([mine_seen, their_seen])
         slots = self.base.bank.routing_index([row.slot for row in rows], self.base.device)
+        params = _batch_params(rows, self.base.device)
         for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
             layer.keys, layer.values = keys, values
-        self.mask, self.positions, self.tokens, self.rows, self._slots = mask, positions, tokens, rows, slots
+        self.positions, self.tokens, self.rows, self._slots, self._params, self.seen = positions, tokens, rows, slots, params, seen
+        self._set_mask(mask)
 
     def fail(self, error: LoramuxError) -> list[Row]:
         """End every row with `error` (rows already ended keep their outcome); returns all rows."""
@@ -185,7 +195,24 @@ class Batch:
     # -- internals ----------------------------------------------------------------------
 
     def _route(self) -> None:
+        """Per-composition state: the rows' adapter routing and sampling parameters."""
         self._slots = self.base.bank.routing_index([row.slot for row in self.rows], self.base.device)
+        self._params = _batch_params(self.rows, self.base.device)
+
+    def _set_mask(self, mask: torch.Tensor) -> None:
+        """Keep the mask in a buffer with room for more columns, so a step writes one column
+        instead of copying the whole mask."""
+        n, width = mask.shape
+        self._mask_buffer = mask.new_ones((n, width + _MASK_HEADROOM))
+        self._mask_buffer[:, :width] = mask
+        self.mask = self._mask_buffer[:, :width]
+
+    def _grow_mask(self) -> None:
+        """One more column of ones (the token just chosen joins the cache at the next pass)."""
+        n, width = self.mask.shape
+        if width == self._mask_buffer.shape[1]:
+            self._set_mask(self.mask)
+        self.mask = self._mask_buffer[:, : width + 1]  # the buffer's spare columns are ones already
 
     def _forward(self, input_ids: torch.Tensor) -> None:
         self.base.bank.route(self._slots)
@@ -202,9 +229,9 @@ class Batch:
             self.base.bank.route(None)
         logits = out.logits[:, -1, :].float()  # [n, vocab]
         rows = self.rows
-        tokens, logprobs, bad = choose_tokens(
-            logits, [r.request.params for r in rows], [r.seen for r in rows], [r.generator for r in rows]
-        )
+        tokens, logprobs, bad = choose_tokens(logits, self._params, self.seen)
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
         token_list = tokens.tolist()
         logprob_list = logprobs.tolist() if logprobs is not None else None
         now = time.monotonic()
@@ -217,10 +244,32 @@ class Batch:
             )))
         for i, row in enumerate(rows):
             if not row.done:
-                _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now, tokens[i : i + 1])
+                _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now)
         self.tokens = tokens
-        self.mask = torch.cat([self.mask, self.mask.new_ones((len(rows), 1))], dim=1)
+        self._grow_mask()
         self.positions = self.positions[:, -1:] + 1
+
+
+_MASK_HEADROOM = 64  # mask columns kept ready beyond the current width
+
+
+def _batch_params(rows: list[Row], device: torch.device) -> BatchParams:
+    return BatchParams([r.request.params for r in rows], [r.generator for r in rows], device)
+
+
+def _needs_seen(rows: list[Row]) -> bool:
+    return any(r.request.params.repetition_penalty != 1.0 for r in rows)
+
+
+def _seen_mask(base: BaseModel, rows: list[Row], force: bool = False) -> torch.Tensor | None:
+    """[n, V] bool of the tokens each row has seen (prompt and output), or None when no row needs it."""
+    if not force and not _needs_seen(rows):
+        return None
+    seen = torch.zeros((len(rows), base.vocab_size), dtype=torch.bool, device=base.device)
+    for i, row in enumerate(rows):
+        ids = row.request.prompt_ids + row.generated_ids
+        seen[i, torch.tensor(ids, dtype=torch.long, device=base.device)] = True
+    return seen
 
 
 def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
@@ -233,14 +282,14 @@ def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
-def _advance(row: Row, token: int, logprob: float | None, now: float, token_t: torch.Tensor) -> None:
+def _advance(row: Row, token: int, logprob: float | None, now: float) -> None:
     request, params = row.request, row.request.params
     row.generated += 1
     if row.first_token_at is None:
         row.first_token_at = now
     request.timeline.generated = row.generated
     if params.repetition_penalty != 1.0:
-        row.seen = torch.cat([row.seen, token_t])
+        row.generated_ids.append(token)
     text = row.detokenizer.add(token)
     reason = None
     if row.detokenizer.stopped:

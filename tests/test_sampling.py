@@ -1,0 +1,106 @@
+"""The batched sampler against transformers' own logits processors, row by row, in mixed batches."""
+
+import pytest
+import torch
+from transformers.generation.logits_process import (
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from loramux.server.engine.request import SamplingParams
+from loramux.server.engine.sampling import BatchParams, apply_repetition_penalty, choose_tokens, distribution, new_generator
+
+V = 64
+CPU = torch.device("cpu")
+ROWS = [
+    SamplingParams(8),  # greedy
+    SamplingParams(8, repetition_penalty=1.3),  # greedy with a penalty
+    SamplingParams(8, temperature=0.7, seed=1),
+    SamplingParams(8, temperature=1.0, top_k=5, seed=2),
+    SamplingParams(8, temperature=1.3, top_p=0.8, seed=3),
+    SamplingParams(8, temperature=0.9, top_k=10, top_p=0.6, repetition_penalty=0.8, seed=4),
+    SamplingParams(8, temperature=2.0, top_k=1, seed=5),
+    SamplingParams(8, temperature=0.5, top_p=0.05, repetition_penalty=2.0, seed=6),
+]
+
+
+def hf_scores(logits_row, seen_ids, p: SamplingParams):
+    scores = logits_row[None].clone()
+    ids = torch.tensor([seen_ids])
+    if p.repetition_penalty != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, scores)
+    if p.greedy:
+        return scores[0]
+    scores = TemperatureLogitsWarper(p.temperature)(ids, scores)
+    if p.top_k:
+        scores = TopKLogitsWarper(p.top_k)(ids, scores)
+    if p.top_p < 1.0:
+        scores = TopPLogitsWarper(p.top_p)(ids, scores)
+    return scores[0]
+
+
+def make(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(ROWS), V, generator=g) * 3
+    logits[:, 7] = logits[:, 3]  # a tie, to check top-k keeps ties as transformers does
+    seen_ids = [torch.randint(0, V, (5,), generator=g).tolist() for _ in ROWS]
+    seen = torch.zeros(len(ROWS), V, dtype=torch.bool)
+    for i, ids in enumerate(seen_ids):
+        seen[i, ids] = True
+    return logits, seen_ids, seen
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_distributions_and_greedy_tokens_equal_transformers(seed):
+    logits, seen_ids, seen = make(seed)
+    batch = BatchParams(ROWS, [new_generator(p, CPU) for p in ROWS], CPU)
+    penalised = apply_repetition_penalty(logits, seen, batch.penalty)
+    ours = distribution(penalised.index_select(0, batch.sampled_index), batch)
+    for j, i in enumerate(batch.sampled):
+        expected = hf_scores(logits[i], seen_ids[i], ROWS[i]).softmax(-1)
+        assert torch.allclose(ours[j], expected, atol=1e-6), i
+        assert torch.equal(ours[j] > 0, expected > 0), i  # the same tokens are possible
+    tokens, _, bad = choose_tokens(logits, batch, seen)
+    assert bad == []
+    for i in batch.greedy:
+        assert tokens[i] == hf_scores(logits[i], seen_ids[i], ROWS[i]).argmax(), i
+    for i in batch.sampled:
+        assert hf_scores(logits[i], seen_ids[i], ROWS[i])[tokens[i]] > float("-inf")
+
+
+def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
+    logits, _, seen = make(1)
+    alone = ROWS[3]
+    def run(params, rows_logits, rows_seen):
+        batch = BatchParams(params, [new_generator(p, CPU) for p in params], CPU)
+        out = []
+        for _ in range(20):
+            tokens, _, _ = choose_tokens(rows_logits, batch, rows_seen)
+            out.append(tokens[params.index(alone)].item())
+        return out
+
+    assert run([alone], logits[3:4], seen[3:4]) == run(ROWS, logits, seen)
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
+    p = SamplingParams(1, temperature=1.0, seed=11)
+    batch = BatchParams([p], [new_generator(p, CPU)], CPU)
+    counts = torch.zeros(5)
+    for _ in range(6000):
+        counts[choose_tokens(logits, batch, None)[0][0]] += 1
+    expected = logits[0].softmax(-1) * 6000
+    assert counts[4] == 0
+    assert torch.all((counts[:4] - expected[:4]).abs() < 4 * expected[:4].sqrt() + 5), (counts, expected)
+
+
+def test_non_finite_rows_are_reported_and_the_others_sampled():
+    logits, _, seen = make(2)
+    logits[2, 5] = float("nan")
+    logits[4] = float("-inf")
+    batch = BatchParams(ROWS, [new_generator(p, CPU) for p in ROWS], CPU)
+    tokens, logprobs, bad = choose_tokens(logits, batch, seen)
+    assert bad == [2, 4] and logprobs is None
+    assert tokens[0] == logits[0].argmax()
