@@ -238,6 +238,25 @@ def test_token_budget_limits_rows_and_oversized_requests_are_refused(assets):
         engine.stop()
 
 
+def test_the_budget_counts_padding_a_short_request_would_add_to_a_long_batch(assets):
+    long_len = len(assets.tokenizer(PROMPTS[3])["input_ids"])
+    short_len = len(assets.tokenizer(PROMPTS[2])["input_ids"])
+    # Unpadded, both fit: (long + 6) + (short + 6). Padded to the long row's width, two rows do not.
+    limit = (long_len + 6) + (short_len + 6)
+    assert limit < 2 * (long_len + 6)
+    engine = make_engine(assets, max_batch_tokens=limit)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        submit(engine, rec, "long", "", PROMPTS[3], n=6)
+        submit(engine, rec, "short", "", PROMPTS[2], n=6)
+        gate.set()
+        rec.wait_all()
+        assert rec.index("short", TokenEvent) > rec.index("long", FinishEvent)
+    finally:
+        engine.stop()
+
+
 def test_static_scheduling_waits_for_the_running_batch(assets):
     engine = make_engine(assets, scheduling="static")
     try:

@@ -35,7 +35,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--gather-cache-mib", type=int, default=256,
                    help="memory for the running rows' per-row adapter weights, kept between steps")
     p.add_argument("--max-batch-tokens", type=int, default=65536,
-                   help="prompt plus possible output tokens of all running rows at most")
+                   help="padded KV cache the batch may reach: rows x (widest prompt + output), in tokens")
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled in one step at most")
     p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, wait this long for more requests")
     p.add_argument("--join-ratio", type=float, default=0.25,

@@ -57,8 +57,8 @@ class Settings:
     max_batch_size: int = 16
     """Rows decoding together at most."""
     max_batch_tokens: int = 65536
-    """Prompt plus possible output tokens of all running rows at most (bounds KV cache memory).
-    A request that alone needs more is refused."""
+    """The padded KV cache the running batch may reach, in token slots: rows x (the widest row's
+    prompt and output). Bounds KV cache memory. A request that alone needs more is refused."""
     max_prefill_tokens: int = 4096
     """Prompt tokens prefilled in one step at most (a longer prompt is prefilled alone)."""
     batch_window_ms: float = 5.0

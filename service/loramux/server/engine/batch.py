@@ -91,9 +91,9 @@ class Batch:
     def kv_length(self) -> int:
         return self.mask.shape[1] - 1
 
-    def tokens_reserved(self) -> int:
-        """Prompt plus still-possible output tokens of every row: what admission budgets against."""
-        return sum(r.request.tokens_reserved for r in self.rows)
+    def most_remaining(self) -> int:
+        """The most tokens one row may still generate (the padded cache grows until it is done)."""
+        return max((r.request.params.max_new_tokens - r.generated for r in self.rows), default=0)
 
     # -- the four operations ------------------------------------------------------------
 

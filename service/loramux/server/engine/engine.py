@@ -29,7 +29,7 @@ from loramux.server.base_model import BaseModel
 from loramux.server.engine.failures import as_domain_error
 from loramux.server.engine.batch import Batch, Row, check_cache_layout, ended_early, new_row
 from loramux.server.engine.inputs import GenerateInput, prompt_ids, sampling_params
-from loramux.server.engine.scheduler import Scheduler
+from loramux.server.engine.scheduler import KvBudget, Scheduler
 from loramux.server.engine.request import (
     ErrorEvent,
     Event,
@@ -521,10 +521,10 @@ class Engine:
                         if len(self._scheduler) < self.settings.max_batch_size and wait_left > 0:
                             self._cond.wait(wait_left)
                             continue
-                    reserved = self._running.tokens_reserved() if running else 0
-                    admitted = self._scheduler.admit(
-                        self.settings.max_batch_size - running, self.settings.max_batch_tokens - reserved, now
-                    )
+                    budget = KvBudget(self.settings.max_batch_tokens)
+                    if running:
+                        budget = KvBudget(budget.limit, running, self._running.kv_length + 1, self._running.most_remaining())
+                    admitted = self._scheduler.admit(self.settings.max_batch_size - running, budget, now)
                     if admitted or running:
                         return admitted
                     self._cond.wait(_IDLE_POLL_S)

@@ -100,7 +100,3 @@ class GenerationRequest:
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
-    @property
-    def tokens_reserved(self) -> int:
-        """Prompt plus the most output it may produce: its share of the batch's token budget."""
-        return len(self.prompt_ids) + self.params.max_new_tokens

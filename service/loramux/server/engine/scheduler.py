@@ -13,8 +13,9 @@ Admission is fair across tenants and aware of adapters:
   waits. If that request is urgent, admission stops until it gets in: running rows finish,
   their slots free up, and nothing new takes them first. So no request waits much longer
   than `adapter_wait_ms` plus the longest running request, however cold its adapter.
-- Limits per step: rows (`max_batch_size`), tokens reserved by the running rows (prompt plus
-  possible output, `max_batch_tokens`) and prompt tokens prefilled together
+- Limits per step: rows (`max_batch_size`), the padded KV cache the batch can reach
+  (`KvBudget`: rows x (width + most tokens still to come), `max_batch_tokens`) and prompt
+  tokens prefilled together
   (`max_prefill_tokens`; a longer prompt is prefilled alone). An urgent request that does
   not fit also stops admission until it does.
 
@@ -35,6 +36,36 @@ from loramux.server.errors import AdapterNotFound, Cancelled, DeadlineExceeded, 
 from loramux.server.settings import Settings
 
 _TIER_RANK = {Tier.ACCELERATOR: 0, Tier.HOST: 1, Tier.DISK: 2}
+
+
+class KvBudget:
+    """The padded KV cache a batch can reach, in token slots: every row is as wide as the widest.
+
+    After a join the batch's width is the longer of the running cache and the longest new
+    prompt, and it grows by one column per step until the row with the most tokens still to
+    come is done. So the bound is rows x (that width + the most tokens any row may still
+    generate), and admission keeps it within `max_batch_tokens`."""
+
+    def __init__(self, limit: int, rows: int = 0, kv_width: int = 0, most_remaining: int = 0):
+        self.limit = limit
+        self.rows = rows  # running rows plus those chosen so far
+        self.width = kv_width  # the cache's width after the join
+        self.most_remaining = most_remaining  # the most tokens one row may still generate
+
+    def cost(self, extra: GenerationRequest | None = None) -> int:
+        rows, width, remaining = self.rows, self.width, self.most_remaining
+        if extra is not None:
+            rows, width = rows + 1, max(width, extra.prompt_tokens)
+            remaining = max(remaining, extra.params.max_new_tokens)
+        return rows * (width + remaining)
+
+    def fits(self, request: GenerationRequest) -> bool:
+        return self.cost(request) <= self.limit
+
+    def add(self, request: GenerationRequest) -> None:
+        self.rows += 1
+        self.width = max(self.width, request.prompt_tokens)
+        self.most_remaining = max(self.most_remaining, request.params.max_new_tokens)
 
 
 class Scheduler:
@@ -95,7 +126,7 @@ class Scheduler:
         self._count = 0
         return out
 
-    def admit(self, rows_free: int, tokens_free: int, now: float) -> list[tuple[GenerationRequest, int]]:
+    def admit(self, rows_free: int, budget: KvBudget, now: float) -> list[tuple[GenerationRequest, int]]:
         """Choose requests to prefill now and give their adapters slots; returns [(request, slot)].
 
         Requests that were cancelled, expired, lost their adapter or failed to read it are
@@ -120,8 +151,7 @@ class Scheduler:
                     best = min(left, key=lambda r: self._preference(r, uids, now, wait_bound))
                     left.remove(best)
                     urgent = now - best.arrival > wait_bound
-                    cost = best.tokens_reserved
-                    fits = cost <= tokens_free and (best.prompt_tokens <= prefill_free or not chosen)
+                    fits = budget.fits(best) and (best.prompt_tokens <= prefill_free or not chosen)
                     uid = best.adapter_uid
                     ready = True
                     if uid is not None and uid not in uids:
@@ -141,7 +171,7 @@ class Scheduler:
                     if uid is not None:
                         uids.add(uid)
                     rows_free -= 1
-                    tokens_free -= cost
+                    budget.add(best)
                     prefill_free -= best.prompt_tokens
                     served.append(tenant)
                     progressed = True
