@@ -122,7 +122,8 @@ def test_remove_while_in_use_frees_and_zeroes_the_slot_on_release():
     assert bank.layers["q_proj"].lora_A_t[0].abs().sum() > 0
     cache.release(1)
     assert cache.snapshot().slot_table == (None, None)
-    assert bank.layers["q_proj"].lora_A_t[0].abs().sum() == 0 and bank.layers["v_proj"].scale[0] == 0
+    layer = bank.layers["v_proj"]
+    assert bank.layers["q_proj"].lora_A_t[0].abs().sum() == 0 and layer.scales[0] == 0 and layer.ranks[0] == 0
 
 
 def test_adapter_larger_than_host_tier_goes_straight_to_a_slot():

@@ -27,7 +27,7 @@ def test_serve_flags_are_the_contract():
             "--max-batch-tokens", "--max-prefill-tokens", "--adapter-wait-ms", "--scheduling", "--max-queue-per-tenant",
             "--metrics-port", "--metrics-host", "--otel-traces-exporter", "--otel-metrics-exporter",
             "--otel-exporter-otlp-protocol", "--otel-exporter-otlp-endpoint", "--otel-service-name",
-            "--log-format", "--join-ratio", "--join-max-steps", "--gather-cache-mib"} <= flags
+            "--log-format", "--join-ratio", "--join-max-steps"} <= flags
 
 
 def test_bad_settings_exit_2(assets, capsys):

@@ -1,8 +1,9 @@
+import pytest
 import torch
 from torch import nn
 
 from loramux.server.lora.slot_bank import SlotBank
-from loramux.server.lora.slot_linear import LoraRouting, SlotLinear
+from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear
 
 
 def make_layer(slots=3, rank=4, seed=0):
@@ -12,11 +13,19 @@ def make_layer(slots=3, rank=4, seed=0):
     return layer, routing
 
 
+def plan(slots):
+    groups = {}
+    for row, slot in enumerate(slots):
+        if slot != 3:
+            groups.setdefault(slot, []).append(row)
+    return RoutingPlan(list(slots), [(s, torch.tensor(r)) for s, r in groups.items()], torch.device("cpu"))
+
+
 def test_rows_without_adapter_get_exactly_the_base_output():
     layer, routing = make_layer()
     layer.fill(0, torch.randn(4, 6), torch.randn(5, 4), 2.0)
     x = torch.randn(3, 2, 6)
-    routing.slot_index = torch.tensor([3, 0, 3])  # slot 3 = the zero slot
+    routing.plan = plan([3, 0, 3])  # slot 3 = the zero slot
     out = layer(x)
     base = layer.base_layer(x)
     assert torch.equal(out[0], base[0]) and torch.equal(out[2], base[2])
@@ -27,27 +36,44 @@ def test_all_base_rows_skip_lora():
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(6, 5))
     bank = SlotBank(model, ("q_proj",), num_slots=3, max_rank=4)
-    assert bank.routing_index([3, 3], torch.device("cpu")) is None  # no row has an adapter
-    assert torch.equal(bank.routing_index([3, 0], torch.device("cpu")), torch.tensor([3, 0]))
+    assert bank.plan([3, 3], torch.device("cpu")) is None  # no row has an adapter
+    two = bank.plan([0, 3, 1, 0], torch.device("cpu"))
+    assert [(s, rows.tolist()) for s, rows in two.groups] == [(0, [0, 3]), (1, [2])]
     bank.route(None)
     x = torch.randn(2, 1, 6)
     layer = bank.layers["q_proj"]
     assert torch.equal(layer(x), layer.base_layer(x))
 
 
-def test_mixed_rows_match_per_adapter_lora_with_rank_padding():
+@pytest.mark.parametrize("seq", [1, 4])  # decode (concatenated adapters) and prefill (a loop over adapters)
+def test_mixed_rows_match_per_adapter_lora_at_true_rank(seq):
     layer, routing = make_layer(rank=4)
     a0, b0 = torch.randn(4, 6), torch.randn(5, 4)
-    a1, b1 = torch.randn(2, 6), torch.randn(5, 2)  # rank 2, padded to 4
+    a1, b1 = torch.randn(2, 6), torch.randn(5, 2)  # rank 2 in a rank-4 slot: computed at rank 2
     layer.fill(0, a0, b0, 0.5)
     layer.fill(1, a1, b1, 3.0)
-    x = torch.randn(3, 4, 6)
-    routing.slot_index = torch.tensor([1, 0, 1])
+    x = torch.randn(4, seq, 6)
+    routing.plan = plan([1, 0, 3, 1])
     out = layer(x)
     base = layer.base_layer(x)
     torch.testing.assert_close(out[0], base[0] + (x[0] @ a1.T @ b1.T) * 3.0, rtol=0, atol=1e-5)
     torch.testing.assert_close(out[1], base[1] + (x[1] @ a0.T @ b0.T) * 0.5, rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[2], base[2] + (x[2] @ a1.T @ b1.T) * 3.0, rtol=0, atol=1e-5)
+    assert torch.equal(out[2], base[2])
+    torch.testing.assert_close(out[3], base[3] + (x[3] @ a1.T @ b1.T) * 3.0, rtol=0, atol=1e-5)
+    if seq == 1:
+        view = layer._view[3]
+        assert view.used == 4 + 2 and layer._segments == {1: (0, 2, 1), 0: (2, 4, 1)}  # true ranks, no padding
+        # Adapters side by side in the order rows first use them: slot 1 (rank 2), then slot 0 (rank 4).
+        assert view.mask[:, 0].tolist() == [[1] * 2 + [0] * 4, [0] * 2 + [1] * 4, [0] * 6, [1] * 2 + [0] * 4]
+
+
+def test_a_layer_no_adapter_in_the_batch_targets_is_skipped():
+    layer, routing = make_layer(rank=4)
+    layer.fill(0, torch.randn(4, 6), torch.randn(5, 4), 0.5)
+    layer.clear(1)  # slot 1's adapter does not target this layer
+    routing.plan = plan([1, 1])
+    x = torch.randn(2, 1, 6)
+    assert torch.equal(layer(x), layer.base_layer(x)) and layer._view[3] is None and layer._columns == 0
 
 
 def test_refilling_a_slot_with_lower_rank_leaves_no_old_weights():
@@ -58,29 +84,52 @@ def test_refilling_a_slot_with_lower_rank_leaves_no_old_weights():
     assert torch.equal(layer.lora_A_t[0, :, 1:], torch.zeros(6, 3))  # A^T [in, R]: ranks 1..3 zeroed
     assert torch.equal(layer.lora_B_t[0, 1:], torch.zeros(3, 5))  # B^T [R, out]
     ra, rb = layer.read(0, 1)
-    assert torch.equal(ra, a) and torch.equal(rb, b) and layer.scale[0].item() == 2.0
+    assert torch.equal(ra, a) and torch.equal(rb, b) and layer.scales[0] == 2.0 and layer.ranks[0] == 1
     layer.clear(0)
-    assert layer.lora_A_t[0].abs().sum() == 0 and layer.lora_B_t[0].abs().sum() == 0 and layer.scale[0] == 0
+    assert layer.lora_A_t[0].abs().sum() == 0 and layer.lora_B_t[0].abs().sum() == 0 and layer.scales[0] == 0
 
 
-def test_gathered_weights_are_reused_only_while_routing_and_slots_stay_the_same():
-    layer, routing = make_layer(rank=4)
-    routing.cache_rows = 2
-    a0, b0, a1, b1 = torch.randn(4, 6), torch.randn(5, 4), torch.randn(4, 6), torch.randn(5, 4)
-    layer.fill(0, a0, b0, 1.0)
-    layer.fill(1, a1, b1, 1.0)
-    x = torch.randn(2, 1, 6)
-    index = torch.tensor([0, 1])
-    routing.slot_index = index
-    first = layer(x)
-    gathered = layer._gathered
-    assert gathered is not None and gathered[0] is index
-    assert torch.equal(layer(x), first) and layer._gathered is gathered  # reused, not gathered again
-    buffer = layer._buffer_a.data_ptr()
-    layer.fill(1, a0, b0, 1.0)  # a slot refilled: the gathered copy is stale
-    refilled = layer(x)
-    assert layer._buffer_a.data_ptr() == buffer  # gathered again into the same storage
-    torch.testing.assert_close(refilled[1], layer.base_layer(x[1]) + x[1] @ a0.T @ b0.T, rtol=0, atol=1e-5)
-    routing.slot_index = torch.tensor([0, 1, 0])  # more rows than cache_rows: gathered per call
-    layer(torch.randn(3, 1, 6))
-    assert layer._gathered is None
+def test_joins_copy_only_the_adapters_that_join_and_leaving_ones_are_compacted_away():
+    layer, routing = make_layer(slots=3, rank=4)
+    w = {s: (torch.randn(4, 6), torch.randn(5, 4)) for s in range(3)}
+    for s, (a, b) in w.items():
+        layer.fill(s, a, b, 1.0 + s)
+    x = torch.randn(3, 1, 6)
+
+    def check(slots):
+        routing.plan = plan(slots)
+        out = layer(x[: len(slots)])
+        for i, s in enumerate(slots):
+            a, b = w[s]
+            expected = layer.base_layer(x[i]) + (x[i] @ a.T @ b.T) * (1.0 + s) if s != 3 else layer.base_layer(x[i])
+            torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-5)
+
+    check([0, 1])
+    assert layer._segments == {0: (0, 4, 1), 1: (4, 4, 1)}
+    check([0, 1])  # the same plan object is reused: nothing copied
+    first = layer._view
+    layer(x[:2])
+    assert layer._view is first
+    check([1, 2])  # slot 2 joins: appended; slot 0 stays, masked out (dead 4 <= live 8)
+    assert layer._segments == {0: (0, 4, 1), 1: (4, 4, 1), 2: (8, 4, 1)} and layer._columns == 12
+    check([2])  # rows of 0 and 1 left: nothing missing, nothing copied
+    assert layer._columns == 12
+    a, b = torch.randn(2, 6), torch.randn(5, 2)
+    w[0] = (a, b)
+    layer.fill(0, a, b, 1.0)  # slot 0 refilled (rank 2): its old columns are stale
+    check([0, 2])  # dead 8 (old 0, 1) > live 6: compacted to the live adapters
+    assert layer._segments == {0: (0, 2, 2), 2: (2, 4, 1)} and layer._columns == 6
+
+
+def test_bf16_keeps_the_scale_in_float32():
+    torch.manual_seed(0)
+    routing = LoraRouting()
+    layer = SlotLinear(nn.Linear(6, 5, bias=False).to(torch.bfloat16), num_slots=3, max_rank=4, routing=routing)
+    a, b = torch.randn(4, 6, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16)
+    scale = 1.0 / 3.0  # not representable in bfloat16
+    layer.fill(0, a, b, scale)
+    routing.plan = plan([0])
+    x = torch.randn(1, 1, 6, dtype=torch.bfloat16)
+    expected = layer.base_layer(x) + ((x @ a.T @ b.T) * scale).to(torch.bfloat16)  # peft: a Python float scale
+    assert torch.equal(layer(x), expected)
+    assert layer._view[3].scale.dtype == torch.float32

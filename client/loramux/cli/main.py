@@ -32,8 +32,6 @@ def _serve_parser(sub) -> None:
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
                    help="comma-separated Linear names that get adapter slots")
     p.add_argument("--max-batch-size", type=int, default=16, help="rows decoding together at most")
-    p.add_argument("--gather-cache-mib", type=int, default=256,
-                   help="memory for the running rows' per-row adapter weights, kept between steps")
     p.add_argument("--max-batch-tokens", type=int, default=65536,
                    help="padded KV cache the batch may reach: rows x (widest prompt + output), in tokens")
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled in one step at most")
@@ -194,7 +192,6 @@ def _serve(args) -> int:
             target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
             max_batch_size=args.max_batch_size,
             max_batch_tokens=args.max_batch_tokens,
-            gather_cache_mib=args.gather_cache_mib,
             max_prefill_tokens=args.max_prefill_tokens,
             batch_window_ms=args.batch_window_ms,
             join_ratio=args.join_ratio,

@@ -50,12 +50,12 @@ def decode_step(base: BaseModel, cfg: BenchConfig) -> dict:
     token = ids[:, -1:]
     mask = torch.ones(rows, cfg.step_kv + 1, dtype=torch.long, device=device)
     positions = torch.full((rows, 1), cfg.step_kv, device=device)
-    routed = base.bank.routing_index(list(range(rows)), base.device)
+    routed = base.bank.plan(list(range(rows)), base.device)
     times: dict[str, list[float]] = {"base": [], "lora": [], "lora_regather": []}
     for rep in range(cfg.step_reps + 2):
-        # lora: the rows stay the same, as between joins and leaves. lora_regather: a new
-        # routing every step (rows join or leave at every step), so every layer gathers again.
-        fresh = routed.clone()
+        # lora: the rows stay the same, as between joins and leaves. lora_regather: a new plan
+        # every step (rows join or leave at every step), so every layer concatenates again.
+        fresh = base.bank.plan(list(range(rows)), base.device)
         for kind, index in (("base", None), ("lora", routed), ("lora_regather", fresh)):
             for layer, (k, v) in zip(cache.layers, saved):
                 layer.keys, layer.values = k, v

@@ -74,13 +74,7 @@ def load_base_model(settings: Settings) -> BaseModel:
     model.eval()
     model.requires_grad_(False)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    bank = SlotBank(
-        model,
-        settings.target_modules,
-        settings.adapter_slots,
-        settings.max_lora_rank,
-        gather_cache_bytes=settings.gather_cache_mib * 1024 * 1024,
-    )
+    bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank)
 
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:

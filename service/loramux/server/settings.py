@@ -51,9 +51,6 @@ class Settings:
     """Adapters of higher rank are refused; slots are padded to this rank."""
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     """Base modules (by short name) that get adapter slots; adapters may target any subset."""
-    gather_cache_mib: int = 256
-    """Memory for per-row copies of the running rows' adapter weights, kept while the batch's
-    rows stay the same instead of gathered again at every step (0: gather every step)."""
     max_batch_size: int = 16
     """Rows decoding together at most."""
     max_batch_tokens: int = 65536
@@ -136,7 +133,6 @@ class Settings:
             ("default_max_new_tokens", self.default_max_new_tokens, 1),
             ("max_new_tokens_limit", self.max_new_tokens_limit, 1),
             ("host_cache_mib", self.host_cache_mib, 0),
-            ("gather_cache_mib", self.gather_cache_mib, 0),
             ("max_prompt_bytes", self.max_prompt_bytes, 1),
         ):
             if value < low:

@@ -172,7 +172,7 @@ class Batch:
             mine_seen = self.seen if self.seen is not None else _seen_mask(self.base, self.rows, force=True)
             their_seen = other.seen if other.seen is not None else _seen_mask(self.base, other.rows, force=True)
             seen = torch.cat([mine_seen, their_seen])
-        slots = self.base.bank.routing_index([row.slot for row in rows], self.base.device)
+        slots = self.base.bank.plan([row.slot for row in rows], self.base.device)
         params = _batch_params(rows, self.base.device)
         for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
             layer.keys, layer.values = keys, values
@@ -196,7 +196,7 @@ class Batch:
 
     def _route(self) -> None:
         """Per-composition state: the rows' adapter routing and sampling parameters."""
-        self._slots = self.base.bank.routing_index([row.slot for row in self.rows], self.base.device)
+        self._slots = self.base.bank.plan([row.slot for row in self.rows], self.base.device)
         self._params = _batch_params(self.rows, self.base.device)
 
     def _set_mask(self, mask: torch.Tensor) -> None:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from loramux.server.adapters.weights import AdapterWeights, ModuleLora
-from loramux.server.lora.slot_linear import LoraRouting, SlotLinear
+from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear
 
 
 class SlotBank:
@@ -16,9 +16,7 @@ class SlotBank:
     without an adapter.
     """
 
-    def __init__(
-        self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int, gather_cache_bytes: int = 0
-    ):
+    def __init__(self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int):
         self.routing = LoraRouting()
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -33,12 +31,6 @@ class SlotBank:
                 self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"the model has no nn.Linear named any of {sorted(targets)}")
-        # Bytes one row's gathered weights take across all layers (see LoraRouting).
-        per_row = sum(
-            max_rank * (layer.in_features + layer.out_features) * layer.lora_A_t.element_size()
-            for layer in self.layers.values()
-        )
-        self.routing.cache_rows = gather_cache_bytes // per_row
 
     @property
     def base_slot(self) -> int:
@@ -71,15 +63,23 @@ class SlotBank:
             modules[name] = ModuleLora(a=a, b=b, scale=lora.scale)
         return AdapterWeights(modules=modules)
 
-    def routing_index(self, slots: list[int], device: torch.device) -> torch.Tensor | None:
-        """The routing tensor for rows using `slots` (base_slot = no adapter); None when no row has one."""
-        if all(s == self.base_slot for s in slots):
+    def plan(self, slots: list[int], device: torch.device) -> RoutingPlan | None:
+        """The routing plan for rows using `slots` (base_slot = no adapter); None when no row has one."""
+        groups: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            if slot != self.base_slot:
+                groups.setdefault(slot, []).append(row)
+        if not groups:
             return None
-        return torch.tensor(slots, dtype=torch.long, device=device)
+        return RoutingPlan(
+            slots=list(slots),
+            groups=[(slot, torch.tensor(rows, dtype=torch.long, device=device)) for slot, rows in groups.items()],
+            device=device,
+        )
 
-    def route(self, index: torch.Tensor | None) -> None:
-        """Route the rows of the next forward passes (an index from `routing_index`, or None)."""
-        self.routing.slot_index = index
+    def route(self, plan: RoutingPlan | None) -> None:
+        """Route the rows of the next forward passes (a plan from `plan`, or None)."""
+        self.routing.plan = plan
 
     def _check(self, slot: int) -> None:
         if not 0 <= slot < self.num_slots:

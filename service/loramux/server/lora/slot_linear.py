@@ -1,42 +1,76 @@
-"""A Linear that adds a per-row LoRA delta from stacked adapter slots.
+"""A Linear that adds a per-row LoRA delta, computed from what the batch actually uses.
 
-For row i of a batch, routed to slot s = slot_index[i]:
+For row i of a batch, served by adapter slot s:
 
     y_i = base(x_i) + scale[s] * (x_i @ A[s]^T) @ B[s]^T
 
-The slots store A^T and B^T (`lora_A_t [S+1, in, R]`, `lora_B_t [S+1, R, out]`), so the
-rows gathered from them are already laid out for `bmm`.
+in the order peft computes it (`lora_B(lora_A(x)) * scaling`), with the scale applied in
+float32 whatever the serving dtype.
 
-The adapters' weights live in preallocated tensors with one extra, permanently zero slot
-(index `num_slots`) for rows served by the base model alone: such a row gets
-base(x) + 0.0, which is exactly base(x). Ranks below the slot rank are zero-padded, and a
-slot is zeroed entirely before it is refilled, so no reused slot keeps old weights.
+The slots store A^T and B^T (`lora_A_t [S+1, in, R]`, `lora_B_t [S+1, R, out]`); slot S is
+permanently zero (rows without an adapter). What a pass computes depends only on the batch:
+
+- **Distinct adapters, true ranks.** A layer keeps a decode buffer holding adapters' A^T
+  and B^T side by side, each cut to its own rank: `a_cat [in, columns]`, `b_cat [columns, out]`.
+  For each batch composition (`RoutingPlan`, built when rows join or leave, not per step) it
+  builds a 0/1 mask `[rows, columns]` selecting each row's own adapter's columns. A decode
+  step is then two GEMMs, `((x @ a_cat) * mask) @ b_cat`, and a per-row scale: each distinct
+  adapter's weights are read once per pass at its own rank, with no per-row copies and no
+  arithmetic on rank padding.
+- **Joins copy only what joins.** An adapter is copied into the buffer when a batch first
+  uses it (or after its slot was refilled); one whose rows left stays, masked out, until the
+  columns no batch uses outnumber the live ones, when the buffer is rebuilt from the live
+  adapters. So the copies a composition change costs follow the adapters that joined, and the
+  buffer holds at most about twice the batch's adapters.
+- **Untargeted modules cost nothing.** A layer that no adapter in the batch targets is skipped.
+- **Prefill** (many tokens per row) with several adapters loops over the distinct adapters'
+  row groups instead, so each row's tokens meet only their own adapter's weights (the
+  concatenation would multiply every token by every adapter's A).
+
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 from torch import nn
 
 
+@dataclasses.dataclass(eq=False)
+class RoutingPlan:
+    """Which adapter slot each row of a batch uses, grouped by slot. Built once per composition."""
+
+    slots: list[int]  # per row; the base slot for rows without an adapter
+    groups: list[tuple[int, torch.Tensor]]  # (slot, row indices [k] int64) for each distinct adapter slot, in first-use order
+    device: torch.device
+    row_slots: torch.Tensor | None = None  # [rows] int64, the same as `slots`, on the device
+
+    def __post_init__(self) -> None:
+        if self.row_slots is None:
+            self.row_slots = torch.tensor(self.slots, dtype=torch.long, device=self.device)
+
+    @property
+    def rows(self) -> int:
+        return len(self.slots)
+
+
 class LoraRouting:
-    """Which slot each row of the current batch uses; shared by all slot layers of a model.
-
-    Set by the engine before each forward pass. None means "no row has an adapter", and the
-    layers then skip the LoRA arithmetic entirely.
-
-    Gathering each row's A and B out of the slot tensors into fresh memory at every step
-    costs far more than the LoRA arithmetic itself on CPU (page faults on a new rows x rank x
-    (in + out) copy per layer). So a layer gathers into storage it keeps, and reuses the
-    gathered weights while the routing tensor stays the same object (the engine keeps one
-    per batch composition) and no slot was refilled. Both hold for batches of at most
-    `cache_rows` rows (a memory bound); larger ones gather fresh copies every pass.
-    """
+    """The plan of the batch being run; shared by all slot layers of a model. None: no row has
+    an adapter, and the layers skip the LoRA arithmetic entirely."""
 
     def __init__(self) -> None:
-        self.slot_index: torch.Tensor | None = None  # [batch] int64 on the model's device
+        self.plan: RoutingPlan | None = None
         self.generation = 0  # bumped whenever a slot's weights change
-        self.cache_rows = 0  # batches up to this many rows keep their gathered weights
+
+
+@dataclasses.dataclass
+class _DecodeView:
+    """One layer's view of one plan for decode steps: which buffer columns each row uses."""
+
+    mask: torch.Tensor  # [rows, 1, used]  1 where the column belongs to the row's adapter
+    scale: torch.Tensor  # [rows, 1, 1] float32  each row's adapter scale (0 for rows without one here)
+    used: int  # buffer columns in play
 
 
 class SlotLinear(nn.Module):
@@ -55,13 +89,19 @@ class SlotLinear(nn.Module):
         self.register_buffer(
             "lora_B_t", torch.zeros(num_slots + 1, max_rank, out_features, dtype=w.dtype, device=w.device), persistent=False
         )  # [S+1, R, out]: B^T
-        self.register_buffer("scale", torch.zeros(num_slots + 1, dtype=w.dtype, device=w.device), persistent=False)  # [S+1]
-        # (routing tensor, slot generation) -> per-row A^T [batch, in, R], B^T [batch, R, out], scale [batch, 1, 1]
-        self._gathered: tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        # Reused storage for the gathered rows: a fresh large allocation per pass costs more
-        # (page faults) than the gather itself on CPU.
-        self._buffer_a: torch.Tensor | None = None
-        self._buffer_b: torch.Tensor | None = None
+        self.ranks = [0] * (num_slots + 1)  # each slot's true rank in this layer (0: the adapter does not target it)
+        self.scales = [0.0] * (num_slots + 1)  # float32 scales, kept as Python floats
+        self._versions = [0] * (num_slots + 1)  # bumped when a slot is refilled or cleared
+        # The decode buffer: adapters' A^T and B^T side by side at true rank, appended as they
+        # join a batch and compacted when columns of adapters no batch uses outnumber the rest.
+        self._a_cat = w.new_zeros((in_features, 0))  # [in, capacity]
+        self._b_cat = w.new_zeros((0, out_features))  # [capacity, out]
+        self._col_slot = torch.full((0,), -1, dtype=torch.long, device=w.device)  # [capacity] slot of each column, -1: dead
+        self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
+        self._segments: dict[int, tuple[int, int, int]] = {}  # slot -> (first column, rank, version)
+        self._columns = 0  # columns written
+        self._epoch = 0  # bumped when the buffer is compacted
+        self._view: tuple[RoutingPlan, int, int, _DecodeView | None] | None = None  # (plan, generation, epoch, view)
 
     @property
     def in_features(self) -> int:
@@ -71,52 +111,100 @@ class SlotLinear(nn.Module):
     def out_features(self) -> int:
         return self.lora_B_t.shape[2]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [batch, seq, in]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
         result = self.base_layer(x)
-        idx = self.routing.slot_index
-        if idx is None:
+        plan = self.routing.plan
+        if plan is None:
             return result
-        a_t, b_t, s = self._per_row(idx)
-        delta = torch.bmm(torch.bmm(x.to(a_t.dtype), a_t), b_t) * s  # [batch, seq, out]
+        xd = x.to(self.lora_A_t.dtype)
+        if x.shape[1] > 1:
+            # Prefill: each adapter's weights meet only its own rows' tokens.
+            for slot, rows in plan.groups:
+                rank = self.ranks[slot]
+                if rank:
+                    h = xd.index_select(0, rows) @ self.lora_A_t[slot, :, :rank]
+                    delta = (h @ self.lora_B_t[slot, :rank]) * self.scales[slot]
+                    result.index_add_(0, rows, delta.to(result.dtype))
+            return result
+        view = self._decode_view(plan)
+        if view is None:  # no adapter in the batch targets this layer
+            return result
+        h = (xd @ self._a_cat[:, : view.used]) * view.mask  # [rows, 1, used]: each row keeps its own adapter's columns
+        delta = (h @ self._b_cat[: view.used]) * view.scale  # float32 scale, as peft's Python float
         return result + delta.to(result.dtype)
 
-    def _per_row(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each row's A^T [batch, in, R], B^T [batch, R, out] and scale [batch, 1, 1]."""
-        routing = self.routing
-        cached = self._gathered
-        if cached is not None and cached[0] is idx and cached[1] == routing.generation:
-            return cached[2], cached[3], cached[4]
-        rows = idx.shape[0]
-        s = self.scale.index_select(0, idx).view(-1, 1, 1)
-        if rows > routing.cache_rows:  # over the memory bound: fresh copies, dropped after the pass
-            self._gathered = None
-            return self.lora_A_t.index_select(0, idx), self.lora_B_t.index_select(0, idx), s
-        if self._buffer_a is None or self._buffer_a.shape[0] < rows:
-            # Room for the next power of two of rows (within the bound), reused from then on.
-            capacity = min(routing.cache_rows, 1 << (rows - 1).bit_length())
-            self._buffer_a = self.lora_A_t.new_empty((capacity, *self.lora_A_t.shape[1:]))
-            self._buffer_b = self.lora_B_t.new_empty((capacity, *self.lora_B_t.shape[1:]))
-        a_t = torch.index_select(self.lora_A_t, 0, idx, out=self._buffer_a[:rows])
-        b_t = torch.index_select(self.lora_B_t, 0, idx, out=self._buffer_b[:rows])
-        self._gathered = (idx, routing.generation, a_t, b_t, s)
-        return a_t, b_t, s
+    def _decode_view(self, plan: RoutingPlan) -> _DecodeView | None:
+        key = (plan, self.routing.generation, self._epoch)
+        if self._view is not None and self._view[0] is plan and self._view[1:3] == key[1:]:
+            return self._view[3]
+        used = [slot for slot, _ in plan.groups if self.ranks[slot] > 0]
+        view = None
+        if used:
+            self._place(used)
+            # Two tensor ops, however many adapters: a column belongs to a row when their slots agree.
+            mask = (plan.row_slots[:, None] == self._col_slot[None, : self._columns]).to(self.lora_A_t.dtype)
+            scale = self._scale_t.index_select(0, plan.row_slots).view(-1, 1, 1)
+            view = _DecodeView(mask.unsqueeze(1), scale, self._columns)
+            key = (plan, self.routing.generation, self._epoch)
+        self._view = (*key, view)
+        return view
+
+    @torch.no_grad()
+    def _place(self, slots: list[int]) -> None:
+        """Make every slot's current weights present in the decode buffer, copying only those
+        that are missing or stale; compact when dead columns outnumber the live ones."""
+        missing = [s for s in slots if self._segments.get(s, (0, 0, -1))[2] != self._versions[s]]
+        if not missing:
+            return
+        live_columns = sum(self.ranks[s] for s in slots)
+        current = sum(r for s, (_, r, v) in self._segments.items() if s in set(slots) and v == self._versions[s])
+        if self._columns - current > live_columns:  # dead columns outnumber live ones: rebuild from the live slots
+            self._segments, self._columns = {}, 0
+            self._col_slot.fill_(-1)
+            self._epoch += 1  # views of other plans point at columns that moved
+            missing = list(slots)
+        need = self._columns + sum(self.ranks[s] for s in missing)
+        if need > self._a_cat.shape[1]:
+            capacity = max(need, 2 * self._a_cat.shape[1])
+            a = self._a_cat.new_zeros((self._a_cat.shape[0], capacity))
+            b = self._b_cat.new_zeros((capacity, self._b_cat.shape[1]))
+            col_slot = self._col_slot.new_full((capacity,), -1)
+            a[:, : self._columns] = self._a_cat[:, : self._columns]
+            b[: self._columns] = self._b_cat[: self._columns]
+            col_slot[: self._columns] = self._col_slot[: self._columns]
+            self._a_cat, self._b_cat, self._col_slot = a, b, col_slot
+        for slot in missing:
+            old = self._segments.get(slot)
+            if old is not None:  # a stale copy of a refilled slot: its columns are dead from now on
+                self._col_slot[old[0] : old[0] + old[1]] = -1
+            rank = self.ranks[slot]
+            first = self._columns
+            self._a_cat[:, first : first + rank] = self.lora_A_t[slot, :, :rank]
+            self._b_cat[first : first + rank] = self.lora_B_t[slot, :rank]
+            self._col_slot[first : first + rank] = slot
+            self._segments[slot] = (first, rank, self._versions[slot])
+            self._columns += rank
 
     @torch.no_grad()
     def fill(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Copy one adapter's A [r, in] and B [out, r] into `slot`, zero-padding to max_rank."""
+        """Copy one adapter's A [r, in] and B [out, r] into `slot` (columns past r are zero)."""
         r = a.shape[0]
         self.clear(slot)
-        self.routing.generation += 1
         self.lora_A_t[slot, :, :r].copy_(a.T, non_blocking=True)
         self.lora_B_t[slot, :r].copy_(b.T, non_blocking=True)
-        self.scale[slot] = scale
+        self.ranks[slot] = r
+        self.scales[slot] = float(scale)  # (clear() above bumped the slot's version)
+        self._scale_t[slot] = float(scale)
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         self.routing.generation += 1
         self.lora_A_t[slot].zero_()
         self.lora_B_t[slot].zero_()
-        self.scale[slot] = 0.0
+        self.ranks[slot] = 0
+        self.scales[slot] = 0.0
+        self._scale_t[slot] = 0.0
+        self._versions[slot] += 1
 
     def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's unpadded A [r, in] and B [out, r], as host copies."""
