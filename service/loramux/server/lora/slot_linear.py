@@ -130,8 +130,10 @@ class SlotLinear(nn.Module):
         if view is None:  # no adapter in the batch targets this layer
             return result
         h = (xd @ self._a_cat[:, : view.used]) * view.mask  # [rows, 1, used]: each row keeps its own adapter's columns
-        delta = (h @ self._b_cat[: view.used]) * view.scale  # float32 scale, as peft's Python float
-        return result + delta.to(result.dtype)
+        raw = h @ self._b_cat[: view.used]  # [rows, 1, out]
+        if result.dtype == torch.float32 and raw.dtype == torch.float32:
+            return result.addcmul_(raw, view.scale)  # one op for scale and add
+        return result + (raw * view.scale).to(result.dtype)  # float32 scale, as peft's Python float
 
     def _decode_view(self, plan: RoutingPlan) -> _DecodeView | None:
         key = (plan, self.routing.generation, self._epoch)
