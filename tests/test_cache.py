@@ -45,10 +45,10 @@ class Files:
         return weights(uid)
 
 
-def make(slots=2, host_adapters=2):
+def make(slots=2, host_adapters=2, accelerator_bytes=None):
     bank = SlotBank(TinyModel(), ("q_proj", "v_proj"), num_slots=slots, max_rank=4)
     files = Files()
-    cache = TieredAdapterCache(bank, host_adapters * SIZE, files)
+    cache = TieredAdapterCache(bank, host_adapters * SIZE, files, accelerator_capacity_bytes=accelerator_bytes)
     return cache, bank, files
 
 
@@ -79,7 +79,7 @@ def test_lru_promotion_and_eviction_step_by_step():
     # the evicted adapter's host copy is exactly what went into the slot
     back = cache._host[2]
     assert torch.equal(back.modules["q_proj"].a, weights(2).modules["q_proj"].a) and back.modules["v_proj"].scale == 4.0
-    assert torch.equal(bank.layers["q_proj"].lora_A_t[0, :, :2], weights(1).modules["q_proj"].a.T)
+    assert torch.equal(bank.layers["q_proj"].a_t[0], weights(1).modules["q_proj"].a.T)
     cache.release(1)
 
 
@@ -119,11 +119,12 @@ def test_remove_while_in_use_frees_and_zeroes_the_slot_on_release():
     cache.acquire(1)
     cache.remove(1)
     assert cache.snapshot().slot_table == (1, None)  # still serving the running request
-    assert bank.layers["q_proj"].lora_A_t[0].abs().sum() > 0
+    assert bank.layers["q_proj"].a_t[0].abs().sum() > 0
     cache.release(1)
     assert cache.snapshot().slot_table == (None, None)
     layer = bank.layers["v_proj"]
-    assert bank.layers["q_proj"].lora_A_t[0].abs().sum() == 0 and layer.scales[0] == 0 and layer.ranks[0] == 0
+    assert 0 not in bank.layers["q_proj"].a_t and layer.scales[0] == 0 and layer.ranks[0] == 0
+    assert bank.resident_bytes() == 0 and cache.accelerator_bytes() == 0
 
 
 def test_adapter_larger_than_host_tier_goes_straight_to_a_slot():
@@ -175,3 +176,45 @@ def test_failed_reload_is_reported_to_every_waiter():
     for t in threads:
         t.join()
     assert errors == ["files changed"] * 3 and cache.tier(1) is DISK
+
+
+def sized(seed: int, rank: int) -> AdapterWeights:
+    return weights(seed, rank)
+
+
+def test_residency_is_bounded_in_bytes_at_true_size():
+    # Room for 8 rank-1 adapters' bytes, in 8 slots: one rank-4 adapter takes the room of four rank-1 ones.
+    unit = sized(0, 1).nbytes
+    cache, bank, _ = make(slots=8, host_adapters=100, accelerator_bytes=8 * unit)
+    for uid in range(1, 7):
+        cache.add(uid, sized(uid, 1))
+    cache.add(10, sized(10, 4))
+    for uid in range(1, 7):
+        cache.acquire(uid)
+        cache.release(uid)
+    assert cache.accelerator_bytes() == bank.resident_bytes() == 6 * unit  # true sizes, not rank-4 slots
+    assert cache.slots_available_for({10}) is True
+    cache.acquire(10)  # needs 4 units: the two least recently used rank-1 adapters go to host memory
+    assert tiers(cache, [1, 2, 3, 4, 5, 6, 10]) == [HOST, HOST, ACC, ACC, ACC, ACC, ACC]
+    assert cache.accelerator_bytes() == bank.resident_bytes() == 8 * unit
+    for uid in (3, 4, 5):
+        cache.acquire(uid)  # in use: not evictable
+    assert cache.slots_available_for({1}) is True  # 6 can go
+    assert cache.slots_available_for({1, 2}) is False  # 6 frees one unit; two are needed
+    cache.acquire(1)  # 6 goes to host memory
+    with pytest.raises(NoSlotAvailable):
+        cache.acquire(2)  # nothing left to evict: everything resident is in use
+    assert tiers(cache, [1, 2, 6]) == [ACC, HOST, HOST]  # the failed attempt evicted nothing
+    assert cache.audit() == []
+
+
+def test_pins_are_bounded_in_bytes_too():
+    unit = sized(0, 1).nbytes
+    cache, _, _ = make(slots=8, host_adapters=100, accelerator_bytes=8 * unit)
+    cache.add(1, sized(1, 4))
+    cache.add(2, sized(2, 4))
+    for uid in (1, 2):
+        cache.acquire(uid)
+    assert cache.pin(1, max_pinned=7, max_pinned_bytes=4 * unit)
+    assert not cache.pin(2, max_pinned=7, max_pinned_bytes=4 * unit)
+    assert cache.pinned_bytes() == 4 * unit and cache.pinned_count() == 1

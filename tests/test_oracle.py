@@ -119,3 +119,28 @@ def test_repetition_penalty_in_mixed_batches_equals_transformers(assets, engine)
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=N - i, do_sample=False, repetition_penalty=penalty
             )
         assert result["token_ids"] == out[0, ids.shape[1]:].tolist(), (adapter, penalty)
+
+
+def test_residency_by_bytes_evicts_by_size_and_outputs_still_equal_peft(assets, base_model):
+    """A budget that holds the rank-16 adapter and a little more, with slots to spare: adapters
+    are evicted because of their bytes, not their count, and every output still equals peft's."""
+    from loramux.server.errors import InvalidSettings
+
+    largest = base_model.bank.max_adapter_bytes
+    settings = assets.settings(adapter_slots=16, adapter_memory_mib=1.2 * largest / 2**20, max_batch_size=8,
+                               batch_window_ms=30)
+    eng = Engine(settings, load_base_model(settings)).start()
+    try:
+        for name in ADAPTERS:
+            eng.load_adapter("default", name, name)
+        jobs = [(a, p) for p in PROMPTS[:2] for a in ADAPTERS]
+        for (adapter, prompt), result in zip(jobs, run_all(eng, jobs)):
+            assert result["token_ids"] == assets.oracle(adapter, prompt, N), adapter
+        assert eng.cache.audit() == []
+        assert eng.cache.accelerator_bytes() <= eng.adapter_memory_bytes == int(1.2 * largest)
+        assert len([u for u in eng.cache.snapshot().slot_table if u is not None]) < len(ADAPTERS)
+    finally:
+        eng.stop()
+    with pytest.raises(InvalidSettings) as e:
+        Engine(assets.settings(adapter_memory_mib=0.5 * largest / 2**20), base_model)
+    assert e.value.field == "adapter_memory_mib"

@@ -9,7 +9,7 @@ from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear
 def make_layer(slots=3, rank=4, seed=0):
     torch.manual_seed(seed)
     routing = LoraRouting()
-    layer = SlotLinear(nn.Linear(6, 5, bias=True), num_slots=slots, max_rank=rank, routing=routing)
+    layer = SlotLinear(nn.Linear(6, 5, bias=True), num_slots=slots, routing=routing)
     return layer, routing
 
 
@@ -76,17 +76,18 @@ def test_a_layer_no_adapter_in_the_batch_targets_is_skipped():
     assert torch.equal(layer(x), layer.base_layer(x)) and layer._view[3] is None and layer._columns == 0
 
 
-def test_refilling_a_slot_with_lower_rank_leaves_no_old_weights():
+def test_a_slot_holds_its_adapter_at_true_rank_and_refilling_leaves_no_old_weights():
     layer, _ = make_layer(rank=4)
     layer.fill(0, torch.randn(4, 6), torch.randn(5, 4), 1.0)
+    assert layer.resident_bytes() == (4 * 6 + 4 * 5) * 4
     a, b = torch.randn(1, 6), torch.randn(5, 1)
     layer.fill(0, a, b, 2.0)
-    assert torch.equal(layer.lora_A_t[0, :, 1:], torch.zeros(6, 3))  # A^T [in, R]: ranks 1..3 zeroed
-    assert torch.equal(layer.lora_B_t[0, 1:], torch.zeros(3, 5))  # B^T [R, out]
+    assert layer.a_t[0].shape == (6, 1) and layer.b_t[0].shape == (1, 5)  # rank 1, nothing padded
+    assert layer.resident_bytes() == (6 + 5) * 4
     ra, rb = layer.read(0, 1)
     assert torch.equal(ra, a) and torch.equal(rb, b) and layer.scales[0] == 2.0 and layer.ranks[0] == 1
     layer.clear(0)
-    assert layer.lora_A_t[0].abs().sum() == 0 and layer.lora_B_t[0].abs().sum() == 0 and layer.scales[0] == 0
+    assert layer.a_t == {} and layer.b_t == {} and layer.scales[0] == 0 and layer.resident_bytes() == 0
 
 
 def test_joins_copy_only_the_adapters_that_join_and_leaving_ones_are_compacted_away():
@@ -124,7 +125,7 @@ def test_joins_copy_only_the_adapters_that_join_and_leaving_ones_are_compacted_a
 def test_bf16_keeps_the_scale_in_float32():
     torch.manual_seed(0)
     routing = LoraRouting()
-    layer = SlotLinear(nn.Linear(6, 5, bias=False).to(torch.bfloat16), num_slots=3, max_rank=4, routing=routing)
+    layer = SlotLinear(nn.Linear(6, 5, bias=False).to(torch.bfloat16), num_slots=3, routing=routing)
     a, b = torch.randn(4, 6, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16)
     scale = 1.0 / 3.0  # not representable in bfloat16
     layer.fill(0, a, b, scale)

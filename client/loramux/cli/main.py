@@ -26,7 +26,10 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR", help="directory local adapters must lie under (repeatable)")
     p.add_argument("--merge-root", metavar="DIR", help="directory merged checkpoints are written under (default: merging off)")
-    p.add_argument("--adapter-slots", type=int, default=8, help="adapters resident on the accelerator at once")
+    p.add_argument("--adapter-slots", type=int, default=64, help="adapters resident on the accelerator at once, at most")
+    p.add_argument("--adapter-memory-mib", type=float,
+                   help="accelerator memory for resident adapters, at their true sizes "
+                        "(default: 8 adapters of --max-lora-rank on every served module)")
     p.add_argument("--host-cache-mib", type=int, default=1024, help="host memory for adapters evicted from slots")
     p.add_argument("--max-lora-rank", type=int, default=64)
     p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
@@ -187,6 +190,7 @@ def _serve(args) -> int:
             adapter_roots=tuple(args.adapter_root),
             merge_root=args.merge_root,
             adapter_slots=args.adapter_slots,
+            adapter_memory_mib=args.adapter_memory_mib,
             host_cache_mib=args.host_cache_mib,
             max_lora_rank=args.max_lora_rank,
             target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),

@@ -152,6 +152,7 @@ def server_info(i: loramux_service_pb2.ServerInfo) -> types.ServerInfo:
         max_sequence_length=i.max_sequence_length,
         target_modules=list(i.target_modules),
         versions=dict(i.versions),
+        adapter_memory_bytes=i.adapter_memory_bytes,
     )
 
 

@@ -88,3 +88,4 @@ class ServerInfo:
     max_sequence_length: int
     target_modules: list[str]
     versions: dict[str, str]
+    adapter_memory_bytes: int = 0  # accelerator memory for resident adapters (true sizes)

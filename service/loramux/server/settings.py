@@ -43,8 +43,12 @@ class Settings:
     """Hugging Face cache for Hub adapters (None: huggingface_hub's default)."""
     hub_offline: bool = False
     """Resolve Hub adapters from the local cache only."""
-    adapter_slots: int = 8
-    """Tier 1: adapters resident in accelerator slots at once."""
+    adapter_slots: int = 64
+    """Tier 1: adapters resident on the accelerator at once, at most (see adapter_memory_mib)."""
+    adapter_memory_mib: float | None = None
+    """Tier 1: MiB of accelerator memory for resident adapters' weights, counted at their true
+    sizes. None: the size of 8 adapters of max_lora_rank on every served module (so 8 such
+    adapters, or 32 of a quarter of that rank, stay resident)."""
     host_cache_mib: int = 1024
     """Tier 2: MiB of host memory for adapters evicted from slots."""
     max_lora_rank: int = 64
@@ -139,6 +143,8 @@ class Settings:
                 raise bad(name, f"must be >= {low}, got {value}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise bad("default_max_new_tokens", "must not exceed max_new_tokens_limit")
+        if self.adapter_memory_mib is not None and not self.adapter_memory_mib > 0:
+            raise bad("adapter_memory_mib", f"must be > 0, got {self.adapter_memory_mib}")
         if not self.engine_stall_s > 0:
             raise bad("engine_stall_s", f"must be > 0, got {self.engine_stall_s}")
         for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio", "slot_wait_s"):

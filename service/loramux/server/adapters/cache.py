@@ -2,10 +2,13 @@
 
 Every registered adapter is in exactly one tier:
 
-- ACCELERATOR: its weights fill one slot of the SlotBank. Slots are handed out from a free
-  list; when none is free the least recently used *evictable* slot is evicted: its weights
-  are copied back into tier 2. A slot is evictable only while no running request uses it
-  (`acquire`/`release` count uses) and the adapter is not pinned.
+- ACCELERATOR: its weights fill one slot of the SlotBank, at their true size. Tier 1 is
+  bounded twice: in adapters (`adapter_slots`) and in bytes (`adapter_memory_mib`), so a
+  rank-8 adapter costs rank-8 memory and many small adapters stay resident where few large
+  ones would. When one needs room, least recently used *evictable* adapters are evicted
+  (their weights copied back into tier 2) until both bounds hold. A slot is evictable only
+  while no running request uses it (`acquire`/`release` count uses) and the adapter is not
+  pinned.
 - HOST: a copy in host memory (pinned memory on CUDA), in an LRU bounded in bytes; what
   falls out goes to tier 3.
 - DISK: nothing in memory; the adapter's files are read and validated again when needed,
@@ -76,9 +79,15 @@ class TieredAdapterCache:
         host_capacity_bytes: int,
         reload: Callable[[int], AdapterWeights],
         host_pin_memory: bool = False,
+        accelerator_capacity_bytes: int | None = None,
     ):
-        """`reload(uid)` reads and validates an adapter's files again (tier 3 -> memory)."""
+        """`reload(uid)` reads and validates an adapter's files again (tier 3 -> memory).
+        Tier 1 holds at most `bank.num_slots` adapters and `accelerator_capacity_bytes` bytes
+        of adapter weights at their true sizes (None: no byte bound)."""
         self._bank = bank
+        self._accelerator_capacity = accelerator_capacity_bytes
+        self._resident_bytes = 0  # tier 1's bytes (true sizes in the serving dtype)
+        self._slot_bytes: dict[int, int] = {}  # uid in a slot -> its bytes there
         self._reload = reload
         self._pin_memory = host_pin_memory
         self._lock = threading.RLock()
@@ -196,14 +205,17 @@ class TieredAdapterCache:
                 if weights is None:
                     raise KeyError(f"adapter uid {uid} is not in memory")
                 started = time.perf_counter()
+                nbytes = self._bank.adapter_bytes(weights)
                 try:
-                    slot = self._take_slot()
+                    slot = self._take_slot(nbytes)
                 except NoSlotAvailable:
                     self._put_host(uid, weights)
                     raise
                 self._bank.fill(slot, weights)
                 self._slot_table[slot] = uid
                 self._slot_of[uid] = slot
+                self._slot_bytes[uid] = nbytes
+                self._resident_bytes += nbytes
                 self._emit("load", uid, Tier.HOST, time.perf_counter() - started)
             else:
                 self._evictable.pop(uid, None)
@@ -224,9 +236,10 @@ class TieredAdapterCache:
             elif uid not in self._pinned:
                 self._evictable[uid] = self._slot_of[uid]
 
-    def pin(self, uid: int, max_pinned: int) -> bool:
+    def pin(self, uid: int, max_pinned: int, max_pinned_bytes: int | None = None) -> bool:
         """Keep the adapter in its slot for good (it must be in a slot and acquired). False if
-        `max_pinned` adapters are pinned already; AdapterGone if it was unloaded meanwhile."""
+        `max_pinned` adapters are pinned already, or pinning it would pin more than
+        `max_pinned_bytes`; AdapterGone if it was unloaded meanwhile."""
         with self._lock:
             if not self._known(uid) or uid not in self._slot_of:
                 raise AdapterGone(uid)
@@ -234,18 +247,35 @@ class TieredAdapterCache:
                 return True
             if len(self._pinned) >= max_pinned:
                 return False
+            pinned_bytes = sum(self._slot_bytes[u] for u in self._pinned) + self._slot_bytes[uid]
+            if max_pinned_bytes is not None and pinned_bytes > max_pinned_bytes:
+                return False
             self._pinned.add(uid)
             self._evictable.pop(uid, None)
             return True
 
     def slots_available_for(self, uids: set[int]) -> bool:
-        """Whether all of `uids` could be in slots at once, given pins and running requests."""
+        """Whether all of `uids` could be in slots at once, given pins, running requests and
+        the byte budget (evicting every evictable adapter that is not one of them)."""
         with self._lock:
-            missing = sum(1 for uid in uids if uid not in self._slot_of)
-            free = self._slot_table.count(None) + len(self._evictable)
-            # Evictable slots holding one of `uids` don't count: they'd be used, not evicted.
-            free -= sum(1 for uid in uids if uid in self._evictable)
-            return missing <= free
+            missing = [uid for uid in uids if uid not in self._slot_of]
+            others = [uid for uid in self._evictable if uid not in uids]
+            free = self._slot_table.count(None) + len(others)
+            if len(missing) > free:
+                return False
+            if self._accelerator_capacity is None:
+                return True
+            kept = self._resident_bytes - sum(self._slot_bytes[uid] for uid in others)
+            need = sum(self._template_bytes(uid) for uid in missing)
+            return kept + need <= self._accelerator_capacity
+
+    def accelerator_bytes(self) -> int:
+        with self._lock:
+            return self._resident_bytes
+
+    def pinned_bytes(self) -> int:
+        with self._lock:
+            return sum(self._slot_bytes[uid] for uid in self._pinned)
 
     def usage(self) -> dict[Tier, tuple[int, int]]:
         """Per tier: (adapters, bytes of their weights)."""
@@ -296,6 +326,12 @@ class TieredAdapterCache:
                     problems.append(f"uid {uid} in host memory but not registered or also in a slot")
             if self._host.currsize != sum(self._nbytes.get(uid, -1) for uid in self._host.keys()):
                 problems.append("host tier byte count is off")
+            if set(self._slot_bytes) != set(self._slot_of) or self._resident_bytes != sum(self._slot_bytes.values()):
+                problems.append("accelerator byte count is off")
+            if self._resident_bytes != self._bank.resident_bytes():
+                problems.append(f"accelerator bytes {self._resident_bytes} != bytes the slots hold {self._bank.resident_bytes()}")
+            if self._accelerator_capacity is not None and self._resident_bytes > self._accelerator_capacity:
+                problems.append("accelerator bytes over the budget")
             return problems
 
     def snapshot(self) -> CacheSnapshot:
@@ -310,25 +346,37 @@ class TieredAdapterCache:
 
     # -- internals (lock held) ----------------------------------------------------------
 
-    def _take_slot(self) -> int:
-        if None in self._slot_table:
-            return self._slot_table.index(None)
-        if not self._evictable:
+    def _take_slot(self, nbytes: int) -> int:
+        """A free slot with room for `nbytes` more, evicting least recently used adapters to host
+        memory as needed. NoSlotAvailable (nothing evicted) when pins and running requests
+        leave no way to make room."""
+        capacity = self._accelerator_capacity
+        evictable = list(self._evictable.keys())  # least recently used first
+        freed, victims = 0, []
+        free_slot = None in self._slot_table
+        for uid in evictable:
+            fits = capacity is None or self._resident_bytes - freed + nbytes <= capacity
+            if free_slot and fits:
+                break
+            victims.append(uid)
+            freed += self._slot_bytes[uid]
+            free_slot = True
+        if not free_slot or (capacity is not None and self._resident_bytes - freed + nbytes > capacity):
             raise NoSlotAvailable
-        victim, slot = self._evictable.popitem()  # least recently used, not in use, not pinned
-        weights = self._bank.read(slot, self._ranks[victim])
-        self._bank.clear(slot)
-        del self._slot_of[victim]
-        self._slot_table[slot] = None
-        self._emit("evict", victim, Tier.ACCELERATOR, None)
-        self._put_host(victim, weights)
-        return slot
+        for victim in victims:
+            slot = self._evictable.pop(victim)
+            weights = self._bank.read(slot, self._ranks[victim])
+            self._free_slot(victim)
+            self._emit("evict", victim, Tier.ACCELERATOR, None)
+            self._put_host(victim, weights)
+        return self._slot_table.index(None)
 
     def _free_slot(self, uid: int) -> None:
         slot = self._slot_of.pop(uid)
         self._evictable.pop(uid, None)
         self._bank.clear(slot)
         self._slot_table[slot] = None
+        self._resident_bytes -= self._slot_bytes.pop(uid)
 
     def _put_host(self, uid: int, weights: AdapterWeights) -> bool:
         if self._pin_memory:
@@ -342,6 +390,14 @@ class TieredAdapterCache:
             self._emit("evict", victim, Tier.HOST, None)
         self._host.evicted.clear()
         return True
+
+    def _template_bytes(self, uid: int) -> int:
+        """An adapter's bytes in a slot, from its registered shapes (it need not be in memory)."""
+        return sum(
+            m.rank * (layer.in_features + layer.out_features) * layer.base_layer.weight.element_size()
+            for name, m in self._ranks[uid].modules.items()
+            for layer in (self._bank.layers[name],)
+        )
 
     def _emit(self, kind: str, uid: int, tier: Tier, seconds: float | None) -> None:
         if self.on_event is not None:

@@ -294,6 +294,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             dtype=str(base.dtype).removeprefix("torch."),
             device=str(base.device),
             adapter_slots=settings.adapter_slots,
+            adapter_memory_bytes=self._engine.adapter_memory_bytes,
             host_cache_bytes=settings.host_cache_bytes,
             max_lora_rank=settings.max_lora_rank,
             max_batch_size=settings.max_batch_size,

@@ -38,6 +38,7 @@ from loramux.server.engine.request import (
 )
 from loramux.server.errors import (
     AdapterNotFound,
+    InvalidSettings,
     DeadlineExceeded,
     InternalError,
     InvalidRequest,
@@ -70,17 +71,40 @@ class EngineStats:
     prefills: int  # prefill passes run so far
 
 
+RESIDENT_MAX_RANK_ADAPTERS = 8  # the default accelerator budget, in adapters of max_lora_rank
+
+
+def accelerator_budget(settings: Settings, base: BaseModel) -> int:
+    """Bytes for resident adapters: the setting, or room for 8 adapters of the largest size."""
+    largest = base.bank.max_adapter_bytes
+    if settings.adapter_memory_mib is None:
+        return RESIDENT_MAX_RANK_ADAPTERS * largest
+    budget = int(settings.adapter_memory_mib * 1024 * 1024)
+    if budget < largest:
+        raise InvalidSettings(
+            f"adapter_memory_mib: {settings.adapter_memory_mib:g} MiB cannot hold one adapter of max_lora_rank "
+            f"{settings.max_lora_rank} on every served module ({largest / 2**20:.1f} MiB); raise it or lower max_lora_rank",
+            field="adapter_memory_mib",
+        )
+    return budget
+
+
 class Engine:
     def __init__(self, settings: Settings, base: BaseModel, telemetry: Telemetry | None = None):
         self.settings = settings
         self.base = base
         self.telemetry = telemetry or Telemetry()
+        self.adapter_memory_bytes = accelerator_budget(settings, base)
         self.state = StateStore(settings.state_dir) if settings.state_dir is not None else None
         self.registry = AdapterRegistry(
             settings,
             base.view(settings),
             lambda reload: TieredAdapterCache(
-                base.bank, settings.host_cache_bytes, reload, host_pin_memory=base.device.type == "cuda"
+                base.bank,
+                settings.host_cache_bytes,
+                reload,
+                host_pin_memory=base.device.type == "cuda",
+                accelerator_capacity_bytes=self.adapter_memory_bytes,
             ),
             store=self.state,
         )
@@ -310,13 +334,15 @@ class Engine:
         return record.pinned and record.source == source and not replace
 
     def _check_pin_room(self) -> None:
-        if self.cache.pinned_count() >= self.settings.adapter_slots - 1:
+        full_bytes = self.cache.pinned_bytes() >= self.adapter_memory_bytes - self.base.bank.max_adapter_bytes
+        if self.cache.pinned_count() >= self.settings.adapter_slots - 1 or full_bytes:
             raise self._pin_limit()
 
     def _pin_limit(self) -> PinLimit:
         return PinLimit(
-            f"{self.cache.pinned_count()} of {self.settings.adapter_slots} slots are pinned; at least one "
-            "slot must stay free for unpinned adapters. Unpin one, or serve with more --adapter-slots",
+            f"{self.cache.pinned_count()} adapters ({self.cache.pinned_bytes()} bytes) are pinned; room for one "
+            "unpinned adapter of any size must stay (a slot, and the bytes of a max_lora_rank adapter). Unpin one, "
+            "or serve with more --adapter-slots or --adapter-memory-mib",
             pinned=self.cache.pinned_count(),
             adapter_slots=self.settings.adapter_slots,
         )
@@ -354,7 +380,10 @@ class Engine:
             return False
         try:
             if pin:
-                if not self.cache.pin(record.uid, self.settings.adapter_slots - 1):
+                # Room must stay for one unpinned adapter of any size: at least one slot, and the
+                # bytes of the largest adapter the server accepts.
+                max_pinned_bytes = self.adapter_memory_bytes - self.base.bank.max_adapter_bytes
+                if not self.cache.pin(record.uid, self.settings.adapter_slots - 1, max_pinned_bytes):
                     raise self._pin_limit()
                 self.registry.set_pinned(record)
         finally:

@@ -12,8 +12,9 @@ from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear
 class SlotBank:
     """Owns the SlotLinear layers of a model: wraps them in, fills, clears and reads slots.
 
-    Slot numbers run 0..num_slots-1; `base_slot` (== num_slots) is the zero slot for rows
-    without an adapter.
+    Slot numbers run 0..num_slots-1; `base_slot` (== num_slots) is the empty slot for rows
+    without an adapter. A slot holds its adapter at true rank: an empty slot costs nothing,
+    and a full one its adapter's size (the tiered cache bounds the total in bytes).
     """
 
     def __init__(self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int):
@@ -26,7 +27,7 @@ class SlotBank:
             short = name.rsplit(".", 1)[-1]
             if short in targets and type(module) is nn.Linear:
                 parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-                layer = SlotLinear(module, num_slots, max_rank, self.routing)
+                layer = SlotLinear(module, num_slots, self.routing)
                 setattr(parent, short, layer)
                 self.layers[name] = layer
         if not self.layers:
@@ -35,6 +36,24 @@ class SlotBank:
     @property
     def base_slot(self) -> int:
         return self.num_slots
+
+    @property
+    def max_adapter_bytes(self) -> int:
+        """The largest adapter this bank may hold: max_rank on every served module."""
+        return sum(
+            self.max_rank * (layer.in_features + layer.out_features) * layer.base_layer.weight.element_size()
+            for layer in self.layers.values()
+        )
+
+    def resident_bytes(self) -> int:
+        """Accelerator bytes the slots' adapters hold (at their true sizes)."""
+        return sum(layer.resident_bytes() for layer in self.layers.values())
+
+    def adapter_bytes(self, weights: AdapterWeights) -> int:
+        """What `weights` will take in a slot: its true size in the serving dtype."""
+        return sum(
+            (m.a.numel() + m.b.numel()) * self.layers[name].base_layer.weight.element_size() for name, m in weights.modules.items()
+        )
 
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Module name -> (in_features, out_features) for every served module."""

@@ -7,8 +7,9 @@ For row i of a batch, served by adapter slot s:
 in the order peft computes it (`lora_B(lora_A(x)) * scaling`), with the scale applied in
 float32 whatever the serving dtype.
 
-The slots store A^T and B^T (`lora_A_t [S+1, in, R]`, `lora_B_t [S+1, R, out]`); slot S is
-permanently zero (rows without an adapter). What a pass computes depends only on the batch:
+Each slot holds its adapter's A^T [in, r] and B^T [r, out] at the adapter's own rank, so
+an adapter's memory is its true size; slot S is the empty slot of rows without an adapter.
+What a pass computes depends only on the batch:
 
 - **Distinct adapters, true ranks.** A layer keeps a decode buffer holding adapters' A^T
   and B^T side by side, each cut to its own rank: `a_cat [in, columns]`, `b_cat [columns, out]`.
@@ -74,28 +75,24 @@ class _DecodeView:
 
 
 class SlotLinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, num_slots: int, max_rank: int, routing: LoraRouting):
+    def __init__(self, base_layer: nn.Linear, num_slots: int, routing: LoraRouting):
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
         self.num_slots = num_slots
-        self.max_rank = max_rank
         w = base_layer.weight
-        out_features, in_features = w.shape
-        # Not persistent: the slots are serving state, never part of a checkpoint.
-        self.register_buffer(
-            "lora_A_t", torch.zeros(num_slots + 1, in_features, max_rank, dtype=w.dtype, device=w.device), persistent=False
-        )  # [S+1, in, R]: A^T
-        self.register_buffer(
-            "lora_B_t", torch.zeros(num_slots + 1, max_rank, out_features, dtype=w.dtype, device=w.device), persistent=False
-        )  # [S+1, R, out]: B^T
-        self.ranks = [0] * (num_slots + 1)  # each slot's true rank in this layer (0: the adapter does not target it)
+        self._dtype, self._device = w.dtype, w.device
+        # Each resident adapter's A^T [in, r] and B^T [r, out] at its true rank, by slot: the
+        # memory an adapter holds is its own size, whatever the largest rank served.
+        self.a_t: dict[int, torch.Tensor] = {}
+        self.b_t: dict[int, torch.Tensor] = {}
+        self.ranks = [0] * (num_slots + 1)  # each slot's rank in this layer (0: empty, or its adapter does not target it)
         self.scales = [0.0] * (num_slots + 1)  # float32 scales, kept as Python floats
         self._versions = [0] * (num_slots + 1)  # bumped when a slot is refilled or cleared
         # The decode buffer: adapters' A^T and B^T side by side at true rank, appended as they
         # join a batch and compacted when columns of adapters no batch uses outnumber the rest.
-        self._a_cat = w.new_zeros((in_features, 0))  # [in, capacity]
-        self._b_cat = w.new_zeros((0, out_features))  # [capacity, out]
+        self._a_cat = w.new_zeros((w.shape[1], 0))  # [in, capacity]
+        self._b_cat = w.new_zeros((0, w.shape[0]))  # [capacity, out]
         self._col_slot = torch.full((0,), -1, dtype=torch.long, device=w.device)  # [capacity] slot of each column, -1: dead
         self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
         self._segments: dict[int, tuple[int, int, int]] = {}  # slot -> (first column, rank, version)
@@ -105,25 +102,29 @@ class SlotLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.lora_A_t.shape[1]
+        return self.base_layer.weight.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.lora_B_t.shape[2]
+        return self.base_layer.weight.shape[0]
+
+    def resident_bytes(self) -> int:
+        """Bytes of the adapters held by this layer (their true sizes; the decode buffer aside)."""
+        return sum(t.nbytes for t in self.a_t.values()) + sum(t.nbytes for t in self.b_t.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
         result = self.base_layer(x)
         plan = self.routing.plan
         if plan is None:
             return result
-        xd = x.to(self.lora_A_t.dtype)
+        xd = x.to(self._dtype)
         if x.shape[1] > 1:
             # Prefill: each adapter's weights meet only its own rows' tokens.
             for slot, rows in plan.groups:
                 rank = self.ranks[slot]
                 if rank:
-                    h = xd.index_select(0, rows) @ self.lora_A_t[slot, :, :rank]
-                    delta = (h @ self.lora_B_t[slot, :rank]) * self.scales[slot]
+                    h = xd.index_select(0, rows) @ self.a_t[slot]
+                    delta = (h @ self.b_t[slot]) * self.scales[slot]
                     result.index_add_(0, rows, delta.to(result.dtype))
             return result
         view = self._decode_view(plan)
@@ -144,7 +145,7 @@ class SlotLinear(nn.Module):
         if used:
             self._place(used)
             # Two tensor ops, however many adapters: a column belongs to a row when their slots agree.
-            mask = (plan.row_slots[:, None] == self._col_slot[None, : self._columns]).to(self.lora_A_t.dtype)
+            mask = (plan.row_slots[:, None] == self._col_slot[None, : self._columns]).to(self._dtype)
             scale = self._scale_t.index_select(0, plan.row_slots).view(-1, 1, 1)
             view = _DecodeView(mask.unsqueeze(1), scale, self._columns)
             key = (plan, self.routing.generation, self._epoch)
@@ -181,35 +182,35 @@ class SlotLinear(nn.Module):
                 self._col_slot[old[0] : old[0] + old[1]] = -1
             rank = self.ranks[slot]
             first = self._columns
-            self._a_cat[:, first : first + rank] = self.lora_A_t[slot, :, :rank]
-            self._b_cat[first : first + rank] = self.lora_B_t[slot, :rank]
+            self._a_cat[:, first : first + rank] = self.a_t[slot]
+            self._b_cat[first : first + rank] = self.b_t[slot]
             self._col_slot[first : first + rank] = slot
             self._segments[slot] = (first, rank, self._versions[slot])
             self._columns += rank
 
     @torch.no_grad()
     def fill(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Copy one adapter's A [r, in] and B [out, r] into `slot` (columns past r are zero)."""
-        r = a.shape[0]
+        """Hold one adapter's A [r, in] and B [out, r] in `slot`, at rank r."""
         self.clear(slot)
-        self.lora_A_t[slot, :, :r].copy_(a.T, non_blocking=True)
-        self.lora_B_t[slot, :r].copy_(b.T, non_blocking=True)
-        self.ranks[slot] = r
+        self.a_t[slot] = a.T.to(device=self._device, dtype=self._dtype, non_blocking=True).contiguous()  # [in, r]
+        self.b_t[slot] = b.T.to(device=self._device, dtype=self._dtype, non_blocking=True).contiguous()  # [r, out]
+        self.ranks[slot] = a.shape[0]
         self.scales[slot] = float(scale)  # (clear() above bumped the slot's version)
         self._scale_t[slot] = float(scale)
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
+        """Let go of the slot's weights (their memory goes back to the allocator)."""
         self.routing.generation += 1
-        self.lora_A_t[slot].zero_()
-        self.lora_B_t[slot].zero_()
+        self.a_t.pop(slot, None)
+        self.b_t.pop(slot, None)
         self.ranks[slot] = 0
         self.scales[slot] = 0.0
         self._scale_t[slot] = 0.0
         self._versions[slot] += 1
 
     def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slot's unpadded A [r, in] and B [out, r], as host copies."""
-        a = self.lora_A_t[slot, :, :rank].T.to("cpu", copy=True).contiguous()
-        b = self.lora_B_t[slot, :rank].T.to("cpu", copy=True).contiguous()
+        """The slot's A [r, in] and B [out, r], as host copies."""
+        a = self.a_t[slot].T.to("cpu", copy=True).contiguous()
+        b = self.b_t[slot].T.to("cpu", copy=True).contiguous()
         return a, b
