@@ -23,7 +23,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 
-from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable, TieredAdapterCache, Tier
+from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.failures import as_domain_error
@@ -37,16 +37,14 @@ from loramux.server.engine.request import (
     TokenEvent,
 )
 from loramux.server.errors import (
-    AdapterNotFound,
     InvalidSettings,
     DeadlineExceeded,
     InternalError,
     InvalidRequest,
     LoramuxError,
-    NoSlotFree,
-    PinLimit,
     ShuttingDown,
 )
+from loramux.server.engine.adapter_admin import AdapterAdmin
 from loramux.server.engine.merges import Merges
 from loramux.server.merge import MERGE_RESULTS
 from loramux.server.operations import OperationStore
@@ -57,7 +55,6 @@ from loramux.server.telemetry.signals import Telemetry
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_POLL_S = 0.02  # while requests wait for an adapter read or a slot and nothing runs
-_SLOT_RETRY_S = 0.05  # warm/pin: how often to look for a free slot again
 _CUT_WAIT_S = 5.0  # after the grace period: how long the cut rows may take to be answered
 
 
@@ -122,6 +119,16 @@ class Engine:
         self._prefills = 0
         self.operations = OperationStore(self.state, MERGE_RESULTS)
         self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry)
+        self.adapters = AdapterAdmin(
+            settings,
+            self.registry,
+            base.bank.max_adapter_bytes,
+            self.adapter_memory_bytes,
+            self.call_on_engine,
+            retry_hint=lambda: self._scheduler.retry_hint_s,
+            refusal=lambda: ShuttingDown("the server is shutting down") if self._draining else None,
+            cut=lambda: self._cut,
+        )
         self._stopping = False  # the worker ends once the running rows finish
         self._draining = False  # new work is refused
         self._cut: LoramuxError | None = None  # set: end everything queued or running with it
@@ -283,31 +290,12 @@ class Engine:
             else:
                 return {"text": "".join(text), "token_ids": token_ids, "logprobs": logprobs, "finish": event}
 
-    # -- adapters -----------------------------------------------------------------------
+    # -- adapters (AdapterAdmin does the work) -------------------------------------------
 
-    def load_adapter(
-        self,
-        tenant: str,
-        adapter_id: str,
-        source: str,
-        revision: str = "",
-        pin: bool = False,
-        warm: bool = False,
-        replace: bool = False,
-        wait_s: float | None = None,
-    ) -> AdapterRecord:
-        """Register (read, validate) an adapter; with pin or warm, also put it in a slot now,
-        waiting at most `wait_s` (default `slot_wait_s`) for one to be free. If none frees up
-        the registration stands and NO_SLOT_AVAILABLE (retriable) is raised. Blocking: call it
-        off the event loop."""
-        if self._draining:
-            raise ShuttingDown("the server is shutting down")
-        if pin and not self._pinned_already(tenant, adapter_id, source, replace):
-            self._check_pin_room()  # refuse before reading anything (the cache checks again, atomically)
-        record, _ = self.registry.load(tenant, adapter_id, source, revision, replace)
-        if pin or warm:
-            self._warm(record, pin, self.settings.slot_wait_s if wait_s is None else wait_s)
-        return record
+    def load_adapter(self, tenant: str, adapter_id: str, source: str, revision: str = "", pin: bool = False,
+                     warm: bool = False, replace: bool = False, wait_s: float | None = None) -> AdapterRecord:
+        """Register an adapter, with warm or pin also placed now (see AdapterAdmin.load)."""
+        return self.adapters.load(tenant, adapter_id, source, revision, pin, warm, replace, wait_s)
 
     def unload_adapter(self, tenant: str, adapter_id: str) -> AdapterRecord:
         return self.registry.unload(tenant, adapter_id)
@@ -324,71 +312,6 @@ class Engine:
             self._jobs.append((fn, future))
             self._cond.notify_all()
         return future
-
-    def _pinned_already(self, tenant: str, adapter_id: str, source: str, replace: bool) -> bool:
-        """Pinning again what is pinned is a no-op, never a pin-limit refusal."""
-        try:
-            record = self.registry.get(tenant, adapter_id)
-        except LoramuxError:
-            return False
-        return record.pinned and record.source == source and not replace
-
-    def _check_pin_room(self) -> None:
-        full_bytes = self.cache.pinned_bytes() >= self.adapter_memory_bytes - self.base.bank.max_adapter_bytes
-        if self.cache.pinned_count() >= self.settings.adapter_slots - 1 or full_bytes:
-            raise self._pin_limit()
-
-    def _pin_limit(self) -> PinLimit:
-        return PinLimit(
-            f"{self.cache.pinned_count()} adapters ({self.cache.pinned_bytes()} bytes) are pinned; room for one "
-            "unpinned adapter of any size must stay (a slot, and the bytes of a max_lora_rank adapter). Unpin one, "
-            "or serve with more --adapter-slots or --adapter-memory-mib",
-            pinned=self.cache.pinned_count(),
-            adapter_slots=self.settings.adapter_slots,
-        )
-
-    def _warm(self, record: AdapterRecord, pin: bool, wait_s: float) -> None:
-        """Put a registered adapter in a slot (and pin it), retrying until `wait_s` passes.
-        Files are read on the calling thread; only the slot change runs on the engine thread."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            if self._cut is not None:  # shutdown past its grace period
-                raise self._cut
-            if not self.registry.is_live(record.uid):
-                raise AdapterNotFound(f"adapter {record.adapter_id!r} was unloaded or replaced meanwhile", field="adapter_id")
-            self.cache.ensure_in_memory(record.uid)
-            placed = self.call_on_engine(lambda: self._place(record, pin)).result()
-            if placed:
-                return
-            if time.monotonic() >= deadline:
-                raise NoSlotFree(
-                    f"adapter {record.adapter_id!r} is registered, but no slot became free within {wait_s:.1f}s "
-                    "(every slot is used by running requests or pinned); it will be placed on first use, "
-                    "or retry warm/pin later",
-                    retry_after_s=max(self._scheduler.retry_hint_s, 0.1),
-                    adapter_slots=self.settings.adapter_slots,
-                )
-            time.sleep(_SLOT_RETRY_S)
-
-    def _place(self, record: AdapterRecord, pin: bool) -> bool:
-        """Engine thread: into a slot and, with pin, pinned. False when no slot is free now."""
-        try:
-            self.cache.acquire(record.uid)
-        except NoSlotAvailable:
-            return False
-        except (KeyError, AdapterGone):  # evicted to disk again, or unloaded: the caller retries or reports
-            return False
-        try:
-            if pin:
-                # Room must stay for one unpinned adapter of any size: at least one slot, and the
-                # bytes of the largest adapter the server accepts.
-                max_pinned_bytes = self.adapter_memory_bytes - self.base.bank.max_adapter_bytes
-                if not self.cache.pin(record.uid, self.settings.adapter_slots - 1, max_pinned_bytes):
-                    raise self._pin_limit()
-                self.registry.set_pinned(record)
-        finally:
-            self.cache.release(record.uid)
-        return True
 
     # -- the worker ---------------------------------------------------------------------
 

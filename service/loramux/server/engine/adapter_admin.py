@@ -1,0 +1,130 @@
+"""Adapter administration on behalf of callers: load (register), warm, pin.
+
+Reading and validating files happens on the caller's thread (a pool of the gRPC layer); only
+placing an adapter in a slot runs on the engine thread, between passes (`call_on_engine`).
+With no slot free, warm and pin retry for a bounded time and then answer NO_SLOT_AVAILABLE
+with a retry hint; the registration stands. Pins are bounded so that room for one unpinned
+adapter of any size always remains (a slot, and the bytes of a max-rank adapter); the cache
+checks that under its lock, so concurrent pins cannot overshoot.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable
+from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
+from loramux.server.errors import AdapterNotFound, LoramuxError, NoSlotFree, PinLimit
+from loramux.server.settings import Settings
+
+_SLOT_RETRY_S = 0.05  # warm/pin: how often to look for a free slot again
+
+
+class AdapterAdmin:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: AdapterRegistry,
+        max_adapter_bytes: int,
+        memory_bytes: int,
+        call_on_engine: Callable[[Callable[[], object]], Future],
+        retry_hint: Callable[[], float],
+        refusal: Callable[[], LoramuxError | None],
+        cut: Callable[[], LoramuxError | None],
+    ):
+        """`refusal()`: an error when new work is refused (draining); `cut()`: an error once
+        waiting work must end (shutdown past its grace period)."""
+        self._settings = settings
+        self._registry = registry
+        self._cache = registry.cache
+        self._max_pinned_bytes = memory_bytes - max_adapter_bytes
+        self._call_on_engine = call_on_engine
+        self._retry_hint = retry_hint
+        self._refusal = refusal
+        self._cut = cut
+
+    def load(
+        self,
+        tenant: str,
+        adapter_id: str,
+        source: str,
+        revision: str = "",
+        pin: bool = False,
+        warm: bool = False,
+        replace: bool = False,
+        wait_s: float | None = None,
+    ) -> AdapterRecord:
+        """Register (read, validate) an adapter; with pin or warm, also put it in a slot now,
+        waiting at most `wait_s` (default `slot_wait_s`) for room. If none frees up the
+        registration stands and NO_SLOT_AVAILABLE (retriable) is raised. Blocking: call it off
+        the event loop."""
+        refused = self._refusal()
+        if refused is not None:
+            raise refused
+        if pin and not self._pinned_already(tenant, adapter_id, source, replace):
+            self._check_pin_room()  # refuse before reading anything (the cache checks again, atomically)
+        record, _ = self._registry.load(tenant, adapter_id, source, revision, replace)
+        if pin or warm:
+            self._warm(record, pin, self._settings.slot_wait_s if wait_s is None else wait_s)
+        return record
+
+    def _pinned_already(self, tenant: str, adapter_id: str, source: str, replace: bool) -> bool:
+        """Pinning again what is pinned is a no-op, never a pin-limit refusal."""
+        try:
+            record = self._registry.get(tenant, adapter_id)
+        except LoramuxError:
+            return False
+        return record.pinned and record.source == source and not replace
+
+    def _check_pin_room(self) -> None:
+        full_bytes = self._cache.pinned_bytes() >= self._max_pinned_bytes
+        if self._cache.pinned_count() >= self._settings.adapter_slots - 1 or full_bytes:
+            raise self._pin_limit()
+
+    def _pin_limit(self) -> PinLimit:
+        return PinLimit(
+            f"{self._cache.pinned_count()} adapters ({self._cache.pinned_bytes()} bytes) are pinned; room for one "
+            "unpinned adapter of any size must stay (a slot, and the bytes of a max_lora_rank adapter). Unpin one, "
+            "or serve with more --adapter-slots or --adapter-memory-mib",
+            pinned=self._cache.pinned_count(),
+            adapter_slots=self._settings.adapter_slots,
+        )
+
+    def _warm(self, record: AdapterRecord, pin: bool, wait_s: float) -> None:
+        """Put a registered adapter in a slot (and pin it), retrying until `wait_s` passes."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            cut = self._cut()
+            if cut is not None:  # shutdown past its grace period
+                raise cut
+            if not self._registry.is_live(record.uid):
+                raise AdapterNotFound(f"adapter {record.adapter_id!r} was unloaded or replaced meanwhile", field="adapter_id")
+            self._cache.ensure_in_memory(record.uid)
+            if self._call_on_engine(lambda: self._place(record, pin)).result():
+                return
+            if time.monotonic() >= deadline:
+                raise NoSlotFree(
+                    f"adapter {record.adapter_id!r} is registered, but no room became free within {wait_s:.1f}s "
+                    "(every slot or byte is used by running requests or pinned); it will be placed on first use, "
+                    "or retry warm/pin later",
+                    retry_after_s=max(self._retry_hint(), 0.1),
+                    adapter_slots=self._settings.adapter_slots,
+                )
+            time.sleep(_SLOT_RETRY_S)
+
+    def _place(self, record: AdapterRecord, pin: bool) -> bool:
+        """Engine thread: into a slot and, with pin, pinned. False when there is no room now."""
+        try:
+            self._cache.acquire(record.uid)
+        except (NoSlotAvailable, KeyError, AdapterGone):  # no room; evicted to disk again; unloaded: retry or report
+            return False
+        try:
+            if pin:
+                if not self._cache.pin(record.uid, self._settings.adapter_slots - 1, self._max_pinned_bytes):
+                    raise self._pin_limit()
+                self._registry.set_pinned(record)
+        finally:
+            self._cache.release(record.uid)
+        return True
