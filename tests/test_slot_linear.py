@@ -36,9 +36,16 @@ def test_all_base_rows_skip_lora():
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(6, 5))
     bank = SlotBank(model, ("q_proj",), num_slots=3, max_rank=4)
-    assert bank.plan([3, 3], torch.device("cpu")) is None  # no row has an adapter
-    two = bank.plan([0, 3, 1, 0], torch.device("cpu"))
-    assert [(s, rows.tolist()) for s, rows in two.groups] == [(0, [0, 3]), (1, [2])]
+    from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+
+    assert bank.plan([None, None], torch.device("cpu")) is None  # no row has an adapter
+    for uid in (11, 12):
+        bank.place(uid, AdapterWeights({"q_proj": ModuleLora(torch.randn(2, 6), torch.randn(5, 2), 1.0)}))
+    assert bank.slot_table() == (11, 12, None) and bank.counted_bytes() == bank.resident_bytes() == 2 * (12 + 10) * 4
+    two = bank.plan([11, None, 12, 11], torch.device("cpu"))  # rows name adapters by uid; slots stay inside
+    assert [(s, rows.tolist()) for s, rows in two.groups] == [(0, [0, 3]), (1, [2])] and two.slots == [0, 3, 1, 0]
+    bank.drop(11)
+    assert bank.slot_table() == (None, 12, None) and bank.counted_bytes() == bank.resident_bytes() == (12 + 10) * 4
     bank.route(None)
     x = torch.randn(2, 1, 6)
     layer = bank.layers["q_proj"]

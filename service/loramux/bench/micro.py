@@ -39,8 +39,9 @@ def decode_step(base: BaseModel, cfg: BenchConfig) -> dict:
     """A decode step of `step_rows` rows over a `step_kv`-token cache, every row with its own
     adapter, against the same step with no adapter. Needs a bank of >= step_rows slots."""
     rows = cfg.step_rows
-    for slot in range(rows):
-        base.bank.fill(slot, random_weights(base, cfg, 100 + slot))
+    uids = [100 + row for row in range(rows)]
+    for uid in uids:
+        base.bank.place(uid, random_weights(base, cfg, uid))
     rng = random.Random(cfg.seed)
     device = base.device
     ids = torch.tensor([[rng.randrange(3, base.vocab_size) for _ in range(cfg.step_kv)] for _ in range(rows)], device=device)
@@ -50,12 +51,12 @@ def decode_step(base: BaseModel, cfg: BenchConfig) -> dict:
     token = ids[:, -1:]
     mask = torch.ones(rows, cfg.step_kv + 1, dtype=torch.long, device=device)
     positions = torch.full((rows, 1), cfg.step_kv, device=device)
-    routed = base.bank.plan(list(range(rows)), base.device)
+    routed = base.bank.plan(uids, base.device)
     times: dict[str, list[float]] = {"base": [], "lora": [], "lora_regather": []}
     for rep in range(cfg.step_reps + 2):
         # lora: the rows stay the same, as between joins and leaves. lora_regather: a new plan
         # every step (rows join or leave at every step), so every layer concatenates again.
-        fresh = base.bank.plan(list(range(rows)), base.device)
+        fresh = base.bank.plan(uids, base.device)
         for kind, index in (("base", None), ("lora", routed), ("lora_regather", fresh)):
             for layer, (k, v) in zip(cache.layers, saved):
                 layer.keys, layer.values = k, v
@@ -68,8 +69,8 @@ def decode_step(base: BaseModel, cfg: BenchConfig) -> dict:
             if rep >= 2:  # two warm-up rounds
                 times[kind].append(time.perf_counter() - t0)
     base.bank.route(None)
-    for slot in range(rows):
-        base.bank.clear(slot)
+    for uid in uids:
+        base.bank.drop(uid)
     b, lora, regather = median_ms(times["base"]), median_ms(times["lora"]), median_ms(times["lora_regather"])
     return {"rows": rows, "distinct_adapters": rows, "base_step_ms": b, "lora_step_ms": lora, "ratio": round(lora / b, 3),
             "lora_regather_step_ms": regather, "regather_ratio": round(regather / b, 3)}

@@ -86,14 +86,10 @@ class TieredAdapterCache:
         of adapter weights at their true sizes (None: no byte bound)."""
         self._bank = bank
         self._accelerator_capacity = accelerator_capacity_bytes
-        self._resident_bytes = 0  # tier 1's bytes (true sizes in the serving dtype)
-        self._slot_bytes: dict[int, int] = {}  # uid in a slot -> its bytes there
         self._reload = reload
         self._pin_memory = host_pin_memory
         self._lock = threading.RLock()
-        self._slot_table: list[int | None] = [None] * bank.num_slots
-        self._slot_of: dict[int, int] = {}
-        self._evictable: LRUCache = LRUCache(maxsize=bank.num_slots)  # uid -> slot, LRU first
+        self._evictable: LRUCache = LRUCache(maxsize=bank.num_slots)  # uids in slots that may go, LRU first
         self._host = _HostTier(host_capacity_bytes)
         self._in_use: Counter[int] = Counter()
         self._pinned: set[int] = set()
@@ -127,13 +123,13 @@ class TieredAdapterCache:
             self._host.pop(uid, None)
             self._parked.pop(uid, None)
             self._pinned.discard(uid)
-            if uid in self._slot_of and self._in_use[uid]:
+            if self._bank.holds(uid) and self._in_use[uid]:
                 self._removed.add(uid)
                 return
             self._forget(uid)
 
     def _forget(self, uid: int) -> None:
-        if uid in self._slot_of:
+        if self._bank.holds(uid):
             self._free_slot(uid)
         self._removed.discard(uid)
         self._ranks.pop(uid, None)
@@ -147,7 +143,7 @@ class TieredAdapterCache:
 
     def tier(self, uid: int) -> Tier:
         with self._lock:
-            if uid in self._slot_of:
+            if self._bank.holds(uid):
                 return Tier.ACCELERATOR
             if uid in self._host or uid in self._parked:
                 return Tier.HOST
@@ -199,28 +195,22 @@ class TieredAdapterCache:
         with self._lock:
             if not self._known(uid):
                 raise AdapterGone(uid)
-            slot = self._slot_of.get(uid)
-            if slot is None:
+            if not self._bank.holds(uid):
                 weights = self._host.pop(uid, None) or self._parked.pop(uid, None)
                 if weights is None:
                     raise KeyError(f"adapter uid {uid} is not in memory")
                 started = time.perf_counter()
-                nbytes = self._bank.adapter_bytes(weights)
                 try:
-                    slot = self._take_slot(nbytes)
+                    self._make_room(self._bank.adapter_bytes(weights))
                 except NoSlotAvailable:
                     self._put_host(uid, weights)
                     raise
-                self._bank.fill(slot, weights)
-                self._slot_table[slot] = uid
-                self._slot_of[uid] = slot
-                self._slot_bytes[uid] = nbytes
-                self._resident_bytes += nbytes
+                self._bank.place(uid, weights)
                 self._emit("load", uid, Tier.HOST, time.perf_counter() - started)
             else:
                 self._evictable.pop(uid, None)
             self._in_use[uid] += 1
-            return slot
+            return self._bank.slot_table().index(uid)
 
     def release(self, uid: int) -> None:
         with self._lock:
@@ -234,20 +224,20 @@ class TieredAdapterCache:
             if uid in self._removed:
                 self._forget(uid)
             elif uid not in self._pinned:
-                self._evictable[uid] = self._slot_of[uid]
+                self._evictable[uid] = True
 
     def pin(self, uid: int, max_pinned: int, max_pinned_bytes: int | None = None) -> bool:
         """Keep the adapter in its slot for good (it must be in a slot and acquired). False if
         `max_pinned` adapters are pinned already, or pinning it would pin more than
         `max_pinned_bytes`; AdapterGone if it was unloaded meanwhile."""
         with self._lock:
-            if not self._known(uid) or uid not in self._slot_of:
+            if not self._known(uid) or not self._bank.holds(uid):
                 raise AdapterGone(uid)
             if uid in self._pinned:
                 return True
             if len(self._pinned) >= max_pinned:
                 return False
-            pinned_bytes = sum(self._slot_bytes[u] for u in self._pinned) + self._slot_bytes[uid]
+            pinned_bytes = sum(self._bank.bytes_of(u) for u in self._pinned) + self._bank.bytes_of(uid)
             if max_pinned_bytes is not None and pinned_bytes > max_pinned_bytes:
                 return False
             self._pinned.add(uid)
@@ -258,24 +248,24 @@ class TieredAdapterCache:
         """Whether all of `uids` could be in slots at once, given pins, running requests and
         the byte budget (evicting every evictable adapter that is not one of them)."""
         with self._lock:
-            missing = [uid for uid in uids if uid not in self._slot_of]
+            missing = [uid for uid in uids if not self._bank.holds(uid)]
             others = [uid for uid in self._evictable if uid not in uids]
-            free = self._slot_table.count(None) + len(others)
+            free = self._bank.slot_table().count(None) + len(others)
             if len(missing) > free:
                 return False
             if self._accelerator_capacity is None:
                 return True
-            kept = self._resident_bytes - sum(self._slot_bytes[uid] for uid in others)
+            kept = self._bank.counted_bytes() - sum(self._bank.bytes_of(uid) for uid in others)
             need = sum(self._template_bytes(uid) for uid in missing)
             return kept + need <= self._accelerator_capacity
 
     def accelerator_bytes(self) -> int:
         with self._lock:
-            return self._resident_bytes
+            return self._bank.counted_bytes()
 
     def pinned_bytes(self) -> int:
         with self._lock:
-            return sum(self._slot_bytes[uid] for uid in self._pinned)
+            return sum(self._bank.bytes_of(uid) for uid in self._pinned)
 
     def usage(self) -> dict[Tier, tuple[int, int]]:
         """Per tier: (adapters, bytes of their weights)."""
@@ -302,42 +292,38 @@ class TieredAdapterCache:
         """Every way the books disagree with each other (empty when they balance)."""
         with self._lock:
             problems = []
-            for slot, uid in enumerate(self._slot_table):
-                if uid is not None and self._slot_of.get(uid) != slot:
-                    problems.append(f"slot {slot} holds uid {uid}, which maps to {self._slot_of.get(uid)}")
-            if len(self._slot_of) != sum(uid is not None for uid in self._slot_table):
-                problems.append("slot map and slot table differ in size")
+            resident = {uid for uid in self._bank.slot_table() if uid is not None}
             for uid in self._evictable:
-                if uid not in self._slot_of or uid in self._pinned or self._in_use[uid]:
+                if uid not in resident or uid in self._pinned or self._in_use[uid]:
                     problems.append(f"uid {uid} is evictable but not in a free, unpinned slot")
-            idle = {uid for uid in self._slot_of if not self._in_use[uid] and uid not in self._pinned and uid not in self._removed}
+            idle = {uid for uid in resident if not self._in_use[uid] and uid not in self._pinned and uid not in self._removed}
             if idle != set(self._evictable.keys()):
                 problems.append(f"idle slots {sorted(idle)} but evictable {sorted(self._evictable.keys())}")
-            if not self._pinned <= {u for u in self._slot_of if self._known(u)}:
+            if not self._pinned <= {u for u in resident if self._known(u)}:
                 problems.append(f"pinned {sorted(self._pinned)} not all registered and in slots")
-            if any(n <= 0 for n in self._in_use.values()) or not set(self._in_use) <= set(self._slot_of):
+            if any(n <= 0 for n in self._in_use.values()) or not set(self._in_use) <= resident:
                 problems.append(f"in-use counts {dict(self._in_use)} do not match slots")
             if not self._removed <= set(self._in_use):
                 problems.append(f"removed uids {sorted(self._removed)} are no longer in use")
             if set(self._ranks) != set(self._nbytes) or set(self.last_read_s) - set(self._ranks):
                 problems.append("per-adapter records (shapes, bytes, read times) disagree")
             for uid in list(self._host.keys()) + list(self._parked):
-                if not self._known(uid) or uid in self._slot_of:
+                if not self._known(uid) or uid in resident:
                     problems.append(f"uid {uid} in host memory but not registered or also in a slot")
             if self._host.currsize != sum(self._nbytes.get(uid, -1) for uid in self._host.keys()):
                 problems.append("host tier byte count is off")
-            if set(self._slot_bytes) != set(self._slot_of) or self._resident_bytes != sum(self._slot_bytes.values()):
-                problems.append("accelerator byte count is off")
-            if self._resident_bytes != self._bank.resident_bytes():
-                problems.append(f"accelerator bytes {self._resident_bytes} != bytes the slots hold {self._bank.resident_bytes()}")
-            if self._accelerator_capacity is not None and self._resident_bytes > self._accelerator_capacity:
+            if not resident <= set(self._ranks):
+                problems.append("an adapter in a slot is not registered")
+            if self._bank.counted_bytes() != self._bank.resident_bytes():
+                problems.append(f"counted bytes {self._bank.counted_bytes()} != bytes the slots hold {self._bank.resident_bytes()}")
+            if self._accelerator_capacity is not None and self._bank.counted_bytes() > self._accelerator_capacity:
                 problems.append("accelerator bytes over the budget")
             return problems
 
     def snapshot(self) -> CacheSnapshot:
         with self._lock:
             return CacheSnapshot(
-                slot_table=tuple(self._slot_table),
+                slot_table=self._bank.slot_table(),
                 host=tuple(self._host.keys()),
                 host_bytes=self._host.currsize,
                 in_use=dict(self._in_use),
@@ -346,37 +332,31 @@ class TieredAdapterCache:
 
     # -- internals (lock held) ----------------------------------------------------------
 
-    def _take_slot(self, nbytes: int) -> int:
-        """A free slot with room for `nbytes` more, evicting least recently used adapters to host
-        memory as needed. NoSlotAvailable (nothing evicted) when pins and running requests
+    def _make_room(self, nbytes: int) -> None:
+        """Evict least recently used adapters to host memory until a slot is free and `nbytes`
+        more fit the budget. NoSlotAvailable (nothing evicted) when pins and running requests
         leave no way to make room."""
         capacity = self._accelerator_capacity
-        evictable = list(self._evictable.keys())  # least recently used first
+        held = self._bank.counted_bytes()
         freed, victims = 0, []
-        free_slot = None in self._slot_table
-        for uid in evictable:
-            fits = capacity is None or self._resident_bytes - freed + nbytes <= capacity
-            if free_slot and fits:
+        free_slot = self._bank.has_free_slot()
+        for uid in list(self._evictable.keys()):  # least recently used first
+            if free_slot and (capacity is None or held - freed + nbytes <= capacity):
                 break
             victims.append(uid)
-            freed += self._slot_bytes[uid]
+            freed += self._bank.bytes_of(uid)
             free_slot = True
-        if not free_slot or (capacity is not None and self._resident_bytes - freed + nbytes > capacity):
+        if not free_slot or (capacity is not None and held - freed + nbytes > capacity):
             raise NoSlotAvailable
         for victim in victims:
-            slot = self._evictable.pop(victim)
-            weights = self._bank.read(slot, self._ranks[victim])
-            self._free_slot(victim)
+            self._evictable.pop(victim)
+            weights = self._bank.take_back(victim, self._ranks[victim])
             self._emit("evict", victim, Tier.ACCELERATOR, None)
             self._put_host(victim, weights)
-        return self._slot_table.index(None)
 
     def _free_slot(self, uid: int) -> None:
-        slot = self._slot_of.pop(uid)
         self._evictable.pop(uid, None)
-        self._bank.clear(slot)
-        self._slot_table[slot] = None
-        self._resident_bytes -= self._slot_bytes.pop(uid)
+        self._bank.drop(uid)
 
     def _put_host(self, uid: int, weights: AdapterWeights) -> bool:
         if self._pin_memory:

@@ -41,7 +41,6 @@ from loramux.server.errors import Cancelled, DeadlineExceeded, LoramuxError, Non
 @dataclasses.dataclass(eq=False)
 class Row:
     request: GenerationRequest
-    slot: int  # adapter slot, or the bank's base slot
     detokenizer: Detokenizer
     generator: torch.Generator | None
     started: float  # time.monotonic() when the row was admitted
@@ -53,11 +52,10 @@ class Row:
     released: bool = False  # its adapter slot has been given back (engine)
 
 
-def new_row(base: BaseModel, request: GenerationRequest, slot: int, now: float) -> Row:
+def new_row(base: BaseModel, request: GenerationRequest, now: float) -> Row:
     """A row for an admitted request (its max_new_tokens already fits the context: Engine.submit)."""
     return Row(
         request=request,
-        slot=slot,
         detokenizer=Detokenizer(base.tokenizer, request.params.stop),
         generator=new_generator(request.params, base.device),
         started=now,
@@ -172,11 +170,11 @@ class Batch:
             mine_seen = self.seen if self.seen is not None else _seen_mask(self.base, self.rows, force=True)
             their_seen = other.seen if other.seen is not None else _seen_mask(self.base, other.rows, force=True)
             seen = torch.cat([mine_seen, their_seen])
-        slots = self.base.bank.plan([row.slot for row in rows], self.base.device)
+        slots = self.base.bank.plan([row.request.adapter_uid for row in rows], self.base.device)
         params = _batch_params(rows, self.base.device)
         for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
             layer.keys, layer.values = keys, values
-        self.positions, self.tokens, self.rows, self._slots, self._params, self.seen = positions, tokens, rows, slots, params, seen
+        self.positions, self.tokens, self.rows, self._plan, self._params, self.seen = positions, tokens, rows, slots, params, seen
         self._set_mask(mask)
 
     def fail(self, error: LoramuxError) -> list[Row]:
@@ -196,7 +194,7 @@ class Batch:
 
     def _route(self) -> None:
         """Per-composition state: the rows' adapter routing and sampling parameters."""
-        self._slots = self.base.bank.plan([row.slot for row in self.rows], self.base.device)
+        self._plan = self.base.bank.plan([row.request.adapter_uid for row in self.rows], self.base.device)
         self._params = _batch_params(self.rows, self.base.device)
 
     def _set_mask(self, mask: torch.Tensor) -> None:
@@ -215,7 +213,7 @@ class Batch:
         self.mask = self._mask_buffer[:, : width + 1]  # the buffer's spare columns are ones already
 
     def _forward(self, input_ids: torch.Tensor) -> None:
-        self.base.bank.route(self._slots)
+        self.base.bank.route(self._plan)
         try:
             out = self.base.model(
                 input_ids=input_ids,

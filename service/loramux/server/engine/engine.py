@@ -112,7 +112,7 @@ class Engine:
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io")
         self._scheduler = Scheduler(
-            settings, self.cache, self.registry.current_uid, self._io, self._wake, base.bank.base_slot
+            settings, self.cache, self.registry.current_uid, self._io, self._wake
         )
         self._running: Batch | None = None
         self._steps = 0
@@ -341,7 +341,7 @@ class Engine:
                     self._pass_started = None
                     self._cond.notify_all()
 
-    def _pass(self, admitted: list[tuple[GenerationRequest, int]]) -> None:
+    def _pass(self, admitted: list[GenerationRequest]) -> None:
         if self._cut is not None:
             self._end_all(admitted, self._cut)
             return
@@ -365,7 +365,7 @@ class Engine:
                 with self._cond:
                     self._running = None
 
-    def _end_all(self, admitted: list[tuple[GenerationRequest, int]], error: LoramuxError) -> None:
+    def _end_all(self, admitted: list[GenerationRequest], error: LoramuxError) -> None:
         """Answer every admitted, waiting and running request with `error` (at shutdown)."""
         self._abandon(admitted, [], error)
         with self._cond:
@@ -374,14 +374,14 @@ class Engine:
             request.emit(ErrorEvent(error))
         self._fail_running(error)
 
-    def _join(self, admitted: list[tuple[GenerationRequest, int]]) -> None:
+    def _join(self, admitted: list[GenerationRequest]) -> None:
         """Prefill newly admitted requests and add them to the running batch. If anything fails
         on the way, the admitted requests (and only they) get the error and their slots back."""
         rows: list[Row] = []
         try:
             now = time.monotonic()
-            for request, slot in admitted:
-                rows.append(new_row(self.base, request, slot, now))
+            for request in admitted:
+                rows.append(new_row(self.base, request, now))
             live = []
             for row in rows:
                 if ended_early(row):
@@ -408,12 +408,12 @@ class Engine:
         except Exception as e:
             self._abandon(admitted, rows, as_domain_error(e, f"joining {len(admitted)} request(s) failed"))
 
-    def _abandon(self, admitted: list[tuple[GenerationRequest, int]], rows: list[Row], error: LoramuxError) -> None:
+    def _abandon(self, admitted: list[GenerationRequest], rows: list[Row], error: LoramuxError) -> None:
         """End admitted requests that are not in the running batch, releasing their slots."""
         with_rows = {id(row.request) for row in rows}
         for row in Batch.abandon(rows, error):
             self._row_done(row)
-        for request, _ in admitted:
+        for request in admitted:
             if id(request) not in with_rows:
                 request.emit(ErrorEvent(error))
                 if request.adapter_uid is not None:
@@ -448,7 +448,7 @@ class Engine:
             return True
         return self._steps - self._scheduler.oldest().arrival_step >= self.settings.join_max_steps
 
-    def _next_work(self) -> list[tuple[GenerationRequest, int]] | None:
+    def _next_work(self) -> list[GenerationRequest] | None:
         """Run pending jobs, then return the requests to admit now ([] = just step), or None to stop."""
         window = self.settings.batch_window_ms / 1000
         while True:

@@ -76,14 +76,12 @@ class Scheduler:
         current_uid: Callable[[str, str, int], int | None],
         io: ThreadPoolExecutor,
         wake: Callable[[], None],
-        base_slot: int,
     ):
         self._settings = settings
         self._cache = cache
         self._current_uid = current_uid
         self._io = io
         self._wake = wake
-        self._base_slot = base_slot
         self._waiting: dict[str, deque[GenerationRequest]] = {}  # tenant -> FIFO
         self._turns: deque[str] = deque()  # tenants with waiting requests, next to be served first
         self._count = 0
@@ -126,8 +124,8 @@ class Scheduler:
         self._count = 0
         return out
 
-    def admit(self, rows_free: int, budget: KvBudget, now: float) -> list[tuple[GenerationRequest, int]]:
-        """Choose requests to prefill now and give their adapters slots; returns [(request, slot)].
+    def admit(self, rows_free: int, budget: KvBudget, now: float) -> list[GenerationRequest]:
+        """Choose requests to prefill now and put their adapters in slots (acquired for them).
 
         Requests that were cancelled, expired, lost their adapter or failed to read it are
         answered with an error and dropped here."""
@@ -189,19 +187,17 @@ class Scheduler:
             return (1, 0, r.arrival)
         return (1, _TIER_RANK[self._cache.tier(r.adapter_uid)], r.arrival)
 
-    def _give_slots(self, chosen: list[GenerationRequest], served: list[str]) -> list[tuple[GenerationRequest, int]]:
+    def _give_slots(self, chosen: list[GenerationRequest], served: list[str]) -> list[GenerationRequest]:
         # Adapters already in slots first: promoting another must not evict one of them.
         chosen.sort(key=lambda r: r.adapter_uid is not None and self._cache.tier(r.adapter_uid) is not Tier.ACCELERATOR)
         admitted = []
         for request in chosen:
             uid = request.adapter_uid
             timeline = request.timeline
-            if uid is None:
-                slot = self._base_slot
-            else:
+            if uid is not None:
                 started = time.perf_counter()
                 try:
-                    slot = self._cache.acquire(uid)
+                    self._cache.acquire(uid)
                 except (KeyError, NoSlotAvailable, AdapterGone):
                     # Pushed out of memory meanwhile (it waits, read again), or unloaded or
                     # replaced meanwhile (the next pass re-points or drops it).
@@ -216,7 +212,7 @@ class Scheduler:
                         timeline.load_s += self._cache.last_read_s.get(uid, 0.0)
             timeline.admitted_ns = time.time_ns()
             self._remove(request)
-            admitted.append((request, slot))
+            admitted.append(request)
         for tenant in served:  # served tenants go to the back, in the order they were served
             if tenant in self._turns:
                 self._turns.remove(tenant)

@@ -10,11 +10,14 @@ from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear
 
 
 class SlotBank:
-    """Owns the SlotLinear layers of a model: wraps them in, fills, clears and reads slots.
+    """The one owner of accelerator adapter memory: wraps the model's Linears in SlotLinears,
+    decides where each resident adapter lives (its slot), counts the bytes, and routes rows.
 
-    Slot numbers run 0..num_slots-1; `base_slot` (== num_slots) is the empty slot for rows
-    without an adapter. A slot holds its adapter at true rank: an empty slot costs nothing,
-    and a full one its adapter's size (the tiered cache bounds the total in bytes).
+    The tiered cache decides *what* is resident (LRU, pins, requests using it) and calls
+    `place`, `take_back` and `drop`; the batch names its rows' adapters by uid and gets a
+    `plan`. Nothing else sees slot numbers. Slots run 0..num_slots-1; `base_slot`
+    (== num_slots) is the empty slot for rows without an adapter. A slot holds its adapter at
+    true rank: an empty slot costs nothing, a full one its adapter's size.
     """
 
     def __init__(self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int):
@@ -32,6 +35,9 @@ class SlotBank:
                 self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"the model has no nn.Linear named any of {sorted(targets)}")
+        self._uids: list[int | None] = [None] * num_slots  # slot -> adapter uid
+        self._slot_of: dict[int, int] = {}  # adapter uid -> slot
+        self._bytes: dict[int, int] = {}  # adapter uid -> its bytes here (true size)
 
     @property
     def base_slot(self) -> int:
@@ -59,31 +65,61 @@ class SlotBank:
         """Module name -> (in_features, out_features) for every served module."""
         return {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
 
-    def fill(self, slot: int, weights: AdapterWeights) -> None:
-        self._check(slot)
+    # -- where adapters live: the one owner of accelerator adapter memory ---------------
+
+    def place(self, uid: int, weights: AdapterWeights) -> int:
+        """Put adapter `uid` in a free slot (the cache has made room); returns the slot."""
+        if uid in self._slot_of:
+            raise ValueError(f"adapter uid {uid} is already in slot {self._slot_of[uid]}")
+        slot = self._uids.index(None)  # ValueError when full: the cache must make room first
         for name, layer in self.layers.items():
             lora = weights.modules.get(name)
-            if lora is None:
-                layer.clear(slot)
-            else:
+            if lora is not None:
                 layer.fill(slot, lora.a, lora.b, lora.scale)
+        self._uids[slot] = uid
+        self._slot_of[uid] = slot
+        self._bytes[uid] = self.adapter_bytes(weights)
+        return slot
 
-    def clear(self, slot: int) -> None:
-        self._check(slot)
-        for layer in self.layers.values():
-            layer.clear(slot)
-
-    def read(self, slot: int, like: AdapterWeights) -> AdapterWeights:
-        """Copy the adapter in `slot` back to host memory, shaped like `like` (its ranks and scales)."""
-        self._check(slot)
+    def take_back(self, uid: int, like: AdapterWeights) -> AdapterWeights:
+        """Copy adapter `uid` back to host memory (shaped like `like`: its ranks and scales) and free its slot."""
+        slot = self._slot_of[uid]
         modules = {}
         for name, lora in like.modules.items():
             a, b = self.layers[name].read(slot, lora.rank)
             modules[name] = ModuleLora(a=a, b=b, scale=lora.scale)
+        self.drop(uid)
         return AdapterWeights(modules=modules)
 
-    def plan(self, slots: list[int], device: torch.device) -> RoutingPlan | None:
-        """The routing plan for rows using `slots` (base_slot = no adapter); None when no row has one."""
+    def drop(self, uid: int) -> None:
+        """Free adapter `uid`'s slot; its memory goes back to the allocator."""
+        slot = self._slot_of.pop(uid)
+        for layer in self.layers.values():
+            layer.clear(slot)
+        self._uids[slot] = None
+        del self._bytes[uid]
+
+    def holds(self, uid: int) -> bool:
+        return uid in self._slot_of
+
+    def has_free_slot(self) -> bool:
+        return None in self._uids
+
+    def bytes_of(self, uid: int) -> int:
+        return self._bytes[uid]
+
+    def counted_bytes(self) -> int:
+        """Bytes of the adapters placed here, as counted when they were placed."""
+        return sum(self._bytes.values())
+
+    def slot_table(self) -> tuple[int | None, ...]:
+        """Slot -> uid of the adapter in it."""
+        return tuple(self._uids)
+
+    def plan(self, uids: list[int | None], device: torch.device) -> RoutingPlan | None:
+        """The routing plan for rows using adapters `uids` (None: the base model alone); None when
+        no row has an adapter. Every adapter named must be placed."""
+        slots = [self.base_slot if uid is None else self._slot_of[uid] for uid in uids]
         groups: dict[int, list[int]] = {}
         for row, slot in enumerate(slots):
             if slot != self.base_slot:
@@ -91,7 +127,7 @@ class SlotBank:
         if not groups:
             return None
         return RoutingPlan(
-            slots=list(slots),
+            slots=slots,
             groups=[(slot, torch.tensor(rows, dtype=torch.long, device=device)) for slot, rows in groups.items()],
             device=device,
         )
@@ -100,6 +136,4 @@ class SlotBank:
         """Route the rows of the next forward passes (a plan from `plan`, or None)."""
         self.routing.plan = plan
 
-    def _check(self, slot: int) -> None:
-        if not 0 <= slot < self.num_slots:
-            raise IndexError(f"slot {slot} is outside 0..{self.num_slots - 1}")
+
