@@ -144,3 +144,18 @@ def test_residency_by_bytes_evicts_by_size_and_outputs_still_equal_peft(assets, 
     with pytest.raises(InvalidSettings) as e:
         Engine(assets.settings(adapter_memory_mib=0.5 * largest / 2**20), base_model)
     assert e.value.field == "adapter_memory_mib"
+
+
+def test_ignore_eos_generates_to_max_new_tokens(assets, engine):
+    plain = engine.generate("default", GenerateInput(prompt=PROMPTS[1], max_new_tokens=N), 60)["token_ids"]
+    assert len(plain) == N
+    saved = engine.base.eos_token_ids
+    engine.base.eos_token_ids = frozenset([plain[2]])  # as if the model's EOS were the third token it writes
+    try:
+        stopped = engine.generate("default", GenerateInput(prompt=PROMPTS[1], max_new_tokens=N), 60)
+        assert stopped["token_ids"] == plain[: plain.index(plain[2]) + 1]
+        assert stopped["finish"].finish_reason is FinishReason.STOP_TOKEN
+        full = engine.generate("default", GenerateInput(prompt=PROMPTS[1], max_new_tokens=N, ignore_eos=True), 60)
+        assert full["token_ids"] == plain and full["finish"].finish_reason is FinishReason.LENGTH
+    finally:
+        engine.base.eos_token_ids = saved

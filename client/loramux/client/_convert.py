@@ -42,6 +42,7 @@ def generate_request(
     stop: Sequence[str] = (),
     stop_token_ids: Sequence[int] = (),
     return_logprobs: bool = False,
+    ignore_eos: bool = False,
 ) -> generation_pb2.GenerateRequest:
     request = generation_pb2.GenerateRequest(
         adapter_id=adapter_id,
@@ -55,6 +56,7 @@ def generate_request(
         stop=list(stop),
         stop_token_ids=list(stop_token_ids),
         return_logprobs=return_logprobs,
+        ignore_eos=ignore_eos,
     )
     for m in messages or ():
         role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m

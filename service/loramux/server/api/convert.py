@@ -52,6 +52,7 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
         stop=list(req.stop),
         stop_token_ids=list(req.stop_token_ids),
         return_logprobs=req.return_logprobs,
+        ignore_eos=req.ignore_eos,
     )
 
 

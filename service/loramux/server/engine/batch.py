@@ -59,7 +59,7 @@ def new_row(base: BaseModel, request: GenerationRequest, now: float) -> Row:
         detokenizer=Detokenizer(base.tokenizer, request.params.stop),
         generator=new_generator(request.params, base.device),
         started=now,
-        stop_tokens=base.eos_token_ids | request.params.stop_token_ids,
+        stop_tokens=(frozenset() if request.params.ignore_eos else base.eos_token_ids) | request.params.stop_token_ids,
     )
 
 

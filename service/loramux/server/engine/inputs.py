@@ -37,6 +37,7 @@ class GenerateInput:
     stop: list[str] = dataclasses.field(default_factory=list)
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     return_logprobs: bool = False
+    ignore_eos: bool = False
 
 
 def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[int]:
@@ -148,4 +149,5 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
         stop=tuple(inp.stop),
         stop_token_ids=frozenset(inp.stop_token_ids),
         return_logprobs=inp.return_logprobs,
+        ignore_eos=inp.ignore_eos,
     )

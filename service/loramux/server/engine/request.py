@@ -28,6 +28,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: frozenset[int] = frozenset()
     return_logprobs: bool = False
+    ignore_eos: bool = False  # EOS does not end the row (max_new_tokens or a stop does)
 
     @property
     def greedy(self) -> bool:
