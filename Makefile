@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test fuzz bench bench-quick proto clean
+.PHONY: install demo test fuzz bench bench-quick bench-detail proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,17 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	LORAMUX_FUZZ_EXAMPLES=3000 LORAMUX_CHURN_S=60 $(PY) -m pytest -q tests/test_fuzz.py tests/test_hostile_adapters.py
 
-# Every system side by side on one workload (a few minutes on 2 CPU cores); writes bench-results/.
+# What users get: the server's default flags over models x adapter shapes x sampling, every
+# system side by side, worst cell first (about 45 minutes on 2 CPU cores); writes bench-results/.
 bench: $(STAMP)
-	$(PY) -m loramux.bench --out bench-results
+	$(PY) -m loramux.bench.matrix --out bench-results
 
 bench-quick: $(STAMP)
-	$(PY) -m loramux.bench --quick --out bench-results
+	$(PY) -m loramux.bench.matrix --quick --out bench-results
+
+# One workload in depth: Poisson arrivals, continuous vs static, microbenchmarks, gRPC and tracing cost.
+bench-detail: $(STAMP)
+	$(PY) -m loramux.bench --out bench-results
 
 proto: $(STAMP)
 	$(PY) scripts/gen_proto.py

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the oracle checks in bf16 (scripts/gpu/test_cuda.py), then the benchmark
-# on the GPU in bf16 (pinned host memory and non-blocking copies for tier promotion are what
+# On a CUDA machine: the oracle checks in bf16 (scripts/gpu/test_cuda.py), the benchmark matrix
+# at the server's default flags, then the single-workload benchmark on the GPU in bf16 (pinned host memory and non-blocking copies for tier promotion are what
 # the server uses on CUDA). Results go to $OUT (the device tool's folder) or ./gpu-results.
 #
 # Needs python3 with CUDA torch, transformers, peft and the packages in pyproject.toml. Wheels
@@ -18,4 +18,6 @@ export PYTHONPATH="$PWD/client:$PWD/service:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
 python3 -m pytest -q -s -p no:cacheprovider scripts/gpu/test_cuda.py 2>&1 | tee "$out/gpu-tests.log"
+# The matrix at the server's default flags (device auto = CUDA, dtype auto = the checkpoint's 16-bit).
+python3 -m loramux.bench.matrix --out "$out/matrix" 2>&1 | tee "$out/matrix.log"
 python3 -m loramux.bench --device cuda --dtype bfloat16 --out "$out" 2>&1 | tee "$out/bench.log"

@@ -31,3 +31,23 @@ def test_quick_benchmark_runs_every_system_on_the_same_work(tmp_path):
     assert tracing["server_spans_exported"] >= 2 * (cfg.requests + cfg.concurrency) * 5
     assert (tmp_path / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| (a) loramux engine, mixed adapters |" in (tmp_path / "results.md").read_text()
+
+
+def test_quick_matrix_runs_every_system_at_default_flags(tmp_path):
+    from loramux.bench.matrix import SYSTEMS as MATRIX_SYSTEMS, TARGETS, MatrixConfig, main as matrix_main
+
+    assert matrix_main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "matrix.json").read_text())
+    cfg = MatrixConfig.quick()
+    assert results["server_flags"].startswith("defaults")
+    assert len(results["cells"]) == len(cfg.models) * len(cfg.shapes) * len(cfg.samplings)
+    margins = [min(r["margin"] for r in c["ratios"].values()) for c in results["cells"]]
+    assert margins == sorted(margins)  # the worst cell first
+    for cell in results["cells"]:
+        assert set(cell["systems"]) == set(MATRIX_SYSTEMS) and set(cell["ratios"]) == set(TARGETS)
+        for name, system in cell["systems"].items():  # every system did exactly the same work
+            assert (system["requests"], system["output_tokens"]) == (cfg.requests, cfg.requests * cfg.output_tokens), name
+    # Resident adapters take their true size (exactly, on the CPU), whatever the max rank.
+    assert all(r["max_relative_excess"] == 0 for r in results["resident_bytes"])
+    assert len(results["decode_step"]) == len(cfg.models) and results["decode_step"][0]["ratio"] > 0
+    assert "| h128x2 |" in (tmp_path / "matrix.md").read_text()

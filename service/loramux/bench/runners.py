@@ -78,7 +78,11 @@ def engine_poisson(engine: Engine, reqs: list[Req], arrivals: list[float]) -> li
     return [_check(sink.get(timeout=600)) for _ in reqs]
 
 
-def grpc_closed_loop(target: str, reqs: list[Req], concurrency: int, tracer_provider=None) -> list[Record]:
+def grpc_closed_loop(
+    target: str, reqs: list[Req], concurrency: int, tracer_provider=None, use_adapter: bool = True, sampling: dict | None = None
+) -> list[Record]:
+    """`concurrency` clients streaming through gRPC, each sending its next request when its last
+    one finished. `sampling`: temperature, top_p, top_k for every request (seeded by index)."""
     import loramux.client as lc
 
     records: list[Record | None] = [None] * len(reqs)
@@ -95,9 +99,11 @@ def grpc_closed_loop(target: str, reqs: list[Req], concurrency: int, tracer_prov
                     return
                 req = reqs[i]
                 record = Record(time.monotonic(), [])
+                extra = dict(sampling, seed=i) if sampling else {}
                 try:
                     for chunk in client.generate_stream(
-                        adapter_id=req.adapter, prompt_token_ids=req.prompt, max_new_tokens=req.output_tokens
+                        adapter_id=req.adapter if use_adapter else "", prompt_token_ids=req.prompt,
+                        max_new_tokens=req.output_tokens, ignore_eos=True, **extra,
                     ):
                         now = time.monotonic()
                         record.token_times += [now] * len(chunk.token_ids)
@@ -125,9 +131,13 @@ class _StepTimes(LogitsProcessor):
         return scores
 
 
-def peft_mixed_batches(model, reqs: list[Req], concurrency: int, pad_id: int) -> list[Record]:
-    """peft `generate(adapter_names=...)` on consecutive batches of `concurrency` requests: each
-    batch's clients send their next requests when the batch has finished."""
+def peft_mixed_batches(
+    model, reqs: list[Req], concurrency: int, pad_id: int, sampling: dict | None = None, use_adapters: bool = True
+) -> list[Record]:
+    """`generate` on consecutive batches of `concurrency` requests (peft's `adapter_names` for
+    mixed adapters, or a plain model with `use_adapters=False`): each batch's clients send
+    their next requests when the batch has finished. Every row generates its requested tokens
+    (EOS suppressed until then), greedy or with `sampling`."""
     records = []
     for start in range(0, len(reqs), concurrency):
         batch = reqs[start : start + concurrency]
@@ -139,17 +149,23 @@ def peft_mixed_batches(model, reqs: list[Req], concurrency: int, pad_id: int) ->
             mask[i, longest - len(r.prompt):] = 1
         timer = _StepTimes()
         arrival = time.monotonic()
+        most = max(r.output_tokens for r in batch)
+        extra = {"adapter_names": [r.adapter for r in batch]} if use_adapters else {}
         with torch.inference_mode():
             model.generate(
-                input_ids=ids.to(model.device), attention_mask=mask.to(model.device), adapter_names=[r.adapter for r in batch], do_sample=False,
-                max_new_tokens=max(r.output_tokens for r in batch), pad_token_id=pad_id,
-                logits_processor=LogitsProcessorList([timer]),
+                input_ids=ids.to(model.device), attention_mask=mask.to(model.device), max_new_tokens=most,
+                min_new_tokens=most, pad_token_id=pad_id, logits_processor=LogitsProcessorList([timer]),
+                **extra, **_sampling_kwargs(sampling),
             )
         records += [Record(arrival, timer.times[: r.output_tokens]) for r in batch]
     return records
 
 
-def peft_naive(model, reqs: list[Req], concurrency: int, pad_id: int) -> list[Record]:
+def _sampling_kwargs(sampling: dict | None) -> dict:
+    return {"do_sample": False} if not sampling else {"do_sample": True, **sampling}
+
+
+def peft_naive(model, reqs: list[Req], concurrency: int, pad_id: int, sampling: dict | None = None) -> list[Record]:
     """One request at a time: `set_adapter` then `generate`. With `concurrency` clients in a
     closed loop, request i is sent when request i - concurrency has finished."""
     records: list[Record] = []
@@ -162,8 +178,8 @@ def peft_naive(model, reqs: list[Req], concurrency: int, pad_id: int) -> list[Re
             model.generate(
                 input_ids=torch.tensor([r.prompt], device=model.device),
                 attention_mask=torch.ones(1, len(r.prompt), dtype=torch.long, device=model.device),
-                do_sample=False, max_new_tokens=r.output_tokens, pad_token_id=pad_id,
-                logits_processor=LogitsProcessorList([timer]),
+                max_new_tokens=r.output_tokens, min_new_tokens=r.output_tokens, pad_token_id=pad_id,
+                logits_processor=LogitsProcessorList([timer]), **_sampling_kwargs(sampling),
             )
         records.append(Record(arrival, timer.times))
     return records

@@ -187,6 +187,8 @@ class Engine:
         self.merges.shutdown()
         if self.state is not None:
             self.state.close()
+        if not self._thread.is_alive():
+            self.base.bank.drop_all()  # the adapters' accelerator memory goes back with the engine
 
     def healthy(self, stall_s: float) -> bool:
         """Whether the worker can make progress: alive, and no pass has run longer than `stall_s`."""

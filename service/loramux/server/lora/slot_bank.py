@@ -99,6 +99,11 @@ class SlotBank:
         self._uids[slot] = None
         del self._bytes[uid]
 
+    def drop_all(self) -> None:
+        """Free every slot (an engine that stops hands its adapter memory back)."""
+        for uid in list(self._slot_of):
+            self.drop(uid)
+
     def holds(self, uid: int) -> bool:
         return uid in self._slot_of
 

@@ -1,0 +1,290 @@
+"""python -m loramux.bench.matrix [--quick] [--out DIR]: what users get, over a matrix.
+
+Every loramux server here runs with the server's **default flags** (only the model, the
+adapter root and a free port are given), as a user who types `loramux serve` gets. For each
+cell of model size x adapter shape x sampling, side by side in one run, on the same requests:
+
+- loramux, mixed adapters, through gRPC (16 streaming clients, closed loop);
+- loramux, base model only, through gRPC;
+- loramux with `--scheduling static` (continuous batching off), mixed adapters;
+- peft `generate(adapter_names=...)` on static batches of 16;
+- plain transformers `generate` on static batches of 16, no adapters;
+- naive peft: one request at a time.
+
+Every system generates exactly the requested tokens (EOS ignored). Per model it also times a
+decode step of 16 rows with 16 distinct rank-16 adapters on all seven projections against the
+base step, and per adapter shape the accelerator bytes each resident adapter takes against its
+true size. The report leads with the worst cell.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from loramux.bench import runners
+from loramux.bench.config import BenchConfig
+from loramux.bench.metrics import summarize
+from loramux.bench.workload import Req
+
+log = logging.getLogger("loramux.bench.matrix")
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHAPES = {  # name -> [(rank, target modules)] cycled over the adapters
+    "r16-qkvo": [(16, ALL[:4])],
+    "r8-all": [(8, ALL)],
+    "r8+r64-all": [(8, ALL), (64, ALL)],
+}
+SAMPLINGS = {"greedy": None, "sampled": {"temperature": 0.8, "top_p": 0.9, "top_k": 50}}
+SYSTEMS = ("loramux_mixed", "loramux_base_only", "loramux_static", "peft_adapter_names", "transformers_plain", "peft_naive")
+TARGETS = {  # name -> (how it is computed, target, "min" or "max")
+    "mixed / peft adapter_names": (("loramux_mixed", "peft_adapter_names"), 1.2, "min"),
+    "mixed / loramux base-only": (("loramux_mixed", "loramux_base_only"), 0.85, "min"),
+    "loramux base-only / transformers plain": (("loramux_base_only", "transformers_plain"), 0.95, "min"),
+    "p99 TTFT mixed / base-only": (None, 1.5, "max"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixConfig:
+    models: tuple[tuple[int, int, int, int, int], ...] = ((512, 6, 1408, 8, 4), (1024, 8, 2816, 16, 8), (2048, 4, 5632, 16, 8))
+    """(hidden, layers, intermediate, heads, kv heads) of each random Llama."""
+    shapes: tuple[str, ...] = tuple(SHAPES)
+    samplings: tuple[str, ...] = tuple(SAMPLINGS)
+    adapters: int = 32
+    requests: int = 48
+    concurrency: int = 16
+    prompt_tokens: tuple[int, int] = (8, 24)
+    output_tokens: int = 24
+    zipf_s: float = 1.1
+    vocab: int = 512
+    step_reps: int = 10
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> MatrixConfig:
+        return cls(models=((128, 2, 352, 4, 2),), shapes=("r16-qkvo", "r8+r64-all"), adapters=6, requests=12,
+                   concurrency=4, output_tokens=6, step_reps=3)
+
+
+def _requests(cfg: MatrixConfig, names: list[str], vocab: int) -> list[Req]:
+    rng = random.Random(cfg.seed)
+    weights = [1 / (k + 1) ** cfg.zipf_s for k in range(len(names))]
+    return [
+        Req(rng.choices(names, weights)[0], [rng.randrange(3, vocab) for _ in range(rng.randint(*cfg.prompt_tokens))],
+            cfg.output_tokens)
+        for _ in range(cfg.requests)
+    ]
+
+
+def _build_model(cfg: MatrixConfig, dims, root: Path) -> Path:
+    from loramux.demo import corpus
+    from loramux.demo.assets import build_model, build_tokenizer
+
+    hidden, layers, inter, heads, kv = dims
+    tokenizer = build_tokenizer(root / "tokenizer", corpus.plain(300), vocab_size=cfg.vocab, max_length=4096)
+    build_model(root / "model", tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv, intermediate=inter,
+                max_positions=4096, seed=cfg.seed, init_std=0.02)
+    return root / "model"
+
+
+def _build_adapters(cfg: MatrixConfig, model_dir: Path, shape: str, out: Path) -> list[str]:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    names = [f"a{i:02d}" for i in range(cfg.adapters)]
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    kinds = SHAPES[shape]
+    for kind, (rank, targets) in enumerate(kinds):
+        base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        peft_model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets), lora_dropout=0.0))
+        for name in names[kind :: len(kinds)]:
+            with torch.no_grad():
+                for pname, p in peft_model.named_parameters():
+                    if "lora_A" in pname or "lora_B" in pname:
+                        p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
+            peft_model.save_pretrained(str(out / name))
+    return names
+
+
+def _server_settings(model_dir: Path, adapters_dir: Path, **overrides):
+    from loramux.server.settings import Settings
+
+    return Settings(model=str(model_dir), adapter_roots=(adapters_dir,), port=0, **overrides)  # defaults otherwise
+
+
+def _resident_bytes(server, names: list[str]) -> dict:
+    """Warm every adapter in turn: the accelerator bytes it adds against its true size. A warm-up
+    that evicted another adapter to make room is not counted (its delta is not one adapter's)."""
+    engine, bank = server.engine, server.engine.base.bank
+    worst, measured = 0.0, 0
+    for name in names:
+        record = engine.registry.get("default", name)
+        table, before = bank.slot_table(), bank.resident_bytes()
+        cuda_before = torch.cuda.memory_allocated() if bank_on_cuda(bank) else None
+        engine.load_adapter("default", name, record.source, warm=True)
+        kept = {uid for uid in table if uid is not None} <= set(bank.slot_table())
+        if not kept or record.uid in table:  # something was evicted, or it was resident already
+            continue
+        added = (torch.cuda.memory_allocated() - cuda_before) if cuda_before is not None else bank.resident_bytes() - before
+        worst = max(worst, abs(added - record.spec.size_bytes) / record.spec.size_bytes)
+        measured += 1
+    return {"max_relative_excess": round(worst, 6), "adapters_measured": measured, "budget_bytes": engine.adapter_memory_bytes}
+
+
+def bank_on_cuda(bank) -> bool:
+    return next(iter(bank.layers.values())).base_layer.weight.is_cuda
+
+
+def run_cell(cfg: MatrixConfig, model_dir: Path, adapters_dir: Path, names: list[str], base, sampling: str) -> dict:
+    """Every system on the same requests for one (model, adapters, sampling) cell."""
+    import loramux.client as lc
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loramux.server.app import BackgroundServer
+
+    params = SAMPLINGS[sampling]
+    reqs = _requests(cfg, names, base.vocab_size)
+    warm = reqs[: cfg.concurrency]
+    out: dict[str, dict] = {}
+    for system, overrides in (("loramux_mixed", {}), ("loramux_static", {"scheduling": "static"})):
+        server = BackgroundServer(_server_settings(model_dir, adapters_dir, **overrides), base=base)
+        try:
+            with lc.Client(server.target, timeout=600) as client:
+                for name in names:
+                    client.load_adapter(name, source=name)
+            runners.grpc_closed_loop(server.target, warm, cfg.concurrency, sampling=params)
+            out[system] = summarize(runners.grpc_closed_loop(server.target, reqs, cfg.concurrency, sampling=params))
+            if system == "loramux_mixed":
+                out["loramux_base_only"] = summarize(
+                    runners.grpc_closed_loop(server.target, reqs, cfg.concurrency, use_adapter=False, sampling=params)
+                )
+        finally:
+            server.stop()
+    plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=base.dtype).to(base.device).eval()
+    pad = base.pad_token_id
+    runners.peft_mixed_batches(plain, warm, cfg.concurrency, pad, params, use_adapters=False)
+    out["transformers_plain"] = summarize(runners.peft_mixed_batches(plain, reqs, cfg.concurrency, pad, params, use_adapters=False))
+    peft_model = PeftModel.from_pretrained(plain, str(adapters_dir / names[0]), adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(str(adapters_dir / name), adapter_name=name)
+    runners.peft_mixed_batches(peft_model, warm, cfg.concurrency, pad, params)
+    out["peft_adapter_names"] = summarize(runners.peft_mixed_batches(peft_model, reqs, cfg.concurrency, pad, params))
+    out["peft_naive"] = summarize(runners.peft_naive(peft_model, reqs, cfg.concurrency, pad, params))
+    expected = sum(r.output_tokens for r in reqs)
+    for system, summary in out.items():
+        if summary["output_tokens"] != expected:
+            raise AssertionError(f"{system} generated {summary['output_tokens']} tokens, not {expected}")
+    return out
+
+
+def ratios(systems: dict[str, dict]) -> dict[str, dict]:
+    """Each target's value in one cell, whether it is met, and its margin (>= 1 when met)."""
+    out = {}
+    for name, (pair, target, kind) in TARGETS.items():
+        if pair is None:
+            value = systems["loramux_mixed"]["ttft_p99_ms"] / systems["loramux_base_only"]["ttft_p99_ms"]
+        else:
+            value = systems[pair[0]]["output_tokens_per_s"] / systems[pair[1]]["output_tokens_per_s"]
+        margin = value / target if kind == "min" else target / value
+        out[name] = {"value": round(value, 3), "target": target, "kind": kind, "met": margin >= 1, "margin": round(margin, 3)}
+    return out
+
+
+def run(cfg: MatrixConfig, work: Path) -> dict:
+    from loramux.bench.micro import decode_step
+    from loramux.server.base_model import load_base_model
+
+    started = time.monotonic()
+    cells, steps, memory = [], [], []
+    for m, dims in enumerate(cfg.models):
+        model_dir = _build_model(cfg, dims, work / f"model{m}")
+        base = load_base_model(_server_settings(model_dir, work))
+        step_base = load_base_model(_server_settings(model_dir, work, adapter_slots=max(16, cfg.concurrency)))
+        step = decode_step(step_base, BenchConfig(rank=16, target_modules=ALL, step_rows=16, step_kv=64, step_reps=cfg.step_reps))
+        steps.append({"hidden": dims[0], "layers": dims[1], **step})
+        del step_base
+        for shape in cfg.shapes:
+            adapters_dir = work / f"model{m}-{shape}"
+            names = _build_adapters(cfg, model_dir, shape, adapters_dir)
+            from loramux.server.app import BackgroundServer
+
+            with BackgroundServer(_server_settings(model_dir, adapters_dir), base=base) as server:
+                for name in names:
+                    server.engine.load_adapter("default", name, name)
+                memory.append({"hidden": dims[0], "shape": shape, **_resident_bytes(server, names)})
+            for sampling in cfg.samplings:
+                log.info("cell: hidden %d, %s, %s", dims[0], shape, sampling)
+                systems = run_cell(cfg, model_dir, adapters_dir, names, base, sampling)
+                cells.append({"hidden": dims[0], "layers": dims[1], "shape": shape, "sampling": sampling,
+                              "systems": systems, "ratios": ratios(systems)})
+        del base
+    cells.sort(key=lambda c: min(r["margin"] for r in c["ratios"].values()))  # the worst cell first
+    return {
+        "config": dataclasses.asdict(cfg),
+        "server_flags": "defaults (loramux serve --model M --adapter-root R --port 0)",
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "cells": cells,
+        "decode_step": steps,
+        "resident_bytes": memory,
+        "wall_s": round(time.monotonic() - started, 1),
+    }
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"Server flags: {results['server_flags']}. Cells sorted worst first (by their smallest margin to a target).",
+        "",
+        "| model | adapters | sampling | " + " | ".join(f"{n} (target {t[1]})" for n, t in TARGETS.items()) + " | mixed tok/s |",
+        "|---|---|---|" + "---|" * (len(TARGETS) + 1),
+    ]
+    for c in results["cells"]:
+        marks = [f"{r['value']}{'' if r['met'] else ' (miss)'}" for r in c["ratios"].values()]
+        lines.append(f"| h{c['hidden']}x{c['layers']} | {c['shape']} | {c['sampling']} | " + " | ".join(marks)
+                     + f" | {c['systems']['loramux_mixed']['output_tokens_per_s']} |")
+    lines += ["", "| model | decode step: 16 rows x 16 distinct r16 adapters, all seven projections / base step (target 1.15 at h1024) |",
+              "|---|---|"]
+    lines += [f"| h{s['hidden']}x{s['layers']} | {s['ratio']} (base {s['base_step_ms']} ms) |" for s in results["decode_step"]]
+    lines += ["", "| model | adapters | bytes per resident adapter vs its true size (largest excess) |", "|---|---|---|"]
+    lines += [f"| h{r['hidden']} | {r['shape']} | {r['max_relative_excess']:.2%} |" for r in results["resident_bytes"]]
+    lines += ["", f"Wall time {results['wall_s']} s on {results['machine']['platform']}, torch {results['machine']['torch']}, "
+              f"{results['machine']['threads']} threads."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loramux.bench.matrix", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="one tiny model, two shapes (the suite runs this)")
+    parser.add_argument("--out", default="bench-results", help="directory for matrix.json and matrix.md")
+    parser.add_argument("--models", help="hidden sizes to keep, comma-separated (e.g. 512,1024)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("loramux.access").setLevel(logging.WARNING)
+    cfg = MatrixConfig.quick() if args.quick else MatrixConfig()
+    if args.models:
+        keep = {int(h) for h in args.models.split(",")}
+        cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m[0] in keep))
+    torch.manual_seed(cfg.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(cfg, Path(tmp))
+    results["command"] = " ".join(["python -m loramux.bench.matrix", *(argv if argv is not None else sys.argv[1:])])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "matrix.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "matrix.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
