@@ -37,23 +37,32 @@ def wait_for(predicate, timeout: float = 10.0, what: str = "condition"):
     pytest.fail(f"timed out waiting for {what}")
 
 
-def test_shutdown_past_grace_cuts_with_shutting_down_after_health_says_not_serving(assets):
-    srv = BackgroundServer(assets.settings(adapter_slots=2))
+def queue_one_then_stop(srv, request: dict, grace: float):
+    """With the engine held, queue one Generate and start stopping the server with `grace`.
+    Returns (the call's outcome queue, the stopping thread); the engine is held until the
+    caller leaves the returned context."""
     outcome: queue.Queue = queue.Queue()
 
     def call():
         try:
             with lc.Client(srv.target, timeout=30) as c:
-                outcome.put(c.generate(prompt=PROMPTS[0], max_new_tokens=200))
+                outcome.put(c.generate(**request))
         except lc.LoramuxError as e:
             outcome.put(e)
 
+    threading.Thread(target=call).start()
+    wait_for(lambda: srv.engine.stats().waiting == 1, what="the request to queue")
+    stopper = threading.Thread(target=lambda: srv.run(srv.running.stop(grace=grace)))
+    stopper.start()
+    wait_for(lambda: srv.running.servicer.draining, what="draining")
+    return outcome, stopper
+
+
+def test_shutdown_past_grace_cuts_with_shutting_down_after_health_says_not_serving(assets):
+    srv = BackgroundServer(assets.settings(adapter_slots=2))
     try:
         with engine_paused(srv.engine):
-            threading.Thread(target=call).start()
-            wait_for(lambda: srv.engine.stats().waiting == 1, what="the request to queue")
-            stopper = threading.Thread(target=lambda: srv.run(srv.running.stop(grace=0.0)))
-            stopper.start()
+            outcome, stopper = queue_one_then_stop(srv, dict(prompt=PROMPTS[0], max_new_tokens=200), grace=0.0)
             # The listener is still open: health answers NOT_SERVING, new calls SHUTTING_DOWN.
             wait_for(lambda: health_of(srv.target) == NOT_SERVING, what="NOT_SERVING")
             with lc.Client(srv.target, timeout=10) as c, pytest.raises(lc.LoramuxError) as refused:
@@ -69,19 +78,9 @@ def test_shutdown_past_grace_cuts_with_shutting_down_after_health_says_not_servi
 
 def test_work_in_flight_finishes_within_the_grace_period(assets):
     srv = BackgroundServer(assets.settings(adapter_slots=2))
-    outcome: queue.Queue = queue.Queue()
-
-    def call():
-        with lc.Client(srv.target, timeout=30) as c:
-            outcome.put(c.generate(prompt=PROMPTS[1], adapter_id="", max_new_tokens=N))
-
     try:
         with engine_paused(srv.engine):
-            threading.Thread(target=call).start()
-            wait_for(lambda: srv.engine.stats().waiting == 1, what="the request to queue")
-            stopper = threading.Thread(target=lambda: srv.run(srv.running.stop(grace=20.0)))
-            stopper.start()
-            wait_for(lambda: srv.running.servicer.draining, what="draining")
+            outcome, stopper = queue_one_then_stop(srv, dict(prompt=PROMPTS[1], max_new_tokens=N), grace=20.0)
         assert outcome.get(timeout=20).token_ids == assets.oracle(None, PROMPTS[1], N)
         stopper.join(20)
         assert not stopper.is_alive()
