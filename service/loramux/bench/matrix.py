@@ -4,7 +4,8 @@ Every loramux server here runs with the server's **default flags** (only the mod
 adapter root and a free port are given), as a user who types `loramux serve` gets. For each
 cell of model size x adapter shape x sampling, side by side in one run, on the same requests:
 
-- loramux, mixed adapters, through gRPC (16 streaming clients, closed loop);
+- loramux, mixed adapters, through gRPC (16 streaming clients, closed loop, in a separate
+  process: users' clients do not share the server's interpreter);
 - loramux, base model only, through gRPC;
 - loramux with `--scheduling static` (continuous batching off), mixed adapters;
 - peft `generate(adapter_names=...)` on static batches of 16;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import multiprocessing
 import json
 import logging
 import platform
@@ -28,6 +30,7 @@ import random
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -145,7 +148,9 @@ def bank_on_cuda(bank) -> bool:
     return next(iter(bank.layers.values())).base_layer.weight.is_cuda
 
 
-def run_cell(cfg: MatrixConfig, model_dir: Path, adapters_dir: Path, names: list[str], base, sampling: str) -> dict:
+def run_cell(
+    cfg: MatrixConfig, model_dir: Path, adapters_dir: Path, names: list[str], base, sampling: str, load_generator
+) -> dict:
     """Every system on the same requests for one (model, adapters, sampling) cell."""
     import loramux.client as lc
     from peft import PeftModel
@@ -157,18 +162,21 @@ def run_cell(cfg: MatrixConfig, model_dir: Path, adapters_dir: Path, names: list
     reqs = _requests(cfg, names, base.vocab_size)
     warm = reqs[: cfg.concurrency]
     out: dict[str, dict] = {}
+    def clients(target: str, requests: list[Req], **kwargs):
+        # The load generator runs in its own process, as users' clients run elsewhere: in this
+        # one its threads would take the GIL from the server's event loop and engine thread.
+        return load_generator.submit(runners.grpc_closed_loop, target, requests, cfg.concurrency, **kwargs).result()
+
     for system, overrides in (("loramux_mixed", {}), ("loramux_static", {"scheduling": "static"})):
         server = BackgroundServer(_server_settings(model_dir, adapters_dir, **overrides), base=base)
         try:
             with lc.Client(server.target, timeout=600) as client:
                 for name in names:
                     client.load_adapter(name, source=name)
-            runners.grpc_closed_loop(server.target, warm, cfg.concurrency, sampling=params)
-            out[system] = summarize(runners.grpc_closed_loop(server.target, reqs, cfg.concurrency, sampling=params))
+            clients(server.target, warm, sampling=params)
+            out[system] = summarize(clients(server.target, reqs, sampling=params))
             if system == "loramux_mixed":
-                out["loramux_base_only"] = summarize(
-                    runners.grpc_closed_loop(server.target, reqs, cfg.concurrency, use_adapter=False, sampling=params)
-                )
+                out["loramux_base_only"] = summarize(clients(server.target, reqs, use_adapter=False, sampling=params))
         finally:
             server.stop()
     plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=base.dtype).to(base.device).eval()
@@ -207,6 +215,7 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
 
     started = time.monotonic()
     cells, steps, memory = [], [], []
+    load_generator = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     for m, dims in enumerate(cfg.models):
         model_dir = _build_model(cfg, dims, work / f"model{m}")
         base = load_base_model(_server_settings(model_dir, work))
@@ -225,10 +234,11 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
                 memory.append({"hidden": dims[0], "shape": shape, **_resident_bytes(server, names)})
             for sampling in cfg.samplings:
                 log.info("cell: hidden %d, %s, %s", dims[0], shape, sampling)
-                systems = run_cell(cfg, model_dir, adapters_dir, names, base, sampling)
+                systems = run_cell(cfg, model_dir, adapters_dir, names, base, sampling, load_generator)
                 cells.append({"hidden": dims[0], "layers": dims[1], "shape": shape, "sampling": sampling,
                               "systems": systems, "ratios": ratios(systems)})
         del base
+    load_generator.shutdown()
     cells.sort(key=lambda c: min(r["margin"] for r in c["ratios"].values()))  # the worst cell first
     return {
         "config": dataclasses.asdict(cfg),
