@@ -125,6 +125,8 @@ class AdapterAdmin:
                 if not self._cache.pin(record.uid, self._settings.adapter_slots - 1, self._max_pinned_bytes):
                     raise self._pin_limit()
                 self._registry.set_pinned(record)
+        except AdapterGone:  # unloaded or replaced between acquire and pin: the caller reports it
+            return False
         finally:
             self._cache.release(record.uid)
         return True
