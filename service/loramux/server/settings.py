@@ -52,7 +52,8 @@ class Settings:
     host_cache_mib: int = 1024
     """Tier 2: MiB of host memory for adapters evicted from slots."""
     max_lora_rank: int = 64
-    """Adapters of higher rank are refused; slots are padded to this rank."""
+    """Adapters of higher rank are refused. Memory follows each adapter's own rank; this sizes
+    the default accelerator budget and the room kept free of pins."""
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
     """Base modules (by short name) that get adapter slots; adapters may target any subset."""
     max_batch_size: int = 16

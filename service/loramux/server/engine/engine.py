@@ -4,10 +4,13 @@ One worker thread runs the running batch one step at a time (continuous batching
 steps it runs queued jobs (slot warm-ups), asks the scheduler which waiting requests join,
 prefills those and concatenates them to the running batch; rows that finished, were
 cancelled or expired leave the batch after the step and release their adapters at once.
-Other threads (the gRPC layer's executor, I/O workers) read adapter files and register
-adapters, but slot changes happen on the worker thread only, between steps. The scheduler
-(scheduler.py) owns the waiting requests and the admission policy; the batch (batch.py)
-owns the KV cache.
+Other threads (the gRPC layer's pools, I/O workers) read adapter files and register
+adapters. Adapters are placed in slots on the worker thread only, between passes; an unload
+frees an idle adapter's slot at once from the caller's thread (a slot in use is freed when
+its rows finish). A pass never breaks the worker: a failure ends the requests it concerns.
+The scheduler (scheduler.py) owns the waiting requests and the admission policy; the batch
+(batch.py) owns the KV cache; adapter administration (adapter_admin.py) and merges
+(merges.py) have their own owners.
 """
 
 from __future__ import annotations
