@@ -9,6 +9,8 @@ from loramux.server.settings import Settings
     ("batch_window_ms", -1), ("base_mismatch", "ignore"), ("target_modules", ()), ("max_batch_size", 0),
     ("scheduling", "fifo"), ("adapter_wait_ms", -5), ("max_batch_tokens", 1), ("max_prefill_tokens", 0),
     ("max_queue_per_tenant", 10_000), ("max_queue_per_tenant", 0), ("join_ratio", -1), ("join_max_steps", -1),
+    ("adapter_memory_mib", 0), ("adapter_memory_mib", float("inf")), ("slot_wait_s", float("nan")),
+    ("engine_stall_s", 0), ("shutdown_grace_s", float("inf")), ("max_prompt_bytes", 0),
 ])
 def test_invalid_settings_name_the_field(tmp_path, field, value):
     with pytest.raises(InvalidSettings) as e:

@@ -77,13 +77,6 @@ class OperationStore:
                 raise OperationNotFound(f"no operation {shown!r}", field="name")
             return op
 
-    def wait(self, tenant: str, name: str, timeout: float | None) -> Operation:
-        """Block until the operation is done or `timeout` passes; returns it either way."""
-        op = self.get(tenant, name)
-        with self._cond:
-            self._cond.wait_for(lambda: op.done, timeout=timeout)
-        return op
-
     def on_done(self, op: Operation, callback: Callable[[], None]) -> None:
         """Call `callback` once `op` is done (at once if it is; else from the finishing thread)."""
         with self._cond:

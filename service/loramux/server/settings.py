@@ -6,6 +6,7 @@ Nothing in the server reads the environment; `loramux serve` builds this from it
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 from loramux.server.errors import InvalidSettings
@@ -144,6 +145,11 @@ class Settings:
                 raise bad(name, f"must be >= {low}, got {value}")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise bad("default_max_new_tokens", "must not exceed max_new_tokens_limit")
+        for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio", "slot_wait_s", "engine_stall_s",
+                     "shutdown_grace_s", "adapter_memory_mib"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise bad(name, f"must be a finite number, got {value}")
         if self.adapter_memory_mib is not None and not self.adapter_memory_mib > 0:
             raise bad("adapter_memory_mib", f"must be > 0, got {self.adapter_memory_mib}")
         if not self.engine_stall_s > 0:

@@ -99,6 +99,7 @@ class TieredAdapterCache:
         # Read from disk but larger than the whole host tier: held only until acquire() takes it.
         self._parked: dict[int, AdapterWeights] = {}
         self._nbytes: dict[int, int] = {}  # uid -> bytes of its weights (as registered)
+        self._slot_bytes: dict[int, int] = {}  # uid -> bytes it takes in a slot (serving dtype, true rank)
         # (kind, uid, tier, seconds) for metrics: ("evict", uid, tier evicted from, None) or
         # ("load", uid, tier loaded from, seconds it took).
         self.on_event: Callable[[str, int, Tier, float | None], None] | None = None
@@ -113,6 +114,7 @@ class TieredAdapterCache:
                 raise KeyError(f"adapter uid {uid} is already cached")
             self._ranks[uid] = _template(weights)
             self._nbytes[uid] = weights.nbytes
+            self._slot_bytes[uid] = self._bank.adapter_bytes(weights)  # what it will take in a slot
             self._put_host(uid, weights)
             return self.tier(uid)
 
@@ -134,6 +136,7 @@ class TieredAdapterCache:
         self._removed.discard(uid)
         self._ranks.pop(uid, None)
         self._nbytes.pop(uid, None)
+        self._slot_bytes.pop(uid, None)
         self.last_read_s.pop(uid, None)
 
     def _known(self, uid: int) -> bool:
@@ -256,7 +259,7 @@ class TieredAdapterCache:
             if self._accelerator_capacity is None:
                 return True
             kept = self._bank.counted_bytes() - sum(self._bank.bytes_of(uid) for uid in others)
-            need = sum(self._template_bytes(uid) for uid in missing)
+            need = sum(self._slot_bytes[uid] for uid in missing)
             return kept + need <= self._accelerator_capacity
 
     def accelerator_bytes(self) -> int:
@@ -305,7 +308,7 @@ class TieredAdapterCache:
                 problems.append(f"in-use counts {dict(self._in_use)} do not match slots")
             if not self._removed <= set(self._in_use):
                 problems.append(f"removed uids {sorted(self._removed)} are no longer in use")
-            if set(self._ranks) != set(self._nbytes) or set(self.last_read_s) - set(self._ranks):
+            if not set(self._ranks) == set(self._nbytes) == set(self._slot_bytes) or set(self.last_read_s) - set(self._ranks):
                 problems.append("per-adapter records (shapes, bytes, read times) disagree")
             for uid in list(self._host.keys()) + list(self._parked):
                 if not self._known(uid) or uid in resident:
@@ -370,14 +373,6 @@ class TieredAdapterCache:
             self._emit("evict", victim, Tier.HOST, None)
         self._host.evicted.clear()
         return True
-
-    def _template_bytes(self, uid: int) -> int:
-        """An adapter's bytes in a slot, from its registered shapes (it need not be in memory)."""
-        return sum(
-            m.rank * (layer.in_features + layer.out_features) * layer.base_layer.weight.element_size()
-            for name, m in self._ranks[uid].modules.items()
-            for layer in (self._bank.layers[name],)
-        )
 
     def _emit(self, kind: str, uid: int, tier: Tier, seconds: float | None) -> None:
         if self.on_event is not None:

@@ -170,11 +170,11 @@ class Batch:
             mine_seen = self.seen if self.seen is not None else _seen_mask(self.base, self.rows, force=True)
             their_seen = other.seen if other.seen is not None else _seen_mask(self.base, other.rows, force=True)
             seen = torch.cat([mine_seen, their_seen])
-        slots = self.base.bank.plan([row.request.adapter_uid for row in rows], self.base.device)
+        plan = self.base.bank.plan([row.request.adapter_uid for row in rows], self.base.device)
         params = _batch_params(rows, self.base.device)
         for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
             layer.keys, layer.values = keys, values
-        self.positions, self.tokens, self.rows, self._plan, self._params, self.seen = positions, tokens, rows, slots, params, seen
+        self.positions, self.tokens, self.rows, self._plan, self._params, self.seen = positions, tokens, rows, plan, params, seen
         self._set_mask(mask)
 
     def fail(self, error: LoramuxError) -> list[Row]:

@@ -52,15 +52,11 @@ class KvBudget:
         self.width = kv_width  # the cache's width after the join
         self.most_remaining = most_remaining  # the most tokens one row may still generate
 
-    def cost(self, extra: GenerationRequest | None = None) -> int:
-        rows, width, remaining = self.rows, self.width, self.most_remaining
-        if extra is not None:
-            rows, width = rows + 1, max(width, extra.prompt_tokens)
-            remaining = max(remaining, extra.params.max_new_tokens)
-        return rows * (width + remaining)
-
     def fits(self, request: GenerationRequest) -> bool:
-        return self.cost(request) <= self.limit
+        """Whether the batch with `request` added stays within the limit."""
+        width = max(self.width, request.prompt_tokens)
+        remaining = max(self.most_remaining, request.params.max_new_tokens)
+        return (self.rows + 1) * (width + remaining) <= self.limit
 
     def add(self, request: GenerationRequest) -> None:
         self.rows += 1
