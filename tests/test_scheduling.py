@@ -339,3 +339,68 @@ def test_a_lone_arrival_joins_a_busy_batch_after_join_max_steps(assets):
         assert rec.token_ids("late") == assets.oracle(None, PROMPTS[2], 4)
     finally:
         engine.stop()
+
+
+def test_idle_window_waits_for_a_quiet_gap_at_most_four_windows(assets):
+    """When nothing runs, requests start once none has arrived for `batch_window_ms`: arrivals
+    closer together than the window start as one prefill, however long they keep coming, up
+    to four windows after the first."""
+    import time
+
+    engine = make_engine(assets, batch_window_ms=500)
+    try:
+        rec = Recorder()
+        before = engine.stats().prefills
+        for i in range(3):  # 0, 300 and 600 ms: each gap under the window, the spread over it
+            if i:
+                time.sleep(0.3)
+            submit(engine, rec, f"near{i}", None, PROMPTS[i], n=2)
+        rec.wait_all()
+        assert engine.stats().prefills - before == 1
+        assert {rec.index(f"near{i}", TokenEvent) for i in range(3)} == {0, 1, 2}  # the first three events
+
+        before = engine.stats().prefills
+        first_token_at = []
+
+        def emit(event):
+            if isinstance(event, TokenEvent) and not first_token_at:
+                first_token_at.append(time.monotonic())
+
+        started = time.monotonic()
+        submitted = []
+        for i in range(10):  # one every 300 ms, for 2.7 s: never a quiet gap
+            if i:
+                time.sleep(0.3)
+            submitted.append(time.monotonic() - started)
+            engine.submit("default", GenerateInput(prompt=PROMPTS[i % len(PROMPTS)], max_new_tokens=2), emit)
+        deadline = time.monotonic() + 60
+        while engine.stats().prefills - before < 2 or engine.stats().running or engine.stats().waiting:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        # The cap (4 x 500 ms after the first arrival) started a batch while requests still
+        # arrived, and not before: no gap was quiet for a window.
+        assert submitted[-1] > 2.4
+        assert 2.0 <= first_token_at[0] - started < submitted[-1]
+    finally:
+        engine.stop()
+
+
+def test_decode_steps_count_each_distinct_adapters_bytes_once(assets):
+    engine = make_engine(assets)
+    try:
+        (a, p), = [(a, p) for a, p in long_jobs(assets, 1)][:1]
+        rec = Recorder()
+        gate = hold(engine)
+        before = engine.stats()
+        for i in range(3):  # two rows on one adapter, one on the base model, prefilled together
+            submit(engine, rec, f"r{i}", a if i < 2 else None, p)
+        gate.set()
+        rec.wait_all()
+        settle(engine)
+        after = engine.stats()
+        uid = engine.registry.get("default", a).uid
+        steps = after.steps - before.steps
+        assert steps == N - 1  # the prefill chose each row's first token
+        assert after.adapter_bytes_read - before.adapter_bytes_read == steps * engine.base.bank.bytes_of(uid) > 0
+    finally:
+        engine.stop()

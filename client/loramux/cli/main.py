@@ -38,7 +38,7 @@ def _serve_parser(sub) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=65536,
                    help="padded KV cache the batch may reach: rows x (widest prompt + output), in tokens")
     p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled in one step at most")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, wait this long for more requests")
+    p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, start once no request has arrived for this long (at most 4x after the first)")
     p.add_argument("--join-ratio", type=float, default=0.25,
                    help="while rows decode, prefill waiting requests once they are this share of the running rows")
     p.add_argument("--join-max-steps", type=int, default=8, help="... or once the oldest has waited this many steps")

@@ -21,6 +21,7 @@ from grpc_reflection.v1alpha import reflection
 from loramux.server.api.operations_servicer import OperationsServicer
 from loramux.server.api.servicer import LoramuxServicer, Malformed, Pools
 from loramux.server.base_model import load_base_model
+from loramux.server.cpu_threads import in_own_thread
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.restore import restore_state
 from loramux.server.settings import Settings
@@ -165,7 +166,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     telemetry = build_telemetry(settings)
     if telemetry.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host or settings.host, telemetry.metrics_port)
-    engine = await asyncio.get_running_loop().run_in_executor(None, build_engine, settings, telemetry)
+    engine = await asyncio.get_running_loop().run_in_executor(None, in_own_thread, build_engine, settings, telemetry)
     running = await create_server(engine)
     print(f"loramux listening on {settings.host}:{running.port}", flush=True)
     if ready is not None:
@@ -193,7 +194,7 @@ class BackgroundServer:
 
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or build_telemetry(settings)
-        self.engine = build_engine(settings, self.telemetry, base)
+        self.engine = in_own_thread(build_engine, settings, self.telemetry, base)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loramux-grpc", daemon=True)
         self._thread.start()

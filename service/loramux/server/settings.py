@@ -65,7 +65,9 @@ class Settings:
     max_prefill_tokens: int = 4096
     """Prompt tokens prefilled in one step at most (a longer prompt is prefilled alone)."""
     batch_window_ms: float = 5.0
-    """When nothing runs: how long to wait for more requests once one has arrived."""
+    """When nothing runs: requests are prefilled once none has arrived for this long (or a full
+    batch waits), and at most 4 windows after the first of them arrived. Clients that come back
+    together (a closed loop, a fan-out) start together instead of in fragments."""
     join_ratio: float = 0.25
     """While rows decode, waiting requests join (are prefilled) once they number this share of
     the running rows, or could fill the batch (prefilling together is cheaper per token)."""

@@ -16,6 +16,7 @@ import asyncio
 import functools
 import inspect
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,7 @@ from opentelemetry import trace
 
 from loramux.server.api import convert
 from loramux.server.api.status import abort, code_of
+from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.request import ErrorEvent, Event, FinishEvent, TokenEvent
 from loramux.server.errors import InternalError, InvalidRequest, LoramuxError, ShuttingDown
@@ -138,8 +140,8 @@ class Pools:
     needs no thread (it is awaited)."""
 
     def __init__(self, admission_threads: int = 4, adapter_threads: int = 4):
-        self.admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="loramux-admit")
-        self.adapters = ThreadPoolExecutor(adapter_threads, thread_name_prefix="loramux-adapters")
+        self.admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="loramux-admit", initializer=limit_to_one_thread)
+        self.adapters = ThreadPoolExecutor(adapter_threads, thread_name_prefix="loramux-adapters", initializer=limit_to_one_thread)
 
     def shutdown(self) -> None:
         self.admission.shutdown(wait=False, cancel_futures=True)
@@ -167,22 +169,51 @@ def _add_event(message, event: TokenEvent | FinishEvent) -> None:
         message.timings.CopyFrom(convert.timings(event.timings))
 
 
+class _Mailbox:
+    """Events from the engine thread to the event loop, with one wake-up per burst.
+
+    A decode step emits one event per row; waking the loop for each (a pipe write, a GIL
+    hand-over) costs the engine's step more than the events themselves. Events posted while
+    a delivery is pending ride along with it, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:  # any thread
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a delivery is scheduled already
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:  # the loop's thread
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)
+
+
 class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     def __init__(self, engine: Engine, pools: Pools):
         self._engine = engine
         self._pools = pools
+        self._mailbox: _Mailbox | None = None  # made on the event loop's first call
         self.draining = False  # set at shutdown: new calls get UNAVAILABLE / SHUTTING_DOWN
 
     async def _events(self, request: generation_pb2.GenerateRequest, context) -> AsyncIterator[Event]:
         """Submit to the engine and yield its events; a caller that goes away cancels the row."""
-        loop = asyncio.get_running_loop()
+        if self._mailbox is None:
+            self._mailbox = _Mailbox(asyncio.get_running_loop())
+        post = self._mailbox.post
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def emit(event: Event) -> None:  # engine thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the loop has closed: nobody is listening any more
-                pass
+            post(events, event)
 
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None

@@ -89,6 +89,11 @@ class Batch:
     def kv_length(self) -> int:
         return self.mask.shape[1] - 1
 
+    @property
+    def adapter_bytes(self) -> int:
+        """The adapter weights a pass over this batch reads (each distinct adapter once)."""
+        return self._plan.adapter_bytes if self._plan is not None else 0
+
     def most_remaining(self) -> int:
         """The most tokens one row may still generate (the padded cache grows until it is done)."""
         return max((r.request.params.max_new_tokens - r.generated for r in self.rows), default=0)

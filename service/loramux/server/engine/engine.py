@@ -29,6 +29,7 @@ from typing import TypeVar
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.base_model import BaseModel
+from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.failures import as_domain_error
 from loramux.server.engine.batch import Batch, Row, check_cache_layout, ended_early, new_row
 from loramux.server.engine.inputs import GenerateInput, prompt_ids, sampling_params
@@ -58,7 +59,8 @@ from loramux.server.telemetry.signals import Telemetry
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _IDLE_POLL_S = 0.02  # while requests wait for an adapter read or a slot and nothing runs
-_CUT_WAIT_S = 5.0  # after the grace period: how long the cut rows may take to be answered
+_CUT_WAIT_S = 5.0
+QUIET_WAIT_CAP = 4  # when idle, the batch window ends at most this many windows after the first arrival  # after the grace period: how long the cut rows may take to be answered
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +71,7 @@ class EngineStats:
     kv_length: int  # KV cache columns of the running batch (padding included)
     steps: int  # decode steps run so far
     prefills: int  # prefill passes run so far
+    adapter_bytes_read: int  # adapter weights read by the decode steps so far (each distinct adapter once a step)
 
 
 RESIDENT_MAX_RANK_ADAPTERS = 8  # the default accelerator budget, in adapters of max_lora_rank
@@ -113,13 +116,14 @@ class Engine:
         check_cache_layout(base)
         self._cond = threading.Condition()
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
-        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io")
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io", initializer=limit_to_one_thread)
         self._scheduler = Scheduler(
             settings, self.cache, self.registry.current_uid, self._io, self._wake
         )
         self._running: Batch | None = None
         self._steps = 0
         self._prefills = 0
+        self._adapter_bytes_read = 0
         self.operations = OperationStore(self.state, MERGE_RESULTS)
         self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry)
         self.adapters = AdapterAdmin(
@@ -269,6 +273,7 @@ class Engine:
                 kv_length=running.kv_length if running is not None else 0,
                 steps=self._steps,
                 prefills=self._prefills,
+                adapter_bytes_read=self._adapter_bytes_read,
             )
 
     def cancel(self, request: GenerationRequest) -> None:
@@ -356,6 +361,7 @@ class Engine:
             try:
                 self._running.step()
                 self._steps += 1
+                self._adapter_bytes_read += self._running.adapter_bytes
             except Exception as e:  # the forward pass is shared: every running row is concerned
                 self._fail_running(as_domain_error(e, "decode step failed"))
         if self._running is not None:
@@ -473,8 +479,9 @@ class Engine:
                     if running and (self.settings.scheduling == "static" or not self._worth_joining(running)):
                         return []
                     now = time.monotonic()
-                    if not running:
-                        wait_left = self._scheduler.oldest_arrival() + window - now
+                    if not running:  # a quiet gap of `window`, at most QUIET_WAIT_CAP windows in all
+                        wait_left = min(self._scheduler.newest_arrival() + window,
+                                        self._scheduler.oldest_arrival() + QUIET_WAIT_CAP * window) - now
                         if len(self._scheduler) < self.settings.max_batch_size and wait_left > 0:
                             self._cond.wait(wait_left)
                             continue

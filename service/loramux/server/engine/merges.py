@@ -19,6 +19,7 @@ from opentelemetry.trace import StatusCode
 
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.base_model import BaseModel
+from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.failures import as_domain_error
 from loramux.server.errors import MergeFailed, MergeOutputExists, ShuttingDown
 from loramux.server.merge import MergeResult, merge_to_checkpoint, resolve_output
@@ -40,7 +41,7 @@ class Merges:
         self.telemetry = telemetry
         self.draining = False  # set at shutdown: new merges are refused
         self._lock = threading.Lock()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge", initializer=limit_to_one_thread)
         self._claims: dict[Path, int] = {}  # output directory -> merges queued or running for it
 
     def shutdown(self) -> None:

@@ -91,6 +91,9 @@ class Scheduler:
         oldest = self.oldest()
         return oldest.arrival if oldest is not None else None
 
+    def newest_arrival(self) -> float | None:
+        return max((q[-1].arrival for q in self._waiting.values() if q), default=None)
+
     def oldest(self) -> GenerationRequest | None:
         return min((q[0] for q in self._waiting.values() if q), key=lambda r: r.arrival, default=None)
 

@@ -135,6 +135,7 @@ class SlotBank:
             slots=slots,
             groups=[(slot, torch.tensor(rows, dtype=torch.long, device=device)) for slot, rows in groups.items()],
             device=device,
+            adapter_bytes=sum(self._bytes[self._uids[slot]] for slot in groups),
         )
 
     def route(self, plan: RoutingPlan | None) -> None:

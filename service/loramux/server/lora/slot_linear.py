@@ -46,6 +46,7 @@ class RoutingPlan:
     groups: list[tuple[int, torch.Tensor]]  # (slot, row indices [k] int64) for each distinct adapter slot, in first-use order
     device: torch.device
     row_slots: torch.Tensor | None = None  # [rows] int64, the same as `slots`, on the device
+    adapter_bytes: int = 0  # the distinct adapters' weights, each read once per pass
 
     def __post_init__(self) -> None:
         if self.row_slots is None:
