@@ -47,6 +47,11 @@ def test_quick_matrix_runs_every_system_at_default_flags(tmp_path):
         assert set(cell["systems"]) == set(MATRIX_SYSTEMS) and set(cell["ratios"]) == set(TARGETS)
         for name, system in cell["systems"].items():  # every system did exactly the same work
             assert (system["requests"], system["output_tokens"]) == (cfg.requests, cfg.requests * cfg.output_tokens), name
+        mixed, base_only = cell["systems"]["loramux_mixed"], cell["systems"]["loramux_base_only"]
+        # The engine's counters: base-only steps read no adapter bytes, mixed ones some.
+        assert base_only["adapter_bytes_per_step"] == 0 < mixed["adapter_bytes_per_step"]
+        assert mixed["decode_steps"] >= cfg.output_tokens - 1 and mixed["prefills"] >= 1
+        assert 0 < cell["mixed_base_bandwidth_floor"] < 1
     # Resident adapters take their true size (exactly, on the CPU), whatever the max rank.
     assert all(r["max_relative_excess"] == 0 for r in results["resident_bytes"])
     assert len(results["decode_step"]) == len(cfg.models) and results["decode_step"][0]["ratio"] > 0

@@ -39,6 +39,7 @@ from loramux.bench import runners
 from loramux.bench.config import BenchConfig
 from loramux.bench.metrics import summarize
 from loramux.bench.workload import Req
+from loramux.server.cpu_threads import in_own_thread, limit_to_one_thread
 
 log = logging.getLogger("loramux.bench.matrix")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -174,26 +175,53 @@ def run_cell(
                 for name in names:
                     client.load_adapter(name, source=name)
             clients(server.target, warm, sampling=params)
+            before = server.engine.stats()
             out[system] = summarize(clients(server.target, reqs, sampling=params))
+            out[system].update(_engine_work(before, server.engine.stats()))
             if system == "loramux_mixed":
+                before = server.engine.stats()
                 out["loramux_base_only"] = summarize(clients(server.target, reqs, use_adapter=False, sampling=params))
+                out["loramux_base_only"].update(_engine_work(before, server.engine.stats()))
         finally:
             server.stop()
     plain = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=base.dtype).to(base.device).eval()
     pad = base.pad_token_id
-    runners.peft_mixed_batches(plain, warm, cfg.concurrency, pad, params, use_adapters=False)
-    out["transformers_plain"] = summarize(runners.peft_mixed_batches(plain, reqs, cfg.concurrency, pad, params, use_adapters=False))
+    # Each in-process system runs on a thread of its own that ends with it, as loramux's engine
+    # thread does: no system inherits another's idle OpenMP workers (server/cpu_threads.py).
+    in_own_thread(runners.peft_mixed_batches, plain, warm, cfg.concurrency, pad, params, False)
+    out["transformers_plain"] = summarize(in_own_thread(runners.peft_mixed_batches, plain, reqs, cfg.concurrency, pad, params, False))
     peft_model = PeftModel.from_pretrained(plain, str(adapters_dir / names[0]), adapter_name=names[0])
     for name in names[1:]:
         peft_model.load_adapter(str(adapters_dir / name), adapter_name=name)
-    runners.peft_mixed_batches(peft_model, warm, cfg.concurrency, pad, params)
-    out["peft_adapter_names"] = summarize(runners.peft_mixed_batches(peft_model, reqs, cfg.concurrency, pad, params))
-    out["peft_naive"] = summarize(runners.peft_naive(peft_model, reqs, cfg.concurrency, pad, params))
+    in_own_thread(runners.peft_mixed_batches, peft_model, warm, cfg.concurrency, pad, params)
+    out["peft_adapter_names"] = summarize(in_own_thread(runners.peft_mixed_batches, peft_model, reqs, cfg.concurrency, pad, params))
+    out["peft_naive"] = summarize(in_own_thread(runners.peft_naive, peft_model, reqs, cfg.concurrency, pad, params))
     expected = sum(r.output_tokens for r in reqs)
     for system, summary in out.items():
         if summary["output_tokens"] != expected:
             raise AssertionError(f"{system} generated {summary['output_tokens']} tokens, not {expected}")
     return out
+
+
+def _engine_work(before, after) -> dict:
+    """Passes a run took and the adapter bytes its decode steps read."""
+    steps = after.steps - before.steps
+    return {"decode_steps": steps, "prefills": after.prefills - before.prefills,
+            "adapter_bytes_per_step": round((after.adapter_bytes_read - before.adapter_bytes_read) / max(steps, 1))}
+
+
+def base_bytes_per_step(model) -> int:
+    """Weights a decode step reads from the base model: every parameter but the input embedding
+    table (a step looks up one row of it), unless the output head shares it."""
+    embedding = model.get_input_embeddings().weight
+    tied = model.get_output_embeddings() is not None and model.get_output_embeddings().weight is embedding
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p is not embedding or tied)
+
+
+def bandwidth_floor(systems: dict[str, dict], base_bytes: int) -> float:
+    """The mixed / base-only ratio a decode step bound by memory traffic would reach: base
+    weights against base plus the distinct adapters' weights the mixed run read per step."""
+    return round(base_bytes / (base_bytes + systems["loramux_mixed"]["adapter_bytes_per_step"]), 3)
 
 
 def ratios(systems: dict[str, dict]) -> dict[str, dict]:
@@ -214,13 +242,14 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
     from loramux.server.base_model import load_base_model
 
     started = time.monotonic()
+    limit_to_one_thread()  # set-up on this thread stays single-threaded; the systems run on their own threads
     cells, steps, memory = [], [], []
     load_generator = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
     for m, dims in enumerate(cfg.models):
         model_dir = _build_model(cfg, dims, work / f"model{m}")
         base = load_base_model(_server_settings(model_dir, work))
         step_base = load_base_model(_server_settings(model_dir, work, adapter_slots=max(16, cfg.concurrency)))
-        step = decode_step(step_base, BenchConfig(rank=16, target_modules=ALL, step_rows=16, step_kv=64, step_reps=cfg.step_reps))
+        step = in_own_thread(decode_step, step_base, BenchConfig(rank=16, target_modules=ALL, step_rows=16, step_kv=64, step_reps=cfg.step_reps))
         steps.append({"hidden": dims[0], "layers": dims[1], **step})
         del step_base
         for shape in cfg.shapes:
@@ -236,7 +265,8 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
                 log.info("cell: hidden %d, %s, %s", dims[0], shape, sampling)
                 systems = run_cell(cfg, model_dir, adapters_dir, names, base, sampling, load_generator)
                 cells.append({"hidden": dims[0], "layers": dims[1], "shape": shape, "sampling": sampling,
-                              "systems": systems, "ratios": ratios(systems)})
+                              "systems": systems, "ratios": ratios(systems),
+                              "mixed_base_bandwidth_floor": bandwidth_floor(systems, base_bytes_per_step(base.model))})
         del base
     load_generator.shutdown()
     cells.sort(key=lambda c: min(r["margin"] for r in c["ratios"].values()))  # the worst cell first
@@ -260,8 +290,11 @@ def markdown(results: dict) -> str:
     ]
     for c in results["cells"]:
         marks = [f"{r['value']}{'' if r['met'] else ' (miss)'}" for r in c["ratios"].values()]
+        marks[1] += f" [floor {c['mixed_base_bandwidth_floor']}]"
         lines.append(f"| h{c['hidden']}x{c['layers']} | {c['shape']} | {c['sampling']} | " + " | ".join(marks)
                      + f" | {c['systems']['loramux_mixed']['output_tokens_per_s']} |")
+    lines += ["", "[floor]: the mixed / base-only ratio a decode step bound by memory traffic would reach, from the base "
+              "weights and the distinct adapters' weights the mixed run's steps read (engine counters)."]
     lines += ["", "| model | decode step: 16 rows x 16 distinct r16 adapters, all seven projections / base step (target 1.15 at h1024) |",
               "|---|---|"]
     lines += [f"| h{s['hidden']}x{s['layers']} | {s['ratio']} (base {s['base_step_ms']} ms) |" for s in results["decode_step"]]
