@@ -1,0 +1,317 @@
+"""The engine thread: the running batch, one pass at a time (continuous batching).
+
+A pass is one of: run queued jobs (slot placements from adapter administration), prefill the
+requests the scheduler admits and concatenate them to the running batch, or decode one step.
+After each pass, rows that finished, were cancelled or expired leave the batch and release
+their adapters at once. A pass never breaks the loop: a failure ends the requests it
+concerns (the rows being joined, or the running batch) and the loop goes on.
+
+The worker owns the running batch, the jobs queue, the pass counters and the flags that stop
+it; the scheduler (scheduler.py) owns the waiting requests and the admission policy; the
+batch (batch.py) owns the KV cache. Everything the worker shares with other threads is
+guarded by its condition `cond`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from loramux.server.adapters.registry import AdapterRegistry
+from loramux.server.base_model import BaseModel
+from loramux.server.engine.batch import Batch, Row, ended_early, new_row
+from loramux.server.engine.failures import as_domain_error
+from loramux.server.engine.request import ErrorEvent, GenerationRequest
+from loramux.server.engine.scheduler import KvBudget, Scheduler
+from loramux.server.errors import InternalError, LoramuxError, ShuttingDown
+from loramux.server.settings import Settings
+
+IDLE_POLL_S = 0.02  # while requests wait for an adapter read or a slot and nothing runs
+QUIET_WAIT_CAP = 4  # when idle, the batch window ends at most this many windows after the first arrival
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineStats:
+    waiting: int
+    waiting_by_tenant: dict[str, int]
+    running: int
+    kv_length: int  # KV cache columns of the running batch (padding included)
+    steps: int  # decode steps run so far
+    prefills: int  # prefill passes run so far
+    adapter_bytes_read: int  # adapter weights read by the decode steps so far (each distinct adapter once a step)
+
+
+class Worker:
+    def __init__(self, settings: Settings, base: BaseModel, registry: AdapterRegistry, io: ThreadPoolExecutor):
+        self.settings = settings
+        self.base = base
+        self.registry = registry
+        self.cache = registry.cache
+        self.cond = threading.Condition()
+        self.scheduler = Scheduler(settings, self.cache, registry.current_uid, io, self.wake)
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
+        self._running: Batch | None = None
+        self._steps = 0
+        self._prefills = 0
+        self._adapter_bytes_read = 0
+        self.stopping = False  # the loop ends once the running rows finish
+        self.draining = False  # new work is refused
+        self.cut: LoramuxError | None = None  # set: end everything queued or running with it
+        self._pass_started: float | None = None  # when the current pass began (None: between passes)
+        self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+
+    # -- for other threads ----------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout: float) -> None:
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def healthy(self, stall_s: float) -> bool:
+        """Alive, and no pass has run longer than `stall_s`."""
+        if not self._thread.is_alive():
+            return False
+        started = self._pass_started
+        return started is None or time.monotonic() - started < stall_s
+
+    def enqueue(self, request: GenerationRequest) -> None:
+        """Queue a validated request (the scheduler may refuse it: QueueFull)."""
+        with self.cond:
+            if self.draining:
+                raise ShuttingDown("the server is shutting down")
+            request.arrival_step = self._steps
+            self.scheduler.push(request)
+            self.cond.notify_all()
+
+    def call(self, fn: Callable[[], object]) -> Future:
+        """Run `fn` on the engine thread between passes."""
+        future: Future = Future()
+        with self.cond:
+            if self.stopping:
+                raise ShuttingDown("the server is shutting down")
+            self._jobs.append((fn, future))
+            self.cond.notify_all()
+        return future
+
+    def wake(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def busy(self) -> bool:
+        """Rows running, requests waiting or jobs queued (hold `cond`)."""
+        return self._running is not None or bool(len(self.scheduler)) or bool(self._jobs)
+
+    def stats(self) -> EngineStats:
+        with self.cond:
+            running = self._running
+            return EngineStats(
+                waiting=len(self.scheduler),
+                waiting_by_tenant=self.scheduler.waiting_by_tenant(),
+                running=len(running) if running is not None else 0,
+                kv_length=running.kv_length if running is not None else 0,
+                steps=self._steps,
+                prefills=self._prefills,
+                adapter_bytes_read=self._adapter_bytes_read,
+            )
+
+    def refuse_new(self) -> None:
+        with self.cond:
+            self.draining = True
+            self.cond.notify_all()
+
+    def end_everything(self, error: LoramuxError) -> None:
+        """End what is queued or running with `error` at the next pass (shutdown past its grace)."""
+        with self.cond:
+            self.cut = error
+            self.cond.notify_all()
+
+    def stop(self) -> tuple[list[GenerationRequest], list[Future]]:
+        """Let the running rows finish, then end the loop; returns the waiting requests and the
+        queued jobs' futures, taken out, for the caller to answer."""
+        with self.cond:
+            self.stopping = self.draining = True
+            waiting = self.scheduler.drain()
+            jobs = [future for _, future in self._jobs]
+            self._jobs.clear()
+            self.cond.notify_all()
+        return waiting, jobs
+
+    # -- the loop (engine thread) -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            try:
+                admitted = self._next_work()
+            except Exception as e:  # a bug in admission: report it, keep serving
+                InternalError.logged(e, "admission failed")
+                time.sleep(IDLE_POLL_S)
+                continue
+            if admitted is None:
+                return
+            self._pass_started = time.monotonic()
+            try:
+                self._pass(admitted)
+            except Exception as e:  # last resort: nothing below should raise
+                self._fail_running(as_domain_error(e, "engine pass failed"))
+            finally:
+                with self.cond:
+                    self._pass_started = None
+                    self.cond.notify_all()
+
+    def _pass(self, admitted: list[GenerationRequest]) -> None:
+        if self.cut is not None:
+            self._end_all(admitted, self.cut)
+            return
+        if admitted:
+            self._join(admitted)
+        elif self._running is not None:
+            try:
+                self._running.step()
+                self._steps += 1
+                self._adapter_bytes_read += self._running.adapter_bytes
+            except Exception as e:  # the forward pass is shared: every running row is concerned
+                self._fail_running(as_domain_error(e, "decode step failed"))
+        if self._running is not None:
+            try:
+                gone = self._running.filter()
+            except Exception as e:
+                self._fail_running(as_domain_error(e, "filtering the batch failed"))
+                return
+            for row in gone:
+                self._row_done(row)
+            if not self._running:
+                with self.cond:
+                    self._running = None
+
+    def _end_all(self, admitted: list[GenerationRequest], error: LoramuxError) -> None:
+        """Answer every admitted, waiting and running request with `error` (at shutdown)."""
+        self._abandon(admitted, [], error)
+        with self.cond:
+            waiting = self.scheduler.drain()
+        for request in waiting:
+            request.emit(ErrorEvent(error))
+        self._fail_running(error)
+
+    def _join(self, admitted: list[GenerationRequest]) -> None:
+        """Prefill newly admitted requests and add them to the running batch. If anything fails
+        on the way, the admitted requests (and only they) get the error and their slots back."""
+        rows: list[Row] = []
+        try:
+            now = time.monotonic()
+            for request in admitted:
+                rows.append(new_row(self.base, request, now))
+            live = []
+            for row in rows:
+                if ended_early(row):
+                    self._row_done(row)
+                else:
+                    live.append(row)
+            if not live:
+                return
+            started_ns = time.time_ns()
+            for row in live:
+                row.request.timeline.prefill_start_ns = started_ns
+                row.request.timeline.prefill_rows = len(live)
+            fresh = Batch.prefill(self.base, live)
+            # The first tokens were emitted inside prefill; the end stamp only orders the spans.
+            ended_ns = time.time_ns()
+            for row in live:
+                row.request.timeline.prefill_end_ns = ended_ns
+            self._prefills += 1
+            with self.cond:
+                if self._running is None:
+                    self._running = fresh
+                else:
+                    self._running.concatenate(fresh)  # all or nothing: the running batch is intact on failure
+        except Exception as e:
+            self._abandon(admitted, rows, as_domain_error(e, f"joining {len(admitted)} request(s) failed"))
+
+    def _abandon(self, admitted: list[GenerationRequest], rows: list[Row], error: LoramuxError) -> None:
+        """End admitted requests that are not in the running batch, releasing their slots."""
+        with_rows = {id(row.request) for row in rows}
+        for row in Batch.abandon(rows, error):
+            self._row_done(row)
+        for request in admitted:
+            if id(request) not in with_rows:
+                request.emit(ErrorEvent(error))
+                if request.adapter_uid is not None:
+                    self.cache.release(request.adapter_uid)
+
+    def _fail_running(self, error: LoramuxError) -> None:
+        if self._running is not None:
+            for row in self._running.fail(error):
+                self._row_done(row)
+            with self.cond:
+                self._running = None
+
+    def _row_done(self, row: Row) -> None:
+        if row.released:  # a row is released once, however it ended
+            return
+        row.released = True
+        request = row.request
+        if request.adapter_uid is not None:
+            self.cache.release(request.adapter_uid)
+            self.registry.mark_used(request.adapter_uid, time.time())
+        # The queue-full retry hint: about how long one row holds its place, recently.
+        held = time.monotonic() - row.started
+        hint = self.scheduler.retry_hint_s
+        self.scheduler.retry_hint_s = 0.9 * hint + 0.1 * held
+
+    def _worth_joining(self, running: int) -> bool:
+        """Whether waiting requests should be prefilled now, stalling the running rows for one
+        pass. Prefilling several prompts together costs much less per token than one at a
+        time, so while rows decode, requests join once they are a `join_ratio` share of the
+        running rows, or the oldest has waited `join_max_steps` steps."""
+        if len(self.scheduler) >= self.settings.join_ratio * running:
+            return True
+        return self._steps - self.scheduler.oldest().arrival_step >= self.settings.join_max_steps
+
+    def _next_work(self) -> list[GenerationRequest] | None:
+        """Run pending jobs, then return the requests to admit now ([] = just step), or None to stop."""
+        window = self.settings.batch_window_ms / 1000
+        scheduler = self.scheduler
+        while True:
+            with self.cond:
+                job = self._jobs.popleft() if self._jobs else None
+                if job is None:
+                    running = len(self._running) if self._running is not None else 0
+                    if self.stopping:
+                        return [] if running else None
+                    if self.cut is not None and (running or len(scheduler)):
+                        return []  # the pass ends them
+                    if not len(scheduler):
+                        if running:
+                            return []
+                        self.cond.wait()
+                        continue
+                    if running and (self.settings.scheduling == "static" or not self._worth_joining(running)):
+                        return []
+                    now = time.monotonic()
+                    if not running:  # a quiet gap of `window`, at most QUIET_WAIT_CAP windows in all
+                        wait_left = min(scheduler.newest_arrival() + window,
+                                        scheduler.oldest_arrival() + QUIET_WAIT_CAP * window) - now
+                        if len(scheduler) < self.settings.max_batch_size and wait_left > 0:
+                            self.cond.wait(wait_left)
+                            continue
+                    budget = KvBudget(self.settings.max_batch_tokens)
+                    if running:
+                        budget = KvBudget(budget.limit, running, self._running.kv_length + 1, self._running.most_remaining())
+                    admitted = scheduler.admit(self.settings.max_batch_size - running, budget, now)
+                    if admitted or running:
+                        return admitted
+                    self.cond.wait(IDLE_POLL_S)
+                    continue
+            fn, future = job
+            try:
+                future.set_result(fn())
+            except BaseException as e:
+                future.set_exception(e)
