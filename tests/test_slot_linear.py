@@ -97,7 +97,7 @@ def test_a_slot_holds_its_adapter_at_true_rank_and_refilling_leaves_no_old_weigh
     assert layer.a_t == {} and layer.b_t == {} and layer.scales[0] == 0 and layer.resident_bytes() == 0
 
 
-def test_joins_copy_only_the_adapters_that_join_and_leaving_ones_are_compacted_away():
+def test_joins_copy_only_the_adapters_that_join_and_columns_read_for_nothing_are_rebuilt_away():
     layer, routing = make_layer(slots=3, rank=4)
     w = {s: (torch.randn(4, 6), torch.randn(5, 4)) for s in range(3)}
     for s, (a, b) in w.items():
@@ -113,20 +113,26 @@ def test_joins_copy_only_the_adapters_that_join_and_leaving_ones_are_compacted_a
             torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-5)
 
     check([0, 1])
-    assert layer._segments == {0: (0, 4, 1), 1: (4, 4, 1)}
+    assert layer._segments == {0: (0, 4, 1), 1: (4, 4, 1)} and layer._wasted == 0
     check([0, 1])  # the same plan object is reused: nothing copied
     first = layer._view
     layer(x[:2])
     assert layer._view is first
-    check([1, 2])  # slot 2 joins: appended; slot 0 stays, masked out (dead 4 <= live 8)
-    assert layer._segments == {0: (0, 4, 1), 1: (4, 4, 1), 2: (8, 4, 1)} and layer._columns == 12
-    check([2])  # rows of 0 and 1 left: nothing missing, nothing copied
-    assert layer._columns == 12
+    check([1, 2])  # slot 2 joins: appended; slot 0 stays, masked out: a step reads its 4 columns for nothing
+    assert layer._segments == {0: (0, 4, 1), 1: (4, 4, 1), 2: (8, 4, 1)} and layer._columns == 12 and layer._wasted == 4
+    check([1, 2])  # 8 columns wasted in all = the 8 live ones a rebuild copies: rebuilt from the batch's adapters
+    assert layer._segments == {1: (0, 4, 1), 2: (4, 4, 1)} and layer._columns == 8 and layer._wasted == 0
+    check([2])  # the rows of 1 left: 4 wasted >= 4 live, rebuilt at once
+    assert layer._segments == {2: (0, 4, 1)} and layer._columns == 4
     a, b = torch.randn(2, 6), torch.randn(5, 2)
     w[0] = (a, b)
-    layer.fill(0, a, b, 1.0)  # slot 0 refilled (rank 2): its old columns are stale
-    check([0, 2])  # dead 8 (old 0, 1) > live 6: compacted to the live adapters
-    assert layer._segments == {0: (0, 2, 2), 2: (2, 4, 1)} and layer._columns == 6
+    layer.fill(0, a, b, 1.0)  # slot 0 refilled at rank 2: appended when a batch uses it
+    check([0, 2])
+    assert layer._segments == {2: (0, 4, 1), 0: (4, 2, 2)} and layer._columns == 6 and layer._wasted == 0
+    w[2] = (torch.randn(4, 6), torch.randn(5, 4))
+    layer.fill(2, *w[2], 3.0)  # slot 2 refilled: its old columns are dead, 6 > the 4 live: rebuilt at placement
+    check([2])
+    assert layer._segments == {2: (0, 4, 2)} and layer._columns == 4
 
 
 def test_bf16_keeps_the_scale_in_float32():

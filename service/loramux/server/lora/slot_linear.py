@@ -19,10 +19,13 @@ What a pass computes depends only on the batch:
   adapter's weights are read once per pass at its own rank, with no per-row copies and no
   arithmetic on rank padding.
 - **Joins copy only what joins.** An adapter is copied into the buffer when a batch first
-  uses it (or after its slot was refilled); one whose rows left stays, masked out, until the
-  columns no batch uses outnumber the live ones, when the buffer is rebuilt from the live
-  adapters. So the copies a composition change costs follow the adapters that joined, and the
-  buffer holds at most about twice the batch's adapters.
+  uses it (or after its slot was refilled); one whose rows left stays, masked out. Those
+  columns are still read by every step, so the buffer is rebuilt from the batch's own
+  adapters once the columns read for nothing since the last rebuild add up to the batch's
+  live columns (what a rebuild copies): a composition that lasts pays at most about one
+  rebuild for what it would otherwise waste, and one that changes every step is not rebuilt
+  every step (the ski-rental rule). Placement also rebuilds when columns no batch uses
+  outnumber the live ones, so the buffer holds at most about twice the batch's adapters.
 - **Untargeted modules cost nothing.** A layer that no adapter in the batch targets is skipped.
 - **Prefill** (many tokens per row) with several adapters loops over the distinct adapters'
   row groups instead, so each row's tokens meet only their own adapter's weights (the
@@ -73,6 +76,8 @@ class _DecodeView:
     mask: torch.Tensor  # [rows, 1, used]  1 where the column belongs to the row's adapter
     scale: torch.Tensor  # [rows, 1, 1] float32  each row's adapter scale (0 for rows without one here)
     used: int  # buffer columns in play
+    live: int  # of those, the columns of this plan's adapters
+    slots: list[int]  # this plan's adapter slots that this layer serves
 
 
 class SlotLinear(nn.Module):
@@ -100,6 +105,7 @@ class SlotLinear(nn.Module):
         self._columns = 0  # columns written
         self._epoch = 0  # bumped when the buffer is compacted
         self._view: tuple[RoutingPlan, int, int, _DecodeView | None] | None = None  # (plan, generation, epoch, view)
+        self._wasted = 0  # buffer columns steps have read for no row since the last rebuild
 
     @property
     def in_features(self) -> int:
@@ -131,6 +137,11 @@ class SlotLinear(nn.Module):
         view = self._decode_view(plan)
         if view is None:  # no adapter in the batch targets this layer
             return result
+        if view.used > view.live:
+            self._wasted += view.used - view.live
+            if self._wasted >= view.live:  # the waste has cost a rebuild's copy: rebuild
+                self._place(view.slots, rebuild=True)
+                view = self._decode_view(plan)
         h = (xd @ self._a_cat[:, : view.used]) * view.mask  # [rows, 1, used]: each row keeps its own adapter's columns
         raw = h @ self._b_cat[: view.used]  # [rows, 1, out]
         if result.dtype == torch.float32 and raw.dtype == torch.float32:
@@ -148,22 +159,23 @@ class SlotLinear(nn.Module):
             # Two tensor ops, however many adapters: a column belongs to a row when their slots agree.
             mask = (plan.row_slots[:, None] == self._col_slot[None, : self._columns]).to(self._dtype)
             scale = self._scale_t.index_select(0, plan.row_slots).view(-1, 1, 1)
-            view = _DecodeView(mask.unsqueeze(1), scale, self._columns)
+            view = _DecodeView(mask.unsqueeze(1), scale, self._columns, sum(self.ranks[s] for s in used), used)
             key = (plan, self.routing.generation, self._epoch)
         self._view = (*key, view)
         return view
 
     @torch.no_grad()
-    def _place(self, slots: list[int]) -> None:
+    def _place(self, slots: list[int], rebuild: bool = False) -> None:
         """Make every slot's current weights present in the decode buffer, copying only those
-        that are missing or stale; compact when dead columns outnumber the live ones."""
+        that are missing or stale; rebuild from `slots` alone when asked, or when columns no
+        batch uses would outnumber the live ones."""
         missing = [s for s in slots if self._segments.get(s, (0, 0, -1))[2] != self._versions[s]]
-        if not missing:
+        if not missing and not rebuild:
             return
         live_columns = sum(self.ranks[s] for s in slots)
         current = sum(r for s, (_, r, v) in self._segments.items() if s in set(slots) and v == self._versions[s])
-        if self._columns - current > live_columns:  # dead columns outnumber live ones: rebuild from the live slots
-            self._segments, self._columns = {}, 0
+        if rebuild or self._columns - current > live_columns:
+            self._segments, self._columns, self._wasted = {}, 0, 0
             self._col_slot.fill_(-1)
             self._epoch += 1  # views of other plans point at columns that moved
             missing = list(slots)
