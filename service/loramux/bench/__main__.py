@@ -17,6 +17,7 @@ from loramux.bench import assets, micro, report, runners, tracing
 from loramux.bench.config import BenchConfig
 from loramux.bench.metrics import summarize, summarize_rounds
 from loramux.bench.workload import adapter_names, make_requests, poisson_arrivals
+from loramux.server.cpu_threads import in_own_thread, limit_to_one_thread
 
 log = logging.getLogger("loramux.bench")
 
@@ -58,6 +59,9 @@ def run(cfg: BenchConfig, work: Path) -> dict:
 
     started = time.monotonic()
     torch.manual_seed(cfg.seed)
+    # Set-up on this thread stays single-threaded; each in-process system runs on a thread of
+    # its own that ends with it, as the engine's does (server/cpu_threads.py).
+    limit_to_one_thread()
     log.info("building a random model (hidden %d, %d layers) and %d adapters", cfg.hidden, cfg.layers, cfg.adapters)
     model_dir, adapters_dir = assets.build(cfg, work)
     names = adapter_names(cfg)
@@ -148,23 +152,23 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     for name, source in zip(names[1:], sources[1:]):
         peft_model.load_adapter(source, adapter_name=name)
     pad = base.pad_token_id
-    runners.peft_mixed_batches(peft_model, warm, cfg.concurrency, pad)
+    in_own_thread(runners.peft_mixed_batches, peft_model, warm, cfg.concurrency, pad)
     systems["c_peft_adapter_names"] = summarize_rounds(
-        [runners.peft_mixed_batches(peft_model, reqs, cfg.concurrency, pad) for _ in range(cfg.rounds)]
+        [in_own_thread(runners.peft_mixed_batches, peft_model, reqs, cfg.concurrency, pad) for _ in range(cfg.rounds)]
     )
-    systems["d_peft_naive"] = summarize(runners.peft_naive(peft_model, reqs, cfg.concurrency, pad))
+    systems["d_peft_naive"] = summarize(in_own_thread(runners.peft_naive, peft_model, reqs, cfg.concurrency, pad))
     del peft_model, hf
 
     log.info("microbenchmarks")
     wide = dataclasses.replace(settings, adapter_slots=max(cfg.step_rows, cfg.slots), host_cache_mib=0)
     wide_base = load_base_model(wide)
-    step = micro.decode_step(wide_base, cfg)
-    promote = micro.promotion(wide_base, cfg, step["base_step_ms"])
-    disk = micro.disk_reads(Engine(wide, wide_base), cfg, sources)
+    step = in_own_thread(micro.decode_step, wide_base, cfg)
+    promote = in_own_thread(micro.promotion, wide_base, cfg, step["base_step_ms"])
+    disk = in_own_thread(micro.disk_reads, Engine(wide, wide_base), cfg, sources)
 
     results = {
         "config": dataclasses.asdict(cfg),
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": in_own_thread(torch.get_num_threads),
                     "device": str(base.device), "dtype": str(base.dtype).removeprefix("torch."),
                     "gpu": torch.cuda.get_device_name() if base.device.type == "cuda" else None},
         "systems": systems,

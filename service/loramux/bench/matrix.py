@@ -273,7 +273,7 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
     return {
         "config": dataclasses.asdict(cfg),
         "server_flags": "defaults (loramux serve --model M --adapter-root R --port 0)",
-        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": in_own_thread(torch.get_num_threads)},
         "cells": cells,
         "decode_step": steps,
         "resident_bytes": memory,
