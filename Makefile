@@ -28,7 +28,7 @@ fuzz: $(STAMP)
 	LORAMUX_FUZZ_EXAMPLES=3000 LORAMUX_CHURN_S=60 $(PY) -m pytest -q tests/test_fuzz.py tests/test_hostile_adapters.py
 
 # What users get: the server's default flags over models x adapter shapes x sampling, every
-# system side by side, worst cell first (about 45 minutes on 2 CPU cores); writes bench-results/.
+# system side by side, worst cell first (about 30 minutes on 2 CPU cores); writes bench-results/.
 bench: $(STAMP)
 	$(PY) -m loramux.bench.matrix --out bench-results
 
