@@ -25,6 +25,8 @@ def test_quick_benchmark_runs_every_system_on_the_same_work(tmp_path):
     ]
     assert all(isinstance(t["met"], bool) for t in results["targets"]) and len(results["targets"]) == 9
     assert results["micro"]["disk"]["registered_large"] == cfg.registered_large
+    fusion = results["micro"]["shrink_fusion"]
+    assert fusion["separate_ms_per_layer"] > 0 and fusion["fused_ms_per_layer"] > 0
     tracing = results["tracing"]
     assert len(tracing["tokens_per_s_off"]) == len(tracing["tokens_per_s_on"]) == 2
     # Traced runs really traced: per request at least a client span, a server span and the engine's.

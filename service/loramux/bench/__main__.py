@@ -164,6 +164,7 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     wide_base = load_base_model(wide)
     step = in_own_thread(micro.decode_step, wide_base, cfg)
     promote = in_own_thread(micro.promotion, wide_base, cfg, step["base_step_ms"])
+    fusion = in_own_thread(micro.shrink_fusion, wide_base, cfg, step["base_step_ms"])
     disk = in_own_thread(micro.disk_reads, Engine(wide, wide_base), cfg, sources)
 
     results = {
@@ -173,7 +174,7 @@ def run(cfg: BenchConfig, work: Path) -> dict:
                     "gpu": torch.cuda.get_device_name() if base.device.type == "cuda" else None},
         "systems": systems,
         "poisson": poisson,
-        "micro": {"decode_step": step, "promotion": promote, "disk": disk, "rpc": rpc},
+        "micro": {"decode_step": step, "promotion": promote, "disk": disk, "rpc": rpc, "shrink_fusion": fusion},
         "tracing": traced,
     }
     results["ratios"] = report.ratios(results)

@@ -1,5 +1,6 @@
 """Microbenchmarks: one decode step with and without adapters, promotion from host memory,
-reading from disk with few and many adapters registered, and gRPC's cost on a 1-token call."""
+reading from disk with few and many adapters registered, gRPC's cost on a 1-token call, and
+what fusing the shrink of modules that share an input would save."""
 
 from __future__ import annotations
 
@@ -159,3 +160,45 @@ def one_token_rpc(engine: Engine, target: str, cfg: BenchConfig, prompt: list[in
                 local.append(t2 - t1)
     r, p = median_ms(rpc), median_ms(local)
     return {"grpc_p50_ms": r, "in_process_p50_ms": p, "ratio": round(r / p, 3)}
+
+
+@torch.inference_mode()
+def shrink_fusion(base: BaseModel, cfg: BenchConfig, base_step_ms: float) -> dict:
+    """What fusing the shrink of modules that share an input would save in a decode step: the
+    masked shrink `(x @ A_cat) * mask` run once per module (q, k, v; gate, up) against once
+    per input (q|k|v concatenated; gate|up), with `step_rows` distinct adapters of rank
+    `rank` per module and `step_rows` rows, at the model's own widths. Median per decoder
+    layer, interleaved, and the saving as a share of the base decode step."""
+    hidden = base.model.config.hidden_size
+    device, dtype = base.device, base.dtype
+    columns = cfg.step_rows * cfg.rank
+    groups = {"q|k|v": 3, "gate|up": 2}  # modules sharing one input, per decoder layer
+    gen = torch.Generator(device="cpu").manual_seed(cfg.seed)
+    x = torch.randn(cfg.step_rows, 1, hidden, generator=gen).to(device, dtype)
+    mask = (torch.randint(0, 2, (cfg.step_rows, 1, columns), generator=gen)).to(device, dtype)
+    separate = {g: [torch.randn(hidden, columns, generator=gen).to(device, dtype) for _ in range(n)] for g, n in groups.items()}
+    fused = {g: torch.cat(parts, 1) for g, parts in separate.items()}
+    fused_mask = {g: mask.repeat(1, 1, n) for g, n in groups.items()}
+
+    def run_separate():
+        return [(x @ a) * mask for parts in separate.values() for a in parts]
+
+    def run_fused():
+        return [(x @ fused[g]) * fused_mask[g] for g in groups]
+
+    times: dict[str, list[float]] = {"separate": [], "fused": []}
+    for rep in range(10 * cfg.step_reps + 5):
+        for kind, fn in (("separate", run_separate), ("fused", run_fused)) if rep % 2 == 0 else (("fused", run_fused), ("separate", run_separate)):
+            _sync(device)
+            started = time.perf_counter()
+            fn()
+            _sync(device)
+            if rep >= 5:
+                times[kind].append(time.perf_counter() - started)
+    separate_ms, fused_ms = median_ms(times["separate"]), median_ms(times["fused"])
+    layers = base.model.config.num_hidden_layers
+    return {
+        "separate_ms_per_layer": separate_ms,
+        "fused_ms_per_layer": fused_ms,
+        "saved_share_of_base_step": round(layers * (separate_ms - fused_ms) / base_step_ms, 4),
+    }
