@@ -54,6 +54,7 @@ def test_quick_matrix_runs_every_system_at_default_flags(tmp_path):
         assert base_only["adapter_bytes_per_step"] == 0 < mixed["adapter_bytes_per_step"]
         assert mixed["decode_steps"] >= cfg.output_tokens - 1 and mixed["prefills"] >= 1
         assert 0 < cell["mixed_base_bandwidth_floor"] < 1
+        assert mixed["load_generator_cpu_s"] > 0 and base_only["load_generator_cpu_s"] > 0
     # Resident adapters take their true size (exactly, on the CPU), whatever the max rank.
     assert all(r["max_relative_excess"] == 0 for r in results["resident_bytes"])
     assert len(results["decode_step"]) == len(cfg.models) and results["decode_step"][0]["ratio"] > 0

@@ -118,6 +118,20 @@ def grpc_closed_loop(
     return records
 
 
+def grpc_load(target: str, reqs: list[Req], concurrency: int, **kwargs) -> tuple[list[Record], float]:
+    """`grpc_closed_loop` in a load-generator process of its own: the records, and the CPU
+    seconds this process spent on them (the clients' share of the machine's cores)."""
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    before = cpu()
+    records = grpc_closed_loop(target, reqs, concurrency, **kwargs)
+    return records, round(cpu() - before, 3)
+
+
 class _StepTimes(LogitsProcessor):
     """Records when each generation step's logits are ready (one token per row per step)."""
 
