@@ -39,7 +39,7 @@ class Assets:
             make_adapter(self.base, self.adapters / name, **kwargs)
 
     def settings(self, **overrides) -> Settings:
-        values = dict(model=str(self.base), adapter_roots=(self.adapters,), max_lora_rank=16, adapter_slots=4)
+        values = dict(model=str(self.base), adapter_roots=(self.adapters,), max_lora_rank=16, adapter_slots=4, auth="none")
         values.update(overrides)
         return Settings(**values)
 

@@ -9,7 +9,7 @@ from loramux.cli.main import build_parser, main
 from loramux.server.app import BackgroundServer
 
 COMMANDS = [["serve"], ["adapters"], ["adapters", "load"], ["adapters", "unload"], ["adapters", "list"],
-            ["adapters", "show"], ["generate"], ["merge"], ["info"], ["demo"], []]
+            ["adapters", "show"], ["generate"], ["merge"], ["info"], ["demo"], ["keys"], ["keys", "create"], []]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "loramux")
@@ -27,7 +27,7 @@ def test_serve_flags_are_the_contract():
             "--max-batch-tokens", "--max-prefill-tokens", "--adapter-wait-ms", "--scheduling", "--max-queue-per-tenant",
             "--metrics-port", "--metrics-host", "--otel-traces-exporter", "--otel-metrics-exporter",
             "--otel-exporter-otlp-protocol", "--otel-exporter-otlp-endpoint", "--otel-service-name",
-            "--log-format", "--join-ratio", "--join-max-steps"} <= flags
+            "--log-format", "--join-ratio", "--join-max-steps", "--auth", "--auth-keys-file"} <= flags
 
 
 def test_bad_settings_exit_2(assets, capsys):
@@ -40,7 +40,8 @@ def test_telemetry_flags_fall_back_to_otel_variables(assets, capsys, monkeypatch
     assert main(["serve", "--model", str(assets.base)]) == 2
     assert "--otel-traces-exporter: traces_exporters: 'zipkin' is not one of otlp, console" in capsys.readouterr().err
     # A flag wins over the variable.
-    assert main(["serve", "--model", str(assets.base), "--otel-traces-exporter", "none", "--metrics-port", "70000"]) == 2
+    assert main(["serve", "--model", str(assets.base), "--auth", "none", "--otel-traces-exporter", "none",
+                 "--metrics-port", "70000"]) == 2
     assert "metrics_port: 70000 is not a TCP port" in capsys.readouterr().err
 
 

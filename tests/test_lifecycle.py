@@ -119,7 +119,7 @@ class Process:
         self.log = open(log_path, "a")
         cmd = [sys.executable, "-m", "loramux.cli.main", "serve", "--model", str(assets.base),
                "--adapter-root", str(assets.adapters), "--merge-root", str(merge_root), "--state-dir", str(state_dir),
-               "--port", "0", "--max-lora-rank", "16", "--adapter-slots", "3", "--log-level", "INFO"]
+               "--port", "0", "--max-lora-rank", "16", "--adapter-slots", "3", "--log-level", "INFO", "--auth", "none"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         line = ""
         end = time.monotonic() + 120

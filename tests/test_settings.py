@@ -10,21 +10,29 @@ from loramux.server.settings import Settings
     ("scheduling", "fifo"), ("adapter_wait_ms", -5), ("max_batch_tokens", 1), ("max_prefill_tokens", 0),
     ("max_queue_per_tenant", 10_000), ("max_queue_per_tenant", 0), ("join_ratio", -1), ("join_max_steps", -1),
     ("adapter_memory_mib", 0), ("adapter_memory_mib", float("inf")), ("slot_wait_s", float("nan")),
-    ("engine_stall_s", 0), ("shutdown_grace_s", float("inf")), ("max_prompt_bytes", 0),
+    ("engine_stall_s", 0), ("shutdown_grace_s", float("inf")), ("max_prompt_bytes", 0), ("auth", "basic"),
 ])
 def test_invalid_settings_name_the_field(tmp_path, field, value):
     with pytest.raises(InvalidSettings) as e:
-        Settings(model="m", **{field: value})
+        Settings(model="m", **{"auth": "none", field: value})
     assert e.value.field == field and e.value.reason == "INVALID_SETTINGS"
 
 
 def test_roots_are_resolved_and_must_exist(tmp_path):
-    s = Settings(model="m", adapter_roots=(str(tmp_path / "."),), merge_root=tmp_path / "merge")
+    s = Settings(model="m", auth="none", adapter_roots=(str(tmp_path / "."),), merge_root=tmp_path / "merge")
     assert s.adapter_roots == (tmp_path.resolve(),) and s.merge_root.is_dir()
     with pytest.raises(InvalidSettings) as e:
-        Settings(model="m", adapter_roots=(tmp_path / "missing",))
+        Settings(model="m", auth="none", adapter_roots=(tmp_path / "missing",))
     assert e.value.field == "adapter_roots"
 
 
 def test_per_tenant_queue_defaults_to_the_whole_queue():
-    assert Settings(model="m", max_queue=7).max_queue_per_tenant == 7
+    assert Settings(model="m", auth="none", max_queue=7).max_queue_per_tenant == 7
+
+
+def test_api_keys_are_the_default_and_need_a_keys_file(tmp_path):
+    with pytest.raises(InvalidSettings) as e:
+        Settings(model="m")
+    assert e.value.field == "auth_keys_file" and "auth=none" in e.value.message
+    s = Settings(model="m", auth_keys_file=tmp_path / "keys.yaml")
+    assert s.auth == "keys" and s.auth_keys_file == (tmp_path / "keys.yaml").resolve()

@@ -58,6 +58,10 @@ def _serve_parser(sub) -> None:
                    help="on SIGTERM: how long work in flight may finish before it is ended with SHUTTING_DOWN")
     p.add_argument("--state-dir", metavar="DIR",
                    help="keep adapter registrations and operations here across restarts (default: nothing kept)")
+    p.add_argument("--auth", default="keys", choices=["keys", "none"],
+                   help="keys: every call needs an API key from --auth-keys-file; none: no credentials (development only)")
+    p.add_argument("--auth-keys-file", metavar="PATH",
+                   help="YAML or JSON file of key hashes, tenants and roles (`loramux keys create` writes it); reloaded when it changes")
     p.add_argument("--base-mismatch", default="error", choices=["error", "warn"],
                    help="an adapter trained on another base model: refuse it, or log and load")
     p.add_argument("--allow-pickle-weights", action="store_true", help="load adapter_model.bin when there is no safetensors file")
@@ -118,6 +122,15 @@ def _client_parsers(sub) -> None:
     for p in (gen, merge, sub.choices["info"], *adapters.choices.values()):
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
         p.add_argument("--timeout", type=float, default=600.0, help="deadline per call, seconds")
+        p.add_argument("--api-key", help="API key sent with every call (default: the LORAMUX_API_KEY environment variable)")
+
+    keys = sub.add_parser("keys", help="manage the server's API keys file").add_subparsers(dest="action", required=True)
+    create = keys.add_parser("create", help="make a key, print it once and add its hash to the keys file")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--role", required=True, choices=["user", "admin", "operator"])
+    create.add_argument("--keys-file", required=True, metavar="PATH", help="the file `loramux serve --auth-keys-file` reads")
+    create.add_argument("--name", default="", help="a label for the key (shown in the file)")
+    create.add_argument("--expires", metavar="TIME", help="ISO 8601 time after which the key stops working")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,10 +152,12 @@ def main(argv: list[str] | None = None) -> int:
         from loramux.demo.tour import run_demo
 
         return run_demo(args.cache_dir, rebuild=args.rebuild)
+    if args.command == "keys":
+        return _keys(args)
     from loramux.client import Client, LoramuxError
 
     try:
-        with Client(args.target, timeout=args.timeout) as client:
+        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
             return _CLIENT_COMMANDS[args.command](client, args)
     except LoramuxError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -210,6 +225,8 @@ def _serve(args) -> int:
             engine_stall_s=args.engine_stall_s,
             shutdown_grace_s=args.shutdown_grace_s,
             state_dir=args.state_dir,
+            auth=args.auth,
+            auth_keys_file=args.auth_keys_file,
             base_mismatch=args.base_mismatch,
             allow_pickle_weights=args.allow_pickle_weights,
             hub_cache_dir=args.hub_cache_dir,
@@ -223,11 +240,33 @@ def _serve(args) -> int:
             metrics_host=args.metrics_host,
         )
     except InvalidSettings as e:
-        flag = _FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
-        print(f"error: {flag}: {e.message}", file=sys.stderr)
-        return 2
+        return _bad_setting(e)
     configure_logging(args.log_level, args.log_format)
-    asyncio.run(serve(settings))
+    try:
+        asyncio.run(serve(settings))
+    except InvalidSettings as e:  # found at start-up (a keys file that does not parse)
+        return _bad_setting(e)
+    return 0
+
+
+def _bad_setting(e) -> int:
+    flag = _FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
+    print(f"error: {flag}: {e.message}", file=sys.stderr)
+    return 2
+
+
+def _keys(args) -> int:
+    from loramux.server.errors import InvalidSettings
+    from loramux.server.keys import append_key
+
+    try:
+        key = append_key(args.keys_file, args.tenant, args.role, args.name, args.expires)
+    except InvalidSettings as e:
+        print(f"error: {e.message}", file=sys.stderr)
+        return 2
+    print(key)
+    print(f"added a {args.role} key for tenant {args.tenant!r} to {args.keys_file}; the key above is shown only now",
+          file=sys.stderr)
     return 0
 
 

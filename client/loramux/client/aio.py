@@ -12,6 +12,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
 from loramux.client import _convert, types
+from loramux.client._auth import aio_interceptors, resolve_api_key
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
 
@@ -75,12 +76,15 @@ class AsyncClient:
         channel: grpc.aio.Channel | None = None,
         options: list[tuple[str, object]] | None = None,
         tracer_provider=None,
+        api_key: str | None = None,
     ):
+        """`api_key`: sent as `authorization: Bearer <key>` on every call (default: the
+        LORAMUX_API_KEY environment variable), on channels made here."""
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates)
-            interceptors = aio_client_interceptors(tracer_provider=tracer_provider)
+            interceptors = aio_interceptors(resolve_api_key(api_key)) + list(aio_client_interceptors(tracer_provider=tracer_provider))
             channel = (
                 grpc.aio.secure_channel(target, creds, options, interceptors=interceptors)
                 if creds

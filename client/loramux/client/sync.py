@@ -11,6 +11,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
 from loramux.client import _convert, types
+from loramux.client._auth import KeyInterceptor, resolve_api_key
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
 
@@ -75,7 +76,10 @@ class Client:
         channel: grpc.Channel | None = None,
         options: list[tuple[str, object]] | None = None,
         tracer_provider=None,
+        api_key: str | None = None,
     ):
+        """`api_key`: sent as `authorization: Bearer <key>` on every call (default: the
+        LORAMUX_API_KEY environment variable; none for a server run with auth=none)."""
         from opentelemetry.instrumentation.grpc import client_interceptor
         from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
@@ -83,6 +87,9 @@ class Client:
             creds = _convert.channel_credentials(tls, root_certificates)
             channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
         self._channel = channel
+        api_key = resolve_api_key(api_key)
+        if api_key:
+            channel = grpc.intercept_channel(channel, KeyInterceptor(api_key))
         channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
         self.timeout = timeout
         self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)

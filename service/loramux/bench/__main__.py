@@ -69,7 +69,7 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     settings = Settings(
         model=str(model_dir), dtype=cfg.dtype, device=cfg.device, port=0, adapter_roots=(adapters_dir,),
         adapter_slots=cfg.slots, max_lora_rank=cfg.rank, target_modules=cfg.target_modules,
-        max_batch_size=cfg.concurrency, max_queue=4 * cfg.requests,
+        max_batch_size=cfg.concurrency, max_queue=4 * cfg.requests, auth="none",
     )
     base = load_base_model(settings)
     vocab = (3, base.vocab_size)

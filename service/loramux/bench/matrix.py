@@ -1,7 +1,8 @@
 """python -m loramux.bench.matrix [--quick] [--out DIR]: what users get, over a matrix.
 
 Every loramux server here runs with the server's **default flags** (only the model, the
-adapter root and a free port are given), as a user who types `loramux serve` gets. For each
+adapter root, the API keys file and a free port are given), as a user who types `loramux
+serve` gets; the clients send an admin key. For each
 cell of model size x adapter shape x sampling, side by side in one run, on the same requests:
 
 - loramux, mixed adapters, through gRPC (16 streaming clients, closed loop, in a separate
@@ -40,6 +41,7 @@ from loramux.bench.config import BenchConfig
 from loramux.bench.metrics import summarize
 from loramux.bench.workload import Req
 from loramux.server.cpu_threads import in_own_thread, limit_to_one_thread
+from loramux.server.keys import append_key
 
 log = logging.getLogger("loramux.bench.matrix")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -120,10 +122,11 @@ def _build_adapters(cfg: MatrixConfig, model_dir: Path, shape: str, out: Path) -
     return names
 
 
-def _server_settings(model_dir: Path, adapters_dir: Path, **overrides):
+def _server_settings(model_dir: Path, adapters_dir: Path, keys_file: Path, **overrides):
     from loramux.server.settings import Settings
 
-    return Settings(model=str(model_dir), adapter_roots=(adapters_dir,), port=0, **overrides)  # defaults otherwise
+    # Defaults otherwise, API keys included (the clients send an admin key of the default tenant).
+    return Settings(model=str(model_dir), adapter_roots=(adapters_dir,), port=0, auth_keys_file=keys_file, **overrides)
 
 
 def _resident_bytes(server, names: list[str]) -> dict:
@@ -150,7 +153,8 @@ def bank_on_cuda(bank) -> bool:
 
 
 def run_cell(
-    cfg: MatrixConfig, model_dir: Path, adapters_dir: Path, names: list[str], base, sampling: str, load_generator
+    cfg: MatrixConfig, model_dir: Path, adapters_dir: Path, names: list[str], base, sampling: str, load_generator,
+    keys_file: Path, api_key: str,
 ) -> dict:
     """Every system on the same requests for one (model, adapters, sampling) cell."""
     import loramux.client as lc
@@ -167,13 +171,14 @@ def run_cell(
         # The load generator runs in its own process, as users' clients run elsewhere: in this
         # one its threads would take the GIL from the server's event loop and engine thread.
         # It still shares this machine's cores; its CPU time is reported with the run.
-        records, cpu_s = load_generator.submit(runners.grpc_load, target, requests, cfg.concurrency, **kwargs).result()
+        records, cpu_s = load_generator.submit(runners.grpc_load, target, requests, cfg.concurrency, api_key=api_key,
+                                               **kwargs).result()
         return {**summarize(records), "load_generator_cpu_s": cpu_s}
 
     for system, overrides in (("loramux_mixed", {}), ("loramux_static", {"scheduling": "static"})):
-        server = BackgroundServer(_server_settings(model_dir, adapters_dir, **overrides), base=base)
+        server = BackgroundServer(_server_settings(model_dir, adapters_dir, keys_file, **overrides), base=base)
         try:
-            with lc.Client(server.target, timeout=600) as client:
+            with lc.Client(server.target, timeout=600, api_key=api_key) as client:
                 for name in names:
                     client.load_adapter(name, source=name)
             clients(server.target, warm, sampling=params)
@@ -247,10 +252,12 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
     limit_to_one_thread()  # set-up on this thread stays single-threaded; the systems run on their own threads
     cells, steps, memory = [], [], []
     load_generator = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    keys_file = work / "keys.yaml"
+    api_key = append_key(keys_file, "default", "admin", "bench")
     for m, dims in enumerate(cfg.models):
         model_dir = _build_model(cfg, dims, work / f"model{m}")
-        base = load_base_model(_server_settings(model_dir, work))
-        step_base = load_base_model(_server_settings(model_dir, work, adapter_slots=max(16, cfg.concurrency)))
+        base = load_base_model(_server_settings(model_dir, work, keys_file))
+        step_base = load_base_model(_server_settings(model_dir, work, keys_file, adapter_slots=max(16, cfg.concurrency)))
         step = in_own_thread(decode_step, step_base, BenchConfig(rank=16, target_modules=ALL, step_rows=16, step_kv=64, step_reps=cfg.step_reps))
         steps.append({"hidden": dims[0], "layers": dims[1], **step})
         del step_base
@@ -259,13 +266,13 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
             names = _build_adapters(cfg, model_dir, shape, adapters_dir)
             from loramux.server.app import BackgroundServer
 
-            with BackgroundServer(_server_settings(model_dir, adapters_dir), base=base) as server:
+            with BackgroundServer(_server_settings(model_dir, adapters_dir, keys_file), base=base) as server:
                 for name in names:
                     server.engine.load_adapter("default", name, name)
                 memory.append({"hidden": dims[0], "shape": shape, **_resident_bytes(server, names)})
             for sampling in cfg.samplings:
                 log.info("cell: hidden %d, %s, %s", dims[0], shape, sampling)
-                systems = run_cell(cfg, model_dir, adapters_dir, names, base, sampling, load_generator)
+                systems = run_cell(cfg, model_dir, adapters_dir, names, base, sampling, load_generator, keys_file, api_key)
                 cells.append({"hidden": dims[0], "layers": dims[1], "shape": shape, "sampling": sampling,
                               "systems": systems, "ratios": ratios(systems),
                               "mixed_base_bandwidth_floor": bandwidth_floor(systems, base_bytes_per_step(base.model))})
@@ -274,7 +281,7 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
     cells.sort(key=lambda c: min(r["margin"] for r in c["ratios"].values()))  # the worst cell first
     return {
         "config": dataclasses.asdict(cfg),
-        "server_flags": "defaults (loramux serve --model M --adapter-root R --port 0)",
+        "server_flags": "defaults (loramux serve --model M --adapter-root R --auth-keys-file K --port 0)",
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": in_own_thread(torch.get_num_threads)},
         "cells": cells,
         "decode_step": steps,

@@ -79,7 +79,8 @@ def engine_poisson(engine: Engine, reqs: list[Req], arrivals: list[float]) -> li
 
 
 def grpc_closed_loop(
-    target: str, reqs: list[Req], concurrency: int, tracer_provider=None, use_adapter: bool = True, sampling: dict | None = None
+    target: str, reqs: list[Req], concurrency: int, tracer_provider=None, use_adapter: bool = True, sampling: dict | None = None,
+    api_key: str | None = None,
 ) -> list[Record]:
     """`concurrency` clients streaming through gRPC, each sending its next request when its last
     one finished. `sampling`: temperature, top_p, top_k for every request (seeded by index)."""
@@ -89,7 +90,7 @@ def grpc_closed_loop(
     next_index = iter(range(len(reqs)))
     lock = threading.Lock()
     errors: list[BaseException] = []
-    with lc.Client(target, timeout=600, tracer_provider=tracer_provider) as client:
+    with lc.Client(target, timeout=600, tracer_provider=tracer_provider, api_key=api_key) as client:
 
         def worker():
             while True:

@@ -18,6 +18,7 @@ def run_demo(cache_dir: str | None = None, rebuild: bool = False) -> int:
 
         from loramux.demo.build import build_demo_assets
         from loramux.server.app import BackgroundServer
+        from loramux.server.keys import append_key
         from loramux.server.settings import Settings
     except ImportError as e:
         print(f"the demo needs the server extra: pip install 'loramux[server]' ({e})")
@@ -30,14 +31,17 @@ def run_demo(cache_dir: str | None = None, rebuild: bool = False) -> int:
     print(f"1. assets in {root}")
     build_demo_assets(root, rebuild=rebuild, log=print)
     with tempfile.TemporaryDirectory(prefix="loramux-demo-merge-") as merge_root:
+        keys_file = Path(merge_root) / ".keys.yaml"  # the operator's key, made for this run (`loramux keys create`)
+        key = append_key(keys_file, "demo", "operator", "demo")
         settings = Settings(
             model=str(root / "base"),
             adapter_roots=(root / "adapters",),
-            merge_root=Path(merge_root),
+            merge_root=Path(merge_root) / "out",
             adapter_slots=2,
             max_lora_rank=16,
+            auth_keys_file=keys_file,
         )
-        with BackgroundServer(settings) as server, Client(server.target) as client:
+        with BackgroundServer(settings) as server, Client(server.target, api_key=key) as client:
             info = client.server_info()
             print(f"2. serving {Path(info.model_id).name} on {server.target} ({info.device}, {info.dtype}, "
                   f"{info.adapter_slots} adapter slots)")

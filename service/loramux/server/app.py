@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loramux.server.api.auth import Authenticator
 from loramux.server.api.operations_servicer import OperationsServicer
 from loramux.server.api.servicer import LoramuxServicer, Malformed, Pools
 from loramux.server.base_model import load_base_model
@@ -110,7 +111,10 @@ async def _watch_health(engine: Engine, health_servicer: health.aio.HealthServic
                 await health_servicer.set(service, status)
 
 
-async def create_server(engine: Engine, host: str | None = None, port: int | None = None) -> RunningServer:
+async def create_server(
+    engine: Engine, host: str | None = None, port: int | None = None, auth: Authenticator | None = None
+) -> RunningServer:
+    """`auth`: the credential checks (default: built from the settings; a bad keys file raises)."""
     settings = engine.settings
     interceptors = []
     if engine.telemetry.tracing:  # every RPC but health checks gets a server span
@@ -131,7 +135,7 @@ async def create_server(engine: Engine, host: str | None = None, port: int | Non
         ],
     )
     pools = Pools()
-    servicer = LoramuxServicer(engine, pools)
+    servicer = LoramuxServicer(engine, pools, auth or Authenticator(settings))
     server.add_generic_rpc_handlers((
         _lenient_handlers(loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"], servicer),
         _lenient_handlers(operations_pb2.DESCRIPTOR.services_by_name["Operations"], OperationsServicer(engine, servicer)),
@@ -163,11 +167,12 @@ def build_engine(settings: Settings, telemetry: Telemetry, base=None) -> Engine:
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    auth = Authenticator(settings)  # a bad keys file stops start-up before the model loads
     telemetry = build_telemetry(settings)
     if telemetry.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host or settings.host, telemetry.metrics_port)
     engine = await asyncio.get_running_loop().run_in_executor(None, in_own_thread, build_engine, settings, telemetry)
-    running = await create_server(engine)
+    running = await create_server(engine, auth=auth)
     print(f"loramux listening on {settings.host}:{running.port}", flush=True)
     if ready is not None:
         ready.set()

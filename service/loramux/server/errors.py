@@ -26,6 +26,8 @@ class Kind(enum.Enum):
     UNAVAILABLE = "unavailable"
     ABORTED = "aborted"
     INTERNAL = "internal"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission_denied"
 
 
 MAX_MESSAGE_CHARS = 1024
@@ -219,6 +221,20 @@ class DeadlineExceeded(LoramuxError):
 class Cancelled(LoramuxError):
     kind = Kind.CANCELLED
     reason = "CANCELLED"
+
+
+class Unauthenticated(LoramuxError):
+    """No API key, or one the server does not know (or that expired)."""
+
+    kind = Kind.UNAUTHENTICATED
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(LoramuxError):
+    """A known key whose role does not allow the call, or that names another tenant."""
+
+    kind = Kind.PERMISSION_DENIED
+    reason = "PERMISSION_DENIED"
 
 
 class ShuttingDown(LoramuxError):

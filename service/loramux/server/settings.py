@@ -15,6 +15,7 @@ DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 BASE_MISMATCH_POLICIES = ("error", "warn")
 SCHEDULING = ("continuous", "static")
+AUTH_MODES = ("keys", "none")
 EXPORTERS = ("otlp", "console")
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 # The projections of Llama-style attention and MLP blocks; any subset may be served.
@@ -100,8 +101,13 @@ class Settings:
     """When an adapter names another base model: refuse it (error) or log and load (warn)."""
     allow_pickle_weights: bool = False
     """Load adapter_model.bin (torch.load with weights_only=True) when no safetensors file exists."""
+    auth: str = "keys"
+    """keys: every call needs an API key from `auth_keys_file`, which names its tenant and role.
+    none: no credentials, every call is an operator of `default_tenant` (development only)."""
+    auth_keys_file: Path | None = None
+    """The keys file (YAML or JSON, hashes only; reloaded when it changes). Required with auth=keys."""
     default_tenant: str = "default"
-    """Tenant every call runs for until authentication assigns one."""
+    """The tenant of every call with auth=none."""
     shutdown_grace_s: float = 5.0
     service_name: str = "loramux"
     """OpenTelemetry service.name of traces and metrics."""
@@ -175,6 +181,13 @@ class Settings:
                 raise bad(name, f"{odd[0]!r} is not one of {', '.join(EXPORTERS)}")
         if self.otlp_protocol not in OTLP_PROTOCOLS:
             raise bad("otlp_protocol", f"{self.otlp_protocol!r} is not one of {', '.join(OTLP_PROTOCOLS)}")
+        if self.auth not in AUTH_MODES:
+            raise bad("auth", f"{self.auth!r} is not one of {', '.join(AUTH_MODES)}")
+        if self.auth == "keys" and self.auth_keys_file is None:
+            raise bad("auth_keys_file", "a keys file is required to serve with API keys (create one with `loramux keys "
+                      "create`); auth=none serves without credentials, for development only")
+        if self.auth_keys_file is not None:
+            object.__setattr__(self, "auth_keys_file", Path(self.auth_keys_file).expanduser().resolve())
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise bad("metrics_port", f"{self.metrics_port} is not a TCP port")
         roots = tuple(Path(r).expanduser().resolve() for r in self.adapter_roots)

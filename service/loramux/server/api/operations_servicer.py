@@ -22,6 +22,10 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
     def draining(self) -> bool:
         return self._loramux.draining
 
+    @property
+    def auth(self):
+        return self._loramux.auth
+
     @maps_errors
     async def GetOperation(self, request, context):
         return convert.operation(self._engine.operations.get(tenant_of(context, self._engine), request.name))

@@ -27,6 +27,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from loramux.server.api import convert
+from loramux.server.api.auth import Authenticator, caller
 from loramux.server.api.status import abort, code_of
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.engine import Engine
@@ -36,8 +37,8 @@ from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2, loramux
 
 
 def tenant_of(context: grpc.aio.ServicerContext, engine: Engine) -> str:
-    """The tenant a call runs for. Until authentication lands, everyone is the default tenant."""
-    return engine.settings.default_tenant
+    """The tenant a call runs for: its API key's (`api/auth.py`, checked before the method ran)."""
+    return caller.get().tenant
 
 
 access_log = logging.getLogger("loramux.access")
@@ -74,8 +75,10 @@ def _domain_error(error: BaseException) -> LoramuxError:
     return error if isinstance(error, LoramuxError) else InternalError.logged(error)
 
 
-def _admit(servicer, request) -> None:
-    """Refusals that come before any work: a body that did not parse, a server that is draining."""
+def _admit(servicer, name: str, request, context) -> None:
+    """Refusals that come before any work: no or wrong credentials, a body that did not
+    parse, a server that is draining. Sets the caller's identity for the method."""
+    caller.set(servicer.auth.identify(name, context.invocation_metadata()))
     if isinstance(request, Malformed):
         raise InvalidRequest(
             f"the request body is not a valid {request.message_type} message ({request.detail[:200]})",
@@ -102,7 +105,7 @@ def maps_errors(method):
         async def stream(self, request, context):
             started = time.perf_counter()
             try:
-                _admit(self, request)
+                _admit(self, name, request, context)
                 async for item in method(self, request, context):
                     yield item
             except (asyncio.CancelledError, GeneratorExit):  # the caller went away mid-stream
@@ -119,7 +122,7 @@ def maps_errors(method):
     async def unary(self, request, context):
         started = time.perf_counter()
         try:
-            _admit(self, request)
+            _admit(self, name, request, context)
             response = await method(self, request, context)
         except asyncio.CancelledError:
             _finished(self, name, started, grpc.StatusCode.CANCELLED)
@@ -199,9 +202,10 @@ class _Mailbox:
 
 
 class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
-    def __init__(self, engine: Engine, pools: Pools):
+    def __init__(self, engine: Engine, pools: Pools, auth: Authenticator):
         self._engine = engine
         self._pools = pools
+        self.auth = auth
         self._mailbox: _Mailbox | None = None  # made on the event loop's first call
         self.draining = False  # set at shutdown: new calls get UNAVAILABLE / SHUTTING_DOWN
 

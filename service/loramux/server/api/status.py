@@ -34,6 +34,8 @@ _CODES = {
     Kind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     Kind.ABORTED: grpc.StatusCode.ABORTED,
     Kind.INTERNAL: grpc.StatusCode.INTERNAL,
+    Kind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
+    Kind.PERMISSION_DENIED: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 

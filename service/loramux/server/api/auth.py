@@ -1,0 +1,83 @@
+"""Who is calling, and may they: every RPC's credentials checked in one place.
+
+A call carries `authorization: Bearer <key>`; the key names a tenant and a role
+(`server/keys.py`). Roles, each allowed what the one before it is:
+
+- user: Generate, GenerateStream, GetAdapter, ListAdapters;
+- admin: also LoadAdapter, UnloadAdapter, Merge and the Operations service;
+- operator: also GetServerInfo, and any tenant's data: an operator's call acts for the tenant
+  named in `x-loramux-tenant` (its own key's tenant without one).
+
+A call without a key, or with an unknown or expired one, is UNAUTHENTICATED; a known key
+whose role is too low, or a user or admin naming another tenant, is PERMISSION_DENIED. The
+health and reflection services need no key (probes and tooling). With auth=none every call
+is an operator of the default tenant (or of the tenant it names).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import logging
+
+from loramux.server.adapters.registry import validate_adapter_id
+from loramux.server.errors import PermissionDenied, Unauthenticated
+from loramux.server.keys import Identity, KeyStore, role_rank
+from loramux.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TENANT_HEADER = "x-loramux-tenant"
+METHOD_ROLES = {
+    "Generate": "user",
+    "GenerateStream": "user",
+    "GetAdapter": "user",
+    "ListAdapters": "user",
+    "LoadAdapter": "admin",
+    "UnloadAdapter": "admin",
+    "Merge": "admin",
+    "GetOperation": "admin",
+    "ListOperations": "admin",
+    "WaitOperation": "admin",
+    "CancelOperation": "admin",
+    "DeleteOperation": "admin",
+    "GetServerInfo": "operator",
+}
+caller: contextvars.ContextVar[Identity] = contextvars.ContextVar("loramux_caller")
+
+
+class Authenticator:
+    def __init__(self, settings: Settings):
+        self.keys = KeyStore(settings.auth_keys_file) if settings.auth == "keys" else None
+        self._open = Identity(settings.default_tenant, "operator", "auth=none")
+        if self.keys is None:
+            log.warning("auth=none: every caller is an operator of any tenant, with no credentials; for development only")
+        else:
+            log.info("API keys from %s: %d keys", settings.auth_keys_file, len(self.keys))
+
+    def identify(self, method: str, metadata) -> Identity:
+        """The identity a call of `method` acts as, or Unauthenticated / PermissionDenied."""
+        headers: dict[str, str] = {}
+        for key, value in metadata or ():
+            if isinstance(value, str):
+                headers.setdefault(key.lower(), value)
+        if self.keys is None:
+            identity = self._open
+        else:
+            token = headers.get("authorization", "")
+            scheme, _, key = token.partition(" ")
+            if not token:
+                raise Unauthenticated("this server needs an API key: send 'authorization: Bearer <key>'")
+            if scheme.lower() != "bearer" or not key.strip():
+                raise Unauthenticated("the authorization header must be 'Bearer <key>'")
+            identity = self.keys.identify(key.strip())
+        needed = METHOD_ROLES[method]
+        if role_rank(identity.role) < role_rank(needed):
+            raise PermissionDenied(f"{method} needs the {needed} role; this key's role is {identity.role}",
+                                   needed_role=needed, role=identity.role)
+        named = headers.get(TENANT_HEADER)
+        if named and named != identity.tenant:
+            validate_adapter_id(named, TENANT_HEADER)
+            if identity.role != "operator":
+                raise PermissionDenied("only an operator may act for another tenant", field=TENANT_HEADER)
+            identity = Identity(named, identity.role, identity.name)
+        return identity

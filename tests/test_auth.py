@@ -1,0 +1,181 @@
+"""API keys, roles and tenants over a real server: every RPC against every kind of caller, as a
+table of expected outcomes; tenants see only their own adapters; keys expire and are revoked
+by editing the file while the server runs."""
+
+import hashlib
+import os
+
+import grpc
+import pytest
+import yaml
+
+import loramux.client as lc
+from conftest import PROMPTS
+from loramux.cli.main import main as cli
+from loramux.server import keys as keys_module
+from loramux.server.app import BackgroundServer
+from loramux.server.errors import InvalidSettings
+from loramux.server.keys import KeyStore, append_key, hash_key
+from loramux.v1 import adapter_pb2, loramux_service_pb2_grpc
+
+OK = "OK"
+
+
+@pytest.fixture(scope="module")
+def keyed(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("auth")
+    keys_file = root / "keys.yaml"
+    keys = {
+        "user_a": append_key(keys_file, "team-a", "user", "a-user"),
+        "admin_a": append_key(keys_file, "team-a", "admin", "a-admin"),
+        "operator": append_key(keys_file, "ops", "operator", "oncall"),
+        "admin_b": append_key(keys_file, "team-b", "admin", "b-admin"),
+        "user_b": append_key(keys_file, "team-b", "user", "b-user"),
+        "expired": append_key(keys_file, "team-a", "admin", "old", expires="2020-01-01T00:00:00Z"),
+    }
+    server = BackgroundServer(assets.settings(auth="keys", auth_keys_file=keys_file, merge_root=root / "merged"))
+    with lc.Client(server.target, api_key=keys["admin_a"]) as admin_a, lc.Client(server.target, api_key=keys["admin_b"]) as admin_b:
+        admin_a.load_adapter("mine", source="qv-r4")
+        admin_b.load_adapter("theirs", source="mlp-r2")
+    yield server, keys, keys_file
+    server.stop()
+
+
+def outcome(target, api_key, rpc):
+    try:
+        with lc.Client(target, api_key=api_key, timeout=60) as client:
+            rpc(client)
+        return OK
+    except lc.LoramuxError as e:
+        return f"{e.code.name}/{e.reason}"
+
+
+RPCS = {
+    "Generate": lambda c: c.generate(prompt=PROMPTS[0], max_new_tokens=2),
+    "GenerateStream": lambda c: list(c.generate_stream(prompt=PROMPTS[0], max_new_tokens=2)),
+    "ListAdapters": lambda c: c.list_adapters(),
+    "GetAdapter": lambda c: c.get_adapter("mine"),
+    "LoadAdapter": lambda c: c.load_adapter("extra", source="qv-r4", replace=True),
+    "UnloadAdapter": lambda c: c.unload_adapter("extra"),
+    "Merge": lambda c: c.merge("mine", "out", overwrite=True).result(timeout=60),
+    "GetServerInfo": lambda c: c.server_info(),
+}
+DENIED = "PERMISSION_DENIED/PERMISSION_DENIED"
+NO_KEY = "UNAUTHENTICATED/UNAUTHENTICATED"
+NOT_FOUND = "NOT_FOUND/ADAPTER_NOT_FOUND"
+# caller -> the outcome of each RPC, in RPCS' order. Callers of team-a use team-a's adapter
+# "mine"; team-b's do not see it (NOT_FOUND, as for an adapter that does not exist).
+TABLE = {
+    None: [NO_KEY] * 8,
+    "wrong": [NO_KEY] * 8,
+    "expired": ["UNAUTHENTICATED/API_KEY_EXPIRED"] * 8,
+    "user_a": [OK, OK, OK, OK, DENIED, DENIED, DENIED, DENIED],
+    "admin_a": [OK, OK, OK, OK, OK, OK, OK, DENIED],
+    "user_b": [OK, OK, OK, NOT_FOUND, DENIED, DENIED, DENIED, DENIED],
+    "admin_b": [OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, DENIED],
+    "operator": [OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, OK],  # its own tenant "ops" holds no "mine"
+}
+
+
+def test_every_rpc_against_every_caller(keyed):
+    server, keys, _ = keyed
+    got = {}
+    for caller in TABLE:
+        key = {None: None, "wrong": "lmx_" + "x" * 43}.get(caller, keys.get(caller))
+        got[caller] = [outcome(server.target, key, rpc) for rpc in RPCS.values()]
+    assert got == TABLE
+
+
+def test_tenants_see_only_their_own_adapters(keyed):
+    server, keys, _ = keyed
+    with lc.Client(server.target, api_key=keys["user_a"]) as a, lc.Client(server.target, api_key=keys["user_b"]) as b:
+        assert [x.adapter_id for x in a.list_adapters()] == ["mine"]
+        assert [x.adapter_id for x in b.list_adapters()] == ["theirs"]
+        for client, other in ((a, "theirs"), (b, "mine")):
+            with pytest.raises(lc.NotFound) as e:
+                client.generate(adapter_id=other, prompt=PROMPTS[0], max_new_tokens=2)
+            assert e.value.reason == "ADAPTER_NOT_FOUND"
+            missing = pytest.raises(lc.NotFound)
+            with missing as m:
+                client.get_adapter("no-such-adapter")
+            with pytest.raises(lc.NotFound) as e:
+                client.get_adapter(other)
+            # Another tenant's adapter answers exactly as one that does not exist.
+            assert e.value.message.replace(other, "X") == m.value.message.replace("no-such-adapter", "X")
+
+
+def test_an_operator_acts_for_the_tenant_it_names_and_no_one_else_may(keyed):
+    server, keys, _ = keyed
+    with grpc.insecure_channel(server.target) as channel:
+        stub = loramux_service_pb2_grpc.LoramuxStub(channel)
+
+        def listed(key, tenant):
+            metadata = [("authorization", f"Bearer {key}"), ("x-loramux-tenant", tenant)]
+            return [a.adapter_id for a in stub.ListAdapters(adapter_pb2.ListAdaptersRequest(), metadata=metadata).adapters]
+
+        assert listed(keys["operator"], "team-b") == ["theirs"]
+        assert listed(keys["operator"], "team-a") == ["mine"]
+        assert listed(keys["admin_a"], "team-a") == ["mine"]  # naming its own tenant is fine
+        with pytest.raises(grpc.RpcError) as e:
+            listed(keys["admin_a"], "team-b")
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+def test_health_needs_no_key(keyed):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    server, _, _ = keyed
+    with grpc.insecure_channel(server.target) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_a_key_removed_from_the_file_stops_working_and_a_broken_file_keeps_the_last_keys(keyed, monkeypatch):
+    server, keys, keys_file = keyed
+    monkeypatch.setattr(keys_module, "RELOAD_CHECK_S", 0.0)
+    revoked = append_key(keys_file, "team-a", "user", "temporary")
+    assert outcome(server.target, revoked, RPCS["ListAdapters"]) == OK
+    data = yaml.safe_load(keys_file.read_text())
+    data["keys"] = [k for k in data["keys"] if k["name"] != "temporary"]
+    tmp = keys_file.with_suffix(".new")
+    tmp.write_text(yaml.safe_dump(data, sort_keys=False))
+    os.replace(tmp, keys_file)
+    assert outcome(server.target, revoked, RPCS["ListAdapters"]) == NO_KEY
+    saved = keys_file.read_text()
+    keys_file.write_text("keys: [this is not, a key entry]\n")
+    try:  # the last good keys stay in force
+        assert outcome(server.target, keys["user_a"], RPCS["ListAdapters"]) == OK
+    finally:
+        keys_file.write_text(saved)
+
+
+def test_keys_file_holds_only_hashes_and_bad_files_are_refused(tmp_path, capsys):
+    path = tmp_path / "k" / "keys.json"
+    assert cli(["keys", "create", "--tenant", "t1", "--role", "user", "--keys-file", str(path), "--name", "svc"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert key.startswith("lmx_") and len(key) == 47 and key not in path.read_text()
+    entry = yaml.safe_load(path.read_text())["keys"][0]
+    assert entry == {"name": "svc", "tenant": "t1", "role": "user", "sha256": hashlib.sha256(key.encode()).hexdigest()}
+    assert KeyStore(path).identify(key).tenant == "t1"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert cli(["keys", "create", "--tenant", "bad tenant", "--role", "user", "--keys-file", str(path)]) == 2
+    for text, why in (
+        ("keys:\n- {tenant: t, role: root, sha256: " + "ab" * 32 + "}\n", "role must be one of"),
+        ("keys:\n- {tenant: t, role: user, sha256: abc}\n", "sha256 must be 64 hex digits"),
+        ("keys:\n- {tenant: t, role: user, sha256: " + "ab" * 32 + ", key: lmx_x}\n", "unknown fields"),
+        ("keys:\n- {tenant: t, role: user, sha256: " + "ab" * 32 + ", expires: soon}\n", "not an ISO 8601 time"),
+        ("[1, 2]\n", "must be a mapping with a 'keys' list"),
+    ):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(InvalidSettings) as e:
+            KeyStore(bad)
+        assert why in e.value.message and e.value.field == "auth_keys_file"
+    assert hash_key("abc") == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_serve_refuses_a_bad_keys_file_before_loading_the_model(assets, tmp_path, capsys):
+    bad = tmp_path / "keys.yaml"
+    bad.write_text("keys: [1]\n")
+    assert cli(["serve", "--model", str(tmp_path / "no-model-here"), "--auth-keys-file", str(bad)]) == 2
+    assert "--auth-keys-file: keys file keys.yaml: keys[0] must be a mapping" in capsys.readouterr().err
