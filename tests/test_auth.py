@@ -179,3 +179,19 @@ def test_serve_refuses_a_bad_keys_file_before_loading_the_model(assets, tmp_path
     bad.write_text("keys: [1]\n")
     assert cli(["serve", "--model", str(tmp_path / "no-model-here"), "--auth-keys-file", str(bad)]) == 2
     assert "--auth-keys-file: keys file keys.yaml: keys[0] must be a mapping" in capsys.readouterr().err
+
+
+def test_merge_outputs_live_under_each_tenants_own_directory(keyed):
+    server, keys, _ = keyed
+    root = server.engine.settings.merge_root
+    with lc.Client(server.target, api_key=keys["admin_a"]) as a, lc.Client(server.target, api_key=keys["admin_b"]) as b:
+        mine = a.merge("mine", "shared-name", overwrite=True).result(timeout=60)
+        (root / "team-b").mkdir(exist_ok=True)
+        theirs = b.merge("theirs", "shared-name", overwrite=True).result(timeout=60)
+        # The same output_dir is two directories; neither tenant can reach the other's.
+        assert mine.output_path == str(root / "team-a" / "shared-name")
+        assert theirs.output_path == str(root / "team-b" / "shared-name")
+        with pytest.raises(lc.InvalidArgument) as e:
+            b.merge("theirs", "../team-a/shared-name", overwrite=True)
+        assert e.value.reason == "OUTPUT_OUTSIDE_ROOT"
+    assert '"adapter_id": "mine"' in (root / "team-a" / "shared-name" / "loramux_merge.json").read_text()

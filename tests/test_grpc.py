@@ -178,7 +178,8 @@ def test_merge_writes_a_checkpoint_with_base_plus_adapter_logits(assets, client,
     expect_error(lc.AlreadyExists, "MERGE_OUTPUT_EXISTS", client.merge, "all-r16", "merged-all")
     expect_error(lc.InvalidArgument, "OUTPUT_OUTSIDE_ROOT", client.merge, "all-r16", "../elsewhere")
     expect_error(lc.NotFound, "ADAPTER_NOT_FOUND", client.merge, "nope", "m2")
-    names = [p.name for p in server.engine.settings.merge_root.iterdir()]
+    assert [p.name for p in server.engine.settings.merge_root.iterdir()] == ["default"]  # the tenant's directory
+    names = [p.name for p in (server.engine.settings.merge_root / "default").iterdir()]
     assert names == ["merged-all"]  # no temporary directories left
 
 

@@ -274,7 +274,8 @@ def test_a_failed_step_answers_its_rows_with_a_correlation_id_and_serving_goes_o
 
 
 def test_merges_to_one_output_are_serialized_and_overwrite_only_replaces_merges(server, client):
-    root = server.engine.settings.merge_root
+    root = server.engine.settings.merge_root / "default"  # the tenant's own directory of the merge root
+    root.mkdir(exist_ok=True)
     (root / "foreign").mkdir()
     (root / "foreign" / "precious.txt").write_text("not a merge")
     expect("MERGE_OUTPUT_EXISTS", client.merge, "qv-r4", "foreign")

@@ -176,7 +176,7 @@ def test_sigkill_and_restart_bring_back_every_registration_pin_and_operation(ass
             if op.HasField("error"):
                 assert op.error.code == grpc.StatusCode.ABORTED.value[0]
             else:
-                assert (merged / "out" / "loramux_merge.json").is_file()
+                assert (merged / "default" / "out" / "loramux_merge.json").is_file()
         assert not [p for p in merged.rglob(".loramux-merge-*")]
         text = log.read_text()
         assert "not restored: adapter 'gone'" in text and "SOURCE_NOT_FOUND" in text

@@ -60,7 +60,11 @@ class Merges:
         if self.draining:
             raise ShuttingDown("the server is shutting down")
         record = self.registry.get(tenant, adapter_id)
-        target = resolve_output(self.settings.merge_root, output_dir, overwrite)
+        # Each tenant writes under its own directory of the merge root: another tenant's
+        # outputs cannot be named, read over or replaced.
+        tenant_root = self.settings.merge_root / tenant
+        tenant_root.mkdir(exist_ok=True)
+        target = resolve_output(tenant_root, output_dir, overwrite)
         with self._lock:  # merges to one output run one after another; without overwrite, only one
             claims = self._claims.get(target, 0)
             if claims and not overwrite:
