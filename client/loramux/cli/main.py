@@ -62,6 +62,10 @@ def _serve_parser(sub) -> None:
                    help="keys: every call needs an API key from --auth-keys-file; none: no credentials (development only)")
     p.add_argument("--auth-keys-file", metavar="PATH",
                    help="YAML or JSON file of key hashes, tenants and roles (`loramux keys create` writes it); reloaded when it changes")
+    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate chain (and --tls-key)")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="PEM",
+                   help="mutual TLS: clients must present a certificate this CA signed (the keys file may map its CN to a tenant)")
     p.add_argument("--base-mismatch", default="error", choices=["error", "warn"],
                    help="an adapter trained on another base model: refuse it, or log and load")
     p.add_argument("--allow-pickle-weights", action="store_true", help="load adapter_model.bin when there is no safetensors file")
@@ -123,6 +127,10 @@ def _client_parsers(sub) -> None:
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
         p.add_argument("--timeout", type=float, default=600.0, help="deadline per call, seconds")
         p.add_argument("--api-key", help="API key sent with every call (default: the LORAMUX_API_KEY environment variable)")
+        p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots")
+        p.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA bundle")
+        p.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers that require one (with --tls-key)")
+        p.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
 
     keys = sub.add_parser("keys", help="manage the server's API keys file").add_subparsers(dest="action", required=True)
     create = keys.add_parser("create", help="make a key, print it once and add its hash to the keys file")
@@ -157,7 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     from loramux.client import Client, LoramuxError
 
     try:
-        with Client(args.target, timeout=args.timeout, api_key=args.api_key) as client:
+        tls_files = _tls_files(args)
+        client = Client(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls, **tls_files)
+    except (OSError, ValueError) as e:  # a PEM file that cannot be read, a certificate without its key
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        with client:
             return _CLIENT_COMMANDS[args.command](client, args)
     except LoramuxError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -227,6 +241,9 @@ def _serve(args) -> int:
             state_dir=args.state_dir,
             auth=args.auth,
             auth_keys_file=args.auth_keys_file,
+            tls_cert=args.tls_cert,
+            tls_key=args.tls_key,
+            tls_client_ca=args.tls_client_ca,
             base_mismatch=args.base_mismatch,
             allow_pickle_weights=args.allow_pickle_weights,
             hub_cache_dir=args.hub_cache_dir,
@@ -253,6 +270,13 @@ def _bad_setting(e) -> int:
     flag = _FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
     print(f"error: {flag}: {e.message}", file=sys.stderr)
     return 2
+
+
+def _tls_files(args) -> dict:
+    def read(path):
+        return open(path, "rb").read() if path else None
+
+    return {"root_certificates": read(args.tls_ca), "certificate_chain": read(args.tls_cert), "private_key": read(args.tls_key)}
 
 
 def _keys(args) -> int:

@@ -158,9 +158,16 @@ def server_info(i: loramux_service_pb2.ServerInfo) -> types.ServerInfo:
     )
 
 
-def channel_credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
-    if not tls and root_certificates is None:
+def channel_credentials(
+    tls: bool, root_certificates: bytes | None, private_key: bytes | None = None, certificate_chain: bytes | None = None
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials when any TLS argument is given (None: plaintext). `private_key` and
+    `certificate_chain` are the client's own certificate, for servers that require one."""
+    if not tls and root_certificates is None and private_key is None and certificate_chain is None:
         return None
-    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
+    if (private_key is None) != (certificate_chain is None):
+        raise ValueError("private_key and certificate_chain go together (the client certificate and its key)")
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates, private_key=private_key,
+                                        certificate_chain=certificate_chain)
 
 

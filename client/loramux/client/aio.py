@@ -73,6 +73,8 @@ class AsyncClient:
         timeout: float | None = 60.0,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
         channel: grpc.aio.Channel | None = None,
         options: list[tuple[str, object]] | None = None,
         tracer_provider=None,
@@ -83,7 +85,7 @@ class AsyncClient:
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
         if channel is None:
-            creds = _convert.channel_credentials(tls, root_certificates)
+            creds = _convert.channel_credentials(tls, root_certificates, private_key, certificate_chain)
             interceptors = aio_interceptors(resolve_api_key(api_key)) + list(aio_client_interceptors(tracer_provider=tracer_provider))
             channel = (
                 grpc.aio.secure_channel(target, creds, options, interceptors=interceptors)

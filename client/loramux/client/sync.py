@@ -73,6 +73,8 @@ class Client:
         timeout: float | None = 60.0,
         tls: bool = False,
         root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
         channel: grpc.Channel | None = None,
         options: list[tuple[str, object]] | None = None,
         tracer_provider=None,
@@ -84,7 +86,7 @@ class Client:
         from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
         if channel is None:
-            creds = _convert.channel_credentials(tls, root_certificates)
+            creds = _convert.channel_credentials(tls, root_certificates, private_key, certificate_chain)
             channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
         self._channel = channel
         api_key = resolve_api_key(api_key)

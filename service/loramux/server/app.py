@@ -146,7 +146,16 @@ async def create_server(
         (SERVICE_NAME, OPERATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{host or settings.host}:{settings.port if port is None else port}"
-    bound = server.add_insecure_port(address)
+    if settings.tls_cert is not None:
+        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca is not None else None
+        credentials = grpc.ssl_server_credentials(
+            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+            root_certificates=client_ca,
+            require_client_auth=client_ca is not None,
+        )
+        bound = server.add_secure_port(address, credentials)
+    else:
+        bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {address}")
     await server.start()

@@ -8,6 +8,10 @@ The keys file is YAML (or JSON, which YAML reads too):
         role: admin               # user, admin or operator
         sha256: 9f86d08...        # hex SHA-256 of the key; the key itself is never stored
         expires: 2027-06-30T00:00:00Z   # optional
+    certificates:                 # optional: callers known by their client certificate (mutual TLS)
+      - subject: billing-svc      # the certificate's common name (CN)
+        tenant: team-b
+        role: user
 
 A key is `lmx_` and 43 URL-safe characters (256 random bits), so an unsalted SHA-256 is
 enough to store it (it cannot be guessed from its hash). Presented keys are hashed and
@@ -94,14 +98,56 @@ def _expiry(value, path: Path, where: str) -> float | None:
     return moment.timestamp()
 
 
-def parse_keys(text: str, path: Path) -> list[_Entry]:
-    """The entries of a keys file's text; InvalidSettings naming what is wrong."""
+def _load(text: str, path: Path) -> dict:
     try:
         data = yaml.safe_load(text) if text.strip() else {"keys": []}
     except yaml.YAMLError as e:
         raise _bad(path, f"not YAML or JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise _bad(path, "must be a mapping with a 'keys' list")
+    if set(data) - {"keys", "certificates"}:
+        raise _bad(path, f"unknown sections {sorted(set(data) - {'keys', 'certificates'})}")
+    if not isinstance(data.get("certificates", []), list):
+        raise _bad(path, "certificates must be a list")
+    return data
+
+
+def _tenant_and_role(item: dict, path: Path, where: str) -> tuple[str, str]:
+    tenant, role = item.get("tenant"), item.get("role")
+    if not isinstance(tenant, str):
+        raise _bad(path, f"{where}: tenant is required")
+    try:
+        validate_adapter_id(tenant, "tenant")  # the same alphabet as ids
+    except LoramuxError as e:
+        raise _bad(path, f"{where}: {e.message}") from None
+    if role not in ROLES:
+        raise _bad(path, f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
+    return tenant, role
+
+
+def parse_certificates(text: str, path: Path) -> dict[str, Identity]:
+    """Client certificate common name -> identity, from a keys file's `certificates`."""
+    out: dict[str, Identity] = {}
+    for i, item in enumerate(_load(text, path).get("certificates", [])):
+        where = f"certificates[{i}]"
+        if not isinstance(item, dict):
+            raise _bad(path, f"{where} must be a mapping")
+        unknown = set(item) - {"subject", "tenant", "role", "name"}
+        if unknown:
+            raise _bad(path, f"{where}: unknown fields {sorted(unknown)}")
+        subject = item.get("subject")
+        if not isinstance(subject, str) or not 0 < len(subject) <= 256:
+            raise _bad(path, f"{where}: subject (the certificate's common name) is required")
+        if subject in out:
+            raise _bad(path, f"{where}: subject {subject!r} appears twice")
+        tenant, role = _tenant_and_role(item, path, where)
+        out[subject] = Identity(tenant, role, str(item.get("name", subject)))
+    return out
+
+
+def parse_keys(text: str, path: Path) -> list[_Entry]:
+    """The entries of a keys file's text; InvalidSettings naming what is wrong."""
+    data = _load(text, path)
     entries, seen = [], set()
     for i, item in enumerate(data["keys"]):
         where = f"keys[{i}]"
@@ -110,15 +156,8 @@ def parse_keys(text: str, path: Path) -> list[_Entry]:
         unknown = set(item) - {"name", "tenant", "role", "sha256", "expires"}
         if unknown:
             raise _bad(path, f"{where}: unknown fields {sorted(unknown)}")
-        tenant, role, digest = item.get("tenant"), item.get("role"), item.get("sha256")
-        if not isinstance(tenant, str):
-            raise _bad(path, f"{where}: tenant is required")
-        try:
-            validate_adapter_id(tenant, "tenant")  # the same alphabet as ids
-        except LoramuxError as e:
-            raise _bad(path, f"{where}: {e.message}") from None
-        if role not in ROLES:
-            raise _bad(path, f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
+        tenant, role = _tenant_and_role(item, path, where)
+        digest = item.get("sha256")
         if not isinstance(digest, str) or len(digest) != 64 or set(digest.lower()) - set("0123456789abcdef"):
             raise _bad(path, f"{where}: sha256 must be 64 hex digits (the key's hash, never the key)")
         if digest.lower() in seen:
@@ -131,7 +170,7 @@ def parse_keys(text: str, path: Path) -> list[_Entry]:
     return entries
 
 
-def _read(path: Path) -> tuple[list[_Entry], tuple[int, int, int]]:
+def _read(path: Path) -> tuple[tuple[list[_Entry], dict[str, Identity]], tuple[int, int, int]]:
     try:
         stat = path.stat()
         if stat.st_size > MAX_KEYS_FILE_BYTES:
@@ -141,7 +180,7 @@ def _read(path: Path) -> tuple[list[_Entry], tuple[int, int, int]]:
         raise _bad(path, f"cannot be read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise _bad(path, "is not UTF-8 text") from None
-    return parse_keys(text, path), (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return (parse_keys(text, path), parse_certificates(text, path)), (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 class KeyStore:
@@ -150,7 +189,7 @@ class KeyStore:
     def __init__(self, path: Path, clock=time.time):
         self.path = Path(path)
         self._clock = clock
-        self._entries, self._version = _read(self.path)  # at start-up a bad file is an error
+        (self._entries, self._certificates), self._version = _read(self.path)  # at start-up a bad file is an error
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
@@ -172,6 +211,11 @@ class KeyStore:
             raise Unauthenticated("the API key has expired; ask your operator for a new one", reason="API_KEY_EXPIRED")
         return found.identity
 
+    def identify_certificate(self, common_name: str) -> Identity | None:
+        """The identity the keys file gives a verified client certificate's common name, if any."""
+        self._maybe_reload()
+        return self._certificates.get(common_name)
+
     def _maybe_reload(self) -> None:
         now = time.monotonic()
         if now - self._checked < RELOAD_CHECK_S:
@@ -184,11 +228,11 @@ class KeyStore:
                 stat = self.path.stat()
                 if (stat.st_ino, stat.st_mtime_ns, stat.st_size) == self._version:
                     return
-                entries, version = _read(self.path)
+                (entries, certificates), version = _read(self.path)
             except (OSError, InvalidSettings) as e:
                 log.error("keys file not reloaded, the last good keys stay in force: %s", getattr(e, "message", e))
                 return
-            self._entries, self._version = entries, version
+            self._entries, self._certificates, self._version = entries, certificates, version
             log.info("keys file reloaded: %d keys", len(entries))
 
 
@@ -198,9 +242,8 @@ def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str 
     path = Path(path)
     entries_data: dict = {"keys": []}
     if path.exists():
-        existing, _ = _read(path)  # refuse to append to a file that does not parse
+        _read(path)  # refuse to append to a file that does not parse
         entries_data = yaml.safe_load(path.read_text(encoding="utf-8")) or {"keys": []}
-        del existing
     key = new_key()
     entry = {"name": name, "tenant": tenant, "role": role, "sha256": hash_key(key)}
     if expires:

@@ -108,6 +108,13 @@ class Settings:
     """The keys file (YAML or JSON, hashes only; reloaded when it changes). Required with auth=keys."""
     default_tenant: str = "default"
     """The tenant of every call with auth=none."""
+    tls_cert: Path | None = None
+    """PEM certificate chain the server presents (with tls_key): the port speaks TLS only."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle: clients must present a certificate it signed (mutual TLS); a certificate
+    named in the keys file's `certificates` identifies its caller without a key."""
     shutdown_grace_s: float = 5.0
     service_name: str = "loramux"
     """OpenTelemetry service.name of traces and metrics."""
@@ -188,6 +195,17 @@ class Settings:
                       "create`); auth=none serves without credentials, for development only")
         if self.auth_keys_file is not None:
             object.__setattr__(self, "auth_keys_file", Path(self.auth_keys_file).expanduser().resolve())
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise bad("tls_cert" if self.tls_cert is None else "tls_key", "tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise bad("tls_client_ca", "mutual TLS needs the server's own tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                path = Path(value).expanduser().resolve()
+                if not path.is_file():
+                    raise bad(name, f"{path.name} is not a readable file")
+                object.__setattr__(self, name, path)
         if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise bad("metrics_port", f"{self.metrics_port} is not a TCP port")
         roots = tuple(Path(r).expanduser().resolve() for r in self.adapter_roots)

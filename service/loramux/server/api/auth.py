@@ -8,7 +8,12 @@ A call carries `authorization: Bearer <key>`; the key names a tenant and a role
 - operator: also GetServerInfo, and any tenant's data: an operator's call acts for the tenant
   named in `x-loramux-tenant` (its own key's tenant without one).
 
-A call without a key, or with an unknown or expired one, is UNAUTHENTICATED; a known key
+With mutual TLS (`--tls-client-ca`), a call without a key may be identified by its verified
+client certificate instead: the keys file's `certificates` map common names to a tenant
+and role. A key, when sent, decides.
+
+A call without a key (or a known certificate), or with an unknown or expired key, is
+UNAUTHENTICATED; a known key
 whose role is too low, or a user or admin naming another tenant, is PERMISSION_DENIED. The
 health and reflection services need no key (probes and tooling). With auth=none every call
 is an operator of the default tenant (or of the tenant it names).
@@ -54,8 +59,9 @@ class Authenticator:
         else:
             log.info("API keys from %s: %d keys", settings.auth_keys_file, len(self.keys))
 
-    def identify(self, method: str, metadata) -> Identity:
-        """The identity a call of `method` acts as, or Unauthenticated / PermissionDenied."""
+    def identify(self, method: str, metadata, peer_common_name: str | None = None) -> Identity:
+        """The identity a call of `method` acts as, or Unauthenticated / PermissionDenied.
+        `peer_common_name`: the CN of the client certificate TLS verified, if any."""
         headers: dict[str, str] = {}
         for key, value in metadata or ():
             if isinstance(value, str):
@@ -65,11 +71,15 @@ class Authenticator:
         else:
             token = headers.get("authorization", "")
             scheme, _, key = token.partition(" ")
-            if not token:
+            by_certificate = self.keys.identify_certificate(peer_common_name) if peer_common_name and not token else None
+            if by_certificate is not None:
+                identity = by_certificate
+            elif not token:
                 raise Unauthenticated("this server needs an API key: send 'authorization: Bearer <key>'")
-            if scheme.lower() != "bearer" or not key.strip():
+            elif scheme.lower() != "bearer" or not key.strip():
                 raise Unauthenticated("the authorization header must be 'Bearer <key>'")
-            identity = self.keys.identify(key.strip())
+            else:
+                identity = self.keys.identify(key.strip())
         needed = METHOD_ROLES[method]
         if role_rank(identity.role) < role_rank(needed):
             raise PermissionDenied(f"{method} needs the {needed} role; this key's role is {identity.role}",

@@ -75,10 +75,16 @@ def _domain_error(error: BaseException) -> LoramuxError:
     return error if isinstance(error, LoramuxError) else InternalError.logged(error)
 
 
+def _peer_common_name(context) -> str | None:
+    """The common name of the client certificate TLS verified (mutual TLS only)."""
+    names = context.auth_context().get("x509_common_name") if context.auth_context() else None
+    return names[0].decode("utf-8", "replace") if names else None
+
+
 def _admit(servicer, name: str, request, context) -> None:
     """Refusals that come before any work: no or wrong credentials, a body that did not
     parse, a server that is draining. Sets the caller's identity for the method."""
-    caller.set(servicer.auth.identify(name, context.invocation_metadata()))
+    caller.set(servicer.auth.identify(name, context.invocation_metadata(), _peer_common_name(context)))
     if isinstance(request, Malformed):
         raise InvalidRequest(
             f"the request body is not a valid {request.message_type} message ({request.detail[:200]})",

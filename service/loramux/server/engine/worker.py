@@ -40,7 +40,7 @@ class EngineStats:
     waiting_by_tenant: dict[str, int]
     running: int
     kv_length: int  # KV cache columns of the running batch (padding included)
-    steps: int  # decode steps run so far
+    steps: int  # decode steps started so far (counted before a step emits its tokens)
     prefills: int  # prefill passes run so far
     adapter_bytes_read: int  # adapter weights read by the decode steps so far (each distinct adapter once a step)
 
@@ -175,9 +175,12 @@ class Worker:
             self._join(admitted)
         elif self._running is not None:
             try:
+                # Counted before the step emits its tokens: whoever has seen a step's tokens
+                # sees it in the counters too.
+                with self.cond:
+                    self._steps += 1
+                    self._adapter_bytes_read += self._running.adapter_bytes
                 self._running.step()
-                self._steps += 1
-                self._adapter_bytes_read += self._running.adapter_bytes
             except Exception as e:  # the forward pass is shared: every running row is concerned
                 self._fail_running(as_domain_error(e, "decode step failed"))
         if self._running is not None:
