@@ -15,7 +15,8 @@ class LoramuxError(Exception):
     "ADAPTER_NOT_FOUND"; empty when the failure came from the transport), `metadata` the
     numbers that go with it, and `field_violations` (field, description) pairs for the
     request fields at fault. `retry_after` (seconds) is the server's hint for when a retry
-    can succeed (google.rpc.RetryInfo), or None.
+    can succeed (google.rpc.RetryInfo), or None. `quota_violations` are (subject, description)
+    pairs when a tenant's quota was reached (google.rpc.QuotaFailure).
     """
 
     def __init__(
@@ -26,6 +27,7 @@ class LoramuxError(Exception):
         metadata=None,
         field_violations=(),
         retry_after: float | None = None,
+        quota_violations=(),
     ):
         super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}")
         self.code = code
@@ -34,6 +36,7 @@ class LoramuxError(Exception):
         self.metadata = dict(metadata or {})
         self.field_violations = list(field_violations)
         self.retry_after = retry_after
+        self.quota_violations = list(quota_violations)
 
 
 class InvalidArgument(LoramuxError): ...
@@ -69,7 +72,7 @@ _BY_CODE = {
 
 
 def from_status(code: grpc.StatusCode, status: status_pb2.Status | None, message: str) -> LoramuxError:
-    reason, metadata, violations, retry_after = "", {}, [], None
+    reason, metadata, violations, retry_after, quota = "", {}, [], None, []
     if status is not None:
         message = status.message or message
         for detail in status.details:
@@ -81,12 +84,16 @@ def from_status(code: grpc.StatusCode, status: status_pb2.Status | None, message
                 bad = error_details_pb2.BadRequest()
                 detail.Unpack(bad)
                 violations = [(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+                failure = error_details_pb2.QuotaFailure()
+                detail.Unpack(failure)
+                quota = [(v.subject, v.description) for v in failure.violations]
             elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
                 retry = error_details_pb2.RetryInfo()
                 detail.Unpack(retry)
                 retry_after = retry.retry_delay.ToNanoseconds() / 1e9
     cls = _BY_CODE.get(code, InternalError)
-    return cls(code, message, reason, metadata, violations, retry_after)
+    return cls(code, message, reason, metadata, violations, retry_after, quota)
 
 
 def from_rpc_error(error: grpc.RpcError) -> LoramuxError:

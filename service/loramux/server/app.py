@@ -135,7 +135,9 @@ async def create_server(
         ],
     )
     pools = Pools()
-    servicer = LoramuxServicer(engine, pools, auth or Authenticator(settings))
+    auth = auth or Authenticator(settings)
+    engine.quotas = auth.quotas  # the keys file's per-tenant quotas, reloaded with it
+    servicer = LoramuxServicer(engine, pools, auth)
     server.add_generic_rpc_handlers((
         _lenient_handlers(loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"], servicer),
         _lenient_handlers(operations_pb2.DESCRIPTOR.services_by_name["Operations"], OperationsServicer(engine, servicer)),

@@ -237,6 +237,13 @@ class PermissionDenied(LoramuxError):
     reason = "PERMISSION_DENIED"
 
 
+class QuotaExceeded(LoramuxError):
+    """A tenant's quota (server/quotas.py) would be exceeded; sent with a google.rpc.QuotaFailure."""
+
+    kind = Kind.RESOURCE_EXHAUSTED
+    reason = "QUOTA_EXCEEDED"
+
+
 class ShuttingDown(LoramuxError):
     kind = Kind.UNAVAILABLE
     reason = "SHUTTING_DOWN"

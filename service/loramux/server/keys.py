@@ -12,6 +12,9 @@ The keys file is YAML (or JSON, which YAML reads too):
       - subject: billing-svc      # the certificate's common name (CN)
         tenant: team-b
         role: user
+    tenants:                      # optional: per-tenant quotas (server/quotas.py)
+      team-a:
+        quotas: {adapters: 50, pinned: 2, requests: 32, tokens_per_minute: 200000, merges: 1}
 
 A key is `lmx_` and 43 URL-safe characters (256 random bits), so an unsalted SHA-256 is
 enough to store it (it cannot be guessed from its hash). Presented keys are hashed and
@@ -40,6 +43,7 @@ import yaml
 
 from loramux.server.adapters.registry import validate_adapter_id
 from loramux.server.errors import InvalidSettings, LoramuxError, Unauthenticated
+from loramux.server.quotas import QUOTA_NAMES, UNLIMITED, Quotas
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +109,8 @@ def _load(text: str, path: Path) -> dict:
         raise _bad(path, f"not YAML or JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise _bad(path, "must be a mapping with a 'keys' list")
-    if set(data) - {"keys", "certificates"}:
-        raise _bad(path, f"unknown sections {sorted(set(data) - {'keys', 'certificates'})}")
+    if set(data) - {"keys", "certificates", "tenants"}:
+        raise _bad(path, f"unknown sections {sorted(set(data) - {'keys', 'certificates', 'tenants'})}")
     if not isinstance(data.get("certificates", []), list):
         raise _bad(path, "certificates must be a list")
     return data
@@ -145,6 +149,31 @@ def parse_certificates(text: str, path: Path) -> dict[str, Identity]:
     return out
 
 
+def parse_tenants(text: str, path: Path) -> dict[str, Quotas]:
+    """Tenant -> its quotas, from a keys file's `tenants` section."""
+    section = _load(text, path).get("tenants") or {}
+    if not isinstance(section, dict):
+        raise _bad(path, "tenants must be a mapping of tenant -> {quotas: {...}}")
+    out = {}
+    for tenant, item in section.items():
+        where = f"tenants.{tenant}"
+        try:
+            validate_adapter_id(str(tenant), "tenant")
+        except LoramuxError as e:
+            raise _bad(path, f"{where}: {e.message}") from None
+        if not isinstance(item, dict) or set(item) - {"quotas"} or not isinstance(item.get("quotas", {}), dict):
+            raise _bad(path, f"{where} must be a mapping with a 'quotas' mapping")
+        quotas = item.get("quotas", {})
+        unknown = set(quotas) - set(QUOTA_NAMES)
+        if unknown:
+            raise _bad(path, f"{where}.quotas: unknown {sorted(unknown)} (known: {', '.join(QUOTA_NAMES)})")
+        for name, value in quotas.items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise _bad(path, f"{where}.quotas.{name} must be a whole number >= 0, got {value!r}")
+        out[str(tenant)] = Quotas(**quotas)
+    return out
+
+
 def parse_keys(text: str, path: Path) -> list[_Entry]:
     """The entries of a keys file's text; InvalidSettings naming what is wrong."""
     data = _load(text, path)
@@ -170,7 +199,7 @@ def parse_keys(text: str, path: Path) -> list[_Entry]:
     return entries
 
 
-def _read(path: Path) -> tuple[tuple[list[_Entry], dict[str, Identity]], tuple[int, int, int]]:
+def _read(path: Path) -> tuple[tuple[list[_Entry], dict[str, Identity], dict[str, Quotas]], tuple[int, int, int]]:
     try:
         stat = path.stat()
         if stat.st_size > MAX_KEYS_FILE_BYTES:
@@ -180,7 +209,7 @@ def _read(path: Path) -> tuple[tuple[list[_Entry], dict[str, Identity]], tuple[i
         raise _bad(path, f"cannot be read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise _bad(path, "is not UTF-8 text") from None
-    return (parse_keys(text, path), parse_certificates(text, path)), (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return (parse_keys(text, path), parse_certificates(text, path), parse_tenants(text, path)), (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 class KeyStore:
@@ -189,7 +218,7 @@ class KeyStore:
     def __init__(self, path: Path, clock=time.time):
         self.path = Path(path)
         self._clock = clock
-        (self._entries, self._certificates), self._version = _read(self.path)  # at start-up a bad file is an error
+        (self._entries, self._certificates, self._tenants), self._version = _read(self.path)  # at start-up a bad file is an error
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
@@ -211,6 +240,11 @@ class KeyStore:
             raise Unauthenticated("the API key has expired; ask your operator for a new one", reason="API_KEY_EXPIRED")
         return found.identity
 
+    def quotas(self, tenant: str) -> Quotas:
+        """The tenant's quotas (unlimited when the file gives none)."""
+        self._maybe_reload()
+        return self._tenants.get(tenant, UNLIMITED)
+
     def identify_certificate(self, common_name: str) -> Identity | None:
         """The identity the keys file gives a verified client certificate's common name, if any."""
         self._maybe_reload()
@@ -228,11 +262,11 @@ class KeyStore:
                 stat = self.path.stat()
                 if (stat.st_ino, stat.st_mtime_ns, stat.st_size) == self._version:
                     return
-                (entries, certificates), version = _read(self.path)
+                (entries, certificates, tenants), version = _read(self.path)
             except (OSError, InvalidSettings) as e:
                 log.error("keys file not reloaded, the last good keys stay in force: %s", getattr(e, "message", e))
                 return
-            self._entries, self._certificates, self._version = entries, certificates, version
+            self._entries, self._certificates, self._tenants, self._version = entries, certificates, tenants, version
             log.info("keys file reloaded: %d keys", len(entries))
 
 

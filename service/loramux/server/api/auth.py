@@ -27,6 +27,7 @@ import logging
 from loramux.server.adapters.registry import validate_adapter_id
 from loramux.server.errors import PermissionDenied, Unauthenticated
 from loramux.server.keys import Identity, KeyStore, role_rank
+from loramux.server.quotas import UNLIMITED, Quotas
 from loramux.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ class Authenticator:
             log.warning("auth=none: every caller is an operator of any tenant, with no credentials; for development only")
         else:
             log.info("API keys from %s: %d keys", settings.auth_keys_file, len(self.keys))
+
+    def quotas(self, tenant: str) -> Quotas:
+        """The tenant's quotas from the keys file (none with auth=none)."""
+        return self.keys.quotas(tenant) if self.keys is not None else UNLIMITED
 
     def identify(self, method: str, metadata, peer_common_name: str | None = None) -> Identity:
         """The identity a call of `method` acts as, or Unauthenticated / PermissionDenied.

@@ -2,8 +2,8 @@
 
 Every failure leaves the server as a canonical code plus google.rpc.Status details: an
 ErrorInfo (domain "loramux.dev", the error's stable reason, its numbers as metadata),
-a BadRequest naming the request field at fault if one is, and a RetryInfo when retrying
-later can succeed (a full queue). The details travel in the
+a BadRequest naming the request field at fault if one is, a QuotaFailure when a tenant's
+quota was reached, and a RetryInfo when retrying later can succeed (a full queue). The details travel in the
 `grpc-status-details-bin` trailer, sent with `context.abort` (not abort_with_status, which
 leaves tracing interceptors recording status 0).
 """
@@ -16,7 +16,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
-from loramux.server.errors import InternalError, Kind, LoramuxError
+from loramux.server.errors import InternalError, Kind, LoramuxError, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,11 @@ def to_status(error: BaseException, log_unexpected: bool = True) -> status_pb2.S
     if error.field is not None:
         violation = error_details_pb2.BadRequest.FieldViolation(field=error.field, description=error.message, reason=error.reason)
         details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if isinstance(error, QuotaExceeded):
+        violation = error_details_pb2.QuotaFailure.Violation(
+            subject=f"tenant:{error.metadata.get('tenant', '')}", description=error.message
+        )
+        details.append(error_details_pb2.QuotaFailure(violations=[violation]))
     if error.retry_after_s is not None:
         delay = duration_pb2.Duration()
         delay.FromNanoseconds(int(error.retry_after_s * 1e9))

@@ -17,6 +17,7 @@ from concurrent.futures import Future
 from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.errors import AdapterNotFound, LoramuxError, NoSlotFree, PinLimit
+from loramux.server.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
 
 _SLOT_RETRY_S = 0.05  # warm/pin: how often to look for a free slot again
@@ -33,6 +34,7 @@ class AdapterAdmin:
         retry_hint: Callable[[], float],
         refusal: Callable[[], LoramuxError | None],
         cut: Callable[[], LoramuxError | None],
+        quotas: Callable[[str], Quotas] = lambda tenant: UNLIMITED,
     ):
         """`refusal()`: an error when new work is refused (draining); `cut()`: an error once
         waiting work must end (shutdown past its grace period)."""
@@ -44,6 +46,7 @@ class AdapterAdmin:
         self._retry_hint = retry_hint
         self._refusal = refusal
         self._cut = cut
+        self._quotas = quotas
 
     def load(
         self,
@@ -63,12 +66,27 @@ class AdapterAdmin:
         refused = self._refusal()
         if refused is not None:
             raise refused
+        self._check_quotas(tenant, adapter_id, pin and not self._pinned_already(tenant, adapter_id, source, replace))
         if pin and not self._pinned_already(tenant, adapter_id, source, replace):
             self._check_pin_room()  # refuse before reading anything (the cache checks again, atomically)
         record, _ = self._registry.load(tenant, adapter_id, source, revision, replace)
         if pin or warm:
             self._warm(record, pin, self._settings.slot_wait_s if wait_s is None else wait_s)
         return record
+
+    def _check_quotas(self, tenant: str, adapter_id: str, new_pin: bool) -> None:
+        """The tenant's quotas of registered and pinned adapters (checked before reading; two
+        loads racing at the limit can both pass)."""
+        quotas = self._quotas(tenant)
+        if quotas.adapters is None and quotas.pinned is None:
+            return
+        records = self._registry.list(tenant)
+        registered = len(records)
+        if quotas.adapters is not None and registered >= quotas.adapters and all(r.adapter_id != adapter_id for r in records):
+            raise refuse(tenant, "adapters", quotas.adapters, registered, f"{registered} adapters registered")
+        pinned = sum(r.pinned for r in records)
+        if new_pin and quotas.pinned is not None and pinned >= quotas.pinned:
+            raise refuse(tenant, "pinned", quotas.pinned, pinned, f"{pinned} adapters pinned")
 
     def _pinned_already(self, tenant: str, adapter_id: str, source: str, replace: bool) -> bool:
         """Pinning again what is pinned is a no-op, never a pin-limit refusal."""

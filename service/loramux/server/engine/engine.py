@@ -34,6 +34,7 @@ from loramux.server.engine.worker import IDLE_POLL_S, EngineStats, Worker
 from loramux.server.errors import DeadlineExceeded, InvalidRequest, InvalidSettings, ShuttingDown
 from loramux.server.merge import MERGE_RESULTS
 from loramux.server.operations import OperationStore
+from loramux.server.quotas import UNLIMITED, Quotas, RequestUsage
 from loramux.server.settings import Settings
 from loramux.server.state import StateStore
 from loramux.server.telemetry.signals import Telemetry
@@ -87,7 +88,7 @@ class Engine:
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io", initializer=limit_to_one_thread)
         self.worker = Worker(settings, base, self.registry, self._io)
         self.operations = OperationStore(self.state, MERGE_RESULTS)
-        self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry)
+        self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry, quotas=lambda tenant: self.quotas(tenant))
         worker = self.worker
         self.adapters = AdapterAdmin(
             settings,
@@ -98,8 +99,12 @@ class Engine:
             retry_hint=lambda: worker.scheduler.retry_hint_s,
             refusal=lambda: ShuttingDown("the server is shutting down") if worker.draining else None,
             cut=lambda: worker.cut,
+            quotas=lambda tenant: self.quotas(tenant),
         )
         self.restore_report = None  # what start-up brought back from the state directory (app.build_engine)
+        # Per-tenant quotas (the server sets them from the keys file; unlimited otherwise).
+        self.quotas: Callable[[str], Quotas] = lambda tenant: UNLIMITED
+        self.usage = RequestUsage()
         self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -180,10 +185,11 @@ class Engine:
                 reason="REQUEST_TOO_LARGE",
                 max_batch_tokens=self.settings.max_batch_tokens,
             )
-        telemetry = self.telemetry
+        telemetry, usage = self.telemetry, self.usage
 
         def emit_last_after_telemetry(event: Event) -> None:
             if not isinstance(event, TokenEvent):
+                usage.end(tenant)  # the request leaves the tenant's quota of requests in flight
                 telemetry.request_ended(request, event)
             emit(event)
 
@@ -201,7 +207,12 @@ class Engine:
             request.timeline.tier_found = self.cache.tier(record.uid)
         if deadline is not None and time.monotonic() > deadline:  # tokenizing took the caller's time
             raise DeadlineExceeded("the deadline passed while the prompt was being tokenized")
-        self.worker.enqueue(request)
+        usage.begin(tenant, self.quotas(tenant), len(ids) + params.max_new_tokens, self.worker.scheduler.retry_hint_s)
+        try:
+            self.worker.enqueue(request)
+        except BaseException:
+            usage.end(tenant)
+            raise
         if record is not None:
             telemetry.adapter_lookup(request.timeline.tier_found)
         return request

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from loramux.server.engine.failures import as_domain_error
 from loramux.server.errors import MergeFailed, MergeOutputExists, ShuttingDown
 from loramux.server.merge import MergeResult, merge_to_checkpoint, resolve_output
 from loramux.server.operations import Operation, OperationStore
+from loramux.server.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
 from loramux.server.telemetry.signals import Telemetry
 
@@ -32,9 +34,11 @@ log = logging.getLogger(__name__)
 
 class Merges:
     def __init__(
-        self, settings: Settings, base: BaseModel, registry: AdapterRegistry, operations: OperationStore, telemetry: Telemetry
+        self, settings: Settings, base: BaseModel, registry: AdapterRegistry, operations: OperationStore, telemetry: Telemetry,
+        quotas: Callable[[str], Quotas] = lambda tenant: UNLIMITED,
     ):
         self.settings = settings
+        self._quotas = quotas
         self.base = base
         self.registry = registry
         self.operations = operations
@@ -60,6 +64,12 @@ class Merges:
         if self.draining:
             raise ShuttingDown("the server is shutting down")
         record = self.registry.get(tenant, adapter_id)
+        limit = self._quotas(tenant).merges
+        if limit is not None:
+            running = sum(not op.done and op.name.startswith("operations/merge-") for op in self.operations.list(tenant))
+            if running >= limit:
+                raise refuse(tenant, "merges", limit, running, f"{running} merges queued or running",
+                             retry_after_s=1.0)
         # Each tenant writes under its own directory of the merge root: another tenant's
         # outputs cannot be named, read over or replaced.
         tenant_root = self.settings.merge_root / tenant

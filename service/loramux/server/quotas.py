@@ -1,0 +1,100 @@
+"""Per-tenant quotas, and the usage they are checked against.
+
+Quotas come from the keys file's `tenants` section (`server/keys.py`); a tenant without an
+entry, or a limit left out, is unlimited:
+
+    tenants:
+      team-a:
+        quotas: {adapters: 50, pinned: 2, requests: 32, tokens_per_minute: 200000, merges: 1}
+
+- adapters: adapters registered at once; pinned: adapters pinned at once;
+- requests: generate requests in flight at once (queued or running);
+- tokens_per_minute: prompt tokens plus `max_new_tokens` of the requests accepted in the last
+  60 s (charged when a request is accepted: what it may use, so a burst cannot overshoot);
+- merges: merges queued or running at once.
+
+A request over a limit is refused with RESOURCE_EXHAUSTED / QUOTA_EXCEEDED, carrying a
+google.rpc.QuotaFailure (subject `tenant:<name>`, which limit) and, for the limits that
+free up by themselves (requests in flight, tokens per minute), a RetryInfo. Other tenants
+are not affected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections import deque
+
+from loramux.server.errors import QuotaExceeded
+
+WINDOW_S = 60.0
+QUOTA_NAMES = ("adapters", "pinned", "requests", "tokens_per_minute", "merges")
+
+
+@dataclasses.dataclass(frozen=True)
+class Quotas:
+    adapters: int | None = None
+    pinned: int | None = None
+    requests: int | None = None
+    tokens_per_minute: int | None = None
+    merges: int | None = None
+
+
+UNLIMITED = Quotas()
+
+
+def refuse(tenant: str, quota: str, limit: int, used: int, what: str, retry_after_s: float | None = None) -> QuotaExceeded:
+    return QuotaExceeded(
+        f"tenant {tenant!r} has {what}; its quota {quota} is {limit}",
+        tenant=tenant, quota=quota, limit=limit, used=used, retry_after_s=retry_after_s,
+    )
+
+
+class RequestUsage:
+    """Requests in flight and tokens accepted in the last minute, per tenant."""
+
+    def __init__(self, clock=time.monotonic):
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight: dict[str, int] = {}
+        self._tokens: dict[str, deque[tuple[float, int]]] = {}  # (accepted at, tokens) within the window
+
+    def begin(self, tenant: str, quotas: Quotas, tokens: int, retry_hint_s: float) -> None:
+        """Count a request in, or refuse it (QuotaExceeded) leaving nothing counted."""
+        now = self._clock()
+        with self._lock:
+            flying = self._in_flight.get(tenant, 0)
+            if quotas.requests is not None and flying >= quotas.requests:
+                raise refuse(tenant, "requests", quotas.requests, flying, f"{flying} requests in flight",
+                             retry_after_s=max(retry_hint_s, 0.1))
+            window = self._tokens.setdefault(tenant, deque())
+            while window and window[0][0] <= now - WINDOW_S:
+                window.popleft()
+            if quotas.tokens_per_minute is not None:
+                used = sum(n for _, n in window)
+                if used + tokens > quotas.tokens_per_minute:
+                    # The earliest time enough of the window has expired for this request to fit.
+                    freed, wait = 0, WINDOW_S
+                    for at, n in window:
+                        freed += n
+                        if used - freed + tokens <= quotas.tokens_per_minute:
+                            wait = at + WINDOW_S - now
+                            break
+                    raise refuse(tenant, "tokens_per_minute", quotas.tokens_per_minute, used,
+                                 f"{used} tokens accepted in the last minute and this request may use {tokens}",
+                                 retry_after_s=max(wait, 0.1))
+            self._in_flight[tenant] = flying + 1
+            window.append((now, tokens))
+
+    def end(self, tenant: str) -> None:
+        with self._lock:
+            left = self._in_flight.get(tenant, 0) - 1
+            if left > 0:
+                self._in_flight[tenant] = left
+            else:
+                self._in_flight.pop(tenant, None)
+
+    def in_flight(self, tenant: str) -> int:
+        with self._lock:
+            return self._in_flight.get(tenant, 0)

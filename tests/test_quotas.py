@@ -1,0 +1,115 @@
+"""Per-tenant quotas from the keys file, over a real server: each limit reached gives
+RESOURCE_EXHAUSTED / QUOTA_EXCEEDED with its exact QuotaFailure (and RetryInfo where waiting
+helps), while another tenant is unaffected."""
+
+import threading
+import time
+
+import pytest
+
+import loramux.client as lc
+from conftest import PROMPTS
+from loramux.server.app import BackgroundServer
+from loramux.server.keys import append_key
+
+
+@pytest.fixture(scope="module")
+def quota_server(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("quotas")
+    keys_file = root / "keys.yaml"
+    keys = {t: append_key(keys_file, t, "admin", t) for t in ("limited", "free", "tokens")}
+    keys_file.write_text(keys_file.read_text() + (
+        "tenants:\n"
+        "  limited:\n    quotas: {adapters: 2, pinned: 1, requests: 2, merges: 1}\n"
+        "  tokens:\n    quotas: {tokens_per_minute: 40}\n"
+    ))
+    server = BackgroundServer(assets.settings(auth="keys", auth_keys_file=keys_file, merge_root=root / "merged", adapter_slots=4))
+    yield server, keys
+    server.stop()
+
+
+def refused(fn, quota: str, tenant: str):
+    with pytest.raises(lc.ResourceExhausted) as e:
+        fn()
+    error = e.value
+    assert error.reason == "QUOTA_EXCEEDED" and error.metadata["quota"] == quota and error.metadata["tenant"] == tenant
+    assert len(error.quota_violations) == 1 and error.quota_violations[0][0] == f"tenant:{tenant}"
+    assert f"its quota {quota} is {error.metadata['limit']}" in error.quota_violations[0][1]
+    return error
+
+
+def test_registered_and_pinned_adapters(quota_server):
+    server, keys = quota_server
+    with lc.Client(server.target, api_key=keys["limited"]) as q, lc.Client(server.target, api_key=keys["free"]) as free:
+        q.load_adapter("one", source="qv-r4", pin=True)
+        error = refused(lambda: q.load_adapter("two", source="mlp-r2", pin=True), "pinned", "limited")
+        assert error.metadata["limit"] == "1" and error.metadata["used"] == "1" and error.retry_after is None
+        assert [a.adapter_id for a in q.list_adapters()] == ["one"]  # the refused load left nothing
+        q.load_adapter("two", source="mlp-r2")
+        error = refused(lambda: q.load_adapter("three", source="pattern"), "adapters", "limited")
+        assert (error.metadata["limit"], error.metadata["used"]) == ("2", "2")
+        q.load_adapter("two", source="pattern", replace=True)  # replacing one of its own stays within the quota
+        for name in ("a", "b", "c"):  # another tenant is not limited
+            free.load_adapter(name, source="qv-r4")
+        q.unload_adapter("two")
+        q.load_adapter("three", source="pattern")  # room again
+
+
+def test_requests_in_flight_and_merges_at_once(quota_server):
+    server, keys = quota_server
+    engine = server.engine
+    gate, entered = threading.Event(), threading.Event()
+    engine.call_on_engine(lambda: (entered.set(), gate.wait(60)))  # hold the engine: requests stay queued
+    assert entered.wait(10)
+    results = []
+    try:
+        with lc.Client(server.target, api_key=keys["limited"]) as q, lc.Client(server.target, api_key=keys["free"]) as free:
+            def call(client):
+                results.append(client.generate(prompt=PROMPTS[0], max_new_tokens=2).token_ids)
+
+            threads = [threading.Thread(target=call, args=(q,)) for _ in range(2)]
+            for t in threads:
+                t.start()
+            deadline = time.monotonic() + 30
+            while engine.usage.in_flight("limited") < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            error = refused(lambda: q.generate(prompt=PROMPTS[0], max_new_tokens=2), "requests", "limited")
+            assert error.metadata["limit"] == "2" and error.retry_after > 0
+            other = threading.Thread(target=call, args=(free,))  # the other tenant is accepted meanwhile
+            other.start()
+            deadline = time.monotonic() + 30
+            while engine.usage.in_flight("free") < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+
+            # Merges: the merge thread is held too, so the first merge stays queued.
+            merge_gate = threading.Event()
+            engine.merges._executor.submit(merge_gate.wait, 60)
+            try:
+                first = q.merge("one", "m1")
+                refused(lambda: q.merge("one", "m2"), "merges", "limited")
+                free.load_adapter("fm", source="qv-r4")
+                free.merge("fm", "m1")  # another tenant's merge is accepted
+            finally:
+                merge_gate.set()
+            first.result(timeout=60)
+            q.merge("one", "m2").result(timeout=60)  # room again once the first is done
+            gate.set()
+            for t in (*threads, other):  # the held requests now run, on the clients still open
+                t.join(60)
+    finally:
+        gate.set()
+    assert len(results) == 3 and engine.usage.in_flight("limited") == 0
+
+
+def test_tokens_per_minute(quota_server):
+    server, keys = quota_server
+    with lc.Client(server.target, api_key=keys["tokens"]) as t, lc.Client(server.target, api_key=keys["free"]) as free:
+        prompt = [5, 6, 7, 8]
+        t.generate(prompt_token_ids=prompt, max_new_tokens=30)  # 34 of 40 tokens this minute
+        error = refused(lambda: t.generate(prompt_token_ids=prompt, max_new_tokens=30), "tokens_per_minute", "tokens")
+        assert (error.metadata["limit"], error.metadata["used"]) == ("40", "34")
+        assert 50 < error.retry_after <= 60  # when the first request's tokens leave the window
+        t.generate(prompt_token_ids=prompt, max_new_tokens=2)  # 6 more still fit
+        free.generate(prompt_token_ids=prompt, max_new_tokens=30)
