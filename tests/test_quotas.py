@@ -113,3 +113,31 @@ def test_tokens_per_minute(quota_server):
         assert 50 < error.retry_after <= 60  # when the first request's tokens leave the window
         t.generate(prompt_token_ids=prompt, max_new_tokens=2)  # 6 more still fit
         free.generate(prompt_token_ids=prompt, max_new_tokens=30)
+
+
+def test_sources_are_confined_per_tenant(assets, tmp_path):
+    import shutil
+
+    root = tmp_path / "adapters"
+    for area in ("boxed", "other"):
+        shutil.copytree(assets.adapters / "qv-r4", root / area / "qv")
+    (root / "boxed" / "sneaky").symlink_to(root / "other" / "qv")
+    keys_file = tmp_path / "keys.yaml"
+    boxed, free = append_key(keys_file, "boxed", "admin"), append_key(keys_file, "free", "admin")
+    keys_file.write_text(keys_file.read_text() + "tenants:\n  boxed:\n    sources: {roots: [boxed], hub: [acme]}\n")
+    settings = assets.settings(auth="keys", auth_keys_file=keys_file, adapter_roots=(root,))
+    with BackgroundServer(settings) as server, lc.Client(server.target, api_key=boxed) as b, \
+            lc.Client(server.target, api_key=free) as f:
+        assert b.load_adapter("mine", source="qv").rank == 4  # relative sources resolve in the tenant's own directory
+        for source, cls, reason in (
+            ("../other/qv", lc.InvalidArgument, "SOURCE_OUTSIDE_ROOT"),
+            (str(root / "other" / "qv"), lc.InvalidArgument, "SOURCE_OUTSIDE_ROOT"),
+            ("sneaky", lc.InvalidArgument, "SOURCE_OUTSIDE_ROOT"),  # a link out of its directory
+            ("other/qv", lc.NotFound, "SOURCE_NOT_FOUND"),  # <root>/boxed/other/qv
+            ("hf://someone/adapter", lc.InvalidArgument, "SOURCE_NOT_ALLOWED"),
+        ):
+            with pytest.raises(cls) as e:
+                b.load_adapter("x", source=source)
+            assert e.value.reason == reason, source
+        assert [a.adapter_id for a in b.list_adapters()] == ["mine"]
+        assert f.load_adapter("theirs", source="other/qv").rank == 4  # a tenant without sources: the server's roots

@@ -12,9 +12,10 @@ The keys file is YAML (or JSON, which YAML reads too):
       - subject: billing-svc      # the certificate's common name (CN)
         tenant: team-b
         role: user
-    tenants:                      # optional: per-tenant quotas (server/quotas.py)
+    tenants:                      # optional, per tenant
       team-a:
         quotas: {adapters: 50, pinned: 2, requests: 32, tokens_per_minute: 200000, merges: 1}
+        sources: {roots: [team-a], hub: [acme]}   # <adapter root>/team-a, and hf://acme/... only
 
 A key is `lmx_` and 43 URL-safe characters (256 random bits), so an unsalted SHA-256 is
 enough to store it (it cannot be guessed from its hash). Presented keys are hashed and
@@ -42,6 +43,7 @@ from pathlib import Path
 import yaml
 
 from loramux.server.adapters.registry import validate_adapter_id
+from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.errors import InvalidSettings, LoramuxError, Unauthenticated
 from loramux.server.quotas import QUOTA_NAMES, UNLIMITED, Quotas
 
@@ -149,11 +151,11 @@ def parse_certificates(text: str, path: Path) -> dict[str, Identity]:
     return out
 
 
-def parse_tenants(text: str, path: Path) -> dict[str, Quotas]:
-    """Tenant -> its quotas, from a keys file's `tenants` section."""
+def parse_tenants(text: str, path: Path) -> dict[str, tuple[Quotas, SourceAllowance]]:
+    """Tenant -> its quotas and source allowance, from a keys file's `tenants` section."""
     section = _load(text, path).get("tenants") or {}
     if not isinstance(section, dict):
-        raise _bad(path, "tenants must be a mapping of tenant -> {quotas: {...}}")
+        raise _bad(path, "tenants must be a mapping of tenant -> {quotas: {...}, sources: {...}}")
     out = {}
     for tenant, item in section.items():
         where = f"tenants.{tenant}"
@@ -161,8 +163,8 @@ def parse_tenants(text: str, path: Path) -> dict[str, Quotas]:
             validate_adapter_id(str(tenant), "tenant")
         except LoramuxError as e:
             raise _bad(path, f"{where}: {e.message}") from None
-        if not isinstance(item, dict) or set(item) - {"quotas"} or not isinstance(item.get("quotas", {}), dict):
-            raise _bad(path, f"{where} must be a mapping with a 'quotas' mapping")
+        if not isinstance(item, dict) or set(item) - {"quotas", "sources"} or not isinstance(item.get("quotas", {}), dict):
+            raise _bad(path, f"{where} must be a mapping with 'quotas' and 'sources' mappings")
         quotas = item.get("quotas", {})
         unknown = set(quotas) - set(QUOTA_NAMES)
         if unknown:
@@ -170,8 +172,24 @@ def parse_tenants(text: str, path: Path) -> dict[str, Quotas]:
         for name, value in quotas.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise _bad(path, f"{where}.quotas.{name} must be a whole number >= 0, got {value!r}")
-        out[str(tenant)] = Quotas(**quotas)
+        out[str(tenant)] = (Quotas(**quotas), _sources(item.get("sources"), path, where))
     return out
+
+
+def _sources(item, path: Path, where: str) -> SourceAllowance:
+    if item is None:
+        return ANYWHERE
+    if not isinstance(item, dict) or set(item) - {"roots", "hub"}:
+        raise _bad(path, f"{where}.sources must be a mapping of 'roots' and 'hub' lists")
+    lists = {}
+    for name in ("roots", "hub"):
+        value = item.get(name)
+        if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
+            raise _bad(path, f"{where}.sources.{name} must be a list of names")
+        if name == "roots" and value and any(Path(v).is_absolute() or ".." in Path(v).parts for v in value):
+            raise _bad(path, f"{where}.sources.roots are directories under the adapter roots (relative, without '..')")
+        lists[name] = tuple(value) if value is not None else None
+    return SourceAllowance(roots=lists["roots"], hub_orgs=lists["hub"])
 
 
 def parse_keys(text: str, path: Path) -> list[_Entry]:
@@ -199,7 +217,7 @@ def parse_keys(text: str, path: Path) -> list[_Entry]:
     return entries
 
 
-def _read(path: Path) -> tuple[tuple[list[_Entry], dict[str, Identity], dict[str, Quotas]], tuple[int, int, int]]:
+def _read(path: Path) -> tuple[tuple[list[_Entry], dict[str, Identity], dict], tuple[int, int, int]]:
     try:
         stat = path.stat()
         if stat.st_size > MAX_KEYS_FILE_BYTES:
@@ -243,7 +261,12 @@ class KeyStore:
     def quotas(self, tenant: str) -> Quotas:
         """The tenant's quotas (unlimited when the file gives none)."""
         self._maybe_reload()
-        return self._tenants.get(tenant, UNLIMITED)
+        return self._tenants.get(tenant, (UNLIMITED, ANYWHERE))[0]
+
+    def sources(self, tenant: str) -> SourceAllowance:
+        """Where the tenant's adapters may come from (anywhere the server allows, by default)."""
+        self._maybe_reload()
+        return self._tenants.get(tenant, (UNLIMITED, ANYWHERE))[1]
 
     def identify_certificate(self, common_name: str) -> Identity | None:
         """The identity the keys file gives a verified client certificate's common name, if any."""

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.checkpoint import AdapterSpec, BaseModelView, read_checkpoint
-from loramux.server.adapters.sources import resolve_source
+from loramux.server.adapters.sources import ANYWHERE, SourceAllowance, resolve_source
 from loramux.server.adapters.weights import AdapterWeights
 from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest
 from loramux.server.settings import Settings
@@ -75,7 +75,10 @@ class AdapterRegistry:
         self._uids = itertools.count(1)
         self.cache: TieredAdapterCache = cache_for(self._reload)
 
-    def load(self, tenant: str, adapter_id: str, source: str, revision: str = "", replace: bool = False) -> tuple[AdapterRecord, bool]:
+    def load(
+        self, tenant: str, adapter_id: str, source: str, revision: str = "", replace: bool = False,
+        allowed: SourceAllowance = ANYWHERE,
+    ) -> tuple[AdapterRecord, bool]:
         """Register an adapter (reading and validating its files). Returns (record, created).
 
         Loading the same id from the same source again returns the existing record, unless
@@ -95,7 +98,7 @@ class AdapterRegistry:
                         existing_source=existing.source,
                     )
                 return existing, False
-            resolved = resolve_source(source, revision, self._settings)
+            resolved = resolve_source(source, revision, self._settings, allowed)
             spec, weights = read_checkpoint(resolved.directory, self._base, root=resolved.root)
             record = AdapterRecord(
                 uid=next(self._uids),

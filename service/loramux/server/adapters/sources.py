@@ -27,6 +27,17 @@ MAX_REVISION_CHARS = 256
 
 
 @dataclasses.dataclass(frozen=True)
+class SourceAllowance:
+    """Where one tenant's adapters may come from; None: wherever the server allows."""
+
+    roots: tuple[str, ...] | None = None  # directories under the adapter roots (relative sources resolve in them)
+    hub_orgs: tuple[str, ...] | None = None  # Hub organisations (or users) of hf:// sources
+
+
+ANYWHERE = SourceAllowance()
+
+
+@dataclasses.dataclass(frozen=True)
 class ResolvedSource:
     directory: Path
     root: Path  # every file read for the adapter must resolve inside this directory
@@ -44,22 +55,46 @@ def check_path_text(value: str, field: str, reason: str) -> None:
         raise InvalidRequest(f"{field} has a path component longer than {MAX_COMPONENT_CHARS} bytes", field=field, reason=reason)
 
 
-def resolve_source(source: str, revision: str, settings: Settings) -> ResolvedSource:
+def resolve_source(source: str, revision: str, settings: Settings, allowed: SourceAllowance = ANYWHERE) -> ResolvedSource:
+    """Where `source` is, within what `allowed` (the tenant's allowance) and the server permit."""
     if not source:
         raise InvalidRequest("source is required", field="source", reason="SOURCE_REQUIRED")
     check_path_text(source, "source", "SOURCE_INVALID")
     if source.startswith(HUB_PREFIX):
         if len(revision) > MAX_REVISION_CHARS or any(ord(c) < 32 for c in revision):
             raise InvalidRequest(f"revision must be at most {MAX_REVISION_CHARS} printable characters", field="revision", reason="SOURCE_INVALID")
-        return _resolve_hub(source[len(HUB_PREFIX):], revision or None, settings)
-    directory, root = _resolve_local(source, settings.adapter_roots)
+        repo_id = source[len(HUB_PREFIX):]
+        if allowed.hub_orgs is not None and repo_id.split("/", 1)[0] not in allowed.hub_orgs:
+            raise SourceOutsideRoot(
+                f"this tenant's hf:// sources must belong to {', '.join(allowed.hub_orgs) or 'no organisation'}",
+                field="source", reason="SOURCE_NOT_ALLOWED", source=source,
+            )
+        return _resolve_hub(repo_id, revision or None, settings)
+    roots = settings.adapter_roots if allowed.roots is None else _tenant_roots(settings.adapter_roots, allowed.roots)
+    directory, root = _resolve_local(source, roots)
     return ResolvedSource(directory, root, None)
+
+
+def _tenant_roots(server_roots: tuple[Path, ...], entries: tuple[str, ...]) -> tuple[Path, ...]:
+    """A tenant's own directories: each entry under each server root, where it exists and stays
+    inside that root. Every file of the tenant's adapters must then resolve inside one of them."""
+    roots = []
+    for root in server_roots:
+        for entry in entries:
+            try:
+                path = (root / entry).resolve()
+            except (OSError, RuntimeError):
+                continue
+            if path.is_relative_to(root) and path.is_dir() and path not in roots:
+                roots.append(path)
+    return tuple(roots)
 
 
 def _resolve_local(source: str, roots: tuple[Path, ...]) -> tuple[Path, Path]:
     if not roots:
         raise SourceOutsideRoot(
-            "the server has no adapter root configured (--adapter-root); only hf:// sources load",
+            "no adapter root is configured for this server or tenant (--adapter-root, the keys file's sources); "
+            "only hf:// sources load",
             field="source",
             source=source,
         )

@@ -25,6 +25,7 @@ import contextvars
 import logging
 
 from loramux.server.adapters.registry import validate_adapter_id
+from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.errors import PermissionDenied, Unauthenticated
 from loramux.server.keys import Identity, KeyStore, role_rank
 from loramux.server.quotas import UNLIMITED, Quotas
@@ -63,6 +64,10 @@ class Authenticator:
     def quotas(self, tenant: str) -> Quotas:
         """The tenant's quotas from the keys file (none with auth=none)."""
         return self.keys.quotas(tenant) if self.keys is not None else UNLIMITED
+
+    def sources(self, tenant: str) -> SourceAllowance:
+        """Where the tenant's adapters may come from, per the keys file (anywhere with auth=none)."""
+        return self.keys.sources(tenant) if self.keys is not None else ANYWHERE
 
     def identify(self, method: str, metadata, peer_common_name: str | None = None) -> Identity:
         """The identity a call of `method` acts as, or Unauthenticated / PermissionDenied.

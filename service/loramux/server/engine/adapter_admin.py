@@ -16,6 +16,7 @@ from concurrent.futures import Future
 
 from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
+from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.errors import AdapterNotFound, LoramuxError, NoSlotFree, PinLimit
 from loramux.server.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
@@ -35,6 +36,7 @@ class AdapterAdmin:
         refusal: Callable[[], LoramuxError | None],
         cut: Callable[[], LoramuxError | None],
         quotas: Callable[[str], Quotas] = lambda tenant: UNLIMITED,
+        sources: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE,
     ):
         """`refusal()`: an error when new work is refused (draining); `cut()`: an error once
         waiting work must end (shutdown past its grace period)."""
@@ -47,6 +49,7 @@ class AdapterAdmin:
         self._refusal = refusal
         self._cut = cut
         self._quotas = quotas
+        self._sources = sources
 
     def load(
         self,
@@ -69,7 +72,7 @@ class AdapterAdmin:
         self._check_quotas(tenant, adapter_id, pin and not self._pinned_already(tenant, adapter_id, source, replace))
         if pin and not self._pinned_already(tenant, adapter_id, source, replace):
             self._check_pin_room()  # refuse before reading anything (the cache checks again, atomically)
-        record, _ = self._registry.load(tenant, adapter_id, source, revision, replace)
+        record, _ = self._registry.load(tenant, adapter_id, source, revision, replace, self._sources(tenant))
         if pin or warm:
             self._warm(record, pin, self._settings.slot_wait_s if wait_s is None else wait_s)
         return record

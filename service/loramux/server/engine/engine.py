@@ -23,6 +23,7 @@ from typing import TypeVar
 
 from loramux.server.adapters.cache import Tier, TieredAdapterCache
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
+from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.adapter_admin import AdapterAdmin
@@ -100,10 +101,12 @@ class Engine:
             refusal=lambda: ShuttingDown("the server is shutting down") if worker.draining else None,
             cut=lambda: worker.cut,
             quotas=lambda tenant: self.quotas(tenant),
+            sources=lambda tenant: self.sources(tenant),
         )
         self.restore_report = None  # what start-up brought back from the state directory (app.build_engine)
         # Per-tenant quotas (the server sets them from the keys file; unlimited otherwise).
         self.quotas: Callable[[str], Quotas] = lambda tenant: UNLIMITED
+        self.sources: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE  # where a tenant's adapters may come from
         self.usage = RequestUsage()
         self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
 
