@@ -195,3 +195,55 @@ def test_merge_outputs_live_under_each_tenants_own_directory(keyed):
             b.merge("theirs", "../team-a/shared-name", overwrite=True)
         assert e.value.reason == "OUTPUT_OUTSIDE_ROOT"
     assert '"adapter_id": "mine"' in (root / "team-a" / "shared-name" / "loramux_merge.json").read_text()
+
+
+def test_tenant_label_is_bounded_and_a_flooding_tenant_does_not_starve_another(assets, tmp_path):
+    import threading
+    import time
+
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from loramux.server.telemetry.providers import build_telemetry
+
+    keys_file = tmp_path / "keys.yaml"
+    flood, calm = append_key(keys_file, "flood", "user"), append_key(keys_file, "calm", "user")
+    operator = append_key(keys_file, "ops", "operator")
+    settings = assets.settings(auth="keys", auth_keys_file=keys_file, max_batch_size=2, batch_window_ms=0)
+    reader = InMemoryMetricReader()
+    with BackgroundServer(settings, telemetry=build_telemetry(settings, metric_readers=[reader])) as server:
+        first_token: dict[str, float] = {}
+
+        def stream(name, key):
+            with lc.Client(server.target, api_key=key) as client:
+                for _ in client.generate_stream(prompt=PROMPTS[3], max_new_tokens=8, ignore_eos=True):
+                    first_token.setdefault(name, time.monotonic())
+
+        threads = [threading.Thread(target=stream, args=(f"flood{i}", flood)) for i in range(10)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while server.engine.stats().waiting < 6:  # the flood fills the batch and the queue
+            assert time.monotonic() < deadline
+            time.sleep(0.005)
+        calm_thread = threading.Thread(target=stream, args=("calm", calm))
+        calm_thread.start()
+        for t in (*threads, calm_thread):
+            t.join(60)
+        ahead = sorted(n for n, at in first_token.items() if n != "calm" and at < first_token["calm"])
+        # Tenants take turns: calm's request starts at the first free row, behind at most the
+        # flood's rows that were running or admitted with it, not behind the flood's queue.
+        assert len(first_token) == 11 and len(ahead) <= 4, ahead
+
+        with grpc.insecure_channel(server.target) as channel:  # an operator acting for a tenant no file names
+            stub = loramux_service_pb2_grpc.LoramuxStub(channel)
+            from loramux.v1 import generation_pb2
+
+            stub.Generate(generation_pb2.GenerateRequest(prompt=PROMPTS[0], max_new_tokens=2),
+                          metadata=[("authorization", f"Bearer {operator}"), ("x-loramux-tenant", "made-up-tenant")])
+        points = {}
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    if metric.name == "loramux.generate.tokens":
+                        points = {p.attributes["tenant"]: p.value for p in metric.data.data_points}
+        assert points == {"flood": 80, "calm": 8, "other": 2}

@@ -137,6 +137,7 @@ async def create_server(
     pools = Pools()
     auth = auth or Authenticator(settings)
     engine.quotas, engine.sources = auth.quotas, auth.sources  # the keys file's per-tenant limits, reloaded with it
+    engine.telemetry.tenant_label = auth.tenant_label
     servicer = LoramuxServicer(engine, pools, auth)
     server.add_generic_rpc_handlers((
         _lenient_handlers(loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"], servicer),

@@ -258,6 +258,12 @@ class KeyStore:
             raise Unauthenticated("the API key has expired; ask your operator for a new one", reason="API_KEY_EXPIRED")
         return found.identity
 
+    def tenant_names(self) -> frozenset[str]:
+        """Every tenant the file names (keys, certificates, tenants)."""
+        self._maybe_reload()
+        return frozenset([e.identity.tenant for e in self._entries] + [i.tenant for i in self._certificates.values()]
+                         + list(self._tenants))
+
     def quotas(self, tenant: str) -> Quotas:
         """The tenant's quotas (unlimited when the file gives none)."""
         self._maybe_reload()

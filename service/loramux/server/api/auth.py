@@ -65,6 +65,12 @@ class Authenticator:
         """The tenant's quotas from the keys file (none with auth=none)."""
         return self.keys.quotas(tenant) if self.keys is not None else UNLIMITED
 
+    def tenant_label(self, tenant: str) -> str:
+        """The tenant as a metric label: tenants the keys file names (or, with auth=none, the
+        default tenant) are themselves, any other is "other", so series stay bounded."""
+        known = tenant in self.keys.tenant_names() if self.keys is not None else tenant == self._open.tenant
+        return tenant if known else "other"
+
     def sources(self, tenant: str) -> SourceAllowance:
         """Where the tenant's adapters may come from, per the keys file (anywhere with auth=none)."""
         return self.keys.sources(tenant) if self.keys is not None else ANYWHERE

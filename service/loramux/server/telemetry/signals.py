@@ -41,6 +41,9 @@ class Telemetry:
         self.meter_provider = meter_provider or metrics.NoOpMeterProvider()
         self.tracing = tracer_provider is not None
         self._closers = closers
+        # The `tenant` label of request metrics: the server sets it so that only tenants the
+        # keys file knows become label values (others are "other"), bounding the series.
+        self.tenant_label: Callable[[str], str] = lambda tenant: tenant
         self.tracer = self.tracer_provider.get_tracer(SCOPE)
         m = self.meter_provider.get_meter(SCOPE)
 
@@ -101,8 +104,9 @@ class Telemetry:
         """Metrics and the request's engine spans, when its last event is about to be sent."""
         now_ns = time.time_ns()
         if isinstance(event, FinishEvent):
-            self.tokens.add(event.completion_tokens)
-            self.ttft.record(event.timings.time_to_first_token_s)
+            labels = {"tenant": self.tenant_label(request.tenant)}
+            self.tokens.add(event.completion_tokens, labels)
+            self.ttft.record(event.timings.time_to_first_token_s, labels)
         if not self.tracing:
             return
         t = request.timeline
