@@ -317,8 +317,9 @@ def test_prometheus_endpoint_moves_with_requests_and_evictions(assets, tmp_path)
         ok = (("rpc_grpc_status_code", "OK"), ("rpc_method", "Generate"))
         assert after[("loramux_rpc_requests_total", ok)] == 3
         assert after[("loramux_rpc_duration_seconds_count", ok)] == 3
-        assert after[("loramux_generate_tokens_total", ())] == tokens
-        assert after[("loramux_generate_time_to_first_token_seconds_count", ())] == 3
+        tenant = (("tenant", "default"),)  # auth=none: every call is the default tenant
+        assert after[("loramux_generate_tokens_total", tenant)] == tokens
+        assert after[("loramux_generate_time_to_first_token_seconds_count", tenant)] == 3
         assert after[("loramux_adapter_evictions_total", (("tier", "accelerator"),))] == 2
         assert after[("loramux_adapter_cache_misses_total", (("tier", "accelerator"),))] == 3
         assert after[("loramux_adapter_cache_hits_total", (("tier", "host"),))] == 3
