@@ -8,8 +8,10 @@ import os
 import grpc
 import pytest
 import yaml
+from google.longrunning import operations_pb2
 
 import loramux.client as lc
+from loramux.client.errors import from_rpc_error
 from conftest import PROMPTS
 from loramux.cli.main import main as cli
 from loramux.server import keys as keys_module
@@ -46,6 +48,9 @@ def outcome(target, api_key, rpc):
         with lc.Client(target, api_key=api_key, timeout=60) as client:
             rpc(client)
         return OK
+    except grpc.RpcError as e:  # the Operations stub is called raw
+        e = from_rpc_error(e)
+        return f"{e.code.name}/{e.reason}"
     except lc.LoramuxError as e:
         return f"{e.code.name}/{e.reason}"
 
@@ -58,6 +63,7 @@ RPCS = {
     "LoadAdapter": lambda c: c.load_adapter("extra", source="qv-r4", replace=True),
     "UnloadAdapter": lambda c: c.unload_adapter("extra"),
     "Merge": lambda c: c.merge("mine", "out", overwrite=True).result(timeout=60),
+    "ListOperations": lambda c: c._operations.ListOperations(operations_pb2.ListOperationsRequest(), timeout=60),
     "GetServerInfo": lambda c: c.server_info(),
 }
 DENIED = "PERMISSION_DENIED/PERMISSION_DENIED"
@@ -66,14 +72,14 @@ NOT_FOUND = "NOT_FOUND/ADAPTER_NOT_FOUND"
 # caller -> the outcome of each RPC, in RPCS' order. Callers of team-a use team-a's adapter
 # "mine"; team-b's do not see it (NOT_FOUND, as for an adapter that does not exist).
 TABLE = {
-    None: [NO_KEY] * 8,
-    "wrong": [NO_KEY] * 8,
-    "expired": ["UNAUTHENTICATED/API_KEY_EXPIRED"] * 8,
-    "user_a": [OK, OK, OK, OK, DENIED, DENIED, DENIED, DENIED],
-    "admin_a": [OK, OK, OK, OK, OK, OK, OK, DENIED],
-    "user_b": [OK, OK, OK, NOT_FOUND, DENIED, DENIED, DENIED, DENIED],
-    "admin_b": [OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, DENIED],
-    "operator": [OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, OK],  # its own tenant "ops" holds no "mine"
+    None: [NO_KEY] * 9,
+    "wrong": [NO_KEY] * 9,
+    "expired": ["UNAUTHENTICATED/API_KEY_EXPIRED"] * 9,
+    "user_a": [OK, OK, OK, OK, DENIED, DENIED, DENIED, DENIED, DENIED],
+    "admin_a": [OK, OK, OK, OK, OK, OK, OK, OK, DENIED],
+    "user_b": [OK, OK, OK, NOT_FOUND, DENIED, DENIED, DENIED, DENIED, DENIED],
+    "admin_b": [OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, OK, DENIED],
+    "operator": [OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, OK, OK],  # its own tenant "ops" holds no "mine"
 }
 
 

@@ -17,11 +17,12 @@ from loramux.server.keys import append_key
 def quota_server(assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("quotas")
     keys_file = root / "keys.yaml"
-    keys = {t: append_key(keys_file, t, "admin", t) for t in ("limited", "free", "tokens")}
+    keys = {t: append_key(keys_file, t, "admin", t) for t in ("limited", "free", "tokens", "queue")}
     keys_file.write_text(keys_file.read_text() + (
         "tenants:\n"
         "  limited:\n    quotas: {adapters: 2, pinned: 1, requests: 2, merges: 1}\n"
         "  tokens:\n    quotas: {tokens_per_minute: 40}\n"
+        "  queue:\n    quotas: {queued: 1}\n"
     ))
     server = BackgroundServer(assets.settings(auth="keys", auth_keys_file=keys_file, merge_root=root / "merged", adapter_slots=4))
     yield server, keys
@@ -55,33 +56,40 @@ def test_registered_and_pinned_adapters(quota_server):
         q.load_adapter("three", source="pattern")  # room again
 
 
-def test_requests_in_flight_and_merges_at_once(quota_server):
+def test_requests_in_flight_queued_and_merges_at_once(quota_server):
     server, keys = quota_server
     engine = server.engine
     gate, entered = threading.Event(), threading.Event()
     engine.call_on_engine(lambda: (entered.set(), gate.wait(60)))  # hold the engine: requests stay queued
     assert entered.wait(10)
     results = []
-    try:
-        with lc.Client(server.target, api_key=keys["limited"]) as q, lc.Client(server.target, api_key=keys["free"]) as free:
-            def call(client):
-                results.append(client.generate(prompt=PROMPTS[0], max_new_tokens=2).token_ids)
 
+    def call(client):
+        results.append(client.generate(prompt=PROMPTS[0], max_new_tokens=2).token_ids)
+
+    def wait_for(condition):
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+
+    try:
+        with lc.Client(server.target, api_key=keys["limited"]) as q, lc.Client(server.target, api_key=keys["free"]) as free, \
+                lc.Client(server.target, api_key=keys["queue"]) as queue_client:
             threads = [threading.Thread(target=call, args=(q,)) for _ in range(2)]
             for t in threads:
                 t.start()
-            deadline = time.monotonic() + 30
-            while engine.usage.in_flight("limited") < 2:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            wait_for(lambda: engine.usage.in_flight("limited") == 2)
             error = refused(lambda: q.generate(prompt=PROMPTS[0], max_new_tokens=2), "requests", "limited")
             assert error.metadata["limit"] == "2" and error.retry_after > 0
-            other = threading.Thread(target=call, args=(free,))  # the other tenant is accepted meanwhile
-            other.start()
-            deadline = time.monotonic() + 30
-            while engine.usage.in_flight("free") < 1:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            threads.append(threading.Thread(target=call, args=(free,)))  # the other tenant is accepted meanwhile
+            threads[-1].start()
+            wait_for(lambda: engine.usage.in_flight("free") == 1)
+            threads.append(threading.Thread(target=call, args=(queue_client,)))  # one may wait, not two
+            threads[-1].start()
+            wait_for(lambda: engine.stats().waiting_by_tenant.get("queue", 0) == 1)
+            error = refused(lambda: queue_client.generate(prompt=PROMPTS[0], max_new_tokens=2), "queued", "queue")
+            assert (error.metadata["limit"], error.metadata["used"]) == ("1", "1") and error.retry_after > 0
 
             # Merges: the merge thread is held too, so the first merge stays queued.
             merge_gate = threading.Event()
@@ -96,11 +104,11 @@ def test_requests_in_flight_and_merges_at_once(quota_server):
             first.result(timeout=60)
             q.merge("one", "m2").result(timeout=60)  # room again once the first is done
             gate.set()
-            for t in (*threads, other):  # the held requests now run, on the clients still open
+            for t in threads:  # the held requests now run, on the clients still open
                 t.join(60)
     finally:
         gate.set()
-    assert len(results) == 3 and engine.usage.in_flight("limited") == 0
+    assert len(results) == 4 and engine.usage.in_flight("limited") == 0
 
 
 def test_tokens_per_minute(quota_server):

@@ -9,13 +9,14 @@ entry, or a limit left out, is unlimited:
 
 - adapters: adapters registered at once; pinned: adapters pinned at once;
 - requests: generate requests in flight at once (queued or running);
+- queued: generate requests waiting to be admitted at once (within `requests`);
 - tokens_per_minute: prompt tokens plus `max_new_tokens` of the requests accepted in the last
   60 s (charged when a request is accepted: what it may use, so a burst cannot overshoot);
 - merges: merges queued or running at once.
 
 A request over a limit is refused with RESOURCE_EXHAUSTED / QUOTA_EXCEEDED, carrying a
 google.rpc.QuotaFailure (subject `tenant:<name>`, which limit) and, for the limits that
-free up by themselves (requests in flight, tokens per minute), a RetryInfo. Other tenants
+free up by themselves (requests in flight or queued, tokens per minute, merges), a RetryInfo. Other tenants
 are not affected.
 """
 
@@ -29,7 +30,7 @@ from collections import deque
 from loramux.server.errors import QuotaExceeded
 
 WINDOW_S = 60.0
-QUOTA_NAMES = ("adapters", "pinned", "requests", "tokens_per_minute", "merges")
+QUOTA_NAMES = ("adapters", "pinned", "requests", "queued", "tokens_per_minute", "merges")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class Quotas:
     adapters: int | None = None
     pinned: int | None = None
     requests: int | None = None
+    queued: int | None = None
     tokens_per_minute: int | None = None
     merges: int | None = None
 

@@ -210,9 +210,10 @@ class Engine:
             request.timeline.tier_found = self.cache.tier(record.uid)
         if deadline is not None and time.monotonic() > deadline:  # tokenizing took the caller's time
             raise DeadlineExceeded("the deadline passed while the prompt was being tokenized")
-        usage.begin(tenant, self.quotas(tenant), len(ids) + params.max_new_tokens, self.worker.scheduler.retry_hint_s)
+        quotas = self.quotas(tenant)
+        usage.begin(tenant, quotas, len(ids) + params.max_new_tokens, self.worker.scheduler.retry_hint_s)
         try:
-            self.worker.enqueue(request)
+            self.worker.enqueue(request, quotas.queued)
         except BaseException:
             usage.end(tenant)
             raise

@@ -33,6 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable, Tier, TieredAdapterCache
 from loramux.server.engine.request import ErrorEvent, GenerationRequest
 from loramux.server.errors import AdapterNotFound, Cancelled, DeadlineExceeded, InternalError, LoramuxError, QueueFull
+from loramux.server.quotas import refuse
 from loramux.server.settings import Settings
 
 _TIER_RANK = {Tier.ACCELERATOR: 0, Tier.HOST: 1, Tier.DISK: 2}
@@ -100,9 +101,15 @@ class Scheduler:
     def waiting_by_tenant(self) -> dict[str, int]:
         return {tenant: len(q) for tenant, q in self._waiting.items()}
 
-    def push(self, request: GenerationRequest) -> None:
+    def push(self, request: GenerationRequest, tenant_queue_quota: int | None = None) -> None:
+        """Queue a request, or refuse it: the queue is full, or the tenant has as many waiting
+        as it may (`max_queue_per_tenant`, or its `queued` quota)."""
         s = self._settings
         queue = self._waiting.get(request.tenant)
+        waiting = len(queue) if queue is not None else 0
+        if tenant_queue_quota is not None and waiting >= tenant_queue_quota:
+            raise refuse(request.tenant, "queued", tenant_queue_quota, waiting, f"{waiting} requests waiting",
+                         retry_after_s=self.retry_hint_s)
         if self._count >= s.max_queue:
             raise self._full(f"{self._count} requests are waiting, the most this server queues; retry later")
         if queue is not None and len(queue) >= s.max_queue_per_tenant:

@@ -83,13 +83,13 @@ class Worker:
         started = self._pass_started
         return started is None or time.monotonic() - started < stall_s
 
-    def enqueue(self, request: GenerationRequest) -> None:
-        """Queue a validated request (the scheduler may refuse it: QueueFull)."""
+    def enqueue(self, request: GenerationRequest, tenant_queue_quota: int | None = None) -> None:
+        """Queue a validated request (the scheduler may refuse it: QueueFull, QuotaExceeded)."""
         with self.cond:
             if self.draining:
                 raise ShuttingDown("the server is shutting down")
             request.arrival_step = self._steps
-            self.scheduler.push(request)
+            self.scheduler.push(request, tenant_queue_quota)
             self.cond.notify_all()
 
     def call(self, fn: Callable[[], object]) -> Future:
