@@ -253,3 +253,10 @@ def test_tenant_label_is_bounded_and_a_flooding_tenant_does_not_starve_another(a
                     if metric.name == "loramux.generate.tokens":
                         points = {p.attributes["tenant"]: p.value for p in metric.data.data_points}
         assert points == {"flood": 80, "calm": 8, "other": 2}
+
+
+def test_keys_create_defaults_to_a_file_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert cli(["keys", "create", "--tenant", "t1", "--role", "admin"]) == 0
+    key = capsys.readouterr().out.strip()
+    assert KeyStore(tmp_path / "loramux-keys.yaml").identify(key).role == "admin"

@@ -136,7 +136,8 @@ def _client_parsers(sub) -> None:
     create = keys.add_parser("create", help="make a key, print it once and add its hash to the keys file")
     create.add_argument("--tenant", required=True)
     create.add_argument("--role", required=True, choices=["user", "admin", "operator"])
-    create.add_argument("--keys-file", required=True, metavar="PATH", help="the file `loramux serve --auth-keys-file` reads")
+    create.add_argument("--keys-file", default="loramux-keys.yaml", metavar="PATH",
+                        help="the file `loramux serve --auth-keys-file` reads (default: ./loramux-keys.yaml; created if missing)")
     create.add_argument("--name", default="", help="a label for the key (shown in the file)")
     create.add_argument("--expires", metavar="TIME", help="ISO 8601 time after which the key stops working")
 
