@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
 	$(PY) -m pip install --quiet -e '.[server,dev]'
+	$(PY) scripts/install_helm.py $(VENV)/bin/helm
 	touch $(STAMP)
 
 install: $(STAMP)

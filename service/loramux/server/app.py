@@ -185,13 +185,13 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host or settings.host, telemetry.metrics_port)
     engine = await asyncio.get_running_loop().run_in_executor(None, in_own_thread, build_engine, settings, telemetry)
     running = await create_server(engine, auth=auth)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before announcing: a SIGTERM right after drains
+        loop.add_signal_handler(sig, stop.set)
     print(f"loramux listening on {settings.host}:{running.port}", flush=True)
     if ready is not None:
         ready.set()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)
     await running.stop()

@@ -1,0 +1,121 @@
+"""The Helm chart: lint, render with the defaults and with every option on, validate every
+manifest against the Kubernetes schemas, the values schema's refusals, and the rendered
+container command started for real against a tiny model."""
+
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "helm" / "loramux"
+FULL = ROOT / "tests" / "helm" / "full-values.yaml"
+BIN = Path(sys.executable).parent
+HELM = BIN / "helm"  # installed by the Makefile (scripts/install_helm.py)
+
+
+def helm(*args, check=True) -> subprocess.CompletedProcess:
+    assert HELM.exists(), "helm is missing: `make install` puts it in .venv/bin"
+    return subprocess.run([str(HELM), *args], capture_output=True, text=True, check=check)
+
+
+def render(*args) -> list[dict]:
+    out = helm("template", "r1", str(CHART), *args).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def validate(docs: list[dict], tmp_path: Path) -> str:
+    path = tmp_path / "manifests.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    result = subprocess.run([str(BIN / "kubernetes-validate"), "--strict", "-k", "1.33.0", str(path)],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("values", [[], ["-f", str(FULL)]], ids=["defaults", "full"])
+def test_lint_render_and_validate(values, tmp_path):
+    assert "0 chart(s) failed" in helm("lint", "--strict", str(CHART), *values).stdout
+    docs = render(*values)
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+    report = validate([d for d in docs if d["apiVersion"] != "monitoring.coreos.com/v1"], tmp_path)
+    assert "failed" not in report
+    if not values:
+        assert kinds == ["Deployment/r1-loramux", "Pod/r1-loramux-test", "PodDisruptionBudget/r1-loramux",
+                         "Secret/r1-loramux-keys", "Service/r1-loramux", "Service/r1-loramux-headless",
+                         "ServiceAccount/r1-loramux"]
+    else:
+        assert kinds == ["Deployment/r1-loramux", "HorizontalPodAutoscaler/r1-loramux", "NetworkPolicy/r1-loramux",
+                         "Pod/r1-loramux-test", "PodDisruptionBudget/r1-loramux", "Service/r1-loramux",
+                         "Service/r1-loramux-headless", "ServiceAccount/r1-loramux", "ServiceMonitor/r1-loramux"]
+        monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
+        assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
+    assert pod["terminationGracePeriodSeconds"] == 30  # the server's 20 s drain and 10 s more
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    if values:  # TLS on: native gRPC probes cannot speak it
+        assert "--tls-client-ca" in container["args"] and "readinessProbe" not in container
+    else:
+        assert container["readinessProbe"]["grpc"] == {"port": 50051}
+
+
+@pytest.mark.parametrize("setting, message", [
+    ("replicaCount=abc", "at '/replicaCount': got string, want integer"),
+    ("server.bogus=1", "at '/server': additional properties 'bogus' not allowed"),
+    ("model.dtype=float8", "at '/model/dtype'"),
+    ("auth.mode=open", "at '/auth/mode'"),
+    ("server.port=70000", "at '/server/port'"),
+])
+def test_values_schema_refuses(setting, message):
+    result = helm("template", "r1", str(CHART), "--set", setting, check=False)
+    assert result.returncode != 0 and message in result.stderr, result.stderr
+
+
+def test_the_rendered_command_is_one_loramux_serve_accepts(assets, tmp_path):
+    """The Deployment's command and arguments, run here: only the container's paths are mapped
+    to local directories, and the addresses to loopback with free ports."""
+    from loramux.server.keys import append_key
+
+    keys_source = tmp_path / "keys-src.yaml"
+    append_key(keys_source, "team", "user")
+    docs = render("--set", f"model.id={assets.base}", "--set", "merge.enabled=true",
+                  "--set-string", f"auth.keysFile={keys_source.read_text()}")
+    container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    secret = next(d for d in docs if d["kind"] == "Secret")
+    paths = {"/etc/loramux/keys": tmp_path / "keys", "/var/lib/loramux": tmp_path / "var", "/models": tmp_path / "models",
+             "/adapters": assets.adapters}
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "keys.yaml").write_text(secret["stringData"]["keys.yaml"])
+    mapped = []
+    for arg in container["args"]:
+        for inside, outside in paths.items():
+            if arg == inside or arg.startswith(inside + "/"):
+                arg = str(outside) + arg[len(inside):]
+                break
+        mapped.append(arg)
+    for flag, local in (("--host", "127.0.0.1"), ("--metrics-host", "127.0.0.1"), ("--port", "0"), ("--metrics-port", "0")):
+        mapped[mapped.index(flag) + 1] = local
+    assert container["command"] == ["loramux", "serve"]
+    cmd = [sys.executable, "-m", "loramux.cli.main", "serve", *mapped]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        end = time.monotonic() + 120
+        line = ""
+        while "listening on" not in line:
+            line = proc.stdout.readline()
+            if (not line and proc.poll() is not None) or time.monotonic() > end:
+                raise AssertionError(f"serve did not start: {proc.stderr.read()[-2000:]}")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert (tmp_path / "var" / "state").is_dir() and (tmp_path / "var" / "merges").is_dir()
+    shutil.rmtree(tmp_path / "var")
