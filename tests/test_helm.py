@@ -119,3 +119,19 @@ def test_the_rendered_command_is_one_loramux_serve_accepts(assets, tmp_path):
             proc.kill()
     assert (tmp_path / "var" / "state").is_dir() and (tmp_path / "var" / "merges").is_dir()
     shutil.rmtree(tmp_path / "var")
+
+
+def test_dockerfiles_lint_clean_and_match_the_charts_image_tags():
+    files = [ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"]
+    result = subprocess.run([str(BIN / "hadolint"), *map(str, files)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    deployment = next(d for d in render() if d["kind"] == "Deployment")
+    image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert image == f"{values['image']['repository']}:{chart['appVersion']}-cuda"
+    # Each Dockerfile names the tag it builds, non-root, with `loramux serve` as its entrypoint.
+    for path, suffix in zip(files, ("cuda", "cpu")):
+        text = path.read_text()
+        assert f"Tag: <version>-{suffix}" in text and "USER 10001:10001" in text
+        assert 'ENTRYPOINT ["loramux", "serve"]' in text
