@@ -77,7 +77,7 @@ def _domain_error(error: BaseException) -> LoramuxError:
 
 def _peer_common_name(context) -> str | None:
     """The common name of the client certificate TLS verified (mutual TLS only)."""
-    names = context.auth_context().get("x509_common_name") if context.auth_context() else None
+    names = (context.auth_context() or {}).get("x509_common_name")
     return names[0].decode("utf-8", "replace") if names else None
 
 
