@@ -62,6 +62,8 @@ def _serve_parser(sub) -> None:
                    help="keys: every call needs an API key from --auth-keys-file; none: no credentials (development only)")
     p.add_argument("--auth-keys-file", metavar="PATH",
                    help="YAML or JSON file of key hashes, tenants and roles (`loramux keys create` writes it); reloaded when it changes")
+    p.add_argument("--max-connection-age-s", type=float, default=300.0,
+                   help="clients reconnect after this long, so that they see new replicas (0: never)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate chain (and --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     p.add_argument("--tls-client-ca", metavar="PEM",
@@ -127,6 +129,8 @@ def _client_parsers(sub) -> None:
         p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
         p.add_argument("--timeout", type=float, default=600.0, help="deadline per call, seconds")
         p.add_argument("--api-key", help="API key sent with every call (default: the LORAMUX_API_KEY environment variable)")
+        p.add_argument("--no-affinity", action="store_true",
+                       help="with a dns:/ipv4: target naming several replicas: do not route each adapter to one replica")
         p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots")
         p.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA bundle")
         p.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers that require one (with --tls-key)")
@@ -167,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         tls_files = _tls_files(args)
-        client = Client(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls, **tls_files)
+        client = Client(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls,
+                        affinity=False if args.no_affinity else None, **tls_files)
     except (OSError, ValueError) as e:  # a PEM file that cannot be read, a certificate without its key
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -242,6 +247,7 @@ def _serve(args) -> int:
             state_dir=args.state_dir,
             auth=args.auth,
             auth_keys_file=args.auth_keys_file,
+            max_connection_age_s=args.max_connection_age_s,
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,

@@ -13,6 +13,7 @@ from google.protobuf import duration_pb2
 
 from loramux.client import _convert, types
 from loramux.client._auth import aio_interceptors, resolve_api_key
+from loramux.client._routing import aio_affinity_interceptors, channel_options, wants_affinity
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
 
@@ -79,6 +80,7 @@ class AsyncClient:
         options: list[tuple[str, object]] | None = None,
         tracer_provider=None,
         api_key: str | None = None,
+        affinity: bool | None = None,
     ):
         """`api_key`: sent as `authorization: Bearer <key>` on every call (default: the
         LORAMUX_API_KEY environment variable), on channels made here."""
@@ -86,7 +88,11 @@ class AsyncClient:
 
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates, private_key, certificate_chain)
-            interceptors = aio_interceptors(resolve_api_key(api_key)) + list(aio_client_interceptors(tracer_provider=tracer_provider))
+            api_key = resolve_api_key(api_key)
+            interceptors = aio_interceptors(api_key) + list(aio_client_interceptors(tracer_provider=tracer_provider))
+            if wants_affinity(target) if affinity is None else affinity:  # as the blocking Client
+                options = channel_options(options)
+                interceptors = aio_affinity_interceptors(api_key) + interceptors
             channel = (
                 grpc.aio.secure_channel(target, creds, options, interceptors=interceptors)
                 if creds

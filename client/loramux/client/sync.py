@@ -12,6 +12,7 @@ from google.protobuf import duration_pb2
 
 from loramux.client import _convert, types
 from loramux.client._auth import KeyInterceptor, resolve_api_key
+from loramux.client._routing import AffinityInterceptor, channel_options, wants_affinity
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
 
@@ -79,17 +80,25 @@ class Client:
         options: list[tuple[str, object]] | None = None,
         tracer_provider=None,
         api_key: str | None = None,
+        affinity: bool | None = None,
     ):
         """`api_key`: sent as `authorization: Bearer <key>` on every call (default: the
-        LORAMUX_API_KEY environment variable; none for a server run with auth=none)."""
+        LORAMUX_API_KEY environment variable; none for a server run with auth=none).
+        `affinity`: route each adapter's requests to one replica with gRPC's ring_hash
+        (`_routing.py`); default on for `dns:`/`ipv4:`/`ipv6:` targets, which can name several."""
         from opentelemetry.instrumentation.grpc import client_interceptor
         from opentelemetry.instrumentation.grpc.grpcext import intercept_channel
 
+        api_key = resolve_api_key(api_key)
+        affinity = wants_affinity(target) if affinity is None else affinity
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates, private_key, certificate_chain)
+            if affinity:
+                options = channel_options(options)
             channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
         self._channel = channel
-        api_key = resolve_api_key(api_key)
+        if affinity:
+            channel = grpc.intercept_channel(channel, AffinityInterceptor(api_key))
         if api_key:
             channel = grpc.intercept_channel(channel, KeyInterceptor(api_key))
         channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))

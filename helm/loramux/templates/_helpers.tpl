@@ -122,6 +122,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - {{ $s.slotWaitS | quote }}
 - --engine-stall-s
 - {{ $s.engineStallS | quote }}
+- --max-connection-age-s
+- {{ $s.maxConnectionAgeS | quote }}
 - --shutdown-grace-s
 - {{ $s.shutdownGraceS | int64 | quote }}
 - --base-mismatch

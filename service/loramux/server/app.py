@@ -132,6 +132,7 @@ async def create_server(
         options=[
             ("grpc.max_receive_message_length", max_receive),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *connection_age_options(settings),
         ],
     )
     pools = Pools()
@@ -169,6 +170,18 @@ async def create_server(
     return RunningServer(
         server=server, port=bound, engine=engine, health=health_servicer, servicer=servicer, pools=pools, watchdog=watchdog
     )
+
+
+def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
+    """Recycle client connections (so that clients resolve replicas again), with a grace for
+    the calls in flight."""
+    if not settings.max_connection_age_s:
+        return []
+    return [("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", _CONNECTION_AGE_GRACE_MS)]
+
+
+_CONNECTION_AGE_GRACE_MS = 60_000
 
 
 def build_engine(settings: Settings, telemetry: Telemetry, base=None) -> Engine:

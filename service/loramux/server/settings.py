@@ -108,6 +108,9 @@ class Settings:
     """The keys file (YAML or JSON, hashes only; reloaded when it changes). Required with auth=keys."""
     default_tenant: str = "default"
     """The tenant of every call with auth=none."""
+    max_connection_age_s: float = 300.0
+    """Clients reconnect after this long (0: never), so that they see replicas added since (with
+    DNS targets and affinity routing); calls in flight get 60 s more to finish."""
     tls_cert: Path | None = None
     """PEM certificate chain the server presents (with tls_key): the port speaks TLS only."""
     tls_key: Path | None = None
@@ -161,7 +164,7 @@ class Settings:
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise bad("default_max_new_tokens", "must not exceed max_new_tokens_limit")
         for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio", "slot_wait_s", "engine_stall_s",
-                     "shutdown_grace_s", "adapter_memory_mib"):
+                     "shutdown_grace_s", "adapter_memory_mib", "max_connection_age_s"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise bad(name, f"must be a finite number, got {value}")
@@ -169,7 +172,7 @@ class Settings:
             raise bad("adapter_memory_mib", f"must be > 0, got {self.adapter_memory_mib}")
         if not self.engine_stall_s > 0:
             raise bad("engine_stall_s", f"must be > 0, got {self.engine_stall_s}")
-        for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio", "slot_wait_s"):
+        for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio", "slot_wait_s", "max_connection_age_s"):
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.scheduling not in SCHEDULING:
