@@ -102,3 +102,23 @@ def test_servers_recycle_connections_so_clients_see_new_replicas(assets):
     assert connection_age_options(assets.settings(max_connection_age_s=2.5)) == [
         ("grpc.max_connection_age_ms", 2500), ("grpc.max_connection_age_grace_ms", 60_000)]
     assert connection_age_options(assets.settings(max_connection_age_s=0)) == []
+
+
+def test_a_merges_progress_and_result_go_to_the_replica_that_runs_it(assets, tmp_path):
+    servers = [BackgroundServer(assets.settings(merge_root=tmp_path / f"m{i}")) for i in range(3)]
+    try:
+        for server in servers:
+            for name in NAMES[:6]:
+                server.engine.load_adapter("default", name, "qv-r4")
+        target = "ipv4:" + ",".join(s.target for s in servers)
+        with lc.Client(target, timeout=60) as client:
+            for name in NAMES[:6]:  # each merge's operation lives on one replica only
+                handle = client.merge(name, f"out-{name}")
+                assert handle.progress().operation == handle.name
+                assert handle.result(timeout=60).merged_tensors > 0
+        written = [sorted(p.name for p in (tmp_path / f"m{i}" / "default").glob("out-*")) for i in range(3)
+                   if (tmp_path / f"m{i}" / "default").exists()]
+        assert sorted(n for names in written for n in names) == sorted(f"out-{n}" for n in NAMES[:6])
+    finally:
+        for server in servers:
+            server.stop()

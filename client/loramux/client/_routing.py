@@ -62,9 +62,14 @@ class AffinityInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClie
 
     def __init__(self, api_key: str | None):
         self._caller = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
+        self._operations: dict[str, str] = {}  # operation name -> the adapter whose replica runs it
+
+    def remember(self, operation: str, adapter_id: str) -> None:
+        """Calls about `operation` (a merge of `adapter_id`) go where the merge went."""
+        self._operations[operation] = adapter_id
 
     def _details(self, details, request):
-        adapter = getattr(request, "adapter_id", "")
+        adapter = getattr(request, "adapter_id", "") or self._operations.get(getattr(request, "name", ""), "")
         value = f"{self._caller}/{adapter}" if adapter else uuid.uuid4().hex
         metadata = [*(details.metadata or []), (AFFINITY_HEADER, value)]
         return _Details(details.method, details.timeout, metadata, details.credentials,
@@ -85,8 +90,8 @@ class _AioDetails(
 
 
 class _AioAffinity:
-    def __init__(self, api_key: str | None):
-        self._sync = AffinityInterceptor(api_key)
+    def __init__(self, api_key: str | None, shared: AffinityInterceptor | None = None):
+        self._sync = shared or AffinityInterceptor(api_key)
 
     def _details(self, details, request):
         value = self._sync._details(details, request).metadata[-1]
@@ -104,5 +109,7 @@ class AioAffinityStream(_AioAffinity, grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self._details(client_call_details, request), request)
 
 
-def aio_affinity_interceptors(api_key: str | None) -> list:
-    return [AioAffinityUnary(api_key), AioAffinityStream(api_key)]
+def aio_affinity_interceptors(api_key: str | None) -> tuple[list, AffinityInterceptor]:
+    """The asyncio interceptors, and the router they share (for `remember`)."""
+    router = AffinityInterceptor(api_key)
+    return [AioAffinityUnary(api_key, router), AioAffinityStream(api_key, router)], router

@@ -86,13 +86,15 @@ class AsyncClient:
         LORAMUX_API_KEY environment variable), on channels made here."""
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
+        self._router = None  # the affinity router, when affinity is on
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates, private_key, certificate_chain)
             api_key = resolve_api_key(api_key)
             interceptors = aio_interceptors(api_key) + list(aio_client_interceptors(tracer_provider=tracer_provider))
             if wants_affinity(target) if affinity is None else affinity:  # as the blocking Client
                 options = channel_options(options)
-                interceptors = aio_affinity_interceptors(api_key) + interceptors
+                routing, self._router = aio_affinity_interceptors(api_key)
+                interceptors = routing + interceptors
             channel = (
                 grpc.aio.secure_channel(target, creds, options, interceptors=interceptors)
                 if creds
@@ -164,7 +166,10 @@ class AsyncClient:
     @_translated
     async def merge(self, adapter_id: str, output_dir: str, *, overwrite: bool = False, timeout: float | None = None) -> AsyncMergeHandle:
         request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite)
-        return AsyncMergeHandle(self, await self._stub.Merge(request, timeout=self._deadline(timeout)))
+        operation = await self._stub.Merge(request, timeout=self._deadline(timeout))
+        if self._router is not None:  # progress and result go to the replica that runs the merge
+            self._router.remember(operation.name, adapter_id)
+        return AsyncMergeHandle(self, operation)
 
     @_translated
     async def server_info(self, *, timeout: float | None = None) -> types.ServerInfo:

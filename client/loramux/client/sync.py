@@ -97,8 +97,9 @@ class Client:
                 options = channel_options(options)
             channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
         self._channel = channel
-        if affinity:
-            channel = grpc.intercept_channel(channel, AffinityInterceptor(api_key))
+        self._router = AffinityInterceptor(api_key) if affinity else None
+        if self._router is not None:
+            channel = grpc.intercept_channel(channel, self._router)
         if api_key:
             channel = grpc.intercept_channel(channel, KeyInterceptor(api_key))
         channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
@@ -179,7 +180,10 @@ class Client:
     @_translated
     def merge(self, adapter_id: str, output_dir: str, *, overwrite: bool = False, timeout: float | None = None) -> MergeHandle:
         request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite)
-        return MergeHandle(self, self._stub.Merge(request, timeout=self._deadline(timeout)))
+        operation = self._stub.Merge(request, timeout=self._deadline(timeout))
+        if self._router is not None:  # progress and result go to the replica that runs the merge
+            self._router.remember(operation.name, adapter_id)
+        return MergeHandle(self, operation)
 
     @_translated
     def server_info(self, *, timeout: float | None = None) -> types.ServerInfo:
