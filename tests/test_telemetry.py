@@ -423,3 +423,36 @@ def test_console_exporter_prints_spans_at_shutdown(assets, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["name"] == "loramux.console-check"
     assert printed["resource"]["attributes"]["service.name"] == "loramux"
+
+
+def test_router_signals_lora_requests_info_and_capacity(assets, tmp_path):
+    """The running and waiting adapters in vLLM's `lora_requests_info` form (what Kubernetes
+    inference routers read), and the adapter capacity."""
+    settings = assets.settings(adapter_slots=3, metrics_port=0, batch_window_ms=0)
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as client:
+        for name in ("qv-r4", "mlp-r2"):
+            client.load_adapter(name, source=name)
+        port, engine = server.telemetry.metrics_port, server.engine
+        gate, entered = threading.Event(), threading.Event()
+        engine.call_on_engine(lambda: (entered.set(), gate.wait(60)))
+        assert entered.wait(10)
+        calls = [threading.Thread(target=client.generate, kwargs=dict(adapter_id=a, prompt=PROMPTS[0], max_new_tokens=2))
+                 for a in ("qv-r4", "mlp-r2", "qv-r4")]
+        try:
+            for t in calls:
+                t.start()
+            deadline = time.monotonic() + 30
+            while engine.stats().waiting < 3:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            info = {labels: value for (name, labels), value in scrape(port).items() if name == "lora_requests_info"}
+        finally:
+            gate.set()
+            for t in calls:
+                t.join(60)
+        assert list(info) == [(("max_lora", "3"), ("running_lora_adapters", ""),
+                               ("waiting_lora_adapters", "default/qv-r4,default/mlp-r2"))]
+        assert abs(next(iter(info.values())) - time.time()) < 60
+        samples = scrape(port)
+        assert samples[("loramux_adapter_slots", ())] == 3
+        assert samples[("loramux_adapter_memory_capacity_bytes", ())] == engine.adapter_memory_bytes

@@ -109,6 +109,7 @@ class Engine:
         self.sources: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE  # where a tenant's adapters may come from
         self.usage = RequestUsage()
         self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
+        self.telemetry.observe_lora(self.worker.adapters_in_use, settings.adapter_slots, self.adapter_memory_bytes)
 
     # -- lifecycle ----------------------------------------------------------------------
 

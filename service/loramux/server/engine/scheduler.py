@@ -98,6 +98,9 @@ class Scheduler:
     def oldest(self) -> GenerationRequest | None:
         return min((q[0] for q in self._waiting.values() if q), key=lambda r: r.arrival, default=None)
 
+    def waiting_requests(self) -> list[GenerationRequest]:
+        return [r for q in self._waiting.values() for r in q]
+
     def waiting_by_tenant(self) -> dict[str, int]:
         return {tenant: len(q) for tenant, q in self._waiting.items()}
 

@@ -123,6 +123,16 @@ class Worker:
                 adapter_bytes_read=self._adapter_bytes_read,
             )
 
+    def adapters_in_use(self) -> tuple[list[str], list[str]]:
+        """The adapters (`tenant/adapter_id`) of the running rows and of the waiting requests,
+        each listed once, in first-seen order."""
+        with self.cond:
+            running = [r.request for r in self._running.rows] if self._running is not None else []
+            waiting = self.scheduler.waiting_requests()
+        def names(requests):
+            return list(dict.fromkeys(f"{r.tenant}/{r.adapter_id}" for r in requests if r.adapter_id))
+        return names(running), names(waiting)
+
     def refuse_new(self) -> None:
         with self.cond:
             self.draining = True

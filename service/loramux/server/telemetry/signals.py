@@ -28,6 +28,9 @@ LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 TIERS = (Tier.ACCELERATOR, Tier.HOST, Tier.DISK)
 
 
+LORA_INFO_MAX = 32  # adapters listed per label of lora_requests_info at most
+
+
 class Telemetry:
     def __init__(
         self,
@@ -80,6 +83,25 @@ class Telemetry:
               lambda: [metrics.Observation(b, {"tier": t.value}) for t, (_, b) in usage().items()])
         gauge("loramux.adapter.pinned", "{adapter}", "Adapters pinned in slots",
               lambda: [metrics.Observation(pinned())])
+
+    def observe_lora(self, in_use: Callable[[], tuple[list[str], list[str]]], slots: int, memory_bytes: int) -> None:
+        """Signals for routers: capacity, and the `lora_requests_info` form Kubernetes inference
+        routers read (vLLM's convention): one series whose labels list the running and waiting
+        adapters and the most adapters served at once, valued with the time it was read."""
+        m = self._meter
+        m.create_observable_gauge("loramux.adapter.slots", callbacks=[lambda o: [metrics.Observation(slots)]],
+                                  unit="{adapter}", description="Adapters the accelerator may hold at once (--adapter-slots)")
+        m.create_observable_gauge("loramux.adapter.memory.capacity", callbacks=[lambda o: [metrics.Observation(memory_bytes)]],
+                                  unit="By", description="Accelerator bytes for resident adapters (--adapter-memory-mib)")
+
+        def info(options):
+            running, waiting = in_use()
+            labels = {"running_lora_adapters": ",".join(running[:LORA_INFO_MAX]),
+                      "waiting_lora_adapters": ",".join(waiting[:LORA_INFO_MAX]), "max_lora": str(slots)}
+            return [metrics.Observation(time.time(), labels)]
+
+        m.create_observable_gauge("lora_requests_info", callbacks=[info],
+                                  description="Running and waiting adapters (tenant/adapter), and max_lora, as labels")
 
     def shutdown(self) -> None:
         """Flush and stop exporters (and the metrics endpoint)."""
