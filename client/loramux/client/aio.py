@@ -12,8 +12,9 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
 from loramux.client import _convert, types
-from loramux.client._auth import aio_interceptors, resolve_api_key
-from loramux.client._routing import aio_affinity_interceptors, channel_options, wants_affinity
+from loramux.client._auth import key_header, resolve_api_key
+from loramux.client._headers import aio_header_interceptors
+from loramux.client._routing import AffinityRouter, channel_options, wants_affinity
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
 
@@ -90,11 +91,13 @@ class AsyncClient:
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates, private_key, certificate_chain)
             api_key = resolve_api_key(api_key)
-            interceptors = aio_interceptors(api_key) + list(aio_client_interceptors(tracer_provider=tracer_provider))
+            interceptors = list(aio_client_interceptors(tracer_provider=tracer_provider))
+            if api_key:
+                interceptors = aio_header_interceptors(key_header(api_key)) + interceptors
             if wants_affinity(target) if affinity is None else affinity:  # as the blocking Client
                 options = channel_options(options)
-                routing, self._router = aio_affinity_interceptors(api_key)
-                interceptors = routing + interceptors
+                self._router = AffinityRouter(api_key)
+                interceptors = aio_header_interceptors(self._router.header_for) + interceptors
             channel = (
                 grpc.aio.secure_channel(target, creds, options, interceptors=interceptors)
                 if creds

@@ -11,8 +11,9 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import duration_pb2
 
 from loramux.client import _convert, types
-from loramux.client._auth import KeyInterceptor, resolve_api_key
-from loramux.client._routing import AffinityInterceptor, channel_options, wants_affinity
+from loramux.client._auth import key_header, resolve_api_key
+from loramux.client._headers import HeaderInterceptor
+from loramux.client._routing import AffinityRouter, channel_options, wants_affinity
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
 
@@ -97,11 +98,11 @@ class Client:
                 options = channel_options(options)
             channel = grpc.secure_channel(target, creds, options) if creds else grpc.insecure_channel(target, options)
         self._channel = channel
-        self._router = AffinityInterceptor(api_key) if affinity else None
+        self._router = AffinityRouter(api_key) if affinity else None
         if self._router is not None:
-            channel = grpc.intercept_channel(channel, self._router)
+            channel = grpc.intercept_channel(channel, HeaderInterceptor(self._router.header_for))
         if api_key:
-            channel = grpc.intercept_channel(channel, KeyInterceptor(api_key))
+            channel = grpc.intercept_channel(channel, HeaderInterceptor(key_header(api_key)))
         channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
         self.timeout = timeout
         self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)
