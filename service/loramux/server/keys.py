@@ -131,10 +131,10 @@ def _tenant_and_role(item: dict, path: Path, where: str) -> tuple[str, str]:
     return tenant, role
 
 
-def parse_certificates(text: str, path: Path) -> dict[str, Identity]:
+def _certificates(data: dict, path: Path) -> dict[str, Identity]:
     """Client certificate common name -> identity, from a keys file's `certificates`."""
     out: dict[str, Identity] = {}
-    for i, item in enumerate(_load(text, path).get("certificates", [])):
+    for i, item in enumerate(data.get("certificates", [])):
         where = f"certificates[{i}]"
         if not isinstance(item, dict):
             raise _bad(path, f"{where} must be a mapping")
@@ -151,9 +151,9 @@ def parse_certificates(text: str, path: Path) -> dict[str, Identity]:
     return out
 
 
-def parse_tenants(text: str, path: Path) -> dict[str, tuple[Quotas, SourceAllowance]]:
+def _tenants(data: dict, path: Path) -> dict[str, tuple[Quotas, SourceAllowance]]:
     """Tenant -> its quotas and source allowance, from a keys file's `tenants` section."""
-    section = _load(text, path).get("tenants") or {}
+    section = data.get("tenants") or {}
     if not isinstance(section, dict):
         raise _bad(path, "tenants must be a mapping of tenant -> {quotas: {...}, sources: {...}}")
     out = {}
@@ -192,9 +192,8 @@ def _sources(item, path: Path, where: str) -> SourceAllowance:
     return SourceAllowance(roots=lists["roots"], hub_orgs=lists["hub"])
 
 
-def parse_keys(text: str, path: Path) -> list[_Entry]:
-    """The entries of a keys file's text; InvalidSettings naming what is wrong."""
-    data = _load(text, path)
+def _keys(data: dict, path: Path) -> list[_Entry]:
+    """The key entries of a keys file."""
     entries, seen = [], set()
     for i, item in enumerate(data["keys"]):
         where = f"keys[{i}]"
@@ -217,7 +216,25 @@ def parse_keys(text: str, path: Path) -> list[_Entry]:
     return entries
 
 
-def _read(path: Path) -> tuple[tuple[list[_Entry], dict[str, Identity], dict], tuple[int, int, int]]:
+@dataclasses.dataclass(frozen=True)
+class KeysFile:
+    """What a keys file says, parsed and checked."""
+
+    entries: list[_Entry]
+    certificates: dict[str, Identity]
+    tenants: dict[str, tuple[Quotas, SourceAllowance]]
+    tenant_names: frozenset[str]  # every tenant it names (the bounded set of metric labels)
+
+
+def parse_keys_file(text: str, path: Path) -> KeysFile:
+    """A keys file's text, parsed once and checked; InvalidSettings naming what is wrong."""
+    data = _load(text, path)
+    entries, certificates, tenants = _keys(data, path), _certificates(data, path), _tenants(data, path)
+    names = frozenset([e.identity.tenant for e in entries] + [i.tenant for i in certificates.values()] + list(tenants))
+    return KeysFile(entries, certificates, tenants, names)
+
+
+def _read(path: Path) -> tuple[KeysFile, tuple[int, int, int]]:
     try:
         stat = path.stat()
         if stat.st_size > MAX_KEYS_FILE_BYTES:
@@ -227,7 +244,7 @@ def _read(path: Path) -> tuple[tuple[list[_Entry], dict[str, Identity], dict], t
         raise _bad(path, f"cannot be read ({e.strerror})") from None
     except UnicodeDecodeError:
         raise _bad(path, "is not UTF-8 text") from None
-    return (parse_keys(text, path), parse_certificates(text, path), parse_tenants(text, path)), (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return parse_keys_file(text, path), (stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
 
 class KeyStore:
@@ -236,12 +253,12 @@ class KeyStore:
     def __init__(self, path: Path, clock=time.time):
         self.path = Path(path)
         self._clock = clock
-        (self._entries, self._certificates, self._tenants), self._version = _read(self.path)  # at start-up a bad file is an error
+        self._file, self._version = _read(self.path)  # at start-up a bad file is an error
         self._checked = time.monotonic()
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._file.entries)
 
     def identify(self, key: str) -> Identity:
         """The identity of `key`, or Unauthenticated (unknown or expired keys say the same,
@@ -249,7 +266,7 @@ class KeyStore:
         self._maybe_reload()
         digest = hashlib.sha256(key.encode("utf-8")).digest()
         found = None
-        for entry in self._entries:  # no early exit: the time taken does not depend on which matched
+        for entry in self._file.entries:  # no early exit: the time taken does not depend on which matched
             if hmac.compare_digest(entry.digest, digest):
                 found = entry
         if found is None:
@@ -261,23 +278,22 @@ class KeyStore:
     def tenant_names(self) -> frozenset[str]:
         """Every tenant the file names (keys, certificates, tenants)."""
         self._maybe_reload()
-        return frozenset([e.identity.tenant for e in self._entries] + [i.tenant for i in self._certificates.values()]
-                         + list(self._tenants))
+        return self._file.tenant_names
 
     def quotas(self, tenant: str) -> Quotas:
         """The tenant's quotas (unlimited when the file gives none)."""
         self._maybe_reload()
-        return self._tenants.get(tenant, (UNLIMITED, ANYWHERE))[0]
+        return self._file.tenants.get(tenant, (UNLIMITED, ANYWHERE))[0]
 
     def sources(self, tenant: str) -> SourceAllowance:
         """Where the tenant's adapters may come from (anywhere the server allows, by default)."""
         self._maybe_reload()
-        return self._tenants.get(tenant, (UNLIMITED, ANYWHERE))[1]
+        return self._file.tenants.get(tenant, (UNLIMITED, ANYWHERE))[1]
 
     def identify_certificate(self, common_name: str) -> Identity | None:
         """The identity the keys file gives a verified client certificate's common name, if any."""
         self._maybe_reload()
-        return self._certificates.get(common_name)
+        return self._file.certificates.get(common_name)
 
     def _maybe_reload(self) -> None:
         now = time.monotonic()
@@ -291,12 +307,12 @@ class KeyStore:
                 stat = self.path.stat()
                 if (stat.st_ino, stat.st_mtime_ns, stat.st_size) == self._version:
                     return
-                (entries, certificates, tenants), version = _read(self.path)
+                keys_file, version = _read(self.path)
             except (OSError, InvalidSettings) as e:
                 log.error("keys file not reloaded, the last good keys stay in force: %s", getattr(e, "message", e))
                 return
-            self._entries, self._certificates, self._tenants, self._version = entries, certificates, tenants, version
-            log.info("keys file reloaded: %d keys", len(entries))
+            self._file, self._version = keys_file, version  # one assignment: readers see the old or the new
+            log.info("keys file reloaded: %d keys", len(keys_file.entries))
 
 
 def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str | None = None) -> str:
@@ -313,7 +329,7 @@ def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str 
         entry["expires"] = expires
     entries_data["keys"].append(entry)
     text = json.dumps(entries_data, indent=2, default=str) + "\n" if path.suffix == ".json" else yaml.safe_dump(entries_data, sort_keys=False)
-    parse_keys(text, path)  # the new entry is valid (tenant, role, expiry)
+    parse_keys_file(text, path)  # the new entry is valid (tenant, role, expiry)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=path.parent)
     try:
