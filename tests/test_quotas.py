@@ -120,6 +120,8 @@ def test_tokens_per_minute(quota_server):
         assert (error.metadata["limit"], error.metadata["used"]) == ("40", "34")
         assert 50 < error.retry_after <= 60  # when the first request's tokens leave the window
         t.generate(prompt_token_ids=prompt, max_new_tokens=2)  # 6 more still fit
+        alone = refused(lambda: t.generate(prompt_token_ids=prompt, max_new_tokens=50), "tokens_per_minute", "tokens")
+        assert alone.retry_after is None and "a request that may use 54 tokens" in alone.message  # waiting cannot help
         free.generate(prompt_token_ids=prompt, max_new_tokens=30)
 
 

@@ -60,7 +60,9 @@ class RequestUsage:
         self._clock = clock
         self._lock = threading.Lock()
         self._in_flight: dict[str, int] = {}
-        self._tokens: dict[str, deque[tuple[float, int]]] = {}  # (accepted at, tokens) within the window
+        # Tenants with a tokens_per_minute quota: (accepted at, tokens) within the window, and their sum.
+        self._tokens: dict[str, deque[tuple[float, int]]] = {}
+        self._token_sum: dict[str, int] = {}
 
     def begin(self, tenant: str, quotas: Quotas, tokens: int, retry_hint_s: float) -> None:
         """Count a request in, or refuse it (QuotaExceeded) leaving nothing counted."""
@@ -70,24 +72,31 @@ class RequestUsage:
             if quotas.requests is not None and flying >= quotas.requests:
                 raise refuse(tenant, "requests", quotas.requests, flying, f"{flying} requests in flight",
                              retry_after_s=max(retry_hint_s, 0.1))
-            window = self._tokens.setdefault(tenant, deque())
-            while window and window[0][0] <= now - WINDOW_S:
-                window.popleft()
-            if quotas.tokens_per_minute is not None:
-                used = sum(n for _, n in window)
-                if used + tokens > quotas.tokens_per_minute:
+            limit = quotas.tokens_per_minute
+            if limit is not None:
+                window = self._tokens.setdefault(tenant, deque())
+                used = self._token_sum.get(tenant, 0)
+                while window and window[0][0] <= now - WINDOW_S:
+                    used -= window.popleft()[1]
+                self._token_sum[tenant] = used
+                if tokens > limit:  # waiting never helps
+                    raise refuse(tenant, "tokens_per_minute", limit, used,
+                                 f"a request that may use {tokens} tokens (prompt and max_new_tokens)")
+                if used + tokens > limit:
                     # The earliest time enough of the window has expired for this request to fit.
                     freed, wait = 0, WINDOW_S
                     for at, n in window:
                         freed += n
-                        if used - freed + tokens <= quotas.tokens_per_minute:
+                        if used - freed + tokens <= limit:
                             wait = at + WINDOW_S - now
                             break
-                    raise refuse(tenant, "tokens_per_minute", quotas.tokens_per_minute, used,
+                    raise refuse(tenant, "tokens_per_minute", limit, used,
                                  f"{used} tokens accepted in the last minute and this request may use {tokens}",
                                  retry_after_s=max(wait, 0.1))
             self._in_flight[tenant] = flying + 1
-            window.append((now, tokens))
+            if limit is not None:
+                window.append((now, tokens))
+                self._token_sum[tenant] += tokens
 
     def end(self, tenant: str) -> None:
         with self._lock:
