@@ -12,11 +12,11 @@ NAMES = [f"a{i:02d}" for i in range(12)]
 
 
 @pytest.fixture()
-def replicas(assets):
-    servers = [BackgroundServer(assets.settings()) for _ in range(3)]
-    for server in servers:  # no shared store yet: every replica registers every adapter
-        for name in NAMES:
-            server.engine.load_adapter("default", name, "qv-r4")
+def replicas(assets, tmp_path):
+    """Three replicas sharing one state directory: adapters registered on one are served by all."""
+    servers = [BackgroundServer(assets.settings(state_dir=tmp_path / "state", replica_id=f"r{i}")) for i in range(3)]
+    for name in NAMES:
+        servers[0].engine.load_adapter("default", name, "qv-r4")
     yield servers
     for server in servers:
         if not server.running.stopped:
@@ -29,7 +29,8 @@ def uses(servers, name):
     for server in servers:
         if not server.running.stopped:
             server.engine.call_on_engine(lambda: None).result(60)
-    return [s.engine.registry.get("default", name).use_count for s in servers]
+    return [s.engine.registry.get("default", name).use_count if s.engine.registry.has("default", name) else 0
+            for s in servers]
 
 
 def placement(servers, client, rounds=2):

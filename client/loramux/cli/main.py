@@ -16,7 +16,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a base model with LoRA adapters over gRPC")
+    p = sub.add_parser("serve", help="serve a base model with LoRA adapters over gRPC",
+                       fromfile_prefix_chars="@")  # `@FILE`: more arguments, one per line (the chart's ConfigMap)
     p.add_argument("--model", required=True, help="local model directory or Hugging Face Hub id")
     p.add_argument("--revision", help="Hub revision of the model")
     p.add_argument("--model-name", help="name adapters' base_model_name_or_path is checked against (default: --model)")
@@ -57,7 +58,19 @@ def _serve_parser(sub) -> None:
     p.add_argument("--shutdown-grace-s", type=float, default=5.0,
                    help="on SIGTERM: how long work in flight may finish before it is ended with SHUTTING_DOWN")
     p.add_argument("--state-dir", metavar="DIR",
-                   help="keep adapter registrations and operations here across restarts (default: nothing kept)")
+                   help="keep adapter registrations and operations here across restarts (default: nothing kept); "
+                        "replicas may share one on a ReadWriteMany volume")
+    p.add_argument("--registry", metavar="URL",
+                   help="keep adapter registrations in object storage (s3://bucket/prefix), shared by every replica")
+    p.add_argument("--registry-sync-s", type=float, default=2.0,
+                   help="how often each replica follows registrations made, replaced or unloaded on the others")
+    p.add_argument("--replica-id", help="this replica's name in the shared state (default: the host name)")
+    p.add_argument("--object-root", action="append", default=[], metavar="URL",
+                   help="object-storage prefix (s3://bucket/prefix) adapter sources may lie under (repeatable)")
+    p.add_argument("--object-endpoint-url", metavar="URL",
+                   help="endpoint of an S3-compatible store (MinIO, Ceph); credentials come from the AWS_* environment")
+    p.add_argument("--object-cache-dir", metavar="DIR",
+                   help="local disk for adapters fetched from object storage (default: a temporary directory)")
     p.add_argument("--auth", default="keys", choices=["keys", "none"],
                    help="keys: every call needs an API key from --auth-keys-file; none: no credentials (development only)")
     p.add_argument("--auth-keys-file", metavar="PATH",
@@ -189,6 +202,7 @@ def main(argv: list[str] | None = None) -> int:
 # Settings fields whose serve flag is not simply --field-name.
 _FLAG_OF_FIELD = {
     "adapter_roots": "--adapter-root",
+    "object_roots": "--object-root",
     "traces_exporters": "--otel-traces-exporter",
     "metrics_exporters": "--otel-metrics-exporter",
     "otlp_protocol": "--otel-exporter-otlp-protocol",
@@ -245,6 +259,12 @@ def _serve(args) -> int:
             engine_stall_s=args.engine_stall_s,
             shutdown_grace_s=args.shutdown_grace_s,
             state_dir=args.state_dir,
+            registry=args.registry,
+            registry_sync_s=args.registry_sync_s,
+            replica_id=args.replica_id,
+            object_roots=tuple(args.object_root),
+            object_endpoint_url=args.object_endpoint_url,
+            object_cache_dir=args.object_cache_dir,
             auth=args.auth,
             auth_keys_file=args.auth_keys_file,
             max_connection_age_s=args.max_connection_age_s,

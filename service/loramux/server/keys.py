@@ -43,6 +43,7 @@ from pathlib import Path
 import yaml
 
 from loramux.server.adapters.registry import validate_adapter_id
+from loramux.server.adapters.objects import is_object_url
 from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.errors import InvalidSettings, LoramuxError, Unauthenticated
 from loramux.server.quotas import QUOTA_NAMES, UNLIMITED, Quotas
@@ -179,17 +180,19 @@ def _tenants(data: dict, path: Path) -> dict[str, tuple[Quotas, SourceAllowance]
 def _sources(item, path: Path, where: str) -> SourceAllowance:
     if item is None:
         return ANYWHERE
-    if not isinstance(item, dict) or set(item) - {"roots", "hub"}:
-        raise _bad(path, f"{where}.sources must be a mapping of 'roots' and 'hub' lists")
+    if not isinstance(item, dict) or set(item) - {"roots", "hub", "objects"}:
+        raise _bad(path, f"{where}.sources must be a mapping of 'roots', 'hub' and 'objects' lists")
     lists = {}
-    for name in ("roots", "hub"):
+    for name in ("roots", "hub", "objects"):
         value = item.get(name)
         if value is not None and (not isinstance(value, list) or not all(isinstance(v, str) and v for v in value)):
             raise _bad(path, f"{where}.sources.{name} must be a list of names")
         if name == "roots" and value and any(Path(v).is_absolute() or ".." in Path(v).parts for v in value):
             raise _bad(path, f"{where}.sources.roots are directories under the adapter roots (relative, without '..')")
-        lists[name] = tuple(value) if value is not None else None
-    return SourceAllowance(roots=lists["roots"], hub_orgs=lists["hub"])
+        if name == "objects" and value and not all(is_object_url(v) for v in value):
+            raise _bad(path, f"{where}.sources.objects are object-storage URL prefixes (s3://bucket/prefix)")
+        lists[name] = tuple(v.rstrip("/") for v in value) if value is not None else None
+    return SourceAllowance(roots=lists["roots"], hub_orgs=lists["hub"], object_prefixes=lists["objects"])
 
 
 def _keys(data: dict, path: Path) -> list[_Entry]:

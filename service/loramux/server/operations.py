@@ -1,11 +1,17 @@
 """Long-running operations (merges), kept in memory for google.longrunning.Operations.
 
 Transport-free: the gRPC layer turns an Operation into a google.longrunning.Operation.
+
+With a state store, each operation is written when created and when it ends, with the
+replica that runs it. Replicas sharing a `--state-dir` answer for each other's operations
+(read from the store: `foreign`), and the survivors end an operation whose replica stopped
+sending heartbeats with INTERRUPTED_BY_RESTART, as a restarted replica ends its own.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import threading
 import time
 import uuid
@@ -15,6 +21,7 @@ from collections.abc import Callable
 from loramux.server.errors import Interrupted, Kind, LoramuxError, OperationNotFound
 from loramux.server.state import StateStore
 
+_NAME = re.compile(r"operations/[a-z]+-[0-9a-f]{32}")
 MAX_KEPT = 1000  # finished operations kept for Get/List, oldest dropped first
 
 
@@ -29,6 +36,7 @@ class Operation:
     error: LoramuxError | None = None
     end_time: float | None = None
     cancel_error: LoramuxError | None = None  # set to stop the work at its next check
+    foreign: bool = False  # read from the state store: another replica runs it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +80,13 @@ class OperationStore:
     def get(self, tenant: str, name: str) -> Operation:
         with self._cond:
             op = self._ops.get(name)
-            if op is None or op.tenant != tenant:
-                shown = name if len(name) <= 100 else name[:97] + "..."
-                raise OperationNotFound(f"no operation {shown!r}", field="name")
-            return op
+        if op is None and self._store is not None and _NAME.fullmatch(name):
+            saved = self._store.operation(name)  # run by another replica sharing the state directory
+            op = self._decode(*saved) if saved is not None else None
+        if op is None or op.tenant != tenant:
+            shown = name if len(name) <= 100 else name[:97] + "..."
+            raise OperationNotFound(f"no operation {shown!r}", field="name")
+        return op
 
     def on_done(self, op: Operation, callback: Callable[[], None]) -> None:
         """Call `callback` once `op` is done (at once if it is; else from the finishing thread)."""
@@ -98,7 +109,12 @@ class OperationStore:
 
     def list(self, tenant: str) -> list[Operation]:
         with self._cond:
-            return [op for op in self._ops.values() if op.tenant == tenant]
+            mine = {op.name: op for op in self._ops.values() if op.tenant == tenant}
+        if self._store is not None:
+            for name, owner_tenant, owner, body in self._store.operations():
+                if owner_tenant == tenant and name not in mine:
+                    mine[name] = self._decode(name, owner_tenant, owner, body)
+        return list(mine.values())
 
     def _trim(self) -> None:
         finished = [name for name, op in self._ops.items() if op.done]
@@ -120,25 +136,35 @@ class OperationStore:
             body["result"] = self._codec.encode(op.result)
         self._store.put_operation(op.name, op.tenant, body)
 
-    def restore(self) -> int:
-        """Read the saved operations back; those a restart cut short end with
-        INTERRUPTED_BY_RESTART. Returns how many were interrupted."""
+    def _decode(self, name: str, tenant: str, owner: str, body: dict) -> Operation:
+        op = Operation(name=name, tenant=tenant, metadata=body["metadata"], create_time=body["create_time"],
+                       done=body["done"], end_time=body["end_time"], foreign=owner != self._store.replica)
+        if "error" in body:
+            saved = body["error"]
+            op.error = LoramuxError(saved["message"], field=saved["field"], reason=saved["reason"], **saved["metadata"])
+            op.error.kind = Kind(saved["kind"])
+        if "result" in body and self._codec is not None:
+            op.result = self._codec.decode(body["result"])
+        return op
+
+    def restore(self, lease_s: float) -> int:
+        """Take back this replica's saved operations, and those of replicas whose heartbeat is
+        older than `lease_s`; those cut short end with INTERRUPTED_BY_RESTART. Returns how many
+        were interrupted."""
         if self._store is None:
             return 0
         interrupted = 0
-        for name, tenant, body in self._store.operations():
-            op = Operation(name=name, tenant=tenant, metadata=body["metadata"], create_time=body["create_time"],
-                           done=body["done"], end_time=body["end_time"])
-            if "error" in body:
-                saved = body["error"]
-                op.error = LoramuxError(saved["message"], field=saved["field"], reason=saved["reason"], **saved["metadata"])
-                op.error.kind = Kind(saved["kind"])
-            if "result" in body and self._codec is not None:
-                op.result = self._codec.decode(body["result"])
+        for name, tenant, owner, body in self._store.operations():
+            if owner != self._store.replica and (body["done"] or self._store.alive(owner, lease_s)):
+                continue  # another replica's: answered from the store
+            op = self._decode(name, tenant, owner, body)
+            op.foreign = False
             with self._cond:
+                if name in self._ops:
+                    continue
                 self._ops[name] = op
             if not op.done:
                 interrupted += 1
-                self.finish(op, error=Interrupted(f"the server restarted while this {name.split('/')[-1].split('-')[0]} "
-                                                  "was running; run it again"))
+                kind = name.split("/")[-1].split("-")[0]
+                self.finish(op, error=Interrupted(f"the server running this {kind} restarted or stopped; run it again"))
         return interrupted

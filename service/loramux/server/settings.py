@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import socket
 from pathlib import Path
 
 from loramux.server.errors import InvalidSettings
@@ -18,6 +19,10 @@ SCHEDULING = ("continuous", "static")
 AUTH_MODES = ("keys", "none")
 EXPORTERS = ("otlp", "console")
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
+# Object storage through fsspec: s3 (s3fs, installed with the server); gs and az need gcsfs
+# or adlfs installed beside it.
+OBJECT_PROTOCOLS = ("s3", "gs", "az")
+_REPLICA_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 # The projections of Llama-style attention and MLP blocks; any subset may be served.
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -96,7 +101,25 @@ class Settings:
     """Health reports NOT_SERVING while one engine pass has run longer than this, or the engine
     thread has died."""
     state_dir: Path | None = None
-    """Where registrations and operations are kept across restarts (None: nothing is kept)."""
+    """Where registrations and operations are kept across restarts (None: nothing is kept).
+    Replicas may share one on a ReadWriteMany volume: each sees the others' registrations."""
+    registry: str | None = None
+    """An object-storage URL (s3://bucket/prefix) holding the adapter registrations that every
+    replica serves, instead of `state_dir`/adapters. Operations stay in `state_dir`."""
+    registry_sync_s: float = 2.0
+    """How often each replica reads the shared registrations and follows what other replicas
+    registered, replaced, pinned or unloaded (with state_dir or registry)."""
+    replica_id: str | None = None
+    """This replica's name in the shared state (its operations and heartbeat); None: the host
+    name (a pod's name on Kubernetes)."""
+    object_roots: tuple[str, ...] = ()
+    """Object-storage URL prefixes (s3://bucket/prefix) adapter sources may lie under."""
+    object_endpoint_url: str | None = None
+    """The endpoint of an S3-compatible store (MinIO, Ceph); None: AWS's. Credentials come from
+    the standard AWS environment (AWS_ACCESS_KEY_ID, ...) or the pod's role."""
+    object_cache_dir: Path | None = None
+    """Local disk where adapters fetched from object storage are kept while registered; not to
+    be shared between replicas. None: a new temporary directory, removed at exit."""
     base_mismatch: str = "error"
     """When an adapter names another base model: refuse it (error) or log and load (warn)."""
     allow_pickle_weights: bool = False
@@ -164,7 +187,7 @@ class Settings:
         if self.default_max_new_tokens > self.max_new_tokens_limit:
             raise bad("default_max_new_tokens", "must not exceed max_new_tokens_limit")
         for name in ("batch_window_ms", "adapter_wait_ms", "join_ratio", "slot_wait_s", "engine_stall_s",
-                     "shutdown_grace_s", "adapter_memory_mib", "max_connection_age_s"):
+                     "shutdown_grace_s", "adapter_memory_mib", "max_connection_age_s", "registry_sync_s"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise bad(name, f"must be a finite number, got {value}")
@@ -227,6 +250,20 @@ class Settings:
             except OSError as e:
                 raise bad("state_dir", f"cannot be created: {e.strerror}") from None
             object.__setattr__(self, "state_dir", state_dir)
+        if not self.registry_sync_s > 0:
+            raise bad("registry_sync_s", f"must be > 0, got {self.registry_sync_s}")
+        for name, urls in (("object_roots", self.object_roots), ("registry", (self.registry,) if self.registry else ())):
+            for url in urls:
+                protocol = url.split("://", 1)[0] if "://" in url else ""
+                if protocol not in OBJECT_PROTOCOLS or not url.split("://", 1)[1].strip("/"):
+                    raise bad(name, f"{url!r} is not a {', '.join(p + '://bucket/prefix' for p in OBJECT_PROTOCOLS)} URL")
+        object.__setattr__(self, "object_roots", tuple(u.rstrip("/") for u in self.object_roots))
+        if self.replica_id is None:
+            object.__setattr__(self, "replica_id", socket.gethostname())
+        if not self.replica_id or len(self.replica_id) > 253 or not set(self.replica_id) <= _REPLICA_CHARS:
+            raise bad("replica_id", f"{self.replica_id!r} must be 1-253 letters, digits, '-', '_' and '.'")
+        if self.object_cache_dir is not None:
+            object.__setattr__(self, "object_cache_dir", Path(self.object_cache_dir).expanduser().resolve())
 
     @property
     def host_cache_bytes(self) -> int:

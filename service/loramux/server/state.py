@@ -1,37 +1,30 @@
 """What the server keeps across restarts, in `--state-dir`: adapter registrations and
-long-running operations.
+long-running operations, one small JSON file each.
 
-An embedded SQLite database (`state.sqlite3`, write-ahead log): every change is one
-transaction, so a process killed at any instant leaves either the old row or the new one,
-never half of either. The store knows rows, not servers: the registry and the operation
-store call it, and start-up (`engine/restore.py`) reads it back.
+    <state-dir>/adapters/<tenant>/<adapter_id>.json    a registration (see registrations.py)
+    <state-dir>/operations/<operation>.json           an operation, with the replica that runs it
+    <state-dir>/replicas/<replica>.json               each replica's heartbeat (its lease)
+
+Files, not a database, so that several replicas may point at one `--state-dir` on a shared
+(ReadWriteMany) volume: every file is written whole to a temporary name and renamed into
+place (atomic on local disks and on NFS), so no reader ever sees half of one; changes that
+read before they write hold the directory's lock (`flock` on `.lock`, which NFSv4 and
+CephFS honour). A process killed at any instant leaves the old file or the new one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import json
-import sqlite3
-import threading
+import os
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
-STATE_FILE = "state.sqlite3"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    tenant TEXT NOT NULL,
-    adapter_id TEXT NOT NULL,
-    source TEXT NOT NULL,
-    revision TEXT NOT NULL,       -- what the source resolved to: Hub commit sha or content hash
-    pinned INTEGER NOT NULL,
-    load_time REAL NOT NULL,
-    PRIMARY KEY (tenant, adapter_id)
-);
-CREATE TABLE IF NOT EXISTS operations (
-    name TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    body TEXT NOT NULL            -- JSON: metadata, times, done, error, result
-);
-"""
+LEASE_MISSES = 5  # a replica whose heartbeat is this many sync intervals old is gone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,54 +32,136 @@ class SavedAdapter:
     tenant: str
     adapter_id: str
     source: str
-    revision: str
+    revision: str  # what the source resolved to: Hub commit sha or content hash
     pinned: bool
     load_time: float
+    generation: str = ""  # new at each registration or replacement; replicas compare it to follow changes
+
+    def to_json(self) -> bytes:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> SavedAdapter:
+        body = json.loads(data)
+        return cls(str(body["tenant"]), str(body["adapter_id"]), str(body["source"]), str(body["revision"]),
+                   bool(body["pinned"]), float(body["load_time"]), str(body.get("generation", "")))
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write `path` whole: to a unique temporary name beside it, flushed, then renamed over it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_file(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path) -> Iterator[None]:
+    """Exclusive across processes and hosts that share `directory` (and within this one)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "a+b") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 class StateStore:
-    def __init__(self, directory: Path):
-        directory.mkdir(parents=True, exist_ok=True)
-        self.path = directory / STATE_FILE
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")  # durable across a process crash
-        self._db.executescript(_SCHEMA)
+    """The files of one `--state-dir`, as seen by the replica `replica`."""
+
+    def __init__(self, directory: Path, replica: str):
+        self.directory = directory
+        self.replica = replica
+        for sub in ("adapters", "operations", "replicas"):
+            (directory / sub).mkdir(parents=True, exist_ok=True)
+        self._migrate_sqlite()
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.directory / "adapters"
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    # -- adapters -------------------------------------------------------------------------
-
-    def put_adapter(self, saved: SavedAdapter) -> None:
-        with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO adapters VALUES (?, ?, ?, ?, ?, ?)",
-                (saved.tenant, saved.adapter_id, saved.source, saved.revision, int(saved.pinned), saved.load_time),
-            )
-
-    def delete_adapter(self, tenant: str, adapter_id: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM adapters WHERE tenant = ? AND adapter_id = ?", (tenant, adapter_id))
-
-    def adapters(self) -> list[SavedAdapter]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM adapters ORDER BY load_time, tenant, adapter_id").fetchall()
-        return [SavedAdapter(t, a, s, r, bool(p), lt) for t, a, s, r, p, lt in rows]
+        (self.directory / "replicas" / f"{self.replica}.json").unlink(missing_ok=True)
 
     # -- operations -----------------------------------------------------------------------
 
+    def _operation_path(self, name: str) -> Path:
+        return self.directory / "operations" / f"{name.replace('/', '_')}.json"
+
     def put_operation(self, name: str, tenant: str, body: dict) -> None:
-        with self._lock:
-            self._db.execute("INSERT OR REPLACE INTO operations VALUES (?, ?, ?)", (name, tenant, json.dumps(body)))
+        record = {"name": name, "tenant": tenant, "owner": self.replica, "body": body}
+        write_atomically(self._operation_path(name), json.dumps(record).encode())
 
     def delete_operation(self, name: str) -> None:
-        with self._lock:
-            self._db.execute("DELETE FROM operations WHERE name = ?", (name,))
+        self._operation_path(name).unlink(missing_ok=True)
 
-    def operations(self) -> list[tuple[str, str, dict]]:
-        with self._lock:
-            rows = self._db.execute("SELECT name, tenant, body FROM operations ORDER BY rowid").fetchall()
-        return [(name, tenant, json.loads(body)) for name, tenant, body in rows]
+    def operation(self, name: str) -> tuple[str, str, str, dict] | None:
+        """(name, tenant, owner, body) of one operation, from whichever replica ran it."""
+        data = read_file(self._operation_path(name))
+        if data is None:
+            return None
+        record = json.loads(data)
+        return record["name"], record["tenant"], record["owner"], record["body"]
+
+    def operations(self) -> list[tuple[str, str, str, dict]]:
+        """Every operation kept, oldest first: (name, tenant, owner, body)."""
+        found = []
+        for path in (self.directory / "operations").glob("operations_*.json"):
+            data = read_file(path)
+            if data is not None:
+                record = json.loads(data)
+                found.append((record["name"], record["tenant"], record["owner"], record["body"]))
+        return sorted(found, key=lambda item: (item[3]["create_time"], item[0]))
+
+    # -- replicas' leases -----------------------------------------------------------------
+
+    def heartbeat(self) -> None:
+        write_atomically(self.directory / "replicas" / f"{self.replica}.json",
+                         json.dumps({"replica": self.replica, "time": time.time()}).encode())
+
+    def alive(self, replica: str, within_s: float) -> bool:
+        """Whether `replica` wrote its heartbeat within the last `within_s` seconds."""
+        if replica == self.replica:
+            return True
+        data = read_file(self.directory / "replicas" / f"{replica}.json")
+        return data is not None and time.time() - json.loads(data)["time"] <= within_s
+
+    # -- the SQLite store of earlier versions ---------------------------------------------
+
+    def _migrate_sqlite(self) -> None:
+        """Bring rows of `state.sqlite3` (loramux 0.1's store) over once, then set it aside."""
+        old = self.directory / "state.sqlite3"
+        if not old.exists():
+            return
+        import sqlite3
+
+        with directory_lock(self.directory):
+            if not old.exists():
+                return
+            db = sqlite3.connect(str(old))
+            try:
+                for tenant, adapter_id, source, revision, pinned, load_time in db.execute(
+                    "SELECT tenant, adapter_id, source, revision, pinned, load_time FROM adapters"
+                ):
+                    path = self.adapters_dir / tenant / f"{adapter_id}.json"
+                    saved = SavedAdapter(tenant, adapter_id, source, revision, bool(pinned), load_time, uuid.uuid4().hex)
+                    write_atomically(path, saved.to_json())
+                for name, tenant, body in db.execute("SELECT name, tenant, body FROM operations ORDER BY rowid"):
+                    self.put_operation(name, tenant, json.loads(body))
+            finally:
+                db.close()
+            old.rename(old.with_name("state.sqlite3.migrated"))

@@ -3,24 +3,33 @@
 Each registration gets a fresh `uid`; the tiered cache and the engine work with uids only.
 Replacing or unloading an adapter gives its name to a new record (or to nobody) at once,
 while requests already running keep the old weights until they finish.
+
+With a store (registrations.py) the store holds the names and this registry holds what this
+replica has read of them: a load checks the store first and writes it before serving, a name
+registered on another replica is read on first use (`find`) or by the next `sync`, and a name
+unloaded or replaced elsewhere is followed by `sync` (engine/registry_sync.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.checkpoint import AdapterSpec, BaseModelView, read_checkpoint
-from loramux.server.adapters.sources import ANYWHERE, SourceAllowance, resolve_source
+from loramux.server.adapters.objects import ObjectStores
+from loramux.server.adapters.sources import ANYWHERE, HUB_PREFIX, SourceAllowance, resolve_source
 from loramux.server.adapters.weights import AdapterWeights
-from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest
+from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest, LoramuxError
+from loramux.server.registrations import Registrations
 from loramux.server.settings import Settings
-from loramux.server.state import SavedAdapter, StateStore
+from loramux.server.state import SavedAdapter
 
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 MAX_ID_LENGTH = 128
@@ -37,6 +46,7 @@ class AdapterRecord:
     root: Path  # the directory every file read for it must resolve inside
     spec: AdapterSpec
     load_time: float  # epoch seconds
+    generation: str = ""  # the registration's generation (registrations.py): new at each load or replace
     pinned: bool = False
     last_used: float | None = None  # epoch seconds
     use_count: int = 0
@@ -61,19 +71,33 @@ class AdapterRegistry:
         settings: Settings,
         base: BaseModelView,
         cache_for: Callable[[Callable[[int], AdapterWeights]], TieredAdapterCache],
-        store: StateStore | None = None,
+        store: Registrations | None = None,
+        objects: ObjectStores | None = None,
     ):
         """`cache_for(reload)` builds the tiered cache given this registry's reload function.
-        With a `store`, every registration, pin and unload is written to it."""
+        With a `store`, registrations live there (shared by every replica that uses it): a
+        name registered there is this replica's to serve, read on first use or by `sync`.
+        `objects` fetches object-storage sources."""
         self._settings = settings
         self._store = store
+        self._objects = objects
         self._base = base
         self._lock = threading.RLock()
         self._by_name: dict[tuple[str, str], AdapterRecord] = {}
         self._by_uid: dict[int, AdapterRecord] = {}
         self._name_locks: dict[tuple[str, str], threading.Lock] = {}
         self._uids = itertools.count(1)
+        self._failed: dict[tuple[str, str, str], float] = {}  # (tenant, id, generation) -> when it failed to be read
+        self.allowance: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE  # the engine wires the keys file's
         self.cache: TieredAdapterCache = cache_for(self._reload)
+
+    @property
+    def shared(self) -> bool:
+        return self._store is not None
+
+    def _name_lock(self, key: tuple[str, str]) -> threading.Lock:
+        with self._lock:
+            return self._name_locks.setdefault(key, threading.Lock())
 
     def load(
         self, tenant: str, adapter_id: str, source: str, revision: str = "", replace: bool = False,
@@ -82,66 +106,189 @@ class AdapterRegistry:
         """Register an adapter (reading and validating its files). Returns (record, created).
 
         Loading the same id from the same source again returns the existing record, unless
-        `replace` asks for the files to be read again."""
+        `replace` asks for the files to be read again. With a store, the store's registration
+        is the existing one, wherever it was made."""
         validate_adapter_id(adapter_id)
         key = (tenant, adapter_id)
-        with self._lock:
-            name_lock = self._name_locks.setdefault(key, threading.Lock())
-        with name_lock:  # concurrent loads of one name: one reads, the others see its result
+        with self._name_lock(key):  # concurrent loads of one name: one reads, the others see its result
             existing = self._by_name.get(key)
-            if existing is not None and not replace:
-                if existing.source != source or (revision and revision != existing.revision and source.startswith("hf://")):
-                    raise AdapterExists(
-                        f"adapter {adapter_id!r} is already loaded from {existing.source!r}; "
-                        "set replace to load it from another source",
-                        field="adapter_id",
-                        existing_source=existing.source,
-                    )
-                return existing, False
-            resolved = resolve_source(source, revision, self._settings, allowed)
+            if not replace:
+                if self._store is not None:
+                    saved = self._store.get(tenant, adapter_id)
+                    if saved is not None:
+                        _check_same(adapter_id, saved.source, source, revision, saved.revision)
+                        if existing is not None and existing.generation == saved.generation:
+                            return existing, False
+                        return self._adopt(saved, allowed), False
+                elif existing is not None:
+                    _check_same(adapter_id, existing.source, source, revision, existing.revision)
+                    return existing, False
+            record, weights = self._read(tenant, adapter_id, source, revision, allowed, uuid.uuid4().hex, time.time())
+            if self._store is not None:
+                try:
+                    if replace:
+                        self._store.put(_saved(record))
+                    else:
+                        winner = self._store.create(_saved(record))
+                        if winner.generation != record.generation:  # another replica registered the name meanwhile
+                            _check_same(adapter_id, winner.source, source, revision, winner.revision)
+                            if winner.revision != record.revision:
+                                raise AdapterChanged("another replica registered this name from the same source with "
+                                                     "other files at the same moment; load it again")
+                            record.generation, record.load_time = winner.generation, winner.load_time
+                except BaseException:
+                    self._discard(record)
+                    raise
+            self._install(record, weights)
+            return record, record.generation != getattr(existing, "generation", None)
+
+    def _read(
+        self, tenant: str, adapter_id: str, source: str, revision: str, allowed: SourceAllowance, generation: str,
+        load_time: float,
+    ) -> tuple[AdapterRecord, AdapterWeights]:
+        resolved = resolve_source(source, revision, self._settings, allowed, self._objects)
+        try:
             spec, weights = read_checkpoint(resolved.directory, self._base, root=resolved.root)
-            record = AdapterRecord(
-                uid=next(self._uids),
-                tenant=tenant,
-                adapter_id=adapter_id,
-                source=source,
-                revision=resolved.hub_revision or spec.content_hash,
-                directory=resolved.directory,
-                root=resolved.root,
-                spec=spec,
-                load_time=time.time(),
+        except BaseException:
+            self._release_copy(resolved.directory)
+            raise
+        return AdapterRecord(
+            uid=next(self._uids),
+            tenant=tenant,
+            adapter_id=adapter_id,
+            source=source,
+            revision=resolved.hub_revision or spec.content_hash,
+            directory=resolved.directory,
+            root=resolved.root,
+            spec=spec,
+            load_time=load_time,
+            generation=generation,
+        ), weights
+
+    def _adopt(self, saved: SavedAdapter, allowed: SourceAllowance) -> AdapterRecord:
+        """Read a registration made earlier or on another replica, at the revision it recorded
+        (held: the name's lock). ADAPTER_FILES_CHANGED if the files are no longer those."""
+        hub = saved.source.startswith(HUB_PREFIX)
+        record, weights = self._read(saved.tenant, saved.adapter_id, saved.source, saved.revision if hub else "", allowed,
+                                     saved.generation, saved.load_time)
+        if record.revision != saved.revision:
+            self._discard(record)
+            raise AdapterChanged(
+                f"the files of adapter {saved.adapter_id!r} changed since it was registered ({saved.revision[:19]}, now "
+                f"{record.revision[:19]}); load it again with replace",
+                adapter_id=saved.adapter_id,
             )
-            with self._lock:
-                self.cache.add(record.uid, weights)
-                self._by_uid[record.uid] = record
-                self._by_name[key] = record
-            if existing is not None:
-                self._forget(existing)
-            self._save(record)
-            return record, True
+        self._install(record, weights)
+        return record
+
+    def _install(self, record: AdapterRecord, weights: AdapterWeights) -> None:
+        key = (record.tenant, record.adapter_id)
+        with self._lock:
+            previous = self._by_name.get(key)
+            self.cache.add(record.uid, weights)
+            self._by_uid[record.uid] = record
+            self._by_name[key] = record
+        if previous is not None:
+            self._forget(previous)
 
     def set_pinned(self, record: AdapterRecord) -> None:
         record.pinned = True
-        self._save(record)
+        if self._store is not None:
+            with self._lock:
+                if self._by_name.get((record.tenant, record.adapter_id)) is not record:
+                    return  # replaced or unloaded meanwhile: its successor's registration stands
+            self._store.update(_saved(record))
 
-    def _save(self, record: AdapterRecord) -> None:
+    def unload(self, tenant: str, adapter_id: str) -> None:
+        """Unregister a name: here at once, and (with a store) on every replica at its next sync."""
+        validate_adapter_id(adapter_id)
+        key = (tenant, adapter_id)
+        with self._name_lock(key):
+            record = self._by_name.get(key)
+            registered = self._store.get(tenant, adapter_id) is not None if self._store is not None else record is not None
+            if not registered:
+                if record is not None:  # unloaded on another replica, not yet followed here
+                    self._forget(record)
+                raise AdapterNotFound(f"no adapter {adapter_id!r} is loaded", field="adapter_id", adapter_id=adapter_id)
+            if self._store is not None:
+                self._store.delete(tenant, adapter_id)
+            if record is not None:
+                self._forget(record)
+
+    def find(self, tenant: str, adapter_id: str) -> AdapterRecord:
+        """The adapter that serves a request: this replica's, or read now if it was registered
+        elsewhere and not yet here. Blocking (it may read files): call it off the event loop."""
+        try:
+            return self.get(tenant, adapter_id)
+        except AdapterNotFound:
+            if self._store is None:
+                raise
+        with self._name_lock((tenant, adapter_id)):
+            record = self._by_name.get((tenant, adapter_id))
+            if record is not None:
+                return record
+            saved = self._store.get(tenant, adapter_id)
+            if saved is None:
+                raise AdapterNotFound(f"no adapter {adapter_id!r} is loaded", field="adapter_id", adapter_id=adapter_id)
+            return self._adopt(saved, self.allowance(tenant))
+
+    def has(self, tenant: str, adapter_id: str) -> bool:
+        with self._lock:
+            return (tenant, adapter_id) in self._by_name
+
+    def registered(self, tenant: str) -> list[SavedAdapter]:
+        """The tenant's registrations: the store's, or this replica's without one."""
+        if self._store is not None:
+            return [s for s in self._store.all() if s.tenant == tenant]
+        return [_saved(r) for r in self.list(tenant)]
+
+    def sync(
+        self, retry_failed_s: float = 60.0,
+    ) -> tuple[list[AdapterRecord], list[AdapterRecord], list[tuple[SavedAdapter, LoramuxError]]]:
+        """Follow the store: read registrations not read here (or replaced since), forget those
+        unloaded. Returns (records to pin: pinned in the store, not here; records read now;
+        [(registration, error)] that could not be read). One that failed is tried again after
+        `retry_failed_s`. Each change is checked again under its name's lock, so a load racing
+        with this pass is never undone by it."""
         if self._store is None:
-            return
+            return [], [], []
+        wanted = {(s.tenant, s.adapter_id): s for s in self._store.all()}
         with self._lock:
-            if self._by_name.get((record.tenant, record.adapter_id)) is not record:
-                return  # replaced or unloaded meanwhile: its successor's row stands
-            self._store.put_adapter(
-                SavedAdapter(record.tenant, record.adapter_id, record.source, record.revision, record.pinned, record.load_time)
-            )
-
-    def unload(self, tenant: str, adapter_id: str) -> AdapterRecord:
-        record = self.get(tenant, adapter_id)
-        with self._lock:
-            current = self._by_name.get((tenant, adapter_id)) is record
-            self._forget(record)
-            if current and self._store is not None:
-                self._store.delete_adapter(tenant, adapter_id)
-        return record
+            held = dict(self._by_name)
+        for key in held.keys() - wanted.keys():
+            with self._name_lock(key):
+                record = self._by_name.get(key)
+                if record is not None and self._store.get(*key) is None:
+                    self._forget(record)
+        to_pin, read, failed = [], [], []
+        now = time.monotonic()
+        for key, saved in wanted.items():
+            record = held.get(key)
+            if record is not None and record.generation == saved.generation:
+                if saved.pinned and not record.pinned:
+                    to_pin.append(record)
+                continue
+            memo = (saved.tenant, saved.adapter_id, saved.generation)
+            if now - self._failed.get(memo, -math.inf) < retry_failed_s:
+                continue
+            with self._name_lock(key):
+                current = self._store.get(*key)
+                record = self._by_name.get(key)
+                if current is None or (record is not None and record.generation == current.generation):
+                    continue
+                try:
+                    record = self._adopt(current, self.allowance(current.tenant))
+                except LoramuxError as e:
+                    self._failed[memo] = now
+                    failed.append((current, e))
+                    if record is not None:  # an older generation: never serve what was replaced
+                        self._forget(record)
+                    continue
+                read.append(record)
+                if current.pinned:
+                    to_pin.append(record)
+        self._failed = {m: t for m, t in self._failed.items() if getattr(wanted.get(m[:2]), "generation", None) == m[2]}
+        return to_pin, read, failed
 
     def get(self, tenant: str, adapter_id: str) -> AdapterRecord:
         validate_adapter_id(adapter_id)
@@ -202,3 +349,34 @@ class AdapterRegistry:
                 del self._by_name[(record.tenant, record.adapter_id)]
             self._by_uid.pop(record.uid, None)
             self.cache.remove(record.uid)
+        self._discard(record)
+
+    def _discard(self, record: AdapterRecord) -> None:
+        """Drop the local copy of a fetched adapter once no live record reads from it."""
+        with self._lock:
+            if record.uid in self._by_uid:
+                return
+        self._release_copy(record.directory)
+
+    def _release_copy(self, directory: Path) -> None:
+        if self._objects is None:
+            return
+        with self._lock:
+            if any(r.directory == directory for r in self._by_uid.values()):
+                return
+            self._objects.release(directory)
+
+
+def _check_same(adapter_id: str, held_source: str, source: str, revision: str, held_revision: str) -> None:
+    """Loading a registered name again (without replace) must name the same source."""
+    if held_source != source or (revision and revision != held_revision and source.startswith(HUB_PREFIX)):
+        raise AdapterExists(
+            f"adapter {adapter_id!r} is already loaded from {held_source!r}; set replace to load it from another source",
+            field="adapter_id",
+            existing_source=held_source,
+        )
+
+
+def _saved(record: AdapterRecord) -> SavedAdapter:
+    return SavedAdapter(record.tenant, record.adapter_id, record.source, record.revision, record.pinned,
+                        record.load_time, record.generation)

@@ -2,6 +2,8 @@
 
 - `hf://<repo_id>` (revision from the request): a Hugging Face Hub repository, fetched
   through huggingface_hub into its cache, or read from that cache alone when offline.
+- `s3://bucket/path` (and gs://, az:// where installed): objects under one of the server's
+  object roots (`--object-root`), fetched to local disk (adapters/objects.py).
 - anything else: a directory that must lie under one of the configured adapter roots,
   given absolute or relative to a root (roots tried in order). Symlinks are resolved
   before the check, so a link cannot lead out of the roots; the files inside are checked
@@ -16,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from loramux.server.adapters.objects import ObjectStores, check_object_url, is_object_url
 from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot, SourceUnavailable
 from loramux.server.settings import Settings
 
@@ -32,6 +35,7 @@ class SourceAllowance:
 
     roots: tuple[str, ...] | None = None  # directories under the adapter roots (relative sources resolve in them)
     hub_orgs: tuple[str, ...] | None = None  # Hub organisations (or users) of hf:// sources
+    object_prefixes: tuple[str, ...] | None = None  # object-storage URL prefixes (under the server's object roots)
 
 
 ANYWHERE = SourceAllowance()
@@ -55,8 +59,11 @@ def check_path_text(value: str, field: str, reason: str) -> None:
         raise InvalidRequest(f"{field} has a path component longer than {MAX_COMPONENT_CHARS} bytes", field=field, reason=reason)
 
 
-def resolve_source(source: str, revision: str, settings: Settings, allowed: SourceAllowance = ANYWHERE) -> ResolvedSource:
-    """Where `source` is, within what `allowed` (the tenant's allowance) and the server permit."""
+def resolve_source(
+    source: str, revision: str, settings: Settings, allowed: SourceAllowance = ANYWHERE, objects: ObjectStores | None = None,
+) -> ResolvedSource:
+    """Where `source` is, within what `allowed` (the tenant's allowance) and the server permit;
+    object-storage sources are fetched through `objects`."""
     if not source:
         raise InvalidRequest("source is required", field="source", reason="SOURCE_REQUIRED")
     check_path_text(source, "source", "SOURCE_INVALID")
@@ -70,6 +77,14 @@ def resolve_source(source: str, revision: str, settings: Settings, allowed: Sour
                 field="source", reason="SOURCE_NOT_ALLOWED", source=source,
             )
         return _resolve_hub(repo_id, revision or None, settings)
+    if is_object_url(source):
+        url = check_object_url(source)
+        if objects is None:
+            raise SourceOutsideRoot("this server reads no object storage (--object-root)", field="source",
+                                    reason="SOURCE_NOT_ALLOWED", source=source)
+        objects.check_allowed(url, allowed.object_prefixes)
+        directory = objects.fetch(url)
+        return ResolvedSource(directory, directory, None)
     roots = settings.adapter_roots if allowed.roots is None else _tenant_roots(settings.adapter_roots, allowed.roots)
     directory, root = _resolve_local(source, roots)
     return ResolvedSource(directory, root, None)

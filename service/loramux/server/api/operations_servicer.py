@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from loramux.server.api import convert
-import asyncio
-
 from loramux.server.api.servicer import maps_errors, tenant_of
 from loramux.server.engine.engine import Engine
 
 MAX_WAIT_S = 600.0
+FOREIGN_POLL_S = 0.25  # WaitOperation on another replica's operation: how often its record is read
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
@@ -46,7 +47,14 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         if remaining is not None:
             limits.append(max(remaining - 0.05, 0.0))
         store = self._engine.operations
-        op = store.get(tenant_of(context, self._engine), request.name)
+        tenant = tenant_of(context, self._engine)
+        op = store.get(tenant, request.name)
+        if op.foreign:  # another replica runs it: read its record again until it is done
+            deadline = asyncio.get_running_loop().time() + min(limits)
+            while not op.done and asyncio.get_running_loop().time() < deadline:
+                await asyncio.sleep(FOREIGN_POLL_S)
+                op = await asyncio.to_thread(store.get, tenant, request.name)
+            return convert.operation(op)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         # No thread waits: the store calls back (from the merge thread) when the operation ends.

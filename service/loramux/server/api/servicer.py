@@ -238,6 +238,9 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             "loramux.adapter.id": inp.adapter_id,
             "loramux.tenant": tenant,
         })
+        if inp.adapter_id and self._engine.registry.shared and not self._engine.registry.has(tenant, inp.adapter_id):
+            # registered on another replica: read it here first (on the adapter pool, like a load)
+            await _blocking(self._pools.adapters, self._engine.find_adapter, tenant, inp.adapter_id)
         submitted = await _blocking(
             self._pools.admission, self._engine.submit, tenant, inp, emit, deadline, trace_context=otel_context.get_current()
         )
@@ -302,12 +305,13 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
 
     @maps_errors
     async def GetAdapter(self, request, context):
-        record = self._engine.registry.get(tenant_of(context, self._engine), request.adapter_id)
+        record = await _blocking(self._pools.adapters, self._engine.find_adapter, tenant_of(context, self._engine),
+                                 request.adapter_id)
         return convert.adapter(record, self._engine.tier(record))
 
     @maps_errors
     async def ListAdapters(self, request, context):
-        records = self._engine.registry.list(tenant_of(context, self._engine))
+        records = await _blocking(self._pools.adapters, self._engine.list_adapters, tenant_of(context, self._engine))
         chosen, token = convert.page(records, request.page_size, request.page_token, key=lambda r: r.adapter_id)
         return adapter_pb2.ListAdaptersResponse(
             adapters=[convert.adapter(r, self._engine.tier(r)) for r in chosen], next_page_token=token

@@ -83,13 +83,18 @@ class AdapterAdmin:
         quotas = self._quotas(tenant)
         if quotas.adapters is None and quotas.pinned is None:
             return
-        records = self._registry.list(tenant)
+        records = self._registry.registered(tenant)  # every replica's, with a shared store
         registered = len(records)
         if quotas.adapters is not None and registered >= quotas.adapters and all(r.adapter_id != adapter_id for r in records):
             raise refuse(tenant, "adapters", quotas.adapters, registered, f"{registered} adapters registered")
         pinned = sum(r.pinned for r in records)
         if new_pin and quotas.pinned is not None and pinned >= quotas.pinned:
             raise refuse(tenant, "pinned", quotas.pinned, pinned, f"{pinned} adapters pinned")
+
+    def pin_registered(self, record: AdapterRecord) -> None:
+        """Pin an adapter pinned on another replica, if there is room now (no waiting)."""
+        self._check_pin_room()
+        self._warm(record, pin=True, wait_s=0.0)
 
     def _pinned_already(self, tenant: str, adapter_id: str, source: str, replace: bool) -> bool:
         """Pinning again what is pinned is a no-op, never a pin-limit refusal."""

@@ -22,6 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from loramux.server.adapters.cache import Tier, TieredAdapterCache
+from loramux.server.adapters.checkpoint import MAX_CONFIG_BYTES, MAX_HEADER_BYTES
+from loramux.server.adapters.objects import ObjectStores
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.base_model import BaseModel
@@ -30,12 +32,14 @@ from loramux.server.engine.adapter_admin import AdapterAdmin
 from loramux.server.engine.batch import check_cache_layout
 from loramux.server.engine.inputs import GenerateInput, prompt_ids, sampling_params
 from loramux.server.engine.merges import Merges
+from loramux.server.engine.registry_sync import RegistrySync
 from loramux.server.engine.request import ErrorEvent, Event, GenerationRequest, TokenEvent
 from loramux.server.engine.worker import IDLE_POLL_S, EngineStats, Worker
-from loramux.server.errors import DeadlineExceeded, InvalidRequest, InvalidSettings, ShuttingDown
+from loramux.server.errors import DeadlineExceeded, InvalidRequest, InvalidSettings, LoramuxError, ShuttingDown
 from loramux.server.merge import MERGE_RESULTS
 from loramux.server.operations import OperationStore
 from loramux.server.quotas import UNLIMITED, Quotas, RequestUsage
+from loramux.server.registrations import open_registrations
 from loramux.server.settings import Settings
 from loramux.server.state import StateStore
 from loramux.server.telemetry.signals import Telemetry
@@ -64,13 +68,21 @@ def accelerator_budget(settings: Settings, base: BaseModel) -> int:
     return budget
 
 
+def max_download_bytes(max_adapter_bytes: int) -> int:
+    """The most an adapter's files may hold: a max-rank adapter on every served module, stored
+    in up to 4x the serving dtype's width, with its header and config."""
+    return 4 * max_adapter_bytes + MAX_HEADER_BYTES + MAX_CONFIG_BYTES
+
+
 class Engine:
     def __init__(self, settings: Settings, base: BaseModel, telemetry: Telemetry | None = None):
         self.settings = settings
         self.base = base
         self.telemetry = telemetry or Telemetry()
         self.adapter_memory_bytes = accelerator_budget(settings, base)
-        self.state = StateStore(settings.state_dir) if settings.state_dir is not None else None
+        self.state = StateStore(settings.state_dir, settings.replica_id) if settings.state_dir is not None else None
+        self.objects = (ObjectStores(settings, max_download_bytes(base.bank.max_adapter_bytes))
+                        if settings.object_roots or settings.registry else None)
         self.registry = AdapterRegistry(
             settings,
             base.view(settings),
@@ -81,8 +93,10 @@ class Engine:
                 host_pin_memory=base.device.type == "cuda",
                 accelerator_capacity_bytes=self.adapter_memory_bytes,
             ),
-            store=self.state,
+            store=open_registrations(settings, self.state, self.objects),
+            objects=self.objects,
         )
+        self.registry.allowance = lambda tenant: self.sources(tenant)
         self.cache = self.registry.cache
         self.cache.on_event = self.telemetry.cache_event
         check_cache_layout(base)
@@ -104,6 +118,7 @@ class Engine:
             sources=lambda tenant: self.sources(tenant),
         )
         self.restore_report = None  # what start-up brought back from the state directory (app.build_engine)
+        self.sync = RegistrySync(self)  # follows the shared registrations (started after the restore)
         # Per-tenant quotas (the server sets them from the keys file; unlimited otherwise).
         self.quotas: Callable[[str], Quotas] = lambda tenant: UNLIMITED
         self.sources: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE  # where a tenant's adapters may come from
@@ -152,8 +167,11 @@ class Engine:
         self._io.shutdown(wait=False, cancel_futures=True)
         self.operations.cancel_running(ShuttingDown("the server is shutting down"))
         self.merges.shutdown()
+        self.sync.stop()
         if self.state is not None:
             self.state.close()
+        if self.objects is not None:
+            self.objects.close()
         if not self.worker.alive():
             self.base.bank.drop_all()  # the adapters' accelerator memory goes back with the engine
 
@@ -255,8 +273,25 @@ class Engine:
         """Register an adapter, with warm or pin also placed now (see AdapterAdmin.load)."""
         return self.adapters.load(tenant, adapter_id, source, revision, pin, warm, replace, wait_s)
 
-    def unload_adapter(self, tenant: str, adapter_id: str) -> AdapterRecord:
-        return self.registry.unload(tenant, adapter_id)
+    def unload_adapter(self, tenant: str, adapter_id: str) -> None:
+        self.registry.unload(tenant, adapter_id)
+
+    def find_adapter(self, tenant: str, adapter_id: str) -> AdapterRecord:
+        """This replica's record of a registered adapter, read now if it was registered on
+        another replica and not yet here (blocking)."""
+        return self.registry.find(tenant, adapter_id)
+
+    def list_adapters(self, tenant: str) -> list[AdapterRecord]:
+        """The tenant's adapters; with a shared store, those registered elsewhere and not yet
+        read here are read first (one that cannot be read is left out, and logged)."""
+        if self.registry.shared:
+            for saved in self.registry.registered(tenant):
+                if not self.registry.has(tenant, saved.adapter_id):
+                    try:
+                        self.registry.find(tenant, saved.adapter_id)
+                    except LoramuxError as e:
+                        log.warning("adapter %r of tenant %r not listed: %s", saved.adapter_id, tenant, e.reason)
+        return self.registry.list(tenant)
 
     def tier(self, record: AdapterRecord) -> Tier:
         return self.registry.tier(record)

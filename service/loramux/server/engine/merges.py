@@ -63,7 +63,7 @@ class Merges:
             raise MergeFailed("this server has no merge root (--merge-root); merging is off")
         if self.draining:
             raise ShuttingDown("the server is shutting down")
-        record = self.registry.get(tenant, adapter_id)
+        record = self.registry.find(tenant, adapter_id)
         limit = self._quotas(tenant).merges
         if limit is not None:
             running = sum(not op.done and op.name.startswith("operations/merge-") for op in self.operations.list(tenant))

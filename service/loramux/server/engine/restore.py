@@ -1,11 +1,13 @@
 """Start-up: bring back what the state store kept, and clear what a crash left behind.
 
-Each saved registration is loaded again from its source at the revision it resolved to (a
-Hub commit, or the content hash of local files, which must still match) and pinned again if
-it was. One that cannot be restored (files gone or changed, a source no longer allowed) is
-reported in the log and in the returned report; the server starts regardless. Operations
-come back as records; those the restart cut short end with INTERRUPTED_BY_RESTART. Merge
-temporaries under the merge root are removed.
+Each registration (in `--state-dir`, or the `--registry` object store) is read again from its
+source at the revision it resolved to (a Hub commit, or the content hash of local files or
+objects, which must still match) and pinned again if it was: the first pass of the registry
+sync, run before serving. One that cannot be restored (files gone or changed, a source no
+longer allowed) is reported in the log and in the returned report, and kept: the operator
+may put the files back. The server starts regardless. This replica's operations, and those
+of replicas that stopped, come back as records; those cut short end with
+INTERRUPTED_BY_RESTART. Merge temporaries under the merge root are removed.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from loramux.server.adapters.sources import HUB_PREFIX
-from loramux.server.errors import AdapterChanged, LoramuxError
 from loramux.server.merge import sweep_temporaries
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,8 @@ class RestoreReport:
 
 
 def restore_state(engine) -> RestoreReport:
-    """Run once the engine has started (pins need its thread) and before serving."""
+    """Run once the engine has started (pins need its thread) and before serving; then the
+    registry sync follows the store in the background."""
     report = RestoreReport()
     settings = engine.settings
     if settings.merge_root is not None:
@@ -37,27 +38,13 @@ def restore_state(engine) -> RestoreReport:
         report.swept = len(removed)
         if removed:
             log.warning("removed %d merge temporaries left by an interrupted merge", len(removed))
-    if engine.state is None:
-        return report
-    report.interrupted_operations = engine.operations.restore()
-    for saved in engine.state.adapters():
-        hub = saved.source.startswith(HUB_PREFIX)
-        try:
-            record = engine.load_adapter(
-                saved.tenant, saved.adapter_id, saved.source, revision=saved.revision if hub else "", wait_s=0.0,
-                pin=False,
-            )
-            if record.revision != saved.revision:
-                engine.registry.unload(saved.tenant, saved.adapter_id)
-                engine.state.put_adapter(saved)  # keep the row: the operator may put the files back
-                raise AdapterChanged("the adapter's files changed since it was registered; load it again with replace")
-            if saved.pinned:
-                engine.load_adapter(saved.tenant, saved.adapter_id, saved.source, revision=saved.revision if hub else "",
-                                    pin=True, wait_s=settings.slot_wait_s)
-        except LoramuxError as e:
-            report.failed.append((saved.tenant, saved.adapter_id, e.reason))
-            log.warning("not restored: adapter %r of tenant %r (%s: %s)", saved.adapter_id, saved.tenant, e.reason, e.message)
-            continue
-        report.restored.append((saved.tenant, saved.adapter_id))
-    log.info("restored %d adapter registration(s); %d could not be restored", len(report.restored), len(report.failed))
+    if engine.state is not None:
+        engine.state.heartbeat()
+        report.interrupted_operations = engine.operations.restore(engine.sync.lease_s)
+    if engine.registry.shared:
+        read, failed = engine.sync.run_once(retry_failed_s=0.0, start_up=True)
+        report.restored = [(r.tenant, r.adapter_id) for r in read]
+        report.failed = [(saved.tenant, saved.adapter_id, error.reason) for saved, error in failed]
+        log.info("restored %d adapter registration(s); %d could not be restored", len(report.restored), len(report.failed))
+    engine.sync.start()
     return report

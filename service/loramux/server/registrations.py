@@ -1,0 +1,179 @@
+"""Where adapter registrations live when the server keeps them: the names every replica
+serves, with the source and revision each resolved to.
+
+Two backends, one contract:
+- `DirectoryRegistrations`: `<state-dir>/adapters/<tenant>/<adapter_id>.json`, written whole
+  and renamed into place; changes hold the directory's lock (state.directory_lock), so
+  concurrent replicas on one shared volume see each change whole and in one order.
+- `ObjectRegistrations`: `<url>/adapters/<tenant>/<adapter_id>.json` in object storage
+  (`--registry s3://bucket/prefix`). A new name is created with a conditional write (S3's
+  If-None-Match), so two replicas registering one name at once cannot both win; replacing,
+  pinning and unloading write last-writer-wins, which the sync loop then spreads.
+
+A registration carries a `generation`, new at each load or replace: a replica holding an
+older generation of a name follows the newer one (engine/registry_sync.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Protocol
+
+from loramux.server.adapters.objects import ObjectStores
+from loramux.server.errors import SourceUnavailable
+from loramux.server.settings import Settings
+from loramux.server.state import SavedAdapter, StateStore, directory_lock, read_file, write_atomically
+
+log = logging.getLogger(__name__)
+
+
+class Registrations(Protocol):
+    def get(self, tenant: str, adapter_id: str) -> SavedAdapter | None: ...
+
+    def all(self) -> list[SavedAdapter]: ...
+
+    def create(self, saved: SavedAdapter) -> SavedAdapter:
+        """Store `saved` unless the name is registered; returns what is stored now."""
+
+    def put(self, saved: SavedAdapter) -> None:
+        """Store `saved` over whatever the name held."""
+
+    def update(self, saved: SavedAdapter) -> bool:
+        """Store `saved` only while the name still holds its generation; False if it does not."""
+
+    def delete(self, tenant: str, adapter_id: str, generation: str | None = None) -> None:
+        """Remove the name (only while it holds `generation`, when given)."""
+
+
+def _parse(data: bytes | None, where: str) -> SavedAdapter | None:
+    if data is None:
+        return None
+    try:
+        return SavedAdapter.from_json(data)
+    except (ValueError, KeyError, TypeError) as e:  # a file someone edited by hand: skipped, reported
+        log.warning("skipped an unreadable registration %s (%s)", where, e)
+        return None
+
+
+class DirectoryRegistrations:
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, tenant: str, adapter_id: str) -> Path:
+        return self.directory / tenant / f"{adapter_id}.json"  # both validated: letters, digits, '-', '_', '.'
+
+    def get(self, tenant: str, adapter_id: str) -> SavedAdapter | None:
+        path = self._path(tenant, adapter_id)
+        return _parse(read_file(path), str(path))
+
+    def all(self) -> list[SavedAdapter]:
+        found = []
+        for path in self.directory.glob("*/*.json"):
+            if not path.name.startswith("."):
+                saved = _parse(read_file(path), str(path))
+                if saved is not None:
+                    found.append(saved)
+        return sorted(found, key=lambda s: (s.load_time, s.tenant, s.adapter_id))
+
+    def create(self, saved: SavedAdapter) -> SavedAdapter:
+        with directory_lock(self.directory):
+            current = self.get(saved.tenant, saved.adapter_id)
+            if current is not None:
+                return current
+            write_atomically(self._path(saved.tenant, saved.adapter_id), saved.to_json())
+            return saved
+
+    def put(self, saved: SavedAdapter) -> None:
+        with directory_lock(self.directory):
+            write_atomically(self._path(saved.tenant, saved.adapter_id), saved.to_json())
+
+    def update(self, saved: SavedAdapter) -> bool:
+        with directory_lock(self.directory):
+            current = self.get(saved.tenant, saved.adapter_id)
+            if current is None or current.generation != saved.generation:
+                return False
+            write_atomically(self._path(saved.tenant, saved.adapter_id), saved.to_json())
+            return True
+
+    def delete(self, tenant: str, adapter_id: str, generation: str | None = None) -> None:
+        with directory_lock(self.directory):
+            current = self.get(tenant, adapter_id)
+            if current is not None and (generation is None or current.generation == generation):
+                self._path(tenant, adapter_id).unlink(missing_ok=True)
+
+
+@dataclasses.dataclass
+class ObjectRegistrations:
+    """Registrations as objects under `url` (s3://bucket/prefix), through fsspec."""
+
+    url: str
+    filesystem: object  # an fsspec filesystem for url's protocol
+
+    def __post_init__(self) -> None:
+        self._root = self.url.split("://", 1)[1].rstrip("/") + "/adapters"
+
+    def _key(self, tenant: str, adapter_id: str) -> str:
+        return f"{self._root}/{tenant}/{adapter_id}.json"
+
+    def _call(self, what: str, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FileNotFoundError:
+            return None
+        except FileExistsError:
+            raise
+        except Exception as e:  # network, credentials, throttling: retriable
+            raise SourceUnavailable(
+                f"the adapter registry at {self.url} could not be {what} ({type(e).__name__}: {str(e)[:200]})",
+                retry_after_s=2.0,
+            ) from e
+
+    def get(self, tenant: str, adapter_id: str) -> SavedAdapter | None:
+        key = self._key(tenant, adapter_id)
+        return _parse(self._call("read", self.filesystem.cat_file, key), key)
+
+    def all(self) -> list[SavedAdapter]:
+        keys = self._call("listed", self.filesystem.find, self._root, refresh=True) or []
+        keys = [k for k in keys if k.endswith(".json")]
+        if not keys:
+            return []
+        contents = self._call("read", self.filesystem.cat, keys, on_error="omit") or {}
+        found = [s for key, data in contents.items() if (s := _parse(data, key)) is not None]
+        return sorted(found, key=lambda s: (s.load_time, s.tenant, s.adapter_id))
+
+    def create(self, saved: SavedAdapter) -> SavedAdapter:
+        try:
+            self._call("written", self.filesystem.pipe_file, self._key(saved.tenant, saved.adapter_id), saved.to_json(),
+                       mode="create")
+        except FileExistsError:
+            current = self.get(saved.tenant, saved.adapter_id)
+            return current if current is not None else self.create(saved)
+        return saved
+
+    def put(self, saved: SavedAdapter) -> None:
+        self._call("written", self.filesystem.pipe_file, self._key(saved.tenant, saved.adapter_id), saved.to_json())
+
+    def update(self, saved: SavedAdapter) -> bool:
+        current = self.get(saved.tenant, saved.adapter_id)
+        if current is None or current.generation != saved.generation:
+            return False
+        self.put(saved)
+        return True
+
+    def delete(self, tenant: str, adapter_id: str, generation: str | None = None) -> None:
+        current = self.get(tenant, adapter_id)
+        if current is not None and (generation is None or current.generation == generation):
+            self._call("written", self.filesystem.rm_file, self._key(tenant, adapter_id))
+
+
+def open_registrations(settings: Settings, state: StateStore | None, objects: ObjectStores | None) -> Registrations | None:
+    """The registrations the settings name: `registry` (object storage), else the state
+    directory's, else none (nothing is kept)."""
+    if settings.registry:
+        return ObjectRegistrations(settings.registry.rstrip("/"), objects.filesystem(settings.registry.split("://", 1)[0]))
+    if state is not None:
+        return DirectoryRegistrations(state.adapters_dir)
+    return None

@@ -1,0 +1,318 @@
+"""Replicas are caches of a shared store: three servers on loopback share registrations
+through one `--state-dir` or through object storage (moto's S3 server on loopback), with
+adapters fetched from that object storage. Register on one, generate on another; replace,
+pin and unload on one, the others follow within the sync interval; restart all, nothing is
+lost. Plus the store's own contract under concurrent writers, and object sources' checks."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+
+import loramux.client as lc
+from conftest import PROMPTS
+from loramux.server.adapters.objects import ObjectStores
+from loramux.server.app import BackgroundServer
+from loramux.server.errors import AdapterInvalid
+from loramux.server.operations import OperationStore
+from loramux.server.registrations import DirectoryRegistrations
+from loramux.server.state import SavedAdapter, StateStore
+
+N = 6
+SYNC_S = 0.2
+FOLLOW_S = 15.0  # what a test waits at most for a change to reach a replica (SYNC_S plus a slow CI's reads)
+BUCKET = "loramux-test"
+
+
+@pytest.fixture(scope="module")
+def s3(assets):
+    """An S3 server on loopback with the test adapters under s3://loramux-test/adapters/."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    with pytest.MonkeyPatch.context() as env:  # botocore's standard credentials, as a pod's Secret gives them
+        env.setenv("AWS_ACCESS_KEY_ID", "test")
+        env.setenv("AWS_SECRET_ACCESS_KEY", "test")
+        env.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        client = boto3.client("s3", endpoint_url=endpoint)
+        client.create_bucket(Bucket=BUCKET)
+        for adapter in ("qv-r4", "all-r16", "pattern", "mlp-r2"):
+            upload(client, assets.adapters / adapter, f"adapters/{adapter}")
+        yield endpoint, client
+    server.stop()
+
+
+def upload(client, directory: Path, prefix: str) -> None:
+    for path in directory.iterdir():
+        if path.is_file():
+            client.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+
+
+def start(assets, n: int, **overrides) -> list[BackgroundServer]:
+    return [BackgroundServer(assets.settings(replica_id=f"replica-{i}", registry_sync_s=SYNC_S, **overrides))
+            for i in range(n)]
+
+
+def eventually(check, within: float = FOLLOW_S):
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return check()
+        except (AssertionError, lc.LoramuxError):
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.05)
+
+
+def tokens(client, adapter: str, prompt: str = PROMPTS[1]) -> list[int]:
+    return client.generate(adapter_id=adapter, prompt=prompt, max_new_tokens=N).token_ids
+
+
+STORES = {
+    # every replica on one state directory (a ReadWriteMany volume), adapters from local roots
+    "directory": lambda tmp, endpoint: (dict(state_dir=tmp / "shared-state"), ""),
+    # registrations in object storage, adapters fetched from it; each replica its own state directory
+    "object": lambda tmp, endpoint: (dict(registry=f"s3://{BUCKET}/registry", object_roots=(f"s3://{BUCKET}/adapters",),
+                                          object_endpoint_url=endpoint), f"s3://{BUCKET}/adapters/"),
+}
+
+
+@pytest.mark.parametrize("kind", list(STORES))
+def test_three_replicas_serve_follow_and_survive_a_full_restart(assets, s3, tmp_path, kind):
+    endpoint, _ = s3
+    overrides, prefix = STORES[kind](tmp_path, endpoint)
+    servers = start(assets, 3, **overrides)
+    clients = [lc.Client(s.target, timeout=60, affinity=False) for s in servers]
+    try:
+        a, b, c = clients
+        info = a.load_adapter("shared", source=prefix + "qv-r4")
+        assert info.rank == 4
+        # Registered on a, generated on b and c at once: read on demand, checked against the revision.
+        assert tokens(b, "shared") == tokens(c, "shared") == assets.oracle("qv-r4", PROMPTS[1], N)
+        assert b.get_adapter("shared").revision == info.revision
+        # A name registered elsewhere is listed everywhere (c reads it on demand if its sync has not).
+        a.load_adapter("second", source=prefix + "mlp-r2")
+        assert [x.adapter_id for x in c.list_adapters()] == ["second", "shared"]
+
+        # Replace on b: a and c follow within the sync interval.
+        b.load_adapter("shared", source=prefix + "all-r16", replace=True)
+        for client in (a, c):
+            eventually(lambda: _equal(tokens(client, "shared"), assets.oracle("all-r16", PROMPTS[1], N)))
+        # Loading the name again from another source, without replace, is refused on every replica.
+        for client in clients:
+            with pytest.raises(lc.AlreadyExists) as e:
+                client.load_adapter("shared", source=prefix + "pattern")
+            assert e.value.reason == "ADAPTER_ALREADY_EXISTS"
+
+        # Pin on c: a and b pin it too.
+        c.load_adapter("second", source=prefix + "mlp-r2", pin=True)
+        for client in (a, b):
+            eventually(lambda: _equal((client.get_adapter("second").pinned, client.get_adapter("second").tier),
+                                      (True, "accelerator")))
+
+        # Unload on a: b and c forget it.
+        a.unload_adapter("second")
+        for client in (b, c):
+            eventually(lambda: _refused(lc.NotFound, "ADAPTER_NOT_FOUND", tokens, client, "second"))
+        with pytest.raises(lc.NotFound):
+            c.unload_adapter("second")
+
+        # Restart every replica: every registration and pin comes back.
+        a.load_adapter("kept-pinned", source=prefix + "pattern", pin=True)
+        for server in servers:
+            server.stop()
+        for client in clients:
+            client.close()
+        servers = start(assets, 3, **overrides)
+        clients = [lc.Client(s.target, timeout=60, affinity=False) for s in servers]
+        for server, client in zip(servers, clients):
+            assert server.engine.restore_report.failed == []
+            listed = {x.adapter_id: x for x in client.list_adapters()}
+            assert sorted(listed) == ["kept-pinned", "shared"]
+            assert listed["kept-pinned"].pinned and listed["kept-pinned"].tier == "accelerator"
+            assert tokens(client, "shared") == assets.oracle("all-r16", PROMPTS[1], N)
+            assert tokens(client, "kept-pinned") == assets.oracle("pattern", PROMPTS[1], N)
+    finally:
+        for client in clients:
+            client.close()
+        for server in servers:
+            if not server.running.stopped:
+                server.stop()
+
+
+def _equal(got, want):
+    assert got == want
+    return got
+
+
+def _refused(cls, reason, fn, *args):
+    try:
+        fn(*args)
+    except cls as e:
+        assert e.reason == reason
+        return
+    raise AssertionError("not refused yet")
+
+
+def test_racing_registrations_of_one_name_have_one_winner(assets, tmp_path):
+    """Three replicas register one name from three sources at once: one wins everywhere."""
+    import threading
+
+    servers = start(assets, 3, state_dir=tmp_path / "state")
+    clients = [lc.Client(s.target, timeout=60, affinity=False) for s in servers]
+    sources = ["qv-r4", "pattern", "mlp-r2"]
+    outcomes: list[object] = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def register(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = clients[i].load_adapter("contested", source=sources[i]).source
+        except lc.AlreadyExists as e:
+            outcomes[i] = e.reason
+
+    try:
+        threads = [threading.Thread(target=register, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        won = [o for o in outcomes if o in sources]
+        assert len(won) == 1 and sorted(o for o in outcomes if o not in sources) == ["ADAPTER_ALREADY_EXISTS"] * 2, outcomes
+        for client in clients:
+            assert tokens(client, "contested") == assets.oracle(won[0], PROMPTS[1], N)
+    finally:
+        for client in clients:
+            client.close()
+        for server in servers:
+            server.stop()
+
+
+def test_a_changed_object_is_detected_and_a_replace_reads_it(assets, s3, tmp_path):
+    endpoint, client = s3
+    upload(client, assets.adapters / "qv-r4", "adapters/moving")
+    settings = dict(registry=f"s3://{BUCKET}/registry-changed", object_roots=(f"s3://{BUCKET}/adapters",),
+                    object_endpoint_url=endpoint)
+    first, = start(assets, 1, **settings)
+    try:
+        with lc.Client(first.target, timeout=60) as a:
+            a.load_adapter("moving", source=f"s3://{BUCKET}/adapters/moving")
+            upload(client, assets.adapters / "all-r16", "adapters/moving")  # the object changes under its name
+            second, = start(assets, 1, **settings)
+            try:
+                assert [(t, i, r) for t, i, r in second.engine.restore_report.failed] == \
+                    [("default", "moving", "ADAPTER_FILES_CHANGED")]
+                with lc.Client(second.target, timeout=60) as b:
+                    _refused(lc.FailedPrecondition, "ADAPTER_FILES_CHANGED", tokens, b, "moving")
+                    b.load_adapter("moving", source=f"s3://{BUCKET}/adapters/moving", replace=True)
+                    assert tokens(b, "moving") == assets.oracle("all-r16", PROMPTS[1], N)
+                eventually(lambda: _equal(tokens(a, "moving"), assets.oracle("all-r16", PROMPTS[1], N)))
+            finally:
+                second.stop()
+    finally:
+        first.stop()
+
+
+def test_object_sources_are_checked_before_anything_is_fetched(assets, s3, tmp_path):
+    endpoint, _ = s3
+    server, = start(assets, 1, object_roots=(f"s3://{BUCKET}/adapters/qv-r4",), object_endpoint_url=endpoint)
+    try:
+        with lc.Client(server.target, timeout=60) as c:
+            for source, cls, reason in [
+                (f"s3://{BUCKET}/adapters/all-r16", lc.InvalidArgument, "SOURCE_NOT_ALLOWED"),  # outside the object root
+                (f"s3://{BUCKET}/adapters/qv-r4/../all-r16", lc.InvalidArgument, "SOURCE_INVALID"),
+                (f"s3://{BUCKET}/adapters/qv-r4//x", lc.InvalidArgument, "SOURCE_INVALID"),
+                (f"s3://{BUCKET}/adapters/qv-r4/nothing-here", lc.NotFound, "SOURCE_NOT_FOUND"),
+                (f"gs://{BUCKET}/adapters/qv-r4", lc.InvalidArgument, "SOURCE_NOT_ALLOWED"),
+            ]:
+                with pytest.raises(cls) as e:
+                    c.load_adapter("x", source=source)
+                assert e.value.reason == reason, source
+            assert c.list_adapters() == []
+            info = c.load_adapter("ok", source=f"s3://{BUCKET}/adapters/qv-r4/")
+            assert tokens(c, "ok") == assets.oracle("qv-r4", PROMPTS[1], N)
+            cache = server.engine.objects.cache_dir
+            assert len([p for p in cache.iterdir() if not p.name.startswith(".")]) == 1
+            c.unload_adapter("ok")
+            assert list(cache.iterdir()) == []  # the local copy goes with the last registration using it
+            assert info.revision.startswith("sha256:")
+    finally:
+        server.stop()
+
+
+def test_a_download_larger_than_an_adapter_can_be_is_refused_before_it_is_fetched(assets, s3, tmp_path):
+    endpoint, _ = s3
+    settings = assets.settings(object_roots=(f"s3://{BUCKET}/adapters",), object_endpoint_url=endpoint,
+                               object_cache_dir=tmp_path / "objects")
+    objects = ObjectStores(settings, max_bytes=1000)
+    with pytest.raises(AdapterInvalid) as e:
+        objects.fetch(f"s3://{BUCKET}/adapters/all-r16")
+    assert e.value.reason == "ADAPTER_TOO_LARGE"
+    assert list((tmp_path / "objects").iterdir()) == []
+
+
+def _hammer(directory: str, worker: int, rounds: int) -> None:
+    store = DirectoryRegistrations(Path(directory))
+    for i in range(rounds):
+        saved = SavedAdapter("t", f"name-{i % 5}", f"src-{worker}", "rev", i % 2 == 0, time.time(), f"{worker}-{i}")
+        (store.create, store.put, store.update)[i % 3](saved)
+        if i % 7 == 0:
+            store.delete("t", f"name-{i % 5}")
+
+
+def test_the_directory_store_stays_whole_under_concurrent_writers(tmp_path):
+    """Four processes create, overwrite and delete five names as fast as they can while this
+    one reads: every read is a whole registration, and create never overwrites."""
+    store = DirectoryRegistrations(tmp_path / "adapters")
+    ctx = multiprocessing.get_context("spawn")
+    workers = [ctx.Process(target=_hammer, args=(str(tmp_path / "adapters"), w, 300)) for w in range(4)]
+    for w in workers:
+        w.start()
+    reads = 0
+    while any(w.is_alive() for w in workers):
+        for saved in store.all():
+            assert saved.tenant == "t" and saved.source.startswith("src-") and saved.generation
+            reads += 1
+    for w in workers:
+        w.join()
+        assert w.exitcode == 0
+    assert reads > 0
+    assert not [p for p in (tmp_path / "adapters").rglob(".tmp-*")]  # no temporary left behind
+    first = SavedAdapter("t", "fresh", "mine", "r", False, 1.0, "g1")
+    assert store.create(first) == first
+    assert store.create(SavedAdapter("t", "fresh", "theirs", "r", False, 2.0, "g2")) == first
+    assert not store.update(SavedAdapter("t", "fresh", "mine", "r", True, 1.0, "stale"))
+    store.delete("t", "fresh", generation="stale")
+    assert store.get("t", "fresh") == first
+
+
+def test_operations_of_a_replica_that_stopped_end_as_interrupted(tmp_path):
+    mine = StateStore(tmp_path, "replica-a")
+    ghost = StateStore(tmp_path, "replica-gone")
+    busy = StateStore(tmp_path, "replica-busy")
+    body = {"metadata": {"adapter_id": "x"}, "create_time": time.time(), "done": False, "end_time": None}
+    ghost.put_operation("operations/merge-" + "a" * 32, "default", body)
+    busy.put_operation("operations/merge-" + "b" * 32, "default", body)
+    busy.heartbeat()
+    old = time.time() - 60
+    ghost.heartbeat()
+    os.utime(tmp_path / "replicas" / "replica-gone.json", (old, old))
+    (tmp_path / "replicas" / "replica-gone.json").write_text('{"replica": "replica-gone", "time": %f}' % old)
+
+    operations = OperationStore(mine)
+    assert operations.restore(lease_s=10.0) == 1  # the ghost's; the busy replica's runs on
+    ended = operations.get("default", "operations/merge-" + "a" * 32)
+    assert ended.done and ended.error.reason == "INTERRUPTED_BY_RESTART" and not ended.foreign
+    running = operations.get("default", "operations/merge-" + "b" * 32)
+    assert running.foreign and not running.done
+    assert {op.name for op in operations.list("default")} == {"operations/merge-" + "a" * 32, "operations/merge-" + "b" * 32}
+    # Another replica now reads the interrupted record from the shared files.
+    assert OperationStore(busy).get("default", "operations/merge-" + "a" * 32).error.reason == "INTERRUPTED_BY_RESTART"
