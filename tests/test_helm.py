@@ -29,6 +29,10 @@ def render(*args) -> list[dict]:
     return [d for d in yaml.safe_load_all(out) if d]
 
 
+def pod_template(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]
+
+
 def validate(docs: list[dict], tmp_path: Path) -> str:
     path = tmp_path / "manifests.yaml"
     path.write_text(yaml.safe_dump_all(docs))
@@ -46,22 +50,34 @@ def test_lint_render_and_validate(values, tmp_path):
     report = validate([d for d in docs if d["apiVersion"] != "monitoring.coreos.com/v1"], tmp_path)
     assert "failed" not in report
     if not values:
-        assert kinds == ["Deployment/r1-loramux", "Pod/r1-loramux-test", "PodDisruptionBudget/r1-loramux",
+        assert kinds == ["ConfigMap/r1-loramux", "Deployment/r1-loramux", "Pod/r1-loramux-test", "PodDisruptionBudget/r1-loramux",
                          "Secret/r1-loramux-keys", "Service/r1-loramux", "Service/r1-loramux-headless",
                          "ServiceAccount/r1-loramux"]
     else:
-        assert kinds == ["Deployment/r1-loramux", "HorizontalPodAutoscaler/r1-loramux", "NetworkPolicy/r1-loramux",
+        assert kinds == ["ConfigMap/r1-loramux", "Deployment/r1-loramux", "HorizontalPodAutoscaler/r1-loramux",
+                         "NetworkPolicy/r1-loramux",
                          "Pod/r1-loramux-test", "PodDisruptionBudget/r1-loramux", "Service/r1-loramux",
                          "Service/r1-loramux-headless", "ServiceAccount/r1-loramux", "ServiceMonitor/r1-loramux"]
         monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
         assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+        hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+        assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "loramux_queue_depth"},
+                                                                   "target": {"type": "AverageValue", "averageValue": "6"}}}]
+        args = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["serve.args"].split("\n")
+        for flag, value in (("--registry", "s3://models/loramux"), ("--object-root", "s3://models/adapters"),
+                            ("--object-endpoint-url", "http://minio:9000")):
+            assert args[args.index(flag) + 1] == value
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["securityContext"]["readOnlyRootFilesystem"] and pod["securityContext"]["runAsNonRoot"]
     assert pod["terminationGracePeriodSeconds"] == 30  # the server's 20 s drain and 10 s more
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    annotations = pod_template(docs)["metadata"]["annotations"]
+    assert len(annotations["checksum/config"]) == 64  # pods roll when the settings change
     if values:  # TLS on: native gRPC probes cannot speak it
-        assert "--tls-client-ca" in container["args"] and "readinessProbe" not in container
+        assert "--tls-client-ca" in next(d for d in docs if d["kind"] == "ConfigMap")["data"]["serve.args"]
+        assert "readinessProbe" not in container
+        assert container["envFrom"] == [{"secretRef": {"name": "object-store-credentials"}}]
     else:
         assert container["readinessProbe"]["grpc"] == {"port": 50051}
 
@@ -72,6 +88,8 @@ def test_lint_render_and_validate(values, tmp_path):
     ("model.dtype=float8", "at '/model/dtype'"),
     ("auth.mode=open", "at '/auth/mode'"),
     ("server.port=70000", "at '/server/port'"),
+    ("store.registry=/local/dir", "at '/store/registry'"),
+    ("autoscaling.metric=memory", "at '/autoscaling/metric'"),
 ])
 def test_values_schema_refuses(setting, message):
     result = helm("template", "r1", str(CHART), "--set", setting, check=False)
@@ -89,12 +107,16 @@ def test_the_rendered_command_is_one_loramux_serve_accepts(assets, tmp_path):
                   "--set-string", f"auth.keysFile={keys_source.read_text()}")
     container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
     secret = next(d for d in docs if d["kind"] == "Secret")
+    config = next(d for d in docs if d["kind"] == "ConfigMap")
     paths = {"/etc/loramux/keys": tmp_path / "keys", "/var/lib/loramux": tmp_path / "var", "/models": tmp_path / "models",
-             "/adapters": assets.adapters}
+             "/adapters": assets.adapters, "/var/cache/loramux": tmp_path / "cache"}
     (tmp_path / "keys").mkdir()
     (tmp_path / "keys" / "keys.yaml").write_text(secret["stringData"]["keys.yaml"])
+    assert container["args"] == ["@/etc/loramux/config/serve.args"]  # the ConfigMap's file, mounted there
+    lines = config["data"]["serve.args"].rstrip("\n").split("\n")
+    assert all(lines) and lines[:2] == ["--model", str(assets.base)]
     mapped = []
-    for arg in container["args"]:
+    for arg in lines:
         for inside, outside in paths.items():
             if arg == inside or arg.startswith(inside + "/"):
                 arg = str(outside) + arg[len(inside):]
@@ -103,7 +125,8 @@ def test_the_rendered_command_is_one_loramux_serve_accepts(assets, tmp_path):
     for flag, local in (("--host", "127.0.0.1"), ("--metrics-host", "127.0.0.1"), ("--port", "0"), ("--metrics-port", "0")):
         mapped[mapped.index(flag) + 1] = local
     assert container["command"] == ["loramux", "serve"]
-    cmd = [sys.executable, "-m", "loramux.cli.main", "serve", *mapped]
+    (tmp_path / "serve.args").write_text("\n".join(mapped) + "\n")
+    cmd = [sys.executable, "-m", "loramux.cli.main", "serve", f"@{tmp_path / 'serve.args'}"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         end = time.monotonic() + 120

@@ -76,6 +76,22 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - /models/hub
 - --state-dir
 - /var/lib/loramux/state
+{{- with .Values.store.registry }}
+- --registry
+- {{ . | quote }}
+{{- end }}
+- --registry-sync-s
+- {{ .Values.store.syncS | quote }}
+{{- range .Values.store.objectRoots }}
+- --object-root
+- {{ . | quote }}
+{{- end }}
+{{- with .Values.store.endpointUrl }}
+- --object-endpoint-url
+- {{ . | quote }}
+{{- end }}
+- --object-cache-dir
+- /var/cache/loramux/objects
 {{- if .Values.merge.enabled }}
 - --merge-root
 - /var/lib/loramux/merges
