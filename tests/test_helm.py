@@ -158,3 +158,17 @@ def test_dockerfiles_lint_clean_and_match_the_charts_image_tags():
         text = path.read_text()
         assert f"Tag: <version>-{suffix}" in text and "USER 10001:10001" in text
         assert 'ENTRYPOINT ["loramux", "serve"]' in text
+
+
+def test_the_values_reference_in_the_docs_is_generated_from_the_schema():
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "values_reference.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+    schema = __import__("json").loads((CHART / "values.schema.json").read_text())
+
+    def undescribed(node, path=""):
+        for name, child in node.get("properties", {}).items():
+            if not child.get("description"):
+                yield path + name
+            yield from undescribed(child, f"{path}{name}.")
+    assert list(undescribed(schema)) == []

@@ -316,3 +316,28 @@ def test_operations_of_a_replica_that_stopped_end_as_interrupted(tmp_path):
     assert {op.name for op in operations.list("default")} == {"operations/merge-" + "a" * 32, "operations/merge-" + "b" * 32}
     # Another replica now reads the interrupted record from the shared files.
     assert OperationStore(busy).get("default", "operations/merge-" + "a" * 32).error.reason == "INTERRUPTED_BY_RESTART"
+
+
+def test_the_object_registry_keeps_the_same_contract(s3):
+    """Create never overwrites (S3's conditional write), update and delete only touch the
+    generation they name, and a missing name is None, not an error."""
+    import fsspec
+
+    from loramux.server.registrations import ObjectRegistrations
+
+    endpoint, _ = s3
+    store = ObjectRegistrations(f"s3://{BUCKET}/contract", fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}))
+    first = SavedAdapter("t", "name", "mine", "r", False, 1.0, "g1")
+    assert store.get("t", "name") is None and store.all() == []
+    assert store.create(first) == first
+    assert store.create(SavedAdapter("t", "name", "theirs", "r", False, 2.0, "g2")) == first
+    assert not store.update(SavedAdapter("t", "name", "mine", "r", True, 1.0, "stale"))
+    pinned = SavedAdapter("t", "name", "mine", "r", True, 1.0, "g1")
+    other_tenant = SavedAdapter("t2", "name", "x", "r", False, 3.0, "g3")
+    assert store.update(pinned) and store.create(other_tenant) == other_tenant
+    assert store.all() == [pinned, other_tenant] and store.all("t") == [pinned] and store.all("t2") == [other_tenant]
+    store.delete("t2", "name")
+    store.delete("t", "name", generation="stale")
+    assert store.get("t", "name") == pinned
+    store.delete("t", "name")
+    assert store.get("t", "name") is None and store.all() == []

@@ -445,7 +445,9 @@ def test_router_signals_lora_requests_info_and_capacity(assets, tmp_path):
             while engine.stats().waiting < 3:
                 assert time.monotonic() < deadline
                 time.sleep(0.01)
-            info = {labels: value for (name, labels), value in scrape(port).items() if name == "lora_requests_info"}
+            scraped = scrape(port)
+            info = {labels: value for (name, labels), value in scraped.items() if name == "lora_requests_info"}
+            per_adapter = {labels: value for (name, labels), value in scraped.items() if name == "loramux_adapter_requests"}
         finally:
             gate.set()
             for t in calls:
@@ -453,6 +455,34 @@ def test_router_signals_lora_requests_info_and_capacity(assets, tmp_path):
         assert list(info) == [(("max_lora", "3"), ("running_lora_adapters", ""),
                                ("waiting_lora_adapters", "default/qv-r4,default/mlp-r2"))]
         assert abs(next(iter(info.values())) - time.time()) < 60
+        assert per_adapter == {
+            (("adapter", "default/qv-r4"), ("state", "waiting")): 2, (("adapter", "default/mlp-r2"), ("state", "waiting")): 1,
+            (("adapter", "other"), ("state", "waiting")): 0, (("adapter", "other"), ("state", "running")): 0,
+        }
         samples = scrape(port)
+        assert samples[("loramux_adapter_read_duration_seconds_count", (("source", "local"),))] == 2
         assert samples[("loramux_adapter_slots", ())] == 3
         assert samples[("loramux_adapter_memory_capacity_bytes", ())] == engine.adapter_memory_bytes
+
+
+def test_per_adapter_requests_keep_the_busiest_and_fold_the_rest_into_other():
+    """However many adapters a replica serves, loramux_adapter_requests has at most
+    ADAPTER_REQUESTS_TOP adapters with series of their own (by running plus waiting)."""
+    from collections import Counter
+
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from loramux.server.telemetry.signals import ADAPTER_REQUESTS_TOP, Telemetry
+
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(meter_provider=MeterProvider(metric_readers=[reader]))
+    running = Counter({f"t/a{i:02d}": 1 for i in range(40)})
+    waiting = Counter({f"t/a{i:02d}": 5 for i in range(3)} | {"t/solo": 9})
+    telemetry.observe_lora(lambda: (running, waiting), slots=8, memory_bytes=1)
+    points = gauge(reader, "loramux.adapter.requests")
+    own = {dict(k)["adapter"] for k in points} - {"other"}
+    assert len(own) == ADAPTER_REQUESTS_TOP and {"t/solo", "t/a00", "t/a01", "t/a02"} <= own
+    assert sum(v for k, v in points.items() if dict(k)["state"] == "running") == 40
+    assert sum(v for k, v in points.items() if dict(k)["state"] == "waiting") == 24
+    assert points[(("adapter", "other"), ("state", "running"))] == 40 - (ADAPTER_REQUESTS_TOP - 1)

@@ -107,7 +107,7 @@ def _client_parsers(sub) -> None:
     adapters = sub.add_parser("adapters", help="load, unload, list and show adapters").add_subparsers(dest="action", required=True)
     load = adapters.add_parser("load", help="load an adapter")
     load.add_argument("adapter_id")
-    load.add_argument("--source", required=True, help="directory under an adapter root, or hf://<repo_id>")
+    load.add_argument("--source", required=True, help="directory under an adapter root, hf://<repo_id>, or s3://bucket/path under an object root")
     load.add_argument("--revision", default="")
     load.add_argument("--pin", action="store_true", help="keep it on the accelerator, never evicted")
     load.add_argument("--warm", action="store_true", help="bring it onto the accelerator now")

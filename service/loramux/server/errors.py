@@ -133,7 +133,7 @@ class AdapterInvalid(LoramuxError):
     """The adapter's files are unreadable or not a LoRA checkpoint loramux can serve.
 
     Reasons: ADAPTER_CORRUPT, ADAPTER_CONFIG_INVALID, ADAPTER_UNSUPPORTED, ADAPTER_PICKLE_REFUSED,
-    ADAPTER_WEIGHTS_MISSING.
+    ADAPTER_WEIGHTS_MISSING, ADAPTER_TOO_LARGE (object-storage files above what an adapter can need).
     """
 
     kind = Kind.INVALID_ARGUMENT

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 class Registrations(Protocol):
     def get(self, tenant: str, adapter_id: str) -> SavedAdapter | None: ...
 
-    def all(self) -> list[SavedAdapter]: ...
+    def all(self, tenant: str | None = None) -> list[SavedAdapter]:
+        """Every registration (of one tenant, when given), oldest first."""
 
     def create(self, saved: SavedAdapter) -> SavedAdapter:
         """Store `saved` unless the name is registered; returns what is stored now."""
@@ -69,9 +70,9 @@ class DirectoryRegistrations:
         path = self._path(tenant, adapter_id)
         return _parse(read_file(path), str(path))
 
-    def all(self) -> list[SavedAdapter]:
+    def all(self, tenant: str | None = None) -> list[SavedAdapter]:
         found = []
-        for path in self.directory.glob("*/*.json"):
+        for path in self.directory.glob(f"{tenant or '*'}/*.json"):
             if not path.name.startswith("."):
                 saved = _parse(read_file(path), str(path))
                 if saved is not None:
@@ -135,8 +136,9 @@ class ObjectRegistrations:
         key = self._key(tenant, adapter_id)
         return _parse(self._call("read", self.filesystem.cat_file, key), key)
 
-    def all(self) -> list[SavedAdapter]:
-        keys = self._call("listed", self.filesystem.find, self._root, refresh=True) or []
+    def all(self, tenant: str | None = None) -> list[SavedAdapter]:
+        where = f"{self._root}/{tenant}" if tenant else self._root
+        keys = self._call("listed", self.filesystem.find, where, refresh=True) or []
         keys = [k for k in keys if k.endswith(".json")]
         if not keys:
             return []

@@ -24,7 +24,7 @@ from pathlib import Path
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.checkpoint import AdapterSpec, BaseModelView, read_checkpoint
 from loramux.server.adapters.objects import ObjectStores
-from loramux.server.adapters.sources import ANYWHERE, HUB_PREFIX, SourceAllowance, resolve_source
+from loramux.server.adapters.sources import ANYWHERE, HUB_PREFIX, SourceAllowance, resolve_source, source_kind
 from loramux.server.adapters.weights import AdapterWeights
 from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest, LoramuxError
 from loramux.server.registrations import Registrations
@@ -89,6 +89,7 @@ class AdapterRegistry:
         self._uids = itertools.count(1)
         self._failed: dict[tuple[str, str, str], float] = {}  # (tenant, id, generation) -> when it failed to be read
         self.allowance: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE  # the engine wires the keys file's
+        self.on_read: Callable[[str, float], None] = lambda source_kind, seconds: None  # telemetry
         self.cache: TieredAdapterCache = cache_for(self._reload)
 
     @property
@@ -146,12 +147,14 @@ class AdapterRegistry:
         self, tenant: str, adapter_id: str, source: str, revision: str, allowed: SourceAllowance, generation: str,
         load_time: float,
     ) -> tuple[AdapterRecord, AdapterWeights]:
+        started = time.perf_counter()
         resolved = resolve_source(source, revision, self._settings, allowed, self._objects)
         try:
             spec, weights = read_checkpoint(resolved.directory, self._base, root=resolved.root)
         except BaseException:
             self._release_copy(resolved.directory)
             raise
+        self.on_read(source_kind(source), time.perf_counter() - started)
         return AdapterRecord(
             uid=next(self._uids),
             tenant=tenant,
@@ -239,7 +242,7 @@ class AdapterRegistry:
     def registered(self, tenant: str) -> list[SavedAdapter]:
         """The tenant's registrations: the store's, or this replica's without one."""
         if self._store is not None:
-            return [s for s in self._store.all() if s.tenant == tenant]
+            return self._store.all(tenant)
         return [_saved(r) for r in self.list(tenant)]
 
     def sync(

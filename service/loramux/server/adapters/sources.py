@@ -48,6 +48,11 @@ class ResolvedSource:
     hub_revision: str | None  # the commit sha a Hub source resolved to; None for local
 
 
+def source_kind(source: str) -> str:
+    """local, hub or object: the label adapter read times are recorded under."""
+    return "hub" if source.startswith(HUB_PREFIX) else "object" if is_object_url(source) else "local"
+
+
 def check_path_text(value: str, field: str, reason: str) -> None:
     """A path given in a request: bounded, printable, each component a possible file name."""
     bad = next((c for c in value if ord(c) < 32 or ord(c) == 127), None)

@@ -97,6 +97,7 @@ class Engine:
             objects=self.objects,
         )
         self.registry.allowance = lambda tenant: self.sources(tenant)
+        self.registry.on_read = self.telemetry.adapter_read
         self.cache = self.registry.cache
         self.cache.on_event = self.telemetry.cache_event
         check_cache_layout(base)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections import Counter
 import time
 from collections import deque
 from collections.abc import Callable
@@ -123,15 +124,16 @@ class Worker:
                 adapter_bytes_read=self._adapter_bytes_read,
             )
 
-    def adapters_in_use(self) -> tuple[list[str], list[str]]:
-        """The adapters (`tenant/adapter_id`) of the running rows and of the waiting requests,
-        each listed once, in first-seen order."""
+    def adapters_in_use(self) -> tuple[Counter[str], Counter[str]]:
+        """Per adapter (`tenant/adapter_id`): its running rows and its waiting requests, in
+        first-seen order."""
         with self.cond:
             running = [r.request for r in self._running.rows] if self._running is not None else []
             waiting = self.scheduler.waiting_requests()
-        def names(requests):
-            return list(dict.fromkeys(f"{r.tenant}/{r.adapter_id}" for r in requests if r.adapter_id))
-        return names(running), names(waiting)
+
+        def counts(requests) -> Counter[str]:
+            return Counter(f"{r.tenant}/{r.adapter_id}" for r in requests if r.adapter_id)
+        return counts(running), counts(waiting)
 
     def refuse_new(self) -> None:
         with self.cond:

@@ -13,6 +13,7 @@ end times when the request ends, before its last event reaches the caller.
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 
 from opentelemetry import metrics, trace
@@ -29,6 +30,7 @@ TIERS = (Tier.ACCELERATOR, Tier.HOST, Tier.DISK)
 
 
 LORA_INFO_MAX = 32  # adapters listed per label of lora_requests_info at most
+ADAPTER_REQUESTS_TOP = 16  # adapters with series of their own in loramux_adapter_requests
 
 
 class Telemetry:
@@ -61,6 +63,8 @@ class Telemetry:
         self.cache_misses = m.create_counter("loramux.adapter.cache.misses", unit="{lookup}", description="Adapter not in this tier when a request arrived")
         self.evictions = m.create_counter("loramux.adapter.evictions", unit="{adapter}", description="Adapters evicted from this tier")
         self.load_duration = histogram("loramux.adapter.load.duration", "Bringing an adapter up one tier (source: host or disk)")
+        self.read_duration = histogram("loramux.adapter.read.duration",
+                                       "Resolving, fetching and validating a registration's files (source: local, hub or object)")
         self.merge_duration = histogram("loramux.merge.duration", "Merging an adapter into a checkpoint")
         self._meter = m
 
@@ -84,10 +88,12 @@ class Telemetry:
         gauge("loramux.adapter.pinned", "{adapter}", "Adapters pinned in slots",
               lambda: [metrics.Observation(pinned())])
 
-    def observe_lora(self, in_use: Callable[[], tuple[list[str], list[str]]], slots: int, memory_bytes: int) -> None:
-        """Signals for routers: capacity, and the `lora_requests_info` form Kubernetes inference
-        routers read (vLLM's convention): one series whose labels list the running and waiting
-        adapters and the most adapters served at once, valued with the time it was read."""
+    def observe_lora(self, in_use: Callable[[], tuple[Counter[str], Counter[str]]], slots: int, memory_bytes: int) -> None:
+        """Signals for routers: capacity; running and waiting requests of the busiest adapters
+        (ADAPTER_REQUESTS_TOP of them, the rest as `other`); and the `lora_requests_info` form
+        Kubernetes inference routers read (vLLM's convention): one series whose labels list the
+        running and waiting adapters and the most adapters served at once, valued with the time
+        it was read."""
         m = self._meter
         m.create_observable_gauge("loramux.adapter.slots", callbacks=[lambda o: [metrics.Observation(slots)]],
                                   unit="{adapter}", description="Adapters the accelerator may hold at once (--adapter-slots)")
@@ -96,9 +102,22 @@ class Telemetry:
 
         def info(options):
             running, waiting = in_use()
-            labels = {"running_lora_adapters": ",".join(running[:LORA_INFO_MAX]),
-                      "waiting_lora_adapters": ",".join(waiting[:LORA_INFO_MAX]), "max_lora": str(slots)}
+            labels = {"running_lora_adapters": ",".join(list(running)[:LORA_INFO_MAX]),
+                      "waiting_lora_adapters": ",".join(list(waiting)[:LORA_INFO_MAX]), "max_lora": str(slots)}
             return [metrics.Observation(time.time(), labels)]
+
+        def per_adapter(options):
+            running, waiting = in_use()
+            busiest = {name for name, _ in (running + waiting).most_common(ADAPTER_REQUESTS_TOP)}
+            out = []
+            for state, counts in (("running", running), ("waiting", waiting)):
+                rest = sum(n for name, n in counts.items() if name not in busiest)
+                out += [metrics.Observation(n, {"adapter": name, "state": state}) for name, n in counts.items() if name in busiest]
+                out.append(metrics.Observation(rest, {"adapter": "other", "state": state}))
+            return out
+
+        m.create_observable_gauge("loramux.adapter.requests", callbacks=[per_adapter], unit="{request}",
+                                  description="Running rows and waiting requests of the busiest adapters (tenant/adapter; the rest: other)")
 
         m.create_observable_gauge("lora_requests_info", callbacks=[info],
                                   description="Running and waiting adapters (tenant/adapter), and max_lora, as labels")
@@ -115,6 +134,9 @@ class Telemetry:
         for tier in TIERS[: TIERS.index(found)]:
             self.cache_misses.add(1, {"tier": tier.value})
         self.cache_hits.add(1, {"tier": found.value})
+
+    def adapter_read(self, source: str, seconds: float) -> None:
+        self.read_duration.record(seconds, {"source": source})
 
     def cache_event(self, kind: str, uid: int, tier: Tier, seconds: float | None) -> None:
         if kind == "evict":
