@@ -74,12 +74,15 @@ def test_lint_render_and_validate(values, tmp_path):
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
     annotations = pod_template(docs)["metadata"]["annotations"]
     assert len(annotations["checksum/config"]) == 64  # pods roll when the settings change
-    if values:  # TLS on: native gRPC probes cannot speak it
-        assert "--tls-client-ca" in next(d for d in docs if d["kind"] == "ConfigMap")["data"]["serve.args"]
-        assert "readinessProbe" not in container
+    if values:  # TLS on: the probes use the plaintext health port
+        args = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["serve.args"].split("\n")
+        assert "--tls-client-ca" in args and args[args.index("--health-port") + 1] == "8081"
+        assert container["readinessProbe"]["grpc"] == container["livenessProbe"]["grpc"] == {"port": 8081}
+        assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
         assert container["envFrom"] == [{"secretRef": {"name": "object-store-credentials"}}]
     else:
         assert container["readinessProbe"]["grpc"] == {"port": 50051}
+        assert "--health-port" not in next(d for d in docs if d["kind"] == "ConfigMap")["data"]["serve.args"]
 
 
 @pytest.mark.parametrize("setting, message", [

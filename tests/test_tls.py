@@ -79,8 +79,22 @@ def pki(tmp_path_factory):
 
 def test_tls_serves_the_sdk_and_the_cli_and_refuses_plaintext(assets, pki, capsys):
     files, paths, keys_file, admin = pki
-    settings = assets.settings(auth="keys", auth_keys_file=keys_file, tls_cert=paths["server_cert"], tls_key=paths["server_key"])
+    settings = assets.settings(auth="keys", auth_keys_file=keys_file, tls_cert=paths["server_cert"], tls_key=paths["server_key"],
+                               health_port=0)
     with BackgroundServer(settings) as server:
+        # The plaintext health port answers health checks (kubelet's gRPC probe speaks no TLS),
+        # and nothing else: not the API, not reflection.
+        import grpc
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        with grpc.insecure_channel(f"127.0.0.1:{server.running.health_port}") as channel:
+            check = health_pb2_grpc.HealthStub(channel).Check
+            for service in ("", "loramux.v1.Loramux"):
+                assert check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == \
+                    health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.RpcError) as e:
+                channel.unary_unary("/loramux.v1.Loramux/ListAdapters")(b"", timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNIMPLEMENTED
         with lc.Client(server.target, api_key=admin, root_certificates=files["ca"]) as client:
             client.load_adapter("qv", source="qv-r4")
             assert client.generate(adapter_id="qv", prompt=PROMPTS[0], max_new_tokens=4).token_ids == assets.oracle("qv-r4", PROMPTS[0], 4)

@@ -79,6 +79,8 @@ def _serve_parser(sub) -> None:
                    help="clients reconnect after this long, so that they see new replicas (0: never)")
     p.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate chain (and --tls-key)")
     p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
+    p.add_argument("--health-port", type=int,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes that cannot speak TLS)")
     p.add_argument("--tls-client-ca", metavar="PEM",
                    help="mutual TLS: clients must present a certificate this CA signed (the keys file may map its CN to a tenant)")
     p.add_argument("--base-mismatch", default="error", choices=["error", "warn"],
@@ -271,6 +273,7 @@ def _serve(args) -> int:
             tls_cert=args.tls_cert,
             tls_key=args.tls_key,
             tls_client_ca=args.tls_client_ca,
+            health_port=args.health_port,
             base_mismatch=args.base_mismatch,
             allow_pickle_weights=args.allow_pickle_weights,
             hub_cache_dir=args.hub_cache_dir,

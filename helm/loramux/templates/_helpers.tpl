@@ -165,6 +165,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - --tls-client-ca
 - /etc/loramux/client-ca/ca.crt
 {{- end }}
+- --health-port
+- {{ .Values.server.healthPort | int64 | quote }}
 {{- end }}
 {{- if .Values.metrics.enabled }}
 - --metrics-port

@@ -47,6 +47,8 @@ class RunningServer:
     servicer: LoramuxServicer
     pools: Pools
     watchdog: asyncio.Task
+    health_server: grpc.aio.Server | None = None  # --health-port: grpc.health.v1 alone, in plaintext
+    health_port: int | None = None
     stopped: bool = False
 
     async def stop(self, grace: float | None = None) -> None:
@@ -65,6 +67,8 @@ class RunningServer:
         if not finished:
             log.warning("shutdown: work still running after %.1fs was ended with SHUTTING_DOWN", grace)
         await self.server.stop(_FINAL_FLUSH_S)  # the last answers go out
+        if self.health_server is not None:
+            await self.health_server.stop(0)
         await loop.run_in_executor(None, self.engine.stop)
         self.pools.shutdown()
 
@@ -163,12 +167,23 @@ async def create_server(
     if bound == 0:
         raise OSError(f"could not bind {address}")
     await server.start()
+    health_server, health_port = None, None
+    if settings.health_port is not None:  # probes that cannot speak TLS (kubelet's native gRPC probe)
+        health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
+        health_address = f"{host or settings.host}:{settings.health_port}"
+        health_port = health_server.add_insecure_port(health_address)
+        if health_port == 0:
+            await server.stop(0)
+            raise OSError(f"could not bind {health_address}")
+        await health_server.start()
     for service in _SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     watchdog = asyncio.get_running_loop().create_task(_watch_health(engine, health_servicer))
     log.info("loramux serving %s on %s:%d", settings.public_model_name, host or settings.host, bound)
     return RunningServer(
-        server=server, port=bound, engine=engine, health=health_servicer, servicer=servicer, pools=pools, watchdog=watchdog
+        server=server, port=bound, engine=engine, health=health_servicer, servicer=servicer, pools=pools, watchdog=watchdog,
+        health_server=health_server, health_port=health_port,
     )
 
 

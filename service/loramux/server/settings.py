@@ -141,6 +141,10 @@ class Settings:
     tls_client_ca: Path | None = None
     """PEM CA bundle: clients must present a certificate it signed (mutual TLS); a certificate
     named in the keys file's `certificates` identifies its caller without a key."""
+    health_port: int | None = None
+    """A second, plaintext port serving grpc.health.v1 alone (the same status as the main port),
+    for probes that cannot speak TLS, such as Kubernetes' native gRPC probes (0 picks a free
+    port; None: off). It reveals nothing but whether the server is serving."""
     shutdown_grace_s: float = 5.0
     service_name: str = "loramux"
     """OpenTelemetry service.name of traces and metrics."""
@@ -232,8 +236,10 @@ class Settings:
                 if not path.is_file():
                     raise bad(name, f"{path.name} is not a readable file")
                 object.__setattr__(self, name, path)
-        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
-            raise bad("metrics_port", f"{self.metrics_port} is not a TCP port")
+        for name in ("metrics_port", "health_port"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 65535:
+                raise bad(name, f"{value} is not a TCP port")
         roots = tuple(Path(r).expanduser().resolve() for r in self.adapter_roots)
         for root in roots:
             if not root.is_dir():
