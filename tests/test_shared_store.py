@@ -341,3 +341,32 @@ def test_the_object_registry_keeps_the_same_contract(s3):
     assert store.get("t", "name") == pinned
     store.delete("t", "name")
     assert store.get("t", "name") is None and store.all() == []
+
+
+def test_a_registration_is_checked_against_the_tenants_sources_whenever_a_replica_reads_it(assets, tmp_path):
+    """A tenant confined to its own directory registers there; once the keys file confines it
+    elsewhere, a replica starting (or following the registration) refuses to read it."""
+    from loramux.server.keys import append_key
+
+    assets.copy_adapter("qv-r4", "team-dir/qv")
+    keys_file = tmp_path / "keys.yaml"
+    key = append_key(keys_file, "team", "admin", "team")
+    keys = keys_file.read_text()
+    keys_file.write_text(keys + "tenants:\n  team:\n    sources: {roots: [team-dir]}\n")
+    settings = dict(auth="keys", auth_keys_file=keys_file, state_dir=tmp_path / "state")
+    first, = start(assets, 1, **settings)
+    try:
+        with lc.Client(first.target, timeout=60, api_key=key) as c:
+            c.load_adapter("qv", source="qv")
+            assert tokens(c, "qv") == assets.oracle("qv-r4", PROMPTS[1], N)
+    finally:
+        first.stop()
+    (assets.adapters / "elsewhere").mkdir(exist_ok=True)
+    keys_file.write_text(keys + "tenants:\n  team:\n    sources: {roots: [elsewhere]}\n")
+    second, = start(assets, 1, **settings)
+    try:
+        assert [(t, i) for t, i, _ in second.engine.restore_report.failed] == [("team", "qv")]
+        with lc.Client(second.target, timeout=60, api_key=key) as c:
+            _refused(lc.NotFound, "SOURCE_NOT_FOUND", tokens, c, "qv")  # not under the tenant's roots now
+    finally:
+        second.stop()

@@ -141,8 +141,7 @@ async def create_server(
     )
     pools = Pools()
     auth = auth or Authenticator(settings)
-    engine.quotas, engine.sources = auth.quotas, auth.sources  # the keys file's per-tenant limits, reloaded with it
-    engine.telemetry.tenant_label = auth.tenant_label
+    _wire_auth(engine, auth)
     servicer = LoramuxServicer(engine, pools, auth)
     server.add_generic_rpc_handlers((
         _lenient_handlers(loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"], servicer),
@@ -199,11 +198,20 @@ def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
 _CONNECTION_AGE_GRACE_MS = 60_000
 
 
-def build_engine(settings: Settings, telemetry: Telemetry, base=None) -> Engine:
-    """Load the model, start the engine and restore what the state directory kept."""
+def build_engine(settings: Settings, telemetry: Telemetry, base=None, auth: Authenticator | None = None) -> Engine:
+    """Load the model, start the engine and restore what the state directory kept (checked
+    against the keys file's per-tenant sources, so `auth` is wired in first)."""
     engine = Engine(settings, base or load_base_model(settings), telemetry).start()
+    _wire_auth(engine, auth or Authenticator(settings))
     engine.restore_report = restore_state(engine)
     return engine
+
+
+def _wire_auth(engine: Engine, auth: Authenticator) -> None:
+    """The keys file's per-tenant limits and source allowances (reloaded with it), and its
+    bounded tenant label."""
+    engine.quotas, engine.sources = auth.quotas, auth.sources
+    engine.telemetry.tenant_label = auth.tenant_label
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
@@ -211,7 +219,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     telemetry = build_telemetry(settings)
     if telemetry.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host or settings.host, telemetry.metrics_port)
-    engine = await asyncio.get_running_loop().run_in_executor(None, in_own_thread, build_engine, settings, telemetry)
+    engine = await asyncio.get_running_loop().run_in_executor(None, in_own_thread, build_engine, settings, telemetry, None, auth)
     running = await create_server(engine, auth=auth)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from pathlib import Path
 from typing import Protocol
 
@@ -48,11 +49,17 @@ class Registrations(Protocol):
         """Remove the name (only while it holds `generation`, when given)."""
 
 
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # tenants and adapter ids (registry.validate_adapter_id)
+
+
 def _parse(data: bytes | None, where: str) -> SavedAdapter | None:
     if data is None:
         return None
     try:
-        return SavedAdapter.from_json(data)
+        saved = SavedAdapter.from_json(data)
+        if not (_NAME.fullmatch(saved.tenant) and _NAME.fullmatch(saved.adapter_id)):
+            raise ValueError("a tenant or adapter id that no load could have written")
+        return saved
     except (ValueError, KeyError, TypeError) as e:  # a file someone edited by hand: skipped, reported
         log.warning("skipped an unreadable registration %s (%s)", where, e)
         return None
