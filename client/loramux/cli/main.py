@@ -27,6 +27,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR", help="directory local adapters must lie under (repeatable)")
     p.add_argument("--merge-root", metavar="DIR", help="directory merged checkpoints are written under (default: merging off)")
+    p.add_argument("--merge-shard-mib", type=int,
+                   help="merged checkpoints' shards at most this large (default: the base's largest shard)")
     p.add_argument("--adapter-slots", type=int, default=64, help="adapters resident on the accelerator at once, at most")
     p.add_argument("--adapter-memory-mib", type=float,
                    help="accelerator memory for resident adapters, at their true sizes "
@@ -137,6 +139,7 @@ def _client_parsers(sub) -> None:
     merge.add_argument("adapter_id")
     merge.add_argument("output_dir", help="directory under the server's merge root")
     merge.add_argument("--overwrite", action="store_true")
+    merge.add_argument("--max-shard-mib", type=int, default=0, help="output shards at most this large (default: the server's)")
 
     sub.add_parser("info", help="show what the server serves")
 
@@ -240,6 +243,7 @@ def _serve(args) -> int:
             port=args.port,
             adapter_roots=tuple(args.adapter_root),
             merge_root=args.merge_root,
+            merge_shard_mib=args.merge_shard_mib,
             adapter_slots=args.adapter_slots,
             adapter_memory_mib=args.adapter_memory_mib,
             host_cache_mib=args.host_cache_mib,
@@ -373,14 +377,21 @@ def _generate(client, args) -> int:
 
 
 def _merge(client, args) -> int:
-    handle = client.merge(args.adapter_id, args.output_dir, overwrite=args.overwrite)
-    while True:
-        progress = handle.progress()
-        filled = int(progress.percent / 5)
-        print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {progress.percent:5.1f}% {progress.phase:<15}", end="", file=sys.stderr, flush=True)
-        if progress.done:
-            break
-        time.sleep(0.2)
+    handle = client.merge(args.adapter_id, args.output_dir, overwrite=args.overwrite, max_shard_bytes=args.max_shard_mib << 20)
+    try:
+        while True:
+            p = handle.progress()
+            filled = int(p.percent / 5)
+            print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {p.percent:5.1f}% {p.bytes_done / 2**20:,.0f}/"
+                  f"{p.bytes_total / 2**20:,.0f} MiB {p.tensors_done}/{p.tensors_total} tensors {p.phase:<15}",
+                  end="", file=sys.stderr, flush=True)
+            if p.done:
+                break
+            time.sleep(0.2)
+    except KeyboardInterrupt:  # Ctrl-C cancels the merge on the server too
+        handle.cancel()
+        print(f"\ncancelled {handle.name}", file=sys.stderr)
+        return 130
     print(file=sys.stderr)
     result = handle.result()
     print(f"wrote {result.output_path} ({len(result.files)} files, {result.size_bytes} bytes, {result.merged_tensors} tensors merged)")

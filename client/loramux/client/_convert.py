@@ -126,6 +126,8 @@ def merge_progress(op: operations_pb2.Operation) -> types.MergeProgress:
         tensors_total=meta.tensors_total,
         percent=meta.progress_percent,
         done=op.done,
+        bytes_done=meta.bytes_done,
+        bytes_total=meta.bytes_total,
     )
 
 
@@ -137,7 +139,8 @@ def merge_result(op: operations_pb2.Operation) -> types.MergeResult:
     response = loramux_service_pb2.MergeResponse()
     op.response.Unpack(response)
     return types.MergeResult(
-        output_path=response.output_path, files=list(response.files), size_bytes=response.size_bytes, merged_tensors=response.merged_tensors
+        output_path=response.output_path, files=list(response.files), size_bytes=response.size_bytes,
+        merged_tensors=response.merged_tensors, manifest_sha256=response.manifest_sha256,
     )
 
 

@@ -60,6 +60,18 @@ class AsyncMergeHandle:
             )
         return _convert.merge_result(self._op)
 
+    @_translated
+    async def cancel(self) -> None:
+        """Stop the merge at its next tensor; it ends with CANCELLED and writes nothing."""
+        await self._client._operations.CancelOperation(operations_pb2.CancelOperationRequest(name=self.name),
+                                                       timeout=self._client.timeout)
+
+    @_translated
+    async def delete(self) -> None:
+        """Forget the finished merge's operation on the server (FAILED_PRECONDITION while it runs)."""
+        await self._client._operations.DeleteOperation(operations_pb2.DeleteOperationRequest(name=self.name),
+                                                       timeout=self._client.timeout)
+
 
 class AsyncClient:
     """asyncio loramux client; `async with AsyncClient(target) as client: ...`.
@@ -167,8 +179,12 @@ class AsyncClient:
                 return adapters
 
     @_translated
-    async def merge(self, adapter_id: str, output_dir: str, *, overwrite: bool = False, timeout: float | None = None) -> AsyncMergeHandle:
-        request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite)
+    async def merge(
+        self, adapter_id: str, output_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncMergeHandle:
+        request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite,
+                                                   max_shard_bytes=max_shard_bytes)
         operation = await self._stub.Merge(request, timeout=self._deadline(timeout))
         if self._router is not None:  # progress and result go to the replica that runs the merge
             self._router.remember(operation.name, adapter_id)

@@ -63,8 +63,10 @@ class MergeProgress:
     phase: str  # "queued", "merging", "writing_config", "done"
     tensors_done: int
     tensors_total: int
-    percent: float
+    percent: float  # of the bytes
     done: bool
+    bytes_done: int = 0
+    bytes_total: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +75,7 @@ class MergeResult:
     files: list[str]
     size_bytes: int
     merged_tensors: int
+    manifest_sha256: str = ""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,22 +27,28 @@ class MergeRequest(_message.Message):
     ADAPTER_ID_FIELD_NUMBER: _builtins.int
     OUTPUT_DIR_FIELD_NUMBER: _builtins.int
     OVERWRITE_FIELD_NUMBER: _builtins.int
+    MAX_SHARD_BYTES_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     output_dir: _builtins.str
     """A directory relative to the server's merge root; it must not exist or be empty
     unless overwrite is set.
     """
     overwrite: _builtins.bool
+    max_shard_bytes: _builtins.int
+    """Output shards at most this many bytes (0: the server's --merge-shard-mib, else as large
+    as the base's largest shard; never larger).
+    """
     def __init__(
         self,
         *,
         adapter_id: _builtins.str = ...,
         output_dir: _builtins.str = ...,
         overwrite: _builtins.bool = ...,
+        max_shard_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "output_dir", b"output_dir", "overwrite", b"overwrite"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "max_shard_bytes", b"max_shard_bytes", "output_dir", b"output_dir", "overwrite", b"overwrite"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -79,6 +85,8 @@ class MergeMetadata(_message.Message):
     PROGRESS_PERCENT_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     END_TIME_FIELD_NUMBER: _builtins.int
+    BYTES_DONE_FIELD_NUMBER: _builtins.int
+    BYTES_TOTAL_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     output_dir: _builtins.str
     phase: Global___MergeMetadata.Phase.ValueType
@@ -87,6 +95,9 @@ class MergeMetadata(_message.Message):
     tensors_total: _builtins.int
     progress_percent: _builtins.float
     """0 to 100."""
+    bytes_done: _builtins.int
+    """Bytes of base tensors processed so far, of bytes_total (progress_percent follows bytes)."""
+    bytes_total: _builtins.int
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -102,10 +113,12 @@ class MergeMetadata(_message.Message):
         progress_percent: _builtins.float = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         end_time: _timestamp_pb2.Timestamp | None = ...,
+        bytes_done: _builtins.int = ...,
+        bytes_total: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "end_time", b"end_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "create_time", b"create_time", "end_time", b"end_time", "output_dir", b"output_dir", "phase", b"phase", "progress_percent", b"progress_percent", "tensors_done", b"tensors_done", "tensors_total", b"tensors_total"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "bytes_done", b"bytes_done", "bytes_total", b"bytes_total", "create_time", b"create_time", "end_time", b"end_time", "output_dir", b"output_dir", "phase", b"phase", "progress_percent", b"progress_percent", "tensors_done", b"tensors_done", "tensors_total", b"tensors_total"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -119,11 +132,14 @@ class MergeResponse(_message.Message):
     FILES_FIELD_NUMBER: _builtins.int
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     MERGED_TENSORS_FIELD_NUMBER: _builtins.int
+    MANIFEST_SHA256_FIELD_NUMBER: _builtins.int
     output_path: _builtins.str
     """Absolute path of the written checkpoint."""
     size_bytes: _builtins.int
     merged_tensors: _builtins.int
     """Base tensors that the adapter changed."""
+    manifest_sha256: _builtins.str
+    """sha256 of the manifest (loramux_merge.json), which lists the sha256 of every other file."""
     @_builtins.property
     def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The files written, relative to output_path."""
@@ -135,10 +151,11 @@ class MergeResponse(_message.Message):
         files: _abc.Iterable[_builtins.str] | None = ...,
         size_bytes: _builtins.int = ...,
         merged_tensors: _builtins.int = ...,
+        manifest_sha256: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "merged_tensors", b"merged_tensors", "output_path", b"output_path", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "manifest_sha256", b"manifest_sha256", "merged_tensors", b"merged_tensors", "output_path", b"output_path", "size_bytes", b"size_bytes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

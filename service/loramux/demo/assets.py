@@ -60,8 +60,10 @@ def build_model(
     seed: int = 0,
     init_std: float = 0.08,
     tie_embeddings: bool = False,
+    max_shard_size: str | None = None,
 ):
-    """A random Llama-architecture causal LM saved (safetensors) with its tokenizer."""
+    """A random Llama-architecture causal LM saved (safetensors, in shards of at most
+    `max_shard_size` when given) with its tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -81,7 +83,7 @@ def build_model(
     )
     model = LlamaForCausalLM(config).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     tokenizer.save_pretrained(str(out_dir))
     return model
 

@@ -203,6 +203,26 @@ class MergeOutputForeign(LoramuxError):
     reason = "MERGE_OUTPUT_NOT_A_MERGE"
 
 
+class MergeUnsupported(LoramuxError):
+    """The base's checkpoint cannot be merged into (no safetensors files, names that do not
+    match the served modules)."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "MERGE_UNSUPPORTED"
+
+
+class MergeNotFinite(LoramuxError):
+    kind = Kind.FAILED_PRECONDITION
+    reason = "MERGE_NOT_FINITE"
+
+
+class OperationRunning(LoramuxError):
+    """DeleteOperation on an operation that has not ended (cancel it first)."""
+
+    kind = Kind.FAILED_PRECONDITION
+    reason = "OPERATION_RUNNING"
+
+
 class OperationNotFound(LoramuxError):
     kind = Kind.NOT_FOUND
     reason = "OPERATION_NOT_FOUND"

@@ -1,8 +1,14 @@
 """Merge an adapter into the base weights and write a standalone Hugging Face checkpoint.
 
+Streamed from the base's safetensors files (base_files.py), one tensor at a time, never
+from the served weights, into output shards written as their tensors are made: peak host
+memory is about one tensor (with its float32 temporaries) and the adapter, on any model
+size. Output shards are no larger than the
+base's largest (or the requested limit).
 For each base weight W that the adapter targets: W' = W + scale * B @ A, computed in
-float32 from the adapter's files (not from a slot) and cast back to W's dtype. The result
-must be finite, as peft's safe_merge checks. Everything is written into a temporary
+float32 on the CPU and cast back to W's dtype. The result must be finite, as peft's
+safe_merge checks. Config, generation config and tokenizer files are copied; the manifest
+(`loramux_merge.json`) records the provenance and the sha256 of every file. Everything is written into a temporary
 directory beside the destination and moved into place only when complete, so a failed
 merge leaves nothing behind; a crash can leave a temporary directory, which
 `sweep_temporaries` removes at start-up (their names say what they are).
@@ -15,6 +21,7 @@ asked for and again just before the new output is moved into place.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -24,15 +31,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from loramux.server.adapters.weights import AdapterWeights
-from loramux.server.base_model import BaseModel
 from loramux.server.adapters.sources import check_path_text
-from loramux.server.errors import InvalidRequest, LoramuxError, MergeOutputExists, MergeOutputForeign
+from loramux.server.adapters.weights import AdapterWeights
+from loramux.server.base_files import SINGLE_FILE, TORCH_DTYPES, WEIGHTS_INDEX, BaseCheckpoint, TensorEntry
+from loramux.server.errors import InvalidRequest, MergeNotFinite, MergeOutputExists, MergeOutputForeign, MergeUnsupported
 from loramux.server.operations import ResultCodec
 
-SHARD_BYTES = 2 * 1024**3
 MERGE_INFO_FILE = "loramux_merge.json"
 TMP_PREFIX = ".loramux-merge-tmp-"
 OLD_PREFIX = ".loramux-merge-old-"
@@ -45,15 +50,17 @@ class MergeResult:
     files: tuple[str, ...]
     size_bytes: int
     merged_tensors: int
+    manifest_sha256: str = ""
 
 
 def _encode(result: MergeResult) -> dict:
     return {"output_path": str(result.output_path), "files": list(result.files), "size_bytes": result.size_bytes,
-            "merged_tensors": result.merged_tensors}
+            "merged_tensors": result.merged_tensors, "manifest_sha256": result.manifest_sha256}
 
 
 def _decode(saved: dict) -> MergeResult:
-    return MergeResult(Path(saved["output_path"]), tuple(saved["files"]), saved["size_bytes"], saved["merged_tensors"])
+    return MergeResult(Path(saved["output_path"]), tuple(saved["files"]), saved["size_bytes"], saved["merged_tensors"],
+                       saved.get("manifest_sha256", ""))
 
 
 MERGE_RESULTS = ResultCodec(_encode, _decode)  # how merge results are kept in the state store
@@ -117,88 +124,184 @@ def sweep_temporaries(merge_root: Path) -> list[Path]:
     return removed
 
 
+@dataclasses.dataclass(frozen=True)
+class MergeProgress:
+    tensors_done: int
+    tensors_total: int
+    bytes_done: int
+    bytes_total: int
+
+
 def merge_to_checkpoint(
-    base: BaseModel,
+    checkpoint: BaseCheckpoint,
     weights: AdapterWeights,
     target: Path,
     provenance: dict,
-    progress: Callable[[int, int], None],
-    shard_bytes: int = SHARD_BYTES,
+    progress: Callable[[MergeProgress], None],
+    shard_bytes: int | None = None,
     overwrite: bool = False,
 ) -> MergeResult:
-    state = base.base_state_dict()
-    names = _unique_tensors(state)
-    total = len(names)
+    """Stream the base's shards through the adapter into `target`: one tensor read at a time,
+    one output shard held until it is written (output shards are no larger than the largest
+    input shard, nor than `shard_bytes`). `progress` is called after each tensor; it may
+    raise to stop the merge (a cancel), which leaves nothing behind."""
+    entries = {e.name: e for e in checkpoint.entries}
+    _check_targets(weights, entries)
+    groups = _plan_shards(checkpoint, shard_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name[:64]}-", dir=target.parent))
+    reader = _ShardReader(checkpoint.directory)
     try:
-        shards: list[dict[str, torch.Tensor]] = [{}]
-        shard_size = 0
-        merged = 0
-        for done, name in enumerate(names, 1):
-            tensor = state[name]
-            module = name.removesuffix(".weight")
-            lora = weights.modules.get(module) if name.endswith(".weight") else None
-            if lora is not None:
-                delta = lora.scale * (lora.b.float() @ lora.a.float())
-                new = (tensor.detach().float().cpu() + delta).to(tensor.dtype)
-                if not torch.isfinite(new).all():
-                    raise LoramuxError(f"merging into {name} gives non-finite weights", reason="MERGE_NOT_FINITE")
-                tensor = new
-                merged += 1
-            tensor = tensor.detach().to("cpu").contiguous()
-            if shard_size and shard_size + tensor.nbytes > shard_bytes:
-                shards.append({})
-                shard_size = 0
-            shards[-1][name] = tensor
-            shard_size += tensor.nbytes
-            progress(done, total)
-        if merged != len(weights.modules):
-            raise LoramuxError(f"merged {merged} of the adapter's {len(weights.modules)} modules", reason="MERGE_INCOMPLETE")
-        _write_shards(tmp, shards)
-        base.model.config.save_pretrained(str(tmp))
-        if getattr(base.model, "generation_config", None) is not None:
-            base.model.generation_config.save_pretrained(str(tmp))
-        base.tokenizer.save_pretrained(str(tmp))
-        (tmp / MERGE_INFO_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        names = _shard_names(len(groups))
+        done = done_bytes = merged = 0
+        weight_map = {}
+        for fname, group in zip(names, groups):
+            with _ShardWriter(tmp / fname, group) as writer:  # header first, then each tensor as it is made
+                for entry in group:
+                    tensor = reader.get(entry)
+                    lora = weights.modules.get(entry.name.removesuffix(".weight")) if entry.name.endswith(".weight") else None
+                    if lora is not None:
+                        tensor = _merged(entry.name, tensor, lora)
+                        merged += 1
+                    writer.write(entry, tensor)
+                    weight_map[entry.name] = fname
+                    done, done_bytes = done + 1, done_bytes + entry.nbytes
+                    progress(MergeProgress(done, len(checkpoint.entries), done_bytes, checkpoint.total_bytes))
+        reader.close()
+        if len(names) > 1:
+            index = {"metadata": {"total_size": checkpoint.total_bytes}, "weight_map": weight_map}
+            (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        for path in checkpoint.other_files():  # config, generation config, tokenizer, README
+            shutil.copyfile(path, tmp / path.name)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = dict(provenance, merged_tensors=merged,
+                        files={name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files})
+        (tmp / MERGE_INFO_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _swap_into_place(tmp, target, overwrite)
     except BaseException:
+        reader.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     written = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     size = sum((target / f).stat().st_size for f in written)
-    return MergeResult(output_path=target, files=tuple(written), size_bytes=size, merged_tensors=merged)
+    return MergeResult(output_path=target, files=tuple(written), size_bytes=size, merged_tensors=merged,
+                       manifest_sha256=_sha256(target / MERGE_INFO_FILE))
 
 
-def _unique_tensors(state: dict[str, torch.Tensor]) -> list[str]:
-    """Names in order, dropping tensors that share storage with an earlier one (tied weights:
-    transformers ties them again on load)."""
-    seen: set[tuple[int, int]] = set()
-    names = []
-    for name, tensor in state.items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key in seen:
-            continue
-        seen.add(key)
-        names.append(name)
-    return names
+class _ShardWriter:
+    """One safetensors file written as its tensors are made: the header (names, dtypes, shapes
+    and offsets, all known from the base's headers) first, then each tensor's bytes in order,
+    so no more than one tensor is held. The layout is safetensors' own: an 8-byte little-endian
+    header length, the JSON header padded with spaces to 8 bytes, the data."""
+
+    def __init__(self, path: Path, entries: list[TensorEntry]):
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for e in entries:
+            header[e.name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [offset, offset + e.nbytes]}
+            offset += e.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-(8 + len(raw)) % 8)
+        self._expected = iter(entries)
+        self._file = open(path, "wb")
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+
+    def write(self, entry: TensorEntry, tensor: torch.Tensor) -> None:
+        if next(self._expected) is not entry or tuple(tensor.shape) != entry.shape:
+            raise RuntimeError(f"{entry.name} written out of order or with shape {list(tensor.shape)}")
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if data.nbytes != entry.nbytes:
+            raise RuntimeError(f"{entry.name} has {data.nbytes} bytes, the header says {entry.nbytes}")
+        self._file.write(memoryview(data))
+
+    def __enter__(self) -> _ShardWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._file.close()
+        if exc[0] is None and next(self._expected, None) is not None:
+            raise RuntimeError("a shard was closed before all its tensors were written")
 
 
-def _write_shards(directory: Path, shards: list[dict[str, torch.Tensor]]) -> list[str]:
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata={"format": "pt"})
-        return ["model.safetensors"]
-    files = []
-    weight_map = {}
-    for i, shard in enumerate(shards, 1):
-        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata={"format": "pt"})
-        files.append(fname)
-        weight_map.update(dict.fromkeys(shard, fname))
-    total = sum(t.nbytes for shard in shards for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    return files
+class _ShardReader:
+    """Tensors read one at a time at their offsets, with one input shard open at once."""
+
+    def __init__(self, directory: Path):
+        self._directory = directory
+        self._shard: str | None = None
+        self._file = None
+
+    def get(self, entry: TensorEntry) -> torch.Tensor:
+        if entry.shard != self._shard:
+            self.close()
+            self._file = open(self._directory / entry.shard, "rb")
+            self._shard = entry.shard
+        buffer = bytearray(entry.nbytes)
+        self._file.seek(entry.offset)
+        if self._file.readinto(buffer) != entry.nbytes:
+            raise MergeUnsupported(f"{entry.shard} ends before the bytes of {entry.name}")
+        flat = torch.frombuffer(buffer, dtype=TORCH_DTYPES[entry.dtype]) if entry.nbytes else \
+            torch.empty(0, dtype=TORCH_DTYPES[entry.dtype])
+        return flat.reshape(entry.shape)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+        self._shard = self._file = None
+
+
+def _check_targets(weights: AdapterWeights, entries: dict[str, TensorEntry]) -> None:
+    """Every module the adapter changes must be a weight of the base's checkpoint, of the shape
+    the adapter's factors make."""
+    for module, lora in weights.modules.items():
+        entry = entries.get(f"{module}.weight")
+        shape = (lora.b.shape[0], lora.a.shape[1])
+        if entry is None:
+            raise MergeUnsupported(
+                f"the base checkpoint has no tensor {module}.weight for the adapter's module {module!r} (its files name "
+                "weights differently from the served model)"
+            )
+        if entry.shape != shape:
+            raise MergeUnsupported(f"{module}.weight is {list(entry.shape)} in the base checkpoint, not {list(shape)}")
+
+
+def _plan_shards(checkpoint: BaseCheckpoint, shard_bytes: int | None) -> list[list[TensorEntry]]:
+    """Tensors in checkpoint order, grouped into output shards no larger than the largest
+    input shard (nor `shard_bytes`), unless one tensor alone is larger."""
+    limit = checkpoint.largest_shard_bytes if shard_bytes is None else min(shard_bytes, checkpoint.largest_shard_bytes)
+    groups: list[list[TensorEntry]] = [[]]
+    size = 0
+    for entry in checkpoint.entries:
+        if groups[-1] and size + entry.nbytes > limit:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    return groups
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return [SINGLE_FILE]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _merged(name: str, tensor: torch.Tensor, lora) -> torch.Tensor:
+    """W + scale * (B @ A), computed in float32 on the CPU and cast back to W's dtype (what
+    peft's merge_and_unload computes with its float32 adapter weights)."""
+    delta = (lora.b.float() @ lora.a.float()) * lora.scale
+    new = (tensor.float() + delta).to(tensor.dtype)
+    if not torch.isfinite(new).all():
+        raise MergeNotFinite(f"merging into {name} gives non-finite weights")
+    return new
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
-from loramux.server.errors import Interrupted, Kind, LoramuxError, OperationNotFound
+from loramux.server.errors import Cancelled, Interrupted, Kind, LoramuxError, OperationNotFound, OperationRunning
 from loramux.server.state import StateStore
 
 _NAME = re.compile(r"operations/[a-z]+-[0-9a-f]{32}")
@@ -87,6 +87,34 @@ class OperationStore:
             shown = name if len(name) <= 100 else name[:97] + "..."
             raise OperationNotFound(f"no operation {shown!r}", field="name")
         return op
+
+    def cancel(self, tenant: str, name: str) -> Operation:
+        """Ask an operation to stop: it ends with CANCELLED at its next check (a merge: the next
+        tensor), leaving nothing behind. One another replica runs is asked through the state
+        store. Cancelling an operation that has ended changes nothing."""
+        op = self.get(tenant, name)
+        if op.done:
+            return op
+        if op.foreign:
+            self._store.request_cancel(name)
+        else:
+            op.cancel_error = Cancelled(f"{name} was cancelled")
+        return op
+
+    def check_cancel_request(self, op: Operation) -> None:
+        """Whether a cancel for `op` was asked through another replica (the running work calls this)."""
+        if self._store is not None and op.cancel_error is None and self._store.cancel_requested(op.name):
+            op.cancel_error = Cancelled(f"{op.name} was cancelled")
+
+    def delete(self, tenant: str, name: str) -> None:
+        """Forget an operation that has ended (its result too); a running one must be cancelled first."""
+        op = self.get(tenant, name)
+        if not op.done:
+            raise OperationRunning(f"{name} is still running; cancel it, then delete it", field="name")
+        with self._cond:
+            self._ops.pop(name, None)
+        if self._store is not None:
+            self._store.delete_operation(name)
 
     def on_done(self, op: Operation, callback: Callable[[], None]) -> None:
         """Call `callback` once `op` is done (at once if it is; else from the finishing thread)."""

@@ -46,6 +46,9 @@ class Settings:
     """Directories local adapter sources must lie under. None: only Hub sources load."""
     merge_root: Path | None = None
     """Directory merged checkpoints are written under. None: Merge is refused."""
+    merge_shard_mib: int | None = None
+    """Merged checkpoints' shards at most this many MiB (None: as large as the base's largest
+    shard; never larger, so a merge holds about two shards in host memory)."""
     hub_cache_dir: Path | None = None
     """Hugging Face cache for Hub adapters (None: huggingface_hub's default)."""
     hub_offline: bool = False
@@ -185,6 +188,7 @@ class Settings:
             ("max_new_tokens_limit", self.max_new_tokens_limit, 1),
             ("host_cache_mib", self.host_cache_mib, 0),
             ("max_prompt_bytes", self.max_prompt_bytes, 1),
+            ("merge_shard_mib", 1 if self.merge_shard_mib is None else self.merge_shard_mib, 1),
         ):
             if value < low:
                 raise bad(name, f"must be >= {low}, got {value}")

@@ -108,6 +108,14 @@ class StateStore:
 
     def delete_operation(self, name: str) -> None:
         self._operation_path(name).unlink(missing_ok=True)
+        self._operation_path(name).with_suffix(".cancel").unlink(missing_ok=True)
+
+    def request_cancel(self, name: str) -> None:
+        """Ask the replica that runs `name` to cancel it (it looks about once a second)."""
+        write_atomically(self._operation_path(name).with_suffix(".cancel"), self.replica.encode())
+
+    def cancel_requested(self, name: str) -> bool:
+        return self._operation_path(name).with_suffix(".cancel").exists()
 
     def operation(self, name: str) -> tuple[str, str, str, dict] | None:
         """(name, tenant, owner, body) of one operation, from whichever replica ran it."""

@@ -123,13 +123,15 @@ def page(items: list, page_size: int, page_token: str, key) -> tuple[list, str]:
 
 def operation(op: Operation) -> operations_pb2.Operation:
     m = op.metadata
-    done, total = m.get("tensors_done", 0), m.get("tensors_total", 0)
+    done, total = m.get("bytes_done", 0), m.get("bytes_total", 0)
     metadata = loramux_service_pb2.MergeMetadata(
         adapter_id=m.get("adapter_id", ""),
         output_dir=m.get("output_dir", ""),
         phase=_PHASES.get(m.get("phase", ""), 0),
-        tensors_done=done,
-        tensors_total=total,
+        tensors_done=m.get("tensors_done", 0),
+        tensors_total=m.get("tensors_total", 0),
+        bytes_done=done,
+        bytes_total=total,
         progress_percent=100.0 if op.done and op.error is None else (100.0 * done / total if total else 0.0),
         create_time=_timestamp(op.create_time),
         end_time=_timestamp(op.end_time),
@@ -143,7 +145,8 @@ def operation(op: Operation) -> operations_pb2.Operation:
         any_response = any_pb2.Any()
         any_response.Pack(
             loramux_service_pb2.MergeResponse(
-                output_path=str(r.output_path), files=list(r.files), size_bytes=r.size_bytes, merged_tensors=r.merged_tensors
+                output_path=str(r.output_path), files=list(r.files), size_bytes=r.size_bytes, merged_tensors=r.merged_tensors,
+                manifest_sha256=r.manifest_sha256,
             )
         )
         msg.response.CopyFrom(any_response)

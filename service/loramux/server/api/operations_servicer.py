@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from google.longrunning import operations_pb2, operations_pb2_grpc
+from google.protobuf import empty_pb2
 
 from loramux.server.api import convert
 from loramux.server.api.servicer import maps_errors, tenant_of
@@ -36,6 +37,16 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         ops = sorted(self._engine.operations.list(tenant_of(context, self._engine)), key=lambda op: op.name)
         chosen, token = convert.page(ops, request.page_size, request.page_token, key=lambda op: op.name)
         return operations_pb2.ListOperationsResponse(operations=[convert.operation(op) for op in chosen], next_page_token=token)
+
+    @maps_errors
+    async def CancelOperation(self, request, context):
+        await asyncio.to_thread(self._engine.operations.cancel, tenant_of(context, self._engine), request.name)
+        return empty_pb2.Empty()
+
+    @maps_errors
+    async def DeleteOperation(self, request, context):
+        await asyncio.to_thread(self._engine.operations.delete, tenant_of(context, self._engine), request.name)
+        return empty_pb2.Empty()
 
     @maps_errors
     async def WaitOperation(self, request, context):

@@ -327,6 +327,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             request.output_dir,
             request.overwrite,
             trace_context=otel_context.get_current(),
+            max_shard_bytes=request.max_shard_bytes,
         )
         return convert.operation(op)
 

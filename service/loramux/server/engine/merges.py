@@ -1,7 +1,9 @@
 """Merges: checking a request, running it on the merge thread, its spans and its operation.
 
-The merge reads the base weights (never changed while serving) and the adapter's files, so
-it runs beside generation without touching slots. Merges to one output directory are
+The merge streams the base's checkpoint files (base_files.py; never the served weights)
+through the adapter's files on the CPU, on a single-threaded merge thread, so it runs
+beside generation without touching slots or the accelerator. A cancel (CancelOperation, or
+shutdown past its grace) stops it at the next tensor and leaves nothing behind. Merges to one output directory are
 counted (`_claims`): without overwrite a second is refused while the first is queued or
 running; with it they run one after another on the single merge thread.
 """
@@ -22,8 +24,9 @@ from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.failures import as_domain_error
-from loramux.server.errors import MergeFailed, MergeOutputExists, ShuttingDown
-from loramux.server.merge import MergeResult, merge_to_checkpoint, resolve_output
+from loramux.server.base_files import BaseCheckpoint, base_directory, read_base_checkpoint
+from loramux.server.errors import InvalidRequest, MergeFailed, MergeOutputExists, ShuttingDown
+from loramux.server.merge import MergeProgress, MergeResult, merge_to_checkpoint, resolve_output
 from loramux.server.operations import Operation, OperationStore
 from loramux.server.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
@@ -47,12 +50,23 @@ class Merges:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge", initializer=limit_to_one_thread)
         self._claims: dict[Path, int] = {}  # output directory -> merges queued or running for it
+        self._checkpoint: BaseCheckpoint | None = None  # the base's files, read on the first merge
+
+    def checkpoint(self) -> BaseCheckpoint:
+        """The base's safetensors files as the server loaded them (headers read once)."""
+        with self._lock:
+            if self._checkpoint is None:
+                directory = base_directory(self.settings.model, self.base.revision if self.base.revision != "local"
+                                           else None, self.settings.hub_cache_dir)
+                self._checkpoint = read_base_checkpoint(directory)
+            return self._checkpoint
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
     def start(
-        self, tenant: str, adapter_id: str, output_dir: str, overwrite: bool = False, trace_context: object = None
+        self, tenant: str, adapter_id: str, output_dir: str, overwrite: bool = False, trace_context: object = None,
+        max_shard_bytes: int = 0,
     ) -> Operation:
         """Check the request and start merging on the merge thread; returns the operation.
 
@@ -64,6 +78,10 @@ class Merges:
         if self.draining:
             raise ShuttingDown("the server is shutting down")
         record = self.registry.find(tenant, adapter_id)
+        if max_shard_bytes < 0:
+            raise InvalidRequest("max_shard_bytes must be >= 0", field="max_shard_bytes", reason="MAX_SHARD_BYTES_INVALID")
+        shard_bytes = max_shard_bytes or (self.settings.merge_shard_mib << 20 if self.settings.merge_shard_mib else None)
+        checkpoint = self.checkpoint()  # MERGE_UNSUPPORTED now, before an operation exists
         limit = self._quotas(tenant).merges
         if limit is not None:
             running = sum(not op.done and op.name.startswith("operations/merge-") for op in self.operations.list(tenant))
@@ -86,7 +104,8 @@ class Merges:
         op = self.operations.create(
             tenant,
             "merge",
-            {"adapter_id": adapter_id, "output_dir": output_dir, "phase": "queued", "tensors_done": 0, "tensors_total": 0},
+            {"adapter_id": adapter_id, "output_dir": output_dir, "phase": "queued", "tensors_done": 0,
+             "tensors_total": len(checkpoint.entries), "bytes_done": 0, "bytes_total": checkpoint.total_bytes},
         )
         tracer = self.telemetry.tracer
 
@@ -104,7 +123,7 @@ class Merges:
             attributes = {"loramux.tenant": tenant, "loramux.adapter.id": adapter_id, "loramux.operation": op.name}
             with tracer.start_as_current_span("loramux.merge", context=trace_context, attributes=attributes) as span:
                 try:
-                    result = self._merge(op, record, adapter_id, target, overwrite)
+                    result = self._merge(op, record, adapter_id, target, overwrite, checkpoint, shard_bytes)
                 except BaseException as e:
                     error = as_domain_error(e, f"merge {op.name} failed")
                     span.set_status(StatusCode.ERROR, error.message)
@@ -120,7 +139,8 @@ class Merges:
         self._executor.submit(work)
         return op
 
-    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target, overwrite: bool) -> MergeResult:
+    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target, overwrite: bool,
+               checkpoint: BaseCheckpoint, shard_bytes: int | None) -> MergeResult:
         """The merge itself, on the merge thread, one child span per phase."""
         tracer = self.telemetry.tracer
         self.operations.update(op, phase="merging")
@@ -132,21 +152,32 @@ class Merges:
             "adapter_id": adapter_id,
             "adapter_source": record.source,
             "adapter_revision": record.revision,
+            "method": "lora",
+            "max_shard_bytes": shard_bytes,
+            "loramux_version": _version(),
         }
         phase = {"span": tracer.start_span("loramux.merge.merge_tensors")}
+        checked = {"at": time.monotonic()}
 
-        def progress(done: int, total: int) -> None:
-            if op.cancel_error is not None:  # shutdown past its grace period: stop here, clean up
+        def progress(p: MergeProgress) -> None:
+            if op.cancel_error is not None:  # CancelOperation, or shutdown past its grace period: stop here
                 raise op.cancel_error
-            self.operations.update(op, tensors_done=done, tensors_total=total)
-            if done == total:
-                phase["span"].set_attribute("loramux.merge.tensors", total)
+            now = time.monotonic()
+            if now - checked["at"] >= CANCEL_POLL_S:  # a cancel asked through another replica
+                checked["at"] = now
+                self.operations.check_cancel_request(op)
+            self.operations.update(op, tensors_done=p.tensors_done, tensors_total=p.tensors_total,
+                                   bytes_done=p.bytes_done, bytes_total=p.bytes_total)
+            if p.tensors_done == p.tensors_total:
+                phase["span"].set_attribute("loramux.merge.tensors", p.tensors_total)
+                phase["span"].set_attribute("loramux.merge.bytes", p.bytes_total)
                 phase["span"].end()
                 phase["span"] = tracer.start_span("loramux.merge.write_checkpoint")
                 self.operations.update(op, phase="writing_config")
 
         try:
-            result: MergeResult = merge_to_checkpoint(self.base, weights, target, provenance, progress, overwrite=overwrite)
+            result: MergeResult = merge_to_checkpoint(checkpoint, weights, target, provenance, progress,
+                                                      shard_bytes=shard_bytes, overwrite=overwrite)
         except BaseException as e:
             phase["span"].set_status(StatusCode.ERROR, str(e))
             raise
@@ -154,3 +185,14 @@ class Merges:
             phase["span"].end()
         return result
 
+
+CANCEL_POLL_S = 1.0  # how often a running merge looks for a cancel asked through another replica
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loramux")
+    except PackageNotFoundError:
+        return "unknown"

@@ -1,0 +1,170 @@
+"""Merging at any size: streamed from a sharded base's safetensors files, equal to peft's
+merge_and_unload + save_pretrained bit for bit (float32), with the server's peak memory read
+during the merge; output shards, index, manifest; cancel and delete; the output served."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import loramux.client as lc
+from conftest import PROMPTS
+from loramux.demo.assets import build_model, make_adapter
+from loramux.server.app import BackgroundServer
+from loramux.server.base_files import read_base_checkpoint
+from loramux.server.errors import MergeUnsupported
+
+N = 8
+# hidden 512, 8 layers: about 92 MB of float32 weights in shards of at most 12 MB.
+MODEL = dict(hidden=512, layers=8, heads=8, kv_heads=2, intermediate=1536, tie_embeddings=True, max_shard_size="12MB")
+
+
+@pytest.fixture(scope="module")
+def sharded(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    build_model(root / "base", assets.tokenizer, seed=3, init_std=0.02, **MODEL)
+    make_adapter(root / "base", root / "adapters" / "wide", r=8, alpha=16, use_rslora=True, std=0.05, seed=7,
+                 target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+                 rank_pattern={"down_proj": 4}, alpha_pattern={"v_proj": 4})
+    settings = assets.settings(model=str(root / "base"), adapter_roots=(root / "adapters",), merge_root=root / "merged",
+                               max_lora_rank=8)
+    server = BackgroundServer(settings)
+    client = lc.Client(server.target, timeout=120)
+    client.load_adapter("wide", source="wide")
+    yield root, server, client
+    client.close()
+    server.stop()
+
+
+def peft_merged(root):
+    """peft's own answer: merge_and_unload, then save_pretrained."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out = root / "peft-merged"
+    if not out.exists():
+        base = AutoModelForCausalLM.from_pretrained(str(root / "base"), dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(root / "adapters" / "wide")).merge_and_unload()
+        merged.save_pretrained(str(out))
+    return out
+
+
+def tensors(directory) -> dict[str, torch.Tensor]:
+    found = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            for name in f.keys():
+                found[name] = f.get_tensor(name)
+    return found
+
+
+def vm(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+) kB", open("/proc/self/status").read()).group(1)) * 1024
+
+
+def test_a_sharded_base_merges_as_peft_does_in_bounded_memory(sharded):
+    root, server, client = sharded
+    checkpoint = read_base_checkpoint(root / "base")
+    assert len(checkpoint.shards) >= 4
+    oracle = tensors(peft_merged(root))
+
+    def merge_peak(output_dir: str):
+        rss = vm("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # the peak from now on (this process is the server)
+            f.write("5")
+        result = client.merge("wide", output_dir).result(timeout=300)
+        return result, vm("VmHWM") - rss
+
+    first_result, first_peak = merge_peak("first")  # a fresh server's first merge: libraries' one-time buffers too
+    result, peak = merge_peak("out")
+    out = root / "merged" / "default" / "out"
+    got = tensors(out)
+    assert got.keys() == oracle.keys() and "lm_head.weight" not in got  # tied: written once, as peft writes it
+    assert all(torch.equal(got[k], oracle[k]) for k in got)  # float32: bit for bit
+    assert result.merged_tensors == 8 * 7
+    # Memory: one tensor with its float32 temporaries and the adapter, under one shard (the
+    # target is two), far from the whole model, which merge_and_unload holds. A fresh server's
+    # first merge also pays its libraries' one-time buffers (BLAS, allocator growth).
+    adapter_bytes = (root / "adapters" / "wide" / "adapter_model.safetensors").stat().st_size
+    steady = checkpoint.largest_shard_bytes + adapter_bytes + (8 << 20)
+    first = 2 * checkpoint.largest_shard_bytes + adapter_bytes + (16 << 20)
+    print(f"\nmerge peaks: first {first_peak / 2**20:.1f} MiB, then {peak / 2**20:.1f} MiB; model "
+          f"{checkpoint.total_bytes / 2**20:.1f} MiB, largest shard {checkpoint.largest_shard_bytes / 2**20:.1f} MiB")
+    assert peak < steady and first_peak < first < checkpoint.total_bytes, (first_peak, peak, steady, first)
+    assert first_result.manifest_sha256 != "" and tensors(root / "merged" / "default" / "first").keys() == oracle.keys()
+
+    # Shards no larger than the base's, an index naming every tensor, the files copied, a manifest.
+    merged_checkpoint = read_base_checkpoint(out)
+    assert merged_checkpoint.largest_shard_bytes <= checkpoint.largest_shard_bytes and len(merged_checkpoint.shards) >= 4
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(got) and index["metadata"]["total_size"] == checkpoint.total_bytes
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (root / "base" / name).read_bytes()
+    manifest = json.loads((out / "loramux_merge.json").read_text())
+    assert result.manifest_sha256 == hashlib.sha256((out / "loramux_merge.json").read_bytes()).hexdigest()
+    assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"loramux_merge.json"}
+    for name, info in manifest["files"].items():
+        assert info["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
+    assert manifest["adapter_revision"] == client.get_adapter("wide").revision and manifest["method"] == "lora"
+
+    # The output serves as a plain model: its greedy tokens are base + adapter's.
+    with BackgroundServer(server.engine.settings.__class__(**{**vars_of(server.engine.settings), "model": str(out),
+                                                              "merge_root": None})) as plain:
+        with lc.Client(plain.target, timeout=120) as c:
+            for prompt in PROMPTS[:2]:
+                assert c.generate(prompt=prompt, max_new_tokens=N).token_ids == \
+                    client.generate(prompt=prompt, adapter_id="wide", max_new_tokens=N).token_ids
+
+
+def vars_of(settings) -> dict:
+    import dataclasses
+
+    return {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)}
+
+
+def test_output_shards_follow_the_requested_size(sharded):
+    root, _, client = sharded
+    result = client.merge("wide", "small-shards", max_shard_bytes=4 << 20).result(timeout=300)
+    out = root / "merged" / "default" / "small-shards"
+    checkpoint = read_base_checkpoint(out)
+    assert len(checkpoint.shards) > len(read_base_checkpoint(root / "base").shards)
+    assert checkpoint.largest_shard_bytes <= 4 << 20
+    assert sorted(result.files) == sorted(p.name for p in out.iterdir())
+    got, oracle = tensors(out), tensors(peft_merged(root))
+    assert got.keys() == oracle.keys() and all(torch.equal(got[k], oracle[k]) for k in got)
+
+
+def test_a_cancelled_merge_leaves_nothing_and_delete_forgets_an_ended_one(sharded):
+    root, server, client = sharded
+    merges = server.engine.merges
+    gate = threading.Event()
+    merges._executor.submit(gate.wait, 60)  # the merge thread is busy: the next merge waits its turn
+    handle = client.merge("wide", "cancelled")
+    with pytest.raises(lc.FailedPrecondition) as e:
+        handle.delete()  # still queued: it must be cancelled first
+    assert e.value.reason == "OPERATION_RUNNING"
+    handle.cancel()
+    gate.set()
+    with pytest.raises(lc.Cancelled) as e:
+        handle.result(timeout=120)
+    assert e.value.reason == "CANCELLED"
+    assert not (root / "merged" / "default" / "cancelled").exists()
+    assert not [p for p in (root / "merged" / "default").iterdir() if p.name.startswith(".loramux-merge")]
+    handle.cancel()  # ended: cancelling again changes nothing
+    handle.delete()
+    with pytest.raises(lc.NotFound) as e:
+        handle.progress()
+    assert e.value.reason == "OPERATION_NOT_FOUND"
+
+
+def test_a_base_without_safetensors_weights_cannot_be_merged(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(MergeUnsupported) as e:
+        read_base_checkpoint(tmp_path)
+    assert e.value.reason == "MERGE_UNSUPPORTED"
