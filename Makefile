@@ -32,9 +32,11 @@ fuzz: $(STAMP)
 # system side by side, worst cell first (about 30 minutes on 2 CPU cores); writes bench-results/.
 bench: $(STAMP)
 	$(PY) -m loramux.bench.matrix --out bench-results
+	$(PY) -m loramux.bench.merge --out bench-results
 
 bench-quick: $(STAMP)
 	$(PY) -m loramux.bench.matrix --quick --out bench-results
+	$(PY) -m loramux.bench.merge --quick --out bench-results
 
 # One workload in depth: Poisson arrivals, continuous vs static, microbenchmarks, gRPC and tracing cost.
 bench-detail: $(STAMP)

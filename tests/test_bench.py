@@ -59,3 +59,17 @@ def test_quick_matrix_runs_every_system_at_default_flags(tmp_path):
     assert all(r["max_relative_excess"] == 0 for r in results["resident_bytes"])
     assert len(results["decode_step"]) == len(cfg.models) and results["decode_step"][0]["ratio"] > 0
     assert "| h128x2 |" in (tmp_path / "matrix.md").read_text()
+
+
+def test_quick_merge_benchmark_measures_both_systems_in_fresh_processes(tmp_path):
+    from loramux.bench.merge import main as merge_main
+
+    assert merge_main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "merge.json").read_text())
+    (cell,) = results["cells"]
+    assert cell["shards"] >= 4 and cell["target_bytes"] == 2 * cell["largest_shard_bytes"] + cell["adapter_bytes"]
+    for system in ("loramux", "peft"):
+        assert cell[system]["peak_bytes"] > 0 and cell[system]["mb_per_s"] > 0
+    # peft holds the whole model (loaded, merged, saved); the stream does not.
+    assert cell["peft"]["peak_bytes"] > cell["model_bytes"] > cell["loramux"]["peak_bytes"]
+    assert "| h256-l4 (13 MiB) |" in (tmp_path / "merge.md").read_text()
