@@ -168,3 +168,16 @@ def test_a_base_without_safetensors_weights_cannot_be_merged(tmp_path):
     with pytest.raises(MergeUnsupported) as e:
         read_base_checkpoint(tmp_path)
     assert e.value.reason == "MERGE_UNSUPPORTED"
+
+
+def test_verify_compares_the_merged_logits_with_base_plus_adapter(sharded):
+    from loramux.server.merge import verify_merged
+
+    root, server, client = sharded
+    result = client.merge("wide", "verified", verify=True).result(timeout=300)
+    assert result.max_logit_difference is not None and result.max_logit_difference < 1e-4
+    manifest = json.loads((root / "merged" / "default" / "verified" / "loramux_merge.json").read_text())
+    assert manifest["max_logit_difference"] == result.max_logit_difference and manifest["verified"] is True
+    # The check can fail: the base itself, taken for the merged model, is far from base + adapter.
+    vocab = server.engine.base.vocab_size
+    assert verify_merged(root / "base", root / "adapters" / "wide", root / "base", vocab) > 100 * result.max_logit_difference

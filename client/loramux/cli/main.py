@@ -140,6 +140,8 @@ def _client_parsers(sub) -> None:
     merge.add_argument("output_dir", help="directory under the server's merge root")
     merge.add_argument("--overwrite", action="store_true")
     merge.add_argument("--max-shard-mib", type=int, default=0, help="output shards at most this large (default: the server's)")
+    merge.add_argument("--verify", action="store_true",
+                       help="compare the merged model's logits with base + adapter before it is moved into place")
 
     sub.add_parser("info", help="show what the server serves")
 
@@ -377,7 +379,8 @@ def _generate(client, args) -> int:
 
 
 def _merge(client, args) -> int:
-    handle = client.merge(args.adapter_id, args.output_dir, overwrite=args.overwrite, max_shard_bytes=args.max_shard_mib << 20)
+    handle = client.merge(args.adapter_id, args.output_dir, overwrite=args.overwrite, max_shard_bytes=args.max_shard_mib << 20,
+                          verify=args.verify)
     try:
         while True:
             p = handle.progress()
@@ -395,6 +398,8 @@ def _merge(client, args) -> int:
     print(file=sys.stderr)
     result = handle.result()
     print(f"wrote {result.output_path} ({len(result.files)} files, {result.size_bytes} bytes, {result.merged_tensors} tensors merged)")
+    if result.max_logit_difference is not None:
+        print(f"verified: largest logit difference from base + adapter {result.max_logit_difference:.3g}")
     return 0
 
 

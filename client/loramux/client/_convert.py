@@ -23,6 +23,7 @@ _PHASE = {
     loramux_service_pb2.MergeMetadata.PHASE_MERGING: "merging",
     loramux_service_pb2.MergeMetadata.PHASE_WRITING_CONFIG: "writing_config",
     loramux_service_pb2.MergeMetadata.PHASE_DONE: "done",
+    loramux_service_pb2.MergeMetadata.PHASE_VERIFYING: "verifying",
 }
 
 Message = Mapping[str, str] | tuple[str, str]
@@ -141,6 +142,7 @@ def merge_result(op: operations_pb2.Operation) -> types.MergeResult:
     return types.MergeResult(
         output_path=response.output_path, files=list(response.files), size_bytes=response.size_bytes,
         merged_tensors=response.merged_tensors, manifest_sha256=response.manifest_sha256,
+        max_logit_difference=response.max_logit_difference if response.verified else None,
     )
 
 

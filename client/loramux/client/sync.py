@@ -193,10 +193,10 @@ class Client:
     @_translated
     def merge(
         self, adapter_id: str, output_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 0,
-        timeout: float | None = None,
+        verify: bool = False, timeout: float | None = None,
     ) -> MergeHandle:
         request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite,
-                                                   max_shard_bytes=max_shard_bytes)
+                                                   max_shard_bytes=max_shard_bytes, verify=verify)
         operation = self._stub.Merge(request, timeout=self._deadline(timeout))
         if self._router is not None:  # progress and result go to the replica that runs the merge
             self._router.remember(operation.name, adapter_id)

@@ -76,6 +76,7 @@ class MergeResult:
     size_bytes: int
     merged_tensors: int
     manifest_sha256: str = ""
+    max_logit_difference: float | None = None  # with verify: merged model against base + adapter
 
 
 @dataclasses.dataclass(frozen=True)

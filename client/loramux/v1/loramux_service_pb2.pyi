@@ -28,6 +28,7 @@ class MergeRequest(_message.Message):
     OUTPUT_DIR_FIELD_NUMBER: _builtins.int
     OVERWRITE_FIELD_NUMBER: _builtins.int
     MAX_SHARD_BYTES_FIELD_NUMBER: _builtins.int
+    VERIFY_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     output_dir: _builtins.str
     """A directory relative to the server's merge root; it must not exist or be empty
@@ -38,6 +39,11 @@ class MergeRequest(_message.Message):
     """Output shards at most this many bytes (0: the server's --merge-shard-mib, else as large
     as the base's largest shard; never larger).
     """
+    verify: _builtins.bool
+    """Before the output is moved into place, load it and compare its logits with the base plus
+    the adapter (peft, float32, on the CPU) on probe prompts. Costs one model's size in host
+    memory and the time of two forward passes of each model.
+    """
     def __init__(
         self,
         *,
@@ -45,10 +51,11 @@ class MergeRequest(_message.Message):
         output_dir: _builtins.str = ...,
         overwrite: _builtins.bool = ...,
         max_shard_bytes: _builtins.int = ...,
+        verify: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "max_shard_bytes", b"max_shard_bytes", "output_dir", b"output_dir", "overwrite", b"overwrite"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "max_shard_bytes", b"max_shard_bytes", "output_dir", b"output_dir", "overwrite", b"overwrite", "verify", b"verify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -69,6 +76,7 @@ class MergeMetadata(_message.Message):
         PHASE_MERGING: MergeMetadata._Phase.ValueType  # 2
         PHASE_WRITING_CONFIG: MergeMetadata._Phase.ValueType  # 3
         PHASE_DONE: MergeMetadata._Phase.ValueType  # 4
+        PHASE_VERIFYING: MergeMetadata._Phase.ValueType  # 5
 
     class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper): ...
     PHASE_UNSPECIFIED: MergeMetadata.Phase.ValueType  # 0
@@ -76,6 +84,7 @@ class MergeMetadata(_message.Message):
     PHASE_MERGING: MergeMetadata.Phase.ValueType  # 2
     PHASE_WRITING_CONFIG: MergeMetadata.Phase.ValueType  # 3
     PHASE_DONE: MergeMetadata.Phase.ValueType  # 4
+    PHASE_VERIFYING: MergeMetadata.Phase.ValueType  # 5
 
     ADAPTER_ID_FIELD_NUMBER: _builtins.int
     OUTPUT_DIR_FIELD_NUMBER: _builtins.int
@@ -133,6 +142,8 @@ class MergeResponse(_message.Message):
     SIZE_BYTES_FIELD_NUMBER: _builtins.int
     MERGED_TENSORS_FIELD_NUMBER: _builtins.int
     MANIFEST_SHA256_FIELD_NUMBER: _builtins.int
+    VERIFIED_FIELD_NUMBER: _builtins.int
+    MAX_LOGIT_DIFFERENCE_FIELD_NUMBER: _builtins.int
     output_path: _builtins.str
     """Absolute path of the written checkpoint."""
     size_bytes: _builtins.int
@@ -140,6 +151,11 @@ class MergeResponse(_message.Message):
     """Base tensors that the adapter changed."""
     manifest_sha256: _builtins.str
     """sha256 of the manifest (loramux_merge.json), which lists the sha256 of every other file."""
+    verified: _builtins.bool
+    """With verify: the largest absolute difference between the merged model's logits and the
+    base plus adapter's, over every probe position and vocabulary entry (also in the manifest).
+    """
+    max_logit_difference: _builtins.float
     @_builtins.property
     def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The files written, relative to output_path."""
@@ -152,10 +168,12 @@ class MergeResponse(_message.Message):
         size_bytes: _builtins.int = ...,
         merged_tensors: _builtins.int = ...,
         manifest_sha256: _builtins.str = ...,
+        verified: _builtins.bool = ...,
+        max_logit_difference: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "manifest_sha256", b"manifest_sha256", "merged_tensors", b"merged_tensors", "output_path", b"output_path", "size_bytes", b"size_bytes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["files", b"files", "manifest_sha256", b"manifest_sha256", "max_logit_difference", b"max_logit_difference", "merged_tensors", b"merged_tensors", "output_path", b"output_path", "size_bytes", b"size_bytes", "verified", b"verified"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -51,16 +51,18 @@ class MergeResult:
     size_bytes: int
     merged_tensors: int
     manifest_sha256: str = ""
+    max_logit_difference: float | None = None  # with verification
 
 
 def _encode(result: MergeResult) -> dict:
     return {"output_path": str(result.output_path), "files": list(result.files), "size_bytes": result.size_bytes,
-            "merged_tensors": result.merged_tensors, "manifest_sha256": result.manifest_sha256}
+            "merged_tensors": result.merged_tensors, "manifest_sha256": result.manifest_sha256,
+            "max_logit_difference": result.max_logit_difference}
 
 
 def _decode(saved: dict) -> MergeResult:
     return MergeResult(Path(saved["output_path"]), tuple(saved["files"]), saved["size_bytes"], saved["merged_tensors"],
-                       saved.get("manifest_sha256", ""))
+                       saved.get("manifest_sha256", ""), saved.get("max_logit_difference"))
 
 
 MERGE_RESULTS = ResultCodec(_encode, _decode)  # how merge results are kept in the state store
@@ -140,11 +142,14 @@ def merge_to_checkpoint(
     progress: Callable[[MergeProgress], None],
     shard_bytes: int | None = None,
     overwrite: bool = False,
+    verify: Callable[[Path], float] | None = None,
 ) -> MergeResult:
     """Stream the base's shards through the adapter into `target`: one tensor read at a time,
     one output shard held until it is written (output shards are no larger than the largest
     input shard, nor than `shard_bytes`). `progress` is called after each tensor; it may
-    raise to stop the merge (a cancel), which leaves nothing behind."""
+    raise to stop the merge (a cancel), which leaves nothing behind. `verify(directory)`, when
+    given, checks the finished checkpoint before it is moved into place and returns the
+    largest logit difference, which the manifest records."""
     entries = {e.name: e for e in checkpoint.entries}
     _check_targets(weights, entries)
     groups = _plan_shards(checkpoint, shard_bytes)
@@ -173,8 +178,9 @@ def merge_to_checkpoint(
             (tmp / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         for path in checkpoint.other_files():  # config, generation config, tokenizer, README
             shutil.copyfile(path, tmp / path.name)
+        difference = verify(tmp) if verify is not None else None
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
-        manifest = dict(provenance, merged_tensors=merged,
+        manifest = dict(provenance, merged_tensors=merged, max_logit_difference=difference,
                         files={name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files})
         (tmp / MERGE_INFO_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _swap_into_place(tmp, target, overwrite)
@@ -185,7 +191,7 @@ def merge_to_checkpoint(
     written = sorted(str(p.relative_to(target)) for p in target.rglob("*") if p.is_file())
     size = sum((target / f).stat().st_size for f in written)
     return MergeResult(output_path=target, files=tuple(written), size_bytes=size, merged_tensors=merged,
-                       manifest_sha256=_sha256(target / MERGE_INFO_FILE))
+                       manifest_sha256=_sha256(target / MERGE_INFO_FILE), max_logit_difference=difference)
 
 
 class _ShardWriter:
@@ -294,6 +300,29 @@ def _merged(name: str, tensor: torch.Tensor, lora) -> torch.Tensor:
     if not torch.isfinite(new).all():
         raise MergeNotFinite(f"merging into {name} gives non-finite weights")
     return new
+
+
+PROBE_PROMPTS = 2
+PROBE_TOKENS = 24
+
+
+def verify_merged(base_dir: Path, adapter_dir: Path, merged_dir: Path, vocab_size: int) -> float:
+    """The largest absolute difference between the logits of the merged checkpoint and those of
+    the base with the adapter (peft), in float32 on the CPU, over seeded probe prompts. One
+    model is held at a time."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab_size, (PROBE_PROMPTS, PROBE_TOKENS), generator=generator)
+    with torch.no_grad():
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+        reference = PeftModel.from_pretrained(base, str(adapter_dir)).eval()(input_ids=ids).logits
+        del base
+        merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32).eval()
+        got = merged(input_ids=ids).logits
+        del merged
+    return float((got - reference).abs().max())
 
 
 def _sha256(path: Path) -> str:

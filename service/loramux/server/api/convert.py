@@ -33,6 +33,7 @@ _PHASES = {
     "merging": loramux_service_pb2.MergeMetadata.PHASE_MERGING,
     "writing_config": loramux_service_pb2.MergeMetadata.PHASE_WRITING_CONFIG,
     "done": loramux_service_pb2.MergeMetadata.PHASE_DONE,
+    "verifying": loramux_service_pb2.MergeMetadata.PHASE_VERIFYING,
 }
 VERSIONED_PACKAGES = ("loramux", "torch", "transformers", "peft", "safetensors", "grpcio", "protobuf")
 
@@ -146,7 +147,8 @@ def operation(op: Operation) -> operations_pb2.Operation:
         any_response.Pack(
             loramux_service_pb2.MergeResponse(
                 output_path=str(r.output_path), files=list(r.files), size_bytes=r.size_bytes, merged_tensors=r.merged_tensors,
-                manifest_sha256=r.manifest_sha256,
+                manifest_sha256=r.manifest_sha256, verified=r.max_logit_difference is not None,
+                max_logit_difference=r.max_logit_difference or 0.0,
             )
         )
         msg.response.CopyFrom(any_response)

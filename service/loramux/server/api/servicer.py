@@ -328,6 +328,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             request.overwrite,
             trace_context=otel_context.get_current(),
             max_shard_bytes=request.max_shard_bytes,
+            verify=request.verify,
         )
         return convert.operation(op)
 

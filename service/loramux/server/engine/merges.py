@@ -26,7 +26,7 @@ from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.failures import as_domain_error
 from loramux.server.base_files import BaseCheckpoint, base_directory, read_base_checkpoint
 from loramux.server.errors import InvalidRequest, MergeFailed, MergeOutputExists, ShuttingDown
-from loramux.server.merge import MergeProgress, MergeResult, merge_to_checkpoint, resolve_output
+from loramux.server.merge import MergeProgress, MergeResult, merge_to_checkpoint, resolve_output, verify_merged
 from loramux.server.operations import Operation, OperationStore
 from loramux.server.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
@@ -66,7 +66,7 @@ class Merges:
 
     def start(
         self, tenant: str, adapter_id: str, output_dir: str, overwrite: bool = False, trace_context: object = None,
-        max_shard_bytes: int = 0,
+        max_shard_bytes: int = 0, verify: bool = False,
     ) -> Operation:
         """Check the request and start merging on the merge thread; returns the operation.
 
@@ -123,7 +123,7 @@ class Merges:
             attributes = {"loramux.tenant": tenant, "loramux.adapter.id": adapter_id, "loramux.operation": op.name}
             with tracer.start_as_current_span("loramux.merge", context=trace_context, attributes=attributes) as span:
                 try:
-                    result = self._merge(op, record, adapter_id, target, overwrite, checkpoint, shard_bytes)
+                    result = self._merge(op, record, adapter_id, target, overwrite, checkpoint, shard_bytes, verify)
                 except BaseException as e:
                     error = as_domain_error(e, f"merge {op.name} failed")
                     span.set_status(StatusCode.ERROR, error.message)
@@ -140,7 +140,7 @@ class Merges:
         return op
 
     def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target, overwrite: bool,
-               checkpoint: BaseCheckpoint, shard_bytes: int | None) -> MergeResult:
+               checkpoint: BaseCheckpoint, shard_bytes: int | None, verify: bool) -> MergeResult:
         """The merge itself, on the merge thread, one child span per phase."""
         tracer = self.telemetry.tracer
         self.operations.update(op, phase="merging")
@@ -154,6 +154,7 @@ class Merges:
             "adapter_revision": record.revision,
             "method": "lora",
             "max_shard_bytes": shard_bytes,
+            "verified": verify,
             "loramux_version": _version(),
         }
         phase = {"span": tracer.start_span("loramux.merge.merge_tensors")}
@@ -175,9 +176,20 @@ class Merges:
                 phase["span"] = tracer.start_span("loramux.merge.write_checkpoint")
                 self.operations.update(op, phase="writing_config")
 
+        def verification(directory: Path) -> float:
+            phase["span"].end()
+            phase["span"] = tracer.start_span("loramux.merge.verify")
+            self.operations.update(op, phase="verifying")
+            difference = verify_merged(checkpoint.directory, record.directory, directory, self.base.vocab_size)
+            phase["span"].set_attribute("loramux.merge.max_logit_difference", difference)
+            if op.cancel_error is not None:
+                raise op.cancel_error
+            return difference
+
         try:
             result: MergeResult = merge_to_checkpoint(checkpoint, weights, target, provenance, progress,
-                                                      shard_bytes=shard_bytes, overwrite=overwrite)
+                                                      shard_bytes=shard_bytes, overwrite=overwrite,
+                                                      verify=verification if verify else None)
         except BaseException as e:
             phase["span"].set_status(StatusCode.ERROR, str(e))
             raise
