@@ -2,8 +2,8 @@
 
 Streamed from the base's safetensors files (base_files.py), one tensor at a time, never
 from the served weights, into output shards written as their tensors are made: peak host
-memory is about one tensor (with its float32 temporaries) and the adapter, on any model
-size. Output shards are no larger than the
+memory is about three of the largest weight (a read buffer, the float32 delta and, for
+16-bit weights, a float32 copy), each allocated once, plus the adapter, on any model size. Output shards are no larger than the
 base's largest (or the requested limit).
 For each base weight W that the adapter targets: W' = W + scale * B @ A, computed in
 float32 on the CPU and cast back to W's dtype. The result must be finite, as peft's
@@ -155,7 +155,9 @@ def merge_to_checkpoint(
     groups = _plan_shards(checkpoint, shard_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name[:64]}-", dir=target.parent))
-    reader = _ShardReader(checkpoint.directory)
+    reader = _ShardReader(checkpoint)
+    merger = _Merger(max((entries[f"{m}.weight"].nbytes // TORCH_DTYPES[entries[f"{m}.weight"].dtype].itemsize
+                          for m in weights.modules), default=0))
     try:
         names = _shard_names(len(groups))
         done = done_bytes = merged = 0
@@ -166,7 +168,7 @@ def merge_to_checkpoint(
                     tensor = reader.get(entry)
                     lora = weights.modules.get(entry.name.removesuffix(".weight")) if entry.name.endswith(".weight") else None
                     if lora is not None:
-                        tensor = _merged(entry.name, tensor, lora)
+                        tensor = merger.merge(entry.name, tensor, lora)
                         merged += 1
                     writer.write(entry, tensor)
                     weight_map[entry.name] = fname
@@ -230,10 +232,13 @@ class _ShardWriter:
 
 
 class _ShardReader:
-    """Tensors read one at a time at their offsets, with one input shard open at once."""
+    """Tensors read one at a time at their offsets, into one buffer reused for every tensor
+    (sized for the largest), with one input shard open at once. A tensor returned is valid
+    until the next `get`."""
 
-    def __init__(self, directory: Path):
-        self._directory = directory
+    def __init__(self, checkpoint: BaseCheckpoint):
+        self._directory = checkpoint.directory
+        self._buffer = bytearray(max((e.nbytes for e in checkpoint.entries), default=0))
         self._shard: str | None = None
         self._file = None
 
@@ -242,18 +247,48 @@ class _ShardReader:
             self.close()
             self._file = open(self._directory / entry.shard, "rb")
             self._shard = entry.shard
-        buffer = bytearray(entry.nbytes)
+        dtype = TORCH_DTYPES[entry.dtype]
+        if not entry.nbytes:
+            return torch.empty(entry.shape, dtype=dtype)
         self._file.seek(entry.offset)
-        if self._file.readinto(buffer) != entry.nbytes:
+        if self._file.readinto(memoryview(self._buffer)[: entry.nbytes]) != entry.nbytes:
             raise MergeUnsupported(f"{entry.shard} ends before the bytes of {entry.name}")
-        flat = torch.frombuffer(buffer, dtype=TORCH_DTYPES[entry.dtype]) if entry.nbytes else \
-            torch.empty(0, dtype=TORCH_DTYPES[entry.dtype])
-        return flat.reshape(entry.shape)
+        return torch.frombuffer(self._buffer, dtype=dtype, count=entry.nbytes // dtype.itemsize).reshape(entry.shape)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         self._shard = self._file = None
+
+
+class _Merger:
+    """W + scale * (B @ A) for one weight at a time, in float32 on the CPU, in buffers sized
+    once for the largest targeted weight: the delta, and (for 16-bit weights) W in float32.
+    The result has W's dtype, which is what peft's merge_and_unload computes with its float32
+    adapter weights: float32 weights come out bit for bit equal."""
+
+    def __init__(self, largest: int):
+        self._delta = torch.empty(largest, dtype=torch.float32)
+        self._work: torch.Tensor | None = None
+        self._largest = largest
+
+    def merge(self, name: str, tensor: torch.Tensor, lora) -> torch.Tensor:
+        shape = (lora.b.shape[0], lora.a.shape[1])
+        delta = self._delta[: shape[0] * shape[1]].view(shape)
+        torch.mm(lora.b.float(), lora.a.float(), out=delta)
+        delta.mul_(lora.scale)
+        if tensor.dtype == torch.float32:
+            result = delta.add_(tensor)
+        else:
+            if self._work is None:
+                self._work = torch.empty(self._largest, dtype=torch.float32)
+            work = self._work[: delta.numel()].view(shape)
+            work.copy_(tensor).add_(delta)
+            result = tensor.copy_(work)  # rounded to W's dtype, in W's own buffer
+        for rows in result.split(max(1, (1 << 22) // max(1, shape[1]))):  # bounded temporaries
+            if not torch.isfinite(rows).all():
+                raise MergeNotFinite(f"merging into {name} gives non-finite weights")
+        return result
 
 
 def _check_targets(weights: AdapterWeights, entries: dict[str, TensorEntry]) -> None:
@@ -290,16 +325,6 @@ def _shard_names(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_FILE]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
-
-
-def _merged(name: str, tensor: torch.Tensor, lora) -> torch.Tensor:
-    """W + scale * (B @ A), computed in float32 on the CPU and cast back to W's dtype (what
-    peft's merge_and_unload computes with its float32 adapter weights)."""
-    delta = (lora.b.float() @ lora.a.float()) * lora.scale
-    new = (tensor.float() + delta).to(tensor.dtype)
-    if not torch.isfinite(new).all():
-        raise MergeNotFinite(f"merging into {name} gives non-finite weights")
-    return new
 
 
 PROBE_PROMPTS = 2
