@@ -111,7 +111,8 @@ def test_a_sharded_base_merges_as_peft_does_in_bounded_memory(sharded):
     assert set(manifest["files"]) == {p.name for p in out.iterdir()} - {"loramux_merge.json"}
     for name, info in manifest["files"].items():
         assert info["sha256"] == hashlib.sha256((out / name).read_bytes()).hexdigest()
-    assert manifest["adapter_revision"] == client.get_adapter("wide").revision and manifest["method"] == "lora"
+    assert manifest["adapters"] == [{"adapter_id": "wide", "source": "wide", "revision": client.get_adapter("wide").revision,
+                                     "weight": 1.0}] and manifest["method"] == "lora" and manifest["output"] == "model"
 
     # The output serves as a plain model: its greedy tokens are base + adapter's.
     with BackgroundServer(server.engine.settings.__class__(**{**vars_of(server.engine.settings), "model": str(out),
@@ -181,3 +182,76 @@ def test_verify_compares_the_merged_logits_with_base_plus_adapter(sharded):
     # The check can fail: the base itself, taken for the merged model, is far from base + adapter.
     vocab = server.engine.base.vocab_size
     assert verify_merged(root / "base", root / "adapters" / "wide", root / "base", vocab) > 100 * result.max_logit_difference
+
+
+@pytest.fixture(scope="module")
+def small(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("small-merges")
+    server = BackgroundServer(assets.settings(merge_root=root))
+    client = lc.Client(server.target, timeout=120)
+    for name in ("qv-r4", "mlp-r2", "all-r16"):
+        client.load_adapter(name, source=name)
+    yield root, server, client
+    client.close()
+    server.stop()
+
+
+def peft_with(assets, names):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(assets.base), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, str(assets.adapters / names[0]), adapter_name="a0")
+    for i, name in enumerate(names[1:], 1):
+        model.load_adapter(str(assets.adapters / name), adapter_name=f"a{i}")
+    return model
+
+
+def test_a_combination_registered_as_an_adapter_serves_as_peft_combines(assets, small):
+    root, server, client = small
+    result = client.combine([("qv-r4", 0.8), ("mlp-r2", -0.5)], "mix-cat", method="cat", adapter_only=True,
+                            register_as="mix").result(timeout=120)
+    assert sorted(result.files) == ["adapter_config.json", "adapter_model.safetensors", "loramux_merge.json"]
+    info = client.get_adapter("mix")
+    assert info.source == "merged://mix-cat" and info.rank == 6
+    model = peft_with(assets, ["qv-r4", "mlp-r2"])
+    model.add_weighted_adapter(["a0", "a1"], [0.8, -0.5], "mix", combination_type="cat")
+    model.set_adapter("mix")
+    for prompt in PROMPTS[:2]:
+        ids = assets.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            want = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, do_sample=False)[0, ids.shape[1]:]
+        assert client.generate(prompt=prompt, adapter_id="mix", max_new_tokens=N).token_ids == want.tolist()
+    manifest = json.loads((root / "default" / "mix-cat" / "loramux_merge.json").read_text())
+    assert manifest["method"] == "cat" and [a["weight"] for a in manifest["adapters"]] == [0.8, -0.5]
+    assert manifest["output"] == "adapter"
+
+
+def test_a_combination_merges_into_the_base_as_peft_merges_it(assets, small):
+    root, _, client = small
+    client.combine([("qv-r4", 0.6), ("qv-r4", 0.3)], "mix-linear", method="linear").result(timeout=120)
+    model = peft_with(assets, ["qv-r4", "qv-r4"])
+    model.add_weighted_adapter(["a0", "a1"], [0.6, 0.3], "mix", combination_type="linear")
+    model.set_adapter("mix")
+    want = {k: v for k, v in model.merge_and_unload().state_dict().items()}
+    got = tensors(root / "default" / "mix-linear")
+    assert got.keys() <= want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+
+
+def test_merge_requests_are_checked_before_an_operation_exists(small):
+    _, _, client = small
+    for call, cls, reason in [
+        (lambda: client.merge("qv-r4", "x", register_as="y"), lc.InvalidArgument, "MERGE_INPUT_INVALID"),
+        (lambda: client.merge("qv-r4", "x", adapter_only=True, verify=True), lc.InvalidArgument, "MERGE_INPUT_INVALID"),
+        (lambda: client.combine([("qv-r4", 1.0)], "x", method="blend"), lc.InvalidArgument, "COMBINATION_INVALID"),
+        (lambda: client.combine([("qv-r4", 1.0), ("all-r16", 1.0)], "x", method="ties", density=0.5),
+         lc.InvalidArgument, "COMBINATION_INVALID"),  # ties needs one rank
+        (lambda: client.combine([("all-r16", 1.0), ("qv-r4", 1.0)], "x", method="cat", adapter_only=True, register_as="big"),
+         lc.InvalidArgument, "ADAPTER_RANK_TOO_LARGE"),  # rank 20 > --max-lora-rank 16
+        (lambda: client.combine([("qv-r4", 1.0), ("nope", 1.0)], "x"), lc.NotFound, "ADAPTER_NOT_FOUND"),
+        (lambda: client.merge("qv-r4", "x", adapter_only=True, register_as="mlp-r2"), lc.AlreadyExists,
+         "ADAPTER_ALREADY_EXISTS"),
+    ]:
+        with pytest.raises(cls) as e:
+            call().result(timeout=120)
+        assert e.value.reason == reason

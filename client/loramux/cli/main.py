@@ -135,9 +135,19 @@ def _client_parsers(sub) -> None:
     gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     gen.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
 
-    merge = sub.add_parser("merge", help="merge an adapter into the base and write a checkpoint")
-    merge.add_argument("adapter_id")
+    merge = sub.add_parser("merge", help="merge an adapter (or a weighted combination) into the base and write a checkpoint")
+    merge.add_argument("adapter_id", nargs="?", default="", help="the adapter (leave out with --combine)")
     merge.add_argument("output_dir", help="directory under the server's merge root")
+    merge.add_argument("--combine", metavar="ID:WEIGHT,...", help="a weighted combination instead of one adapter, e.g. a:0.5,b:0.5")
+    merge.add_argument("--method", default="svd", help="combination method (peft's: linear, cat, svd, ties, ties_svd, "
+                       "dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd)")
+    merge.add_argument("--density", type=float, default=0.0, help="ties, dare and magnitude_prune: the fraction kept")
+    merge.add_argument("--svd-rank", type=int, default=0, help="svd methods: the new rank (default: the largest input rank)")
+    merge.add_argument("--svd-clamp", type=float, default=0.0, help="svd methods: clamp the factors at this quantile")
+    merge.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
+    merge.add_argument("--seed", type=int, default=0, help="dare methods: the seed of their random pruning")
+    merge.add_argument("--adapter-only", action="store_true", help="write a LoRA adapter, not a merged model")
+    merge.add_argument("--register-as", default="", help="with --adapter-only: register the written adapter under this id")
     merge.add_argument("--overwrite", action="store_true")
     merge.add_argument("--max-shard-mib", type=int, default=0, help="output shards at most this large (default: the server's)")
     merge.add_argument("--verify", action="store_true",
@@ -379,8 +389,19 @@ def _generate(client, args) -> int:
 
 
 def _merge(client, args) -> int:
-    handle = client.merge(args.adapter_id, args.output_dir, overwrite=args.overwrite, max_shard_bytes=args.max_shard_mib << 20,
-                          verify=args.verify)
+    common = dict(overwrite=args.overwrite, max_shard_bytes=args.max_shard_mib << 20, verify=args.verify,
+                  adapter_only=args.adapter_only, register_as=args.register_as)
+    if args.combine:
+        try:
+            adapters = [(item.rsplit(":", 1)[0], float(item.rsplit(":", 1)[1])) for item in args.combine.split(",")]
+        except (IndexError, ValueError):
+            print("--combine takes ID:WEIGHT pairs separated by commas, e.g. a:0.5,b:0.5", file=sys.stderr)
+            return 2
+        handle = client.combine(adapters, args.output_dir, method=args.method, density=args.density, svd_rank=args.svd_rank,
+                                svd_clamp=args.svd_clamp, majority_sign_method=args.majority_sign_method, seed=args.seed,
+                                **common)
+    else:
+        handle = client.merge(args.adapter_id, args.output_dir, **common)
     try:
         while True:
             p = handle.progress()
@@ -398,6 +419,8 @@ def _merge(client, args) -> int:
     print(file=sys.stderr)
     result = handle.result()
     print(f"wrote {result.output_path} ({len(result.files)} files, {result.size_bytes} bytes, {result.merged_tensors} tensors merged)")
+    if args.register_as:
+        print(f"registered as {args.register_as}")
     if result.max_logit_difference is not None:
         print(f"verified: largest logit difference from base + adapter {result.max_logit_difference:.3g}")
     return 0

@@ -24,6 +24,7 @@ _PHASE = {
     loramux_service_pb2.MergeMetadata.PHASE_WRITING_CONFIG: "writing_config",
     loramux_service_pb2.MergeMetadata.PHASE_DONE: "done",
     loramux_service_pb2.MergeMetadata.PHASE_VERIFYING: "verifying",
+    loramux_service_pb2.MergeMetadata.PHASE_REGISTERING: "registering",
 }
 
 Message = Mapping[str, str] | tuple[str, str]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
@@ -181,14 +181,41 @@ class AsyncClient:
     @_translated
     async def merge(
         self, adapter_id: str, output_dir: str, *, overwrite: bool = False, max_shard_bytes: int = 0,
+        verify: bool = False, adapter_only: bool = False, register_as: str = "", timeout: float | None = None,
+    ) -> AsyncMergeHandle:
+        """Merge one adapter into the base (a standalone checkpoint under the merge root), or with
+        adapter_only write the adapter's own files there (register_as: and register them)."""
+        request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite,
+                                                   max_shard_bytes=max_shard_bytes, verify=verify,
+                                                   adapter_only=adapter_only, register_as=register_as)
+        return AsyncMergeHandle(self, await self._start_merge(request, timeout))
+
+    @_translated
+    async def combine(
+        self, adapters: Sequence[tuple[str, float]], output_dir: str, *, method: str = "svd", adapter_only: bool = False,
+        register_as: str = "", svd_rank: int = 0, svd_clamp: float = 0.0, density: float = 0.0,
+        majority_sign_method: str = "total", seed: int = 0, overwrite: bool = False, max_shard_bytes: int = 0,
         verify: bool = False, timeout: float | None = None,
     ) -> AsyncMergeHandle:
-        request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite,
-                                                   max_shard_bytes=max_shard_bytes, verify=verify)
+        """A weighted combination of adapters ((adapter_id, weight), ...), as peft's
+        add_weighted_adapter makes it (method: linear, cat, svd, ties, ties_svd, dare_linear,
+        dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd),
+        merged into the base, or with adapter_only written as a LoRA (register_as: and
+        registered under that id, to be served)."""
+        combination = loramux_service_pb2.Combination(
+            method=method, adapters=[loramux_service_pb2.WeightedAdapter(adapter_id=a, weight=w) for a, w in adapters],
+            svd_rank=svd_rank, svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method, seed=seed,
+        )
+        request = loramux_service_pb2.MergeRequest(output_dir=output_dir, combination=combination, overwrite=overwrite,
+                                                   max_shard_bytes=max_shard_bytes, verify=verify,
+                                                   adapter_only=adapter_only, register_as=register_as)
+        return AsyncMergeHandle(self, await self._start_merge(request, timeout))
+
+    async def _start_merge(self, request, timeout: float | None):
         operation = await self._stub.Merge(request, timeout=self._deadline(timeout))
         if self._router is not None:  # progress and result go to the replica that runs the merge
-            self._router.remember(operation.name, adapter_id)
-        return AsyncMergeHandle(self, operation)
+            self._router.remember(operation.name, request.adapter_id or request.combination.adapters[0].adapter_id)
+        return operation
 
     @_translated
     async def server_info(self, *, timeout: float | None = None) -> types.ServerInfo:

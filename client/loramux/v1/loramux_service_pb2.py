@@ -29,7 +29,7 @@ from loramux.v1 import adapter_pb2 as loramux_dot_v1_dot_adapter__pb2
 from loramux.v1 import generation_pb2 as loramux_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n loramux/v1/loramux_service.proto\x12\nloramux.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loramux/v1/adapter.proto\x1a\x1bloramux/v1/generation.proto\"r\n\x0cMergeRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\noutput_dir\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\x12\x17\n\x0fmax_shard_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06verify\x18\x05 \x01(\x08\"\xbb\x03\n\rMergeMetadata\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\noutput_dir\x18\x02 \x01(\t\x12.\n\x05phase\x18\x03 \x01(\x0e\x32\x1f.loramux.v1.MergeMetadata.Phase\x12\x14\n\x0ctensors_done\x18\x04 \x01(\x05\x12\x15\n\rtensors_total\x18\x05 \x01(\x05\x12\x18\n\x10progress_percent\x18\x06 \x01(\x02\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nbytes_done\x18\t \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x03\"\x82\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPHASE_QUEUED\x10\x01\x12\x11\n\rPHASE_MERGING\x10\x02\x12\x18\n\x14PHASE_WRITING_CONFIG\x10\x03\x12\x0e\n\nPHASE_DONE\x10\x04\x12\x13\n\x0fPHASE_VERIFYING\x10\x05\"\xa8\x01\n\rMergeResponse\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\r\n\x05\x66iles\x18\x02 \x03(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x16\n\x0emerged_tensors\x18\x04 \x01(\x05\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12\x10\n\x08verified\x18\x06 \x01(\x08\x12\x1c\n\x14max_logit_difference\x18\x07 \x01(\x01\"\x16\n\x14GetServerInfoRequest\"\xf1\x02\n\nServerInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x15\n\radapter_slots\x18\x05 \x01(\x05\x12\x18\n\x10host_cache_bytes\x18\x06 \x01(\x03\x12\x15\n\rmax_lora_rank\x18\x07 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\t \x01(\x05\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x36\n\x08versions\x18\x0b \x03(\x0b\x32$.loramux.v1.ServerInfo.VersionsEntry\x12\x1c\n\x14\x61\x64\x61pter_memory_bytes\x18\x0c \x01(\x03\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xd6\x04\n\x07Loramux\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x12\x42\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x13.loramux.v1.Adapter\x12I\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a\x16.google.protobuf.Empty\x12@\n\nGetAdapter\x12\x1d.loramux.v1.GetAdapterRequest\x1a\x13.loramux.v1.Adapter\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12@\n\x05Merge\x12\x18.loramux.v1.MergeRequest\x1a\x1d.google.longrunning.Operation\x12I\n\rGetServerInfo\x12 .loramux.v1.GetServerInfoRequest\x1a\x16.loramux.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n loramux/v1/loramux_service.proto\x12\nloramux.v1\x1a#google/longrunning/operations.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x18loramux/v1/adapter.proto\x1a\x1bloramux/v1/generation.proto\"\xcb\x01\n\x0cMergeRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\noutput_dir\x18\x02 \x01(\t\x12\x11\n\toverwrite\x18\x03 \x01(\x08\x12\x17\n\x0fmax_shard_bytes\x18\x04 \x01(\x03\x12\x0e\n\x06verify\x18\x05 \x01(\x08\x12,\n\x0b\x63ombination\x18\x06 \x01(\x0b\x32\x17.loramux.v1.Combination\x12\x14\n\x0c\x61\x64\x61pter_only\x18\x07 \x01(\x08\x12\x13\n\x0bregister_as\x18\x08 \x01(\t\"5\n\x0fWeightedAdapter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\x01\"\xae\x01\n\x0b\x43ombination\x12\x0e\n\x06method\x18\x01 \x01(\t\x12-\n\x08\x61\x64\x61pters\x18\x02 \x03(\x0b\x32\x1b.loramux.v1.WeightedAdapter\x12\x10\n\x08svd_rank\x18\x03 \x01(\x05\x12\x11\n\tsvd_clamp\x18\x04 \x01(\x01\x12\x0f\n\x07\x64\x65nsity\x18\x05 \x01(\x01\x12\x1c\n\x14majority_sign_method\x18\x06 \x01(\t\x12\x0c\n\x04seed\x18\x07 \x01(\x04\"\xd2\x03\n\rMergeMetadata\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\noutput_dir\x18\x02 \x01(\t\x12.\n\x05phase\x18\x03 \x01(\x0e\x32\x1f.loramux.v1.MergeMetadata.Phase\x12\x14\n\x0ctensors_done\x18\x04 \x01(\x05\x12\x15\n\rtensors_total\x18\x05 \x01(\x05\x12\x18\n\x10progress_percent\x18\x06 \x01(\x02\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nbytes_done\x18\t \x01(\x03\x12\x13\n\x0b\x62ytes_total\x18\n \x01(\x03\"\x99\x01\n\x05Phase\x12\x15\n\x11PHASE_UNSPECIFIED\x10\x00\x12\x10\n\x0cPHASE_QUEUED\x10\x01\x12\x11\n\rPHASE_MERGING\x10\x02\x12\x18\n\x14PHASE_WRITING_CONFIG\x10\x03\x12\x0e\n\nPHASE_DONE\x10\x04\x12\x13\n\x0fPHASE_VERIFYING\x10\x05\x12\x15\n\x11PHASE_REGISTERING\x10\x06\"\xa8\x01\n\rMergeResponse\x12\x13\n\x0boutput_path\x18\x01 \x01(\t\x12\r\n\x05\x66iles\x18\x02 \x03(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x12\x16\n\x0emerged_tensors\x18\x04 \x01(\x05\x12\x17\n\x0fmanifest_sha256\x18\x05 \x01(\t\x12\x10\n\x08verified\x18\x06 \x01(\x08\x12\x1c\n\x14max_logit_difference\x18\x07 \x01(\x01\"\x16\n\x14GetServerInfoRequest\"\xf1\x02\n\nServerInfo\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x16\n\x0emodel_revision\x18\x02 \x01(\t\x12\r\n\x05\x64type\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x15\n\radapter_slots\x18\x05 \x01(\x05\x12\x18\n\x10host_cache_bytes\x18\x06 \x01(\x03\x12\x15\n\rmax_lora_rank\x18\x07 \x01(\x05\x12\x16\n\x0emax_batch_size\x18\x08 \x01(\x05\x12\x1b\n\x13max_sequence_length\x18\t \x01(\x05\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x36\n\x08versions\x18\x0b \x03(\x0b\x32$.loramux.v1.ServerInfo.VersionsEntry\x12\x1c\n\x14\x61\x64\x61pter_memory_bytes\x18\x0c \x01(\x03\x1a/\n\rVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xd6\x04\n\x07Loramux\x12\x45\n\x08Generate\x12\x1b.loramux.v1.GenerateRequest\x1a\x1c.loramux.v1.GenerateResponse\x12S\n\x0eGenerateStream\x12\x1b.loramux.v1.GenerateRequest\x1a\".loramux.v1.GenerateStreamResponse0\x01\x12\x42\n\x0bLoadAdapter\x12\x1e.loramux.v1.LoadAdapterRequest\x1a\x13.loramux.v1.Adapter\x12I\n\rUnloadAdapter\x12 .loramux.v1.UnloadAdapterRequest\x1a\x16.google.protobuf.Empty\x12@\n\nGetAdapter\x12\x1d.loramux.v1.GetAdapterRequest\x1a\x13.loramux.v1.Adapter\x12Q\n\x0cListAdapters\x12\x1f.loramux.v1.ListAdaptersRequest\x1a .loramux.v1.ListAdaptersResponse\x12@\n\x05Merge\x12\x18.loramux.v1.MergeRequest\x1a\x1d.google.longrunning.Operation\x12I\n\rGetServerInfo\x12 .loramux.v1.GetServerInfoRequest\x1a\x16.loramux.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,20 +38,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SERVERINFO_VERSIONSENTRY']._loaded_options = None
   _globals['_SERVERINFO_VERSIONSENTRY']._serialized_options = b'8\001'
-  _globals['_MERGEREQUEST']._serialized_start=202
-  _globals['_MERGEREQUEST']._serialized_end=316
-  _globals['_MERGEMETADATA']._serialized_start=319
-  _globals['_MERGEMETADATA']._serialized_end=762
-  _globals['_MERGEMETADATA_PHASE']._serialized_start=632
-  _globals['_MERGEMETADATA_PHASE']._serialized_end=762
-  _globals['_MERGERESPONSE']._serialized_start=765
-  _globals['_MERGERESPONSE']._serialized_end=933
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=935
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=957
-  _globals['_SERVERINFO']._serialized_start=960
-  _globals['_SERVERINFO']._serialized_end=1329
-  _globals['_SERVERINFO_VERSIONSENTRY']._serialized_start=1282
-  _globals['_SERVERINFO_VERSIONSENTRY']._serialized_end=1329
-  _globals['_LORAMUX']._serialized_start=1332
-  _globals['_LORAMUX']._serialized_end=1930
+  _globals['_MERGEREQUEST']._serialized_start=203
+  _globals['_MERGEREQUEST']._serialized_end=406
+  _globals['_WEIGHTEDADAPTER']._serialized_start=408
+  _globals['_WEIGHTEDADAPTER']._serialized_end=461
+  _globals['_COMBINATION']._serialized_start=464
+  _globals['_COMBINATION']._serialized_end=638
+  _globals['_MERGEMETADATA']._serialized_start=641
+  _globals['_MERGEMETADATA']._serialized_end=1107
+  _globals['_MERGEMETADATA_PHASE']._serialized_start=954
+  _globals['_MERGEMETADATA_PHASE']._serialized_end=1107
+  _globals['_MERGERESPONSE']._serialized_start=1110
+  _globals['_MERGERESPONSE']._serialized_end=1278
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1280
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1302
+  _globals['_SERVERINFO']._serialized_start=1305
+  _globals['_SERVERINFO']._serialized_end=1674
+  _globals['_SERVERINFO_VERSIONSENTRY']._serialized_start=1627
+  _globals['_SERVERINFO_VERSIONSENTRY']._serialized_end=1674
+  _globals['_LORAMUX']._serialized_start=1677
+  _globals['_LORAMUX']._serialized_end=2275
 # @@protoc_insertion_point(module_scope)

@@ -29,6 +29,9 @@ class MergeRequest(_message.Message):
     OVERWRITE_FIELD_NUMBER: _builtins.int
     MAX_SHARD_BYTES_FIELD_NUMBER: _builtins.int
     VERIFY_FIELD_NUMBER: _builtins.int
+    COMBINATION_FIELD_NUMBER: _builtins.int
+    ADAPTER_ONLY_FIELD_NUMBER: _builtins.int
+    REGISTER_AS_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     output_dir: _builtins.str
     """A directory relative to the server's merge root; it must not exist or be empty
@@ -44,6 +47,20 @@ class MergeRequest(_message.Message):
     the adapter (peft, float32, on the CPU) on probe prompts. Costs one model's size in host
     memory and the time of two forward passes of each model.
     """
+    adapter_only: _builtins.bool
+    """Write the adapter (the combination's, or adapter_id's) as a PEFT LoRA checkpoint
+    (adapter_config.json, adapter_model.safetensors) instead of a merged model.
+    """
+    register_as: _builtins.str
+    """With adapter_only: register the written adapter under this id once it is in place
+    (source "merged://<output_dir>"), to be served like any other.
+    """
+    @_builtins.property
+    def combination(self) -> Global___Combination:
+        """Instead of adapter_id: a weighted combination of the tenant's adapters (peft's
+        add_weighted_adapter), merged into the base, or, with adapter_only, written as a LoRA.
+        """
+
     def __init__(
         self,
         *,
@@ -52,14 +69,84 @@ class MergeRequest(_message.Message):
         overwrite: _builtins.bool = ...,
         max_shard_bytes: _builtins.int = ...,
         verify: _builtins.bool = ...,
+        combination: Global___Combination | None = ...,
+        adapter_only: _builtins.bool = ...,
+        register_as: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["combination", b"combination"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "max_shard_bytes", b"max_shard_bytes", "output_dir", b"output_dir", "overwrite", b"overwrite", "verify", b"verify"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "adapter_only", b"adapter_only", "combination", b"combination", "max_shard_bytes", b"max_shard_bytes", "output_dir", b"output_dir", "overwrite", b"overwrite", "register_as", b"register_as", "verify", b"verify"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___MergeRequest: _TypeAlias = MergeRequest  # noqa: Y015
+
+@_typing.final
+class WeightedAdapter(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
+    WEIGHT_FIELD_NUMBER: _builtins.int
+    adapter_id: _builtins.str
+    weight: _builtins.float
+    def __init__(
+        self,
+        *,
+        adapter_id: _builtins.str = ...,
+        weight: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "weight", b"weight"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WeightedAdapter: _TypeAlias = WeightedAdapter  # noqa: Y015
+
+@_typing.final
+class Combination(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    METHOD_FIELD_NUMBER: _builtins.int
+    ADAPTERS_FIELD_NUMBER: _builtins.int
+    SVD_RANK_FIELD_NUMBER: _builtins.int
+    SVD_CLAMP_FIELD_NUMBER: _builtins.int
+    DENSITY_FIELD_NUMBER: _builtins.int
+    MAJORITY_SIGN_METHOD_FIELD_NUMBER: _builtins.int
+    SEED_FIELD_NUMBER: _builtins.int
+    method: _builtins.str
+    """linear, cat, svd, ties, ties_svd, dare_linear, dare_ties, dare_linear_svd, dare_ties_svd,
+    magnitude_prune, magnitude_prune_svd (peft's combination types).
+    """
+    svd_rank: _builtins.int
+    """svd methods: the new rank (0: the largest input rank); a quantile to clamp the factors (0: none)."""
+    svd_clamp: _builtins.float
+    density: _builtins.float
+    """ties, dare and magnitude_prune methods: the fraction of values kept, in (0, 1]."""
+    majority_sign_method: _builtins.str
+    """ties methods: "total" (default) or "frequency"."""
+    seed: _builtins.int
+    """dare methods: the seed of their random pruning (the same seed gives the same adapter)."""
+    @_builtins.property
+    def adapters(self) -> _containers.RepeatedCompositeFieldContainer[Global___WeightedAdapter]: ...
+    def __init__(
+        self,
+        *,
+        method: _builtins.str = ...,
+        adapters: _abc.Iterable[Global___WeightedAdapter] | None = ...,
+        svd_rank: _builtins.int = ...,
+        svd_clamp: _builtins.float = ...,
+        density: _builtins.float = ...,
+        majority_sign_method: _builtins.str = ...,
+        seed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapters", b"adapters", "density", b"density", "majority_sign_method", b"majority_sign_method", "method", b"method", "seed", b"seed", "svd_clamp", b"svd_clamp", "svd_rank", b"svd_rank"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Combination: _TypeAlias = Combination  # noqa: Y015
 
 @_typing.final
 class MergeMetadata(_message.Message):
@@ -77,6 +164,7 @@ class MergeMetadata(_message.Message):
         PHASE_WRITING_CONFIG: MergeMetadata._Phase.ValueType  # 3
         PHASE_DONE: MergeMetadata._Phase.ValueType  # 4
         PHASE_VERIFYING: MergeMetadata._Phase.ValueType  # 5
+        PHASE_REGISTERING: MergeMetadata._Phase.ValueType  # 6
 
     class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper): ...
     PHASE_UNSPECIFIED: MergeMetadata.Phase.ValueType  # 0
@@ -85,6 +173,7 @@ class MergeMetadata(_message.Message):
     PHASE_WRITING_CONFIG: MergeMetadata.Phase.ValueType  # 3
     PHASE_DONE: MergeMetadata.Phase.ValueType  # 4
     PHASE_VERIFYING: MergeMetadata.Phase.ValueType  # 5
+    PHASE_REGISTERING: MergeMetadata.Phase.ValueType  # 6
 
     ADAPTER_ID_FIELD_NUMBER: _builtins.int
     OUTPUT_DIR_FIELD_NUMBER: _builtins.int

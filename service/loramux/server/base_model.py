@@ -46,6 +46,11 @@ class BaseModel:
             allow_pickle=settings.allow_pickle_weights,
         )
 
+    @property
+    def module_order(self) -> list[str]:
+        """The model's module names (slot wrappers left out), each once, in the model's order."""
+        return list(dict.fromkeys(name.replace(".base_layer", "") for name, _ in self.model.named_modules()))
+
     def base_state_dict(self) -> dict[str, torch.Tensor]:
         """The base weights under their checkpoint names (slot wrappers and slots left out)."""
         return {name.replace(".base_layer.", "."): t for name, t in self.model.state_dict().items()}

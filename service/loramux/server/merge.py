@@ -20,9 +20,11 @@ asked for and again just before the new output is moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -31,10 +33,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
+from loramux.server.adapters.adapter_config import MAX_CONFIG_BYTES
+from loramux.server.adapters.registry import AdapterRecord
 from loramux.server.adapters.sources import check_path_text
-from loramux.server.adapters.weights import AdapterWeights
+from loramux.server.adapters.weights import AdapterWeights, ModuleLora
 from loramux.server.base_files import SINGLE_FILE, TORCH_DTYPES, WEIGHTS_INDEX, BaseCheckpoint, TensorEntry
+from loramux.server.combine import Combination
 from loramux.server.errors import InvalidRequest, MergeNotFinite, MergeOutputExists, MergeOutputForeign, MergeUnsupported
 from loramux.server.operations import ResultCodec
 
@@ -124,6 +130,36 @@ def sweep_temporaries(merge_root: Path) -> list[Path]:
                 keep.append(name)
         dirs[:] = keep
     return removed
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeJob:
+    """What a Merge call asks for (the gRPC layer builds it)."""
+
+    output_dir: str
+    adapter_id: str = ""  # one adapter, or
+    inputs: tuple[str, ...] = ()  # the combination's adapters, in order (weights in `combination`)
+    combination: Combination | None = None
+    overwrite: bool = False
+    max_shard_bytes: int = 0
+    verify: bool = False
+    adapter_only: bool = False  # write a LoRA checkpoint, not a merged model
+    register_as: str = ""  # with adapter_only: register it under this id
+
+    def check(self) -> None:
+        if self.max_shard_bytes < 0:
+            raise InvalidRequest("max_shard_bytes must be >= 0", field="max_shard_bytes", reason="MAX_SHARD_BYTES_INVALID")
+        if (self.combination is None) == (not self.adapter_id):
+            raise InvalidRequest("name one adapter_id, or a combination (not both)", field="adapter_id",
+                                 reason="MERGE_INPUT_INVALID")
+        if self.combination is not None:
+            self.combination.check(len(self.inputs))
+        if self.register_as and not self.adapter_only:
+            raise InvalidRequest("register_as needs adapter_only (a merged model is not an adapter)", field="register_as",
+                                 reason="MERGE_INPUT_INVALID")
+        if self.verify and self.adapter_only:
+            raise InvalidRequest("verify checks a merged model; with adapter_only there is none", field="verify",
+                                 reason="MERGE_INPUT_INVALID")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +361,74 @@ def _shard_names(count: int) -> list[str]:
     if count == 1:
         return [SINGLE_FILE]
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def read_adapter_config(directory: Path) -> dict:
+    """An adapter's config as peft wrote it (it was validated when the adapter was loaded)."""
+    with open(directory / ADAPTER_CONFIG, "rb") as f:
+        return json.loads(f.read(MAX_CONFIG_BYTES + 1))
+
+
+def combined_weights(config: dict, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> AdapterWeights:
+    """A combination's factors as an adapter, with the scale its config gives (r = lora_alpha:
+    1, or sqrt(r) with rslora, as peft computes it)."""
+    rank, alpha = int(config["r"]), float(config["lora_alpha"])
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return AdapterWeights({m: ModuleLora(a, b, scale) for m, (a, b) in factors.items()})
+
+
+def _adapter_files(config: dict | None, weights: AdapterWeights, source: AdapterRecord, directory: Path) -> None:
+    """A PEFT LoRA checkpoint in `directory`: the combination's config and factors, or the
+    source adapter's own files."""
+    if config is None:
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            shutil.copyfile(source.directory / name, directory / name)
+        return
+    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    tensors = {}
+    for module, lora in weights.modules.items():
+        tensors[f"base_model.model.{module}.lora_A.weight"] = lora.a.contiguous()
+        tensors[f"base_model.model.{module}.lora_B.weight"] = lora.b.contiguous()
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+
+
+def write_adapter_checkpoint(config: dict | None, weights: AdapterWeights, source: AdapterRecord, target: Path,
+                             provenance: dict, overwrite: bool) -> MergeResult:
+    """Write an adapter (a combination, or `source`'s files) as a PEFT checkpoint at `target`,
+    with the manifest, through a temporary directory moved into place."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name[:64]}-", dir=target.parent))
+    try:
+        _adapter_files(config, weights, source, tmp)
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file())
+        manifest = dict(provenance, files={n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files})
+        (tmp / MERGE_INFO_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _swap_into_place(tmp, target, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    written = sorted(p.name for p in target.iterdir() if p.is_file())
+    return MergeResult(output_path=target, files=tuple(written), size_bytes=sum((target / f).stat().st_size for f in written),
+                       merged_tensors=0, manifest_sha256=_sha256(target / MERGE_INFO_FILE))
+
+
+@contextlib.contextmanager
+def adapter_directory(config: dict | None, weights: AdapterWeights, source: AdapterRecord, parent: Path):
+    """The adapter as files peft can load: `source`'s own directory, or the combination
+    written to a temporary directory (removed after; named so that a crash's leftover is swept)."""
+    if config is None:
+        yield source.directory
+        return
+    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}verify-", dir=parent))
+    try:
+        _adapter_files(config, weights, source, tmp)
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 PROBE_PROMPTS = 2

@@ -148,7 +148,7 @@ class AdapterRegistry:
         load_time: float,
     ) -> tuple[AdapterRecord, AdapterWeights]:
         started = time.perf_counter()
-        resolved = resolve_source(source, revision, self._settings, allowed, self._objects)
+        resolved = resolve_source(source, revision, self._settings, allowed, self._objects, tenant)
         try:
             spec, weights = read_checkpoint(resolved.directory, self._base, root=resolved.root)
         except BaseException:

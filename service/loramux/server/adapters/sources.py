@@ -4,6 +4,8 @@
   through huggingface_hub into its cache, or read from that cache alone when offline.
 - `s3://bucket/path` (and gs://, az:// where installed): objects under one of the server's
   object roots (`--object-root`), fetched to local disk (adapters/objects.py).
+- `merged://<output_dir>`: an adapter a merge wrote (adapter_only) under the tenant's own
+  directory of the merge root.
 - anything else: a directory that must lie under one of the configured adapter roots,
   given absolute or relative to a root (roots tried in order). Symlinks are resolved
   before the check, so a link cannot lead out of the roots; the files inside are checked
@@ -23,6 +25,7 @@ from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideR
 from loramux.server.settings import Settings
 
 HUB_PREFIX = "hf://"
+MERGED_PREFIX = "merged://"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 MAX_PATH_CHARS = 1024
 MAX_COMPONENT_CHARS = 255
@@ -49,7 +52,9 @@ class ResolvedSource:
 
 
 def source_kind(source: str) -> str:
-    """local, hub or object: the label adapter read times are recorded under."""
+    """local, hub, object or merged: the label adapter read times are recorded under."""
+    if source.startswith(MERGED_PREFIX):
+        return "merged"
     return "hub" if source.startswith(HUB_PREFIX) else "object" if is_object_url(source) else "local"
 
 
@@ -66,6 +71,7 @@ def check_path_text(value: str, field: str, reason: str) -> None:
 
 def resolve_source(
     source: str, revision: str, settings: Settings, allowed: SourceAllowance = ANYWHERE, objects: ObjectStores | None = None,
+    tenant: str | None = None,
 ) -> ResolvedSource:
     """Where `source` is, within what `allowed` (the tenant's allowance) and the server permit;
     object-storage sources are fetched through `objects`."""
@@ -82,6 +88,13 @@ def resolve_source(
                 field="source", reason="SOURCE_NOT_ALLOWED", source=source,
             )
         return _resolve_hub(repo_id, revision or None, settings)
+    if source.startswith(MERGED_PREFIX):
+        own = settings.merge_root / tenant if settings.merge_root is not None and tenant is not None else None
+        if own is None or not own.is_dir():
+            raise SourceNotFound("this tenant has no merge outputs on this server (--merge-root)", field="source",
+                                 source=source)
+        directory, root = _resolve_local(source[len(MERGED_PREFIX):] or ".", (own.resolve(),))
+        return ResolvedSource(directory, root, None)
     if is_object_url(source):
         url = check_object_url(source)
         if objects is None:

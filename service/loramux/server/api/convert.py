@@ -14,7 +14,8 @@ from loramux.server.api.status import to_status
 from loramux.server.engine.inputs import GenerateInput
 from loramux.server.engine.request import FinishReason, Timings
 from loramux.server.errors import InvalidRequest
-from loramux.server.merge import MergeResult
+from loramux.server.combine import Combination
+from loramux.server.merge import MergeJob, MergeResult
 from loramux.server.operations import Operation
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2
 
@@ -34,6 +35,7 @@ _PHASES = {
     "writing_config": loramux_service_pb2.MergeMetadata.PHASE_WRITING_CONFIG,
     "done": loramux_service_pb2.MergeMetadata.PHASE_DONE,
     "verifying": loramux_service_pb2.MergeMetadata.PHASE_VERIFYING,
+    "registering": loramux_service_pb2.MergeMetadata.PHASE_REGISTERING,
 }
 VERSIONED_PACKAGES = ("loramux", "torch", "transformers", "peft", "safetensors", "grpcio", "protobuf")
 
@@ -120,6 +122,23 @@ def page(items: list, page_size: int, page_token: str, key) -> tuple[list, str]:
     more = start + size < len(items)
     token = base64.urlsafe_b64encode(key(chosen[-1]).encode()).decode() if more and chosen else ""
     return chosen, token
+
+
+def merge_job(request) -> MergeJob:
+    c = request.combination if request.HasField("combination") else None
+    combination = None
+    if c is not None:
+        combination = Combination(
+            method=c.method, weights=tuple(a.weight for a in c.adapters), svd_rank=c.svd_rank or None,
+            svd_clamp=c.svd_clamp or None, density=c.density or None, majority_sign_method=c.majority_sign_method or "total",
+            seed=c.seed,
+        )
+    return MergeJob(
+        output_dir=request.output_dir, adapter_id=request.adapter_id,
+        inputs=tuple(a.adapter_id for a in c.adapters) if c is not None else (), combination=combination,
+        overwrite=request.overwrite, max_shard_bytes=request.max_shard_bytes, verify=request.verify,
+        adapter_only=request.adapter_only, register_as=request.register_as,
+    )
 
 
 def operation(op: Operation) -> operations_pb2.Operation:

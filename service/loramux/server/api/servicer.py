@@ -323,12 +323,8 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             self._pools.adapters,
             self._engine.merges.start,
             tenant_of(context, self._engine),
-            request.adapter_id,
-            request.output_dir,
-            request.overwrite,
+            convert.merge_job(request),
             trace_context=otel_context.get_current(),
-            max_shard_bytes=request.max_shard_bytes,
-            verify=request.verify,
         )
         return convert.operation(op)
 

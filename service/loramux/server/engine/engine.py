@@ -104,7 +104,9 @@ class Engine:
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io", initializer=limit_to_one_thread)
         self.worker = Worker(settings, base, self.registry, self._io)
         self.operations = OperationStore(self.state, MERGE_RESULTS)
-        self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry, quotas=lambda tenant: self.quotas(tenant))
+        self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry,
+                             quotas=lambda tenant: self.quotas(tenant),
+                             register=lambda tenant, adapter_id, source: self.adapters.load(tenant, adapter_id, source))
         worker = self.worker
         self.adapters = AdapterAdmin(
             settings,

@@ -10,6 +10,7 @@ running; with it they run one after another on the single merge thread.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -20,13 +21,18 @@ from pathlib import Path
 import torch
 from opentelemetry.trace import StatusCode
 
-from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
+from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry, validate_adapter_id
+from loramux.server.adapters.sources import MERGED_PREFIX
 from loramux.server.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.failures import as_domain_error
 from loramux.server.base_files import BaseCheckpoint, base_directory, read_base_checkpoint
-from loramux.server.errors import InvalidRequest, MergeFailed, MergeOutputExists, ShuttingDown
-from loramux.server.merge import MergeProgress, MergeResult, merge_to_checkpoint, resolve_output, verify_merged
+from loramux.server.combine import combine, combined_config
+from loramux.server.errors import AdapterExists, InvalidRequest, MergeFailed, MergeOutputExists, ShuttingDown
+from loramux.server.merge import (
+    MergeJob, MergeProgress, MergeResult, adapter_directory, combined_weights, merge_to_checkpoint, read_adapter_config,
+    resolve_output, verify_merged, write_adapter_checkpoint,
+)
 from loramux.server.operations import Operation, OperationStore
 from loramux.server.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
@@ -39,13 +45,17 @@ class Merges:
     def __init__(
         self, settings: Settings, base: BaseModel, registry: AdapterRegistry, operations: OperationStore, telemetry: Telemetry,
         quotas: Callable[[str], Quotas] = lambda tenant: UNLIMITED,
+        register: Callable[[str, str, str], object] | None = None,
     ):
+        """`register(tenant, adapter_id, source)` registers a written adapter (the engine's
+        AdapterAdmin.load: quotas and all)."""
         self.settings = settings
         self._quotas = quotas
         self.base = base
         self.registry = registry
         self.operations = operations
         self.telemetry = telemetry
+        self._register = register
         self.draining = False  # set at shutdown: new merges are refused
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge", initializer=limit_to_one_thread)
@@ -64,24 +74,36 @@ class Merges:
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
-    def start(
-        self, tenant: str, adapter_id: str, output_dir: str, overwrite: bool = False, trace_context: object = None,
-        max_shard_bytes: int = 0, verify: bool = False,
-    ) -> Operation:
+    def start(self, tenant: str, job: MergeJob, trace_context: object = None) -> Operation:
         """Check the request and start merging on the merge thread; returns the operation.
 
-        The merge reads the base weights (never changed while serving) and the adapter's files,
-        so it runs beside generation without touching slots. Its spans (one per phase) are
-        children of `trace_context`."""
+        Everything that can be refused is refused here, before an operation exists. Its spans
+        (one per phase) are children of `trace_context`."""
         if self.settings.merge_root is None:
             raise MergeFailed("this server has no merge root (--merge-root); merging is off")
         if self.draining:
             raise ShuttingDown("the server is shutting down")
-        record = self.registry.find(tenant, adapter_id)
-        if max_shard_bytes < 0:
-            raise InvalidRequest("max_shard_bytes must be >= 0", field="max_shard_bytes", reason="MAX_SHARD_BYTES_INVALID")
-        shard_bytes = max_shard_bytes or (self.settings.merge_shard_mib << 20 if self.settings.merge_shard_mib else None)
-        checkpoint = self.checkpoint()  # MERGE_UNSUPPORTED now, before an operation exists
+        job.check()
+        ids = [job.adapter_id] if job.combination is None else list(job.inputs)  # an adapter may appear twice
+        records = [self.registry.find(tenant, adapter_id) for adapter_id in ids]
+        if job.combination is not None:  # ranks and targets that cannot combine are refused now
+            config = combined_config([read_adapter_config(r.directory) for r in records], job.combination.method,
+                                     job.combination.svd_rank)
+            if job.register_as and int(config["r"]) > self.settings.max_lora_rank:
+                raise InvalidRequest(
+                    f"the combination has rank {config['r']}, above --max-lora-rank {self.settings.max_lora_rank}; it "
+                    "could not be registered (lower svd_rank, or write it without register_as)",
+                    field="register_as", reason="ADAPTER_RANK_TOO_LARGE",
+                )
+        if job.register_as:
+            validate_adapter_id(job.register_as, "register_as")
+            if self.registry.has(tenant, job.register_as) or any(
+                s.adapter_id == job.register_as for s in self.registry.registered(tenant)
+            ):
+                raise AdapterExists(f"adapter {job.register_as!r} is already registered; unload it or choose another "
+                                    "register_as", field="register_as", existing_source="")
+        shard_bytes = job.max_shard_bytes or (self.settings.merge_shard_mib << 20 if self.settings.merge_shard_mib else None)
+        checkpoint = None if job.adapter_only else self.checkpoint()  # MERGE_UNSUPPORTED now
         limit = self._quotas(tenant).merges
         if limit is not None:
             running = sum(not op.done and op.name.startswith("operations/merge-") for op in self.operations.list(tenant))
@@ -92,10 +114,10 @@ class Merges:
         # outputs cannot be named, read over or replaced.
         tenant_root = self.settings.merge_root / tenant
         tenant_root.mkdir(exist_ok=True)
-        target = resolve_output(tenant_root, output_dir, overwrite)
+        target = resolve_output(tenant_root, job.output_dir, job.overwrite)
         with self._lock:  # merges to one output run one after another; without overwrite, only one
             claims = self._claims.get(target, 0)
-            if claims and not overwrite:
+            if claims and not job.overwrite:
                 raise MergeOutputExists(
                     "another merge to this output_dir is queued or running; set overwrite to replace its output after it",
                     field="output_dir",
@@ -104,8 +126,9 @@ class Merges:
         op = self.operations.create(
             tenant,
             "merge",
-            {"adapter_id": adapter_id, "output_dir": output_dir, "phase": "queued", "tensors_done": 0,
-             "tensors_total": len(checkpoint.entries), "bytes_done": 0, "bytes_total": checkpoint.total_bytes},
+            {"adapter_id": ",".join(ids), "output_dir": job.output_dir, "phase": "queued", "tensors_done": 0,
+             "tensors_total": len(checkpoint.entries) if checkpoint else 0, "bytes_done": 0,
+             "bytes_total": checkpoint.total_bytes if checkpoint else 0},
         )
         tracer = self.telemetry.tracer
 
@@ -120,10 +143,10 @@ class Merges:
 
         def run() -> None:
             started = time.perf_counter()
-            attributes = {"loramux.tenant": tenant, "loramux.adapter.id": adapter_id, "loramux.operation": op.name}
+            attributes = {"loramux.tenant": tenant, "loramux.adapter.id": ",".join(ids), "loramux.operation": op.name}
             with tracer.start_as_current_span("loramux.merge", context=trace_context, attributes=attributes) as span:
                 try:
-                    result = self._merge(op, record, adapter_id, target, overwrite, checkpoint, shard_bytes, verify)
+                    result = self._merge(op, tenant, job, records, target, checkpoint, shard_bytes)
                 except BaseException as e:
                     error = as_domain_error(e, f"merge {op.name} failed")
                     span.set_status(StatusCode.ERROR, error.message)
@@ -139,24 +162,41 @@ class Merges:
         self._executor.submit(work)
         return op
 
-    def _merge(self, op: Operation, record: AdapterRecord, adapter_id: str, target, overwrite: bool,
-               checkpoint: BaseCheckpoint, shard_bytes: int | None, verify: bool) -> MergeResult:
+    def _merge(self, op: Operation, tenant: str, job: MergeJob, records: list[AdapterRecord], target: Path,
+               checkpoint: BaseCheckpoint | None, shard_bytes: int | None) -> MergeResult:
         """The merge itself, on the merge thread, one child span per phase."""
         tracer = self.telemetry.tracer
         self.operations.update(op, phase="merging")
         with tracer.start_as_current_span("loramux.merge.read_adapter"):
-            weights = self.registry.read_weights(record, dtype=torch.float32)
+            inputs = [self.registry.read_weights(record, dtype=torch.float32) for record in records]
         provenance = {
             "base_model": self.settings.served_model_name,
             "base_revision": self.base.revision,
-            "adapter_id": adapter_id,
-            "adapter_source": record.source,
-            "adapter_revision": record.revision,
-            "method": "lora",
+            "adapters": [{"adapter_id": r.adapter_id, "source": r.source, "revision": r.revision, "weight": weight}
+                         for r, weight in zip(records, job.combination.weights if job.combination else (1.0,))],
+            "method": job.combination.method if job.combination is not None else "lora",
+            "combination": dataclasses.asdict(job.combination) if job.combination is not None else None,
+            "output": "adapter" if job.adapter_only else "model",
             "max_shard_bytes": shard_bytes,
-            "verified": verify,
+            "verified": job.verify,
             "loramux_version": _version(),
         }
+        if job.combination is None:
+            weights, config = inputs[0], None
+        else:
+            with tracer.start_as_current_span("loramux.merge.combine") as combine_span:
+                configs = [read_adapter_config(r.directory) for r in records]
+                config, factors = combine(inputs, configs, job.combination, self.base.module_order)
+                combine_span.set_attribute("loramux.merge.rank", int(config["r"]))
+                weights = combined_weights(config, factors)
+        if job.adapter_only:
+            with tracer.start_as_current_span("loramux.merge.write_adapter"):
+                result = write_adapter_checkpoint(config, weights, records[0], target, provenance, job.overwrite)
+            if job.register_as:
+                self.operations.update(op, phase="registering")
+                with tracer.start_as_current_span("loramux.merge.register"):
+                    self._register(tenant, job.register_as, f"{MERGED_PREFIX}{job.output_dir}")
+            return result
         phase = {"span": tracer.start_span("loramux.merge.merge_tensors")}
         checked = {"at": time.monotonic()}
 
@@ -180,7 +220,8 @@ class Merges:
             phase["span"].end()
             phase["span"] = tracer.start_span("loramux.merge.verify")
             self.operations.update(op, phase="verifying")
-            difference = verify_merged(checkpoint.directory, record.directory, directory, self.base.vocab_size)
+            with adapter_directory(config, weights, records[0], directory.parent) as adapter_dir:
+                difference = verify_merged(checkpoint.directory, adapter_dir, directory, self.base.vocab_size)
             phase["span"].set_attribute("loramux.merge.max_logit_difference", difference)
             if op.cancel_error is not None:
                 raise op.cancel_error
@@ -188,8 +229,8 @@ class Merges:
 
         try:
             result: MergeResult = merge_to_checkpoint(checkpoint, weights, target, provenance, progress,
-                                                      shard_bytes=shard_bytes, overwrite=overwrite,
-                                                      verify=verification if verify else None)
+                                                      shard_bytes=shard_bytes, overwrite=job.overwrite,
+                                                      verify=verification if job.verify else None)
         except BaseException as e:
             phase["span"].set_status(StatusCode.ERROR, str(e))
             raise
