@@ -255,3 +255,47 @@ def test_merge_requests_are_checked_before_an_operation_exists(small):
         with pytest.raises(cls) as e:
             call().result(timeout=120)
         assert e.value.reason == reason
+
+
+def test_a_hub_base_is_found_in_the_local_cache_at_the_revision_it_loaded(assets, tmp_path):
+    import shutil
+
+    from loramux.server.base_files import base_directory
+
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny"
+    shutil.copytree(assets.base, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    found = base_directory("acme/tiny", sha, cache_dir=tmp_path / "hub")
+    assert found == (repo / "snapshots" / sha).resolve()
+    assert read_base_checkpoint(found).total_bytes == read_base_checkpoint(assets.base).total_bytes
+    with pytest.raises(MergeUnsupported):
+        base_directory("acme/absent", sha, cache_dir=tmp_path / "hub")
+
+
+def test_a_bfloat16_base_merges_as_peft_merges_it(assets, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loramux.server.adapters.checkpoint import read_checkpoint
+    from loramux.server.base_model import load_base_model
+    from loramux.server.merge import merge_to_checkpoint
+
+    AutoModelForCausalLM.from_pretrained(str(assets.base), dtype=torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+    assets.tokenizer.save_pretrained(str(tmp_path / "bf16"))
+    settings = assets.settings(model=str(tmp_path / "bf16"), model_name=str(assets.base))
+    view = load_base_model(settings).view(settings)
+    _, weights = read_checkpoint(assets.adapters / "all-r16", view, dtype=torch.float32, root=assets.adapters / "all-r16")
+    merge_to_checkpoint(read_base_checkpoint(tmp_path / "bf16"), weights, tmp_path / "out", {}, lambda p: None)
+    base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16"), dtype=torch.bfloat16)
+    want = PeftModel.from_pretrained(base, str(assets.adapters / "all-r16")).merge_and_unload().state_dict()
+    got = tensors(tmp_path / "out")
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    # Within rounding: at most one bfloat16 step apart, and almost everywhere equal.
+    for name, tensor in got.items():
+        diff = (tensor.float() - want[name].float()).abs()
+        assert (diff <= tensor.float().abs().clamp(min=1e-30) * 2**-7).all(), name
+    equal = sum(int((got[k] == want[k]).sum()) for k in got) / sum(t.numel() for t in got.values())
+    print(f"\nbfloat16 merge: {equal:.6f} of values equal to peft's")
+    assert equal > 0.99

@@ -66,16 +66,17 @@ class BaseCheckpoint:
         )
 
 
-def base_directory(model: str, revision: str | None, hub_cache_dir: Path | None) -> Path:
+def base_directory(model: str, revision: str | None, cache_dir: Path | None = None) -> Path:
     """The directory the base model was loaded from: a local directory, or the Hub snapshot
-    of `revision` (a commit) in the local cache."""
+    of `revision` (a commit) in the local Hugging Face cache (`cache_dir`: huggingface_hub's
+    default, where transformers loaded it from)."""
     local = Path(model).expanduser()
     if local.is_dir():
         return local.resolve()
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(model, revision=revision, local_files_only=True)).resolve()
+        return Path(snapshot_download(model, revision=revision, local_files_only=True, cache_dir=cache_dir)).resolve()
     except Exception as e:
         raise MergeUnsupported(
             f"the base model's files for {model!r} at revision {revision} are not in the local Hugging Face cache ({e})"

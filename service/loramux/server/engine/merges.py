@@ -67,7 +67,7 @@ class Merges:
         with self._lock:
             if self._checkpoint is None:
                 directory = base_directory(self.settings.model, self.base.revision if self.base.revision != "local"
-                                           else None, self.settings.hub_cache_dir)
+                                           else None)
                 self._checkpoint = read_base_checkpoint(directory)
             return self._checkpoint
 
