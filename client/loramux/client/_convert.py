@@ -118,6 +118,16 @@ def adapter_info(a: adapter_pb2.Adapter) -> types.AdapterInfo:
     )
 
 
+def combine_request(adapters, output_dir: str, *, method: str, svd_rank: int, svd_clamp: float, density: float,
+                    majority_sign_method: str, seed: int, **merge) -> loramux_service_pb2.MergeRequest:
+    """A Merge request for a weighted combination ((adapter_id, weight), ...)."""
+    combination = loramux_service_pb2.Combination(
+        method=method, adapters=[loramux_service_pb2.WeightedAdapter(adapter_id=a, weight=w) for a, w in adapters],
+        svd_rank=svd_rank, svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method, seed=seed,
+    )
+    return loramux_service_pb2.MergeRequest(output_dir=output_dir, combination=combination, **merge)
+
+
 def merge_progress(op: operations_pb2.Operation) -> types.MergeProgress:
     meta = loramux_service_pb2.MergeMetadata()
     op.metadata.Unpack(meta)

@@ -214,13 +214,11 @@ class Client:
         dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd),
         merged into the base, or with adapter_only written as a LoRA (register_as: and
         registered under that id, to be served)."""
-        combination = loramux_service_pb2.Combination(
-            method=method, adapters=[loramux_service_pb2.WeightedAdapter(adapter_id=a, weight=w) for a, w in adapters],
-            svd_rank=svd_rank, svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method, seed=seed,
+        request = _convert.combine_request(
+            adapters, output_dir, method=method, adapter_only=adapter_only, register_as=register_as, svd_rank=svd_rank,
+            svd_clamp=svd_clamp, density=density, majority_sign_method=majority_sign_method, seed=seed,
+            overwrite=overwrite, max_shard_bytes=max_shard_bytes, verify=verify,
         )
-        request = loramux_service_pb2.MergeRequest(output_dir=output_dir, combination=combination, overwrite=overwrite,
-                                                   max_shard_bytes=max_shard_bytes, verify=verify,
-                                                   adapter_only=adapter_only, register_as=register_as)
         return MergeHandle(self, self._start_merge(request, timeout))
 
     def _start_merge(self, request, timeout: float | None):
