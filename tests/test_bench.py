@@ -73,3 +73,15 @@ def test_quick_merge_benchmark_measures_both_systems_in_fresh_processes(tmp_path
     # peft holds the whole model (loaded, merged, saved); the stream does not.
     assert cell["peft"]["peak_bytes"] > cell["model_bytes"] > cell["loramux"]["peak_bytes"]
     assert "| h256-l4 (13 MiB) |" in (tmp_path / "merge.md").read_text()
+
+
+def test_quick_quantization_benchmark_compares_int8_with_full_precision(tmp_path):
+    from loramux.bench.quantization import main as quantization_main
+
+    assert quantization_main(["--quick", "--out", str(tmp_path)]) == 0
+    (cell,) = json.loads((tmp_path / "quantization.json").read_text())["cells"]
+    assert cell["int8"]["model_bytes"] < cell["none"]["model_bytes"] and 0 < cell["memory_saved"] < 1
+    assert all(s > 0 for s in cell["none"]["tokens_per_s"] + cell["int8"]["tokens_per_s"])
+    same, total = map(int, cell["agreement"]["sequences"].split("/"))
+    assert total == 5 * 8 and 0 <= same <= total and 0 < cell["agreement"]["max_logit_error"] < 0.1
+    assert "| h128-l2 |" in (tmp_path / "quantization.md").read_text()

@@ -171,6 +171,8 @@ def server_info(i: loramux_service_pb2.ServerInfo) -> types.ServerInfo:
         target_modules=list(i.target_modules),
         versions=dict(i.versions),
         adapter_memory_bytes=i.adapter_memory_bytes,
+        quantization=i.quantization or "none",
+        model_bytes=i.model_bytes,
     )
 
 

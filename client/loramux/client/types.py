@@ -93,3 +93,5 @@ class ServerInfo:
     target_modules: list[str]
     versions: dict[str, str]
     adapter_memory_bytes: int = 0  # accelerator memory for resident adapters (true sizes)
+    quantization: str = "none"  # how the base's Linear weights are held
+    model_bytes: int = 0  # the base's parameters as served

@@ -319,6 +319,8 @@ class ServerInfo(_message.Message):
     TARGET_MODULES_FIELD_NUMBER: _builtins.int
     VERSIONS_FIELD_NUMBER: _builtins.int
     ADAPTER_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    QUANTIZATION_FIELD_NUMBER: _builtins.int
+    MODEL_BYTES_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     model_revision: _builtins.str
     dtype: _builtins.str
@@ -335,6 +337,12 @@ class ServerInfo(_message.Message):
     """Accelerator memory for resident adapters' weights, counted at their true sizes; with
     adapter_slots it bounds how many adapters stay resident.
     """
+    quantization: _builtins.str
+    """How the base's Linear weights are held: "none", or "int8" (int8 weight-only); the LoRA
+    path is always in dtype.
+    """
+    model_bytes: _builtins.int
+    """Bytes of the base model's parameters as served (quantized ones at their stored size)."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Base modules that adapters may target (short names)."""
@@ -358,10 +366,12 @@ class ServerInfo(_message.Message):
         target_modules: _abc.Iterable[_builtins.str] | None = ...,
         versions: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         adapter_memory_bytes: _builtins.int = ...,
+        quantization: _builtins.str = ...,
+        model_bytes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_memory_bytes", b"adapter_memory_bytes", "adapter_slots", b"adapter_slots", "device", b"device", "dtype", b"dtype", "host_cache_bytes", b"host_cache_bytes", "max_batch_size", b"max_batch_size", "max_lora_rank", b"max_lora_rank", "max_sequence_length", b"max_sequence_length", "model_id", b"model_id", "model_revision", b"model_revision", "target_modules", b"target_modules", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_memory_bytes", b"adapter_memory_bytes", "adapter_slots", b"adapter_slots", "device", b"device", "dtype", b"dtype", "host_cache_bytes", b"host_cache_bytes", "max_batch_size", b"max_batch_size", "max_lora_rank", b"max_lora_rank", "max_sequence_length", b"max_sequence_length", "model_bytes", b"model_bytes", "model_id", b"model_id", "model_revision", b"model_revision", "quantization", b"quantization", "target_modules", b"target_modules", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -66,6 +66,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - {{ .Values.model.dtype | quote }}
 - --device
 - {{ .Values.model.device | quote }}
+- --quantization
+- {{ .Values.model.quantization | quote }}
 - --host
 - "0.0.0.0"
 - --port

@@ -32,6 +32,7 @@ class BaseModel:
     eos_token_ids: frozenset[int]
     pad_token_id: int
     vocab_size: int
+    model_bytes: int = 0  # the parameters as served (quantized weights at their stored size)
 
     def view(self, settings: Settings) -> BaseModelView:
         weights = {name.replace(".base_layer.", "."): p for name, p in self.model.named_parameters()}
@@ -78,8 +79,10 @@ def load_base_model(settings: Settings) -> BaseModel:
     model.to(device)
     model.eval()
     model.requires_grad_(False)
+    if settings.quantization != "none":
+        quantize_linears(model, settings.quantization)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
-    bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank)
+    bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, dtype)
 
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:
@@ -102,7 +105,34 @@ def load_base_model(settings: Settings) -> BaseModel:
         eos_token_ids=eos_ids,
         pad_token_id=int(pad),
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+        model_bytes=parameter_bytes(model),
     )
+
+
+def quantize_linears(model: nn.Module, method: str) -> None:
+    """Hold every nn.Linear weight but the output projection's as int8 with a scale per output
+    row (torchao's int8 weight-only). The modules stay nn.Linear, so adapter slots wrap them
+    as any other; their forward dequantizes on the fly."""
+    try:
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+    except ImportError as e:
+        raise InvalidSettings("quantization int8 needs torchao (installed with the server extra)",
+                              field="quantization") from e
+    output = model.get_output_embeddings()
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: type(m) is nn.Linear and m is not output)
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """Bytes the model's parameters take as stored (a quantized weight at its int8 size and
+    scales), shared ones once."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        inner = [getattr(p, name) for name in getattr(p, "__tensor_flatten__", lambda: ([], None))()[0]]
+        total += sum(t.nbytes for t in inner) if inner else p.nbytes
+    return total
 
 
 def _pick_dtype(name: str, config, device: torch.device) -> torch.dtype:

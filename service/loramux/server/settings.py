@@ -14,6 +14,7 @@ from loramux.server.errors import InvalidSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+QUANTIZATIONS = ("none", "int8")
 BASE_MISMATCH_POLICIES = ("error", "warn")
 SCHEDULING = ("continuous", "static")
 AUTH_MODES = ("keys", "none")
@@ -39,6 +40,11 @@ class Settings:
     """Serving dtype: auto (the checkpoint's, float32 on CPU when it is 16-bit), float32, bfloat16, float16."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
+    quantization: str = "none"
+    """none, or int8: the base's Linear weights (all but the output projection) held as int8
+    with a scale per output row (torchao's int8 weight-only, CPU or CUDA), about a quarter of
+    float32's memory; the LoRA path stays in `dtype` on top. Merges read the full-precision
+    files."""
     host: str = "127.0.0.1"
     port: int = 50051
     """0 picks a free port (tests)."""
@@ -172,6 +178,8 @@ class Settings:
             raise bad("model", "a local directory or Hub id is required")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.quantization not in QUANTIZATIONS:
+            raise bad("quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise bad("device", f"{self.device!r} is not one of {', '.join(DEVICES)} or cuda:N")
         if not 0 <= self.port <= 65535:

@@ -344,4 +344,6 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             max_sequence_length=base.max_sequence_length,
             target_modules=sorted({name.rsplit(".", 1)[-1] for name in base.bank.layers}),
             versions=convert.versions(),
+            quantization=settings.quantization,
+            model_bytes=base.model_bytes,
         )

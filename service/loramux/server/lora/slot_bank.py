@@ -20,7 +20,8 @@ class SlotBank:
     true rank: an empty slot costs nothing, a full one its adapter's size.
     """
 
-    def __init__(self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int):
+    def __init__(self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int,
+                 dtype: torch.dtype | None = None):
         self.routing = LoraRouting()
         self.num_slots = num_slots
         self.max_rank = max_rank
@@ -30,7 +31,7 @@ class SlotBank:
             short = name.rsplit(".", 1)[-1]
             if short in targets and type(module) is nn.Linear:
                 parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-                layer = SlotLinear(module, num_slots, self.routing)
+                layer = SlotLinear(module, num_slots, self.routing, dtype)
                 setattr(parent, short, layer)
                 self.layers[name] = layer
         if not self.layers:
@@ -47,7 +48,7 @@ class SlotBank:
     def max_adapter_bytes(self) -> int:
         """The largest adapter this bank may hold: max_rank on every served module."""
         return sum(
-            self.max_rank * (layer.in_features + layer.out_features) * layer.base_layer.weight.element_size()
+            self.max_rank * (layer.in_features + layer.out_features) * layer.element_size
             for layer in self.layers.values()
         )
 
@@ -58,7 +59,7 @@ class SlotBank:
     def adapter_bytes(self, weights: AdapterWeights) -> int:
         """What `weights` will take in a slot: its true size in the serving dtype."""
         return sum(
-            (m.a.numel() + m.b.numel()) * self.layers[name].base_layer.weight.element_size() for name, m in weights.modules.items()
+            (m.a.numel() + m.b.numel()) * self.layers[name].element_size for name, m in weights.modules.items()
         )
 
     def shapes(self) -> dict[str, tuple[int, int]]:

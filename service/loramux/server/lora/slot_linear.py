@@ -81,13 +81,15 @@ class _DecodeView:
 
 
 class SlotLinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, num_slots: int, routing: LoraRouting):
+    def __init__(self, base_layer: nn.Linear, num_slots: int, routing: LoraRouting, dtype: torch.dtype | None = None):
+        """`dtype`: the LoRA path's (the serving dtype), which a quantized base layer's weight
+        does not tell."""
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
         self.num_slots = num_slots
         w = base_layer.weight
-        self._dtype, self._device = w.dtype, w.device
+        self._dtype, self._device = dtype or w.dtype, w.device
         # Each resident adapter's A^T [in, r] and B^T [r, out] at its true rank, by slot: the
         # memory an adapter holds is its own size, whatever the largest rank served.
         self.a_t: dict[int, torch.Tensor] = {}
@@ -97,8 +99,8 @@ class SlotLinear(nn.Module):
         self._versions = [0] * (num_slots + 1)  # bumped when a slot is refilled or cleared
         # The decode buffer: adapters' A^T and B^T side by side at true rank, appended as they
         # join a batch and compacted when columns of adapters no batch uses outnumber the rest.
-        self._a_cat = w.new_zeros((w.shape[1], 0))  # [in, capacity]
-        self._b_cat = w.new_zeros((0, w.shape[0]))  # [capacity, out]
+        self._a_cat = torch.zeros((base_layer.in_features, 0), dtype=self._dtype, device=self._device)  # [in, capacity]
+        self._b_cat = torch.zeros((0, base_layer.out_features), dtype=self._dtype, device=self._device)  # [capacity, out]
         self._col_slot = torch.full((0,), -1, dtype=torch.long, device=w.device)  # [capacity] slot of each column, -1: dead
         self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
         self._segments: dict[int, tuple[int, int, int]] = {}  # slot -> (first column, rank, version)
@@ -109,11 +111,16 @@ class SlotLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.weight.shape[1]
+        return self.base_layer.in_features
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.weight.shape[0]
+        return self.base_layer.out_features
+
+    @property
+    def element_size(self) -> int:
+        """Bytes per value of the LoRA path (the serving dtype)."""
+        return torch.empty((), dtype=self._dtype).element_size()
 
     def resident_bytes(self) -> int:
         """Bytes of the adapters held by this layer (their true sizes; the decode buffer aside)."""

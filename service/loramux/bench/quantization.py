@@ -1,0 +1,149 @@
+"""python -m loramux.bench.quantization [--quick] [--out DIR]: the int8 base against the
+full-precision one, side by side on the same model, adapters and requests.
+
+For each model: two servers in turn (`--quantization none`, then `int8`), at the server's
+default flags otherwise. Each serves the same mixed-adapter workload through gRPC from 16
+concurrent clients (greedy, `ignore_eos`, so both do the same tokens): output tokens/s, for
+`rounds` rounds. Then fixed prompts, greedy, against the full-precision server's tokens:
+how many whole sequences and first tokens agree, and the largest logit error of the base
+model relative to the largest logit. Memory is the base's parameter bytes as served.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int = 8
+    kv_heads: int = 2
+
+
+CASES = (Case("h1024-l8", 1024, 8, 2816), Case("h512-l6", 512, 6, 1536))
+QUICK = (Case("h128-l2", 128, 2, 352, heads=4),)
+
+
+def _throughput(target: str, adapters: list[str], prompts: list[str], clients: int, tokens: int) -> float:
+    import loramux.client as lc
+
+    done = []
+
+    def one(i: int) -> None:
+        with lc.Client(target, timeout=600) as c:
+            for j in range(i, len(prompts), clients):
+                r = c.generate(prompt=prompts[j], adapter_id=adapters[j % len(adapters)], max_new_tokens=tokens,
+                               ignore_eos=True)
+                done.append(len(r.token_ids))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - started)
+
+
+def run(cases: tuple[Case, ...], rounds: int, requests: int, work: Path) -> dict:
+    import torch
+
+    import loramux.client as lc
+    from loramux.demo.assets import build_model, build_tokenizer, make_adapter
+    from loramux.server.app import BackgroundServer
+    from loramux.server.settings import Settings
+
+    texts = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(300)]
+    tokenizer = build_tokenizer(work / "tok", texts, vocab_size=512)
+    probes = [f"the lazy dog number {i} jumps" for i in range(8)]
+    workload = [texts[i % len(texts)][: 20 + (i * 7) % 40] for i in range(requests)]
+    out = []
+    for case in cases:
+        base = work / case.name
+        build_model(base, tokenizer, hidden=case.hidden, layers=case.layers, heads=case.heads, kv_heads=case.kv_heads,
+                    intermediate=case.intermediate, init_std=0.02)
+        names = []
+        for i, rank in enumerate((8, 16, 8, 16)):
+            make_adapter(base, work / "adapters" / f"{case.name}-a{i}", r=rank, alpha=2 * rank, target_modules=ALL,
+                         std=0.02, seed=i)
+            names.append(f"{case.name}-a{i}")
+        cell = {"model": case.name}
+        reference: dict = {}
+        for quantization in ("none", "int8"):
+            settings = Settings(model=str(base), adapter_roots=(work / "adapters",), auth="none", port=0,
+                                quantization=quantization)
+            with BackgroundServer(settings) as server, lc.Client(server.target, timeout=600) as client:
+                for name in names:
+                    client.load_adapter(name, source=name)
+                speeds = [_throughput(server.target, names, workload, 16, 24) for _ in range(rounds)]
+                sequences = {(a, p): client.generate(prompt=p, adapter_id=a, max_new_tokens=16).token_ids
+                             for a in ["", *names] for p in probes}
+                ids = tokenizer(probes[0], return_tensors="pt")["input_ids"]
+                engine = server.engine
+                with torch.no_grad():
+                    logits = engine.call_on_engine(lambda: engine.base.model(input_ids=ids).logits).result(600)
+                cell[quantization] = {"model_bytes": engine.base.model_bytes, "tokens_per_s": [round(s, 1) for s in speeds]}
+                if quantization == "none":
+                    reference = {"sequences": sequences, "logits": logits}
+                else:
+                    same = sum(sequences[k] == reference["sequences"][k] for k in sequences)
+                    first = sum(sequences[k][0] == reference["sequences"][k][0] for k in sequences)
+                    error = (logits - reference["logits"]).abs().max() / reference["logits"].abs().max()
+                    cell["agreement"] = {"sequences": f"{same}/{len(sequences)}", "first_tokens": f"{first}/{len(sequences)}",
+                                         "max_logit_error": round(float(error), 5)}
+        cell["memory_saved"] = round(1 - cell["int8"]["model_bytes"] / cell["none"]["model_bytes"], 3)
+        cell["speed_ratio"] = round(min(cell["int8"]["tokens_per_s"]) / max(cell["none"]["tokens_per_s"]), 3)
+        out.append(cell)
+    return {"rounds": rounds, "requests": requests, "cells": out}
+
+
+def markdown(results: dict) -> str:
+    lines = [
+        f"# int8 base against full precision ({results['rounds']} rounds of {results['requests']} requests, "
+        "16 gRPC clients, 4 adapters mixed)",
+        "",
+        "| model | model bytes (fp32 -> int8) | saved | tokens/s fp32 | tokens/s int8 | int8 / fp32 (worst) | "
+        "sequences equal | first tokens equal | max logit error |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for c in results["cells"]:
+        a = c["agreement"]
+        lines.append(
+            f"| {c['model']} | {c['none']['model_bytes'] / 2**20:.1f} -> {c['int8']['model_bytes'] / 2**20:.1f} MiB | "
+            f"{c['memory_saved']:.0%} | {c['none']['tokens_per_s']} | {c['int8']['tokens_per_s']} | {c['speed_ratio']} | "
+            f"{a['sequences']} | {a['first_tokens']} | {a['max_logit_error']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m loramux.bench.quantization", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="one small model, one round")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(QUICK, 1, 16, Path(tmp)) if args.quick else run(CASES, args.rounds, 48, Path(tmp))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "quantization.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
