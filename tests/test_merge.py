@@ -257,23 +257,6 @@ def test_merge_requests_are_checked_before_an_operation_exists(small):
         assert e.value.reason == reason
 
 
-def test_a_hub_base_is_found_in_the_local_cache_at_the_revision_it_loaded(assets, tmp_path):
-    import shutil
-
-    from loramux.server.base_files import base_directory
-
-    sha = "0123456789abcdef0123456789abcdef01234567"
-    repo = tmp_path / "hub" / "models--acme--tiny"
-    shutil.copytree(assets.base, repo / "snapshots" / sha)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(sha)
-    found = base_directory("acme/tiny", sha, cache_dir=tmp_path / "hub")
-    assert found == (repo / "snapshots" / sha).resolve()
-    assert read_base_checkpoint(found).total_bytes == read_base_checkpoint(assets.base).total_bytes
-    with pytest.raises(MergeUnsupported):
-        base_directory("acme/absent", sha, cache_dir=tmp_path / "hub")
-
-
 def test_a_bfloat16_base_merges_as_peft_merges_it(assets, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

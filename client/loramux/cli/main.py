@@ -90,8 +90,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--base-mismatch", default="error", choices=["error", "warn"],
                    help="an adapter trained on another base model: refuse it, or log and load")
     p.add_argument("--allow-pickle-weights", action="store_true", help="load adapter_model.bin when there is no safetensors file")
-    p.add_argument("--hub-cache-dir", help="Hugging Face cache for hf:// adapters")
-    p.add_argument("--hub-offline", action="store_true", help="resolve hf:// adapters from the local cache only")
+    p.add_argument("--hub-cache-dir", help="Hugging Face cache for the Hub base model and hf:// adapters")
+    p.add_argument("--hub-offline", action="store_true", help="resolve the Hub base model and hf:// adapters from the local cache only")
+    p.add_argument("--hub-endpoint", metavar="URL", help="the Hub's address, e.g. a mirror (default: huggingface_hub's)")
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--log-format", choices=["text", "json"], default="text",
                    help="json: one JSON object per line, with trace_id and span_id inside requests")
@@ -297,6 +298,7 @@ def _serve(args) -> int:
             allow_pickle_weights=args.allow_pickle_weights,
             hub_cache_dir=args.hub_cache_dir,
             hub_offline=args.hub_offline,
+            hub_endpoint=args.hub_endpoint,
             service_name=env(args.otel_service_name, "OTEL_SERVICE_NAME", "loramux"),
             traces_exporters=exporters(env(args.otel_traces_exporter, "OTEL_TRACES_EXPORTER", "none")),
             metrics_exporters=exporters(env(args.otel_metrics_exporter, "OTEL_METRICS_EXPORTER", "none")),

@@ -152,6 +152,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $s.hubOffline }}
 - --hub-offline
 {{- end }}
+{{- with $s.hubEndpoint }}
+- --hub-endpoint
+- {{ . | quote }}
+{{- end }}
 - --auth
 - {{ .Values.auth.mode | quote }}
 {{- if eq .Values.auth.mode "keys" }}

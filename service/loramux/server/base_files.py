@@ -1,8 +1,8 @@
 """The served base model's checkpoint on disk: its safetensors shards and what they hold.
 
 Merges read from here, not from the served weights (which may be cast, quantized or placed
-on the accelerator): the local directory the server loaded, or the Hub snapshot of the
-revision it loaded, from the local cache. Only headers are read to build the table; the
+on the accelerator): the directory the server loaded the model from (a local directory, or
+the Hub snapshot of the commit it resolved; `BaseModel.directory`). Only headers are read to build the table; the
 tensors are read one at a time when merged, with plain reads at their offsets (not a memory
 map, whose pages would stay in the process's memory until the file is closed).
 """
@@ -66,23 +66,6 @@ class BaseCheckpoint:
         )
 
 
-def base_directory(model: str, revision: str | None, cache_dir: Path | None = None) -> Path:
-    """The directory the base model was loaded from: a local directory, or the Hub snapshot
-    of `revision` (a commit) in the local Hugging Face cache (`cache_dir`: huggingface_hub's
-    default, where transformers loaded it from)."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return local.resolve()
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(model, revision=revision, local_files_only=True, cache_dir=cache_dir)).resolve()
-    except Exception as e:
-        raise MergeUnsupported(
-            f"the base model's files for {model!r} at revision {revision} are not in the local Hugging Face cache ({e})"
-        ) from e
-
-
 def read_base_checkpoint(directory: Path) -> BaseCheckpoint:
     """The table of the base's safetensors shards, from their headers."""
     index = directory / WEIGHTS_INDEX
@@ -100,8 +83,9 @@ def read_base_checkpoint(directory: Path) -> BaseCheckpoint:
         )
     entries = []
     for shard in shards:
-        path = (directory / shard).resolve()
-        if not path.is_relative_to(directory.resolve()) or not path.is_file():
+        # A plain file name in the directory (a Hub snapshot's files are links into its blobs).
+        path = directory / shard
+        if "/" in shard or shard in ("", ".", "..") or not path.is_file():
             raise MergeUnsupported(f"the base's index names a shard {shard!r} that is not a file in its directory")
         entries += _shard_entries(path, shard)
     return BaseCheckpoint(directory, shards, tuple(entries), metadata)

@@ -11,6 +11,7 @@ from torch import nn
 
 from loramux.server.adapters.checkpoint import BaseModelView
 from loramux.server.errors import InvalidSettings
+from loramux.server.hub import fetch_snapshot
 from loramux.server.lora.slot_bank import SlotBank
 from loramux.server.settings import Settings
 
@@ -32,12 +33,14 @@ class BaseModel:
     eos_token_ids: frozenset[int]
     pad_token_id: int
     vocab_size: int
+    directory: Path  # the checkpoint it was loaded from (a local directory, or the Hub snapshot of its commit)
     model_bytes: int = 0  # the parameters as served (quantized weights at their stored size)
 
     def view(self, settings: Settings) -> BaseModelView:
         weights = {name.replace(".base_layer.", "."): p for name, p in self.model.named_parameters()}
         return BaseModelView(
             name=settings.served_model_name,
+            revision=self.revision,
             slot_shapes=self.bank.shapes(),
             base_weights=weights,
             module_names=frozenset(name.replace(".base_layer", "") for name, _ in self.model.named_modules()),
@@ -71,17 +74,17 @@ def load_base_model(settings: Settings) -> BaseModel:
 
     device = resolve_device(settings.device)
     local = Path(settings.model).expanduser()
-    source = str(local) if local.is_dir() else settings.model
-    revision = None if local.is_dir() else settings.revision
-    config = AutoConfig.from_pretrained(source, revision=revision)
+    directory = local.resolve() if local.is_dir() else hub_snapshot(settings)
+    source = str(directory)
+    config = AutoConfig.from_pretrained(source)
     dtype = _pick_dtype(settings.dtype, config, device)
-    model = AutoModelForCausalLM.from_pretrained(source, revision=revision, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.to(device)
     model.eval()
     model.requires_grad_(False)
     if settings.quantization != "none":
         quantize_linears(model, settings.quantization)
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=revision)
+    tokenizer = AutoTokenizer.from_pretrained(source)
     bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, dtype)
 
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
@@ -100,13 +103,32 @@ def load_base_model(settings: Settings) -> BaseModel:
         device=device,
         dtype=dtype,
         model_id=settings.model,
-        revision=getattr(config, "_commit_hash", None) or ("local" if local.is_dir() else settings.revision or "main"),
+        revision="local" if local.is_dir() else directory.name,  # the Hub commit the snapshot holds
+        directory=directory,
         max_sequence_length=max_len,
         eos_token_ids=eos_ids,
         pad_token_id=int(pad),
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         model_bytes=parameter_bytes(model),
     )
+
+
+# A base model's files on the Hub that serving and merging read (weights as safetensors).
+BASE_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+
+
+def hub_snapshot(settings: Settings) -> Path:
+    """The base model's files from the Hub at `settings.revision` (default main), in the cache."""
+    from loramux.server.errors import LoramuxError
+
+    try:
+        directory = fetch_snapshot(settings.model, settings.revision, settings, BASE_FILES, field="model")
+    except LoramuxError as e:
+        raise InvalidSettings(f"the base model {settings.model!r} could not be loaded: {e.message}", field="model") from e
+    if not any(directory.glob("*.safetensors")):
+        raise InvalidSettings(f"{settings.model!r} has no safetensors weights at that revision; loramux loads and "
+                              "merges safetensors only", field="model")
+    return directory
 
 
 def quantize_linears(model: nn.Module, method: str) -> None:

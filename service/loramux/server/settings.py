@@ -56,9 +56,11 @@ class Settings:
     """Merged checkpoints' shards at most this many MiB (None: as large as the base's largest
     shard; never larger, so a merge holds about two shards in host memory)."""
     hub_cache_dir: Path | None = None
-    """Hugging Face cache for Hub adapters (None: huggingface_hub's default)."""
+    """Hugging Face cache for the Hub base model and adapters (None: huggingface_hub's default)."""
     hub_offline: bool = False
-    """Resolve Hub adapters from the local cache only."""
+    """Resolve the Hub base model and adapters from the local cache only."""
+    hub_endpoint: str | None = None
+    """The Hub's address (a mirror, or a Hub on loopback in tests); None: huggingface_hub's default."""
     adapter_slots: int = 64
     """Tier 1: adapters resident on the accelerator at once, at most (see adapter_memory_mib)."""
     adapter_memory_mib: float | None = None

@@ -59,6 +59,7 @@ class LoraConfigView:
     lora_alpha: float
     use_rslora: bool
     base_model: str
+    base_revision: str  # the base's revision the adapter was trained on ("revision" in the config; "" if none)
     target_modules: object  # compiled RE2 pattern (a string in the config), or tuple[str, ...]
     exclude_modules: object  # the same, or None
     modules_to_save: tuple = ()  # compiled RE2 patterns
@@ -173,6 +174,9 @@ def view_of(config: dict) -> LoraConfigView:
     base_model = config.get("base_model_name_or_path") or ""
     if not isinstance(base_model, str) or len(base_model) > MAX_PATTERN_CHARS:
         raise invalid("base_model_name_or_path must be a string of at most 1024 characters")
+    base_revision = config.get("revision") or ""
+    if not isinstance(base_revision, str) or len(base_revision) > 256:
+        raise invalid("revision must be a string of at most 256 characters")
 
     targets = config.get("target_modules")
     if targets is None:
@@ -207,6 +211,7 @@ def view_of(config: dict) -> LoraConfigView:
         lora_alpha=alpha,
         use_rslora=use_rslora,
         base_model=base_model,
+        base_revision=base_revision,
         target_modules=target_modules,
         exclude_modules=exclude_modules,
         modules_to_save=modules_to_save,

@@ -62,6 +62,7 @@ class BaseModelView:
     dtype: torch.dtype
     base_mismatch: str  # "error" or "warn"
     allow_pickle: bool
+    revision: str = "local"  # the served base's Hub commit ("local" for a local directory)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +91,9 @@ def read_checkpoint(
     _check_supported(config)
     view = view_of(config)
     _check_base_name(view.base_model, base)
-    weights_path = _weights_path(directory, root, base.allow_pickle)
-    tensors = _read_tensors(weights_path, view, base)
+    _check_base_revision(view.base_revision, base)
+    weights_path, weights_name = _weights_path(directory, root, base.allow_pickle)
+    tensors = _read_tensors(weights_path, weights_name, view, base)
     content_hash = _hash(config_raw, weights_path)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
@@ -195,6 +197,24 @@ def _check_base_name(named: str, base: BaseModelView) -> None:
         log.warning("%s; loading it anyway (base mismatch policy: warn)", message)
 
 
+def _check_base_revision(trained_on: str, base: BaseModelView) -> None:
+    """An adapter that records the base revision it was trained on (peft's `revision`) must
+    name the commit the server serves, when the base came from the Hub: a branch or tag name
+    cannot be checked against a commit, and is let through."""
+    if not trained_on or base.revision == "local" or not _COMMIT.fullmatch(trained_on):
+        return
+    if trained_on != base.revision:
+        message = (f"the adapter was trained on revision {trained_on} of its base, but this server serves revision "
+                   f"{base.revision}")
+        if base.base_mismatch == "error":
+            raise AdapterIncompatible(message, reason="ADAPTER_BASE_REVISION", adapter_revision=trained_on,
+                                      served_revision=base.revision)
+        log.warning("%s; loading it anyway (base mismatch policy: warn)", message)
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def _same_model(named: str, served: str) -> bool:
     """Hub ids match exactly; a local path matches a name ending in the same directory name."""
     if named.rstrip("/") == served.rstrip("/"):
@@ -202,9 +222,10 @@ def _same_model(named: str, served: str) -> bool:
     return Path(named.rstrip("/")).name == Path(served.rstrip("/")).name
 
 
-def _weights_path(directory: Path, root: Path, allow_pickle: bool) -> Path:
+def _weights_path(directory: Path, root: Path, allow_pickle: bool) -> tuple[Path, str]:
+    """(the weights file resolved, its name in the adapter directory)."""
     if (directory / SAFETENSORS_FILE).exists() or (directory / SAFETENSORS_FILE).is_symlink():
-        return _checked_file(directory / SAFETENSORS_FILE, root, "ADAPTER_WEIGHTS_MISSING")
+        return _checked_file(directory / SAFETENSORS_FILE, root, "ADAPTER_WEIGHTS_MISSING"), SAFETENSORS_FILE
     if (directory / PICKLE_FILE).exists() or (directory / PICKLE_FILE).is_symlink():
         if not allow_pickle:
             raise AdapterIncompatible(
@@ -212,22 +233,24 @@ def _weights_path(directory: Path, root: Path, allow_pickle: bool) -> Path:
                 "with --allow-pickle-weights. Convert it to safetensors instead.",
                 reason="ADAPTER_PICKLE_REFUSED",
             )
-        return _checked_file(directory / PICKLE_FILE, root, "ADAPTER_WEIGHTS_MISSING")
+        return _checked_file(directory / PICKLE_FILE, root, "ADAPTER_WEIGHTS_MISSING"), PICKLE_FILE
     raise AdapterInvalid(f"no {SAFETENSORS_FILE} in the adapter directory", reason="ADAPTER_WEIGHTS_MISSING")
 
 
-def _read_tensors(path: Path, view: LoraConfigView, base: BaseModelView) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, name: str, view: LoraConfigView, base: BaseModelView) -> dict[str, torch.Tensor]:
     """The file's tensors, each key and shape checked against the base before its data is read
-    (so a hostile file costs no more memory than a valid adapter of its size)."""
-    if path.suffix != ".safetensors":
+    (so a hostile file costs no more memory than a valid adapter of its size). `name` is the
+    file's name in the adapter directory, which says its format: `path`, resolved, may be a
+    Hub cache blob named by its hash."""
+    if not name.endswith(".safetensors"):
         try:
             tensors = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception as e:  # pickle and OS errors alike: unreadable
-            raise AdapterInvalid(f"cannot read {path.name}: {_describe(e)}") from None
+            raise AdapterInvalid(f"cannot read {name}: {_describe(e)}") from None
         if not isinstance(tensors, dict) or not all(isinstance(t, torch.Tensor) for t in tensors.values()):
-            raise AdapterInvalid(f"{path.name} does not hold a flat dict of tensors")
+            raise AdapterInvalid(f"{name} does not hold a flat dict of tensors")
         if len(tensors) > MAX_TENSORS:
-            raise AdapterInvalid(f"{path.name} holds {len(tensors)} tensors, more than {MAX_TENSORS}")
+            raise AdapterInvalid(f"{name} holds {len(tensors)} tensors, more than {MAX_TENSORS}")
         for key, tensor in tensors.items():
             _check_entry(key, tuple(tensor.shape), tensor.is_floating_point(), view, base)
         return tensors
@@ -239,12 +262,12 @@ def _read_tensors(path: Path, view: LoraConfigView, base: BaseModelView) -> dict
             head = f.read(8)
         header_bytes = int.from_bytes(head, "little") if len(head) == 8 else -1
         if not 0 < header_bytes <= MAX_HEADER_BYTES:
-            raise AdapterInvalid(f"{path.name} has no safetensors header of at most {MAX_HEADER_BYTES} bytes")
+            raise AdapterInvalid(f"{name} has no safetensors header of at most {MAX_HEADER_BYTES} bytes")
         tensors = {}
         with safe_open(str(path), framework="pt", device="cpu") as f:
             keys = list(f.keys())
             if len(keys) > MAX_TENSORS:
-                raise AdapterInvalid(f"{path.name} holds {len(keys)} tensors, more than {MAX_TENSORS}")
+                raise AdapterInvalid(f"{name} holds {len(keys)} tensors, more than {MAX_TENSORS}")
             for key in keys:
                 piece = f.get_slice(key)
                 _check_entry(key, tuple(piece.get_shape()), piece.get_dtype() in _FLOAT_DTYPES, view, base)
@@ -254,7 +277,7 @@ def _read_tensors(path: Path, view: LoraConfigView, base: BaseModelView) -> dict
     except LoramuxError:
         raise
     except Exception as e:  # safetensors and OS errors alike: an unreadable or truncated file
-        raise AdapterInvalid(f"cannot read {path.name}: {_describe(e)}") from None
+        raise AdapterInvalid(f"cannot read {name}: {_describe(e)}") from None
 
 
 def _describe(error: BaseException) -> str:

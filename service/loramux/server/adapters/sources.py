@@ -21,10 +21,10 @@ import dataclasses
 from pathlib import Path
 
 from loramux.server.adapters.objects import ObjectStores, check_object_url, is_object_url
-from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot, SourceUnavailable
+from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot
+from loramux.server.hub import HUB_PREFIX, fetch_snapshot
 from loramux.server.settings import Settings
 
-HUB_PREFIX = "hf://"
 MERGED_PREFIX = "merged://"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 MAX_PATH_CHARS = 1024
@@ -151,37 +151,6 @@ def _resolve_local(source: str, roots: tuple[Path, ...]) -> tuple[Path, Path]:
 
 
 def _resolve_hub(repo_id: str, revision: str | None, settings: Settings) -> ResolvedSource:
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HFValidationError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    try:
-        path = snapshot_download(
-            repo_id,
-            revision=revision,
-            cache_dir=settings.hub_cache_dir,
-            local_files_only=settings.hub_offline,
-            allow_patterns=ADAPTER_FILES,
-        )
-    except HFValidationError as e:
-        raise InvalidRequest(f"{repo_id!r} is not a Hub repo id: {e}", field="source", reason="SOURCE_INVALID") from e
-    except (LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError) as e:
-        where = "in the local Hugging Face cache" if settings.hub_offline else "on the Hub or in its local cache"
-        raise SourceNotFound(
-            f"adapter {repo_id!r} (revision {revision or 'main'}) not found {where}",
-            field="source",
-            source=f"{HUB_PREFIX}{repo_id}",
-        ) from e
-    except Exception as e:  # network failures, HTTP errors, a full disk: retriable, not the caller's fault
-        raise SourceUnavailable(
-            f"adapter {repo_id!r} could not be fetched from the Hub ({type(e).__name__}); retry later",
-            field="source",
-            retry_after_s=5.0,
-        ) from e
-    directory = Path(path).resolve()
+    directory = fetch_snapshot(repo_id, revision, settings, ADAPTER_FILES)
     # Snapshot files are links into the repository's blobs/: the repository folder is the root.
     return ResolvedSource(directory, directory.parent.parent, directory.name)

@@ -26,7 +26,7 @@ from loramux.server.adapters.sources import MERGED_PREFIX
 from loramux.server.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.failures import as_domain_error
-from loramux.server.base_files import BaseCheckpoint, base_directory, read_base_checkpoint
+from loramux.server.base_files import BaseCheckpoint, read_base_checkpoint
 from loramux.server.combine import combine, combined_config
 from loramux.server.errors import AdapterExists, InvalidRequest, MergeFailed, MergeOutputExists, ShuttingDown
 from loramux.server.merge import (
@@ -66,9 +66,7 @@ class Merges:
         """The base's safetensors files as the server loaded them (headers read once)."""
         with self._lock:
             if self._checkpoint is None:
-                directory = base_directory(self.settings.model, self.base.revision if self.base.revision != "local"
-                                           else None)
-                self._checkpoint = read_base_checkpoint(directory)
+                self._checkpoint = read_base_checkpoint(self.base.directory)
             return self._checkpoint
 
     def shutdown(self) -> None:
