@@ -19,7 +19,8 @@ N = 8
 
 @pytest.fixture(scope="module")
 def server(assets, tmp_path_factory):
-    settings = assets.settings(adapter_slots=3, merge_root=tmp_path_factory.mktemp("merged"), batch_window_ms=20)
+    settings = assets.settings(adapter_slots=3, merge_root=tmp_path_factory.mktemp("merged"), batch_window_ms=20,
+                               hub_offline=True)  # hf:// from the (empty) cache: no network (test_hub.py goes online)
     srv = BackgroundServer(settings)
     yield srv
     srv.stop()

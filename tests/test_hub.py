@@ -72,6 +72,19 @@ def test_base_and_adapters_come_from_the_hub_at_the_revisions_asked(assets, hub,
         assert any(r.startswith("GET /api/models/acme/mlp/revision/main") for r in hub.requests)
 
 
+def test_a_hub_that_cannot_be_reached_is_unavailable_not_missing(assets, tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = assets.settings(hub_endpoint=f"http://127.0.0.1:{port}", hub_cache_dir=tmp_path / "cache")
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as c:
+        with pytest.raises(lc.Unavailable) as e:
+            c.load_adapter("x", source="hf://acme/qv")
+        assert e.value.reason == "SOURCE_UNAVAILABLE" and e.value.retry_after is not None
+
+
 def test_offline_serves_from_the_cache_alone(assets, hub, tmp_path):
     hub, commits = hub
     online = assets.settings(model="acme/base", hub_endpoint=hub.endpoint, hub_cache_dir=tmp_path / "cache")
