@@ -66,7 +66,8 @@ CASES = {
     "bad layers_to_transform": (dict(layers_to_transform=["0"]), "ADAPTER_CONFIG_INVALID"),
     "long integer": (dict(r=10**5000), "ADAPTER_CONFIG_INVALID"),
     "not LoRA": (dict(peft_type="IA3"), "ADAPTER_UNSUPPORTED"),
-    "DoRA": (dict(use_dora=True), "ADAPTER_UNSUPPORTED"),
+    "DoRA without magnitudes": (dict(use_dora=True), "ADAPTER_WEIGHTS_MISSING"),
+    "use_dora not a boolean": (dict(use_dora="yes"), "ADAPTER_CONFIG_INVALID"),
 }
 
 

@@ -123,6 +123,8 @@ def make_adapter(
         for name, p in model.named_parameters():
             if "lora_A" in name or "lora_B" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+            elif "lora_magnitude_vector" in name:  # DoRA: a magnitude that training moved
+                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=gen))
     model.save_pretrained(str(out_dir))
     if base_model_name is not None:
         path = out_dir / "adapter_config.json"

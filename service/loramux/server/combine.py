@@ -72,6 +72,9 @@ def peft_rank(config: dict) -> int:
 
 def combined_config(configs: Sequence[dict], method: str, svd_rank: int | None) -> dict:
     """The new adapter's PEFT config, as add_weighted_adapter writes it."""
+    if any(c.get("use_dora") for c in configs):
+        raise InvalidRequest("DoRA adapters cannot be combined (peft's add_weighted_adapter combines LoRA factors)",
+                             field="combination.adapters", reason="COMBINATION_INVALID")
     method = "linear" if len(configs) == 1 else method
     ranks = [peft_rank(c) for c in configs]
     if method in SAME_RANK:
@@ -102,6 +105,9 @@ def combine(
     """(config, {module: (A, B)}) of the combined adapter, in float32 on the CPU.
     `module_order` is the base model's module names in order (the order peft visits them)."""
     combination.check(len(weights))
+    if any(c.get("use_dora") for c in configs):
+        raise InvalidRequest("DoRA adapters cannot be combined (peft's add_weighted_adapter combines LoRA factors)",
+                             field="combination.adapters", reason="COMBINATION_INVALID")
     config = combined_config(configs, combination.method, combination.svd_rank)
     method = "linear" if len(weights) == 1 else combination.method
     rank = int(config["r"])

@@ -267,6 +267,11 @@ class _ShardWriter:
             raise RuntimeError("a shard was closed before all its tensors were written")
 
 
+def _dora_factor(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merge (peft's): magnitude / ||W + delta|| per output row, scaling W + delta."""
+    return (magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1)
+
+
 class _ShardReader:
     """Tensors read one at a time at their offsets, into one buffer reused for every tensor
     (sized for the largest), with one input shard open at once. A tensor returned is valid
@@ -315,11 +320,15 @@ class _Merger:
         delta.mul_(lora.scale)
         if tensor.dtype == torch.float32:
             result = delta.add_(tensor)
+            if lora.magnitude is not None:
+                result.mul_(_dora_factor(result, lora.magnitude))
         else:
             if self._work is None:
                 self._work = torch.empty(self._largest, dtype=torch.float32)
             work = self._work[: delta.numel()].view(shape)
             work.copy_(tensor).add_(delta)
+            if lora.magnitude is not None:
+                work.mul_(_dora_factor(work, lora.magnitude))
             result = tensor.copy_(work)  # rounded to W's dtype, in W's own buffer
         for rows in result.split(max(1, (1 << 22) // max(1, shape[1]))):  # bounded temporaries
             if not torch.isfinite(rows).all():

@@ -58,6 +58,7 @@ class LoraConfigView:
     r: int
     lora_alpha: float
     use_rslora: bool
+    use_dora: bool
     base_model: str
     base_revision: str  # the base's revision the adapter was trained on ("revision" in the config; "" if none)
     target_modules: object  # compiled RE2 pattern (a string in the config), or tuple[str, ...]
@@ -171,6 +172,9 @@ def view_of(config: dict) -> LoraConfigView:
     use_rslora = config.get("use_rslora", False)
     if not isinstance(use_rslora, bool):
         raise invalid(f"use_rslora must be true or false, got {_show(use_rslora)}")
+    use_dora = config.get("use_dora", False)
+    if not isinstance(use_dora, bool):
+        raise invalid(f"use_dora must be true or false, got {_show(use_dora)}")
     base_model = config.get("base_model_name_or_path") or ""
     if not isinstance(base_model, str) or len(base_model) > MAX_PATTERN_CHARS:
         raise invalid("base_model_name_or_path must be a string of at most 1024 characters")
@@ -210,6 +214,7 @@ def view_of(config: dict) -> LoraConfigView:
         r=r,
         lora_alpha=alpha,
         use_rslora=use_rslora,
+        use_dora=use_dora,
         base_model=base_model,
         base_revision=base_revision,
         target_modules=target_modules,

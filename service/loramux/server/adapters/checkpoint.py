@@ -41,8 +41,8 @@ MAX_TENSORS = 100_000
 MAX_KEY_CHARS = 1024
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])\.weight$")
+_DORA_KEY = re.compile(r"^(?P<module>.+)\.lora_magnitude_vector(?:\.weight)?$")
 _UNSUPPORTED_KEYS = {
-    "lora_magnitude_vector": "DoRA (use_dora) adapters",
     "lora_embedding_A": "LoRA on embedding layers",
     "lora_embedding_B": "LoRA on embedding layers",
     "lora_A.bias": "LoRA bias (lora_bias)",
@@ -97,18 +97,30 @@ def read_checkpoint(
     content_hash = _hash(config_raw, weights_path)
 
     pairs: dict[str, dict[str, torch.Tensor]] = {}
+    magnitudes: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         inner = key[len(_PEFT_PREFIX):]
         m = _LORA_KEY.match(inner)
+        d = _DORA_KEY.match(inner)
         if m:
             pairs.setdefault(m["module"], {})[m["which"]] = tensor
+        elif d:
+            magnitudes[d["module"]] = tensor
         else:
             _check_base_copy(inner, key, tensor, base)
+    if magnitudes and not view.use_dora:
+        raise AdapterInvalid("the file holds DoRA magnitudes but the config does not set use_dora",
+                             reason="ADAPTER_CONFIG_INVALID")
 
     expected = {name for name in base.slot_shapes if view.targets(name)}
     modules: dict[str, ModuleLora] = {}
     for module, pair in sorted(pairs.items()):
         modules[module] = _module_lora(module, pair, view, dtype or base.dtype)
+        if view.use_dora:
+            modules[module] = _with_dora(module, modules[module], magnitudes.pop(module, None), base)
+    if magnitudes:
+        raise AdapterInvalid(f"DoRA magnitude without LoRA weights for {next(iter(magnitudes))!r}",
+                             reason="ADAPTER_CONFIG_INVALID")
     untargeted = sorted(modules.keys() - expected)
     if untargeted:  # peft would not build these layers: the tensors would go unused
         raise AdapterInvalid(
@@ -180,7 +192,7 @@ def _check_supported(config: dict) -> None:
     if peft_type != "LORA":
         shown = peft_type if isinstance(peft_type, str) and len(peft_type) <= 40 else "?"
         raise AdapterInvalid(f"peft_type {shown!r} is not supported; only LORA adapters are", reason="ADAPTER_UNSUPPORTED")
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "LoRA bias"), ("layer_replication", "layer replication")):
+    for flag, what in (("lora_bias", "LoRA bias"), ("layer_replication", "layer replication")):
         if config.get(flag):
             raise AdapterInvalid(f"{what} adapters ({flag}) are not supported", reason="ADAPTER_UNSUPPORTED")
     if config.get("target_parameters"):
@@ -300,6 +312,16 @@ def _check_entry(key: str, shape: tuple[int, ...], floating: bool, view: LoraCon
             raise AdapterInvalid(f"{what} are not supported (tensor {shown!r})", reason="ADAPTER_UNSUPPORTED")
     if not floating:
         raise AdapterInvalid(f"tensor {shown!r} is not a floating-point tensor")
+    d = _DORA_KEY.match(inner)
+    if d is not None:  # a DoRA magnitude: one value per output feature of a served module
+        served = base.slot_shapes.get(d["module"])
+        if served is None:
+            raise AdapterIncompatible(f"the DoRA magnitude {shown!r} is for a module this server does not serve adapters on",
+                                      module=d["module"][:200])
+        if shape not in ((served[1],), (served[1], 1)):
+            raise AdapterIncompatible(f"the DoRA magnitude {shown!r} has shape {shape}, not ({served[1]},)",
+                                      tensor=shown)
+        return
     m = _LORA_KEY.match(inner)
     if m is None:
         param = _base_param(inner)
@@ -365,6 +387,25 @@ def _check_base_copy(inner: str, key: str, tensor: torch.Tensor, base: BaseModel
             reason="ADAPTER_MODIFIES_BASE",
             tensor=key,
         )
+
+
+def _with_dora(module: str, lora: ModuleLora, magnitude: torch.Tensor | None, base: BaseModelView) -> ModuleLora:
+    """A DoRA module: its magnitude, and magnitude / ||W + scale B A|| per output row computed
+    now, in float32 from the served base weight (dequantized if it is quantized), as peft
+    computes it when the adapter loads."""
+    if magnitude is None:
+        raise AdapterInvalid(f"use_dora is set but module {module!r} has no lora_magnitude_vector",
+                             reason="ADAPTER_WEIGHTS_MISSING")
+    magnitude = magnitude.float().reshape(-1)
+    if not torch.isfinite(magnitude).all():
+        raise AdapterInvalid(f"module {module!r} has a non-finite DoRA magnitude")
+    served = base.base_weights[f"{module}.weight"].detach()
+    weight = (served.dequantize() if hasattr(served, "dequantize") else served).to("cpu", torch.float32)
+    norm = torch.linalg.norm(weight + lora.scale * (lora.b.float().cpu() @ lora.a.float().cpu()), dim=1)
+    scale = magnitude / norm
+    if not torch.isfinite(scale).all():
+        raise AdapterInvalid(f"module {module!r} has a DoRA scale that is not finite (a zero weight row)")
+    return dataclasses.replace(lora, magnitude=magnitude, dora_scale=scale)
 
 
 def _module_lora(module: str, pair: dict[str, torch.Tensor], view: LoraConfigView, dtype: torch.dtype) -> ModuleLora:

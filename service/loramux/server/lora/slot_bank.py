@@ -76,7 +76,7 @@ class SlotBank:
         for name, layer in self.layers.items():
             lora = weights.modules.get(name)
             if lora is not None:
-                layer.fill(slot, lora.a, lora.b, lora.scale)
+                layer.fill(slot, lora.a, lora.b, lora.scale, lora.dora_scale)
         self._uids[slot] = uid
         self._slot_of[uid] = slot
         self._bytes[uid] = self.adapter_bytes(weights)
@@ -88,7 +88,7 @@ class SlotBank:
         modules = {}
         for name, lora in like.modules.items():
             a, b = self.layers[name].read(slot, lora.rank)
-            modules[name] = ModuleLora(a=a, b=b, scale=lora.scale)
+            modules[name] = ModuleLora(a=a, b=b, scale=lora.scale, magnitude=lora.magnitude, dora_scale=lora.dora_scale)
         self.drop(uid)
         return AdapterWeights(modules=modules)
 

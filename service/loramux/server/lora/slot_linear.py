@@ -78,6 +78,7 @@ class _DecodeView:
     used: int  # buffer columns in play
     live: int  # of those, the columns of this plan's adapters
     slots: list[int]  # this plan's adapter slots that this layer serves
+    dora: torch.Tensor | None = None  # [rows, 1, out] float32: DoRA scales per row (ones for others); None: no DoRA row
 
 
 class SlotLinear(nn.Module):
@@ -96,6 +97,7 @@ class SlotLinear(nn.Module):
         self.b_t: dict[int, torch.Tensor] = {}
         self.ranks = [0] * (num_slots + 1)  # each slot's rank in this layer (0: empty, or its adapter does not target it)
         self.scales = [0.0] * (num_slots + 1)  # float32 scales, kept as Python floats
+        self.dora: dict[int, torch.Tensor] = {}  # slot -> DoRA's magnitude / ||W + sBA|| per output row [out]
         self._versions = [0] * (num_slots + 1)  # bumped when a slot is refilled or cleared
         # The decode buffer: adapters' A^T and B^T side by side at true rank, appended as they
         # join a batch and compacted when columns of adapters no batch uses outnumber the rest.
@@ -134,11 +136,14 @@ class SlotLinear(nn.Module):
         xd = x.to(self._dtype)
         if x.shape[1] > 1:
             # Prefill: each adapter's weights meet only its own rows' tokens.
+            base = result.clone() if any(slot in self.dora for slot, _ in plan.groups) else None
             for slot, rows in plan.groups:
                 rank = self.ranks[slot]
                 if rank:
                     h = xd.index_select(0, rows) @ self.a_t[slot]
                     delta = (h @ self.b_t[slot]) * self.scales[slot]
+                    if slot in self.dora:
+                        delta = self._dora_extra(base.index_select(0, rows), delta, self.dora[slot])
                     result.index_add_(0, rows, delta.to(result.dtype))
             return result
         view = self._decode_view(plan)
@@ -151,9 +156,19 @@ class SlotLinear(nn.Module):
                 view = self._decode_view(plan)
         h = (xd @ self._a_cat[:, : view.used]) * view.mask  # [rows, 1, used]: each row keeps its own adapter's columns
         raw = h @ self._b_cat[: view.used]  # [rows, 1, out]
+        if view.dora is not None:  # a DoRA adapter in the batch: each row's magnitude scale, 1 for the others
+            return result + self._dora_extra(result, raw * view.scale, view.dora).to(result.dtype)
         if result.dtype == torch.float32 and raw.dtype == torch.float32:
             return result.addcmul_(raw, view.scale)  # one op for scale and add
         return result + (raw * view.scale).to(result.dtype)  # float32 scale, as peft's Python float
+
+    def _dora_extra(self, base: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """What DoRA adds to the base output, as peft computes it: (g - 1) * (base output
+        without its bias) + g * (scaled LoRA output), with g = magnitude / ||W + sBA|| per
+        output feature (per row here: 1 for rows of plain LoRA adapters and the base)."""
+        bias = self.base_layer.bias
+        plain = base if bias is None else base - bias
+        return (scale - 1) * plain.to(scale.dtype) + scale * delta.to(scale.dtype)
 
     def _decode_view(self, plan: RoutingPlan) -> _DecodeView | None:
         key = (plan, self.routing.generation, self._epoch)
@@ -166,7 +181,11 @@ class SlotLinear(nn.Module):
             # Two tensor ops, however many adapters: a column belongs to a row when their slots agree.
             mask = (plan.row_slots[:, None] == self._col_slot[None, : self._columns]).to(self._dtype)
             scale = self._scale_t.index_select(0, plan.row_slots).view(-1, 1, 1)
-            view = _DecodeView(mask.unsqueeze(1), scale, self._columns, sum(self.ranks[s] for s in used), used)
+            dora = None
+            if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
+                ones = torch.ones(self.out_features, dtype=torch.float32, device=self._device)
+                dora = torch.stack([self.dora.get(int(s), ones) for s in plan.row_slots.tolist()]).unsqueeze(1)
+            view = _DecodeView(mask.unsqueeze(1), scale, self._columns, sum(self.ranks[s] for s in used), used, dora)
             key = (plan, self.routing.generation, self._epoch)
         self._view = (*key, view)
         return view
@@ -209,9 +228,12 @@ class SlotLinear(nn.Module):
             self._columns += rank
 
     @torch.no_grad()
-    def fill(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Hold one adapter's A [r, in] and B [out, r] in `slot`, at rank r."""
+    def fill(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float, dora: torch.Tensor | None = None) -> None:
+        """Hold one adapter's A [r, in] and B [out, r] in `slot`, at rank r (and a DoRA
+        adapter's magnitude scale per output feature, float32)."""
         self.clear(slot)
+        if dora is not None:
+            self.dora[slot] = dora.to(device=self._device, dtype=torch.float32)
         self.a_t[slot] = a.T.to(device=self._device, dtype=self._dtype, non_blocking=True).contiguous()  # [in, r]
         self.b_t[slot] = b.T.to(device=self._device, dtype=self._dtype, non_blocking=True).contiguous()  # [r, out]
         self.ranks[slot] = a.shape[0]
@@ -224,6 +246,7 @@ class SlotLinear(nn.Module):
         self.routing.generation += 1
         self.a_t.pop(slot, None)
         self.b_t.pop(slot, None)
+        self.dora.pop(slot, None)
         self.ranks[slot] = 0
         self.scales[slot] = 0.0
         self._scale_t[slot] = 0.0
