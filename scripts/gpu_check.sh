@@ -17,7 +17,9 @@ fi
 export PYTHONPATH="$PWD/client:$PWD/service:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
+# torchao (for --quantization int8) must be installed or carried in .whl/.
 python3 -m pytest -q -s -p no:cacheprovider scripts/gpu/test_cuda.py 2>&1 | tee "$out/gpu-tests.log"
 # The matrix at the server's default flags (device auto = CUDA, dtype auto = the checkpoint's 16-bit).
 python3 -m loramux.bench.matrix --out "$out/matrix" 2>&1 | tee "$out/matrix.log"
 python3 -m loramux.bench --device cuda --dtype bfloat16 --out "$out" 2>&1 | tee "$out/bench.log"
+python3 -m loramux.bench.merge --out "$out" 2>&1 | tee "$out/merge.log"

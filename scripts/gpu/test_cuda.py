@@ -81,3 +81,35 @@ def test_host_tier_is_pinned_and_promotion_is_consistent(assets, engine):
     again = {a: engine.generate("default", GenerateInput(adapter_id=a, prompt=PROMPTS[0], max_new_tokens=N), 120)["token_ids"]
              for a in ADAPTERS}
     assert first == again
+
+
+def test_dora_bf16_tracks_peft_on_cuda(assets, engine):
+    from loramux.demo.assets import make_adapter
+
+    make_adapter(assets.base, assets.adapters / "dora-gpu", r=8, alpha=16, use_dora=True,
+                 target_modules=("q_proj", "v_proj", "up_proj"), seed=31)
+    engine.load_adapter("default", "dora-gpu", "dora-gpu")
+    for prompt in PROMPTS:
+        ours = engine.generate("default", GenerateInput(adapter_id="dora-gpu", prompt=prompt, max_new_tokens=N,
+                                                        return_logprobs=True), 120)
+        tokens, first_logprob = peft_reference(assets, "dora-gpu", prompt)
+        assert ours["token_ids"][0] == tokens[0] and abs(ours["logprobs"][0] - first_logprob) < 0.1, prompt
+
+
+def test_int8_base_on_cuda_serves_adapters(assets):
+    settings = assets.settings(device="cuda", dtype="bfloat16", quantization="int8")
+    base = load_base_model(settings)
+    eng = Engine(settings, base).start()
+    try:
+        for name in ADAPTERS:
+            eng.load_adapter("default", name, name)
+        first = sum(
+            eng.generate("default", GenerateInput(adapter_id=a, prompt=p, max_new_tokens=4), 120)["token_ids"][0]
+            == peft_reference(assets, a, p)[0][0]
+            for a in ADAPTERS for p in PROMPTS
+        )
+        print(f"int8 on CUDA: {first}/{len(ADAPTERS) * len(PROMPTS)} first tokens equal bf16 peft; "
+              f"model bytes {base.model_bytes}")
+        assert first >= 0.8 * len(ADAPTERS) * len(PROMPTS)
+    finally:
+        eng.stop()
