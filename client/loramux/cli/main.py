@@ -23,8 +23,9 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model-name", help="name adapters' base_model_name_or_path is checked against (default: --model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--quantization", default="none", choices=["none", "int8"],
-                   help="int8: the base's Linear weights held as int8 (torchao weight-only), about a quarter of float32")
+    p.add_argument("--quantization", default="none", choices=["none", "int8", "bnb-8bit", "bnb-4bit"],
+                   help="the base's Linear weights held as int8 (torchao weight-only), bitsandbytes 8-bit or 4-bit "
+                        "(NF4); adapters stay in --dtype")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR", help="directory local adapters must lie under (repeatable)")

@@ -338,8 +338,8 @@ class ServerInfo(_message.Message):
     adapter_slots it bounds how many adapters stay resident.
     """
     quantization: _builtins.str
-    """How the base's Linear weights are held: "none", or "int8" (int8 weight-only); the LoRA
-    path is always in dtype.
+    """How the base's Linear weights are held: "none", "int8" (torchao int8 weight-only),
+    "bnb-8bit" or "bnb-4bit" (bitsandbytes); the LoRA path is always in dtype.
     """
     model_bytes: _builtins.int
     """Bytes of the base model's parameters as served (quantized ones at their stored size)."""

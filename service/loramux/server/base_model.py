@@ -78,11 +78,15 @@ def load_base_model(settings: Settings) -> BaseModel:
     source = str(directory)
     config = AutoConfig.from_pretrained(source)
     dtype = _pick_dtype(settings.dtype, config, device)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
-    model.to(device)
+    if settings.quantization.startswith("bnb-"):  # quantized as it loads, on its device (it cannot move after)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map={"": device},
+                                                     quantization_config=_bnb_config(settings.quantization, dtype))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        model.to(device)
     model.eval()
     model.requires_grad_(False)
-    if settings.quantization != "none":
+    if settings.quantization == "int8":
         quantize_linears(model, settings.quantization)
     tokenizer = AutoTokenizer.from_pretrained(source)
     bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, dtype)
@@ -129,6 +133,32 @@ def hub_snapshot(settings: Settings) -> Path:
         raise InvalidSettings(f"{settings.model!r} has no safetensors weights at that revision; loramux loads and "
                               "merges safetensors only", field="model")
     return directory
+
+
+def _bnb_config(method: str, dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise InvalidSettings(f"quantization {method} needs bitsandbytes (installed with the server extra)",
+                              field="quantization") from e
+    if method == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
+
+
+def dequantized(weight: torch.Tensor) -> torch.Tensor:
+    """A base weight as full-precision values, whatever holds it: torchao's int8 tensors,
+    bitsandbytes' 8-bit (a scale per row) and 4-bit (blocks) parameters, or a plain tensor."""
+    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
+        import bitsandbytes.functional as bnb
+
+        return bnb.dequantize_4bit(weight.data, weight.quant_state).float()
+    if getattr(weight, "SCB", None) is not None and weight.dtype == torch.int8:  # bitsandbytes 8-bit
+        return weight.data.float() * weight.SCB.float().view(-1, 1) / 127
+    if hasattr(weight, "dequantize"):  # torchao
+        return weight.dequantize().float()
+    return weight
 
 
 def quantize_linears(model: nn.Module, method: str) -> None:

@@ -14,7 +14,7 @@ from loramux.server.errors import InvalidSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
-QUANTIZATIONS = ("none", "int8")
+QUANTIZATIONS = ("none", "int8", "bnb-8bit", "bnb-4bit")
 BASE_MISMATCH_POLICIES = ("error", "warn")
 SCHEDULING = ("continuous", "static")
 AUTH_MODES = ("keys", "none")
@@ -41,10 +41,10 @@ class Settings:
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     quantization: str = "none"
-    """none, or int8: the base's Linear weights (all but the output projection) held as int8
-    with a scale per output row (torchao's int8 weight-only, CPU or CUDA), about a quarter of
-    float32's memory; the LoRA path stays in `dtype` on top. Merges read the full-precision
-    files."""
+    """How the base's Linear weights (all but the output projection) are held: none; int8
+    (torchao's int8 weight-only, a scale per output row); bnb-8bit (bitsandbytes LLM.int8());
+    bnb-4bit (bitsandbytes NF4, computing in `dtype`). The LoRA path stays in `dtype` on top;
+    merges read the full-precision files."""
     host: str = "127.0.0.1"
     port: int = 50051
     """0 picks a free port (tests)."""

@@ -399,8 +399,10 @@ def _with_dora(module: str, lora: ModuleLora, magnitude: torch.Tensor | None, ba
     magnitude = magnitude.float().reshape(-1)
     if not torch.isfinite(magnitude).all():
         raise AdapterInvalid(f"module {module!r} has a non-finite DoRA magnitude")
-    served = base.base_weights[f"{module}.weight"].detach()
-    weight = (served.dequantize() if hasattr(served, "dequantize") else served).to("cpu", torch.float32)
+    from loramux.server.base_model import dequantized  # the served weight, whatever quantization holds it
+
+    with torch.no_grad():  # (not .detach() first: it would drop a quantized parameter's state)
+        weight = dequantized(base.base_weights[f"{module}.weight"]).detach().to("cpu", torch.float32)
     norm = torch.linalg.norm(weight + lora.scale * (lora.b.float().cpu() @ lora.a.float().cpu()), dim=1)
     scale = magnitude / norm
     if not torch.isfinite(scale).all():

@@ -125,6 +125,7 @@ class AdapterRegistry:
                     _check_same(adapter_id, existing.source, source, revision, existing.revision)
                     return existing, False
             record, weights = self._read(tenant, adapter_id, source, revision, allowed, uuid.uuid4().hex, time.time())
+            created = True
             if self._store is not None:
                 try:
                     if replace:
@@ -137,11 +138,12 @@ class AdapterRegistry:
                                 raise AdapterChanged("another replica registered this name from the same source with "
                                                      "other files at the same moment; load it again")
                             record.generation, record.load_time = winner.generation, winner.load_time
+                            created = False
                 except BaseException:
                     self._discard(record)
                     raise
             self._install(record, weights)
-            return record, record.generation != getattr(existing, "generation", None)
+            return record, created
 
     def _read(
         self, tenant: str, adapter_id: str, source: str, revision: str, allowed: SourceAllowance, generation: str,

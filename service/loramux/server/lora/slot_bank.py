@@ -9,6 +9,10 @@ from loramux.server.adapters.weights import AdapterWeights, ModuleLora
 from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear
 
 
+# bitsandbytes' Linear layers (nn.Linear subclasses whose forward dequantizes): slots wrap them too.
+QUANTIZED_LINEARS = ("Linear8bitLt", "Linear4bit")
+
+
 class SlotBank:
     """The one owner of accelerator adapter memory: wraps the model's Linears in SlotLinears,
     decides where each resident adapter lives (its slot), counts the bytes, and routes rows.
@@ -29,7 +33,7 @@ class SlotBank:
         targets = set(target_modules)
         for name, module in list(model.named_modules()):
             short = name.rsplit(".", 1)[-1]
-            if short in targets and type(module) is nn.Linear:
+            if short in targets and (type(module) is nn.Linear or type(module).__name__ in QUANTIZED_LINEARS):
                 parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
                 layer = SlotLinear(module, num_slots, self.routing, dtype)
                 setattr(parent, short, layer)
