@@ -1,8 +1,9 @@
-"""python -m loramux.bench.quantization [--quick] [--out DIR]: the int8 base against the
-full-precision one, side by side on the same model, adapters and requests.
+"""python -m loramux.bench.quantization [--quick] [--out DIR]: quantized bases (int8,
+bnb-8bit, bnb-4bit) against the full-precision one, side by side on the same model,
+adapters and requests.
 
-For each model: two servers in turn (`--quantization none`, then `int8`), at the server's
-default flags otherwise. Each serves the same mixed-adapter workload through gRPC from 16
+For each model: one server per method in turn (`--quantization none` first), at the
+server's default flags otherwise. Each serves the same mixed-adapter workload through gRPC from 16
 concurrent clients (greedy, `ignore_eos`, so both do the same tokens): output tokens/s, for
 `rounds` rounds. Then fixed prompts, greedy, against the full-precision server's tokens:
 how many whole sequences and first tokens agree, and the largest logit error of the base
@@ -34,7 +35,8 @@ class Case:
 
 
 CASES = (Case("h1024-l8", 1024, 8, 2816), Case("h512-l6", 512, 6, 1536))
-QUICK = (Case("h128-l2", 128, 2, 352, heads=4),)
+METHODS = ("none", "int8", "bnb-8bit", "bnb-4bit")
+QUICK = (Case("h128-l2", 128, 2, 384, heads=4),)  # widths bitsandbytes' 4-bit CPU kernel takes (multiples of 64)
 
 
 def _throughput(target: str, adapters: list[str], prompts: list[str], clients: int, tokens: int) -> float:
@@ -82,7 +84,7 @@ def run(cases: tuple[Case, ...], rounds: int, requests: int, work: Path) -> dict
             names.append(f"{case.name}-a{i}")
         cell = {"model": case.name}
         reference: dict = {}
-        for quantization in ("none", "int8"):
+        for quantization in METHODS:
             settings = Settings(model=str(base), adapter_roots=(work / "adapters",), auth="none", port=0,
                                 quantization=quantization)
             with BackgroundServer(settings) as server, lc.Client(server.target, timeout=600) as client:
@@ -95,37 +97,44 @@ def run(cases: tuple[Case, ...], rounds: int, requests: int, work: Path) -> dict
                 engine = server.engine
                 with torch.no_grad():
                     logits = engine.call_on_engine(lambda: engine.base.model(input_ids=ids).logits).result(600)
-                cell[quantization] = {"model_bytes": engine.base.model_bytes, "tokens_per_s": [round(s, 1) for s in speeds]}
+                row = {"model_bytes": engine.base.model_bytes, "tokens_per_s": [round(s, 1) for s in speeds]}
+                cell[quantization] = row
                 if quantization == "none":
-                    reference = {"sequences": sequences, "logits": logits}
-                else:
-                    same = sum(sequences[k] == reference["sequences"][k] for k in sequences)
-                    first = sum(sequences[k][0] == reference["sequences"][k][0] for k in sequences)
-                    error = (logits - reference["logits"]).abs().max() / reference["logits"].abs().max()
-                    cell["agreement"] = {"sequences": f"{same}/{len(sequences)}", "first_tokens": f"{first}/{len(sequences)}",
-                                         "max_logit_error": round(float(error), 5)}
-        cell["memory_saved"] = round(1 - cell["int8"]["model_bytes"] / cell["none"]["model_bytes"], 3)
-        cell["speed_ratio"] = round(min(cell["int8"]["tokens_per_s"]) / max(cell["none"]["tokens_per_s"]), 3)
+                    reference = {"sequences": sequences, "logits": logits, "row": row}
+                    continue
+                same = sum(sequences[k] == reference["sequences"][k] for k in sequences)
+                first = sum(sequences[k][0] == reference["sequences"][k][0] for k in sequences)
+                error = (logits.float() - reference["logits"]).abs().max() / reference["logits"].abs().max()
+                row.update(
+                    sequences_equal=f"{same}/{len(sequences)}", first_tokens_equal=f"{first}/{len(sequences)}",
+                    max_logit_error=round(float(error), 5),
+                    memory_saved=round(1 - row["model_bytes"] / reference["row"]["model_bytes"], 3),
+                    speed_ratio=round(min(row["tokens_per_s"]) / max(reference["row"]["tokens_per_s"]), 3),
+                )
         out.append(cell)
     return {"rounds": rounds, "requests": requests, "cells": out}
 
 
 def markdown(results: dict) -> str:
     lines = [
-        f"# int8 base against full precision ({results['rounds']} rounds of {results['requests']} requests, "
+        f"# Quantized bases against full precision ({results['rounds']} rounds of {results['requests']} requests, "
         "16 gRPC clients, 4 adapters mixed)",
         "",
-        "| model | model bytes (fp32 -> int8) | saved | tokens/s fp32 | tokens/s int8 | int8 / fp32 (worst) | "
-        "sequences equal | first tokens equal | max logit error |",
+        "| model | method | model bytes | saved | tokens/s | vs fp32 (worst pair) | sequences equal | "
+        "first tokens equal | max logit error |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in results["cells"]:
-        a = c["agreement"]
-        lines.append(
-            f"| {c['model']} | {c['none']['model_bytes'] / 2**20:.1f} -> {c['int8']['model_bytes'] / 2**20:.1f} MiB | "
-            f"{c['memory_saved']:.0%} | {c['none']['tokens_per_s']} | {c['int8']['tokens_per_s']} | {c['speed_ratio']} | "
-            f"{a['sequences']} | {a['first_tokens']} | {a['max_logit_error']} |"
-        )
+        for method in METHODS:
+            r = c[method]
+            if method == "none":
+                lines.append(f"| {c['model']} | none | {r['model_bytes'] / 2**20:.1f} MiB | | {r['tokens_per_s']} | | | | |")
+                continue
+            lines.append(
+                f"| {c['model']} | {method} | {r['model_bytes'] / 2**20:.1f} MiB | {r['memory_saved']:.0%} | "
+                f"{r['tokens_per_s']} | {r['speed_ratio']} | {r['sequences_equal']} | {r['first_tokens_equal']} | "
+                f"{r['max_logit_error']} |"
+            )
     return "\n".join(lines) + "\n"
 
 

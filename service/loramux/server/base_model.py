@@ -88,6 +88,11 @@ def load_base_model(settings: Settings) -> BaseModel:
     model.requires_grad_(False)
     if settings.quantization == "int8":
         quantize_linears(model, settings.quantization)
+    if settings.quantization == "bnb-4bit" and device.type == "cpu":
+        odd = sorted({m.in_features for m in model.modules() if type(m).__name__ == "Linear4bit" and m.in_features % 64})
+        if odd:  # its CPU kernel would fail on the first request instead
+            raise InvalidSettings(f"bnb-4bit on the CPU needs Linear input widths that are multiples of 64; this model "
+                                  f"has {odd}. Use int8 or bnb-8bit", field="quantization")
     tokenizer = AutoTokenizer.from_pretrained(source)
     bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, dtype)
 
