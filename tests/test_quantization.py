@@ -112,3 +112,16 @@ def test_bitsandbytes_bases_serve_lora_and_dora_in_full_precision(assets, base_m
         # Measured on this 64-wide random model (the worst case for block-wise 4-bit and for
         # LLM.int8's float16 inputs on the CPU): 7/12 (8-bit) and 9/12 (4-bit), errors ~0.1.
         assert first >= total // 2 and 0 < error < 0.3, (first, total, error)
+
+
+def test_a_device_map_places_the_model_through_accelerate(assets):
+    """--device-map loads through accelerate (one device here: the CPU; the GPU script splits
+    a model over two GPUs when it has them): slots wrap the placed layers, inputs go to the
+    embedding's device, and outputs still equal peft's."""
+    with BackgroundServer(assets.settings(device_map="auto")) as server, lc.Client(server.target, timeout=60) as c:
+        slots = [m for m in server.engine.base.model.modules() if isinstance(m, SlotLinear)]
+        assert server.engine.base.device == torch.device("cpu") and all(m._device.type == "cpu" for m in slots)
+        c.load_adapter("qv-r4", source="qv-r4")
+        for prompt in PROMPTS[:2]:
+            assert c.generate(prompt=prompt, adapter_id="qv-r4", max_new_tokens=N).token_ids == \
+                assets.oracle("qv-r4", prompt, N)

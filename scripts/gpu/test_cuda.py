@@ -113,3 +113,20 @@ def test_int8_base_on_cuda_serves_adapters(assets):
         assert first >= 0.8 * len(ADAPTERS) * len(PROMPTS)
     finally:
         eng.stop()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_a_model_split_over_two_gpus_serves_adapters(assets):
+    settings = assets.settings(device="cuda", dtype="bfloat16", device_map="balanced")
+    base = load_base_model(settings)
+    slots = [m for m in base.model.modules() if type(m).__name__ == "SlotLinear"]
+    assert len({m._device for m in slots}) >= 2  # slot tensors follow their layers onto both GPUs
+    eng = Engine(settings, base).start()
+    try:
+        for name in ADAPTERS:
+            eng.load_adapter("default", name, name)
+        for a in ADAPTERS:
+            got = eng.generate("default", GenerateInput(adapter_id=a, prompt=PROMPTS[0], max_new_tokens=4), 120)
+            assert got["token_ids"][0] == peft_reference(assets, a, PROMPTS[0])[0][0], a
+    finally:
+        eng.stop()

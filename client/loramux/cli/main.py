@@ -23,6 +23,8 @@ def _serve_parser(sub) -> None:
     p.add_argument("--model-name", help="name adapters' base_model_name_or_path is checked against (default: --model)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
+                   help="place the layers over several GPUs (accelerate); adapter slots follow their layers")
     p.add_argument("--quantization", default="none", choices=["none", "int8", "bnb-8bit", "bnb-4bit"],
                    help="the base's Linear weights held as int8 (torchao weight-only), bitsandbytes 8-bit or 4-bit "
                         "(NF4); adapters stay in --dtype")
@@ -255,6 +257,7 @@ def _serve(args) -> int:
             model_name=args.model_name,
             dtype=args.dtype,
             device=args.device,
+            device_map=args.device_map,
             quantization=args.quantization,
             host=args.host,
             port=args.port,

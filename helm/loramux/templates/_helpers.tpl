@@ -68,6 +68,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - {{ .Values.model.device | quote }}
 - --quantization
 - {{ .Values.model.quantization | quote }}
+{{- with .Values.model.deviceMap }}
+- --device-map
+- {{ . | quote }}
+{{- end }}
 - --host
 - "0.0.0.0"
 - --port

@@ -78,12 +78,17 @@ def load_base_model(settings: Settings) -> BaseModel:
     source = str(directory)
     config = AutoConfig.from_pretrained(source)
     dtype = _pick_dtype(settings.dtype, config, device)
+    placement = settings.device_map or {"": device}
     if settings.quantization.startswith("bnb-"):  # quantized as it loads, on its device (it cannot move after)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map={"": device},
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=placement,
                                                      quantization_config=_bnb_config(settings.quantization, dtype))
+    elif settings.device_map:  # accelerate places the layers (and moves activations between devices)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, device_map=settings.device_map)
     else:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
         model.to(device)
+    if settings.device_map:
+        device = model.get_input_embeddings().weight.device  # where inputs (and sampling) go
     model.eval()
     model.requires_grad_(False)
     if settings.quantization == "int8":

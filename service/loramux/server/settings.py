@@ -14,6 +14,7 @@ from loramux.server.errors import InvalidSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 QUANTIZATIONS = ("none", "int8", "bnb-8bit", "bnb-4bit")
 BASE_MISMATCH_POLICIES = ("error", "warn")
 SCHEDULING = ("continuous", "static")
@@ -40,6 +41,10 @@ class Settings:
     """Serving dtype: auto (the checkpoint's, float32 on CPU when it is 16-bit), float32, bfloat16, float16."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
+    device_map: str | None = None
+    """Place the model's layers over several devices with accelerate: auto, balanced,
+    balanced_low_0 or sequential (None: all on `device`). Adapter slots live on each layer's
+    own device; inputs go to the embedding's."""
     quantization: str = "none"
     """How the base's Linear weights (all but the output projection) are held: none; int8
     (torchao's int8 weight-only, a scale per output row); bnb-8bit (bitsandbytes LLM.int8());
@@ -180,6 +185,8 @@ class Settings:
             raise bad("model", "a local directory or Hub id is required")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.device_map is not None and self.device_map not in DEVICE_MAPS:
+            raise bad("device_map", f"{self.device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
         if self.quantization not in QUANTIZATIONS:
             raise bad("quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):

@@ -230,7 +230,7 @@ class Batch:
             )
         finally:
             self.base.bank.route(None)
-        logits = out.logits[:, -1, :].float()  # [n, vocab]
+        logits = out.logits[:, -1, :].float().to(self.base.device)  # [n, vocab] (from the last layer's device)
         rows = self.rows
         tokens, logprobs, bad = choose_tokens(logits, self._params, self.seen)
         if self.seen is not None:

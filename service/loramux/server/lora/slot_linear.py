@@ -140,6 +140,7 @@ class SlotLinear(nn.Module):
             for slot, rows in plan.groups:
                 rank = self.ranks[slot]
                 if rank:
+                    rows = rows.to(self._device)  # placed across devices (--device-map): this layer's
                     h = xd.index_select(0, rows) @ self.a_t[slot]
                     delta = (h @ self.b_t[slot]) * self.scales[slot]
                     if slot in self.dora:
@@ -179,8 +180,9 @@ class SlotLinear(nn.Module):
         if used:
             self._place(used)
             # Two tensor ops, however many adapters: a column belongs to a row when their slots agree.
-            mask = (plan.row_slots[:, None] == self._col_slot[None, : self._columns]).to(self._dtype)
-            scale = self._scale_t.index_select(0, plan.row_slots).view(-1, 1, 1)
+            row_slots = plan.row_slots.to(self._device)  # placed across devices (--device-map): this layer's
+            mask = (row_slots[:, None] == self._col_slot[None, : self._columns]).to(self._dtype)
+            scale = self._scale_t.index_select(0, row_slots).view(-1, 1, 1)
             dora = None
             if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
                 ones = torch.ones(self.out_features, dtype=torch.float32, device=self._device)
