@@ -6,6 +6,7 @@ lost. Plus the store's own contract under concurrent writers, and object sources
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import time
@@ -370,3 +371,25 @@ def test_a_registration_is_checked_against_the_tenants_sources_whenever_a_replic
             _refused(lc.NotFound, "SOURCE_NOT_FOUND", tokens, c, "qv")  # not under the tenant's roots now
     finally:
         second.stop()
+
+
+def test_start_up_sweeps_only_its_own_merge_leftovers_and_those_of_stopped_replicas(assets, tmp_path):
+    """Replicas sharing a merge root: a starting replica removes its own temporaries and those
+    of a replica that was killed (its heartbeat went stale), never a live replica's merge."""
+    state, merged = tmp_path / "state", tmp_path / "merged" / "default"
+    merged.mkdir(parents=True)
+    StateStore(state, "busy").heartbeat()
+    gone = StateStore(state, "gone")
+    gone.heartbeat()
+    stale = json.loads((state / "replicas" / "gone.json").read_text())
+    stale["time"] -= 3600
+    (state / "replicas" / "gone.json").write_text(json.dumps(stale))
+    for name in (".loramux-merge-tmp-busy@out-1", ".loramux-merge-tmp-gone@out-2", ".loramux-merge-tmp-replica-0@out-3",
+                 ".loramux-merge-old-gone@out-4", ".loramux-merge-tmp-legacy-5"):
+        (merged / name).mkdir()
+    server, = start(assets, 1, state_dir=state, merge_root=tmp_path / "merged")
+    try:
+        assert sorted(p.name for p in merged.iterdir()) == [".loramux-merge-tmp-busy@out-1"]
+        assert server.engine.restore_report.swept == 4
+    finally:
+        server.stop()

@@ -111,9 +111,10 @@ def check_replaceable(target: Path, output_dir: str, overwrite: bool) -> None:
         )
 
 
-def sweep_temporaries(merge_root: Path) -> list[Path]:
-    """Remove what interrupted merges left under `merge_root`; returns what was removed.
-    Merge outputs themselves are not entered."""
+def sweep_temporaries(merge_root: Path, ours: Callable[[str | None], bool] = lambda replica: True) -> list[Path]:
+    """Remove what interrupted merges left under `merge_root` (those `ours(replica)` accepts:
+    with replicas sharing the root, this replica's own and those of replicas that stopped);
+    returns what was removed. Merge outputs themselves are not entered."""
     removed = []
     visited = 0
     for current, dirs, files in os.walk(merge_root):
@@ -123,7 +124,7 @@ def sweep_temporaries(merge_root: Path) -> list[Path]:
         keep = []
         for name in dirs:
             path = Path(current) / name
-            if name.startswith((TMP_PREFIX, OLD_PREFIX)) and not path.is_symlink():
+            if name.startswith((TMP_PREFIX, OLD_PREFIX)) and not path.is_symlink() and ours(temporary_owner(name)):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
             elif not (path / MERGE_INFO_FILE).is_file():
@@ -179,6 +180,7 @@ def merge_to_checkpoint(
     shard_bytes: int | None = None,
     overwrite: bool = False,
     verify: Callable[[Path], float] | None = None,
+    replica: str = "",
 ) -> MergeResult:
     """Stream the base's shards through the adapter into `target`: one tensor read at a time,
     one output shard held until it is written (output shards are no larger than the largest
@@ -190,7 +192,7 @@ def merge_to_checkpoint(
     _check_targets(weights, entries)
     groups = _plan_shards(checkpoint, shard_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name[:64]}-", dir=target.parent))
+    tmp = _temporary(target.parent, target.name, replica)
     reader = _ShardReader(checkpoint)
     merger = _Merger(max((entries[f"{m}.weight"].nbytes // TORCH_DTYPES[entries[f"{m}.weight"].dtype].itemsize
                           for m in weights.modules), default=0))
@@ -221,7 +223,7 @@ def merge_to_checkpoint(
         manifest = dict(provenance, merged_tensors=merged, max_logit_difference=difference,
                         files={name: {"sha256": _sha256(tmp / name), "bytes": (tmp / name).stat().st_size} for name in files})
         (tmp / MERGE_INFO_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(tmp, target, overwrite)
+        _swap_into_place(tmp, target, overwrite, replica)
     except BaseException:
         reader.close()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -406,17 +408,17 @@ def _adapter_files(config: dict | None, weights: AdapterWeights, source: Adapter
 
 
 def write_adapter_checkpoint(config: dict | None, weights: AdapterWeights, source: AdapterRecord, target: Path,
-                             provenance: dict, overwrite: bool) -> MergeResult:
+                             provenance: dict, overwrite: bool, replica: str = "") -> MergeResult:
     """Write an adapter (a combination, or `source`'s files) as a PEFT checkpoint at `target`,
     with the manifest, through a temporary directory moved into place."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{target.name[:64]}-", dir=target.parent))
+    tmp = _temporary(target.parent, target.name, replica)
     try:
         _adapter_files(config, weights, source, tmp)
         files = sorted(p.name for p in tmp.iterdir() if p.is_file())
         manifest = dict(provenance, files={n: {"sha256": _sha256(tmp / n), "bytes": (tmp / n).stat().st_size} for n in files})
         (tmp / MERGE_INFO_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _swap_into_place(tmp, target, overwrite)
+        _swap_into_place(tmp, target, overwrite, replica)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -426,13 +428,14 @@ def write_adapter_checkpoint(config: dict | None, weights: AdapterWeights, sourc
 
 
 @contextlib.contextmanager
-def adapter_directory(config: dict | None, weights: AdapterWeights, source: AdapterRecord, parent: Path):
+def adapter_directory(config: dict | None, weights: AdapterWeights, source: AdapterRecord, parent: Path,
+                      replica: str = ""):
     """The adapter as files peft can load: `source`'s own directory, or the combination
     written to a temporary directory (removed after; named so that a crash's leftover is swept)."""
     if config is None:
         yield source.directory
         return
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}verify-", dir=parent))
+    tmp = _temporary(parent, "verify", replica)
     try:
         _adapter_files(config, weights, source, tmp)
         yield tmp
@@ -471,12 +474,28 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _swap_into_place(tmp: Path, target: Path, overwrite: bool) -> None:
+def _temporary(parent: Path, name: str, replica: str) -> Path:
+    """A new temporary directory beside an output, named for what it is and for the replica
+    that made it (`<prefix><replica>@<name>-<random>`), so that replicas sharing a merge root
+    sweep only their own leftovers, and those of replicas that stopped."""
+    return Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{replica + '@' if replica else ''}{name[:64]}-", dir=parent))
+
+
+def temporary_owner(name: str) -> str | None:
+    """The replica that made a merge temporary (None: made by an older version, unnamed)."""
+    for prefix in (TMP_PREFIX, OLD_PREFIX):
+        if name.startswith(prefix):
+            rest = name[len(prefix):]
+            return rest.split("@", 1)[0] if "@" in rest else None
+    return None
+
+
+def _swap_into_place(tmp: Path, target: Path, overwrite: bool, replica: str = "") -> None:
     """Move the finished output to `target`, checking again that it may replace what is there."""
     check_replaceable(target, target.name, overwrite)
     old = None
     if target.exists():
-        old = target.parent / f"{OLD_PREFIX}{target.name[:64]}-{uuid.uuid4().hex[:8]}"
+        old = target.parent / f"{OLD_PREFIX}{replica + '@' if replica else ''}{target.name[:64]}-{uuid.uuid4().hex[:8]}"
         target.rename(old)
     tmp.rename(target)
     if old is not None:

@@ -141,6 +141,14 @@ class StateStore:
         write_atomically(self.directory / "replicas" / f"{self.replica}.json",
                          json.dumps({"replica": self.replica, "time": time.time()}).encode())
 
+    def stopped(self, replica: str, within_s: float) -> bool:
+        """Whether `replica` left a heartbeat older than `within_s` seconds (it was killed; one
+        that stops cleanly removes its heartbeat, and leaves nothing behind)."""
+        if replica == self.replica:
+            return False
+        data = read_file(self.directory / "replicas" / f"{replica}.json")
+        return data is not None and time.time() - json.loads(data)["time"] > within_s
+
     def alive(self, replica: str, within_s: float) -> bool:
         """Whether `replica` wrote its heartbeat within the last `within_s` seconds."""
         if replica == self.replica:

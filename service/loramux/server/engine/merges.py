@@ -189,7 +189,8 @@ class Merges:
                 weights = combined_weights(config, factors)
         if job.adapter_only:
             with tracer.start_as_current_span("loramux.merge.write_adapter"):
-                result = write_adapter_checkpoint(config, weights, records[0], target, provenance, job.overwrite)
+                result = write_adapter_checkpoint(config, weights, records[0], target, provenance, job.overwrite,
+                                                  replica=self.settings.replica_id)
             if job.register_as:
                 self.operations.update(op, phase="registering")
                 with tracer.start_as_current_span("loramux.merge.register"):
@@ -218,7 +219,7 @@ class Merges:
             phase["span"].end()
             phase["span"] = tracer.start_span("loramux.merge.verify")
             self.operations.update(op, phase="verifying")
-            with adapter_directory(config, weights, records[0], directory.parent) as adapter_dir:
+            with adapter_directory(config, weights, records[0], directory.parent, self.settings.replica_id) as adapter_dir:
                 difference = verify_merged(checkpoint.directory, adapter_dir, directory, self.base.vocab_size)
             phase["span"].set_attribute("loramux.merge.max_logit_difference", difference)
             if op.cancel_error is not None:
@@ -228,7 +229,8 @@ class Merges:
         try:
             result: MergeResult = merge_to_checkpoint(checkpoint, weights, target, provenance, progress,
                                                       shard_bytes=shard_bytes, overwrite=job.overwrite,
-                                                      verify=verification if job.verify else None)
+                                                      verify=verification if job.verify else None,
+                                                      replica=self.settings.replica_id)
         except BaseException as e:
             phase["span"].set_status(StatusCode.ERROR, str(e))
             raise

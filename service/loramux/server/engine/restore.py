@@ -34,7 +34,12 @@ def restore_state(engine) -> RestoreReport:
     report = RestoreReport()
     settings = engine.settings
     if settings.merge_root is not None:
-        removed = sweep_temporaries(settings.merge_root)
+        state, lease = engine.state, engine.sync.lease_s
+
+        def ours(replica: str | None) -> bool:  # with a shared merge root, others' merges may be running
+            return replica is None or replica == settings.replica_id or (state is not None and state.stopped(replica, lease))
+
+        removed = sweep_temporaries(settings.merge_root, ours)
         report.swept = len(removed)
         if removed:
             log.warning("removed %d merge temporaries left by an interrupted merge", len(removed))
