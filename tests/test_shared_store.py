@@ -393,3 +393,24 @@ def test_start_up_sweeps_only_its_own_merge_leftovers_and_those_of_stopped_repli
         assert server.engine.restore_report.swept == 4
     finally:
         server.stop()
+
+
+def test_an_unknown_name_is_not_looked_up_again_at_once(assets, tmp_path):
+    """A storm of requests for a name nobody registered costs one store read a second, not one each."""
+    from loramux.server.adapters.registry import MISS_TTL_S
+
+    server, = start(assets, 1, state_dir=tmp_path / "state")
+    try:
+        registry = server.engine.registry
+        reads = []
+        original = registry._store.get
+        registry._store.get = lambda *key: reads.append(key) or original(*key)
+        with lc.Client(server.target, timeout=60) as c:
+            for _ in range(20):
+                _refused(lc.NotFound, "ADAPTER_NOT_FOUND", tokens, c, "nobody")
+            assert len(reads) == 1
+            time.sleep(MISS_TTL_S)
+            c.load_adapter("nobody", source="qv-r4")  # registered: found at once, the miss forgotten
+            assert tokens(c, "nobody") == assets.oracle("qv-r4", PROMPTS[1], N)
+    finally:
+        server.stop()

@@ -18,6 +18,7 @@ import math
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from loramux.server.registrations import Registrations
 from loramux.server.settings import Settings
 from loramux.server.state import SavedAdapter
 
+MISS_TTL_S = 1.0  # with a store: a name it did not hold is not looked up again for this long (a request storm)
+MAX_MISSES = 10_000
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 MAX_ID_LENGTH = 128
 
@@ -88,6 +91,7 @@ class AdapterRegistry:
         self._name_locks: dict[tuple[str, str], threading.Lock] = {}
         self._uids = itertools.count(1)
         self._failed: dict[tuple[str, str, str], float] = {}  # (tenant, id, generation) -> when it failed to be read
+        self._misses: OrderedDict[tuple[str, str], float] = OrderedDict()  # names the store did not hold, and when
         self.allowance: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE  # the engine wires the keys file's
         self.on_read: Callable[[str, float], None] = lambda source_kind, seconds: None  # telemetry
         self.cache: TieredAdapterCache = cache_for(self._reload)
@@ -189,6 +193,7 @@ class AdapterRegistry:
     def _install(self, record: AdapterRecord, weights: AdapterWeights) -> None:
         key = (record.tenant, record.adapter_id)
         with self._lock:
+            self._misses.pop(key, None)
             previous = self._by_name.get(key)
             self.cache.add(record.uid, weights)
             self._by_uid[record.uid] = record
@@ -228,12 +233,21 @@ class AdapterRegistry:
         except AdapterNotFound:
             if self._store is None:
                 raise
-        with self._name_lock((tenant, adapter_id)):
-            record = self._by_name.get((tenant, adapter_id))
+        key = (tenant, adapter_id)
+        missed = self._misses.get(key)
+        if missed is not None and time.monotonic() - missed < MISS_TTL_S:  # asked again at once: spare the store
+            raise AdapterNotFound(f"no adapter {adapter_id!r} is loaded", field="adapter_id", adapter_id=adapter_id)
+        with self._name_lock(key):
+            record = self._by_name.get(key)
             if record is not None:
                 return record
             saved = self._store.get(tenant, adapter_id)
             if saved is None:
+                with self._lock:
+                    self._misses[key] = time.monotonic()
+                    self._misses.move_to_end(key)
+                    while len(self._misses) > MAX_MISSES:
+                        self._misses.popitem(last=False)
                 raise AdapterNotFound(f"no adapter {adapter_id!r} is loaded", field="adapter_id", adapter_id=adapter_id)
             return self._adopt(saved, self.allowance(tenant))
 
