@@ -22,6 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from loramux.bench.report import write_named
+
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -168,11 +170,7 @@ def main(argv: list[str] | None = None) -> int:
             results = run(QUICK, (8,), 1, Path(tmp))
         else:
             results = run(MODELS, ADAPTER_RANKS, args.rounds, Path(tmp))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "merge.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "merge.md").write_text(markdown(results))
-    print(markdown(results))
+    write_named(Path(args.out), "merge", results, markdown(results))
     return 0
 
 

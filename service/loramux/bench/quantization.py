@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+
+from loramux.bench.report import write_named
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -146,11 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     with tempfile.TemporaryDirectory() as tmp:
         results = run(QUICK, 1, 16, Path(tmp)) if args.quick else run(CASES, args.rounds, 48, Path(tmp))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quantization.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "quantization.md").write_text(markdown(results))
-    print(markdown(results))
+    write_named(Path(args.out), "quantization", results, markdown(results))
     return 0
 
 

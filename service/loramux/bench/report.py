@@ -102,3 +102,12 @@ def plot(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def write_named(out: Path, name: str, results: dict, text: str) -> None:
+    """`<name>.json` and `<name>.md` in `out`, and the table printed (the merge and
+    quantization benchmarks)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{name}.md").write_text(text)
+    print(text)
