@@ -40,6 +40,11 @@ def test_base_and_adapters_come_from_the_hub_at_the_revisions_asked(assets, hub,
         assert c.server_info().model_revision == commits["base"]
         assert c.load_adapter("qv", source="hf://acme/qv", revision="v1").revision == commits["qv"]
         assert c.load_adapter("latest", source="hf://acme/qv").revision == commits["main"]
+        # Loading a name again: the same tag, or its commit, is the same registration; another commit is not.
+        assert c.load_adapter("qv", source="hf://acme/qv", revision="v1").revision == commits["qv"]
+        assert c.load_adapter("qv", source="hf://acme/qv", revision=commits["qv"]).revision == commits["qv"]
+        with pytest.raises(lc.AlreadyExists):
+            c.load_adapter("qv", source="hf://acme/qv", revision=commits["main"])
         assert c.generate(prompt=PROMPTS[1], adapter_id="qv", max_new_tokens=N).token_ids == \
             assets.oracle("qv-r4", PROMPTS[1], N)
         assert c.generate(prompt=PROMPTS[1], adapter_id="latest", max_new_tokens=N).token_ids == \

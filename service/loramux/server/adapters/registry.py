@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import re
 import threading
 import time
 import uuid
@@ -32,6 +33,7 @@ from loramux.server.registrations import Registrations
 from loramux.server.settings import Settings
 from loramux.server.state import SavedAdapter
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
 MISS_TTL_S = 1.0  # with a store: a name it did not hold is not looked up again for this long (a request storm)
 MAX_MISSES = 10_000
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
@@ -387,8 +389,11 @@ class AdapterRegistry:
 
 
 def _check_same(adapter_id: str, held_source: str, source: str, revision: str, held_revision: str) -> None:
-    """Loading a registered name again (without replace) must name the same source."""
-    if held_source != source or (revision and revision != held_revision and source.startswith(HUB_PREFIX)):
+    """Loading a registered name again (without replace) must name the same source, and for a
+    Hub source no other commit (a branch or tag is not resolved again: replace moves a name to
+    where a branch points now)."""
+    other_commit = bool(_COMMIT.fullmatch(revision)) and revision != held_revision
+    if held_source != source or (other_commit and source.startswith(HUB_PREFIX)):
         raise AdapterExists(
             f"adapter {adapter_id!r} is already loaded from {held_source!r}; set replace to load it from another source",
             field="adapter_id",
