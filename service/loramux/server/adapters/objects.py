@@ -1,8 +1,8 @@
 """Adapters in object storage (`s3://bucket/prefix/adapter`), fetched to local disk.
 
 fsspec speaks each store's protocol (s3fs for S3 and S3-compatible stores; gcsfs and adlfs
-give gs:// and az:// when installed). A source's files are listed first: the adapter's files
-must be there and fit `max_bytes` before a byte is downloaded. The download goes to a
+give gs:// and az:// when installed). A source's files are looked up first (one metadata
+request each): they must be there and fit `max_bytes` before a byte is downloaded. The download goes to a
 temporary directory that is renamed into place, under a name made of the URL and each
 object's size and ETag (or version), so a changed object is fetched again and an unchanged one
 is not. The registry then records the content hash of what was read as the revision: a
@@ -136,16 +136,24 @@ class ObjectStores:
             shutil.rmtree(directory, ignore_errors=True)
 
     def _list(self, fs, url: str, path: str) -> dict[str, dict]:
-        try:
-            entries = fs.ls(path, detail=True, refresh=True)
-        except FileNotFoundError:
-            entries = []
-        except Exception as e:  # network, credentials, throttling
-            raise SourceUnavailable(
-                f"{url!r} could not be listed ({type(e).__name__}: {str(e)[:200]}); retry later", field="source",
-                retry_after_s=5.0,
-            ) from e
-        listing = {str(e["name"]).rstrip("/").rsplit("/", 1)[-1]: e for e in entries if e.get("type") == "file"}
+        """The adapter's files at `url`, by name, from one metadata request each (never a listing
+        of the prefix: that could hold any number of objects)."""
+        fs.invalidate_cache(path)  # a changed object must be seen as changed
+        listing = {}
+        for name in (CONFIG_FILE, *WEIGHT_FILES):
+            try:
+                entry = fs.info(f"{path}/{name}")
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # network, credentials, throttling
+                raise SourceUnavailable(
+                    f"{url!r} could not be read ({type(e).__name__}: {str(e)[:200]}); retry later", field="source",
+                    retry_after_s=5.0,
+                ) from e
+            if entry.get("type") == "file":
+                listing[name] = entry
+            if name != CONFIG_FILE and name in listing:
+                break  # the safetensors file is enough: the pickle one is not looked at
         if CONFIG_FILE not in listing or not any(n in listing for n in WEIGHT_FILES):
             raise SourceNotFound(
                 f"no adapter at {url!r} ({CONFIG_FILE} and {' or '.join(WEIGHT_FILES)} are needed)",
