@@ -106,6 +106,7 @@ def test_combinations_are_checked(assets, view, base_model):
         (Combination("blend", (1.0,)), ("qv-r4",), "is not one of"),
         (Combination("cat", (1.0,)), PAIR, "each with a weight"),
         (Combination("svd", (float("nan"), 1.0)), PAIR, "finite"),
+        (Combination("svd", (1.0, 1.0), svd_rank=2**31 - 1), PAIR, "1 to 4096"),
     ]:
         with pytest.raises(InvalidRequest) as e:
             ours(assets, view, base_model, names, combination)

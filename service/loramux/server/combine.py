@@ -32,6 +32,7 @@ SAME_RANK = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune")
 NEEDS_DENSITY = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd", "magnitude_prune",
                  "magnitude_prune_svd")
 MAX_ADAPTERS = 16
+MAX_SVD_RANK = 4096  # a larger rank would be written into the config of an adapter no one could load
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,8 +59,8 @@ class Combination:
             raise bad("density", f"{self.method} needs a density in (0, 1]")
         if self.majority_sign_method not in ("total", "frequency"):
             raise bad("majority_sign_method", "must be total or frequency")
-        if self.svd_rank is not None and self.svd_rank < 1:
-            raise bad("svd_rank", "must be >= 1")
+        if self.svd_rank is not None and not 1 <= self.svd_rank <= MAX_SVD_RANK:
+            raise bad("svd_rank", f"must be 1 to {MAX_SVD_RANK}")
         if self.svd_clamp is not None and not 0 < self.svd_clamp <= 1:
             raise bad("svd_clamp", "must be a quantile in (0, 1]")
 

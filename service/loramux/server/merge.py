@@ -182,9 +182,9 @@ def merge_to_checkpoint(
     verify: Callable[[Path], float] | None = None,
     replica: str = "",
 ) -> MergeResult:
-    """Stream the base's shards through the adapter into `target`: one tensor read at a time,
-    one output shard held until it is written (output shards are no larger than the largest
-    input shard, nor than `shard_bytes`). `progress` is called after each tensor; it may
+    """Stream the base's shards through the adapter into `target`: one tensor read, merged and
+    written at a time (output shards are no larger than the largest input shard, nor than
+    `shard_bytes`). `progress` is called after each tensor; it may
     raise to stop the merge (a cancel), which leaves nothing behind. `verify(directory)`, when
     given, checks the finished checkpoint before it is moved into place and returns the
     largest logit difference, which the manifest records."""

@@ -136,15 +136,14 @@ class SlotLinear(nn.Module):
         xd = x.to(self._dtype)
         if x.shape[1] > 1:
             # Prefill: each adapter's weights meet only its own rows' tokens.
-            base = result.clone() if any(slot in self.dora for slot, _ in plan.groups) else None
-            for slot, rows in plan.groups:
+            for slot, rows in plan.groups:  # groups hold disjoint rows: a group's rows are still the base output
                 rank = self.ranks[slot]
                 if rank:
                     rows = rows.to(self._device)  # placed across devices (--device-map): this layer's
                     h = xd.index_select(0, rows) @ self.a_t[slot]
                     delta = (h @ self.b_t[slot]) * self.scales[slot]
                     if slot in self.dora:
-                        delta = self._dora_extra(base.index_select(0, rows), delta, self.dora[slot])
+                        delta = self._dora_extra(result.index_select(0, rows), delta, self.dora[slot])
                     result.index_add_(0, rows, delta.to(result.dtype))
             return result
         view = self._decode_view(plan)
