@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -39,3 +40,22 @@ def build(cfg: BenchConfig, root: Path) -> tuple[Path, Path]:
                     p.copy_(torch.randn(p.shape, generator=gen) * 0.02)
         peft_model.save_pretrained(str(adapters_dir / name))
     return model_dir, adapters_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A random Llama of the merge and quantization benchmarks, saved in shards of at most
+    `shard` (transformers' max_shard_size) when given."""
+
+    name: str
+    hidden: int
+    layers: int
+    intermediate: int
+    heads: int = 8
+    kv_heads: int = 2
+    shard: str | None = None
+
+    def build(self, directory: Path, tokenizer) -> Path:
+        build_model(directory, tokenizer, hidden=self.hidden, layers=self.layers, heads=self.heads,
+                    kv_heads=self.kv_heads, intermediate=self.intermediate, init_std=0.02, max_shard_size=self.shard)
+        return directory

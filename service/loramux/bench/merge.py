@@ -13,7 +13,6 @@ and the spread.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import subprocess
@@ -22,27 +21,17 @@ import tempfile
 import time
 from pathlib import Path
 
+from loramux.bench.assets import ModelShape
 from loramux.bench.report import write_named
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclasses.dataclass(frozen=True)
-class Model:
-    name: str
-    hidden: int
-    layers: int
-    intermediate: int
-    shard: str  # transformers' max_shard_size
-    heads: int = 8
-    kv_heads: int = 2
-
-
 MODELS = (
-    Model("h1024-l8", 1024, 8, 2816, "50MB"),
-    Model("h512-l8", 512, 8, 1536, "12MB"),
+    ModelShape("h1024-l8", 1024, 8, 2816, shard="50MB"),
+    ModelShape("h512-l8", 512, 8, 1536, shard="12MB"),
 )
-QUICK = (Model("h256-l4", 256, 4, 768, "2MB", heads=4),)
+QUICK = (ModelShape("h256-l4", 256, 4, 768, heads=4, shard="2MB"),)
 ADAPTER_RANKS = (64, 8)
 
 
@@ -96,19 +85,17 @@ def _run_child(system: str, base: Path, adapter: Path, out: Path) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def run(models: tuple[Model, ...], ranks: tuple[int, ...], rounds: int, work: Path) -> dict:
+def run(models: tuple[ModelShape, ...], ranks: tuple[int, ...], rounds: int, work: Path) -> dict:
     import shutil
 
-    from loramux.demo.assets import build_model, build_tokenizer, make_adapter
+    from loramux.demo.assets import build_tokenizer, make_adapter
     from loramux.server.base_files import read_base_checkpoint
 
     texts = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
     tokenizer = build_tokenizer(work / "tok", texts, vocab_size=300)
     cells = []
     for model in models:
-        base = work / model.name
-        build_model(base, tokenizer, hidden=model.hidden, layers=model.layers, heads=model.heads, kv_heads=model.kv_heads,
-                    intermediate=model.intermediate, init_std=0.02, max_shard_size=model.shard)
+        base = model.build(work / model.name, tokenizer)
         checkpoint = read_base_checkpoint(base)
         for rank in ranks:
             adapter = work / f"{model.name}-r{rank}"

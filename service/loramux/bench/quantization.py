@@ -13,31 +13,21 @@ model relative to the largest logit. Memory is the base's parameter bytes as ser
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from loramux.bench.assets import ModelShape
 from loramux.bench.report import write_named
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    name: str
-    hidden: int
-    layers: int
-    intermediate: int
-    heads: int = 8
-    kv_heads: int = 2
-
-
-CASES = (Case("h1024-l8", 1024, 8, 2816), Case("h512-l6", 512, 6, 1536))
+CASES = (ModelShape("h1024-l8", 1024, 8, 2816), ModelShape("h512-l6", 512, 6, 1536))
 METHODS = ("none", "int8", "bnb-8bit", "bnb-4bit")
-QUICK = (Case("h128-l2", 128, 2, 384, heads=4),)  # widths bitsandbytes' 4-bit CPU kernel takes (multiples of 64)
+QUICK = (ModelShape("h128-l2", 128, 2, 384, heads=4),)  # widths bitsandbytes' 4-bit CPU kernel takes (multiples of 64)
 
 
 def _throughput(target: str, adapters: list[str], prompts: list[str], clients: int, tokens: int) -> float:
@@ -61,11 +51,11 @@ def _throughput(target: str, adapters: list[str], prompts: list[str], clients: i
     return sum(done) / (time.perf_counter() - started)
 
 
-def run(cases: tuple[Case, ...], rounds: int, requests: int, work: Path) -> dict:
+def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -> dict:
     import torch
 
     import loramux.client as lc
-    from loramux.demo.assets import build_model, build_tokenizer, make_adapter
+    from loramux.demo.assets import build_tokenizer, make_adapter
     from loramux.server.app import BackgroundServer
     from loramux.server.settings import Settings
 
@@ -75,9 +65,7 @@ def run(cases: tuple[Case, ...], rounds: int, requests: int, work: Path) -> dict
     workload = [texts[i % len(texts)][: 20 + (i * 7) % 40] for i in range(requests)]
     out = []
     for case in cases:
-        base = work / case.name
-        build_model(base, tokenizer, hidden=case.hidden, layers=case.layers, heads=case.heads, kv_heads=case.kv_heads,
-                    intermediate=case.intermediate, init_std=0.02)
+        base = case.build(work / case.name, tokenizer)
         names = []
         for i, rank in enumerate((8, 16, 8, 16)):
             make_adapter(base, work / "adapters" / f"{case.name}-a{i}", r=rank, alpha=2 * rank, target_modules=ALL,
