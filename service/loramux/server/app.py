@@ -247,11 +247,12 @@ class BackgroundServer:
 
         self._own_telemetry = telemetry is None
         self.telemetry = telemetry or build_telemetry(settings)
-        self.engine = in_own_thread(build_engine, settings, self.telemetry, base)
+        auth = Authenticator(settings)  # one for the restore's source checks and for the calls
+        self.engine = in_own_thread(build_engine, settings, self.telemetry, base, auth)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loramux-grpc", daemon=True)
         self._thread.start()
-        self.running: RunningServer = self.run(create_server(self.engine, host=host, port=port))
+        self.running: RunningServer = self.run(create_server(self.engine, host=host, port=port, auth=auth))
         self.target = f"{host}:{self.running.port}"
 
     def run(self, coro, timeout: float = 120):
