@@ -108,3 +108,25 @@ def test_dora_files_that_do_not_add_up_are_refused(assets, dora, tmp_path):
             client.load_adapter(name, source=name)
         assert e.value.reason == reason, name
     assert [a.adapter_id for a in client.list_adapters()] == sorted([*DORA, "qv-r4", "mlp-r2"])
+
+
+def test_a_dora_adapter_evicted_to_host_and_placed_again_equals_peft(assets, dora):
+    """One slot: each adapter evicts the one before to host memory; the DoRA adapter placed
+    again from there keeps its scales per output row (they were once lost on the way back,
+    serving it as a plain LoRA)."""
+    from loramux.server.adapters.cache import Tier
+    from loramux.server.base_model import load_base_model
+    from loramux.server.engine.engine import Engine
+    from loramux.server.engine.inputs import GenerateInput
+
+    settings = assets.settings(adapter_slots=1)
+    engine = Engine(settings, load_base_model(settings)).start()
+    try:
+        for name in ("dora-qv", "qv-r4"):
+            engine.load_adapter("default", name, name)
+        for name in ("dora-qv", "qv-r4", "dora-qv", "qv-r4", "dora-qv"):
+            out = engine.generate("default", GenerateInput(adapter_id=name, prompt=PROMPTS[3], max_new_tokens=N), 60)
+            assert out["token_ids"] == assets.oracle(name, PROMPTS[3], N), name
+        assert engine.cache.tier(engine.registry.get("default", "qv-r4").uid) is Tier.HOST
+    finally:
+        engine.stop()

@@ -91,7 +91,7 @@ def test_a_slot_holds_its_adapter_at_true_rank_and_refilling_leaves_no_old_weigh
     layer.fill(0, a, b, 2.0)
     assert layer.a_t[0].shape == (6, 1) and layer.b_t[0].shape == (1, 5)  # rank 1, nothing padded
     assert layer.resident_bytes() == (6 + 5) * 4
-    ra, rb = layer.read(0, 1)
+    ra, rb, _ = layer.read(0, 1)
     assert torch.equal(ra, a) and torch.equal(rb, b) and layer.scales[0] == 2.0 and layer.ranks[0] == 1
     layer.clear(0)
     assert layer.a_t == {} and layer.b_t == {} and layer.scales[0] == 0 and layer.resident_bytes() == 0

@@ -87,12 +87,14 @@ class SlotBank:
         return slot
 
     def take_back(self, uid: int, like: AdapterWeights) -> AdapterWeights:
-        """Copy adapter `uid` back to host memory (shaped like `like`: its ranks and scales) and free its slot."""
+        """Copy adapter `uid` back to host memory (shaped like `like`: its ranks and scales) and
+        free its slot. A DoRA adapter's scales per output row come back from the slot too (the
+        magnitudes they were made from stay in the files, for merges)."""
         slot = self._slot_of[uid]
         modules = {}
         for name, lora in like.modules.items():
-            a, b = self.layers[name].read(slot, lora.rank)
-            modules[name] = ModuleLora(a=a, b=b, scale=lora.scale, magnitude=lora.magnitude, dora_scale=lora.dora_scale)
+            a, b, dora = self.layers[name].read(slot, lora.rank)
+            modules[name] = ModuleLora(a=a, b=b, scale=lora.scale, dora_scale=dora)
         self.drop(uid)
         return AdapterWeights(modules=modules)
 

@@ -253,8 +253,9 @@ class SlotLinear(nn.Module):
         self._scale_t[slot] = 0.0
         self._versions[slot] += 1
 
-    def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The slot's A [r, in] and B [out, r], as host copies."""
+    def read(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The slot's A [r, in], B [out, r] and DoRA scales [out] (None for plain LoRA), as host copies."""
         a = self.a_t[slot].T.to("cpu", copy=True).contiguous()
         b = self.b_t[slot].T.to("cpu", copy=True).contiguous()
-        return a, b
+        dora = self.dora.get(slot)
+        return a, b, None if dora is None else dora.to("cpu", copy=True)
