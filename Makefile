@@ -34,11 +34,13 @@ bench: $(STAMP)
 	$(PY) -m loramux.bench.matrix --out bench-results
 	$(PY) -m loramux.bench.merge --out bench-results
 	$(PY) -m loramux.bench.quantization --out bench-results
+	$(PY) -m loramux.bench.inference_options --out bench-results
 
 bench-quick: $(STAMP)
 	$(PY) -m loramux.bench.matrix --quick --out bench-results
 	$(PY) -m loramux.bench.merge --quick --out bench-results
 	$(PY) -m loramux.bench.quantization --quick --out bench-results
+	$(PY) -m loramux.bench.inference_options --quick --out bench-results
 
 # One workload in depth: Poisson arrivals, continuous vs static, microbenchmarks, gRPC and tracing cost.
 bench-detail: $(STAMP)

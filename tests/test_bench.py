@@ -87,3 +87,20 @@ def test_quick_quantization_benchmark_compares_int8_with_full_precision(tmp_path
         same, total = map(int, row["sequences_equal"].split("/"))
         assert total == 5 * 8 and 0 <= same <= total, method
     assert "| h128-l2 | bnb-4bit |" in (tmp_path / "quantization.md").read_text()
+
+
+def test_quick_inference_options_benchmark_runs_every_configuration_and_agrees_with_eager(tmp_path):
+    from loramux.bench.inference_options import CONFIGS
+    from loramux.bench.inference_options import main as options_main
+
+    assert options_main(["--quick", "--out", str(tmp_path)]) == 0
+    (cell,) = json.loads((tmp_path / "inference_options.json").read_text())["cells"]
+    for config, flags in CONFIGS.items():
+        row = cell[config]
+        assert all(s > 0 for s in row["tokens_per_s"]), config
+        assert row["graphs"] == (2 if flags.get("compile") else 0), config
+        assert (row["kv_cache_bytes"] > 0) == (flags.get("kv_cache") == "static"), config
+        if config != "eager":
+            # Greedy fp32: the same tokens as the eager server (the peft oracle's, tested elsewhere).
+            assert row["sequences_equal"] == f"{5 * 6}/{5 * 6}", config
+    assert "| h128-l2 | compile+static |" in (tmp_path / "inference_options.md").read_text()

@@ -28,6 +28,13 @@ def _serve_parser(sub) -> None:
     p.add_argument("--quantization", default="none", choices=["none", "int8", "bnb-8bit", "bnb-4bit"],
                    help="the base's Linear weights held as int8 (torchao weight-only), bitsandbytes 8-bit or 4-bit "
                         "(NF4); adapters stay in --dtype")
+    p.add_argument("--kv-cache", default="dynamic", choices=["dynamic", "static"],
+                   help="static: --max-batch-size rows of --kv-cache-tokens positions allocated at start-up, filled and "
+                        "freed row by row (each request's context is --kv-cache-tokens)")
+    p.add_argument("--kv-cache-tokens", type=int,
+                   help="positions per static KV row (default: --max-batch-tokens / --max-batch-size)")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the decode step with torch.compile, LoRA inside the graph (warmed at start-up)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--adapter-root", action="append", default=[], metavar="DIR", help="directory local adapters must lie under (repeatable)")
@@ -259,6 +266,9 @@ def _serve(args) -> int:
             device=args.device,
             device_map=args.device_map,
             quantization=args.quantization,
+            kv_cache=args.kv_cache,
+            kv_cache_tokens=args.kv_cache_tokens,
+            compile=args.compile,
             host=args.host,
             port=args.port,
             adapter_roots=tuple(args.adapter_root),

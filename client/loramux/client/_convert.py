@@ -173,6 +173,11 @@ def server_info(i: loramux_service_pb2.ServerInfo) -> types.ServerInfo:
         adapter_memory_bytes=i.adapter_memory_bytes,
         quantization=i.quantization or "none",
         model_bytes=i.model_bytes,
+        kv_cache=i.kv_cache or "dynamic",
+        kv_cache_tokens=i.kv_cache_tokens,
+        kv_cache_bytes=i.kv_cache_bytes,
+        compiled=i.compiled,
+        compiled_graphs=i.compiled_graphs,
     )
 
 

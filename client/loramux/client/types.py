@@ -95,3 +95,8 @@ class ServerInfo:
     adapter_memory_bytes: int = 0  # accelerator memory for resident adapters (true sizes)
     quantization: str = "none"  # how the base's Linear weights are held
     model_bytes: int = 0  # the base's parameters as served
+    kv_cache: str = "dynamic"  # "dynamic" (padded, grows with the batch) or "static" (rows allocated at start-up)
+    kv_cache_tokens: int = 0  # static: positions per row (a request's prompt plus output at most)
+    kv_cache_bytes: int = 0  # static: the whole cache, allocated at start-up
+    compiled: bool = False  # the decode step runs as a compiled graph
+    compiled_graphs: int = 0  # graphs start-up compiled

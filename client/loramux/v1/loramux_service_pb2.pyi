@@ -321,6 +321,11 @@ class ServerInfo(_message.Message):
     ADAPTER_MEMORY_BYTES_FIELD_NUMBER: _builtins.int
     QUANTIZATION_FIELD_NUMBER: _builtins.int
     MODEL_BYTES_FIELD_NUMBER: _builtins.int
+    KV_CACHE_FIELD_NUMBER: _builtins.int
+    KV_CACHE_TOKENS_FIELD_NUMBER: _builtins.int
+    KV_CACHE_BYTES_FIELD_NUMBER: _builtins.int
+    COMPILED_FIELD_NUMBER: _builtins.int
+    COMPILED_GRAPHS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     model_revision: _builtins.str
     dtype: _builtins.str
@@ -343,6 +348,20 @@ class ServerInfo(_message.Message):
     """
     model_bytes: _builtins.int
     """Bytes of the base model's parameters as served (quantized ones at their stored size)."""
+    kv_cache: _builtins.str
+    """"dynamic" (the running batch's cache padded to its widest row, growing with it) or
+    "static" (max_batch_size rows of kv_cache_tokens positions, allocated at start-up).
+    """
+    kv_cache_tokens: _builtins.int
+    """With a static cache: positions per row (each request's prompt plus output at most), and
+    the bytes the whole cache holds, allocated before the first request. 0 otherwise.
+    """
+    kv_cache_bytes: _builtins.int
+    compiled: _builtins.bool
+    """Whether the decode step runs as a compiled graph (--compile), and how many graphs
+    start-up compiled.
+    """
+    compiled_graphs: _builtins.int
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Base modules that adapters may target (short names)."""
@@ -368,10 +387,15 @@ class ServerInfo(_message.Message):
         adapter_memory_bytes: _builtins.int = ...,
         quantization: _builtins.str = ...,
         model_bytes: _builtins.int = ...,
+        kv_cache: _builtins.str = ...,
+        kv_cache_tokens: _builtins.int = ...,
+        kv_cache_bytes: _builtins.int = ...,
+        compiled: _builtins.bool = ...,
+        compiled_graphs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_memory_bytes", b"adapter_memory_bytes", "adapter_slots", b"adapter_slots", "device", b"device", "dtype", b"dtype", "host_cache_bytes", b"host_cache_bytes", "max_batch_size", b"max_batch_size", "max_lora_rank", b"max_lora_rank", "max_sequence_length", b"max_sequence_length", "model_bytes", b"model_bytes", "model_id", b"model_id", "model_revision", b"model_revision", "quantization", b"quantization", "target_modules", b"target_modules", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_memory_bytes", b"adapter_memory_bytes", "adapter_slots", b"adapter_slots", "compiled", b"compiled", "compiled_graphs", b"compiled_graphs", "device", b"device", "dtype", b"dtype", "host_cache_bytes", b"host_cache_bytes", "kv_cache", b"kv_cache", "kv_cache_bytes", b"kv_cache_bytes", "kv_cache_tokens", b"kv_cache_tokens", "max_batch_size", b"max_batch_size", "max_lora_rank", b"max_lora_rank", "max_sequence_length", b"max_sequence_length", "model_bytes", b"model_bytes", "model_id", b"model_id", "model_revision", b"model_revision", "quantization", b"quantization", "target_modules", b"target_modules", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

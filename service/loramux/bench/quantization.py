@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
 
 from loramux.bench.assets import ModelShape
 from loramux.bench.report import write_named
+from loramux.bench.workload import closed_loop_tokens_per_s
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -28,27 +27,6 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 CASES = (ModelShape("h1024-l8", 1024, 8, 2816), ModelShape("h512-l6", 512, 6, 1536))
 METHODS = ("none", "int8", "bnb-8bit", "bnb-4bit")
 QUICK = (ModelShape("h128-l2", 128, 2, 384, heads=4),)  # widths bitsandbytes' 4-bit CPU kernel takes (multiples of 64)
-
-
-def _throughput(target: str, adapters: list[str], prompts: list[str], clients: int, tokens: int) -> float:
-    import loramux.client as lc
-
-    done = []
-
-    def one(i: int) -> None:
-        with lc.Client(target, timeout=600) as c:
-            for j in range(i, len(prompts), clients):
-                r = c.generate(prompt=prompts[j], adapter_id=adapters[j % len(adapters)], max_new_tokens=tokens,
-                               ignore_eos=True)
-                done.append(len(r.token_ids))
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return sum(done) / (time.perf_counter() - started)
 
 
 def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -> dict:
@@ -79,7 +57,7 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
             with BackgroundServer(settings) as server, lc.Client(server.target, timeout=600) as client:
                 for name in names:
                     client.load_adapter(name, source=name)
-                speeds = [_throughput(server.target, names, workload, 16, 24) for _ in range(rounds)]
+                speeds = [closed_loop_tokens_per_s(server.target, names, workload, 16, 24) for _ in range(rounds)]
                 sequences = {(a, p): client.generate(prompt=p, adapter_id=a, max_new_tokens=16).token_ids
                              for a in ["", *names] for p in probes}
                 ids = tokenizer(probes[0], return_tensors="pt")["input_ids"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import threading
+import time
 
 from loramux.bench.config import BenchConfig
 
@@ -40,3 +42,26 @@ def poisson_arrivals(n: int, rate: float, seed: int) -> list[float]:
         t += rng.expovariate(rate)
         out.append(t)
     return out
+
+
+def closed_loop_tokens_per_s(target: str, adapters: list[str], prompts: list[str], clients: int, tokens: int) -> float:
+    """Output tokens/s of `clients` gRPC clients, each sending its share of `prompts` one after
+    another (greedy, `ignore_eos`: every system does the same tokens), adapters in turn."""
+    import loramux.client as lc
+
+    done = []
+
+    def one(i: int) -> None:
+        with lc.Client(target, timeout=600) as c:
+            for j in range(i, len(prompts), clients):
+                r = c.generate(prompt=prompts[j], adapter_id=adapters[j % len(adapters)], max_new_tokens=tokens,
+                               ignore_eos=True)
+                done.append(len(r.token_ids))
+
+    started = time.perf_counter()
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(done) / (time.perf_counter() - started)

@@ -15,6 +15,7 @@ from loramux.server.errors import InvalidSettings
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+KV_CACHES = ("dynamic", "static")
 QUANTIZATIONS = ("none", "int8", "bnb-8bit", "bnb-4bit")
 BASE_MISMATCH_POLICIES = ("error", "warn")
 SCHEDULING = ("continuous", "static")
@@ -50,6 +51,18 @@ class Settings:
     (torchao's int8 weight-only, a scale per output row); bnb-8bit (bitsandbytes LLM.int8());
     bnb-4bit (bitsandbytes NF4, computing in `dtype`). The LoRA path stays in `dtype` on top;
     merges read the full-precision files."""
+    kv_cache: str = "dynamic"
+    """dynamic: the running batch's KV cache is padded to its widest row and grows with it
+    (memory follows the batch, bounded by max_batch_tokens). static: max_batch_size rows of
+    kv_cache_tokens positions each, allocated at start-up; rows join and leave without
+    re-concatenating the cache, each request's context is kv_cache_tokens, and a request
+    waits while every row is taken."""
+    kv_cache_tokens: int | None = None
+    """With kv_cache static: positions per row, i.e. each request's prompt plus output at most
+    (None: max_batch_tokens / max_batch_size, within the model's context)."""
+    compile: bool = False
+    """Compile the decode step with torch.compile, the batched LoRA path inside the graph
+    (start-up compiles and warms it; adapters and batch compositions never recompile)."""
     host: str = "127.0.0.1"
     port: int = 50051
     """0 picks a free port (tests)."""
@@ -189,6 +202,15 @@ class Settings:
             raise bad("device_map", f"{self.device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
         if self.quantization not in QUANTIZATIONS:
             raise bad("quantization", f"{self.quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+        if self.kv_cache not in KV_CACHES:
+            raise bad("kv_cache", f"{self.kv_cache!r} is not one of {', '.join(KV_CACHES)}")
+        if self.kv_cache_tokens is not None and self.kv_cache_tokens < 2:
+            raise bad("kv_cache_tokens", f"must be >= 2, got {self.kv_cache_tokens}")
+        if self.compile and self.quantization.startswith("bnb-"):
+            raise bad("compile", "bitsandbytes' quantized layers do not compile into one graph; use quantization "
+                      "none or int8 with compile")
+        if self.compile and self.device_map is not None:
+            raise bad("compile", "a model placed over several devices (device_map) is served eagerly; leave compile off")
         if not (self.device in DEVICES or self.device.startswith("cuda:")):
             raise bad("device", f"{self.device!r} is not one of {', '.join(DEVICES)} or cuda:N")
         if not 0 <= self.port <= 65535:

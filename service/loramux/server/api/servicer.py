@@ -331,6 +331,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     @maps_errors
     async def GetServerInfo(self, request, context):
         base, settings = self._engine.base, self._engine.settings
+        pool, decode = self._engine.kv_pool, self._engine.compiled_decode
         return loramux_service_pb2.ServerInfo(
             model_id=settings.public_model_name,
             model_revision=base.revision,
@@ -346,4 +347,9 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             versions=convert.versions(),
             quantization=settings.quantization,
             model_bytes=base.model_bytes,
+            kv_cache=settings.kv_cache,
+            kv_cache_tokens=pool.tokens if pool is not None else 0,
+            kv_cache_bytes=pool.nbytes if pool is not None else 0,
+            compiled=decode is not None,
+            compiled_graphs=decode.graphs_compiled if decode is not None else 0,
         )

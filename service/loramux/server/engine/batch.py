@@ -1,18 +1,17 @@
-"""The running batch: rows that decode together, mixing adapters, with one padded KV cache.
+"""The running batch: rows that decode together, mixing adapters, over one KV cache.
 
-This follows the padded-batch design of text-generation-inference's Python CausalLM:
+This follows the batch design of text-generation-inference's Python CausalLM:
 
 - `prefill` runs new requests' prompts (left-padded to a common length) through the model
   and picks each row's first token;
-- `concatenate` joins a freshly prefilled batch to the running one: the shorter KV cache is
-  left-padded with masked zeros so both have the same length, then rows are stacked;
+- `concatenate` joins a freshly prefilled batch to the running one (the KV cache decides
+  how: kv_cache.py, padded or static rows);
 - `step` decodes one token for every row;
-- `filter` drops finished, cancelled and expired rows, and trims the KV columns that are
-  padding in every remaining row.
+- `filter` drops finished, cancelled and expired rows.
 
 Between forward passes the batch holds, per row, the token chosen last (not yet in the KV
-cache), the attention mask over the cache plus that token, and that token's position. Every
-row's positions count only its own tokens, so a padded row computes what it would alone.
+cache) and that token's position; the KV cache holds the attention mask. Every row's
+positions count only its own tokens, so a row in a batch computes what it would alone.
 """
 
 from __future__ import annotations
@@ -26,6 +25,7 @@ from transformers.cache_utils import DynamicLayer
 
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.detokenizer import Detokenizer
+from loramux.server.engine.kv_cache import PaddedKv, RowKv
 from loramux.server.engine.request import (
     ErrorEvent,
     FinishEvent,
@@ -72,22 +72,31 @@ def check_cache_layout(base: BaseModel) -> None:
 
 
 class Batch:
-    def __init__(self, base: BaseModel, rows: list[Row], cache: DynamicCache, tokens, mask, positions, seen=None):
+    def __init__(self, base: BaseModel, rows: list[Row], kv: PaddedKv | RowKv, tokens, positions, seen=None):
         self.base = base
         self.rows = rows
-        self.cache = cache
+        self.kv = kv
         self.tokens = tokens  # [n] the token chosen last per row, fed at the next step
-        self._set_mask(mask)  # self.mask: [n, kv + 1] attention mask over the cache and that token
-        self.positions = positions  # [n, 1] that token's position
+        self.positions = positions  # [n, 1] that token's position (= the row's length in the cache)
         self.seen = seen  # [n, V] bool: tokens each row has seen (only while a row has a repetition penalty)
+        self.decode = None  # the compiled decode step (compiled_step.py), or None: the model eagerly
         self._route()
+
+    @classmethod
+    def empty(cls, base: BaseModel, kv: RowKv, decode=None) -> Batch:
+        """A batch of no rows over the static cache, for prefilled batches to join."""
+        device = base.device
+        batch = cls(base, [], kv, torch.zeros(0, dtype=torch.long, device=device),
+                    torch.zeros((0, 1), dtype=torch.long, device=device))
+        batch.decode = decode
+        return batch
 
     def __len__(self) -> int:
         return len(self.rows)
 
     @property
     def kv_length(self) -> int:
-        return self.mask.shape[1] - 1
+        return self.kv.width
 
     @property
     def adapter_bytes(self) -> int:
@@ -113,8 +122,8 @@ class Batch:
             input_ids[i, longest - n:] = torch.tensor(row.request.prompt_ids, dtype=torch.long, device=device)
             mask[i, longest - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=base.model.config)
-        batch = cls(base, rows, cache, None, mask, positions, _seen_mask(base, rows))
+        kv = PaddedKv(DynamicCache(config=base.model.config), mask)
+        batch = cls(base, rows, kv, None, positions, _seen_mask(base, rows))
         batch._forward(input_ids)
         return batch
 
@@ -132,41 +141,22 @@ class Batch:
         if len(keep) == len(self.rows):
             return []
         gone = [row for row in self.rows if row.done]
-        self.rows = [self.rows[i] for i in keep]
-        if not keep:
+        order = self.kv.select(keep, self.positions)
+        self.rows = [self.rows[i] for i in order]
+        if not order:
             return gone
-        index = torch.tensor(keep, dtype=torch.long, device=self.base.device)
-        self.cache.batch_select_indices(index)
-        mask = self.mask[index]
+        index = torch.tensor(order, dtype=torch.long, device=self.base.device)
         self.positions, self.tokens = self.positions[index], self.tokens[index]
         self.seen = self.seen[index] if self.seen is not None and _needs_seen(self.rows) else None
-        # Columns that are padding in every row left are dead weight: trim them.
-        used = mask.any(dim=0)
-        first = int(used.nonzero()[0, 0])
-        if first > 0:
-            mask = mask[:, first:]
-            for layer in self.cache.layers:
-                layer.keys = layer.keys[:, :, first:]
-                layer.values = layer.values[:, :, first:]
-        self._set_mask(mask)
         self._route()
         return gone
 
     @torch.inference_mode()
     def concatenate(self, other: Batch) -> None:
         """Append `other`'s rows (prefilled separately) to this batch."""
-        length = max(self.kv_length, other.kv_length)
-        mine, theirs = length - self.kv_length, length - other.kv_length
         # Everything new is built before anything is assigned: if an allocation fails, this
         # batch is left as it was and only `other`'s rows are concerned.
-        layers = [
-            (
-                torch.cat([_pad_left(mine_layer.keys, mine), _pad_left(their_layer.keys, theirs)]),
-                torch.cat([_pad_left(mine_layer.values, mine), _pad_left(their_layer.values, theirs)]),
-            )
-            for mine_layer, their_layer in zip(self.cache.layers, other.cache.layers, strict=True)
-        ]
-        mask = torch.cat([_pad_left(self.mask, mine), _pad_left(other.mask, theirs)])
+        commit = self.kv.join(other.kv, other.positions)
         positions = torch.cat([self.positions, other.positions])
         tokens = torch.cat([self.tokens, other.tokens])
         rows = self.rows + other.rows
@@ -177,14 +167,16 @@ class Batch:
             seen = torch.cat([mine_seen, their_seen])
         plan = self.base.bank.plan([row.request.adapter_uid for row in rows], self.base.device)
         params = _batch_params(rows, self.base.device)
-        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
-            layer.keys, layer.values = keys, values
+        commit()
         self.positions, self.tokens, self.rows, self._plan, self._params, self.seen = positions, tokens, rows, plan, params, seen
-        self._set_mask(mask)
 
     def fail(self, error: LoramuxError) -> list[Row]:
         """End every row with `error` (rows already ended keep their outcome); returns all rows."""
         rows, self.rows = self.rows, []
+        try:
+            self.kv.select([], self.positions)  # static rows are zeroed for the next batch
+        except Exception:  # noqa: BLE001 - the rows are failed either way; the next pool user zeroes what it meets
+            pass
         return Batch.abandon(rows, error)
 
     @staticmethod
@@ -202,35 +194,24 @@ class Batch:
         self._plan = self.base.bank.plan([row.request.adapter_uid for row in self.rows], self.base.device)
         self._params = _batch_params(self.rows, self.base.device)
 
-    def _set_mask(self, mask: torch.Tensor) -> None:
-        """Keep the mask in a buffer with room for more columns, so a step writes one column
-        instead of copying the whole mask."""
-        n, width = mask.shape
-        self._mask_buffer = mask.new_ones((n, width + _MASK_HEADROOM))
-        self._mask_buffer[:, :width] = mask
-        self.mask = self._mask_buffer[:, :width]
-
-    def _grow_mask(self) -> None:
-        """One more column of ones (the token just chosen joins the cache at the next pass)."""
-        n, width = self.mask.shape
-        if width == self._mask_buffer.shape[1]:
-            self._set_mask(self.mask)
-        self.mask = self._mask_buffer[:, : width + 1]  # the buffer's spare columns are ones already
-
     def _forward(self, input_ids: torch.Tensor) -> None:
-        self.base.bank.route(self._plan)
-        try:
-            out = self.base.model(
-                input_ids=input_ids,
-                attention_mask=self.mask,
-                position_ids=self.positions,
-                cache=self.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        finally:
-            self.base.bank.route(None)
-        logits = out.logits[:, -1, :].float().to(self.base.device)  # [n, vocab] (from the last layer's device)
+        inputs = self.kv.model_inputs(self.positions)
+        if self.decode is not None and input_ids.shape[1] == 1:
+            logits = self.decode(input_ids, self.positions, inputs, self._plan)
+        else:
+            self.base.bank.route(self._plan)
+            try:
+                out = self.base.model(
+                    input_ids=input_ids,
+                    position_ids=self.positions,
+                    use_cache=True,
+                    logits_to_keep=1,
+                    **inputs,
+                )
+            finally:
+                self.base.bank.route(None)
+            logits = out.logits
+        logits = logits[:, -1, :].float().to(self.base.device)  # [n, vocab] (from the last layer's device)
         rows = self.rows
         tokens, logprobs, bad = choose_tokens(logits, self._params, self.seen)
         if self.seen is not None:
@@ -249,11 +230,8 @@ class Batch:
             if not row.done:
                 _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now)
         self.tokens = tokens
-        self._grow_mask()
+        self.kv.advance(self.positions)
         self.positions = self.positions[:, -1:] + 1
-
-
-_MASK_HEADROOM = 64  # mask columns kept ready beyond the current width
 
 
 def _batch_params(rows: list[Row], device: torch.device) -> BatchParams:
@@ -273,16 +251,6 @@ def _seen_mask(base: BaseModel, rows: list[Row], force: bool = False) -> torch.T
         ids = row.request.prompt_ids + row.generated_ids
         seen[i, torch.tensor(ids, dtype=torch.long, device=base.device)] = True
     return seen
-
-
-def _pad_left(t: torch.Tensor, n: int) -> torch.Tensor:
-    """Zeros before the sequence dimension's start: dim 2 of KV [n, heads, seq, dim], dim 1 of a mask."""
-    if n == 0:
-        return t
-    dim = 2 if t.dim() == 4 else 1
-    shape = list(t.shape)
-    shape[dim] = n
-    return torch.cat([t.new_zeros(shape), t], dim=dim)
 
 
 def _advance(row: Row, token: int, logprob: float | None, now: float) -> None:

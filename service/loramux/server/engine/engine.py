@@ -30,7 +30,7 @@ from loramux.server.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.adapter_admin import AdapterAdmin
 from loramux.server.engine.batch import check_cache_layout
-from loramux.server.engine.inputs import GenerateInput, prompt_ids, sampling_params
+from loramux.server.engine.inputs import GenerateInput, prompt_ids, request_context, sampling_params
 from loramux.server.engine.merges import Merges
 from loramux.server.engine.registry_sync import RegistrySync
 from loramux.server.engine.request import ErrorEvent, Event, GenerationRequest, TokenEvent
@@ -129,6 +129,16 @@ class Engine:
         self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
         self.telemetry.observe_lora(self.worker.adapters_in_use, settings.adapter_slots, self.adapter_memory_bytes)
 
+    @property
+    def kv_pool(self):
+        """The static KV cache (kv_cache.StaticKvPool), or None with the dynamic one."""
+        return self.worker.kv_pool
+
+    @property
+    def compiled_decode(self):
+        """The compiled decode step (compiled_step.CompiledDecode), or None when not compiled."""
+        return self.worker.decode
+
     # -- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> Engine:
@@ -199,8 +209,8 @@ class Engine:
         record = self.registry.get(tenant, inp.adapter_id) if inp.adapter_id else None
         ids = prompt_ids(inp, self.base, self.settings)
         params = sampling_params(inp, self.base, self.settings)
-        room = self.base.max_sequence_length - len(ids)
-        if params.max_new_tokens > room:  # the context length caps the output
+        room = request_context(self.base, self.settings) - len(ids)
+        if params.max_new_tokens > room:  # the context length (the model's, or a static KV row's) caps the output
             params = dataclasses.replace(params, max_new_tokens=room)
         if len(ids) + params.max_new_tokens > self.settings.max_batch_tokens:
             raise InvalidRequest(

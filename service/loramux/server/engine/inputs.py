@@ -6,6 +6,7 @@ import dataclasses
 import math
 
 from loramux.server.base_model import BaseModel
+from loramux.server.engine.kv_cache import static_row_tokens
 from loramux.server.engine.request import SamplingParams
 from loramux.server.errors import InvalidRequest, NoChatTemplate, PromptTooLong
 from loramux.server.settings import Settings
@@ -65,14 +66,7 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[
             max_prompt_bytes=settings.max_prompt_bytes,
         )
     if inp.prompt_token_ids:
-        if len(inp.prompt_token_ids) >= base.max_sequence_length:
-            raise PromptTooLong(
-                f"the prompt has {len(inp.prompt_token_ids)} tokens; the model's context is {base.max_sequence_length} "
-                "and at least one token must be generated",
-                field="prompt_token_ids",
-                prompt_tokens=len(inp.prompt_token_ids),
-                max_sequence_length=base.max_sequence_length,
-            )
+        _check_length(len(inp.prompt_token_ids), "prompt_token_ids", base, settings)
         ids = list(inp.prompt_token_ids)
         bad = [t for t in ids if not 0 <= t < base.vocab_size]
         if bad:
@@ -100,15 +94,29 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[
         ids = tokenizer(inp.prompt)["input_ids"]
     if not ids:
         raise InvalidRequest("the prompt encodes to no tokens", field=given[0], reason="PROMPT_EMPTY")
-    if len(ids) >= base.max_sequence_length:
-        raise PromptTooLong(
-            f"the prompt has {len(ids)} tokens; the model's context is {base.max_sequence_length} "
-            "and at least one token must be generated",
-            field=given[0],
-            prompt_tokens=len(ids),
-            max_sequence_length=base.max_sequence_length,
-        )
+    _check_length(len(ids), given[0], base, settings)
     return ids
+
+
+def request_context(base: BaseModel, settings: Settings) -> int:
+    """The most tokens one request may hold, prompt and output: the model's context, or a
+    static KV cache row's positions when that is less."""
+    if settings.kv_cache == "static":
+        return static_row_tokens(settings, base.max_sequence_length)
+    return base.max_sequence_length
+
+
+def _check_length(tokens: int, field: str, base: BaseModel, settings: Settings) -> None:
+    context = request_context(base, settings)
+    if tokens >= context:
+        whose = ("the model's context" if context == base.max_sequence_length
+                 else "a request's context in this server's static KV cache (kv_cache_tokens)")
+        raise PromptTooLong(
+            f"the prompt has {tokens} tokens; {whose} is {context} and at least one token must be generated",
+            field=field,
+            prompt_tokens=tokens,
+            max_sequence_length=context,
+        )
 
 
 def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> SamplingParams:

@@ -25,12 +25,15 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from loramux.server.adapters.registry import AdapterRegistry
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.batch import Batch, Row, ended_early, new_row
+from loramux.server.engine.compiled_step import CompiledDecode
 from loramux.server.engine.failures import as_domain_error
+from loramux.server.engine.kv_cache import RowKv, StaticKvPool, static_row_tokens
 from loramux.server.engine.request import ErrorEvent, GenerationRequest
 from loramux.server.engine.scheduler import KvBudget, Scheduler
 from loramux.server.errors import InternalError, LoramuxError, ShuttingDown
 from loramux.server.settings import Settings
 
+UNBOUNDED = 1 << 62
 IDLE_POLL_S = 0.02  # while requests wait for an adapter read or a slot and nothing runs
 QUIET_WAIT_CAP = 4  # when idle, the batch window ends at most this many windows after the first arrival
 
@@ -64,11 +67,20 @@ class Worker:
         self.cut: LoramuxError | None = None  # set: end everything queued or running with it
         self._pass_started: float | None = None  # when the current pass began (None: between passes)
         self._thread = threading.Thread(target=self._run, name="loramux-engine", daemon=True)
+        # --kv-cache static: every row's positions, allocated now (counted before any request).
+        self.kv_pool = (StaticKvPool(base.model, settings.max_batch_size, static_row_tokens(settings, base.max_sequence_length),
+                                     base.pad_token_id, base.device)
+                        if settings.kv_cache == "static" else None)
+        self.decode = CompiledDecode(base, self.kv_pool) if settings.compile else None  # --compile: warmed by start()
+        self._warmed: Future = Future()
 
     # -- for other threads ----------------------------------------------------------------
 
     def start(self) -> None:
+        """Start the engine thread; with --compile, return once it has warmed the compiled step
+        (raising what stopped it)."""
         self._thread.start()
+        self._warmed.result()
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -160,6 +172,13 @@ class Worker:
     # -- the loop (engine thread) -----------------------------------------------------------
 
     def _run(self) -> None:
+        try:
+            if self.decode is not None:  # compiled here: torch's compiler settings are per thread
+                self.decode.warm()
+        except BaseException as e:
+            self._warmed.set_exception(e)
+            return
+        self._warmed.set_result(None)
         while True:
             try:
                 admitted = self._next_work()
@@ -243,7 +262,10 @@ class Worker:
                 row.request.timeline.prefill_end_ns = ended_ns
             self._prefills += 1
             with self.cond:
+                if self._running is None and self.kv_pool is not None:
+                    self._running = Batch.empty(self.base, RowKv(self.kv_pool), self.decode)
                 if self._running is None:
+                    fresh.decode = self.decode
                     self._running = fresh
                 else:
                     self._running.concatenate(fresh)  # all or nothing: the running batch is intact on failure
@@ -318,7 +340,9 @@ class Worker:
                             self.cond.wait(wait_left)
                             continue
                     budget = KvBudget(self.settings.max_batch_tokens)
-                    if running:
+                    if self.kv_pool is not None:  # every row has its positions already: rows are the limit
+                        budget = KvBudget(UNBOUNDED)
+                    elif running:
                         budget = KvBudget(budget.limit, running, self._running.kv_length + 1, self._running.most_remaining())
                     admitted = scheduler.admit(self.settings.max_batch_size - running, budget, now)
                     if admitted or running:

@@ -12,10 +12,10 @@ an adapter's memory is its true size; slot S is the empty slot of rows without a
 What a pass computes depends only on the batch:
 
 - **Distinct adapters, true ranks.** A layer keeps a decode buffer holding adapters' A^T
-  and B^T side by side, each cut to its own rank: `a_cat [in, columns]`, `b_cat [columns, out]`.
+  (as rows) and B^T side by side, each cut to its own rank: `a_rows [columns, in]`, `b_cat [columns, out]`.
   For each batch composition (`RoutingPlan`, built when rows join or leave, not per step) it
   builds a 0/1 mask `[rows, columns]` selecting each row's own adapter's columns. A decode
-  step is then two GEMMs, `((x @ a_cat) * mask) @ b_cat`, and a per-row scale: each distinct
+  step is then two GEMMs, `((x @ a_rows^T) * mask) @ b_cat`, and a per-row scale: each distinct
   adapter's weights are read once per pass at its own rank, with no per-row copies and no
   arithmetic on rank padding.
 - **Joins copy only what joins.** An adapter is copied into the buffer when a batch first
@@ -39,6 +39,9 @@ import dataclasses
 
 import torch
 from torch import nn
+
+
+MIN_COLUMNS = 2  # decode buffer columns a compiled step reads at least
 
 
 @dataclasses.dataclass(eq=False)
@@ -67,6 +70,7 @@ class LoraRouting:
     def __init__(self) -> None:
         self.plan: RoutingPlan | None = None
         self.generation = 0  # bumped whenever a slot's weights change
+        self.compiled = False  # a compiled decode step runs: every layer takes its tensors from `static_inputs`
 
 
 @dataclasses.dataclass
@@ -101,7 +105,9 @@ class SlotLinear(nn.Module):
         self._versions = [0] * (num_slots + 1)  # bumped when a slot is refilled or cleared
         # The decode buffer: adapters' A^T and B^T side by side at true rank, appended as they
         # join a batch and compacted when columns of adapters no batch uses outnumber the rest.
-        self._a_cat = torch.zeros((base_layer.in_features, 0), dtype=self._dtype, device=self._device)  # [in, capacity]
+        # A's rows (not A^T's columns), so a slice of the first columns in play is laid out the
+        # same whatever the buffer's capacity (a compiled step's strides never change).
+        self._a_rows = torch.zeros((0, base_layer.in_features), dtype=self._dtype, device=self._device)  # [capacity, in]
         self._b_cat = torch.zeros((0, base_layer.out_features), dtype=self._dtype, device=self._device)  # [capacity, out]
         self._col_slot = torch.full((0,), -1, dtype=torch.long, device=w.device)  # [capacity] slot of each column, -1: dead
         self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
@@ -110,6 +116,7 @@ class SlotLinear(nn.Module):
         self._epoch = 0  # bumped when the buffer is compacted
         self._view: tuple[RoutingPlan, int, int, _DecodeView | None] | None = None  # (plan, generation, epoch, view)
         self._wasted = 0  # buffer columns steps have read for no row since the last rebuild
+        self._static: tuple[torch.Tensor, ...] | None = None  # what a compiled step reads (static_inputs)
 
     @property
     def in_features(self) -> int:
@@ -129,6 +136,8 @@ class SlotLinear(nn.Module):
         return sum(t.nbytes for t in self.a_t.values()) + sum(t.nbytes for t in self.b_t.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
+        if self.routing.compiled:
+            return self._compiled_forward(x)
         result = self.base_layer(x)
         plan = self.routing.plan
         if plan is None:
@@ -154,13 +163,70 @@ class SlotLinear(nn.Module):
             if self._wasted >= view.live:  # the waste has cost a rebuild's copy: rebuild
                 self._place(view.slots, rebuild=True)
                 view = self._decode_view(plan)
-        h = (xd @ self._a_cat[:, : view.used]) * view.mask  # [rows, 1, used]: each row keeps its own adapter's columns
+        h = torch.nn.functional.linear(xd, self._a_rows[: view.used]) * view.mask  # [rows, 1, used]: each row keeps its own adapter's columns
         raw = h @ self._b_cat[: view.used]  # [rows, 1, out]
         if view.dora is not None:  # a DoRA adapter in the batch: each row's magnitude scale, 1 for the others
             return result + self._dora_extra(result, raw * view.scale, view.dora).to(result.dtype)
         if result.dtype == torch.float32 and raw.dtype == torch.float32:
             return result.addcmul_(raw, view.scale)  # one op for scale and add
         return result + (raw * view.scale).to(result.dtype)  # float32 scale, as peft's Python float
+
+    # -- the compiled decode step ---------------------------------------------------------
+
+    def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """One decode step inside a compiled graph: tensors only, the same arithmetic for every
+        batch (no branch that a composition could flip, so nothing recompiles). A layer no row
+        uses reads two zero columns; every layer applies the DoRA gains (ones for rows of
+        plain LoRA adapters and the base)."""
+        result = self.base_layer(x)
+        a, b, mask, scale, gain = self._static
+        delta = ((torch.nn.functional.linear(x.to(a.dtype), a) * mask) @ b) * scale  # float32 scale, as in the eager path
+        bias = self.base_layer.bias
+        plain = result if bias is None else result - bias
+        return result + ((gain - 1) * plain.to(gain.dtype) + gain * delta.to(gain.dtype)).to(result.dtype)
+
+    @torch.no_grad()
+    def static_inputs(self, plan: RoutingPlan | None, rows: int) -> None:
+        """Set the tensors `_compiled_forward` reads for a step over `plan` (None: no adapter):
+        the decode buffer's columns in play (at least two, so their count stays a symbol of the
+        graph, never a specialised 0 or 1), each row's column mask and scale, and its DoRA gains."""
+        view = self._decode_view(plan) if plan is not None else None
+        if view is not None and view.used > view.live:  # the same rebuild rule as the eager step
+            self._wasted += view.used - view.live
+            if self._wasted >= view.live:
+                self._place(view.slots, rebuild=True)
+                view = self._decode_view(plan)
+        if view is None:
+            columns, mask, scale = MIN_COLUMNS, None, None
+        else:
+            columns, mask, scale = max(view.used, MIN_COLUMNS), view.mask, view.scale
+        self._reserve(columns)
+        if mask is None:
+            mask = torch.zeros((rows, 1, columns), dtype=self._dtype, device=self._device)
+            scale = torch.zeros((rows, 1, 1), dtype=torch.float32, device=self._device)
+        elif mask.shape[-1] < columns:
+            mask = torch.nn.functional.pad(mask, (0, columns - mask.shape[-1]))
+        gain = view.dora if view is not None and view.dora is not None else self._ones(rows)
+        self._static = (self._a_rows[:columns], self._b_cat[:columns], mask, scale, gain)
+
+    def _ones(self, rows: int) -> torch.Tensor:
+        held = getattr(self, "_ones_held", None)
+        if held is None or held.shape[0] < rows:
+            held = self._ones_held = torch.ones((rows, 1, self.out_features), dtype=torch.float32, device=self._device)
+        return held[:rows]
+
+    @torch.no_grad()
+    def _reserve(self, columns: int) -> None:
+        """At least `columns` columns in the decode buffer (new ones zero, belonging to no slot)."""
+        if columns <= self._a_rows.shape[0]:
+            return
+        a = self._a_rows.new_zeros((columns, self._a_rows.shape[1]))
+        b = self._b_cat.new_zeros((columns, self._b_cat.shape[1]))
+        col_slot = self._col_slot.new_full((columns,), -1)
+        a[: self._columns] = self._a_rows[: self._columns]
+        b[: self._columns] = self._b_cat[: self._columns]
+        col_slot[: self._columns] = self._col_slot[: self._columns]
+        self._a_rows, self._b_cat, self._col_slot = a, b, col_slot
 
     def _dora_extra(self, base: torch.Tensor, delta: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         """What DoRA adds to the base output, as peft computes it: (g - 1) * (base output
@@ -207,22 +273,15 @@ class SlotLinear(nn.Module):
             self._epoch += 1  # views of other plans point at columns that moved
             missing = list(slots)
         need = self._columns + sum(self.ranks[s] for s in missing)
-        if need > self._a_cat.shape[1]:
-            capacity = max(need, 2 * self._a_cat.shape[1])
-            a = self._a_cat.new_zeros((self._a_cat.shape[0], capacity))
-            b = self._b_cat.new_zeros((capacity, self._b_cat.shape[1]))
-            col_slot = self._col_slot.new_full((capacity,), -1)
-            a[:, : self._columns] = self._a_cat[:, : self._columns]
-            b[: self._columns] = self._b_cat[: self._columns]
-            col_slot[: self._columns] = self._col_slot[: self._columns]
-            self._a_cat, self._b_cat, self._col_slot = a, b, col_slot
+        if need > self._a_rows.shape[0]:
+            self._reserve(max(need, 2 * self._a_rows.shape[0]))
         for slot in missing:
             old = self._segments.get(slot)
             if old is not None:  # a stale copy of a refilled slot: its columns are dead from now on
                 self._col_slot[old[0] : old[0] + old[1]] = -1
             rank = self.ranks[slot]
             first = self._columns
-            self._a_cat[:, first : first + rank] = self.a_t[slot]
+            self._a_rows[first : first + rank] = self.a_t[slot].T
             self._b_cat[first : first + rank] = self.b_t[slot]
             self._col_slot[first : first + rank] = slot
             self._segments[slot] = (first, rank, self._versions[slot])
