@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the oracle checks in bf16 (scripts/gpu/test_cuda.py), the benchmark matrix
+# On a CUDA machine: the oracle checks in bf16 (scripts/gpu/test_cuda.py: bf16 fidelity, DoRA,
+# int8 and bitsandbytes 8/4-bit, compile with both KV caches, two GPUs), the benchmark matrix
 # at the server's default flags, then the single-workload benchmark on the GPU in bf16 (pinned host memory and non-blocking copies for tier promotion are what
 # the server uses on CUDA). Results go to $OUT (the device tool's folder) or ./gpu-results.
 #
@@ -23,3 +24,5 @@ python3 -m pytest -q -s -p no:cacheprovider scripts/gpu/test_cuda.py 2>&1 | tee 
 python3 -m loramux.bench.matrix --out "$out/matrix" 2>&1 | tee "$out/matrix.log"
 python3 -m loramux.bench --device cuda --dtype bfloat16 --out "$out" 2>&1 | tee "$out/bench.log"
 python3 -m loramux.bench.merge --out "$out" 2>&1 | tee "$out/merge.log"
+python3 -m loramux.bench.inference_options --out "$out" 2>&1 | tee "$out/inference-options.log"
+python3 -m loramux.bench.quantization --out "$out" 2>&1 | tee "$out/quantization.log"

@@ -97,7 +97,8 @@ def test_quick_inference_options_benchmark_runs_every_configuration_and_agrees_w
     (cell,) = json.loads((tmp_path / "inference_options.json").read_text())["cells"]
     for config, flags in CONFIGS.items():
         row = cell[config]
-        assert all(s > 0 for s in row["tokens_per_s"]), config
+        assert all(s > 0 for s in row["tokens_per_s"]) and all(ms > 0 for ms in row["step_ms"]), config
+        assert row["long_step_ms"] > 0, config
         assert row["graphs"] == (2 if flags.get("compile") else 0), config
         assert (row["kv_cache_bytes"] > 0) == (flags.get("kv_cache") == "static"), config
         if config != "eager":

@@ -65,7 +65,8 @@ def test_lint_render_and_validate(values, tmp_path):
                                                                    "target": {"type": "AverageValue", "averageValue": "6"}}}]
         args = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["serve.args"].split("\n")
         for flag, value in (("--registry", "s3://models/loramux"), ("--object-root", "s3://models/adapters"),
-                            ("--object-endpoint-url", "http://minio:9000")):
+                            ("--object-endpoint-url", "http://minio:9000"), ("--kv-cache", "static"),
+                            ("--kv-cache-tokens", "8192")):
             assert args[args.index(flag) + 1] == value
     pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -93,6 +94,8 @@ def test_lint_render_and_validate(values, tmp_path):
     ("server.port=70000", "at '/server/port'"),
     ("store.registry=/local/dir", "at '/store/registry'"),
     ("autoscaling.metric=memory", "at '/autoscaling/metric'"),
+    ("server.kvCache=paged", "at '/server/kvCache'"),
+    ("server.kvCacheTokens=1", "at '/server/kvCacheTokens'"),
 ])
 def test_values_schema_refuses(setting, message):
     result = helm("template", "r1", str(CHART), "--set", setting, check=False)

@@ -11,6 +11,7 @@ from loramux.server.settings import Settings
     ("max_queue_per_tenant", 10_000), ("max_queue_per_tenant", 0), ("join_ratio", -1), ("join_max_steps", -1),
     ("adapter_memory_mib", 0), ("adapter_memory_mib", float("inf")), ("slot_wait_s", float("nan")),
     ("engine_stall_s", 0), ("shutdown_grace_s", float("inf")), ("max_prompt_bytes", 0), ("auth", "basic"),
+    ("kv_cache", "paged"), ("kv_cache_tokens", 1),
 ])
 def test_invalid_settings_name_the_field(tmp_path, field, value):
     with pytest.raises(InvalidSettings) as e:
@@ -36,3 +37,10 @@ def test_api_keys_are_the_default_and_need_a_keys_file(tmp_path):
     assert e.value.field == "auth_keys_file" and "auth=none" in e.value.message
     s = Settings(model="m", auth_keys_file=tmp_path / "keys.yaml")
     assert s.auth == "keys" and s.auth_keys_file == (tmp_path / "keys.yaml").resolve()
+
+
+@pytest.mark.parametrize("other", [{"quantization": "bnb-8bit"}, {"quantization": "bnb-4bit"}, {"device_map": "auto"}])
+def test_compile_is_refused_with_what_does_not_trace_into_one_graph(other):
+    with pytest.raises(InvalidSettings) as e:
+        Settings(model="m", auth="none", compile=True, **other)
+    assert e.value.field == "compile"

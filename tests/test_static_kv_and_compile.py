@@ -7,6 +7,7 @@ setting on), with exactly the two graphs start-up compiled."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import queue
 import random
 
 import pytest
@@ -20,7 +21,8 @@ from loramux.server.app import BackgroundServer
 from loramux.server.base_model import load_base_model
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.inputs import GenerateInput
-from loramux.server.engine.request import FinishReason
+from loramux.server.engine.kv_cache import StaticKvPool
+from loramux.server.engine.request import ErrorEvent, FinishEvent, FinishReason
 from loramux.server.errors import PromptTooLong
 
 N = 10
@@ -99,6 +101,36 @@ def test_a_static_row_with_non_finite_scores_leaves_nothing_behind(assets, stati
     assert_equal_peft(assets, again, run_all(engine, again))
 
 
+def test_a_join_that_fails_mid_copy_fails_only_the_joiners_and_leaves_their_rows_zeroed(assets, static_engine,
+                                                                                          monkeypatch):
+    engine = static_engine
+    running: queue.Queue = queue.Queue()
+    engine.submit("default", GenerateInput(prompt=PROMPTS[3], max_new_tokens=20), running.put)
+    first = running.get(timeout=30)
+    original = StaticKvPool.load
+
+    def half_then_fail(self, first_row, cache, lengths):
+        self.keys[0][first_row, :, :1] = 7.0  # something copied before the failure
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 bytes")
+
+    monkeypatch.setattr(StaticKvPool, "load", half_then_fail)
+    joiners = [queue.Queue() for _ in range(2)]
+    for q, adapter in zip(joiners, ("qv-r4", "all-r16")):
+        engine.submit("default", GenerateInput(adapter_id=adapter, prompt=PROMPTS[0], max_new_tokens=N), q.put)
+    for q in joiners:
+        event = q.get(timeout=30)
+        while not isinstance(event, (ErrorEvent, FinishEvent)):
+            event = q.get(timeout=30)
+        assert isinstance(event, ErrorEvent) and event.error.reason == "OUT_OF_MEMORY"
+    monkeypatch.setattr(StaticKvPool, "load", original)
+    tokens = list(first.token_ids)
+    while not isinstance(event := running.get(timeout=30), FinishEvent):
+        assert not isinstance(event, ErrorEvent)
+        tokens += event.token_ids
+    assert tokens == assets.oracle(None, PROMPTS[3], 20)
+    assert pool_is_clean(engine)
+
+
 def test_a_static_row_is_each_requests_context(assets, static_engine):
     engine = static_engine
     with pytest.raises(PromptTooLong) as e:
@@ -170,3 +202,23 @@ def test_compiled_steps_never_recompile_and_equal_peft(assets, compiled):
     if engine.kv_pool is not None:
         assert pool_is_clean(engine)
     engine.unload_adapter("default", "late")
+
+
+def test_a_compiled_int8_base_gives_the_eager_int8_servers_tokens(assets):
+    """torchao's int8 weights trace into the graph: the compiled server's greedy tokens equal
+    the eager server's on the same quantized base (peft's are not the reference here)."""
+    outputs = {}
+    for compile_ in (False, True):
+        settings = assets.settings(quantization="int8", compile=compile_, kv_cache="static", kv_cache_tokens=48,
+                                   max_batch_size=4, batch_window_ms=20)
+        engine = Engine(settings, load_base_model(settings)).start()
+        try:
+            for name in ("qv-r4", "all-r16"):
+                engine.load_adapter("default", name, name)
+            jobs = [(a, p, N) for a in ("", "qv-r4", "all-r16") for p in PROMPTS]
+            outputs[compile_] = [r["token_ids"] for r in run_all(engine, jobs)]
+            if compile_:
+                assert engine.compiled_decode.graphs_compiled == 2
+        finally:
+            engine.stop()
+    assert outputs[True] == outputs[False]

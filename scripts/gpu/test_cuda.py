@@ -96,8 +96,11 @@ def test_dora_bf16_tracks_peft_on_cuda(assets, engine):
         assert ours["token_ids"][0] == tokens[0] and abs(ours["logprobs"][0] - first_logprob) < 0.1, prompt
 
 
-def test_int8_base_on_cuda_serves_adapters(assets):
-    settings = assets.settings(device="cuda", dtype="bfloat16", quantization="int8")
+@pytest.mark.parametrize("method, share", [("int8", 0.8), ("bnb-8bit", 0.8), ("bnb-4bit", 0.5)])
+def test_a_quantized_base_on_cuda_serves_adapters(assets, method, share):
+    """torchao int8 and bitsandbytes 8/4-bit on CUDA: first tokens against bf16 peft on the
+    full-precision base (4-bit changes more of them on these flat-logit random models)."""
+    settings = assets.settings(device="cuda", dtype="bfloat16", quantization=method)
     base = load_base_model(settings)
     eng = Engine(settings, base).start()
     try:
@@ -108,9 +111,9 @@ def test_int8_base_on_cuda_serves_adapters(assets):
             == peft_reference(assets, a, p)[0][0]
             for a in ADAPTERS for p in PROMPTS
         )
-        print(f"int8 on CUDA: {first}/{len(ADAPTERS) * len(PROMPTS)} first tokens equal bf16 peft; "
+        print(f"{method} on CUDA: {first}/{len(ADAPTERS) * len(PROMPTS)} first tokens equal bf16 peft; "
               f"model bytes {base.model_bytes}")
-        assert first >= 0.8 * len(ADAPTERS) * len(PROMPTS)
+        assert first >= share * len(ADAPTERS) * len(PROMPTS)
     finally:
         eng.stop()
 
@@ -128,5 +131,32 @@ def test_a_model_split_over_two_gpus_serves_adapters(assets):
         for a in ADAPTERS:
             got = eng.generate("default", GenerateInput(adapter_id=a, prompt=PROMPTS[0], max_new_tokens=4), 120)
             assert got["token_ids"][0] == peft_reference(assets, a, PROMPTS[0])[0][0], a
+    finally:
+        eng.stop()
+
+
+@pytest.mark.parametrize("kv_cache", ["static", "dynamic"])
+def test_compiled_decode_on_cuda_tracks_the_eager_server_and_never_recompiles(assets, engine, kv_cache):
+    """--compile on CUDA in bf16 (with both KV caches): the same first tokens as the eager
+    server, and no recompilation across adapters, evictions and compositions."""
+    import concurrent.futures as cf
+
+    settings = assets.settings(device="cuda", dtype="bfloat16", adapter_slots=2, compile=True, kv_cache=kv_cache,
+                               kv_cache_tokens=256)
+    eng = Engine(settings, load_base_model(settings)).start()
+    try:
+        eng.call_on_engine(lambda: setattr(torch._dynamo.config, "error_on_recompile", True)).result(60)
+        for name in ADAPTERS:
+            eng.load_adapter("default", name, name)
+        jobs = [(a, p) for a in ["", *ADAPTERS] for p in PROMPTS]
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            ours = list(pool.map(lambda j: eng.generate("default", GenerateInput(adapter_id=j[0], prompt=j[1],
+                                                                                 max_new_tokens=N), 120)["token_ids"], jobs))
+        eager = [engine.generate("default", GenerateInput(adapter_id=a, prompt=p, max_new_tokens=N), 120)["token_ids"]
+                 for a, p in jobs]
+        first = sum(o[0] == e[0] for o, e in zip(ours, eager))
+        print(f"compile ({kv_cache} KV) on CUDA: {first}/{len(jobs)} first tokens equal the eager server's; "
+              f"{eng.compiled_decode.graphs_compiled} graphs, warm-up {eng.compiled_decode.warm_seconds:.1f} s")
+        assert first == len(jobs) and eng.compiled_decode.graphs_compiled == 2
     finally:
         eng.stop()

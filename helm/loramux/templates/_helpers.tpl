@@ -118,6 +118,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - {{ $s.maxBatchSize | int64 | quote }}
 - --max-batch-tokens
 - {{ $s.maxBatchTokens | int64 | quote }}
+- --kv-cache
+- {{ $s.kvCache | quote }}
+{{- with $s.kvCacheTokens }}
+- --kv-cache-tokens
+- {{ . | int64 | quote }}
+{{- end }}
+{{- if $s.compile }}
+- --compile
+{{- end }}
 - --max-prefill-tokens
 - {{ $s.maxPrefillTokens | int64 | quote }}
 - --batch-window-ms

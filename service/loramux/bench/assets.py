@@ -54,8 +54,37 @@ class ModelShape:
     heads: int = 8
     kv_heads: int = 2
     shard: str | None = None
+    max_positions: int = 256
 
     def build(self, directory: Path, tokenizer) -> Path:
         build_model(directory, tokenizer, hidden=self.hidden, layers=self.layers, heads=self.heads,
-                    kv_heads=self.kv_heads, intermediate=self.intermediate, init_std=0.02, max_shard_size=self.shard)
+                    kv_heads=self.kv_heads, intermediate=self.intermediate, init_std=0.02, max_shard_size=self.shard,
+                    max_positions=self.max_positions)
         return directory
+
+
+MIXED_RANKS = (8, 16, 8, 16)  # the model-shape benchmarks' adapters, on all seven projections
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def text_workload(work: Path, requests: int, probes: int) -> tuple[object, list[str], list[str]]:
+    """The model-shape benchmarks' tokenizer, request prompts (`requests` of them, 20-59
+    characters) and fixed probe prompts."""
+    texts = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(300)]
+    tokenizer = build_tokenizer(work / "tok", texts, vocab_size=512)
+    prompts = [texts[i % len(texts)][: 20 + (i * 7) % 40] for i in range(requests)]
+    return tokenizer, prompts, [f"the lazy dog number {i} jumps" for i in range(probes)]
+
+
+def build_with_adapters(case: ModelShape, tokenizer, work: Path) -> tuple[Path, list[str]]:
+    """`case` built under `work`, with one adapter per MIXED_RANKS under work/adapters; returns
+    the model's directory and the adapters' names (their sources too)."""
+    from loramux.demo.assets import make_adapter
+
+    base = case.build(work / case.name, tokenizer)
+    names = []
+    for i, rank in enumerate(MIXED_RANKS):
+        make_adapter(base, work / "adapters" / f"{case.name}-a{i}", r=rank, alpha=2 * rank,
+                     target_modules=ALL_PROJECTIONS, std=0.02, seed=i)
+        names.append(f"{case.name}-a{i}")
+    return base, names

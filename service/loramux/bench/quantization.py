@@ -12,16 +12,13 @@ model relative to the largest logit. Memory is the base's parameter bytes as ser
 
 from __future__ import annotations
 
-import argparse
 import sys
-import tempfile
 from pathlib import Path
 
-from loramux.bench.assets import ModelShape
-from loramux.bench.report import write_named
+from loramux.bench.assets import ModelShape, build_with_adapters, text_workload
+from loramux.bench.report import model_benchmark_main
 from loramux.bench.workload import closed_loop_tokens_per_s
 
-ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 CASES = (ModelShape("h1024-l8", 1024, 8, 2816), ModelShape("h512-l6", 512, 6, 1536))
@@ -33,22 +30,13 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
     import torch
 
     import loramux.client as lc
-    from loramux.demo.assets import build_tokenizer, make_adapter
     from loramux.server.app import BackgroundServer
     from loramux.server.settings import Settings
 
-    texts = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}" for i in range(300)]
-    tokenizer = build_tokenizer(work / "tok", texts, vocab_size=512)
-    probes = [f"the lazy dog number {i} jumps" for i in range(8)]
-    workload = [texts[i % len(texts)][: 20 + (i * 7) % 40] for i in range(requests)]
+    tokenizer, workload, probes = text_workload(work, requests, probes=8)
     out = []
     for case in cases:
-        base = case.build(work / case.name, tokenizer)
-        names = []
-        for i, rank in enumerate((8, 16, 8, 16)):
-            make_adapter(base, work / "adapters" / f"{case.name}-a{i}", r=rank, alpha=2 * rank, target_modules=ALL,
-                         std=0.02, seed=i)
-            names.append(f"{case.name}-a{i}")
+        base, names = build_with_adapters(case, tokenizer, work)
         cell = {"model": case.name}
         reference: dict = {}
         for quantization in METHODS:
@@ -106,15 +94,8 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m loramux.bench.quantization", description=__doc__)
-    parser.add_argument("--quick", action="store_true", help="one small model, one round")
-    parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--out", default="bench-results")
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        results = run(QUICK, 1, 16, Path(tmp)) if args.quick else run(CASES, args.rounds, 48, Path(tmp))
-    write_named(Path(args.out), "quantization", results, markdown(results))
-    return 0
+    return model_benchmark_main(argv, "python -m loramux.bench.quantization", __doc__, "quantization", run, markdown, CASES, QUICK,
+                                rounds=2)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,23 @@ def write_named(out: Path, name: str, results: dict, text: str) -> None:
     (out / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / f"{name}.md").write_text(text)
     print(text)
+
+
+def model_benchmark_main(argv: list[str] | None, prog: str, doc: str, name: str, run, markdown, cases, quick,
+                         rounds: int) -> int:
+    """The command line of a benchmark over model shapes (quantization, inference options):
+    `--quick` runs one small model once, with 16 requests; otherwise `cases`, `--rounds`
+    rounds of 48 requests. Writes `<name>.json` and `<name>.md` under `--out`."""
+    import argparse
+    import sys
+    import tempfile
+
+    parser = argparse.ArgumentParser(prog=prog, description=doc)
+    parser.add_argument("--quick", action="store_true", help="one small model, one round")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--out", default="bench-results")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        results = run(quick, 1, 16, Path(tmp)) if args.quick else run(cases, args.rounds, 48, Path(tmp))
+    write_named(Path(args.out), name, results, markdown(results))
+    return 0

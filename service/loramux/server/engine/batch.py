@@ -156,7 +156,6 @@ class Batch:
         """Append `other`'s rows (prefilled separately) to this batch."""
         # Everything new is built before anything is assigned: if an allocation fails, this
         # batch is left as it was and only `other`'s rows are concerned.
-        commit = self.kv.join(other.kv, other.positions)
         positions = torch.cat([self.positions, other.positions])
         tokens = torch.cat([self.tokens, other.tokens])
         rows = self.rows + other.rows
@@ -167,6 +166,7 @@ class Batch:
             seen = torch.cat([mine_seen, their_seen])
         plan = self.base.bank.plan([row.request.adapter_uid for row in rows], self.base.device)
         params = _batch_params(rows, self.base.device)
+        commit = self.kv.join(other.kv, other.positions)
         commit()
         self.positions, self.tokens, self.rows, self._plan, self._params, self.seen = positions, tokens, rows, plan, params, seen
 

@@ -237,7 +237,11 @@ class RowKv:
         lengths = [int(v) for v in positions[:, 0].tolist()]
         if first + len(lengths) > self.pool.rows:
             raise RuntimeError(f"the static KV cache has {self.pool.rows} rows; {first} are taken and {len(lengths)} joined")
-        self.pool.load(first, other.cache, lengths)
+        try:
+            self.pool.load(first, other.cache, lengths)
+        except BaseException:
+            self.pool.clear(first, first + len(lengths), max(lengths))  # nothing half-copied stays behind
+            raise
 
         def commit() -> None:
             self.rows = first + len(lengths)

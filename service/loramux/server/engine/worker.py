@@ -47,6 +47,7 @@ class EngineStats:
     steps: int  # decode steps started so far (counted before a step emits its tokens)
     prefills: int  # prefill passes run so far
     adapter_bytes_read: int  # adapter weights read by the decode steps so far (each distinct adapter once a step)
+    decode_seconds: float = 0.0  # time spent in decode steps so far (forward pass and sampling)
 
 
 class Worker:
@@ -62,6 +63,7 @@ class Worker:
         self._steps = 0
         self._prefills = 0
         self._adapter_bytes_read = 0
+        self._decode_seconds = 0.0
         self.stopping = False  # the loop ends once the running rows finish
         self.draining = False  # new work is refused
         self.cut: LoramuxError | None = None  # set: end everything queued or running with it
@@ -134,6 +136,7 @@ class Worker:
                 steps=self._steps,
                 prefills=self._prefills,
                 adapter_bytes_read=self._adapter_bytes_read,
+                decode_seconds=self._decode_seconds,
             )
 
     def adapters_in_use(self) -> tuple[Counter[str], Counter[str]]:
@@ -211,7 +214,9 @@ class Worker:
                 with self.cond:
                     self._steps += 1
                     self._adapter_bytes_read += self._running.adapter_bytes
+                started = time.perf_counter()
                 self._running.step()
+                self._decode_seconds += time.perf_counter() - started
             except Exception as e:  # the forward pass is shared: every running row is concerned
                 self._fail_running(as_domain_error(e, "decode step failed"))
         if self._running is not None:
