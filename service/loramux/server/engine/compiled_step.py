@@ -56,9 +56,6 @@ def folded_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     return out.reshape(n, heads, 1, dim).transpose(1, 2), None
 
 
-AttentionInterface.register(ATTENTION, folded_sdpa)
-AttentionMaskInterface.register(ATTENTION, sdpa_mask)
-
 
 class CompiledDecode:
     """The compiled decode step: `__call__` routes a plan and runs the graph."""
@@ -71,6 +68,8 @@ class CompiledDecode:
         attention = base.model.config._attn_implementation
         if attention not in ("sdpa", ATTENTION):
             raise InvalidSettings(f"compile needs the model's sdpa attention; it runs {attention!r}", field="compile")
+        AttentionInterface.register(ATTENTION, folded_sdpa)  # (registering again replaces it with itself)
+        AttentionMaskInterface.register(ATTENTION, sdpa_mask)
         base.model.set_attn_implementation(ATTENTION)
         self._graph = torch.compile(self._forward, backend=self._backend, dynamic=True, fullgraph=True)
 

@@ -8,8 +8,10 @@ concerns (the rows being joined, or the running batch) and the loop goes on.
 
 The worker owns the running batch, the jobs queue, the pass counters and the flags that stop
 it; the scheduler (scheduler.py) owns the waiting requests and the admission policy; the
-batch (batch.py) owns the KV cache. Everything the worker shares with other threads is
-guarded by its condition `cond`.
+batch (batch.py) owns its KV cache (kv_cache.py); with `--kv-cache static` the worker holds
+the preallocated rows every running batch uses, and with `--compile` the compiled decode step
+(compiled_step.py), compiled on this thread before the loop starts. Everything the worker
+shares with other threads is guarded by its condition `cond`.
 """
 
 from __future__ import annotations
