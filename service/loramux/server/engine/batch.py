@@ -17,6 +17,7 @@ positions count only its own tokens, so a row in a batch computes what it would 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 
 import torch
@@ -36,6 +37,8 @@ from loramux.server.engine.request import (
 )
 from loramux.server.engine.sampling import BatchParams, choose_tokens, new_generator
 from loramux.server.errors import Cancelled, DeadlineExceeded, LoramuxError, NonFiniteOutput
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(eq=False)
@@ -175,8 +178,8 @@ class Batch:
         rows, self.rows = self.rows, []
         try:
             self.kv.select([], self.positions)  # static rows are zeroed for the next batch
-        except Exception:  # noqa: BLE001 - the rows are failed either way; the next pool user zeroes what it meets
-            pass
+        except Exception:  # noqa: BLE001 - the rows are failed either way; rows left unzeroed are logged
+            log.exception("zeroing the static KV rows of a failed batch failed; stale values stay behind their masks")
         return Batch.abandon(rows, error)
 
     @staticmethod

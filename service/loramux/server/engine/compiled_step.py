@@ -92,6 +92,11 @@ class CompiledDecode:
         rows = input_ids.shape[0]
         for layer in bank.layers.values():
             layer.static_inputs(plan, rows)
+        cache = inputs["cache"]
+        if isinstance(cache, DynamicCache):  # a trimmed padded cache is a view: the graph sees dense tensors only
+            for layer in cache.layers:
+                if not layer.keys.is_contiguous():
+                    layer.keys, layer.values = layer.keys.contiguous(), layer.values.contiguous()
         bank.routing.compiled = True
         try:
             return self._graph(input_ids, positions, _dense(inputs["attention_mask"]), inputs["cache"])

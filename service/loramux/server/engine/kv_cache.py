@@ -74,9 +74,9 @@ class PaddedKv:
         first = int(mask.any(dim=0).nonzero()[0, 0])
         if first > 0:
             mask = mask[:, first:]
-            for layer in self.cache.layers:  # (copied: a compiled step sees the same layout every time)
-                layer.keys = layer.keys[:, :, first:].contiguous()
-                layer.values = layer.values[:, :, first:].contiguous()
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, first:]
+                layer.values = layer.values[:, :, first:]
         self._set_mask(mask)
         return keep
 

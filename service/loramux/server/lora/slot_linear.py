@@ -155,14 +155,9 @@ class SlotLinear(nn.Module):
                         delta = self._dora_extra(result.index_select(0, rows), delta, self.dora[slot])
                     result.index_add_(0, rows, delta.to(result.dtype))
             return result
-        view = self._decode_view(plan)
+        view = self._step_view(plan)
         if view is None:  # no adapter in the batch targets this layer
             return result
-        if view.used > view.live:
-            self._wasted += view.used - view.live
-            if self._wasted >= view.live:  # the waste has cost a rebuild's copy: rebuild
-                self._place(view.slots, rebuild=True)
-                view = self._decode_view(plan)
         h = torch.nn.functional.linear(xd, self._a_rows[: view.used]) * view.mask  # [rows, 1, used]: each row keeps its own adapter's columns
         raw = h @ self._b_cat[: view.used]  # [rows, 1, out]
         if view.dora is not None:  # a DoRA adapter in the batch: each row's magnitude scale, 1 for the others
@@ -190,12 +185,7 @@ class SlotLinear(nn.Module):
         """Set the tensors `_compiled_forward` reads for a step over `plan` (None: no adapter):
         the decode buffer's columns in play (at least two, so their count stays a symbol of the
         graph, never a specialised 0 or 1), each row's column mask and scale, and its DoRA gains."""
-        view = self._decode_view(plan) if plan is not None else None
-        if view is not None and view.used > view.live:  # the same rebuild rule as the eager step
-            self._wasted += view.used - view.live
-            if self._wasted >= view.live:
-                self._place(view.slots, rebuild=True)
-                view = self._decode_view(plan)
+        view = self._step_view(plan) if plan is not None else None
         if view is None:
             columns, mask, scale = MIN_COLUMNS, None, None
         else:
@@ -208,6 +198,17 @@ class SlotLinear(nn.Module):
             mask = torch.nn.functional.pad(mask, (0, columns - mask.shape[-1]))
         gain = view.dora if view is not None and view.dora is not None else self._ones(rows)
         self._static = (self._a_rows[:columns], self._b_cat[:columns], mask, scale, gain)
+
+    def _step_view(self, plan: RoutingPlan) -> _DecodeView | None:
+        """The plan's decode view for one step, counting the buffer columns the step reads for
+        no row, and rebuilding the buffer once that waste has cost a rebuild's copy."""
+        view = self._decode_view(plan)
+        if view is not None and view.used > view.live:
+            self._wasted += view.used - view.live
+            if self._wasted >= view.live:
+                self._place(view.slots, rebuild=True)
+                view = self._decode_view(plan)
+        return view
 
     def _ones(self, rows: int) -> torch.Tensor:
         held = getattr(self, "_ones_held", None)
