@@ -7,6 +7,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 from grpc_status import rpc_status
 from google.rpc import error_details_pb2
 from safetensors.torch import load_file, save_file
@@ -97,6 +98,88 @@ def test_a_non_finite_row_fails_alone_and_its_batch_mates_equal_peft(assets, ser
     for name, adapter in (("base", None), ("qv", "qv-r4"), ("all", "all-r16")):
         assert results[name].token_ids == assets.oracle(adapter, PROMPTS[1], N), name
     assert server.engine.stats().prefills >= 1
+    books_balance(server.engine)
+
+
+
+def _overflowing_adapter(assets, name, victim):
+    """An adapter equal to the base model (B = 0, peft's initial B) whose A on layer 0's q_proj
+    holds one huge finite value at input feature d: x @ A overflows exactly when |x_d| exceeds a
+    threshold. d and the threshold are picked from the model so that some prompt's own tokens
+    stay below it and its first generated token, and `victim`'s, go above: the adapter's row
+    passes prefill and overflows at its first decode step. Returns that prompt."""
+    model = assets.peft_model(None)
+    inner = model.model
+
+    def features(ids):  # what layer 0's q_proj reads for each token
+        with torch.no_grad():
+            return inner.layers[0].input_layernorm(inner.embed_tokens(torch.tensor(ids))).abs()
+
+    victim_first = assets.oracle(victim[0], victim[1], 1)[0]
+    for prompt in PROMPTS:
+        ids = assets.tokenizer(prompt)["input_ids"]
+        first = assets.oracle(None, prompt, 1)[0]
+        below = features(ids).max(dim=0).values  # [hidden]
+        above = torch.minimum(features([first])[0], features([victim_first])[0])
+        # A threshold of at least 1: the huge value itself (at most float32's largest) is finite.
+        threshold = (above * below).sqrt().clamp(min=1.0)
+        d = int((above / threshold).argmax())
+        if above[d] > 1.2 * threshold[d] and 1.2 * below[d] < threshold[d]:
+            break
+    else:
+        raise AssertionError("no prompt whose first generated token stands out in some feature")
+    threshold = float(threshold[d])
+    path = assets.copy_adapter("qv-r4", name)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    for key in tensors:
+        tensors[key] = torch.zeros_like(tensors[key])
+        if "layers.0.self_attn.q_proj.lora_A" in key:
+            tensors[key][0, d] = torch.finfo(torch.float32).max / threshold
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return prompt
+
+
+def test_an_adapter_overflowing_mid_decode_fails_only_its_own_row(assets, server, client):
+    """The decode step reads every adapter of the batch for every row and keeps each row's own
+    columns. An adapter whose x @ A overflows to inf (finite weights, so loading accepts it) must
+    fail only its own request: not its batch mates, which read its columns too, and not a later
+    batch while its columns are still in the decode buffer."""
+    victim = ("all-r16", PROMPTS[1])
+    prompt = _overflowing_adapter(assets, "overflow-mid", victim)
+    client.load_adapter("overflow-mid", source="overflow-mid")
+    try:
+        results: dict[str, object] = {}
+
+        def run(name, adapter, text):
+            chunks = []
+            try:  # two tokens: the prefill's and one decode step's, so the buffer is not yet rebuilt
+                for chunk in client.generate_stream(prompt=text, adapter_id=adapter, max_new_tokens=2):
+                    chunks.extend(chunk.token_ids)
+                results[name] = chunks
+            except lc.LoramuxError as e:
+                results[name] = (chunks, e)
+
+        with engine_paused(server.engine):  # all three are prefilled together and decode in step
+            threads = [threading.Thread(target=run, args=a) for a in
+                       (("bad", "overflow-mid", prompt), ("base", "", prompt), ("victim", victim[0], victim[1]))]
+            for t in threads:
+                t.start()
+            while server.engine.stats().waiting < 3:
+                threading.Event().wait(0.01)
+        for t in threads:
+            t.join(30)
+        tokens, error = results["bad"]
+        assert error.reason == "NON_FINITE_LOGITS" and tokens == assets.oracle(None, prompt, 1)  # failed at its first decode step
+        assert results["base"] == assets.oracle(None, prompt, 2)  # read the same feature as the bad row
+        assert results["victim"] == assets.oracle(*victim, 2)  # its first generated token did too
+        # The bad row is gone; its columns are dead but still in layer 0's decode buffer, and the
+        # victim's next request reads them at its first decode step.
+        bank = server.engine.base.bank
+        uid = server.engine.registry.get("default", "overflow-mid").uid
+        assert bank.layers["model.layers.0.self_attn.q_proj"]._col_slot.eq(bank._slot_of[uid]).any()
+        assert client.generate(prompt=victim[1], adapter_id=victim[0], max_new_tokens=N).token_ids == assets.oracle(*victim, N)
+    finally:
+        client.unload_adapter("overflow-mid")
     books_balance(server.engine)
 
 

@@ -147,3 +147,38 @@ def test_bf16_keeps_the_scale_in_float32():
     expected = layer.base_layer(x) + ((x @ a.T @ b.T) * scale).to(torch.bfloat16)  # peft: a Python float scale
     assert torch.equal(layer(x), expected)
     assert layer._view[3].scale.dtype == torch.float32
+
+
+@pytest.mark.parametrize("compiled", [False, True])  # the eager decode step, and the arithmetic of the compiled one
+def test_an_adapter_that_overflows_poisons_only_its_own_rows_even_as_dead_columns(compiled):
+    """Huge-but-finite weights (valid in the serving dtype) can overflow x @ A. The other rows'
+    masks must not turn that inf into NaN for them (inf * 0 is NaN): neither while the adapter
+    has rows in the batch, nor after they left and its columns sit dead in the decode buffer."""
+    layer, routing = make_layer(slots=3, rank=4)
+    a0, b0 = torch.randn(4, 6), torch.randn(5, 4)
+    layer.fill(0, a0, b0, 0.5)
+    layer.fill(1, torch.full((2, 6), 3e38), torch.zeros(5, 2), 1.0)  # finite float32, B = 0 (peft's initial B)
+    x = torch.rand(3, 1, 6) + 0.5  # every x @ A of slot 1 overflows
+
+    def step(slots):
+        routing.plan = plan(slots)
+        if not compiled:
+            return layer(x[: len(slots)])
+        layer.static_inputs(routing.plan, len(slots))
+        routing.compiled = True
+        try:
+            return layer(x[: len(slots)])
+        finally:
+            routing.compiled = False
+
+    def good(i):
+        return layer.base_layer(x[i]) + (x[i] @ a0.T @ b0.T) * 0.5
+
+    out = step([0, 1, 3])
+    torch.testing.assert_close(out[0], good(0), rtol=0, atol=1e-5)
+    assert not torch.isfinite(out[1]).any()  # its own row: inf * 0 = NaN, as peft computes it
+    assert torch.equal(out[2], layer.base_layer(x[2]))
+    out = step([0, 3])  # slot 1's rows left: its columns are dead but still in the buffer
+    assert layer._segments[1][1] == 2 and layer._columns == 6
+    torch.testing.assert_close(out[0], good(0), rtol=0, atol=1e-5)
+    assert torch.equal(out[1], layer.base_layer(x[1]))

@@ -14,10 +14,12 @@ What a pass computes depends only on the batch:
 - **Distinct adapters, true ranks.** A layer keeps a decode buffer holding adapters' A^T
   (as rows) and B^T side by side, each cut to its own rank: `a_rows [columns, in]`, `b_cat [columns, out]`.
   For each batch composition (`RoutingPlan`, built when rows join or leave, not per step) it
-  builds a 0/1 mask `[rows, columns]` selecting each row's own adapter's columns. A decode
-  step is then two GEMMs, `((x @ a_rows^T) * mask) @ b_cat`, and a per-row scale: each distinct
-  adapter's weights are read once per pass at its own rank, with no per-row copies and no
-  arithmetic on rank padding.
+  builds a boolean mask `[rows, columns]` selecting each row's own adapter's columns. A decode
+  step is then two GEMMs, `where(mask, x @ a_rows^T, 0) @ b_cat`, and a per-row scale: each
+  distinct adapter's weights are read once per pass at its own rank, with no per-row copies and
+  no arithmetic on rank padding. The mask selects (`where`) rather than multiplies: an
+  adapter's huge-but-finite A can overflow x @ A to inf, and inf * 0 would be NaN in every
+  other row of the batch, and in every later batch while its columns sit dead in the buffer.
 - **Joins copy only what joins.** An adapter is copied into the buffer when a batch first
   uses it (or after its slot was refilled); one whose rows left stays, masked out. Those
   columns are still read by every step, so the buffer is rebuilt from the batch's own
@@ -77,7 +79,7 @@ class LoraRouting:
 class _DecodeView:
     """One layer's view of one plan for decode steps: which buffer columns each row uses."""
 
-    mask: torch.Tensor  # [rows, 1, used]  1 where the column belongs to the row's adapter
+    mask: torch.Tensor  # [rows, 1, used] bool  True where the column belongs to the row's adapter
     scale: torch.Tensor  # [rows, 1, 1] float32  each row's adapter scale (0 for rows without one here)
     used: int  # buffer columns in play
     live: int  # of those, the columns of this plan's adapters
@@ -158,7 +160,8 @@ class SlotLinear(nn.Module):
         view = self._step_view(plan)
         if view is None:  # no adapter in the batch targets this layer
             return result
-        h = torch.nn.functional.linear(xd, self._a_rows[: view.used]) * view.mask  # [rows, 1, used]: each row keeps its own adapter's columns
+        # [rows, 1, used]: each row keeps its own adapter's columns; the others' are never read
+        h = torch.where(view.mask, torch.nn.functional.linear(xd, self._a_rows[: view.used]), 0)
         raw = h @ self._b_cat[: view.used]  # [rows, 1, out]
         if view.dora is not None:  # a DoRA adapter in the batch: each row's magnitude scale, 1 for the others
             return result + self._dora_extra(result, raw * view.scale, view.dora).to(result.dtype)
@@ -175,7 +178,7 @@ class SlotLinear(nn.Module):
         plain LoRA adapters and the base)."""
         result = self.base_layer(x)
         a, b, mask, scale, gain = self._static
-        delta = ((torch.nn.functional.linear(x.to(a.dtype), a) * mask) @ b) * scale  # float32 scale, as in the eager path
+        delta = (torch.where(mask, torch.nn.functional.linear(x.to(a.dtype), a), 0) @ b) * scale  # float32 scale, as in the eager path
         bias = self.base_layer.bias
         plain = result if bias is None else result - bias
         return result + ((gain - 1) * plain.to(gain.dtype) + gain * delta.to(gain.dtype)).to(result.dtype)
@@ -192,10 +195,10 @@ class SlotLinear(nn.Module):
             columns, mask, scale = max(view.used, MIN_COLUMNS), view.mask, view.scale
         self._reserve(columns)
         if mask is None:
-            mask = torch.zeros((rows, 1, columns), dtype=self._dtype, device=self._device)
+            mask = torch.zeros((rows, 1, columns), dtype=torch.bool, device=self._device)
             scale = torch.zeros((rows, 1, 1), dtype=torch.float32, device=self._device)
         elif mask.shape[-1] < columns:
-            mask = torch.nn.functional.pad(mask, (0, columns - mask.shape[-1]))
+            mask = torch.cat([mask, mask.new_zeros((rows, 1, columns - mask.shape[-1]))], dim=-1)
         gain = view.dora if view is not None and view.dora is not None else self._ones(rows)
         self._static = (self._a_rows[:columns], self._b_cat[:columns], mask, scale, gain)
 
@@ -247,7 +250,7 @@ class SlotLinear(nn.Module):
             self._place(used)
             # Two tensor ops, however many adapters: a column belongs to a row when their slots agree.
             row_slots = plan.row_slots.to(self._device)  # placed across devices (--device-map): this layer's
-            mask = (row_slots[:, None] == self._col_slot[None, : self._columns]).to(self._dtype)
+            mask = row_slots[:, None] == self._col_slot[None, : self._columns]
             scale = self._scale_t.index_select(0, row_slots).view(-1, 1, 1)
             dora = None
             if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
