@@ -125,6 +125,11 @@ def test_an_operator_acts_for_the_tenant_it_names_and_no_one_else_may(keyed):
         with pytest.raises(grpc.RpcError) as e:
             listed(keys["admin_a"], "team-b")
         assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as e:  # a malformed tenant is its own reason, not an adapter id's
+            listed(keys["operator"], "team b/..")
+        error = from_rpc_error(e.value)
+        assert (error.code, error.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "TENANT_INVALID")
+        assert [field for field, _ in error.field_violations] == ["x-loramux-tenant"]
 
 
 def test_health_needs_no_key(keyed):

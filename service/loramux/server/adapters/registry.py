@@ -57,16 +57,17 @@ class AdapterRecord:
     use_count: int = 0
 
 
-def validate_adapter_id(adapter_id: str, field: str = "adapter_id") -> None:
+def validate_adapter_id(adapter_id: str, field: str = "adapter_id", reason: str = "ADAPTER_ID_INVALID") -> None:
+    """Ids (and tenant names, `reason` TENANT_INVALID) are 1-128 characters of [A-Za-z0-9._-]."""
     if not adapter_id:
-        raise InvalidRequest(f"{field} is required", field=field, reason="ADAPTER_ID_INVALID")
+        raise InvalidRequest(f"{field} is required", field=field, reason=reason)
     if len(adapter_id) > MAX_ID_LENGTH or not set(adapter_id) <= _ID_CHARS or adapter_id[0] in "-.":
         shown = adapter_id if len(adapter_id) <= 40 else adapter_id[:37] + "..."
         raise InvalidRequest(
             f"{field} {shown!r} must be 1-{MAX_ID_LENGTH} characters of letters, digits, '-', '_' and '.', "
             "not starting with '-' or '.'",
             field=field,
-            reason="ADAPTER_ID_INVALID",
+            reason=reason,
         )
 
 

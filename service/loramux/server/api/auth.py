@@ -102,7 +102,7 @@ class Authenticator:
                                    needed_role=needed, role=identity.role)
         named = headers.get(TENANT_HEADER)
         if named and named != identity.tenant:
-            validate_adapter_id(named, TENANT_HEADER)
+            validate_adapter_id(named, TENANT_HEADER, reason="TENANT_INVALID")
             if identity.role != "operator":
                 raise PermissionDenied("only an operator may act for another tenant", field=TENANT_HEADER)
             identity = Identity(named, identity.role, identity.name)
