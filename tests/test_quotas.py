@@ -17,10 +17,11 @@ from loramux.server.keys import append_key
 def quota_server(assets, tmp_path_factory):
     root = tmp_path_factory.mktemp("quotas")
     keys_file = root / "keys.yaml"
-    keys = {t: append_key(keys_file, t, "admin", t) for t in ("limited", "free", "tokens", "queue")}
+    keys = {t: append_key(keys_file, t, "admin", t) for t in ("limited", "free", "tokens", "queue", "racing")}
     keys_file.write_text(keys_file.read_text() + (
         "tenants:\n"
         "  limited:\n    quotas: {adapters: 2, pinned: 1, requests: 2, merges: 1}\n"
+        "  racing:\n    quotas: {adapters: 3, pinned: 1}\n"
         "  tokens:\n    quotas: {tokens_per_minute: 40}\n"
         "  queue:\n    quotas: {queued: 1}\n"
     ))
@@ -54,6 +55,46 @@ def test_registered_and_pinned_adapters(quota_server):
             free.load_adapter(name, source="qv-r4")
         q.unload_adapter("two")
         q.load_adapter("three", source="pattern")  # room again
+
+
+def test_concurrent_loads_cannot_overshoot_together(quota_server):
+    """Loads in flight count against the quota: six at once for a quota of three register exactly
+    three (the checks all come before any file is read, so without that all six would pass),
+    and of four pins at once for a quota of one exactly one is pinned."""
+    server, keys = quota_server
+    sources = ["qv-r4", "pattern", "mlp-r2", "rslora-r8", "all-r16", "qv-r4"]
+
+    def race(count, load):
+        barrier, outcomes = threading.Barrier(count), [None] * count
+
+        def run(i):
+            with lc.Client(server.target, api_key=keys["racing"]) as c:
+                barrier.wait()
+                try:
+                    load(c, i)
+                    outcomes[i] = "OK"
+                except lc.ResourceExhausted as e:
+                    assert e.reason == "QUOTA_EXCEEDED" and e.metadata["tenant"] == "racing"
+                    outcomes[i] = e.metadata["quota"]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return outcomes
+
+    with lc.Client(server.target, api_key=keys["racing"]) as c:
+        outcomes = race(6, lambda client, i: client.load_adapter(f"r{i}", source=sources[i]))
+        assert sorted(outcomes) == ["OK"] * 3 + ["adapters"] * 3, outcomes
+        loaded = sorted(a.adapter_id for a in c.list_adapters())
+        assert loaded == sorted(f"r{i}" for i, o in enumerate(outcomes) if o == "OK")
+        for name in loaded:
+            c.unload_adapter(name)
+        outcomes = race(4, lambda client, i: client.load_adapter(f"p{i}", source=sources[i], pin=True))
+        assert sorted(outcomes) == ["OK"] + ["pinned"] * 3, outcomes
+        assert [(a.adapter_id, a.pinned) for a in c.list_adapters()] == [(f"p{outcomes.index('OK')}", True)]
+        c.unload_adapter(f"p{outcomes.index('OK')}")
 
 
 def test_requests_in_flight_queued_and_merges_at_once(quota_server):

@@ -197,6 +197,51 @@ def test_racing_registrations_of_one_name_have_one_winner(assets, tmp_path):
             server.stop()
 
 
+def test_racing_replicas_never_leave_a_tenant_over_its_adapter_quota(assets, tmp_path):
+    """Three replicas each register a new name for a tenant whose quota is one, at once: each
+    replica's check before reading sees none registered, so each load counts the store again
+    after registering and withdraws its own if the tenant went over. At most one stays (all may
+    withdraw: a refused caller retries), and every replica ends up listing the same."""
+    import threading
+
+    from loramux.server.keys import append_key
+
+    keys_file = tmp_path / "keys.yaml"
+    key = append_key(keys_file, "team", "admin", "team")
+    keys_file.write_text(keys_file.read_text() + "tenants:\n  team:\n    quotas: {adapters: 1}\n")
+    servers = start(assets, 3, state_dir=tmp_path / "state", auth="keys", auth_keys_file=keys_file)
+    clients = [lc.Client(s.target, api_key=key, timeout=60, affinity=False) for s in servers]
+    sources = ["qv-r4", "pattern", "mlp-r2"]
+    outcomes: list[object] = [None] * 3
+    barrier = threading.Barrier(3)
+
+    def register(i: int) -> None:
+        barrier.wait()
+        try:
+            clients[i].load_adapter(f"name-{i}", source=sources[i])
+            outcomes[i] = "OK"
+        except lc.ResourceExhausted as e:
+            outcomes[i] = (e.reason, e.metadata["quota"])
+
+    try:
+        threads = [threading.Thread(target=register, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        kept = [f"name-{i}" for i, o in enumerate(outcomes) if o == "OK"]
+        assert len(kept) <= 1 and all(o == "OK" or o == ("QUOTA_EXCEEDED", "adapters") for o in outcomes), outcomes
+        for client in clients:
+            eventually(lambda: _equal([a.adapter_id for a in client.list_adapters()], kept))
+        if not kept:  # every racer withdrew: the quota's room is there for a retry
+            clients[0].load_adapter("name-0", source=sources[0])
+    finally:
+        for client in clients:
+            client.close()
+        for server in servers:
+            server.stop()
+
+
 def test_a_changed_object_is_detected_and_a_replace_reads_it(assets, s3, tmp_path):
     endpoint, client = s3
     upload(client, assets.adapters / "qv-r4", "adapters/moving")

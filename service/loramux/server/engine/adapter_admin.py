@@ -3,15 +3,25 @@
 Reading and validating files happens on the caller's thread (a pool of the gRPC layer); only
 placing an adapter in a slot runs on the engine thread, between passes (`call_on_engine`).
 With no slot free, warm and pin retry for a bounded time and then answer NO_SLOT_AVAILABLE
-with a retry hint; the registration stands. Pins are bounded so that room for one unpinned
+with a retry hint; the registration stands.
+
+A tenant's quotas of registered and pinned adapters are checked before any file is read, and
+a load that passes holds its place until it ends: loads in flight count against the quota, so
+concurrent loads on one replica cannot overshoot it together. Across replicas sharing a
+store, a load that registered a new name counts the store's registrations again afterwards
+and withdraws its own if the tenant went over (racing replicas may then both withdraw; they
+never both stay). Pins are bounded so that room for one unpinned
 adapter of any size always remains (a slot, and the bytes of a max-rank adapter); the cache
 checks that under its lock, so concurrent pins cannot overshoot.
 """
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable
@@ -50,6 +60,10 @@ class AdapterAdmin:
         self._cut = cut
         self._quotas = quotas
         self._sources = sources
+        self._tenant_locks: dict[str, threading.Lock] = {}  # tenants with quotas only (a bounded set)
+        self._loading: Counter[tuple[str, str]] = Counter()  # (tenant, id) -> loads in flight of a name not yet registered
+        self._pinning: Counter[str] = Counter()  # tenant -> loads in flight that will pin a new adapter
+        self._locks_lock = threading.Lock()
 
     def load(
         self,
@@ -69,27 +83,70 @@ class AdapterAdmin:
         refused = self._refusal()
         if refused is not None:
             raise refused
-        self._check_quotas(tenant, adapter_id, pin and not self._pinned_already(tenant, adapter_id, source, replace))
-        if pin and not self._pinned_already(tenant, adapter_id, source, replace):
-            self._check_pin_room()  # refuse before reading anything (the cache checks again, atomically)
-        record, _ = self._registry.load(tenant, adapter_id, source, revision, replace, self._sources(tenant))
-        if pin or warm:
-            self._warm(record, pin, self._settings.slot_wait_s if wait_s is None else wait_s)
+        new_pin = pin and not self._pinned_already(tenant, adapter_id, source, replace)
+        with self._held_quota(tenant, adapter_id, new_pin) as adds_name:
+            if new_pin:
+                self._check_pin_room()  # refuse before reading anything (the cache checks again, atomically)
+            record, created = self._registry.load(tenant, adapter_id, source, revision, replace, self._sources(tenant))
+            if adds_name and created and self._registry.shared:
+                self._recount_shared(tenant, adapter_id)
+            if pin or warm:
+                self._warm(record, pin, self._settings.slot_wait_s if wait_s is None else wait_s)
         return record
 
-    def _check_quotas(self, tenant: str, adapter_id: str, new_pin: bool) -> None:
-        """The tenant's quotas of registered and pinned adapters (checked before reading; two
-        loads racing at the limit can both pass)."""
+    @contextlib.contextmanager
+    def _held_quota(self, tenant: str, adapter_id: str, new_pin: bool) -> Iterator[bool]:
+        """Check the tenant's quotas of registered and pinned adapters, counting this replica's
+        loads in flight, and hold this load's place until it ends. Yields whether the load adds
+        a name the tenant has not registered."""
         quotas = self._quotas(tenant)
         if quotas.adapters is None and quotas.pinned is None:
+            yield False
             return
-        records = self._registry.registered(tenant)  # every replica's, with a shared store
-        registered = len(records)
-        if quotas.adapters is not None and registered >= quotas.adapters and all(r.adapter_id != adapter_id for r in records):
-            raise refuse(tenant, "adapters", quotas.adapters, registered, f"{registered} adapters registered")
-        pinned = sum(r.pinned for r in records)
-        if new_pin and quotas.pinned is not None and pinned >= quotas.pinned:
-            raise refuse(tenant, "pinned", quotas.pinned, pinned, f"{pinned} adapters pinned")
+        key = (tenant, adapter_id)
+        with self._tenant_lock(tenant):
+            records = self._registry.registered(tenant)  # every replica's, with a shared store
+            names = {r.adapter_id for r in records}
+            loading = {a for (t, a), n in self._loading.items() if t == tenant and n > 0} - names
+            adds_name = adapter_id not in names
+            counted = len(names | loading)
+            if quotas.adapters is not None and adds_name and adapter_id not in loading and counted >= quotas.adapters:
+                being = f" and {len(loading)} being loaded" if loading else ""
+                raise refuse(tenant, "adapters", quotas.adapters, counted, f"{len(names)} adapters registered{being}")
+            pinned = sum(r.pinned for r in records) + self._pinning[tenant]
+            if new_pin and quotas.pinned is not None and pinned >= quotas.pinned:
+                raise refuse(tenant, "pinned", quotas.pinned, pinned, f"{pinned} adapters pinned or being pinned")
+            if adds_name:
+                self._loading[key] += 1
+            self._pinning[tenant] += new_pin
+        try:
+            yield adds_name
+        finally:
+            with self._tenant_lock(tenant):
+                if adds_name:
+                    self._loading[key] -= 1
+                    if self._loading[key] <= 0:
+                        del self._loading[key]
+                self._pinning[tenant] -= new_pin
+                if self._pinning[tenant] <= 0:
+                    del self._pinning[tenant]
+
+    def _tenant_lock(self, tenant: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._tenant_locks.setdefault(tenant, threading.Lock())
+
+    def _recount_shared(self, tenant: str, adapter_id: str) -> None:
+        """After registering a new name in a shared store: if loads on other replicas took the
+        tenant over its quota meanwhile, withdraw this registration and refuse."""
+        limit = self._quotas(tenant).adapters
+        if limit is None:
+            return
+        registered = len(self._registry.registered(tenant))
+        if registered > limit:
+            with contextlib.suppress(AdapterNotFound):
+                self._registry.unload(tenant, adapter_id)
+            raise refuse(tenant, "adapters", limit, registered - 1,
+                         f"{registered - 1} adapters registered (others were registered on other replicas meanwhile)")
 
     def pin_registered(self, record: AdapterRecord) -> None:
         """Pin an adapter pinned on another replica, if there is room now (no waiting)."""
