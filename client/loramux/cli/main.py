@@ -47,8 +47,9 @@ def _serve_parser(sub) -> None:
                         "(default: 8 adapters of --max-lora-rank on every served module)")
     p.add_argument("--host-cache-mib", type=int, default=1024, help="host memory for adapters evicted from slots")
     p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--target-modules", default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-                   help="comma-separated Linear names that get adapter slots")
+    p.add_argument("--target-modules", default="all-linear",
+                   help="comma-separated Linear names that get adapter slots, or all-linear: every Linear "
+                        "(and Conv1D) layer but the output layer")
     p.add_argument("--max-batch-size", type=int, default=16, help="rows decoding together at most")
     p.add_argument("--max-batch-tokens", type=int, default=65536,
                    help="padded KV cache the batch may reach: rows x (widest prompt + output), in tokens")

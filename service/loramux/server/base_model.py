@@ -44,6 +44,7 @@ class BaseModel:
             slot_shapes=self.bank.shapes(),
             base_weights=weights,
             module_names=frozenset(name.replace(".base_layer", "") for name, _ in self.model.named_modules()),
+            transposed=self.bank.transposed(),
             max_rank=settings.max_lora_rank,
             dtype=self.dtype,
             base_mismatch=settings.base_mismatch,
@@ -99,7 +100,10 @@ def load_base_model(settings: Settings) -> BaseModel:
             raise InvalidSettings(f"bnb-4bit on the CPU needs Linear input widths that are multiples of 64; this model "
                                   f"has {odd}. Use int8 or bnb-8bit", field="quantization")
     tokenizer = AutoTokenizer.from_pretrained(source)
-    bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, dtype)
+    try:
+        bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, dtype)
+    except ValueError as e:
+        raise InvalidSettings(str(e), field="target_modules") from None
 
     eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     if eos is None:

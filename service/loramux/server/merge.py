@@ -181,15 +181,17 @@ def merge_to_checkpoint(
     overwrite: bool = False,
     verify: Callable[[Path], float] | None = None,
     replica: str = "",
+    transposed: frozenset[str] = frozenset(),
 ) -> MergeResult:
     """Stream the base's shards through the adapter into `target`: one tensor read, merged and
     written at a time (output shards are no larger than the largest input shard, nor than
     `shard_bytes`). `progress` is called after each tensor; it may
     raise to stop the merge (a cancel), which leaves nothing behind. `verify(directory)`, when
     given, checks the finished checkpoint before it is moved into place and returns the
-    largest logit difference, which the manifest records."""
+    largest logit difference, which the manifest records. `transposed`: modules whose weight the
+    files hold [in, out] (Conv1D), which get (B A)^T, as peft's fan_in_fan_out merge adds."""
     entries = {e.name: e for e in checkpoint.entries}
-    _check_targets(weights, entries)
+    _check_targets(weights, entries, transposed)
     groups = _plan_shards(checkpoint, shard_bytes)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(target.parent, target.name, replica)
@@ -206,7 +208,7 @@ def merge_to_checkpoint(
                     tensor = reader.get(entry)
                     lora = weights.modules.get(entry.name.removesuffix(".weight")) if entry.name.endswith(".weight") else None
                     if lora is not None:
-                        tensor = merger.merge(entry.name, tensor, lora)
+                        tensor = merger.merge(entry.name, tensor, lora, entry.name.removesuffix(".weight") in transposed)
                         merged += 1
                     writer.write(entry, tensor)
                     weight_map[entry.name] = fname
@@ -270,7 +272,8 @@ class _ShardWriter:
 
 
 def _dora_factor(merged: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
-    """DoRA's merge (peft's): magnitude / ||W + delta|| per output row, scaling W + delta."""
+    """DoRA's merge (peft's): magnitude / ||W + delta|| per output row, scaling W + delta
+    (`merged` is [out, in]: a Conv1D's weight comes transposed)."""
     return (magnitude.float() / torch.linalg.norm(merged, dim=1)).view(-1, 1)
 
 
@@ -315,35 +318,40 @@ class _Merger:
         self._work: torch.Tensor | None = None
         self._largest = largest
 
-    def merge(self, name: str, tensor: torch.Tensor, lora) -> torch.Tensor:
+    def merge(self, name: str, tensor: torch.Tensor, lora, transposed: bool = False) -> torch.Tensor:
+        """`transposed`: W is [in, out] (Conv1D); everything below then works on W^T, a view."""
         shape = (lora.b.shape[0], lora.a.shape[1])
         delta = self._delta[: shape[0] * shape[1]].view(shape)
         torch.mm(lora.b.float(), lora.a.float(), out=delta)
         delta.mul_(lora.scale)
+        weight = tensor.T if transposed else tensor  # [out, in]
         if tensor.dtype == torch.float32:
-            result = delta.add_(tensor)
+            result = delta.add_(weight)
             if lora.magnitude is not None:
                 result.mul_(_dora_factor(result, lora.magnitude))
+            if transposed:  # back to the file's [in, out] layout (the buffer holds [out, in])
+                result = tensor.copy_(result.T)
         else:
             if self._work is None:
                 self._work = torch.empty(self._largest, dtype=torch.float32)
             work = self._work[: delta.numel()].view(shape)
-            work.copy_(tensor).add_(delta)
+            work.copy_(weight).add_(delta)
             if lora.magnitude is not None:
                 work.mul_(_dora_factor(work, lora.magnitude))
-            result = tensor.copy_(work)  # rounded to W's dtype, in W's own buffer
-        for rows in result.split(max(1, (1 << 22) // max(1, shape[1]))):  # bounded temporaries
+            weight.copy_(work)  # rounded to W's dtype, in W's own buffer
+            result = tensor
+        for rows in result.view(-1).split(1 << 22):  # bounded temporaries
             if not torch.isfinite(rows).all():
                 raise MergeNotFinite(f"merging into {name} gives non-finite weights")
         return result
 
 
-def _check_targets(weights: AdapterWeights, entries: dict[str, TensorEntry]) -> None:
+def _check_targets(weights: AdapterWeights, entries: dict[str, TensorEntry], transposed: frozenset[str]) -> None:
     """Every module the adapter changes must be a weight of the base's checkpoint, of the shape
-    the adapter's factors make."""
+    the adapter's factors make ([in, out] for a Conv1D)."""
     for module, lora in weights.modules.items():
         entry = entries.get(f"{module}.weight")
-        shape = (lora.b.shape[0], lora.a.shape[1])
+        shape = (lora.a.shape[1], lora.b.shape[0]) if module in transposed else (lora.b.shape[0], lora.a.shape[1])
         if entry is None:
             raise MergeUnsupported(
                 f"the base checkpoint has no tensor {module}.weight for the adapter's module {module!r} (its files name "

@@ -27,7 +27,7 @@ OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 OBJECT_PROTOCOLS = ("s3", "gs", "az")
 _REPLICA_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 # The projections of Llama-style attention and MLP blocks; any subset may be served.
-DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+DEFAULT_TARGET_MODULES = ("all-linear",)  # peft's shorthand: every Linear and Conv1D but the output layer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +91,9 @@ class Settings:
     """Adapters of higher rank are refused. Memory follows each adapter's own rank; this sizes
     the default accelerator budget and the room kept free of pins."""
     target_modules: tuple[str, ...] = DEFAULT_TARGET_MODULES
-    """Base modules (by short name) that get adapter slots; adapters may target any subset."""
+    """Base modules (by short name) that get adapter slots, or `all-linear` (the default): every
+    Linear and Conv1D layer but the output layer, as peft reads it. Adapters may target any
+    subset; a module no adapter in a batch targets costs that batch nothing."""
     max_batch_size: int = 16
     """Rows decoding together at most."""
     max_batch_tokens: int = 65536
@@ -253,6 +255,8 @@ class Settings:
             raise bad("max_queue_per_tenant", f"must be in 1..max_queue ({self.max_queue}), got {self.max_queue_per_tenant}")
         if not self.target_modules:
             raise bad("target_modules", "at least one module name is required")
+        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+            raise bad("target_modules", "all-linear already names every Linear layer; give it alone, or only names")
         if self.base_mismatch not in BASE_MISMATCH_POLICIES:
             raise bad("base_mismatch", f"{self.base_mismatch!r} is not one of {BASE_MISMATCH_POLICIES}")
         for name, values in (("traces_exporters", self.traces_exporters), ("metrics_exporters", self.metrics_exporters)):

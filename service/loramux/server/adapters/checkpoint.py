@@ -63,6 +63,7 @@ class BaseModelView:
     base_mismatch: str  # "error" or "warn"
     allow_pickle: bool
     revision: str = "local"  # the served base's Hub commit ("local" for a local directory)
+    transposed: frozenset[str] = frozenset()  # served modules whose weight is held [in, out] (Conv1D)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -403,6 +404,8 @@ def _with_dora(module: str, lora: ModuleLora, magnitude: torch.Tensor | None, ba
 
     with torch.no_grad():  # (not .detach() first: it would drop a quantized parameter's state)
         weight = dequantized(base.base_weights[f"{module}.weight"]).detach().to("cpu", torch.float32)
+    if module in base.transposed:  # a Conv1D's weight is [in, out]; DoRA's norms are per output feature
+        weight = weight.T
     norm = torch.linalg.norm(weight + lora.scale * (lora.b.float().cpu() @ lora.a.float().cpu()), dim=1)
     scale = magnitude / norm
     if not torch.isfinite(scale).all():

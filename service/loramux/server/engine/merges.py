@@ -230,7 +230,8 @@ class Merges:
             result: MergeResult = merge_to_checkpoint(checkpoint, weights, target, provenance, progress,
                                                       shard_bytes=shard_bytes, overwrite=job.overwrite,
                                                       verify=verification if job.verify else None,
-                                                      replica=self.settings.replica_id)
+                                                      replica=self.settings.replica_id,
+                                                      transposed=self.base.bank.stored_transposed())
         except BaseException as e:
             phase["span"].set_status(StatusCode.ERROR, str(e))
             raise

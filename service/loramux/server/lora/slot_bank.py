@@ -6,11 +6,27 @@ import torch
 from torch import nn
 
 from loramux.server.adapters.weights import AdapterWeights, ModuleLora
-from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear
+from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear, is_conv1d
 
 
 # bitsandbytes' Linear layers (nn.Linear subclasses whose forward dequantizes): slots wrap them too.
 QUANTIZED_LINEARS = ("Linear8bitLt", "Linear4bit")
+ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear (and Conv1D) but the output layer
+
+
+def servable(module: nn.Module) -> bool:
+    """A layer slots can wrap: nn.Linear, a bitsandbytes Linear, or transformers' Conv1D."""
+    return type(module) is nn.Linear or type(module).__name__ in QUANTIZED_LINEARS or is_conv1d(module)
+
+
+def slot_targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[str]:
+    """The modules that get slots: those whose short name is in `target_modules`, or with
+    `all-linear` (as peft reads it) every servable layer except the model's output layer."""
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    every = ALL_LINEAR in target_modules
+    targets = set(target_modules)
+    return [name for name, module in model.named_modules()
+            if servable(module) and module is not output and (every or name.rsplit(".", 1)[-1] in targets)]
 
 
 class SlotBank:
@@ -30,16 +46,13 @@ class SlotBank:
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.layers: dict[str, SlotLinear] = {}
-        targets = set(target_modules)
-        for name, module in list(model.named_modules()):
-            short = name.rsplit(".", 1)[-1]
-            if short in targets and (type(module) is nn.Linear or type(module).__name__ in QUANTIZED_LINEARS):
-                parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-                layer = SlotLinear(module, num_slots, self.routing, dtype)
-                setattr(parent, short, layer)
-                self.layers[name] = layer
+        for name in slot_targets(model, target_modules):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            layer = SlotLinear(model.get_submodule(name), num_slots, self.routing, dtype)
+            setattr(parent, name.rsplit(".", 1)[-1], layer)
+            self.layers[name] = layer
         if not self.layers:
-            raise ValueError(f"the model has no nn.Linear named any of {sorted(targets)}")
+            raise ValueError(f"the model has no Linear layer named any of {sorted(target_modules)}")
         self._uids: list[int | None] = [None] * num_slots  # slot -> adapter uid
         self._slot_of: dict[int, int] = {}  # adapter uid -> slot
         self._bytes: dict[int, int] = {}  # adapter uid -> its bytes here (true size)
@@ -69,6 +82,15 @@ class SlotBank:
     def shapes(self) -> dict[str, tuple[int, int]]:
         """Module name -> (in_features, out_features) for every served module."""
         return {name: (layer.in_features, layer.out_features) for name, layer in self.layers.items()}
+
+    def transposed(self) -> frozenset[str]:
+        """Served modules whose weight is held [in, out] (Conv1D)."""
+        return frozenset(name for name, layer in self.layers.items() if layer.transposed)
+
+    def stored_transposed(self) -> frozenset[str]:
+        """Served modules whose weight the checkpoint's files hold [in, out] (Conv1D, also when
+        bitsandbytes has turned it into a Linear): what a merge from the files must add B A to."""
+        return frozenset(name for name, layer in self.layers.items() if layer.stored_transposed)
 
     # -- where adapters live: the one owner of accelerator adapter memory ---------------
 

@@ -87,15 +87,29 @@ class _DecodeView:
     dora: torch.Tensor | None = None  # [rows, 1, out] float32: DoRA scales per row (ones for others); None: no DoRA row
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 and its kin): a Linear whose weight is stored [in, out]."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 class SlotLinear(nn.Module):
-    def __init__(self, base_layer: nn.Linear, num_slots: int, routing: LoraRouting, dtype: torch.dtype | None = None):
-        """`dtype`: the LoRA path's (the serving dtype), which a quantized base layer's weight
-        does not tell."""
+    def __init__(self, base_layer: nn.Module, num_slots: int, routing: LoraRouting, dtype: torch.dtype | None = None):
+        """`base_layer`: an nn.Linear, a quantized Linear, or transformers' Conv1D (its weight
+        [in, out]; peft's fan_in_fan_out: the adapter's A and B are shaped as for a Linear, so
+        the LoRA path is the same). `dtype`: the LoRA path's (the serving dtype), which a
+        quantized base layer's weight does not tell."""
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
         self.num_slots = num_slots
         w = base_layer.weight
+        self.transposed = is_conv1d(base_layer)  # its weight is [in, out]
+        # The checkpoint's weight is [in, out]: a Conv1D, or one bitsandbytes quantized from a Conv1D.
+        self.stored_transposed = self.transposed or getattr(getattr(base_layer, "source_cls", None), "__name__", "") == "Conv1D"
+        if self.transposed:
+            self._in, self._out = w.shape
+        else:
+            self._in, self._out = base_layer.in_features, base_layer.out_features
         self._dtype, self._device = dtype or w.dtype, w.device
         # Each resident adapter's A^T [in, r] and B^T [r, out] at its true rank, by slot: the
         # memory an adapter holds is its own size, whatever the largest rank served.
@@ -109,8 +123,8 @@ class SlotLinear(nn.Module):
         # join a batch and compacted when columns of adapters no batch uses outnumber the rest.
         # A's rows (not A^T's columns), so a slice of the first columns in play is laid out the
         # same whatever the buffer's capacity (a compiled step's strides never change).
-        self._a_rows = torch.zeros((0, base_layer.in_features), dtype=self._dtype, device=self._device)  # [capacity, in]
-        self._b_cat = torch.zeros((0, base_layer.out_features), dtype=self._dtype, device=self._device)  # [capacity, out]
+        self._a_rows = torch.zeros((0, self._in), dtype=self._dtype, device=self._device)  # [capacity, in]
+        self._b_cat = torch.zeros((0, self._out), dtype=self._dtype, device=self._device)  # [capacity, out]
         self._col_slot = torch.full((0,), -1, dtype=torch.long, device=w.device)  # [capacity] slot of each column, -1: dead
         self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
         self._segments: dict[int, tuple[int, int, int]] = {}  # slot -> (first column, rank, version)
@@ -122,11 +136,11 @@ class SlotLinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self._in
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self._out
 
     @property
     def element_size(self) -> int:
