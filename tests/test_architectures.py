@@ -1,11 +1,14 @@
 """Bases other than Llama, served at the default `--target-modules all-linear`: GPT-2 (its
 projections are transformers' Conv1D, weights stored [in, out], adapters saved by peft with
-fan_in_fan_out) and GPT-NeoX (fused query_key_value, other Linear names). For each: the
-layers that get slots are exactly peft's all-linear set, greedy tokens equal peft's in a
-mixed batch (a DoRA adapter among them), and merges equal peft's merge_and_unload."""
+fan_in_fan_out), GPT-NeoX (fused query_key_value, other Linear names) and Mistral with a
+sliding window (contexts capped at the window). For each: the layers that get slots are
+exactly peft's all-linear set, greedy tokens equal peft's in a mixed batch (a DoRA adapter
+among them), merges equal peft's merge_and_unload, and the static cache and the compiled
+step serve them."""
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -36,6 +39,34 @@ def _neox(tokenizer):
                                             eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False))
 
 
+def _mistral(tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    return MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
+                                            max_position_embeddings=256, sliding_window=WINDOW, initializer_range=0.1,
+                                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+def _opt(tokenizer):
+    from transformers import OPTConfig, OPTForCausalLM
+
+    return OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                    ffn_dim=128, max_position_embeddings=256, word_embed_proj_dim=64,
+                                    init_std=0.1, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    pad_token_id=tokenizer.pad_token_id))
+
+
+def _falcon(tokenizer):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    return FalconForCausalLM(FalconConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, initializer_range=0.1,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
+WINDOW = 24  # Mistral's sliding window here: longer than every prompt plus N tokens, shorter than its 256 positions
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model -> (builder, the all-linear modules per block, adapters: name -> make_adapter kwargs)
 MODELS = {
     "gpt2": (_gpt2, ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"], {
@@ -49,6 +80,25 @@ MODELS = {
                     seed=42, std=0.1),
         "dora": dict(r=4, alpha=8, target_modules=("query_key_value", "dense_4h_to_h"), use_dora=True, seed=43, std=0.1),
     }),
+    # learned positions, and a model that asks the cache for its length
+    "opt": (_opt, ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"], {
+        "attn": dict(r=4, alpha=8, target_modules=("q_proj", "v_proj"), seed=61),
+        "all": dict(r=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"), seed=62, std=0.1),
+        "dora": dict(r=4, alpha=8, target_modules=("out_proj", "fc2"), use_dora=True, seed=63, std=0.1),
+    }),
+    # its projections are FalconLinear, an nn.Linear subclass
+    "falcon": (_falcon, ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                         "mlp.dense_4h_to_h"], {
+        "attn": dict(r=4, alpha=8, target_modules=("query_key_value",), seed=71),
+        "all": dict(r=8, alpha=16, target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+                    seed=72, std=0.1),
+        "dora": dict(r=4, alpha=8, target_modules=("dense", "dense_h_to_4h"), use_dora=True, seed=73, std=0.1),
+    }),
+    "mistral": (_mistral, [f"{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for p in PROJECTIONS], {
+        "attn": dict(r=4, alpha=8, target_modules=("q_proj", "v_proj"), seed=51),
+        "all": dict(r=8, alpha=16, target_modules=PROJECTIONS, seed=52, std=0.1),
+        "dora": dict(r=4, alpha=8, target_modules=("k_proj", "down_proj"), use_dora=True, seed=53, std=0.1),
+    }),
 }
 
 
@@ -56,9 +106,13 @@ class Family:
     def __init__(self, assets, root, kind):
         build, self.blocks, adapters = MODELS[kind]
         torch.manual_seed(0)
-        self.base, self.adapters, self.tokenizer = root / kind, root / f"{kind}-adapters", assets.tokenizer
+        from transformers import AutoTokenizer
+
+        self.base, self.adapters = root / kind, root / f"{kind}-adapters"
         build(assets.tokenizer).save_pretrained(str(self.base))
         assets.tokenizer.save_pretrained(str(self.base))
+        # What the server reads back: transformers may pick the architecture's own tokenizer class.
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.base))
         for name, kwargs in adapters.items():
             make_adapter(self.base, self.adapters / name, **kwargs)
         self.names = list(adapters)
@@ -72,10 +126,10 @@ class Family:
         model = AutoModelForCausalLM.from_pretrained(str(self.base), dtype=torch.float32).eval()
         return PeftModel.from_pretrained(model, str(self.adapters / adapter)).eval() if adapter else model
 
-    def oracle(self, adapter, prompt):
+    def oracle(self, adapter, prompt, tokens=N):
         ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
         with torch.no_grad():
-            out = self.peft(adapter).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N,
+            out = self.peft(adapter).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
                                               do_sample=False, pad_token_id=self.tokenizer.pad_token_id)
         return out[0, ids.shape[1]:].tolist()
 
@@ -91,7 +145,8 @@ def test_all_linear_wraps_what_peft_would_and_the_output_layer_is_left_alone(fam
     from peft import LoraConfig, get_peft_model
 
     layers = set(family.server.engine.base.bank.layers)
-    assert {n.split(".", 3)[3] for n in layers} == set(family.blocks) and len(layers) == 2 * len(family.blocks)
+    assert {re.search(r"\.\d+\.(.+)$", n)[1] for n in layers} == set(family.blocks)
+    assert len(layers) == 2 * len(family.blocks)
     model = get_peft_model(family.peft(None), LoraConfig(target_modules="all-linear", r=2))
     wrapped = {n.removeprefix("base_model.model.").removesuffix(".lora_A") for n, _ in model.named_modules()
                if n.endswith(".lora_A")}
@@ -144,12 +199,33 @@ MODELS_TARGETS = {kind: {name: kwargs["target_modules"] for name, kwargs in adap
 
 
 def test_the_static_cache_and_the_compiled_step_serve_them_too(assets, family):
-    """The compiled decode step traces the slot layers over Conv1D and the fused projections."""
-    settings = assets.settings(model=str(family.base), adapter_roots=(family.adapters,), kv_cache="static", compile=True)
+    """The static cache for each base; compiled too on GPT-2, where the graph traces the slot
+    layers over Conv1D (a compile costs 15-50 s here; the Llama suite compiles the rest)."""
+    compiled = family.base.name == "gpt2"
+    settings = assets.settings(model=str(family.base), adapter_roots=(family.adapters,), kv_cache="static",
+                               compile=compiled)
     with BackgroundServer(settings) as server, lc.Client(server.target, timeout=120) as client:
         for name in family.names:
             client.load_adapter(name, source=name)
         for adapter in [*family.names, ""]:
             assert client.generate(prompt=PROMPTS[3], adapter_id=adapter, max_new_tokens=N).token_ids == \
                 family.oracle(adapter or None, PROMPTS[3]), adapter
-        assert server.engine.compiled_decode.graphs_compiled == 2
+        assert server.engine.kv_pool is not None
+        assert server.engine.compiled_decode.graphs_compiled == 2 if compiled else server.engine.compiled_decode is None
+
+
+@pytest.mark.parametrize("family", ["mistral"], indirect=True)
+def test_a_sliding_window_caps_the_context_where_it_equals_full_attention(family):
+    """Mistral's window of WINDOW tokens: the served context is the window (GetServerInfo), a
+    request runs up to exactly the window with peft's tokens (peft keeps a real sliding cache),
+    and a prompt that fills the window is refused."""
+    prompt = PROMPTS[3]
+    length = len(family.tokenizer(prompt)["input_ids"])
+    with lc.Client(family.server.target, timeout=120) as client:
+        assert client.server_info().max_sequence_length == WINDOW
+        client.load_adapter("all", source="all")
+        out = client.generate(prompt=prompt, adapter_id="all", max_new_tokens=100)
+        assert out.token_ids == family.oracle("all", prompt, WINDOW - length) and out.finish_reason == "length"
+        with pytest.raises(lc.InvalidArgument) as e:
+            client.generate(prompt=" ".join([prompt] * 3), adapter_id="all", max_new_tokens=1)
+        assert e.value.reason == "PROMPT_TOO_LONG"

@@ -8,7 +8,6 @@ import random
 import time
 
 import torch
-from transformers import DynamicCache
 
 from loramux.bench.config import BenchConfig
 from loramux.bench.metrics import median_ms
@@ -16,6 +15,7 @@ from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.weights import AdapterWeights, ModuleLora
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.engine import Engine
+from loramux.server.engine.kv_cache import new_dynamic_cache
 from loramux.server.engine.inputs import GenerateInput
 
 
@@ -46,7 +46,7 @@ def decode_step(base: BaseModel, cfg: BenchConfig) -> dict:
     rng = random.Random(cfg.seed)
     device = base.device
     ids = torch.tensor([[rng.randrange(3, base.vocab_size) for _ in range(cfg.step_kv)] for _ in range(rows)], device=device)
-    cache = DynamicCache(config=base.model.config)
+    cache = new_dynamic_cache(base.model.config)
     base.model(input_ids=ids, cache=cache, use_cache=True, logits_to_keep=1)
     saved = [(layer.keys, layer.values) for layer in cache.layers]
     token = ids[:, -1:]

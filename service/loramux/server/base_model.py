@@ -61,6 +61,21 @@ class BaseModel:
         return {name.replace(".base_layer.", "."): t for name, t in self.model.state_dict().items()}
 
 
+def attention_window(config) -> int | None:
+    """The smallest sliding window among the model's attention layers (None: all full
+    attention). Layers of any other kind (chunked attention, linear attention or state-space
+    layers, shared KV) are refused."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    layer_types, kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
+    odd = sorted(set(layer_types) - {"full_attention", "sliding_attention"})
+    if odd:
+        raise InvalidSettings(f"attention layers of kind {odd} are not supported; loramux serves full and "
+                              "sliding-window attention", field="model")
+    windows = [int(kw["sliding_window"]) for kind, kw in zip(layer_types, kwargs) if kind == "sliding_attention"]
+    return min(windows) if windows else None
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -113,6 +128,11 @@ def load_base_model(settings: Settings) -> BaseModel:
     if pad is None:
         pad = next(iter(eos_ids), 0)
     max_len = int(getattr(config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+    window = attention_window(config)
+    if window is not None and window < max_len:  # where sliding attention equals full attention (engine/kv_cache.py)
+        log.info("sliding-window attention over %d tokens: contexts are capped at %d (the model's own: %d)",
+                 window, window, max_len)
+        max_len = window
     log.info("loaded %s on %s as %s (%d slot layers)", source, device, dtype, len(bank.layers))
     return BaseModel(
         model=model,

@@ -21,12 +21,11 @@ import logging
 import time
 
 import torch
-from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.detokenizer import Detokenizer
-from loramux.server.engine.kv_cache import PaddedKv, RowKv
+from loramux.server.engine.kv_cache import PaddedKv, RowKv, new_dynamic_cache
 from loramux.server.engine.request import (
     ErrorEvent,
     FinishEvent,
@@ -67,11 +66,12 @@ def new_row(base: BaseModel, request: GenerationRequest, now: float) -> Row:
 
 
 def check_cache_layout(base: BaseModel) -> None:
-    """The padded design needs plain full-attention KV layers (no sliding window, no states)."""
-    cache = DynamicCache(config=base.model.config)
+    """Both KV designs need plain full-attention KV layers (sliding ones become full: see
+    kv_cache; nothing with states)."""
+    cache = new_dynamic_cache(base.model.config)
     odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
     if odd:
-        raise ValueError(f"cache layers {sorted(odd)} are not supported; loramux serves full-attention models")
+        raise ValueError(f"cache layers {sorted(odd)} are not supported; loramux serves attention models")
 
 
 class Batch:
@@ -125,7 +125,7 @@ class Batch:
             input_ids[i, longest - n:] = torch.tensor(row.request.prompt_ids, dtype=torch.long, device=device)
             mask[i, longest - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kv = PaddedKv(DynamicCache(config=base.model.config), mask)
+        kv = PaddedKv(new_dynamic_cache(base.model.config), mask)
         batch = cls(base, rows, kv, None, positions, _seen_mask(base, rows))
         batch._forward(input_ids)
         return batch

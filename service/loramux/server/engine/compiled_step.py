@@ -33,7 +33,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from loramux.server.base_model import BaseModel
-from loramux.server.engine.kv_cache import RowCache, StaticKvPool
+from loramux.server.engine.kv_cache import RowCache, StaticKvPool, new_dynamic_cache
 from loramux.server.errors import InvalidSettings
 from loramux.server.lora.slot_linear import RoutingPlan
 
@@ -138,7 +138,7 @@ class CompiledDecode:
         # Two tokens already in the cache, so no width is 1 (a size torch would specialise).
         prompt = torch.full((rows, 2), base.pad_token_id, dtype=torch.long, device=device)
         positions = torch.full((rows, 1), 2, dtype=torch.long, device=device)
-        prefill = DynamicCache(config=base.model.config)
+        prefill = new_dynamic_cache(base.model.config)
         base.model(input_ids=prompt, cache=prefill, use_cache=True, logits_to_keep=1)
         if self.pool is not None:
             self.pool.load(0, prefill, [2] * rows)

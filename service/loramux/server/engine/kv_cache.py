@@ -27,12 +27,29 @@ allocated at start-up, so its memory is counted before the first request:
 
 A request fits a row when its prompt plus max_new_tokens is at most `tokens`
 (Engine.submit refuses it otherwise) and it waits while all rows are taken.
+
+Models with sliding-window attention layers (Mistral v0.1, Phi-3, Gemma 2 and 3) are served
+with every request's context (prompt plus output) capped at the smallest window
+(`base_model.attention_window`): within the window, sliding attention sees every
+earlier token, exactly as full attention does, so both designs keep full-attention layers
+(`new_dynamic_cache`) and the window never has to drop a key. In the padded layout a row's
+own tokens are never further apart than its length, so the sliding mask transformers builds
+over the layout hides only padding.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+
+
+def new_dynamic_cache(config) -> DynamicCache:
+    """A DynamicCache for the model whose layers are all full-attention ones (a sliding layer
+    would crop its keys to the window; served contexts fit within it: `attention_window`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [DynamicLayer() if isinstance(layer, DynamicSlidingWindowLayer) else layer for layer in cache.layers]
+    return cache
 
 
 def static_row_tokens(settings, max_sequence_length: int) -> int:
@@ -119,7 +136,7 @@ class StaticKvPool:
 
     def __init__(self, model: torch.nn.Module, rows: int, tokens: int, pad_token_id: int, device: torch.device):
         self.rows, self.tokens = rows, tokens
-        probe = DynamicCache(config=model.config)
+        probe = new_dynamic_cache(model.config)
         with torch.inference_mode():
             model(input_ids=torch.full((1, 1), pad_token_id, dtype=torch.long, device=device),
                   cache=probe, use_cache=True, logits_to_keep=1)
@@ -179,6 +196,11 @@ class RowCache:
         self.pool = pool
         self.lengths: torch.Tensor | None = None  # [n] each row's length, where its new token goes
         self.mask: torch.Tensor | None = None  # [n, 1, 1, W] the step's attention mask
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions before the step's token in the layout the step attends over (W - 1), what
+        models that derive cache positions from the cache (OPT, Bloom) ask for."""
+        return self.mask.shape[-1] - 1
 
     def update(self, key_states, value_states, layer_idx, kwargs=None, **_):
         keys, values = self.pool.keys[layer_idx], self.pool.values[layer_idx]

@@ -9,14 +9,14 @@ from loramux.server.adapters.weights import AdapterWeights, ModuleLora
 from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear, is_conv1d
 
 
-# bitsandbytes' Linear layers (nn.Linear subclasses whose forward dequantizes): slots wrap them too.
-QUANTIZED_LINEARS = ("Linear8bitLt", "Linear4bit")
 ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear (and Conv1D) but the output layer
 
 
 def servable(module: nn.Module) -> bool:
-    """A layer slots can wrap: nn.Linear, a bitsandbytes Linear, or transformers' Conv1D."""
-    return type(module) is nn.Linear or type(module).__name__ in QUANTIZED_LINEARS or is_conv1d(module)
+    """A layer slots can wrap: an nn.Linear (or a subclass, such as Falcon's own Linear or a
+    bitsandbytes Linear), or transformers' Conv1D. The wrapper calls the layer itself for the
+    base output, so a subclass's own forward is kept."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
 def slot_targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[str]:

@@ -92,6 +92,20 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def _by_rows(forward, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """`forward` over x as [rows, tokens, in]. Models call their Linears on [rows, seq, in], or
+    (OPT's MLP) on the tokens flattened row by row, [rows * seq, in]: those are viewed as rows
+    and the output flattened back, so each token still meets its own row's adapter."""
+    if x.dim() == 3:
+        if x.shape[0] != rows:  # a layout rows cannot be read from: refuse rather than mix rows' adapters
+            raise RuntimeError(f"a slot layer got input {list(x.shape)} for {rows} rows")
+        return forward(x)
+    if x.dim() < 2 or x.shape[:-1].numel() % rows:
+        raise RuntimeError(f"a slot layer got input {list(x.shape)} for {rows} rows")
+    out = forward(x.reshape(rows, -1, x.shape[-1]))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 class SlotLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, num_slots: int, routing: LoraRouting, dtype: torch.dtype | None = None):
         """`base_layer`: an nn.Linear, a quantized Linear, or transformers' Conv1D (its weight
@@ -151,13 +165,17 @@ class SlotLinear(nn.Module):
         """Bytes of the adapters held by this layer (their true sizes; the decode buffer aside)."""
         return sum(t.nbytes for t in self.a_t.values()) + sum(t.nbytes for t in self.b_t.values())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in], or the rows' tokens flattened
         if self.routing.compiled:
             return self._compiled_forward(x)
-        result = self.base_layer(x)
         plan = self.routing.plan
         if plan is None:
-            return result
+            return self.base_layer(x)
+        return _by_rows(self._forward_rows, x, plan.rows)
+
+    def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
+        plan = self.routing.plan
+        result = self.base_layer(x)
         xd = x.to(self._dtype)
         if x.shape[1] > 1:
             # Prefill: each adapter's weights meet only its own rows' tokens.
@@ -186,6 +204,9 @@ class SlotLinear(nn.Module):
     # -- the compiled decode step ---------------------------------------------------------
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _by_rows(self._compiled_rows, x, self._static[2].shape[0])
+
+    def _compiled_rows(self, x: torch.Tensor) -> torch.Tensor:
         """One decode step inside a compiled graph: tensors only, the same arithmetic for every
         batch (no branch that a composition could flip, so nothing recompiles). A layer no row
         uses reads two zero columns; every layer applies the DoRA gains (ones for rows of
