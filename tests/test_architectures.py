@@ -18,6 +18,7 @@ import loramux.client as lc
 from conftest import PROMPTS
 from loramux.demo.assets import make_adapter
 from loramux.server.app import BackgroundServer
+from loramux.server.errors import InvalidSettings
 
 N = 8
 
@@ -65,6 +66,14 @@ def _falcon(tokenizer):
                                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
 
 
+def _bloom(tokenizer):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    return BloomForCausalLM(BloomConfig(vocab_size=len(tokenizer), hidden_size=64, n_layer=2, n_head=4,
+                                        initializer_range=0.1, bos_token_id=tokenizer.bos_token_id,
+                                        eos_token_id=tokenizer.eos_token_id))
+
+
 WINDOW = 24  # Mistral's sliding window here: longer than every prompt plus N tokens, shorter than its 256 positions
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model -> (builder, the all-linear modules per block, adapters: name -> make_adapter kwargs)
@@ -93,6 +102,14 @@ MODELS = {
         "all": dict(r=8, alpha=16, target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                     seed=72, std=0.1),
         "dora": dict(r=4, alpha=8, target_modules=("dense", "dense_h_to_4h"), use_dora=True, seed=73, std=0.1),
+    }),
+    # ALiBi (no position ids), and an output layer tied to the embeddings
+    "bloom": (_bloom, ["self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h",
+                       "mlp.dense_4h_to_h"], {
+        "attn": dict(r=4, alpha=8, target_modules=("query_key_value",), seed=81),
+        "all": dict(r=8, alpha=16, target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+                    seed=82, std=0.1),
+        "dora": dict(r=4, alpha=8, target_modules=("dense_4h_to_h",), use_dora=True, seed=83, std=0.1),
     }),
     "mistral": (_mistral, [f"{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for p in PROJECTIONS], {
         "attn": dict(r=4, alpha=8, target_modules=("q_proj", "v_proj"), seed=51),
@@ -200,10 +217,17 @@ MODELS_TARGETS = {kind: {name: kwargs["target_modules"] for name, kwargs in adap
 
 def test_the_static_cache_and_the_compiled_step_serve_them_too(assets, family):
     """The static cache for each base; compiled too on GPT-2, where the graph traces the slot
-    layers over Conv1D (a compile costs 15-50 s here; the Llama suite compiles the rest)."""
+    layers over Conv1D (a compile costs 15-50 s here; the Llama suite compiles the rest).
+    Bloom builds ALiBi biases from a 2D mask, which the static cache's 4D mask is not: its
+    start-up check refuses it, with the option named."""
     compiled = family.base.name == "gpt2"
     settings = assets.settings(model=str(family.base), adapter_roots=(family.adapters,), kv_cache="static",
                                compile=compiled)
+    if family.base.name == "bloom":
+        with pytest.raises(InvalidSettings) as e:
+            BackgroundServer(settings)
+        assert e.value.field == "kv_cache" and "serve it with the dynamic cache" in str(e.value)
+        return
     with BackgroundServer(settings) as server, lc.Client(server.target, timeout=120) as client:
         for name in family.names:
             client.load_adapter(name, source=name)

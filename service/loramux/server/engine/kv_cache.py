@@ -43,6 +43,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
+from loramux.server.errors import InvalidSettings
+
 
 def new_dynamic_cache(config) -> DynamicCache:
     """A DynamicCache for the model whose layers are all full-attention ones (a sliding layer
@@ -148,6 +150,39 @@ class StaticKvPool:
                 held.append(torch.zeros((rows, heads, tokens, dim), dtype=made.dtype, device=made.device))
         # 0..rows-1 on each layer's device, made now (a compiled step must not see the dict change).
         self._indices = {t.device: torch.arange(rows, device=t.device) for t in self.keys}
+        self._check(model, device)
+
+    @torch.inference_mode()
+    def _check(self, model: torch.nn.Module, device: torch.device) -> None:
+        """One decode step of two rows through the pool against the same step over a
+        DynamicCache with a 2D mask. A model that cannot attend through the rows' own positions
+        and a 4D mask (Bloom builds its ALiBi biases from a 2D mask) is refused at start-up
+        instead of failing every request."""
+        rows = min(2, self.rows)
+        vocab = model.get_input_embeddings().weight.shape[0]
+        ids = (torch.arange(rows * 3, device=device).view(rows, 3) * 7 + 1) % vocab
+        prefill = new_dynamic_cache(model.config)
+        model(input_ids=ids[:, :2], cache=prefill, use_cache=True, logits_to_keep=1)
+        positions = torch.full((rows, 1), 2, dtype=torch.long, device=device)
+        cache = RowCache(self)
+        cache.lengths, cache.mask = positions[:, 0], torch.ones((rows, 1, 1, 3), dtype=torch.bool, device=device)
+        try:
+            self.load(0, prefill, [2] * rows)
+            got = model(input_ids=ids[:, 2:], position_ids=positions, attention_mask=cache.mask, cache=cache,
+                        use_cache=True, logits_to_keep=1).logits.float()
+            want = model(input_ids=ids[:, 2:], position_ids=positions, cache=prefill, use_cache=True, logits_to_keep=1,
+                         attention_mask=torch.ones((rows, 3), dtype=torch.long, device=device)).logits.float()
+        except Exception as e:
+            raise InvalidSettings(f"--kv-cache static does not work with this model ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); serve it with the dynamic cache",
+                                  field="kv_cache") from e
+        finally:
+            self.clear(0, rows, 3)
+        tolerance = (1e-4 if self.keys[0].dtype == torch.float32 else 2e-2) * float(want.abs().max())
+        difference = float((got - want).abs().max())
+        if not difference <= tolerance:
+            raise InvalidSettings(f"--kv-cache static computes other scores than the dynamic cache for this model "
+                                  f"(a difference of {difference:.3g}); serve it with the dynamic cache", field="kv_cache")
 
     @property
     def nbytes(self) -> int:
