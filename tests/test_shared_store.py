@@ -6,6 +6,7 @@ lost. Plus the store's own contract under concurrent writers, and object sources
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -387,6 +388,60 @@ def test_the_object_registry_keeps_the_same_contract(s3):
     assert store.get("t", "name") == pinned
     store.delete("t", "name")
     assert store.get("t", "name") is None and store.all() == []
+
+
+@pytest.mark.parametrize("kind", ["directory", "object"])
+def test_a_listing_reads_again_only_the_registrations_that_changed(s3, tmp_path, monkeypatch, kind):
+    """Every replica lists the registry at every sync pass: an unchanged registration is not
+    read again, a changed, new or deleted one is seen at once, and what a listing returns is
+    what a store with nothing remembered returns."""
+    import fsspec
+
+    from loramux.server import registrations
+    from loramux.server.registrations import DirectoryRegistrations, ObjectRegistrations
+
+    reads: list[str] = []
+    if kind == "directory":
+        def make():
+            return DirectoryRegistrations(tmp_path / "registry")
+
+        real = registrations.read_file
+        monkeypatch.setattr(registrations, "read_file", lambda path: (reads.append(path.name), real(path))[1])
+    else:
+        endpoint, _ = s3
+        fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint})
+        real_cat = fs.cat
+
+        def counting_cat(keys, **kwargs):
+            reads.extend(k.rsplit("/", 1)[-1] for k in keys)
+            return real_cat(keys, **kwargs)
+
+        def make():
+            return ObjectRegistrations(f"s3://{BUCKET}/listing-{tmp_path.name}", fs)
+
+        monkeypatch.setattr(fs, "cat", counting_cat)
+    store = make()
+    saved = {n: SavedAdapter("t", n, f"src-{n}", "r", False, float(i), f"g-{n}") for i, n in enumerate("abc")}
+    for s in saved.values():
+        store.create(s)
+    store.create(SavedAdapter("u", "d", "src-d", "r", False, 9.0, "g-d"))
+
+    def listed(tenant=None):
+        reads.clear()
+        got = store.all(tenant)
+        counted = sorted(reads)
+        assert got == make().all(tenant)  # a store that remembers nothing agrees
+        return [s.adapter_id for s in got], counted
+
+    assert listed() == (["a", "b", "c", "d"], ["a.json", "b.json", "c.json", "d.json"])  # first listing: all read
+    assert listed() == (["a", "b", "c", "d"], [])  # nothing changed: nothing read
+    assert listed("u") == (["d"], [])
+    assert store.update(dataclasses.replace(saved["b"], pinned=True))
+    assert listed() == (["a", "b", "c", "d"], ["b.json"]) and store.all()[1].pinned
+    store.delete("t", "a")
+    store.create(SavedAdapter("t", "e", "src-e", "r", False, 5.0, "g-e"))
+    assert listed("t") == (["b", "c", "e"], ["e.json"])
+    assert listed() == (["b", "c", "e", "d"], [])
 
 
 def test_a_registration_is_checked_against_the_tenants_sources_whenever_a_replica_reads_it(assets, tmp_path):

@@ -12,6 +12,12 @@ Two backends, one contract:
 
 A registration carries a `generation`, new at each load or replace: a replica holding an
 older generation of a name follows the newer one (engine/registry_sync.py).
+
+`all()` runs at every sync pass on every replica, so both backends read again only what
+changed since their last listing: a registration is kept with the version its listing gave
+(an object's ETag, modification time and size; a file's modification time and size) and
+re-read when that changes. A pass over an unchanged registry is one listing, not one read per
+adapter.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -65,10 +72,45 @@ def _parse(data: bytes | None, where: str) -> SavedAdapter | None:
         return None
 
 
+class _Seen:
+    """The registrations listings last read, by key, with the version each listing gave.
+    Shared by the sync thread and callers counting quotas: the held map changes under a lock,
+    reads happen outside it."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, tuple[object, SavedAdapter | None]] = {}
+        self._lock = threading.Lock()
+
+    def read(self, prefix: str, listed: dict[str, object], read_many) -> list[SavedAdapter]:
+        """The registrations of a listing of everything under `prefix`: `listed` maps key ->
+        version (None: unknown, always read); `read_many(keys)` returns {key: bytes} for the
+        keys it could read (one deleted meanwhile is missing). Held keys under `prefix` that
+        the listing no longer shows are forgotten."""
+        with self._lock:
+            for key in [k for k in self._held if k.startswith(prefix) and k not in listed]:
+                del self._held[key]
+            known = {k: self._held[k] for k, version in listed.items()
+                     if version is not None and self._held.get(k, (None,))[0] == version}
+        stale = [k for k in listed if k not in known]
+        fresh = read_many(stale) if stale else {}
+        found = [saved for _, saved in known.values() if saved is not None]
+        with self._lock:
+            for key in stale:
+                if key in fresh:
+                    saved = _parse(fresh[key], key)
+                    self._held[key] = (listed[key], saved)
+                    if saved is not None:
+                        found.append(saved)
+                else:
+                    self._held.pop(key, None)
+        return sorted(found, key=lambda s: (s.load_time, s.tenant, s.adapter_id))
+
+
 class DirectoryRegistrations:
     def __init__(self, directory: Path):
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
+        self._seen = _Seen()
 
     def _path(self, tenant: str, adapter_id: str) -> Path:
         return self.directory / tenant / f"{adapter_id}.json"  # both validated: letters, digits, '-', '_', '.'
@@ -78,13 +120,18 @@ class DirectoryRegistrations:
         return _parse(read_file(path), str(path))
 
     def all(self, tenant: str | None = None) -> list[SavedAdapter]:
-        found = []
+        listed = {}
         for path in self.directory.glob(f"{tenant or '*'}/*.json"):
             if not path.name.startswith("."):
-                saved = _parse(read_file(path), str(path))
-                if saved is not None:
-                    found.append(saved)
-        return sorted(found, key=lambda s: (s.load_time, s.tenant, s.adapter_id))
+                try:
+                    stat = path.stat()
+                except FileNotFoundError:  # unloaded meanwhile
+                    continue
+                listed[str(path)] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        def read_many(keys):
+            return {k: data for k in keys if (data := read_file(Path(k))) is not None}
+
+        return self._seen.read(str(self.directory / tenant) + "/" if tenant else "", listed, read_many)
 
     def create(self, saved: SavedAdapter) -> SavedAdapter:
         with directory_lock(self.directory):
@@ -122,6 +169,7 @@ class ObjectRegistrations:
 
     def __post_init__(self) -> None:
         self._root = self.url.split("://", 1)[1].rstrip("/") + "/adapters"
+        self._seen = _Seen()
 
     def _key(self, tenant: str, adapter_id: str) -> str:
         return f"{self._root}/{tenant}/{adapter_id}.json"
@@ -145,13 +193,12 @@ class ObjectRegistrations:
 
     def all(self, tenant: str | None = None) -> list[SavedAdapter]:
         where = f"{self._root}/{tenant}" if tenant else self._root
-        keys = self._call("listed", self.filesystem.find, where, refresh=True) or []
-        keys = [k for k in keys if k.endswith(".json")]
-        if not keys:
-            return []
-        contents = self._call("read", self.filesystem.cat, keys, on_error="omit") or {}
-        found = [s for key, data in contents.items() if (s := _parse(data, key)) is not None]
-        return sorted(found, key=lambda s: (s.load_time, s.tenant, s.adapter_id))
+        infos = self._call("listed", self.filesystem.find, where, refresh=True, detail=True) or {}
+        listed = {key: _object_version(info) for key, info in infos.items() if key.endswith(".json")}
+        def read_many(keys):
+            return self._call("read", self.filesystem.cat, keys, on_error="omit") or {}
+
+        return self._seen.read(f"{where}/", listed, read_many)
 
     def create(self, saved: SavedAdapter) -> SavedAdapter:
         try:
@@ -176,6 +223,15 @@ class ObjectRegistrations:
         current = self.get(tenant, adapter_id)
         if current is not None and (generation is None or current.generation == generation):
             self._call("written", self.filesystem.rm_file, self._key(tenant, adapter_id))
+
+
+def _object_version(info: dict) -> object:
+    """What tells one version of an object from another in a listing (None: nothing does)."""
+    tag = info.get("ETag") or info.get("etag") or info.get("md5Hash")
+    when = info.get("LastModified") or info.get("last_modified") or info.get("mtime") or info.get("updated")
+    if tag is None and when is None:
+        return None
+    return (str(tag), str(when), info.get("size"))
 
 
 def open_registrations(settings: Settings, state: StateStore | None, objects: ObjectStores | None) -> Registrations | None:
