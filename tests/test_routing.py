@@ -123,3 +123,26 @@ def test_a_merges_progress_and_result_go_to_the_replica_that_runs_it(assets, tmp
     finally:
         for server in servers:
             server.stop()
+
+
+def test_the_router_remembers_a_bounded_number_of_merge_operations():
+    """A long-lived client routes calls about its latest merges to the merge's replica; it does
+    not keep every operation name it ever saw."""
+    from loramux.client._routing import AFFINITY_HEADER, MAX_OPERATIONS, AffinityRouter
+    from google.longrunning import operations_pb2
+
+    router = AffinityRouter("key")
+    for i in range(MAX_OPERATIONS + 10):
+        router.remember(f"operations/{i}", f"adapter-{i % 3}")
+    router.remember("operations/10", "adapter-1")  # used again: kept as recent
+    for i in range(11):
+        router.remember(f"operations/new-{i}", "adapter-2")
+    assert len(router._operations) == MAX_OPERATIONS
+
+    def routed(name):
+        key, value = router.header_for(operations_pb2.GetOperationRequest(name=name))
+        assert key == AFFINITY_HEADER
+        return value.split("/", 1)[1] if "/" in value else None
+
+    assert routed("operations/10") == "adapter-1" and routed(f"operations/{MAX_OPERATIONS + 9}") == f"adapter-{(MAX_OPERATIONS + 9) % 3}"
+    assert routed("operations/11") is None  # the oldest were let go: any replica answers for them

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import uuid
+from collections import OrderedDict
 
 AFFINITY_HEADER = "x-loramux-affinity"
 _ENV = "GRPC_EXPERIMENTAL_RING_HASH_SET_REQUEST_HASH_KEY"
@@ -45,6 +46,9 @@ def channel_options(options: list | None) -> list:
     return [*(options or []), ("grpc.service_config", service_config()), ("grpc.enable_retries", 1)]
 
 
+MAX_OPERATIONS = 4096  # merge operations a client routes by their adapter
+
+
 class AffinityRouter:
     """The affinity header of each call: `<caller>/<adapter_id>` for requests naming an adapter
     (the caller is a fingerprint of the API key, so two tenants' same-named adapters hash
@@ -52,11 +56,17 @@ class AffinityRouter:
 
     def __init__(self, api_key: str | None):
         self._caller = hashlib.sha256((api_key or "").encode()).hexdigest()[:16]
-        self._operations: dict[str, str] = {}  # operation name -> the adapter whose replica runs it
+        # operation name -> the adapter whose replica runs it; the most recent MAX_OPERATIONS
+        self._operations: OrderedDict[str, str] = OrderedDict()
 
     def remember(self, operation: str, adapter_id: str) -> None:
-        """Calls about `operation` (a merge of `adapter_id`) go where the merge went."""
+        """Calls about `operation` (a merge of `adapter_id`) go where the merge went. A
+        long-lived client remembers its latest MAX_OPERATIONS merges; a call about an older
+        one goes to any replica (each answers for the others)."""
         self._operations[operation] = adapter_id
+        self._operations.move_to_end(operation)
+        while len(self._operations) > MAX_OPERATIONS:
+            self._operations.popitem(last=False)
 
     def header_for(self, request) -> tuple[str, str]:
         adapter = getattr(request, "adapter_id", "") or self._operations.get(getattr(request, "name", ""), "")
