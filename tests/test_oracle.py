@@ -159,3 +159,26 @@ def test_ignore_eos_generates_to_max_new_tokens(assets, engine):
         assert full["token_ids"] == plain and full["finish"].finish_reason is FinishReason.LENGTH
     finally:
         engine.base.eos_token_ids = saved
+
+
+def test_a_config_naming_all_linear_targets_what_peft_expands_it_to(assets, engine):
+    """peft saves all-linear expanded, but loads a config that still says it (hand-written, or
+    from other tools) by expanding it then: every linear layer but the output one. Such an
+    adapter serves as peft runs it, and combinations of it target all-linear too."""
+    import json
+
+    from loramux.server.combine import combined_config
+
+    path = assets.copy_adapter("all-r16", "all-linear-cfg")
+    config = json.loads((path / "adapter_config.json").read_text())
+    config["target_modules"] = "all-linear"
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    assets.peft_model.cache_clear()
+    assets.oracle.cache_clear()
+    engine.load_adapter("default", "all-linear-cfg", "all-linear-cfg")
+    try:
+        out = engine.generate("default", GenerateInput(adapter_id="all-linear-cfg", prompt=PROMPTS[1], max_new_tokens=N), 60)
+        assert out["token_ids"] == assets.oracle("all-linear-cfg", PROMPTS[1], N) == assets.oracle("all-r16", PROMPTS[1], N)
+    finally:
+        engine.unload_adapter("default", "all-linear-cfg")
+    assert combined_config([config, {**config, "target_modules": ["q_proj"]}], "cat", None)["target_modules"] == "all-linear"

@@ -23,6 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
+from loramux.server.adapters.adapter_config import ALL_LINEAR
 from loramux.server.adapters.weights import AdapterWeights, ModuleLora
 from loramux.server.errors import InvalidRequest
 
@@ -88,11 +89,13 @@ def combined_config(configs: Sequence[dict], method: str, svd_rank: int | None) 
     else:
         rank = svd_rank or max(ranks)
     targets = [c.get("target_modules") for c in configs]
-    if len({type(t) for t in targets}) != 1:
+    if any(isinstance(t, str) and t.lower() == ALL_LINEAR for t in targets):
+        union: object = ALL_LINEAR  # peft's every linear layer: whatever the others target is within it
+    elif len({type(t) for t in targets}) != 1:
         raise InvalidRequest("the adapters name their target modules differently (a pattern and a list)",
                              field="combination.adapters", reason="COMBINATION_INVALID")
-    if isinstance(targets[0], str):
-        union: object = "|".join(f"({t})" for t in targets)
+    elif isinstance(targets[0], str):
+        union = "|".join(f"({t})" for t in targets)
     else:
         union = sorted(set().union(*map(set, targets)))
     config = dict(configs[0])

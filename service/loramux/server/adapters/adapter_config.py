@@ -27,6 +27,7 @@ from loramux.server.errors import AdapterInvalid
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_JSON_DEPTH = 16
+ALL_LINEAR = "all-linear"  # peft's shorthand for every linear layer but the output layer
 MAX_LIST_ITEMS = 4096  # target_modules, layers_to_transform, rank_pattern entries, ...
 MAX_PATTERN_CHARS = 1024
 _RE2_OPTIONS = re2.Options()
@@ -61,7 +62,7 @@ class LoraConfigView:
     use_dora: bool
     base_model: str
     base_revision: str  # the base's revision the adapter was trained on ("revision" in the config; "" if none)
-    target_modules: object  # compiled RE2 pattern (a string in the config), or tuple[str, ...]
+    target_modules: object  # compiled RE2 pattern (a string in the config), tuple[str, ...], or ALL_LINEAR
     exclude_modules: object  # the same, or None
     modules_to_save: tuple = ()  # compiled RE2 patterns
     layers_to_transform: frozenset[int] | None = None
@@ -81,11 +82,13 @@ class LoraConfigView:
                 return False
         if any(p.match(key) for p in self.modules_to_save):
             return False
-        if not isinstance(self.target_modules, tuple):
+        if self.target_modules == ALL_LINEAR:  # peft expands it to the names of every linear layer but
+            pass  # the output one, which are the modules slots serve: keys here are those
+        elif not isinstance(self.target_modules, tuple):
             return self.target_modules.fullmatch(key) is not None
-        if key in self.target_modules:
+        elif key in self.target_modules:
             return True
-        if not any(key.endswith(f".{t}") for t in self.target_modules):
+        elif not any(key.endswith(f".{t}") for t in self.target_modules):
             return False
         if self.layers_to_transform is None:
             return True
@@ -254,8 +257,11 @@ def _string_list(value: object, what: str) -> list[str]:
 
 
 def _names_or_pattern(value: object, what: str):
-    """A string is one regular expression (full match); a list holds module names (suffixes)."""
+    """A string is one regular expression (full match), or peft's shorthand `all-linear`; a
+    list holds module names (suffixes)."""
     if isinstance(value, str):
+        if what == "target_modules" and value.lower() == ALL_LINEAR:
+            return ALL_LINEAR
         return _compile(value, what)
     return tuple(_string_list(value, what))
 
