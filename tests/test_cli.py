@@ -30,6 +30,24 @@ def test_serve_flags_are_the_contract():
             "--log-format", "--join-ratio", "--join-max-steps", "--auth", "--auth-keys-file"} <= flags
 
 
+def test_serve_defaults_are_the_settings_defaults(monkeypatch):
+    """The flags' defaults are written twice (the parser's help shows them; Settings is the
+    truth): every field a bare `serve` gives equals Settings' own default."""
+    import dataclasses
+
+    from loramux.cli.main import serve_settings
+    from loramux.server.settings import Settings
+
+    for name in ("OTEL_SERVICE_NAME", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL",
+                 "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    got = serve_settings(build_parser().parse_args(["serve", "--model", "m", "--auth", "none"]))
+    want = Settings(model="m", auth="none")
+    differ = {f.name: (getattr(got, f.name), getattr(want, f.name)) for f in dataclasses.fields(Settings)
+              if getattr(got, f.name) != getattr(want, f.name)}
+    assert differ == {}
+
+
 def test_bad_settings_exit_2(assets, capsys):
     assert main(["serve", "--model", str(assets.base), "--adapter-slots", "0"]) == 2
     assert "--adapter-slots: adapter_slots: must be >= 1, got 0" in capsys.readouterr().err

@@ -247,81 +247,10 @@ def _serve(args) -> int:
 
     from loramux.server.app import serve
     from loramux.server.errors import InvalidSettings
-    from loramux.server.settings import Settings
-
     from loramux.server.telemetry.logs import configure_logging
 
-    def env(flag, name: str, default):
-        """A flag, else the standard OpenTelemetry environment variable, else the default."""
-        return flag if flag is not None else os.environ.get(name, default)
-
-    def exporters(value: str) -> tuple[str, ...]:
-        return tuple(e.strip() for e in value.split(",") if e.strip() and e.strip() != "none")
-
     try:
-        settings = Settings(
-            model=args.model,
-            revision=args.revision,
-            model_name=args.model_name,
-            dtype=args.dtype,
-            device=args.device,
-            device_map=args.device_map,
-            quantization=args.quantization,
-            kv_cache=args.kv_cache,
-            kv_cache_tokens=args.kv_cache_tokens,
-            compile=args.compile,
-            host=args.host,
-            port=args.port,
-            adapter_roots=tuple(args.adapter_root),
-            merge_root=args.merge_root,
-            merge_shard_mib=args.merge_shard_mib,
-            adapter_slots=args.adapter_slots,
-            adapter_memory_mib=args.adapter_memory_mib,
-            host_cache_mib=args.host_cache_mib,
-            max_lora_rank=args.max_lora_rank,
-            target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
-            max_batch_size=args.max_batch_size,
-            max_batch_tokens=args.max_batch_tokens,
-            max_prefill_tokens=args.max_prefill_tokens,
-            batch_window_ms=args.batch_window_ms,
-            join_ratio=args.join_ratio,
-            join_max_steps=args.join_max_steps,
-            adapter_wait_ms=args.adapter_wait_ms,
-            scheduling=args.scheduling,
-            max_queue=args.max_queue,
-            max_queue_per_tenant=args.max_queue_per_tenant,
-            default_max_new_tokens=args.default_max_new_tokens,
-            max_prompt_bytes=args.max_prompt_bytes,
-            slot_wait_s=args.slot_wait_s,
-            engine_stall_s=args.engine_stall_s,
-            shutdown_grace_s=args.shutdown_grace_s,
-            state_dir=args.state_dir,
-            registry=args.registry,
-            registry_sync_s=args.registry_sync_s,
-            replica_id=args.replica_id,
-            object_roots=tuple(args.object_root),
-            object_endpoint_url=args.object_endpoint_url,
-            object_cache_dir=args.object_cache_dir,
-            auth=args.auth,
-            auth_keys_file=args.auth_keys_file,
-            max_connection_age_s=args.max_connection_age_s,
-            tls_cert=args.tls_cert,
-            tls_key=args.tls_key,
-            tls_client_ca=args.tls_client_ca,
-            health_port=args.health_port,
-            base_mismatch=args.base_mismatch,
-            allow_pickle_weights=args.allow_pickle_weights,
-            hub_cache_dir=args.hub_cache_dir,
-            hub_offline=args.hub_offline,
-            hub_endpoint=args.hub_endpoint,
-            service_name=env(args.otel_service_name, "OTEL_SERVICE_NAME", "loramux"),
-            traces_exporters=exporters(env(args.otel_traces_exporter, "OTEL_TRACES_EXPORTER", "none")),
-            metrics_exporters=exporters(env(args.otel_metrics_exporter, "OTEL_METRICS_EXPORTER", "none")),
-            otlp_protocol=env(args.otel_exporter_otlp_protocol, "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-            otlp_endpoint=env(args.otel_exporter_otlp_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", None),
-            metrics_port=args.metrics_port,
-            metrics_host=args.metrics_host,
-        )
+        settings = serve_settings(args)
     except InvalidSettings as e:
         return _bad_setting(e)
     configure_logging(args.log_level, args.log_format)
@@ -330,6 +259,83 @@ def _serve(args) -> int:
     except InvalidSettings as e:  # found at start-up (a keys file that does not parse)
         return _bad_setting(e)
     return 0
+
+
+def serve_settings(args):
+    """The validated Settings that `serve`'s parsed flags (and OpenTelemetry's environment
+    variables) give; InvalidSettings if they do not hold together."""
+    from loramux.server.settings import Settings
+
+    def env(flag, name: str, default):
+        """A flag, else the standard OpenTelemetry environment variable, else the default."""
+        return flag if flag is not None else os.environ.get(name, default)
+
+    def exporters(value: str) -> tuple[str, ...]:
+        return tuple(e.strip() for e in value.split(",") if e.strip() and e.strip() != "none")
+
+    return Settings(
+        model=args.model,
+        revision=args.revision,
+        model_name=args.model_name,
+        dtype=args.dtype,
+        device=args.device,
+        device_map=args.device_map,
+        quantization=args.quantization,
+        kv_cache=args.kv_cache,
+        kv_cache_tokens=args.kv_cache_tokens,
+        compile=args.compile,
+        host=args.host,
+        port=args.port,
+        adapter_roots=tuple(args.adapter_root),
+        merge_root=args.merge_root,
+        merge_shard_mib=args.merge_shard_mib,
+        adapter_slots=args.adapter_slots,
+        adapter_memory_mib=args.adapter_memory_mib,
+        host_cache_mib=args.host_cache_mib,
+        max_lora_rank=args.max_lora_rank,
+        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
+        max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        max_prefill_tokens=args.max_prefill_tokens,
+        batch_window_ms=args.batch_window_ms,
+        join_ratio=args.join_ratio,
+        join_max_steps=args.join_max_steps,
+        adapter_wait_ms=args.adapter_wait_ms,
+        scheduling=args.scheduling,
+        max_queue=args.max_queue,
+        max_queue_per_tenant=args.max_queue_per_tenant,
+        default_max_new_tokens=args.default_max_new_tokens,
+        max_prompt_bytes=args.max_prompt_bytes,
+        slot_wait_s=args.slot_wait_s,
+        engine_stall_s=args.engine_stall_s,
+        shutdown_grace_s=args.shutdown_grace_s,
+        state_dir=args.state_dir,
+        registry=args.registry,
+        registry_sync_s=args.registry_sync_s,
+        replica_id=args.replica_id,
+        object_roots=tuple(args.object_root),
+        object_endpoint_url=args.object_endpoint_url,
+        object_cache_dir=args.object_cache_dir,
+        auth=args.auth,
+        auth_keys_file=args.auth_keys_file,
+        max_connection_age_s=args.max_connection_age_s,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        health_port=args.health_port,
+        base_mismatch=args.base_mismatch,
+        allow_pickle_weights=args.allow_pickle_weights,
+        hub_cache_dir=args.hub_cache_dir,
+        hub_offline=args.hub_offline,
+        hub_endpoint=args.hub_endpoint,
+        service_name=env(args.otel_service_name, "OTEL_SERVICE_NAME", "loramux"),
+        traces_exporters=exporters(env(args.otel_traces_exporter, "OTEL_TRACES_EXPORTER", "none")),
+        metrics_exporters=exporters(env(args.otel_metrics_exporter, "OTEL_METRICS_EXPORTER", "none")),
+        otlp_protocol=env(args.otel_exporter_otlp_protocol, "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+        otlp_endpoint=env(args.otel_exporter_otlp_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", None),
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
+    )
 
 
 def _bad_setting(e) -> int:
