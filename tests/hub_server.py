@@ -1,6 +1,6 @@
 """A Hugging Face Hub on loopback: the parts of its HTTP API that huggingface_hub's
-snapshot_download speaks (repo info by revision, the file tree, HEAD and GET of a file by
-commit), serving repositories made of local directories. Tests point loramux's
+snapshot_download and model_info speak (repo info by revision, with each file's size when
+asked for blobs; the file tree; HEAD and GET of a file by commit), serving repositories made of local directories. Tests point loramux's
 `--hub-endpoint` at it, so the online code path runs for real: revisions resolved to commits,
 files fetched into a cache, not-found and server errors answered as the Hub answers them."""
 
@@ -11,7 +11,7 @@ import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import unquote, urlparse
+from urllib.parse import parse_qs, unquote, urlparse
 
 
 class LocalHub:
@@ -56,7 +56,9 @@ class LocalHub:
     # -- the API ------------------------------------------------------------------------
 
     def _answer(self, request: BaseHTTPRequestHandler, head: bool) -> None:
-        path = unquote(urlparse(request.path).path)
+        url = urlparse(request.path)
+        path = unquote(url.path)
+        blobs = parse_qs(url.query).get("blobs", [""])[0].lower() == "true"
         with self._lock:
             self.requests.append(f"{'HEAD' if head else 'GET'} {path}")
             failing = self.failures > 0
@@ -65,7 +67,7 @@ class LocalHub:
             return self._send(request, 503, b'{"error": "unavailable"}', head)
         parts = path.strip("/").split("/")
         if parts[:2] == ["api", "models"]:
-            return self._api(request, parts[2:], head)
+            return self._api(request, parts[2:], head, blobs)
         if len(parts) >= 5 and parts[2] == "resolve":  # /<org>/<name>/resolve/<revision>/<file...>
             return self._file(request, "/".join(parts[:2]), parts[3], "/".join(parts[4:]), head)
         self._send(request, 404, b'{"error": "not found"}', head, {"X-Error-Code": "RepoNotFound"})
@@ -74,9 +76,9 @@ class LocalHub:
         commits = self.repos.get(repo_id, {})
         return revision if revision in commits else self.refs.get(repo_id, {}).get(revision)
 
-    def _api(self, request, parts: list[str], head: bool) -> None:
-        # models/<org>/<name>/revision/<rev>  or  models/<org>/<name>/tree/<rev>[/path]
-        repo_id, kind, revision = "/".join(parts[:2]), parts[2] if len(parts) > 2 else "", parts[3] if len(parts) > 3 else "main"
+    def _api(self, request, parts: list[str], head: bool, blobs: bool = False) -> None:
+        # models/<org>/<name>[/revision/<rev>]  or  models/<org>/<name>/tree/<rev>[/path]
+        repo_id, kind, revision = "/".join(parts[:2]), parts[2] if len(parts) > 2 else "revision", parts[3] if len(parts) > 3 else "main"
         if repo_id not in self.repos:
             return self._send(request, 404, b'{"error": "Repository not found"}', head, {"X-Error-Code": "RepoNotFound"})
         commit = self._commit(repo_id, revision)
@@ -86,7 +88,8 @@ class LocalHub:
         root = self.repos[repo_id][commit]
         if kind == "revision":
             body = {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False, "disabled": False,
-                    "siblings": [{"rfilename": p.relative_to(root).as_posix()} for p in files]}
+                    "siblings": [{"rfilename": p.relative_to(root).as_posix(),
+                                  **({"size": p.stat().st_size} if blobs else {})} for p in files]}
         elif kind == "tree":
             body = [{"type": "file", "path": p.relative_to(root).as_posix(), "size": p.stat().st_size,
                      "oid": hashlib.sha1(p.read_bytes()).hexdigest()} for p in files]

@@ -130,3 +130,25 @@ def test_an_adapter_trained_on_another_base_revision_is_refused(assets, hub, tmp
                            base_mismatch="warn")
     with BackgroundServer(warn) as server, lc.Client(server.target, timeout=60) as c:
         assert c.load_adapter("old", source=f"hf://acme/rev-{'f' * 8}").rank == 4
+
+
+def test_an_adapter_repo_larger_than_any_adapter_is_refused_before_its_files_are_fetched(assets, hub, tmp_path):
+    """A tenant naming a Hub repository whose weights file holds more than an adapter of
+    max_lora_rank on every served module can: the sizes the Hub lists are checked first, and
+    nothing is downloaded (the file here is sparse: its size costs no disk)."""
+    hub, _ = hub
+    huge = tmp_path / "huge"
+    shutil.copytree(assets.adapters / "qv-r4", huge)
+    with (huge / "adapter_model.safetensors").open("r+b") as f:
+        f.truncate(64 << 20)  # above 4 x a max-rank adapter here, plus the 33 MiB of header and config allowed
+    hub.add("acme/huge", huge)
+    settings = assets.settings(hub_endpoint=hub.endpoint, hub_cache_dir=tmp_path / "cache")
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as c:
+        before = len(hub.requests)
+        with pytest.raises(lc.InvalidArgument) as e:
+            c.load_adapter("huge", source="hf://acme/huge")
+        total = sum((huge / name).stat().st_size for name in ("adapter_config.json", "adapter_model.safetensors"))
+        assert e.value.reason == "ADAPTER_TOO_LARGE" and f"hold {total} bytes" in e.value.message
+        assert not any("resolve" in r and "acme/huge" in r for r in hub.requests[before:])  # no file was fetched
+        assert not any((tmp_path / "cache").rglob("adapter_model.safetensors"))
+        assert c.load_adapter("qv", source="hf://acme/qv", revision="v1").revision  # the usual path still fetches

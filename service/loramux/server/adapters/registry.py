@@ -26,7 +26,9 @@ from pathlib import Path
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.checkpoint import AdapterSpec, BaseModelView, read_checkpoint
 from loramux.server.adapters.objects import ObjectStores
-from loramux.server.adapters.sources import ANYWHERE, HUB_PREFIX, SourceAllowance, resolve_source, source_kind
+from loramux.server.adapters.sources import (
+    ANYWHERE, HUB_PREFIX, SourceAllowance, max_download_bytes, resolve_source, source_kind,
+)
 from loramux.server.adapters.weights import AdapterWeights
 from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest, LoramuxError
 from loramux.server.registrations import Registrations
@@ -157,7 +159,8 @@ class AdapterRegistry:
         load_time: float,
     ) -> tuple[AdapterRecord, AdapterWeights]:
         started = time.perf_counter()
-        resolved = resolve_source(source, revision, self._settings, allowed, self._objects, tenant)
+        resolved = resolve_source(source, revision, self._settings, allowed, self._objects, tenant,
+                                  max_bytes=max_download_bytes(self._base.max_adapter_bytes))
         try:
             spec, weights = read_checkpoint(resolved.directory, self._base, root=resolved.root)
         except BaseException:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from loramux.server.adapters.checkpoint import MAX_CONFIG_BYTES, MAX_HEADER_BYTES
 from loramux.server.adapters.objects import ObjectStores, check_object_url, is_object_url
 from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot
 from loramux.server.hub import HUB_PREFIX, fetch_snapshot
@@ -69,12 +70,19 @@ def check_path_text(value: str, field: str, reason: str) -> None:
         raise InvalidRequest(f"{field} has a path component longer than {MAX_COMPONENT_CHARS} bytes", field=field, reason=reason)
 
 
+def max_download_bytes(max_adapter_bytes: int) -> int:
+    """The most an adapter's files may hold: a max-rank adapter on every served module, stored
+    in up to 4x the serving dtype's width, with its header and config."""
+    return 4 * max_adapter_bytes + MAX_HEADER_BYTES + MAX_CONFIG_BYTES
+
+
 def resolve_source(
     source: str, revision: str, settings: Settings, allowed: SourceAllowance = ANYWHERE, objects: ObjectStores | None = None,
-    tenant: str | None = None,
+    tenant: str | None = None, max_bytes: int | None = None,
 ) -> ResolvedSource:
     """Where `source` is, within what `allowed` (the tenant's allowance) and the server permit;
-    object-storage sources are fetched through `objects`."""
+    object-storage sources are fetched through `objects`. `max_bytes`: the most a Hub
+    adapter's files may hold (checked before they are downloaded)."""
     if not source:
         raise InvalidRequest("source is required", field="source", reason="SOURCE_REQUIRED")
     check_path_text(source, "source", "SOURCE_INVALID")
@@ -87,7 +95,7 @@ def resolve_source(
                 f"this tenant's hf:// sources must belong to {', '.join(allowed.hub_orgs) or 'no organisation'}",
                 field="source", reason="SOURCE_NOT_ALLOWED", source=source,
             )
-        return _resolve_hub(repo_id, revision or None, settings)
+        return _resolve_hub(repo_id, revision or None, settings, max_bytes)
     if source.startswith(MERGED_PREFIX):
         own = settings.merge_root / tenant if settings.merge_root is not None and tenant is not None else None
         if own is None or not own.is_dir():
@@ -150,7 +158,7 @@ def _resolve_local(source: str, roots: tuple[Path, ...]) -> tuple[Path, Path]:
     raise SourceNotFound(f"no adapter directory {source!r} under the adapter roots", field="source", source=source)
 
 
-def _resolve_hub(repo_id: str, revision: str | None, settings: Settings) -> ResolvedSource:
-    directory = fetch_snapshot(repo_id, revision, settings, ADAPTER_FILES)
+def _resolve_hub(repo_id: str, revision: str | None, settings: Settings, max_bytes: int | None) -> ResolvedSource:
+    directory = fetch_snapshot(repo_id, revision, settings, ADAPTER_FILES, max_bytes=max_bytes)
     # Snapshot files are links into the repository's blobs/: the repository folder is the root.
     return ResolvedSource(directory, directory.parent.parent, directory.name)

@@ -22,10 +22,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
 from loramux.server.adapters.cache import Tier, TieredAdapterCache
-from loramux.server.adapters.checkpoint import MAX_CONFIG_BYTES, MAX_HEADER_BYTES
 from loramux.server.adapters.objects import ObjectStores
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
-from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
+from loramux.server.adapters.sources import ANYWHERE, SourceAllowance, max_download_bytes
 from loramux.server.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.adapter_admin import AdapterAdmin
@@ -66,12 +65,6 @@ def accelerator_budget(settings: Settings, base: BaseModel) -> int:
             field="adapter_memory_mib",
         )
     return budget
-
-
-def max_download_bytes(max_adapter_bytes: int) -> int:
-    """The most an adapter's files may hold: a max-rank adapter on every served module, stored
-    in up to 4x the serving dtype's width, with its header and config."""
-    return 4 * max_adapter_bytes + MAX_HEADER_BYTES + MAX_CONFIG_BYTES
 
 
 class Engine:
