@@ -68,6 +68,21 @@ def engine_paused(engine):
         future.result(10)
 
 
+def run_together(server, calls: dict) -> dict:
+    """Each of `calls` (name -> function) on its own thread while the engine is held, so all are
+    queued, then prefilled and decoded together; name -> what it returned."""
+    results: dict[str, object] = {}
+    with engine_paused(server.engine):
+        threads = [threading.Thread(target=lambda n=n, f=f: results.__setitem__(n, f())) for n, f in calls.items()]
+        for t in threads:
+            t.start()
+        while server.engine.stats().waiting < len(calls):
+            threading.Event().wait(0.01)
+    for t in threads:
+        t.join(30)
+    return results
+
+
 def expect(reason, fn, *args, **kwargs):
     with pytest.raises(lc.LoramuxError) as e:
         fn(*args, **kwargs)
@@ -76,23 +91,14 @@ def expect(reason, fn, *args, **kwargs):
 
 
 def test_a_non_finite_row_fails_alone_and_its_batch_mates_equal_peft(assets, server, client):
-    results: dict[str, object] = {}
-
-    def run(name, adapter):
+    def run(adapter):
         try:
-            results[name] = client.generate(prompt=PROMPTS[1], adapter_id=adapter, max_new_tokens=N)
+            return client.generate(prompt=PROMPTS[1], adapter_id=adapter, max_new_tokens=N)
         except lc.LoramuxError as e:
-            results[name] = e
+            return e
 
-    with engine_paused(server.engine):  # all four are queued, then prefilled and decoded together
-        threads = [threading.Thread(target=run, args=(n, a)) for n, a in
-                   (("base", ""), ("qv", "qv-r4"), ("bad", "overflow"), ("all", "all-r16"))]
-        for t in threads:
-            t.start()
-        while server.engine.stats().waiting < 4:
-            threading.Event().wait(0.01)
-    for t in threads:
-        t.join(30)
+    results = run_together(server, {n: lambda a=a: run(a) for n, a in
+                                     (("base", ""), ("qv", "qv-r4"), ("bad", "overflow"), ("all", "all-r16"))})
     assert isinstance(results["bad"], lc.LoramuxError) and results["bad"].reason == "NON_FINITE_LOGITS"
     assert results["bad"].code == grpc.StatusCode.FAILED_PRECONDITION
     for name, adapter in (("base", None), ("qv", "qv-r4"), ("all", "all-r16")):
@@ -148,26 +154,17 @@ def test_an_adapter_overflowing_mid_decode_fails_only_its_own_row(assets, server
     prompt = _overflowing_adapter(assets, "overflow-mid", victim)
     client.load_adapter("overflow-mid", source="overflow-mid")
     try:
-        results: dict[str, object] = {}
-
-        def run(name, adapter, text):
+        def run(adapter, text):
             chunks = []
             try:  # two tokens: the prefill's and one decode step's, so the buffer is not yet rebuilt
                 for chunk in client.generate_stream(prompt=text, adapter_id=adapter, max_new_tokens=2):
                     chunks.extend(chunk.token_ids)
-                results[name] = chunks
+                return chunks
             except lc.LoramuxError as e:
-                results[name] = (chunks, e)
+                return chunks, e
 
-        with engine_paused(server.engine):  # all three are prefilled together and decode in step
-            threads = [threading.Thread(target=run, args=a) for a in
-                       (("bad", "overflow-mid", prompt), ("base", "", prompt), ("victim", victim[0], victim[1]))]
-            for t in threads:
-                t.start()
-            while server.engine.stats().waiting < 3:
-                threading.Event().wait(0.01)
-        for t in threads:
-            t.join(30)
+        results = run_together(server, {"bad": lambda: run("overflow-mid", prompt), "base": lambda: run("", prompt),
+                                        "victim": lambda: run(*victim)})
         tokens, error = results["bad"]
         assert error.reason == "NON_FINITE_LOGITS" and tokens == assets.oracle(None, prompt, 1)  # failed at its first decode step
         assert results["base"] == assets.oracle(None, prompt, 2)  # read the same feature as the bad row

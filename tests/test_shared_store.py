@@ -164,29 +164,36 @@ def _refused(cls, reason, fn, *args):
     raise AssertionError("not refused yet")
 
 
-def test_racing_registrations_of_one_name_have_one_winner(assets, tmp_path):
-    """Three replicas register one name from three sources at once: one wins everywhere."""
+def _race(clients: list, call) -> list:
+    """`call(i, client)` on every client at once (after a barrier); each one's outcome: what
+    it returned, or the reason (and quota) of the error it raised."""
     import threading
 
+    outcomes: list[object] = [None] * len(clients)
+    barrier = threading.Barrier(len(clients))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            outcomes[i] = call(i, clients[i])
+        except lc.LoramuxError as e:
+            outcomes[i] = (e.reason, e.metadata["quota"]) if e.reason == "QUOTA_EXCEEDED" else e.reason
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(clients))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return outcomes
+
+
+def test_racing_registrations_of_one_name_have_one_winner(assets, tmp_path):
+    """Three replicas register one name from three sources at once: one wins everywhere."""
     servers = start(assets, 3, state_dir=tmp_path / "state")
     clients = [lc.Client(s.target, timeout=60, affinity=False) for s in servers]
     sources = ["qv-r4", "pattern", "mlp-r2"]
-    outcomes: list[object] = [None] * 3
-    barrier = threading.Barrier(3)
-
-    def register(i: int) -> None:
-        barrier.wait()
-        try:
-            outcomes[i] = clients[i].load_adapter("contested", source=sources[i]).source
-        except lc.AlreadyExists as e:
-            outcomes[i] = e.reason
-
     try:
-        threads = [threading.Thread(target=register, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        outcomes = _race(clients, lambda i, c: c.load_adapter("contested", source=sources[i]).source)
         won = [o for o in outcomes if o in sources]
         assert len(won) == 1 and sorted(o for o in outcomes if o not in sources) == ["ADAPTER_ALREADY_EXISTS"] * 2, outcomes
         for client in clients:
@@ -203,8 +210,6 @@ def test_racing_replicas_never_leave_a_tenant_over_its_adapter_quota(assets, tmp
     replica's check before reading sees none registered, so each load counts the store again
     after registering and withdraws its own if the tenant went over. At most one stays (all may
     withdraw: a refused caller retries), and every replica ends up listing the same."""
-    import threading
-
     from loramux.server.keys import append_key
 
     keys_file = tmp_path / "keys.yaml"
@@ -213,23 +218,8 @@ def test_racing_replicas_never_leave_a_tenant_over_its_adapter_quota(assets, tmp
     servers = start(assets, 3, state_dir=tmp_path / "state", auth="keys", auth_keys_file=keys_file)
     clients = [lc.Client(s.target, api_key=key, timeout=60, affinity=False) for s in servers]
     sources = ["qv-r4", "pattern", "mlp-r2"]
-    outcomes: list[object] = [None] * 3
-    barrier = threading.Barrier(3)
-
-    def register(i: int) -> None:
-        barrier.wait()
-        try:
-            clients[i].load_adapter(f"name-{i}", source=sources[i])
-            outcomes[i] = "OK"
-        except lc.ResourceExhausted as e:
-            outcomes[i] = (e.reason, e.metadata["quota"])
-
     try:
-        threads = [threading.Thread(target=register, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        outcomes = _race(clients, lambda i, c: c.load_adapter(f"name-{i}", source=sources[i]) and "OK")
         kept = [f"name-{i}" for i, o in enumerate(outcomes) if o == "OK"]
         assert len(kept) <= 1 and all(o == "OK" or o == ("QUOTA_EXCEEDED", "adapters") for o in outcomes), outcomes
         for client in clients:
