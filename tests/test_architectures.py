@@ -74,6 +74,15 @@ def _bloom(tokenizer):
                                         eos_token_id=tokenizer.eos_token_id))
 
 
+def _gptneo(tokenizer):
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+
+    return GPTNeoForCausalLM(GPTNeoConfig(vocab_size=len(tokenizer), hidden_size=64, num_layers=2, num_heads=4,
+                                          max_position_embeddings=256, attention_types=[[["global", "local"], 1]],
+                                          window_size=WINDOW, initializer_range=0.1,
+                                          bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+
+
 WINDOW = 24  # Mistral's sliding window here: longer than every prompt plus N tokens, shorter than its 256 positions
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # model -> (builder, the all-linear modules per block, adapters: name -> make_adapter kwargs)
@@ -110,6 +119,14 @@ MODELS = {
         "all": dict(r=8, alpha=16, target_modules=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
                     seed=82, std=0.1),
         "dora": dict(r=4, alpha=8, target_modules=("dense_4h_to_h",), use_dora=True, seed=83, std=0.1),
+    }),
+    # eager attention only: a 4D mask is added to its scores; a local (sliding) layer
+    "gptneo": (_gptneo, ["attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj",
+                         "attn.attention.out_proj", "mlp.c_fc", "mlp.c_proj"], {
+        "attn": dict(r=4, alpha=8, target_modules=("q_proj", "v_proj"), seed=91),
+        "all": dict(r=8, alpha=16, target_modules=("q_proj", "k_proj", "v_proj", "out_proj", "c_fc", "c_proj"),
+                    seed=92, std=0.1),
+        "dora": dict(r=4, alpha=8, target_modules=("out_proj", "c_fc"), use_dora=True, seed=93, std=0.1),
     }),
     "mistral": (_mistral, [f"{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}" for p in PROJECTIONS], {
         "attn": dict(r=4, alpha=8, target_modules=("q_proj", "v_proj"), seed=51),
@@ -253,3 +270,19 @@ def test_a_sliding_window_caps_the_context_where_it_equals_full_attention(family
         with pytest.raises(lc.InvalidArgument) as e:
             client.generate(prompt=" ".join([prompt] * 3), adapter_id="all", max_new_tokens=1)
         assert e.value.reason == "PROMPT_TOO_LONG"
+
+
+@pytest.mark.parametrize("family", ["gptneo"], indirect=True)
+def test_the_static_cache_refuses_a_model_whose_scores_it_would_change(family, monkeypatch):
+    """The start-up check runs a decode step of rows of different lengths through the pool and
+    through a DynamicCache. GPT-Neo's eager attention adds a 4D mask to its scores, so the pool
+    hands it an additive one; handed the boolean form SDPA takes, it would attend to hidden
+    positions (silently wrong tokens), and the check refuses to start."""
+    from loramux.server.engine.kv_cache import StaticKvPool
+
+    base = family.server.engine.base
+    StaticKvPool(base.model, 2, 32, base.pad_token_id, base.device)  # the additive mask passes
+    monkeypatch.setattr(StaticKvPool, "step_mask", lambda self, seen: seen.view(seen.shape[0], 1, 1, -1))
+    with pytest.raises(InvalidSettings) as e:
+        StaticKvPool(base.model, 2, 32, base.pad_token_id, base.device)
+    assert e.value.field == "kv_cache" and "computes other scores than the dynamic cache" in str(e.value)

@@ -144,7 +144,7 @@ class CompiledDecode:
             self.pool.load(0, prefill, [2] * rows)
             cache = RowCache(self.pool)
             cache.lengths = positions[:, 0]
-            cache.mask = torch.ones((rows, 1, 1, 3), dtype=torch.bool, device=device)
+            cache.mask = self.pool.step_mask(torch.ones((rows, 3), dtype=torch.bool, device=device))
             inputs = {"attention_mask": cache.mask, "cache": cache}
         else:
             inputs = {"attention_mask": torch.ones((rows, 3), dtype=torch.long, device=device), "cache": prefill}

@@ -150,28 +150,46 @@ class StaticKvPool:
                 held.append(torch.zeros((rows, heads, tokens, dim), dtype=made.dtype, device=made.device))
         # 0..rows-1 on each layer's device, made now (a compiled step must not see the dict change).
         self._indices = {t.device: torch.arange(rows, device=t.device) for t in self.keys}
+        # A 4D mask reaches the attention as it is: SDPA takes a boolean one, the eager attention
+        # adds it to its scores (0 where seen, the dtype's lowest where hidden).
+        eager = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+        self._additive = model.get_input_embeddings().weight.dtype if eager else None
         self._check(model, device)
 
+    def step_mask(self, seen: torch.Tensor) -> torch.Tensor:
+        """The 4D mask `[n, 1, 1, W]` of a step, from `seen [n, W]` (a row's own positions), in
+        the form the model's attention takes it."""
+        seen = seen.view(seen.shape[0], 1, 1, -1)
+        if self._additive is None:
+            return seen
+        hidden = torch.finfo(self._additive).min
+        return torch.zeros(seen.shape, dtype=self._additive, device=seen.device).masked_fill_(~seen, hidden)
     @torch.inference_mode()
     def _check(self, model: torch.nn.Module, device: torch.device) -> None:
-        """One decode step of two rows through the pool against the same step over a
-        DynamicCache with a 2D mask. A model that cannot attend through the rows' own positions
-        and a 4D mask (Bloom builds its ALiBi biases from a 2D mask) is refused at start-up
-        instead of failing every request."""
+        """One decode step through the pool against the same step over a DynamicCache with a
+        2D mask, as the padded cache runs it: two rows of different lengths (2 and 1 tokens),
+        so that a position the mask hides is in play. A model that cannot attend through the
+        rows' own positions and a 4D mask is refused at start-up instead of failing every
+        request (Bloom builds ALiBi biases from a 2D mask) or, worse, answering wrongly."""
         rows = min(2, self.rows)
+        lengths = [2, 1][:rows]
         vocab = model.get_input_embeddings().weight.shape[0]
         ids = (torch.arange(rows * 3, device=device).view(rows, 3) * 7 + 1) % vocab
+        padded = torch.tensor([[1, 1], [0, 1]][:rows], dtype=torch.long, device=device)  # row 1 left-padded
         prefill = new_dynamic_cache(model.config)
-        model(input_ids=ids[:, :2], cache=prefill, use_cache=True, logits_to_keep=1)
-        positions = torch.full((rows, 1), 2, dtype=torch.long, device=device)
+        model(input_ids=ids[:, :2], attention_mask=padded, position_ids=(padded.cumsum(-1) - 1).clamp(min=0),
+              cache=prefill, use_cache=True, logits_to_keep=1)
+        positions = torch.tensor(lengths, dtype=torch.long, device=device).view(rows, 1)
         cache = RowCache(self)
-        cache.lengths, cache.mask = positions[:, 0], torch.ones((rows, 1, 1, 3), dtype=torch.bool, device=device)
+        cache.lengths = positions[:, 0]
+        cache.mask = self.step_mask(torch.arange(3, device=device)[None, :] <= positions)
         try:
-            self.load(0, prefill, [2] * rows)
+            self.load(0, prefill, lengths)
             got = model(input_ids=ids[:, 2:], position_ids=positions, attention_mask=cache.mask, cache=cache,
                         use_cache=True, logits_to_keep=1).logits.float()
+            step_mask = torch.cat([padded, torch.ones((rows, 1), dtype=torch.long, device=device)], dim=1)
             want = model(input_ids=ids[:, 2:], position_ids=positions, cache=prefill, use_cache=True, logits_to_keep=1,
-                         attention_mask=torch.ones((rows, 3), dtype=torch.long, device=device)).logits.float()
+                         attention_mask=step_mask).logits.float()
         except Exception as e:
             raise InvalidSettings(f"--kv-cache static does not work with this model ({type(e).__name__}: "
                                   f"{str(e).splitlines()[0] if str(e) else ''}); serve it with the dynamic cache",
@@ -263,7 +281,7 @@ class RowKv:
 
     def model_inputs(self, positions: torch.Tensor) -> dict:
         lengths = positions[:, 0]  # a row's position is its length: positions count only its own tokens
-        mask = (self._positions[None, : self._longest + 1] <= lengths[:, None]).view(len(lengths), 1, 1, -1)
+        mask = self.pool.step_mask(self._positions[None, : self._longest + 1] <= lengths[:, None])
         self._cache.lengths, self._cache.mask = lengths, mask
         return {"attention_mask": mask, "cache": self._cache}
 
