@@ -182,3 +182,21 @@ def test_an_adapter_that_overflows_poisons_only_its_own_rows_even_as_dead_column
     assert layer._segments[1][1] == 2 and layer._columns == 6
     torch.testing.assert_close(out[0], good(0), rtol=0, atol=1e-5)
     assert torch.equal(out[1], layer.base_layer(x[1]))
+
+
+def test_a_layer_fed_tokens_it_cannot_assign_to_rows_refuses_instead_of_mixing_adapters():
+    """Rows come as [rows, tokens, in], or flattened row by row (OPT's MLP): both are served.
+    A layer fed some other set of tokens (experts fed the tokens routed to them) cannot tell
+    whose tokens they are: an error for the batch, never another row's adapter."""
+    layer, routing = make_layer(rank=4)
+    a0, b0 = torch.randn(4, 6), torch.randn(5, 4)
+    layer.fill(0, a0, b0, 0.5)
+    routing.plan, routing.tokens = plan([0, 3]), 3
+    x = torch.randn(2, 3, 6)
+    want = layer(x)
+    torch.testing.assert_close(want[0], layer.base_layer(x[0]) + (x[0] @ a0.T @ b0.T) * 0.5, rtol=0, atol=1e-5)
+    assert torch.equal(want[1], layer.base_layer(x[1]))
+    assert torch.equal(layer(x.reshape(6, 6)), want.reshape(6, 5))  # flattened row by row: the same outputs
+    for odd in (x.reshape(6, 6)[:4], x[:, :2], torch.randn(3, 3, 6), x.reshape(6, 6)[:2]):
+        with pytest.raises(RuntimeError, match="cannot be told apart by row"):
+            layer(odd)

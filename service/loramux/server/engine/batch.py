@@ -202,7 +202,7 @@ class Batch:
         if self.decode is not None and input_ids.shape[1] == 1:
             logits = self.decode(input_ids, self.positions, inputs, self._plan)
         else:
-            self.base.bank.route(self._plan)
+            self.base.bank.route(self._plan, input_ids.shape[1])
             try:
                 out = self.base.model(
                     input_ids=input_ids,

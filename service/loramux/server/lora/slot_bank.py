@@ -167,8 +167,10 @@ class SlotBank:
             adapter_bytes=sum(self._bytes[self._uids[slot]] for slot in groups),
         )
 
-    def route(self, plan: RoutingPlan | None) -> None:
-        """Route the rows of the next forward passes (a plan from `plan`, or None)."""
+    def route(self, plan: RoutingPlan | None, tokens: int | None = None) -> None:
+        """Route the rows of the next forward passes (a plan from `plan`, or None), each row
+        `tokens` tokens long (a prefill's padded prompt length, 1 for a decode step)."""
         self.routing.plan = plan
+        self.routing.tokens = tokens
 
 

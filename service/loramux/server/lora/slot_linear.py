@@ -73,6 +73,7 @@ class LoraRouting:
         self.plan: RoutingPlan | None = None
         self.generation = 0  # bumped whenever a slot's weights change
         self.compiled = False  # a compiled decode step runs: every layer takes its tensors from `static_inputs`
+        self.tokens: int | None = None  # the pass's tokens per row (SlotBank.route); None: not known
 
 
 @dataclasses.dataclass
@@ -92,16 +93,19 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
-def _by_rows(forward, x: torch.Tensor, rows: int) -> torch.Tensor:
+def _by_rows(forward, x: torch.Tensor, rows: int, tokens: int | None) -> torch.Tensor:
     """`forward` over x as [rows, tokens, in]. Models call their Linears on [rows, seq, in], or
     (OPT's MLP) on the tokens flattened row by row, [rows * seq, in]: those are viewed as rows
-    and the output flattened back, so each token still meets its own row's adapter."""
-    if x.dim() == 3:
-        if x.shape[0] != rows:  # a layout rows cannot be read from: refuse rather than mix rows' adapters
-            raise RuntimeError(f"a slot layer got input {list(x.shape)} for {rows} rows")
+    and the output flattened back, so each token still meets its own row's adapter. Any
+    other layout (a layer fed a subset of the tokens, such as experts fed the tokens routed to
+    them) is refused for the batch, never served with rows' adapters mixed. `tokens`: the
+    pass's tokens per row (None: not known, only the row count is checked)."""
+    if x.dim() == 3 and x.shape[0] == rows and (tokens is None or x.shape[1] == tokens):
         return forward(x)
-    if x.dim() < 2 or x.shape[:-1].numel() % rows:
-        raise RuntimeError(f"a slot layer got input {list(x.shape)} for {rows} rows")
+    count = x.shape[:-1].numel() if x.dim() >= 2 else -1
+    if x.dim() == 3 or count != rows * (tokens if tokens is not None else max(count // rows, 1)):
+        raise RuntimeError(f"a slot layer got input {list(x.shape)} for {rows} rows of {tokens} tokens: "
+                           "its tokens cannot be told apart by row")
     out = forward(x.reshape(rows, -1, x.shape[-1]))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
@@ -171,7 +175,7 @@ class SlotLinear(nn.Module):
         plan = self.routing.plan
         if plan is None:
             return self.base_layer(x)
-        return _by_rows(self._forward_rows, x, plan.rows)
+        return _by_rows(self._forward_rows, x, plan.rows, self.routing.tokens)
 
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
         plan = self.routing.plan
@@ -204,7 +208,7 @@ class SlotLinear(nn.Module):
     # -- the compiled decode step ---------------------------------------------------------
 
     def _compiled_forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _by_rows(self._compiled_rows, x, self._static[2].shape[0])
+        return _by_rows(self._compiled_rows, x, self._static[2].shape[0], 1)
 
     def _compiled_rows(self, x: torch.Tensor) -> torch.Tensor:
         """One decode step inside a compiled graph: tensors only, the same arithmetic for every
