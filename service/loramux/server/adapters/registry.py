@@ -21,6 +21,7 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
@@ -30,6 +31,7 @@ from loramux.server.adapters.sources import (
     ANYWHERE, HUB_PREFIX, SourceAllowance, max_download_bytes, resolve_source, source_kind,
 )
 from loramux.server.adapters.weights import AdapterWeights
+from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest, LoramuxError
 from loramux.server.registrations import Registrations
 from loramux.server.settings import Settings
@@ -40,6 +42,7 @@ MISS_TTL_S = 1.0  # with a store: a name it did not hold is not looked up again 
 MAX_MISSES = 10_000
 _ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 MAX_ID_LENGTH = 128
+SYNC_READERS = 4  # registrations a sync pass reads at once (start-up, or a burst registered elsewhere)
 
 
 @dataclasses.dataclass(eq=False)
@@ -287,33 +290,52 @@ class AdapterRegistry:
                     self._forget(record)
         to_pin, read, failed = [], [], []
         now = time.monotonic()
+        stale = []
         for key, saved in wanted.items():
             record = held.get(key)
             if record is not None and record.generation == saved.generation:
                 if saved.pinned and not record.pinned:
                     to_pin.append(record)
                 continue
-            memo = (saved.tenant, saved.adapter_id, saved.generation)
-            if now - self._failed.get(memo, -math.inf) < retry_failed_s:
+            if now - self._failed.get((saved.tenant, saved.adapter_id, saved.generation), -math.inf) >= retry_failed_s:
+                stale.append(key)
+        # Reading is I/O (an object store, the Hub, a network volume) and validation: a start-up
+        # or a burst of registrations elsewhere reads several at once.
+        if len(stale) > 1:
+            with ThreadPoolExecutor(min(SYNC_READERS, len(stale)), thread_name_prefix="loramux-sync",
+                                    initializer=limit_to_one_thread) as pool:
+                outcomes = list(pool.map(lambda key: self._follow(key, now), stale))
+        else:
+            outcomes = [self._follow(key, now) for key in stale]
+        for outcome in outcomes:
+            if outcome is None:
                 continue
-            with self._name_lock(key):
-                current = self._store.get(*key)
-                record = self._by_name.get(key)
-                if current is None or (record is not None and record.generation == current.generation):
-                    continue
-                try:
-                    record = self._adopt(current, self.allowance(current.tenant))
-                except LoramuxError as e:
-                    self._failed[memo] = now
-                    failed.append((current, e))
-                    if record is not None:  # an older generation: never serve what was replaced
-                        self._forget(record)
-                    continue
-                read.append(record)
-                if current.pinned:
-                    to_pin.append(record)
+            record, pinned, error = outcome
+            if error is not None:
+                failed.append(error)
+                continue
+            read.append(record)
+            if pinned:
+                to_pin.append(record)
         self._failed = {m: t for m, t in self._failed.items() if getattr(wanted.get(m[:2]), "generation", None) == m[2]}
         return to_pin, read, failed
+
+    def _follow(self, key: tuple[str, str], now: float):
+        """Read the store's current registration of `key` here, under the name's lock. Returns
+        None (nothing to do), (record, pinned, None), or (None, False, (registration, error))."""
+        with self._name_lock(key):
+            current = self._store.get(*key)
+            record = self._by_name.get(key)
+            if current is None or (record is not None and record.generation == current.generation):
+                return None
+            try:
+                adopted = self._adopt(current, self.allowance(current.tenant))
+            except LoramuxError as e:
+                self._failed[(current.tenant, current.adapter_id, current.generation)] = now
+                if record is not None:  # an older generation: never serve what was replaced
+                    self._forget(record)
+                return None, False, (current, e)
+            return adopted, current.pinned, None
 
     def get(self, tenant: str, adapter_id: str) -> AdapterRecord:
         validate_adapter_id(adapter_id)
