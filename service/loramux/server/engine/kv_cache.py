@@ -164,6 +164,7 @@ class StaticKvPool:
             return seen
         hidden = torch.finfo(self._additive).min
         return torch.zeros(seen.shape, dtype=self._additive, device=seen.device).masked_fill_(~seen, hidden)
+
     @torch.inference_mode()
     def _check(self, model: torch.nn.Module, device: torch.device) -> None:
         """One decode step through the pool against the same step over a DynamicCache with a

@@ -123,7 +123,8 @@ class SlotLinear(nn.Module):
         w = base_layer.weight
         self.transposed = is_conv1d(base_layer)  # its weight is [in, out]
         # The checkpoint's weight is [in, out]: a Conv1D, or one bitsandbytes quantized from a Conv1D.
-        self.stored_transposed = self.transposed or getattr(getattr(base_layer, "source_cls", None), "__name__", "") == "Conv1D"
+        source_cls = getattr(base_layer, "source_cls", None)
+        self.stored_transposed = self.transposed or getattr(source_cls, "__name__", "") == "Conv1D"
         if self.transposed:
             self._in, self._out = w.shape
         else:
