@@ -14,12 +14,13 @@ What a pass computes depends only on the batch:
 - **Distinct adapters, true ranks.** A layer keeps a decode buffer holding adapters' A^T
   (as rows) and B^T side by side, each cut to its own rank: `a_rows [columns, in]`, `b_cat [columns, out]`.
   For each batch composition (`RoutingPlan`, built when rows join or leave, not per step) it
-  builds a boolean mask `[rows, columns]` selecting each row's own adapter's columns. A decode
-  step is then two GEMMs, `where(mask, x @ a_rows^T, 0) @ b_cat`, and a per-row scale: each
-  distinct adapter's weights are read once per pass at its own rank, with no per-row copies and
-  no arithmetic on rank padding. The mask selects (`where`) rather than multiplies: an
-  adapter's huge-but-finite A can overflow x @ A to inf, and inf * 0 would be NaN in every
-  other row of the batch, and in every later batch while its columns sit dead in the buffer.
+  builds a boolean mask `[rows, columns]` of the columns that are not each row's own adapter's.
+  A decode step is then two GEMMs, `(x @ a_rows^T).masked_fill(hide, 0) @ b_cat`, and a
+  per-row scale: each distinct adapter's weights are read once per pass at its own rank, with
+  no per-row copies and no arithmetic on rank padding. The mask overwrites rather than
+  multiplies: an adapter's huge-but-finite A can overflow x @ A to inf, and inf * 0 would be
+  NaN in every other row of the batch, and in every later batch while its columns sit dead in
+  the buffer.
 - **Joins copy only what joins.** An adapter is copied into the buffer when a batch first
   uses it (or after its slot was refilled); one whose rows left stays, masked out. Those
   columns are still read by every step, so the buffer is rebuilt from the batch's own
@@ -81,6 +82,7 @@ class _DecodeView:
     """One layer's view of one plan for decode steps: which buffer columns each row uses."""
 
     mask: torch.Tensor  # [rows, 1, used] bool  True where the column belongs to the row's adapter
+    hide: torch.Tensor  # [rows, 1, used] bool  ~mask: the columns a row must not read
     scale: torch.Tensor  # [rows, 1, 1] float32  each row's adapter scale (0 for rows without one here)
     used: int  # buffer columns in play
     live: int  # of those, the columns of this plan's adapters
@@ -197,8 +199,8 @@ class SlotLinear(nn.Module):
         view = self._step_view(plan)
         if view is None:  # no adapter in the batch targets this layer
             return result
-        # [rows, 1, used]: each row keeps its own adapter's columns; the others' are never read
-        h = torch.where(view.mask, torch.nn.functional.linear(xd, self._a_rows[: view.used]), 0)
+        # [rows, 1, used]: each row keeps its own adapter's columns; the others' are overwritten
+        h = torch.nn.functional.linear(xd, self._a_rows[: view.used]).masked_fill_(view.hide, 0)
         raw = h @ self._b_cat[: view.used]  # [rows, 1, out]
         if view.dora is not None:  # a DoRA adapter in the batch: each row's magnitude scale, 1 for the others
             return result + self._dora_extra(result, raw * view.scale, view.dora).to(result.dtype)
@@ -217,8 +219,8 @@ class SlotLinear(nn.Module):
         uses reads two zero columns; every layer applies the DoRA gains (ones for rows of
         plain LoRA adapters and the base)."""
         result = self.base_layer(x)
-        a, b, mask, scale, gain = self._static
-        delta = (torch.where(mask, torch.nn.functional.linear(x.to(a.dtype), a), 0) @ b) * scale  # float32 scale, as in the eager path
+        a, b, hide, scale, gain = self._static
+        delta = (torch.nn.functional.linear(x.to(a.dtype), a).masked_fill(hide, 0) @ b) * scale  # float32 scale, as eager
         bias = self.base_layer.bias
         plain = result if bias is None else result - bias
         return result + ((gain - 1) * plain.to(gain.dtype) + gain * delta.to(gain.dtype)).to(result.dtype)
@@ -227,20 +229,21 @@ class SlotLinear(nn.Module):
     def static_inputs(self, plan: RoutingPlan | None, rows: int) -> None:
         """Set the tensors `_compiled_forward` reads for a step over `plan` (None: no adapter):
         the decode buffer's columns in play (at least two, so their count stays a symbol of the
-        graph, never a specialised 0 or 1), each row's column mask and scale, and its DoRA gains."""
+        graph, never a specialised 0 or 1), the columns each row must not read, each row's
+        scale, and its DoRA gains."""
         view = self._step_view(plan) if plan is not None else None
         if view is None:
-            columns, mask, scale = MIN_COLUMNS, None, None
+            columns, hide, scale = MIN_COLUMNS, None, None
         else:
-            columns, mask, scale = max(view.used, MIN_COLUMNS), view.mask, view.scale
+            columns, hide, scale = max(view.used, MIN_COLUMNS), view.hide, view.scale
         self._reserve(columns)
-        if mask is None:
-            mask = torch.zeros((rows, 1, columns), dtype=torch.bool, device=self._device)
+        if hide is None:
+            hide = torch.ones((rows, 1, columns), dtype=torch.bool, device=self._device)
             scale = torch.zeros((rows, 1, 1), dtype=torch.float32, device=self._device)
-        elif mask.shape[-1] < columns:
-            mask = torch.cat([mask, mask.new_zeros((rows, 1, columns - mask.shape[-1]))], dim=-1)
+        elif hide.shape[-1] < columns:
+            hide = torch.cat([hide, hide.new_ones((rows, 1, columns - hide.shape[-1]))], dim=-1)
         gain = view.dora if view is not None and view.dora is not None else self._ones(rows)
-        self._static = (self._a_rows[:columns], self._b_cat[:columns], mask, scale, gain)
+        self._static = (self._a_rows[:columns], self._b_cat[:columns], hide, scale, gain)
 
     def _step_view(self, plan: RoutingPlan) -> _DecodeView | None:
         """The plan's decode view for one step, counting the buffer columns the step reads for
@@ -296,7 +299,8 @@ class SlotLinear(nn.Module):
             if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
                 ones = torch.ones(self.out_features, dtype=torch.float32, device=self._device)
                 dora = torch.stack([self.dora.get(int(s), ones) for s in plan.row_slots.tolist()]).unsqueeze(1)
-            view = _DecodeView(mask.unsqueeze(1), scale, self._columns, sum(self.ranks[s] for s in used), used, dora)
+            view = _DecodeView(mask.unsqueeze(1), ~mask.unsqueeze(1), scale, self._columns,
+                               sum(self.ranks[s] for s in used), used, dora)
             key = (plan, self.routing.generation, self._epoch)
         self._view = (*key, view)
         return view
