@@ -286,3 +286,22 @@ def test_the_static_cache_refuses_a_model_whose_scores_it_would_change(family, m
     with pytest.raises(InvalidSettings) as e:
         StaticKvPool(base.model, 2, 32, base.pad_token_id, base.device)
     assert e.value.field == "kv_cache" and "computes other scores than the dynamic cache" in str(e.value)
+
+
+@pytest.mark.parametrize("family", ["gpt2"], indirect=True)
+def test_a_conv1d_base_quantized_by_bitsandbytes_merges_from_its_transposed_files(assets, family, tmp_path):
+    """bitsandbytes turns GPT-2's Conv1D layers into Linear8bitLt ([out, in]) while the files
+    keep [in, out]: slots see Linears, merges still add (s B A)^T to the files' weights."""
+    from safetensors.torch import load_file
+
+    settings = assets.settings(model=str(family.base), adapter_roots=(family.adapters,), quantization="bnb-8bit",
+                               merge_root=tmp_path / "merged")
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=120) as client:
+        bank = server.engine.base.bank
+        assert {type(layer.base_layer).__name__ for layer in bank.layers.values()} == {"Linear8bitLt"}
+        assert bank.transposed() == frozenset() and bank.stored_transposed() == frozenset(bank.layers)
+        client.load_adapter("all", source="all")
+        result = client.merge("all", "merged-all").result(timeout=120)
+    got = load_file(f"{result.output_path}/model.safetensors")
+    want = family.peft("all").merge_and_unload().state_dict()
+    assert result.merged_tensors == 8 and all(torch.equal(tensor, want[name]) for name, tensor in got.items())
