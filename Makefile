@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_VERSION := 2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test fuzz bench bench-quick bench-detail proto clean
+.PHONY: install demo test fuzz bench bench-quick bench-detail architectures proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ test: $(STAMP)
 # The full-size fuzzing and churn run (the suite runs a small version of the same tests).
 fuzz: $(STAMP)
 	LORAMUX_FUZZ_EXAMPLES=3000 LORAMUX_CHURN_S=60 $(PY) -m pytest -q tests/test_fuzz.py tests/test_hostile_adapters.py
+
+# Tiny random models of ~27 transformers architectures served at default flags (and with the
+# static cache) against peft; every case equal to peft or refused cleanly (about 5 minutes).
+architectures: $(STAMP)
+	$(PY) scripts/architecture_sweep.py
 
 # What users get: the server's default flags over models x adapter shapes x sampling, every
 # system side by side, worst cell first (about 30 minutes on 2 CPU cores); writes bench-results/.
