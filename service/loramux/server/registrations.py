@@ -128,6 +128,7 @@ class DirectoryRegistrations:
                 except FileNotFoundError:  # unloaded meanwhile
                     continue
                 listed[str(path)] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
         def read_many(keys):
             return {k: data for k in keys if (data := read_file(Path(k))) is not None}
 
@@ -195,8 +196,11 @@ class ObjectRegistrations:
         where = f"{self._root}/{tenant}" if tenant else self._root
         infos = self._call("listed", self.filesystem.find, where, refresh=True, detail=True) or {}
         listed = {key: _object_version(info) for key, info in infos.items() if key.endswith(".json")}
+
         def read_many(keys):
-            return self._call("read", self.filesystem.cat, keys, on_error="omit") or {}
+            contents = self._call("read", self.filesystem.cat, keys, on_error="omit") or {}
+            listed_as = {self.filesystem._strip_protocol(k): k for k in keys}  # cat may name them its own way
+            return {listed_as.get(self.filesystem._strip_protocol(k), k): data for k, data in contents.items()}
 
         return self._seen.read(f"{where}/", listed, read_many)
 
