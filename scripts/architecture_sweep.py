@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                 failures += not fine
                 cells.append(outcome if fine else f"**{outcome}**")
             print(f"| {name} | {' | '.join(cells)} |", flush=True)
+            # torch.compile caches graphs per function for the process, with a recompile limit: a
+            # server compiles one model, this sweep one after another; each starts from none.
+            torch._dynamo.reset()
     print(f"\n{failures} unacceptable outcome(s)")
     return 1 if failures else 0
 
