@@ -28,8 +28,8 @@ test: $(STAMP)
 fuzz: $(STAMP)
 	LORAMUX_FUZZ_EXAMPLES=3000 LORAMUX_CHURN_S=60 $(PY) -m pytest -q tests/test_fuzz.py tests/test_hostile_adapters.py
 
-# Tiny random models of ~27 transformers architectures served at default flags (and with the
-# static cache) against peft; every case equal to peft or refused cleanly (about 5 minutes).
+# Tiny random models of 27 transformers architectures served at default flags (and with the
+# static cache) against peft; every case equal to peft or refused cleanly (about 2 minutes).
 architectures: $(STAMP)
 	$(PY) scripts/architecture_sweep.py
 
