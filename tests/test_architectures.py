@@ -305,3 +305,16 @@ def test_a_conv1d_base_quantized_by_bitsandbytes_merges_from_its_transposed_file
     got = load_file(f"{result.output_path}/model.safetensors")
     want = family.peft("all").merge_and_unload().state_dict()
     assert result.merged_tensors == 8 and all(torch.equal(tensor, want[name]) for name, tensor in got.items())
+
+
+def test_the_attention_window_is_read_from_the_config_and_other_attention_is_refused():
+    """Full attention: no cap; sliding layers: the smallest window; linear attention (Qwen3-Next's
+    hybrid layers) or any other kind: refused before the model would be served."""
+    from transformers import LlamaConfig, MistralConfig, Qwen3NextConfig
+
+    from loramux.server.base_model import attention_window
+
+    assert attention_window(LlamaConfig()) is None and attention_window(MistralConfig(sliding_window=WINDOW)) == WINDOW
+    with pytest.raises(InvalidSettings) as e:
+        attention_window(Qwen3NextConfig())
+    assert e.value.field == "model" and "['linear_attention'] are not supported" in e.value.message

@@ -71,7 +71,7 @@ def test_mixed_rows_match_per_adapter_lora_at_true_rank(seq):
         view = layer._view[3]
         assert view.used == 4 + 2 and layer._segments == {1: (0, 2, 1), 0: (2, 4, 1)}  # true ranks, no padding
         # Adapters side by side in the order rows first use them: slot 1 (rank 2), then slot 0 (rank 4).
-        assert view.mask[:, 0].tolist() == [[1] * 2 + [0] * 4, [0] * 2 + [1] * 4, [0] * 6, [1] * 2 + [0] * 4]
+        assert (~view.hide)[:, 0].tolist() == [[1] * 2 + [0] * 4, [0] * 2 + [1] * 4, [0] * 6, [1] * 2 + [0] * 4]
 
 
 def test_a_layer_no_adapter_in_the_batch_targets_is_skipped():

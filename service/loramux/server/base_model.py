@@ -45,6 +45,7 @@ class BaseModel:
             base_weights=weights,
             module_names=frozenset(name.replace(".base_layer", "") for name, _ in self.model.named_modules()),
             transposed=self.bank.transposed(),
+            max_adapter_bytes=self.bank.max_adapter_bytes,
             max_rank=settings.max_lora_rank,
             dtype=self.dtype,
             base_mismatch=settings.base_mismatch,

@@ -23,9 +23,9 @@ from collections.abc import Sequence
 
 import torch
 
-from loramux.server.adapters.adapter_config import ALL_LINEAR
 from loramux.server.adapters.weights import AdapterWeights, ModuleLora
 from loramux.server.errors import InvalidRequest
+from loramux.server.settings import ALL_LINEAR
 
 METHODS = ("linear", "cat", "svd", "ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
            "magnitude_prune", "magnitude_prune_svd")

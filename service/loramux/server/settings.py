@@ -26,8 +26,8 @@ OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 # or adlfs installed beside it.
 OBJECT_PROTOCOLS = ("s3", "gs", "az")
 _REPLICA_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-# The projections of Llama-style attention and MLP blocks; any subset may be served.
-DEFAULT_TARGET_MODULES = ("all-linear",)  # peft's shorthand: every Linear and Conv1D but the output layer
+ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear (and Conv1D) layer but the output layer
+DEFAULT_TARGET_MODULES = (ALL_LINEAR,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -255,7 +255,7 @@ class Settings:
             raise bad("max_queue_per_tenant", f"must be in 1..max_queue ({self.max_queue}), got {self.max_queue_per_tenant}")
         if not self.target_modules:
             raise bad("target_modules", "at least one module name is required")
-        if "all-linear" in self.target_modules and len(self.target_modules) > 1:
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
             raise bad("target_modules", "all-linear already names every Linear layer; give it alone, or only names")
         if self.base_mismatch not in BASE_MISMATCH_POLICIES:
             raise bad("base_mismatch", f"{self.base_mismatch!r} is not one of {BASE_MISMATCH_POLICIES}")

@@ -23,11 +23,11 @@ from collections.abc import Sequence
 import re2
 
 from loramux.server.errors import AdapterInvalid
+from loramux.server.settings import ALL_LINEAR
 
 CONFIG_FILE = "adapter_config.json"
 MAX_CONFIG_BYTES = 1 << 20
 MAX_JSON_DEPTH = 16
-ALL_LINEAR = "all-linear"  # peft's shorthand for every linear layer but the output layer
 MAX_LIST_ITEMS = 4096  # target_modules, layers_to_transform, rank_pattern entries, ...
 MAX_PATTERN_CHARS = 1024
 _RE2_OPTIONS = re2.Options()

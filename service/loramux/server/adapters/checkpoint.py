@@ -64,13 +64,7 @@ class BaseModelView:
     allow_pickle: bool
     revision: str = "local"  # the served base's Hub commit ("local" for a local directory)
     transposed: frozenset[str] = frozenset()  # served modules whose weight is held [in, out] (Conv1D)
-
-    @property
-    def max_adapter_bytes(self) -> int:
-        """The largest adapter accepted: max_rank on every served module, in the serving dtype
-        (what SlotBank.max_adapter_bytes counts)."""
-        size = torch.empty((), dtype=self.dtype).element_size()
-        return sum(self.max_rank * (i + o) * size for i, o in self.slot_shapes.values())
+    max_adapter_bytes: int = 0  # the largest adapter accepted (SlotBank.max_adapter_bytes)
 
 
 @dataclasses.dataclass(frozen=True)

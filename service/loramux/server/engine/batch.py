@@ -21,7 +21,6 @@ import logging
 import time
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.detokenizer import Detokenizer
@@ -63,15 +62,6 @@ def new_row(base: BaseModel, request: GenerationRequest, now: float) -> Row:
         started=now,
         stop_tokens=(frozenset() if request.params.ignore_eos else base.eos_token_ids) | request.params.stop_token_ids,
     )
-
-
-def check_cache_layout(base: BaseModel) -> None:
-    """Both KV designs need plain full-attention KV layers (sliding ones become full: see
-    kv_cache; nothing with states)."""
-    cache = new_dynamic_cache(base.model.config)
-    odd = {type(layer).__name__ for layer in cache.layers if type(layer) is not DynamicLayer}
-    if odd:
-        raise ValueError(f"cache layers {sorted(odd)} are not supported; loramux serves attention models")
 
 
 class Batch:

@@ -56,7 +56,6 @@ def folded_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=
     return out.reshape(n, heads, 1, dim).transpose(1, 2), None
 
 
-
 class CompiledDecode:
     """The compiled decode step: `__call__` routes a plan and runs the graph."""
 

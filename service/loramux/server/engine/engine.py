@@ -28,7 +28,6 @@ from loramux.server.adapters.sources import ANYWHERE, SourceAllowance, max_downl
 from loramux.server.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.adapter_admin import AdapterAdmin
-from loramux.server.engine.batch import check_cache_layout
 from loramux.server.engine.inputs import GenerateInput, prompt_ids, request_context, sampling_params
 from loramux.server.engine.merges import Merges
 from loramux.server.engine.registry_sync import RegistrySync
@@ -93,7 +92,6 @@ class Engine:
         self.registry.on_read = self.telemetry.adapter_read
         self.cache = self.registry.cache
         self.cache.on_event = self.telemetry.cache_event
-        check_cache_layout(base)
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io", initializer=limit_to_one_thread)
         self.worker = Worker(settings, base, self.registry, self._io)
         self.operations = OperationStore(self.state, MERGE_RESULTS)

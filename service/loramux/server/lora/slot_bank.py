@@ -7,9 +7,7 @@ from torch import nn
 
 from loramux.server.adapters.weights import AdapterWeights, ModuleLora
 from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear, is_conv1d
-
-
-ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear (and Conv1D) but the output layer
+from loramux.server.settings import ALL_LINEAR
 
 
 def servable(module: nn.Module) -> bool:

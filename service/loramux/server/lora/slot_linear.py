@@ -81,8 +81,7 @@ class LoraRouting:
 class _DecodeView:
     """One layer's view of one plan for decode steps: which buffer columns each row uses."""
 
-    mask: torch.Tensor  # [rows, 1, used] bool  True where the column belongs to the row's adapter
-    hide: torch.Tensor  # [rows, 1, used] bool  ~mask: the columns a row must not read
+    hide: torch.Tensor  # [rows, 1, used] bool  True where the column is not the row's adapter's
     scale: torch.Tensor  # [rows, 1, 1] float32  each row's adapter scale (0 for rows without one here)
     used: int  # buffer columns in play
     live: int  # of those, the columns of this plan's adapters
@@ -102,14 +101,12 @@ def _by_rows(forward, x: torch.Tensor, rows: int, tokens: int | None) -> torch.T
     other layout (a layer fed a subset of the tokens, such as experts fed the tokens routed to
     them) is refused for the batch, never served with rows' adapters mixed. `tokens`: the
     pass's tokens per row (None: not known, only the row count is checked)."""
-    if x.dim() == 3 and x.shape[0] == rows and (tokens is None or x.shape[1] == tokens):
+    if x.dim() == 3 and x.shape[0] == rows and tokens in (None, x.shape[1]):
         return forward(x)
-    count = x.shape[:-1].numel() if x.dim() >= 2 else -1
-    if x.dim() == 3 or count != rows * (tokens if tokens is not None else max(count // rows, 1)):
-        raise RuntimeError(f"a slot layer got input {list(x.shape)} for {rows} rows of {tokens} tokens: "
-                           "its tokens cannot be told apart by row")
-    out = forward(x.reshape(rows, -1, x.shape[-1]))
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    if x.dim() == 2 and x.shape[0] % rows == 0 and tokens in (None, x.shape[0] // rows):
+        return forward(x.reshape(rows, -1, x.shape[1])).flatten(0, 1)
+    raise RuntimeError(f"a slot layer got input {list(x.shape)} for {rows} rows of {tokens} tokens: "
+                       "its tokens cannot be told apart by row")
 
 
 class SlotLinear(nn.Module):
@@ -293,14 +290,13 @@ class SlotLinear(nn.Module):
             self._place(used)
             # Two tensor ops, however many adapters: a column belongs to a row when their slots agree.
             row_slots = plan.row_slots.to(self._device)  # placed across devices (--device-map): this layer's
-            mask = row_slots[:, None] == self._col_slot[None, : self._columns]
+            hide = (row_slots[:, None] != self._col_slot[None, : self._columns]).unsqueeze(1)
             scale = self._scale_t.index_select(0, row_slots).view(-1, 1, 1)
             dora = None
             if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
                 ones = torch.ones(self.out_features, dtype=torch.float32, device=self._device)
                 dora = torch.stack([self.dora.get(int(s), ones) for s in plan.row_slots.tolist()]).unsqueeze(1)
-            view = _DecodeView(mask.unsqueeze(1), ~mask.unsqueeze(1), scale, self._columns,
-                               sum(self.ranks[s] for s in used), used, dora)
+            view = _DecodeView(hide, scale, self._columns, sum(self.ranks[s] for s in used), used, dora)
             key = (plan, self.routing.generation, self._epoch)
         self._view = (*key, view)
         return view
