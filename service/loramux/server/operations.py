@@ -19,7 +19,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from loramux.server.errors import Cancelled, Interrupted, Kind, LoramuxError, OperationNotFound, OperationRunning
-from loramux.server.state import StateStore
+from loramux.server.state import BadRecord, OperationRecord, StateStore
 
 _NAME = re.compile(r"operations/[a-z]+-[0-9a-f]{32}")
 MAX_KEPT = 1000  # finished operations kept for Get/List, oldest dropped first
@@ -81,8 +81,8 @@ class OperationStore:
         with self._cond:
             op = self._ops.get(name)
         if op is None and self._store is not None and _NAME.fullmatch(name):
-            saved = self._store.operation(name)  # run by another replica sharing the state directory
-            op = self._decode(*saved) if saved is not None else None
+            saved = self._store.operation(tenant, name)  # run by another replica sharing the state directory
+            op = self._decode_or_skip(saved) if saved is not None else None
         if op is None or op.tenant != tenant:
             shown = name if len(name) <= 100 else name[:97] + "..."
             raise OperationNotFound(f"no operation {shown!r}", field="name")
@@ -96,14 +96,14 @@ class OperationStore:
         if op.done:
             return op
         if op.foreign:
-            self._store.request_cancel(name)
+            self._store.request_cancel(tenant, name)
         else:
             op.cancel_error = Cancelled(f"{name} was cancelled")
         return op
 
     def check_cancel_request(self, op: Operation) -> None:
         """Whether a cancel for `op` was asked through another replica (the running work calls this)."""
-        if self._store is not None and op.cancel_error is None and self._store.cancel_requested(op.name):
+        if self._store is not None and op.cancel_error is None and self._store.cancel_requested(op.tenant, op.name):
             op.cancel_error = Cancelled(f"{op.name} was cancelled")
 
     def delete(self, tenant: str, name: str) -> None:
@@ -114,7 +114,7 @@ class OperationStore:
         with self._cond:
             self._ops.pop(name, None)
         if self._store is not None:
-            self._store.delete_operation(name)
+            self._store.delete_operation(tenant, name)
 
     def on_done(self, op: Operation, callback: Callable[[], None]) -> None:
         """Call `callback` once `op` is done (at once if it is; else from the finishing thread)."""
@@ -136,20 +136,31 @@ class OperationStore:
                     op.cancel_error = error
 
     def list(self, tenant: str) -> list[Operation]:
+        """The tenant's operations, this replica's and (with a store) every replica's. Reads
+        only the tenant's own records (blocking: call it off the event loop)."""
         with self._cond:
             mine = {op.name: op for op in self._ops.values() if op.tenant == tenant}
         if self._store is not None:
-            for name, owner_tenant, owner, body in self._store.operations():
-                if owner_tenant == tenant and name not in mine:
-                    mine[name] = self._decode(name, owner_tenant, owner, body)
+            for saved in self._store.operations(tenant):
+                if saved.name not in mine and (op := self._decode_or_skip(saved)) is not None:
+                    mine[saved.name] = op
         return list(mine.values())
 
     def _trim(self) -> None:
-        finished = [name for name, op in self._ops.items() if op.done]
-        for name in finished[: max(0, len(self._ops) - MAX_KEPT)]:
-            del self._ops[name]
+        finished = [op for op in self._ops.values() if op.done]
+        for op in finished[: max(0, len(self._ops) - MAX_KEPT)]:
+            del self._ops[op.name]
             if self._store is not None:
-                self._store.delete_operation(name)
+                self._store.delete_operation(op.tenant, op.name)
+
+    def expire(self, retention_s: float) -> int:
+        """Forget finished operations that ended more than `retention_s` ago: this replica's
+        in memory, and every replica's in the store (the registry sync calls this)."""
+        cutoff = time.time() - retention_s
+        with self._cond:
+            for op in [op for op in self._ops.values() if op.done and (op.end_time or op.create_time) < cutoff]:
+                del self._ops[op.name]
+        return self._store.trim(retention_s) if self._store is not None else 0
 
     # -- persistence ----------------------------------------------------------------------
 
@@ -164,15 +175,27 @@ class OperationStore:
             body["result"] = self._codec.encode(op.result)
         self._store.put_operation(op.name, op.tenant, body)
 
-    def _decode(self, name: str, tenant: str, owner: str, body: dict) -> Operation:
-        op = Operation(name=name, tenant=tenant, metadata=body["metadata"], create_time=body["create_time"],
-                       done=body["done"], end_time=body["end_time"], foreign=owner != self._store.replica)
+    def _decode_or_skip(self, saved: OperationRecord) -> Operation | None:
+        """The operation a stored record holds; None (skipped and reported) if its body is not
+        one this server writes."""
+        try:
+            return self._decode(saved)
+        except BadRecord as e:
+            self._store.skipped.add(f"operations/{saved.tenant}/{saved.name.removeprefix('operations/')}.json", str(e))
+            return None
+
+    def _decode(self, saved: OperationRecord) -> Operation:
+        body = saved.body
+        op = Operation(name=saved.name, tenant=saved.tenant, metadata=body.get("metadata", {}),
+                       create_time=float(body["create_time"]), done=body["done"], end_time=body.get("end_time"),
+                       foreign=saved.owner != self._store.replica)
         if "error" in body:
-            saved = body["error"]
-            op.error = LoramuxError(saved["message"], field=saved["field"], reason=saved["reason"], **saved["metadata"])
-            op.error.kind = Kind(saved["kind"])
+            op.error = _decode_error(body["error"])
         if "result" in body and self._codec is not None:
-            op.result = self._codec.decode(body["result"])
+            try:
+                op.result = self._codec.decode(body["result"])
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise BadRecord(f"'result' is not a result this server writes ({type(e).__name__})") from None
         return op
 
     def restore(self, lease_s: float) -> int:
@@ -182,11 +205,14 @@ class OperationStore:
         if self._store is None:
             return 0
         interrupted = 0
-        for name, tenant, owner, body in self._store.operations():
-            if owner != self._store.replica and (body["done"] or self._store.alive(owner, lease_s)):
+        for saved in self._store.operations():
+            if saved.owner != self._store.replica and (saved.body["done"] or self._store.alive(saved.owner, lease_s)):
                 continue  # another replica's: answered from the store
-            op = self._decode(name, tenant, owner, body)
+            op = self._decode_or_skip(saved)
+            if op is None:
+                continue
             op.foreign = False
+            name = saved.name
             with self._cond:
                 if name in self._ops:
                     continue
@@ -196,3 +222,21 @@ class OperationStore:
                 kind = name.split("/")[-1].split("-")[0]
                 self.finish(op, error=Interrupted(f"the server running this {kind} restarted or stopped; run it again"))
         return interrupted
+
+
+def _decode_error(saved) -> LoramuxError:
+    """A stored operation's error, checked field by field (the record may be anyone's)."""
+    if not isinstance(saved, dict):
+        raise BadRecord("'error' is not an object")
+    message, reason, field, metadata = saved.get("message"), saved.get("reason"), saved.get("field"), saved.get("metadata", {})
+    if not (isinstance(message, str) and isinstance(reason, str) and (field is None or isinstance(field, str))
+            and isinstance(metadata, dict) and all(isinstance(k, str) and k.isidentifier() for k in metadata)):
+        raise BadRecord("'error' lacks a message, reason, field or metadata of their types")
+    metadata = {k: v for k, v in metadata.items() if k not in ("message", "field", "reason", "retry_after_s")}
+    try:
+        kind = Kind(saved.get("kind"))
+    except ValueError:
+        raise BadRecord(f"'error' has an unknown kind {str(saved.get('kind'))[:40]!r}") from None
+    error = LoramuxError(message, field=field, reason=reason, **metadata)
+    error.kind = kind
+    return error

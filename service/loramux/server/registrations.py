@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 import threading
 from pathlib import Path
 from typing import Protocol
@@ -32,12 +31,16 @@ from typing import Protocol
 from loramux.server.adapters.objects import ObjectStores
 from loramux.server.errors import SourceUnavailable
 from loramux.server.settings import Settings
-from loramux.server.state import SavedAdapter, StateStore, directory_lock, read_file, write_atomically
+from loramux.server.state import (
+    MAX_REGISTRATION_BYTES, BadRecord, SavedAdapter, Skipped, StateStore, directory_lock, read_record, write_atomically,
+)
 
 log = logging.getLogger(__name__)
 
 
 class Registrations(Protocol):
+    skipped: Skipped  # stored records that were skipped, and why
+
     def get(self, tenant: str, adapter_id: str) -> SavedAdapter | None: ...
 
     def all(self, tenant: str | None = None) -> list[SavedAdapter]:
@@ -56,20 +59,21 @@ class Registrations(Protocol):
         """Remove the name (only while it holds `generation`, when given)."""
 
 
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # tenants and adapter ids (registry.validate_adapter_id)
-
-
-def _parse(data: bytes | None, where: str) -> SavedAdapter | None:
+def _parse(data: bytes | None, key: str, skipped: Skipped) -> SavedAdapter | None:
+    """The registration stored at `key` (`.../<tenant>/<adapter_id>.json`), checked against
+    that place; None when there is none, or it is skipped (reported in `skipped`)."""
     if data is None:
         return None
     try:
         saved = SavedAdapter.from_json(data)
-        if not (_NAME.fullmatch(saved.tenant) and _NAME.fullmatch(saved.adapter_id)):
-            raise ValueError("a tenant or adapter id that no load could have written")
-        return saved
-    except (ValueError, KeyError, TypeError) as e:  # a file someone edited by hand: skipped, reported
-        log.warning("skipped an unreadable registration %s (%s)", where, e)
+        tenant, file_name = key.rsplit("/", 2)[-2:]
+        if (saved.tenant, f"{saved.adapter_id}.json") != (tenant, file_name):
+            raise BadRecord(f"names tenant {saved.tenant!r} and adapter {saved.adapter_id!r}, not the place it lies in")
+    except BadRecord as e:  # another version's, someone's edit, or an attack: skipped, reported
+        skipped.add(key, str(e))
         return None
+    skipped.discard(key)
+    return saved
 
 
 class _Seen:
@@ -77,9 +81,10 @@ class _Seen:
     Shared by the sync thread and callers counting quotas: the held map changes under a lock,
     reads happen outside it."""
 
-    def __init__(self) -> None:
+    def __init__(self, skipped: Skipped) -> None:
         self._held: dict[str, tuple[object, SavedAdapter | None]] = {}
         self._lock = threading.Lock()
+        self._skipped = skipped
 
     def read(self, prefix: str, listed: dict[str, object], read_many) -> list[SavedAdapter]:
         """The registrations of a listing of everything under `prefix`: `listed` maps key ->
@@ -97,7 +102,7 @@ class _Seen:
         with self._lock:
             for key in stale:
                 if key in fresh:
-                    saved = _parse(fresh[key], key)
+                    saved = _parse(fresh[key], key, self._skipped)
                     self._held[key] = (listed[key], saved)
                     if saved is not None:
                         found.append(saved)
@@ -110,27 +115,35 @@ class DirectoryRegistrations:
     def __init__(self, directory: Path):
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
-        self._seen = _Seen()
+        self.skipped = Skipped("a registration")
+        self._seen = _Seen(self.skipped)
 
     def _path(self, tenant: str, adapter_id: str) -> Path:
         return self.directory / tenant / f"{adapter_id}.json"  # both validated: letters, digits, '-', '_', '.'
 
+    def _read(self, path: Path) -> bytes | None:
+        try:
+            return read_record(path, MAX_REGISTRATION_BYTES)
+        except BadRecord as e:
+            self.skipped.add(str(path), str(e))
+            return None
+
     def get(self, tenant: str, adapter_id: str) -> SavedAdapter | None:
         path = self._path(tenant, adapter_id)
-        return _parse(read_file(path), str(path))
+        return _parse(self._read(path), str(path), self.skipped)
 
     def all(self, tenant: str | None = None) -> list[SavedAdapter]:
         listed = {}
         for path in self.directory.glob(f"{tenant or '*'}/*.json"):
             if not path.name.startswith("."):
                 try:
-                    stat = path.stat()
+                    stat = path.lstat()  # a link is listed as itself, and refused when read
                 except FileNotFoundError:  # unloaded meanwhile
                     continue
                 listed[str(path)] = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
 
         def read_many(keys):
-            return {k: data for k in keys if (data := read_file(Path(k))) is not None}
+            return {k: data for k in keys if (data := self._read(Path(k))) is not None}
 
         return self._seen.read(str(self.directory / tenant) + "/" if tenant else "", listed, read_many)
 
@@ -170,7 +183,8 @@ class ObjectRegistrations:
 
     def __post_init__(self) -> None:
         self._root = self.url.split("://", 1)[1].rstrip("/") + "/adapters"
-        self._seen = _Seen()
+        self.skipped = Skipped("a registration")
+        self._seen = _Seen(self.skipped)
 
     def _key(self, tenant: str, adapter_id: str) -> str:
         return f"{self._root}/{tenant}/{adapter_id}.json"
@@ -190,17 +204,41 @@ class ObjectRegistrations:
 
     def get(self, tenant: str, adapter_id: str) -> SavedAdapter | None:
         key = self._key(tenant, adapter_id)
-        return _parse(self._call("read", self.filesystem.cat_file, key), key)
+        # At most one byte past the bound is fetched: a huge object is refused, not downloaded.
+        data = self._call("read", self.filesystem.cat_file, key, start=0, end=MAX_REGISTRATION_BYTES + 1)
+        if data is not None and len(data) > MAX_REGISTRATION_BYTES:
+            self.skipped.add(key, f"more than the {MAX_REGISTRATION_BYTES} bytes a record may hold")
+            return None
+        return _parse(data, key, self.skipped)
 
     def all(self, tenant: str | None = None) -> list[SavedAdapter]:
         where = f"{self._root}/{tenant}" if tenant else self._root
         infos = self._call("listed", self.filesystem.find, where, refresh=True, detail=True) or {}
-        listed = {key: _object_version(info) for key, info in infos.items() if key.endswith(".json")}
+        listed = {}
+        for key, info in infos.items():
+            if not key.endswith(".json") or key.rsplit("/", 1)[-1].startswith("."):
+                continue
+            if (info.get("size") or 0) > MAX_REGISTRATION_BYTES:
+                self.skipped.add(key, f"{info.get('size')} bytes, more than the {MAX_REGISTRATION_BYTES} a record may hold")
+                continue
+            listed[key] = _object_version(info)
 
         def read_many(keys):
-            contents = self._call("read", self.filesystem.cat, keys, on_error="omit") or {}
+            contents = self._call("read", self.filesystem.cat, keys, on_error="return") or {}
             listed_as = {self.filesystem._strip_protocol(k): k for k in keys}  # cat may name them its own way
-            return {listed_as.get(self.filesystem._strip_protocol(k), k): data for k, data in contents.items()}
+            found = {}
+            for name, data in contents.items():
+                key = listed_as.get(self.filesystem._strip_protocol(name), name)
+                if isinstance(data, FileNotFoundError):
+                    continue  # deleted since the listing
+                if isinstance(data, BaseException):  # the read failed: kept unread, read again next pass
+                    log.warning("could not read the registration %s (%s: %s)", key, type(data).__name__, str(data)[:200])
+                    continue
+                if len(data) > MAX_REGISTRATION_BYTES:  # grew since the listing
+                    self.skipped.add(key, f"more than the {MAX_REGISTRATION_BYTES} bytes a record may hold")
+                    continue
+                found[key] = data
+            return found
 
         return self._seen.read(f"{where}/", listed, read_many)
 

@@ -137,6 +137,9 @@ class Settings:
     registry: str | None = None
     """An object-storage URL (s3://bucket/prefix) holding the adapter registrations that every
     replica serves, instead of `state_dir`/adapters. Operations stay in `state_dir`."""
+    operation_retention_s: float = 7 * 24 * 3600.0
+    """Finished operations (every replica's, in state_dir) are kept this long for Get/List/Wait,
+    then removed; at most 1000 finished ones are kept per tenant in any case."""
     registry_sync_s: float = 2.0
     """How often each replica reads the shared registrations and follows what other replicas
     registered, replaced, pinned or unloaded (with state_dir or registry)."""
@@ -303,6 +306,8 @@ class Settings:
             except OSError as e:
                 raise bad("state_dir", f"cannot be created: {e.strerror}") from None
             object.__setattr__(self, "state_dir", state_dir)
+        if not (math.isfinite(self.operation_retention_s) and self.operation_retention_s > 0):
+            raise bad("operation_retention_s", f"must be a finite number > 0, got {self.operation_retention_s}")
         if not self.registry_sync_s > 0:
             raise bad("registry_sync_s", f"must be > 0, got {self.registry_sync_s}")
         for name, urls in (("object_roots", self.object_roots), ("registry", (self.registry,) if self.registry else ())):

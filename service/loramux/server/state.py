@@ -1,30 +1,64 @@
 """What the server keeps across restarts, in `--state-dir`: adapter registrations and
 long-running operations, one small JSON file each.
 
-    <state-dir>/adapters/<tenant>/<adapter_id>.json    a registration (see registrations.py)
-    <state-dir>/operations/<operation>.json           an operation, with the replica that runs it
-    <state-dir>/replicas/<replica>.json               each replica's heartbeat (its lease)
+    <state-dir>/adapters/<tenant>/<adapter_id>.json        a registration (see registrations.py)
+    <state-dir>/operations/<tenant>/<kind>-<hex>.json      an operation, with the replica that runs it
+    <state-dir>/operations/<tenant>/<kind>-<hex>.cancel    a cancel asked through another replica
+    <state-dir>/replicas/<replica>.json                    each replica's heartbeat (its lease)
 
 Files, not a database, so that several replicas may point at one `--state-dir` on a shared
 (ReadWriteMany) volume: every file is written whole to a temporary name and renamed into
 place (atomic on local disks and on NFS), so no reader ever sees half of one; changes that
 read before they write hold the directory's lock (`flock` on `.lock`, which NFSv4 and
 CephFS honour). A process killed at any instant leaves the old file or the new one.
+
+Every file here may have been written by another replica, another version, or someone
+else with access to the volume, so each is read as hostile: only a regular file (never a
+FIFO, a device or a symbolic link, opened without blocking), at most a bound of bytes
+(`MAX_REGISTRATION_BYTES`, `MAX_OPERATION_BYTES`), parsed and checked field by field and
+against where it lies (a record under one tenant's folder naming another is refused). A
+record that fails is skipped and reported (`Skipped`: a log line once per file and reason,
+and the list start-up returns), never fatal to start-up or to another tenant's call.
+
+Operations live in their tenant's folder, so one tenant's listing reads only its own; the
+registry sync trims finished operations of every replica after `operation_retention_s`, and
+keeps at most `MAX_FINISHED_PER_TENANT` finished ones per tenant (see `trim`).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import json
+import logging
+import math
 import os
+import re
+import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 LEASE_MISSES = 5  # a replica whose heartbeat is this many sync intervals old is gone
+MAX_REGISTRATION_BYTES = 64 * 1024  # a registration is a few hundred bytes
+MAX_OPERATION_BYTES = 1024 * 1024  # an operation's record: progress, an error or a merge's result
+MAX_HEARTBEAT_BYTES = 4096
+MAX_FINISHED_PER_TENANT = 1000  # finished operations kept per tenant; the oldest go first
+TEMPORARY_AGE_S = 3600.0  # a `.tmp-*` file this old was left by a writer that died
+OPERATION_FILE = re.compile(r"([a-z]+-[0-9a-f]{32})\.json")
+NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # tenants and adapter ids (registry.validate_adapter_id)
+REPLICA = re.compile(r"[A-Za-z0-9._-]{1,253}")
+
+
+class BadRecord(ValueError):
+    """A stored file that cannot be a record this server wrote: skipped, with why."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,9 +76,41 @@ class SavedAdapter:
 
     @classmethod
     def from_json(cls, data: bytes) -> SavedAdapter:
+        """BadRecord unless `data` is a registration as this server writes them."""
+        body = _json_object(data)
+        try:
+            saved = cls(_text(body, "tenant"), _text(body, "adapter_id"), _text(body, "source", 4096),
+                         _text(body, "revision", 256), body["pinned"], body["load_time"], _text(body, "generation", 64, ""))
+        except KeyError as e:
+            raise BadRecord(f"no {e.args[0]!r}") from None
+        if not isinstance(saved.pinned, bool):
+            raise BadRecord("'pinned' is not true or false")
+        if not _finite(saved.load_time):
+            raise BadRecord("'load_time' is not a number")
+        if not (NAME.fullmatch(saved.tenant) and NAME.fullmatch(saved.adapter_id)):
+            raise BadRecord("a tenant or adapter id that no load could have written")
+        return dataclasses.replace(saved, load_time=float(saved.load_time))
+
+
+def _json_object(data: bytes) -> dict:
+    try:
         body = json.loads(data)
-        return cls(str(body["tenant"]), str(body["adapter_id"]), str(body["source"]), str(body["revision"]),
-                   bool(body["pinned"]), float(body["load_time"]), str(body.get("generation", "")))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise BadRecord(f"not JSON ({str(e)[:80]})") from None
+    if not isinstance(body, dict):
+        raise BadRecord(f"a JSON {type(body).__name__}, not an object")
+    return body
+
+
+def _text(body: dict, key: str, limit: int = 128, default: str | None = None) -> str:
+    value = body.get(key, default) if default is not None else body[key]
+    if not isinstance(value, str) or len(value) > limit:
+        raise BadRecord(f"{key!r} is not a string of at most {limit} characters")
+    return value
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -61,11 +127,62 @@ def write_atomically(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def read_file(path: Path) -> bytes | None:
+def read_record(path: Path, limit: int) -> bytes | None:
+    """A stored file's bytes; None when it is not there. BadRecord when it is not a regular
+    file (a FIFO is opened without blocking and refused; a symbolic link is not followed) or
+    holds more than `limit` bytes."""
     try:
-        return path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise BadRecord("a symbolic link (records are written as regular files)") from None
+        raise BadRecord(f"cannot be opened ({e.strerror})") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise BadRecord("not a regular file")
+        if info.st_size > limit:
+            raise BadRecord(f"{info.st_size} bytes, more than the {limit} a record may hold")
+        chunks, size = [], 0
+        while chunk := os.read(fd, min(1 << 16, limit + 1 - size)):
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise BadRecord(f"more than the {limit} bytes a record may hold")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+class Skipped:
+    """Stored records that were skipped, and why: each logged once (per reason), all kept
+    for the start-up report and tests, at most `limit` (the newest)."""
+
+    def __init__(self, what: str, limit: int = 1000):
+        self._what = what
+        self._limit = limit
+        self._items: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, where: str, why: str) -> None:
+        with self._lock:
+            if self._items.get(where) == why:
+                return
+            self._items[where] = why
+            self._items.move_to_end(where)
+            while len(self._items) > self._limit:
+                self._items.popitem(last=False)
+        log.warning("skipped %s %s: %s", self._what, where, why)
+
+    def discard(self, where: str) -> None:
+        with self._lock:
+            self._items.pop(where, None)
+
+    def items(self) -> list[tuple[str, str]]:
+        with self._lock:
+            return list(self._items.items())
 
 
 @contextlib.contextmanager
@@ -80,15 +197,25 @@ def directory_lock(directory: Path) -> Iterator[None]:
             fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
+@dataclasses.dataclass(frozen=True)
+class OperationRecord:
+    name: str  # "operations/<kind>-<hex>"
+    tenant: str
+    owner: str  # the replica that runs (or ran) it
+    body: dict  # what operations.py wrote: metadata, times, done, error, result
+
+
 class StateStore:
     """The files of one `--state-dir`, as seen by the replica `replica`."""
 
     def __init__(self, directory: Path, replica: str):
         self.directory = directory
         self.replica = replica
+        self.skipped = Skipped("a state file")
         for sub in ("adapters", "operations", "replicas"):
             (directory / sub).mkdir(parents=True, exist_ok=True)
         self._migrate_sqlite()
+        self._migrate_flat_operations()
 
     @property
     def adapters_dir(self) -> Path:
@@ -99,41 +226,91 @@ class StateStore:
 
     # -- operations -----------------------------------------------------------------------
 
-    def _operation_path(self, name: str) -> Path:
-        return self.directory / "operations" / f"{name.replace('/', '_')}.json"
+    def _operation_path(self, tenant: str, name: str) -> Path:
+        return self.directory / "operations" / tenant / f"{name.removeprefix('operations/')}.json"
 
     def put_operation(self, name: str, tenant: str, body: dict) -> None:
         record = {"name": name, "tenant": tenant, "owner": self.replica, "body": body}
-        write_atomically(self._operation_path(name), json.dumps(record).encode())
+        write_atomically(self._operation_path(tenant, name), json.dumps(record).encode())
 
-    def delete_operation(self, name: str) -> None:
-        self._operation_path(name).unlink(missing_ok=True)
-        self._operation_path(name).with_suffix(".cancel").unlink(missing_ok=True)
+    def delete_operation(self, tenant: str, name: str) -> None:
+        path = self._operation_path(tenant, name)
+        path.unlink(missing_ok=True)
+        path.with_suffix(".cancel").unlink(missing_ok=True)
 
-    def request_cancel(self, name: str) -> None:
+    def request_cancel(self, tenant: str, name: str) -> None:
         """Ask the replica that runs `name` to cancel it (it looks about once a second)."""
-        write_atomically(self._operation_path(name).with_suffix(".cancel"), self.replica.encode())
+        write_atomically(self._operation_path(tenant, name).with_suffix(".cancel"), self.replica.encode())
 
-    def cancel_requested(self, name: str) -> bool:
-        return self._operation_path(name).with_suffix(".cancel").exists()
+    def cancel_requested(self, tenant: str, name: str) -> bool:
+        return self._operation_path(tenant, name).with_suffix(".cancel").exists()
 
-    def operation(self, name: str) -> tuple[str, str, str, dict] | None:
-        """(name, tenant, owner, body) of one operation, from whichever replica ran it."""
-        data = read_file(self._operation_path(name))
-        if data is None:
+    def operation(self, tenant: str, name: str) -> OperationRecord | None:
+        """One operation of `tenant`, from whichever replica ran it (None: none, or skipped)."""
+        if not NAME.fullmatch(tenant):
             return None
-        record = json.loads(data)
-        return record["name"], record["tenant"], record["owner"], record["body"]
+        return self._read_operation(self._operation_path(tenant, name), tenant)
 
-    def operations(self) -> list[tuple[str, str, str, dict]]:
-        """Every operation kept, oldest first: (name, tenant, owner, body)."""
+    def operations(self, tenant: str | None = None) -> list[OperationRecord]:
+        """The operations kept (of one tenant, or all), oldest first; unreadable ones skipped."""
+        root = self.directory / "operations"
+        if tenant is not None and not NAME.fullmatch(tenant):
+            return []
+        folders = [root / tenant] if tenant is not None else [p for p in _entries(root) if NAME.fullmatch(p.name)]
         found = []
-        for path in (self.directory / "operations").glob("operations_*.json"):
-            data = read_file(path)
-            if data is not None:
-                record = json.loads(data)
-                found.append((record["name"], record["tenant"], record["owner"], record["body"]))
-        return sorted(found, key=lambda item: (item[3]["create_time"], item[0]))
+        for folder in folders:
+            for path in _entries(folder):
+                if path.name.endswith(".json") and not path.name.startswith("."):
+                    record = self._read_operation(path, folder.name)
+                    if record is not None:
+                        found.append(record)
+        return sorted(found, key=lambda r: (r.body["create_time"], r.name))
+
+    def _read_operation(self, path: Path, tenant: str) -> OperationRecord | None:
+        where = str(path.relative_to(self.directory))
+        try:
+            data = read_record(path, MAX_OPERATION_BYTES)
+            if data is None:
+                return None
+            record = _operation_record(data, path.name, tenant)
+        except BadRecord as e:
+            self.skipped.add(where, str(e))
+            return None
+        self.skipped.discard(where)
+        return record
+
+    def trim(self, retention_s: float, now: float | None = None) -> int:
+        """Remove finished operations (any replica's) that ended more than `retention_s` ago,
+        and each tenant's oldest finished ones beyond MAX_FINISHED_PER_TENANT; cancels whose
+        operation is gone; temporaries of writers that died; heartbeats of replicas gone for
+        longer than the retention. Returns how many operations were removed."""
+        now = time.time() if now is None else now
+        removed = 0
+        by_tenant: dict[str, list[OperationRecord]] = {}
+        for record in self.operations():
+            if record.body["done"]:
+                by_tenant.setdefault(record.tenant, []).append(record)
+        for tenant, records in by_tenant.items():
+            records.sort(key=lambda r: (r.body.get("end_time") or r.body["create_time"], r.name))
+            excess = len(records) - MAX_FINISHED_PER_TENANT
+            for i, record in enumerate(records):
+                ended = record.body.get("end_time") or record.body["create_time"]
+                if i < excess or now - ended > retention_s:
+                    self.delete_operation(tenant, record.name)
+                    removed += 1
+        for folder in (self.directory / "operations", self.directory / "adapters", self.directory / "replicas"):
+            for path in folder.rglob(".tmp-*"):
+                with contextlib.suppress(OSError):
+                    if now - path.lstat().st_mtime > TEMPORARY_AGE_S:
+                        path.unlink()
+        for path in (self.directory / "operations").glob("*/*.cancel"):
+            if not path.with_suffix(".json").exists():
+                path.unlink(missing_ok=True)
+        for path in (self.directory / "replicas").glob("*.json"):
+            with contextlib.suppress(OSError):
+                if path.stem != self.replica and now - path.lstat().st_mtime > retention_s:
+                    path.unlink()
+        return removed
 
     # -- replicas' leases -----------------------------------------------------------------
 
@@ -141,22 +318,64 @@ class StateStore:
         write_atomically(self.directory / "replicas" / f"{self.replica}.json",
                          json.dumps({"replica": self.replica, "time": time.time()}).encode())
 
+    def _heartbeat(self, replica: str) -> float | None:
+        """When `replica` last wrote its heartbeat (None: no readable heartbeat)."""
+        if not REPLICA.fullmatch(replica):
+            return None
+        path = self.directory / "replicas" / f"{replica}.json"
+        try:
+            data = read_record(path, MAX_HEARTBEAT_BYTES)
+            if data is None:
+                return None
+            when = _json_object(data).get("time")
+            if not _finite(when):
+                raise BadRecord("'time' is not a number")
+        except BadRecord as e:
+            self.skipped.add(str(path.relative_to(self.directory)), str(e))
+            return None
+        return float(when)
+
     def stopped(self, replica: str, within_s: float) -> bool:
-        """Whether `replica` left a heartbeat older than `within_s` seconds (it was killed; one
-        that stops cleanly removes its heartbeat, and leaves nothing behind)."""
+        """Whether `replica` is not running: its heartbeat is older than `within_s` seconds (it
+        was killed) or gone (it stopped cleanly, or stopped so long ago that `trim` removed it).
+        A running replica writes its heartbeat before it starts any work."""
         if replica == self.replica:
             return False
-        data = read_file(self.directory / "replicas" / f"{replica}.json")
-        return data is not None and time.time() - json.loads(data)["time"] > within_s
+        when = self._heartbeat(replica)
+        return when is None or time.time() - when > within_s
 
     def alive(self, replica: str, within_s: float) -> bool:
         """Whether `replica` wrote its heartbeat within the last `within_s` seconds."""
         if replica == self.replica:
             return True
-        data = read_file(self.directory / "replicas" / f"{replica}.json")
-        return data is not None and time.time() - json.loads(data)["time"] <= within_s
+        when = self._heartbeat(replica)
+        return when is not None and time.time() - when <= within_s
 
-    # -- the SQLite store of earlier versions ---------------------------------------------
+    # -- earlier layouts ------------------------------------------------------------------
+
+    def _migrate_flat_operations(self) -> None:
+        """Operations of versions that kept them in one folder (`operations/operations_<name>.json`)
+        move to their tenant's folder."""
+        root = self.directory / "operations"
+        flat = [p for p in root.glob("operations_*.json") if not p.name.startswith(".")]
+        if not flat:
+            return
+        with directory_lock(self.directory):
+            for path in flat:
+                try:
+                    data = read_record(path, MAX_OPERATION_BYTES)
+                    if data is None:
+                        continue
+                    body = _json_object(data)
+                    tenant = body.get("tenant")
+                    if not isinstance(tenant, str) or not NAME.fullmatch(tenant):
+                        raise BadRecord("no valid 'tenant'")
+                    record = _operation_record(data, path.name.removeprefix("operations_"), tenant)
+                except BadRecord as e:
+                    self.skipped.add(str(path.relative_to(self.directory)), str(e))
+                    continue
+                write_atomically(self._operation_path(record.tenant, record.name), data)
+                path.unlink(missing_ok=True)
 
     def _migrate_sqlite(self) -> None:
         """Bring rows of `state.sqlite3` (loramux 0.1's store) over once, then set it aside."""
@@ -181,3 +400,36 @@ class StateStore:
             finally:
                 db.close()
             old.rename(old.with_name("state.sqlite3.migrated"))
+
+
+def _entries(folder: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(folder)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+
+
+def _operation_record(data: bytes, file_name: str, tenant: str) -> OperationRecord:
+    """An operation file's record, checked against its place: the file `<kind>-<hex>.json`
+    in the folder of `tenant` must hold that name and tenant. Its body's fields are checked
+    by operations.py when it is decoded."""
+    match = OPERATION_FILE.fullmatch(file_name)
+    if match is None:
+        raise BadRecord("not named like an operation (<kind>-<32 hex digits>.json)")
+    record = _json_object(data)
+    name, owner, body = record.get("name"), record.get("owner"), record.get("body")
+    if name != f"operations/{match.group(1)}":
+        raise BadRecord(f"names another operation than its file ({str(name)[:80]!r})")
+    if record.get("tenant") != tenant:
+        raise BadRecord(f"names another tenant than the folder it lies in ({str(record.get('tenant'))[:80]!r})")
+    if not isinstance(owner, str) or not REPLICA.fullmatch(owner):
+        raise BadRecord("no valid 'owner' replica")
+    if not isinstance(body, dict):
+        raise BadRecord("no 'body' object")
+    if not _finite(body.get("create_time")) or not isinstance(body.get("done"), bool):
+        raise BadRecord("'create_time' or 'done' missing or not of their types")
+    if body.get("end_time") is not None and not _finite(body["end_time"]):
+        raise BadRecord("'end_time' is not a number")
+    if not isinstance(body.get("metadata", {}), dict):
+        raise BadRecord("'metadata' is not an object")
+    return OperationRecord(name, tenant, owner, body)

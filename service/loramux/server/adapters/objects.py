@@ -72,7 +72,10 @@ class ObjectStores:
                 try:
                     import fsspec
 
-                    options = {}
+                    # No listings cache, and an instance of our own: every read must see the store
+                    # as it is now. A cached directory listing answered reads of registrations made
+                    # by other replicas with "not found" for as long as the cache lived.
+                    options = {"use_listings_cache": False, "skip_instance_cache": True}
                     if protocol == "s3" and self._settings.object_endpoint_url:
                         options["client_kwargs"] = {"endpoint_url": self._settings.object_endpoint_url}
                     fs = fsspec.filesystem(protocol, **options)

@@ -6,8 +6,9 @@ while requests already running keep the old weights until they finish.
 
 With a store (registrations.py) the store holds the names and this registry holds what this
 replica has read of them: a load checks the store first and writes it before serving, a name
-registered on another replica is read on first use (`find`) or by the next `sync`, and a name
-unloaded or replaced elsewhere is followed by `sync` (engine/registry_sync.py).
+registered on another replica is read on first use (`find`; or by the next `sync` when it is
+pinned), and a name unloaded or replaced elsewhere is followed by `sync`
+(engine/registry_sync.py). A replica so holds what it serves, not the whole store.
 """
 
 from __future__ import annotations
@@ -107,6 +108,10 @@ class AdapterRegistry:
     @property
     def shared(self) -> bool:
         return self._store is not None
+
+    def skipped(self) -> list[tuple[str, str]]:
+        """Stored registrations skipped as not written by this server as they are, and why."""
+        return self._store.skipped.items() if self._store is not None else []
 
     def _name_lock(self, key: tuple[str, str]) -> threading.Lock:
         with self._lock:
@@ -273,8 +278,9 @@ class AdapterRegistry:
     def sync(
         self, retry_failed_s: float = 60.0,
     ) -> tuple[list[AdapterRecord], list[AdapterRecord], list[tuple[SavedAdapter, LoramuxError]]]:
-        """Follow the store: read registrations not read here (or replaced since), forget those
-        unloaded. Returns (records to pin: pinned in the store, not here; records read now;
+        """Follow the store: read again the names held here that were replaced elsewhere, read
+        the names pinned elsewhere, forget those unloaded; a name registered elsewhere and not
+        used here is not read until a request needs it (`find`). Returns (records to pin: pinned in the store, not here; records read now;
         [(registration, error)] that could not be read). One that failed is tried again after
         `retry_failed_s`. Each change is checked again under its name's lock, so a load racing
         with this pass is never undone by it."""
@@ -297,6 +303,8 @@ class AdapterRegistry:
                 if saved.pinned and not record.pinned:
                     to_pin.append(record)
                 continue
+            if record is None and not saved.pinned:
+                continue  # not served here yet: read on first use (find), so start-up and memory do not grow with the store
             if now - self._failed.get((saved.tenant, saved.adapter_id, saved.generation), -math.inf) >= retry_failed_s:
                 stale.append(key)
         # Reading is I/O (an object store, the Hub, a network volume) and validation: a start-up

@@ -297,6 +297,11 @@ class Engine:
                         log.warning("adapter %r of tenant %r not listed: %s", saved.adapter_id, tenant, e.reason)
         return self.registry.list(tenant)
 
+    def skipped_records(self) -> list[tuple[str, str]]:
+        """Stored records (registrations, operations, heartbeats) skipped as malformed,
+        oversized, special files or misplaced, and why."""
+        return self.registry.skipped() + (self.state.skipped.items() if self.state is not None else [])
+
     def tier(self, record: AdapterRecord) -> Tier:
         return self.registry.tier(record)
 

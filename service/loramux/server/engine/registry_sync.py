@@ -2,10 +2,13 @@
 
 A thread of its own wakes every `registry_sync_s` and
 - writes this replica's heartbeat (its lease on the operations it runs);
-- reads the registrations: names registered, replaced or pinned on another replica are read
-  here (at the revision recorded, checked) and pinned where they were pinned; names unloaded
-  elsewhere are forgotten here (running requests keep their weights until they finish);
-- every few passes, ends operations of replicas whose heartbeat stopped.
+- reads the registrations: names this replica serves that were replaced on another replica,
+  and names pinned on another, are read here (at the revision recorded, checked) and pinned
+  where they were pinned; names unloaded elsewhere are forgotten here (running requests keep
+  their weights until they finish); a name registered elsewhere and not yet used here is
+  read by the first request that names it;
+- every few passes, ends operations of replicas whose heartbeat stopped, and every 30 passes
+  removes finished operations past `operation_retention_s` (every replica's).
 
 So a change made on one replica reaches every replica within `registry_sync_s` plus the time
 to read the adapter's files; a request that arrives first reads it on demand
@@ -25,6 +28,7 @@ from loramux.server.errors import LoramuxError
 from loramux.server.state import LEASE_MISSES
 
 log = logging.getLogger(__name__)
+EXPIRE_EVERY_PASSES = 30  # finished operations past their retention are removed every this many passes
 RETRY_FAILED_S = 60.0  # a registration that failed to be read, or a pin that found no room, is tried again after this
 
 
@@ -83,4 +87,8 @@ class RegistrySync:
             ended = engine.operations.restore(self.lease_s)
             if ended:
                 log.warning("ended %d operation(s) of replicas that stopped", ended)
+        if engine.state is not None and self.passes % EXPIRE_EVERY_PASSES == 0:
+            expired = engine.operations.expire(engine.settings.operation_retention_s)
+            if expired:
+                log.info("removed %d finished operation(s) past their retention", expired)
         return read, failed
