@@ -14,7 +14,6 @@ import loramux.client as lc
 from loramux.client.errors import from_rpc_error
 from conftest import PROMPTS
 from loramux.cli.main import main as cli
-from loramux.server import keys as keys_module
 from loramux.server.app import BackgroundServer
 from loramux.server.errors import InvalidSettings
 from loramux.server.keys import KeyStore, append_key, hash_key
@@ -141,20 +140,23 @@ def test_health_needs_no_key(keyed):
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_a_key_removed_from_the_file_stops_working_and_a_broken_file_keeps_the_last_keys(keyed, monkeypatch):
+def test_a_key_removed_from_the_file_stops_working_and_a_broken_file_keeps_the_last_keys(keyed):
     server, keys, keys_file = keyed
-    monkeypatch.setattr(keys_module, "RELOAD_CHECK_S", 0.0)
+    store = server.running.servicer.auth.keys
     revoked = append_key(keys_file, "team-a", "user", "temporary")
+    store.check()  # what the watcher thread does every second
     assert outcome(server.target, revoked, RPCS["ListAdapters"]) == OK
     data = yaml.safe_load(keys_file.read_text())
     data["keys"] = [k for k in data["keys"] if k["name"] != "temporary"]
     tmp = keys_file.with_suffix(".new")
     tmp.write_text(yaml.safe_dump(data, sort_keys=False))
     os.replace(tmp, keys_file)
+    store.check()
     assert outcome(server.target, revoked, RPCS["ListAdapters"]) == NO_KEY
     saved = keys_file.read_text()
     keys_file.write_text("keys: [this is not, a key entry]\n")
     try:  # the last good keys stay in force
+        assert not store.check()
         assert outcome(server.target, keys["user_a"], RPCS["ListAdapters"]) == OK
     finally:
         keys_file.write_text(saved)

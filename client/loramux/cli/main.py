@@ -109,7 +109,8 @@ def _serve_parser(sub) -> None:
                    help="json: one JSON object per line, with trace_id and span_id inside requests")
     otel = p.add_argument_group("telemetry", "flags left unset fall back to the standard OTEL_* variables")
     otel.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    otel.add_argument("--metrics-host", help="address of the metrics endpoint (default: --host)")
+    otel.add_argument("--metrics-host", default="127.0.0.1",
+                      help="address of the metrics endpoint (default: loopback; its series name tenants and adapters)")
     otel.add_argument("--otel-traces-exporter", metavar="LIST",
                       help="otlp, console, both comma-separated, or none (env OTEL_TRACES_EXPORTER; default none)")
     otel.add_argument("--otel-metrics-exporter", metavar="LIST",

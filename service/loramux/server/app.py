@@ -25,6 +25,7 @@ from loramux.server.base_model import load_base_model
 from loramux.server.cpu_threads import in_own_thread
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.restore import restore_state
+from loramux.server.errors import InvalidSettings
 from loramux.server.settings import Settings
 from loramux.server.telemetry.providers import build_telemetry
 from loramux.server.telemetry.signals import Telemetry
@@ -71,6 +72,7 @@ class RunningServer:
             await self.health_server.stop(0)
         await loop.run_in_executor(None, self.engine.stop)
         self.pools.shutdown()
+        await loop.run_in_executor(None, self.servicer.auth.close)
 
 
 _FINAL_FLUSH_S = 2.0
@@ -137,6 +139,7 @@ async def create_server(
             ("grpc.max_receive_message_length", max_receive),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             *connection_age_options(settings),
+            *EXCLUSIVE_PORT,
         ],
     )
     pools = Pools()
@@ -153,28 +156,18 @@ async def create_server(
         (SERVICE_NAME, OPERATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{host or settings.host}:{settings.port if port is None else port}"
-    if settings.tls_cert is not None:
-        client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca is not None else None
-        credentials = grpc.ssl_server_credentials(
-            [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
-            root_certificates=client_ca,
-            require_client_auth=client_ca is not None,
-        )
-        bound = server.add_secure_port(address, credentials)
-    else:
-        bound = server.add_insecure_port(address)
-    if bound == 0:
-        raise OSError(f"could not bind {address}")
+    credentials = tls_credentials(settings)
+    bound = _bind(server, address, "port", credentials)
     await server.start()
     health_server, health_port = None, None
     if settings.health_port is not None:  # probes that cannot speak TLS (kubelet's native gRPC probe)
-        health_server = grpc.aio.server()
+        health_server = grpc.aio.server(options=EXCLUSIVE_PORT)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, health_server)
-        health_address = f"{host or settings.host}:{settings.health_port}"
-        health_port = health_server.add_insecure_port(health_address)
-        if health_port == 0:
+        try:
+            health_port = _bind(health_server, f"{host or settings.host}:{settings.health_port}", "health_port")
+        except InvalidSettings:
             await server.stop(0)
-            raise OSError(f"could not bind {health_address}")
+            raise
         await health_server.start()
     for service in _SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
@@ -183,6 +176,51 @@ async def create_server(
     return RunningServer(
         server=server, port=bound, engine=engine, health=health_servicer, servicer=servicer, pools=pools, watchdog=watchdog,
         health_server=health_server, health_port=health_port,
+    )
+
+
+# gRPC shares a port with any other process that asks to (SO_REUSEPORT) by default: a second
+# server started on a port in use would take part of its connections, and their API keys.
+EXCLUSIVE_PORT = [("grpc.so_reuseport", 0)]
+
+
+def _bind(server: grpc.aio.Server, address: str, field: str, credentials=None) -> int:
+    """Bind `address` (TLS with `credentials`), or InvalidSettings naming the flag's field."""
+    try:
+        bound = server.add_secure_port(address, credentials) if credentials is not None else server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises "Failed to bind" for a port in use (and for a bad address)
+        bound = 0
+    if bound == 0:
+        raise InvalidSettings(f"cannot listen on {address}: the port is in use by another process, or the address is not "
+                              "this host's", field=field)
+    return bound
+
+
+def tls_credentials(settings: Settings):
+    """The server's TLS credentials (None without TLS), checked first with Python's ssl module
+    so that a PEM that does not parse, or a key that is not the certificate's, is an error
+    naming the file instead of gRPC's "Failed to bind"."""
+    if settings.tls_cert is None:
+        return None
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except ssl.SSLError as e:
+        raise InvalidSettings(f"{settings.tls_cert.name} and {settings.tls_key.name} are not a PEM certificate chain and "
+                              f"its private key ({e.reason or e})", field="tls_cert") from None
+    if settings.tls_client_ca is not None:
+        try:
+            context.load_verify_locations(cafile=str(settings.tls_client_ca))
+        except ssl.SSLError as e:
+            raise InvalidSettings(f"{settings.tls_client_ca.name} is not a PEM CA bundle ({e.reason or e})",
+                                  field="tls_client_ca") from None
+    client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca is not None else None
+    return grpc.ssl_server_credentials(
+        [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
     )
 
 
@@ -216,9 +254,10 @@ def _wire_auth(engine: Engine, auth: Authenticator) -> None:
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     auth = Authenticator(settings)  # a bad keys file stops start-up before the model loads
+    tls_credentials(settings)  # so does a bad certificate
     telemetry = build_telemetry(settings)
     if telemetry.metrics_port is not None:
-        log.info("metrics at http://%s:%d/metrics", settings.metrics_host or settings.host, telemetry.metrics_port)
+        log.info("metrics at http://%s:%d/metrics", settings.metrics_host, telemetry.metrics_port)
     engine = await asyncio.get_running_loop().run_in_executor(None, in_own_thread, build_engine, settings, telemetry, None, auth)
     running = await create_server(engine, auth=auth)
     stop = asyncio.Event()

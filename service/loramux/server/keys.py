@@ -17,12 +17,25 @@ The keys file is YAML (or JSON, which YAML reads too):
         quotas: {adapters: 50, pinned: 2, requests: 32, tokens_per_minute: 200000, merges: 1}
         sources: {roots: [team-a], hub: [acme]}   # <adapter root>/team-a, and hf://acme/... only
 
+    expected_keys: 3              # optional: how many keys the file holds (see below)
+
 A key is `lmx_` and 43 URL-safe characters (256 random bits), so an unsalted SHA-256 is
 enough to store it (it cannot be guessed from its hash). Presented keys are hashed and
-compared with every entry's hash in constant time. The file is looked at again at most once
-a second and reloaded when it changed (a mounted Kubernetes Secret is replaced in place): a
-removed key stops working within a second. A file that no longer parses keeps the last good
-keys in force, and says so in the log at every look until it is fixed.
+looked up by that hash: one dictionary lookup whatever the number of keys, whose time
+depends only on the digest (which tells a caller nothing about the stored keys).
+
+A watcher thread looks at the file every second and, when it changed (a mounted Kubernetes
+Secret is replaced in place), parses it in a child process, so that a large file never
+stalls the server's calls; a removed key stops working within a second or two of the file
+changing. What a reload may do:
+- a file that does not parse, is not a regular file, or is larger than 4 MiB or 100,000
+  entries keeps the last good keys in force (logged once per version of the file);
+- a missing file keeps the last good keys: a Secret being replaced vanishes for an instant,
+  and a deleted file is never a revocation;
+- a file holding fewer than half the keys in force (a write cut short, an emptied file)
+  keeps the last good keys, unless it states `expected_keys` (then it must hold exactly that
+  many, at start-up too): a large revocation, or revoking every key (`keys: []`,
+  `expected_keys: 0`), is said deliberately. Restarting the server also takes the file as it is.
 """
 
 from __future__ import annotations
@@ -30,11 +43,13 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import hashlib
-import hmac
 import json
 import logging
 import os
 import secrets
+import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -42,9 +57,9 @@ from pathlib import Path
 
 import yaml
 
-from loramux.server.adapters.registry import validate_adapter_id
 from loramux.server.adapters.objects import is_object_url
-from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
+from loramux.server.names import validate_adapter_id
+from loramux.server.source_allowance import ANYWHERE, SourceAllowance
 from loramux.server.errors import InvalidSettings, LoramuxError, Unauthenticated
 from loramux.server.quotas import QUOTA_NAMES, UNLIMITED, Quotas
 
@@ -54,6 +69,8 @@ ROLES = ("user", "admin", "operator")  # each may do what the ones before it may
 KEY_PREFIX = "lmx_"
 RELOAD_CHECK_S = 1.0
 MAX_KEYS_FILE_BYTES = 4 * 1024 * 1024
+MAX_IDENTITIES = 100_000  # keys and certificates in one file
+RELOAD_TIMEOUT_S = 120.0  # a reload's parse (in its own process) that takes longer is abandoned
 
 
 def role_rank(role: str) -> int:
@@ -105,17 +122,29 @@ def _expiry(value, path: Path, where: str) -> float | None:
     return moment.timestamp()
 
 
+_SECTIONS = {"keys", "certificates", "tenants", "expected_keys"}
+_Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's parser when present: about 3x faster
+
+
 def _load(text: str, path: Path) -> dict:
     try:
-        data = yaml.safe_load(text) if text.strip() else {"keys": []}
+        data = yaml.load(text, Loader=_Loader) if text.strip() else {"keys": []}
     except yaml.YAMLError as e:
         raise _bad(path, f"not YAML or JSON ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict) or not isinstance(data.get("keys"), list):
         raise _bad(path, "must be a mapping with a 'keys' list")
-    if set(data) - {"keys", "certificates", "tenants"}:
-        raise _bad(path, f"unknown sections {sorted(set(data) - {'keys', 'certificates', 'tenants'})}")
+    if set(data) - _SECTIONS:
+        raise _bad(path, f"unknown sections {sorted(set(data) - _SECTIONS)}")
     if not isinstance(data.get("certificates", []), list):
         raise _bad(path, "certificates must be a list")
+    if len(data["keys"]) + len(data.get("certificates", [])) > MAX_IDENTITIES:
+        raise _bad(path, f"more than {MAX_IDENTITIES} keys and certificates")
+    expected = data.get("expected_keys")
+    if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool) or expected < 0):
+        raise _bad(path, f"expected_keys must be a whole number >= 0, got {expected!r}")
+    if expected is not None and expected != len(data["keys"]):
+        raise _bad(path, f"expected_keys is {expected} but the file holds {len(data['keys'])} keys (cut short, or edited "
+                   "without updating it)")
     return data
 
 
@@ -223,55 +252,99 @@ def _keys(data: dict, path: Path) -> list[_Entry]:
 class KeysFile:
     """What a keys file says, parsed and checked."""
 
-    entries: list[_Entry]
+    entries: dict[bytes, _Entry]  # by the SHA-256 of the key
     certificates: dict[str, Identity]
     tenants: dict[str, tuple[Quotas, SourceAllowance]]
     tenant_names: frozenset[str]  # every tenant it names (the bounded set of metric labels)
+    expected_keys: int | None = None  # the count the file states (a deliberate shrink), if it does
+
+
+def _keys_file(entries: list[_Entry], certificates: dict[str, Identity], tenants: dict, expected: int | None) -> KeysFile:
+    names = frozenset([e.identity.tenant for e in entries] + [i.tenant for i in certificates.values()] + list(tenants))
+    return KeysFile({e.digest: e for e in entries}, certificates, tenants, names, expected)
 
 
 def parse_keys_file(text: str, path: Path) -> KeysFile:
     """A keys file's text, parsed once and checked; InvalidSettings naming what is wrong."""
     data = _load(text, path)
-    entries, certificates, tenants = _keys(data, path), _certificates(data, path), _tenants(data, path)
-    names = frozenset([e.identity.tenant for e in entries] + [i.tenant for i in certificates.values()] + list(tenants))
-    return KeysFile(entries, certificates, tenants, names)
+    return _keys_file(_keys(data, path), _certificates(data, path), _tenants(data, path), data.get("expected_keys"))
+
+
+def _read_text(path: Path) -> tuple[str, tuple[int, int, int]]:
+    """The keys file's text and version, bounded; a regular file only (a FIFO would block)."""
+    try:
+        with open(path, "rb", opener=lambda p, flags: os.open(p, flags | os.O_NONBLOCK)) as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise _bad(path, "is not a regular file")
+            if info.st_size > MAX_KEYS_FILE_BYTES:
+                raise _bad(path, f"larger than {MAX_KEYS_FILE_BYTES} bytes")
+            data = f.read(MAX_KEYS_FILE_BYTES + 1)
+    except OSError as e:
+        raise _bad(path, f"cannot be read ({e.strerror})") from None
+    if len(data) > MAX_KEYS_FILE_BYTES:
+        raise _bad(path, f"larger than {MAX_KEYS_FILE_BYTES} bytes")
+    try:
+        return data.decode("utf-8"), (info.st_ino, info.st_mtime_ns, info.st_size)
+    except UnicodeDecodeError:
+        raise _bad(path, "is not UTF-8 text") from None
 
 
 def _read(path: Path) -> tuple[KeysFile, tuple[int, int, int]]:
-    try:
-        stat = path.stat()
-        if stat.st_size > MAX_KEYS_FILE_BYTES:
-            raise _bad(path, f"larger than {MAX_KEYS_FILE_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise _bad(path, f"cannot be read ({e.strerror})") from None
-    except UnicodeDecodeError:
-        raise _bad(path, "is not UTF-8 text") from None
-    return parse_keys_file(text, path), (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    text, version = _read_text(path)
+    return parse_keys_file(text, path), version
 
 
 class KeyStore:
-    """The keys in force, from `path`; `identify` names a presented key's owner."""
+    """The keys in force, from `path`; `identify` names a presented key's owner.
+
+    The file is read in full at start-up (a bad file is an error there). Afterwards `check`
+    looks at it (the watcher thread `watch` starts does so every RELOAD_CHECK_S) and, when it
+    changed, parses it in a process of its own: a large file's parse holds a Python
+    interpreter's lock for seconds, which in this process would stall every call. Callers
+    never wait for a reload: they see the old keys or the new, whole.
+
+    A reload is refused, the last good keys staying in force (logged at every look), when the
+    file does not parse, is gone, or would drop more than half of the keys in force (a file
+    cut short, or emptied by a failed write), unless it states `expected_keys` (then it must
+    hold exactly that many, which makes a large revocation deliberate)."""
 
     def __init__(self, path: Path, clock=time.time):
         self.path = Path(path)
         self._clock = clock
         self._file, self._version = _read(self.path)  # at start-up a bad file is an error
-        self._checked = time.monotonic()
         self._lock = threading.Lock()
+        self._refused: tuple | None = None  # the version last refused, and why (logged once per version)
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.reloads = 0
 
     def __len__(self) -> int:
         return len(self._file.entries)
 
+    def watch(self) -> None:
+        """Look at the file every RELOAD_CHECK_S on a thread of its own, until `close`."""
+        def loop() -> None:
+            while not self._stop.wait(RELOAD_CHECK_S):
+                try:
+                    self.check()
+                except Exception:  # never let the watcher die: the keys in force stay
+                    log.exception("keys file: the reload check failed; the last good keys stay in force")
+
+        self._watcher = threading.Thread(target=loop, name="loramux-keys", daemon=True)
+        self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(RELOAD_TIMEOUT_S)
+
     def identify(self, key: str) -> Identity:
         """The identity of `key`, or Unauthenticated (unknown or expired keys say the same,
-        but for the expiry, so that a caller knows to get a new key)."""
-        self._maybe_reload()
-        digest = hashlib.sha256(key.encode("utf-8")).digest()
-        found = None
-        for entry in self._file.entries:  # no early exit: the time taken does not depend on which matched
-            if hmac.compare_digest(entry.digest, digest):
-                found = entry
+        but for the expiry, so that a caller knows to get a new key). One dictionary lookup
+        by the key's SHA-256: how long it takes depends on the digest, which tells a caller
+        nothing about any stored key."""
+        found = self._file.entries.get(hashlib.sha256(key.encode("utf-8")).digest())
         if found is None:
             raise Unauthenticated("the API key is not valid; send 'authorization: Bearer <key>' with a key from your operator")
         if found.expires is not None and self._clock() >= found.expires:
@@ -280,42 +353,119 @@ class KeyStore:
 
     def tenant_names(self) -> frozenset[str]:
         """Every tenant the file names (keys, certificates, tenants)."""
-        self._maybe_reload()
         return self._file.tenant_names
 
-    def quotas(self, tenant: str) -> Quotas:
-        """The tenant's quotas (unlimited when the file gives none)."""
-        self._maybe_reload()
-        return self._file.tenants.get(tenant, (UNLIMITED, ANYWHERE))[0]
+    def quotas(self, tenant: str) -> Quotas | None:
+        """The tenant's quotas from the file (None: it gives none)."""
+        held = self._file.tenants.get(tenant)
+        return held[0] if held is not None else None
 
     def sources(self, tenant: str) -> SourceAllowance:
         """Where the tenant's adapters may come from (anywhere the server allows, by default)."""
-        self._maybe_reload()
         return self._file.tenants.get(tenant, (UNLIMITED, ANYWHERE))[1]
 
     def identify_certificate(self, common_name: str) -> Identity | None:
         """The identity the keys file gives a verified client certificate's common name, if any."""
-        self._maybe_reload()
         return self._file.certificates.get(common_name)
 
-    def _maybe_reload(self) -> None:
-        now = time.monotonic()
-        if now - self._checked < RELOAD_CHECK_S:
-            return
+    def check(self) -> bool:
+        """Reload the file if it changed (blocking: the watcher thread, or a test); True if
+        new keys are now in force."""
         with self._lock:
-            if now - self._checked < RELOAD_CHECK_S:
-                return
-            self._checked = now
             try:
-                stat = self.path.stat()
-                if (stat.st_ino, stat.st_mtime_ns, stat.st_size) == self._version:
-                    return
-                keys_file, version = _read(self.path)
-            except (OSError, InvalidSettings) as e:
-                log.error("keys file not reloaded, the last good keys stay in force: %s", getattr(e, "message", e))
-                return
+                info = os.stat(self.path)
+            except OSError as e:
+                self._refuse(("gone", e.errno), f"cannot be read ({e.strerror}); a missing file revokes nothing")
+                return False
+            version = (info.st_ino, info.st_mtime_ns, info.st_size)
+            if version == self._version:
+                return False
+            try:
+                keys_file = _parse_elsewhere(self.path)
+            except InvalidSettings as e:
+                self._refuse(version, e.message)
+                return False
+            held, new = len(self._file.entries), len(keys_file.entries)
+            if keys_file.expected_keys is None and 2 * new < held:
+                self._refuse(version, f"it holds {new} keys where {held} are in force: a file cut short or emptied is "
+                             "never taken as a revocation; to remove that many, state `expected_keys: "
+                             f"{new}` in the file")
+                return False
             self._file, self._version = keys_file, version  # one assignment: readers see the old or the new
-            log.info("keys file reloaded: %d keys", len(keys_file.entries))
+            self._refused = None
+            self.reloads += 1
+        log.info("keys file reloaded: %d keys", new)
+        return True
+
+    def _refuse(self, version, why: str) -> None:
+        if self._refused != (version, why):
+            self._refused = (version, why)
+            log.error("keys file %s not reloaded, the last good keys stay in force: %s", self.path.name, why)
+
+
+def _parse_elsewhere(path: Path) -> KeysFile:
+    """Parse and check the keys file in a child process, and rebuild what it found here a few
+    hundred entries at a time (letting other threads run between), so that no large parse
+    holds this process's interpreter lock. InvalidSettings naming what is wrong."""
+    child = subprocess.Popen([sys.executable, "-m", "loramux.server.keys", str(path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    entries, certificates, tenants, expected, done = [], {}, {}, None, False
+    try:
+        for n, line in enumerate(child.stdout):
+            kind, _, rest = line.rstrip(b"\n").partition(b"\t")
+            if kind == b"K":
+                digest, tenant, role, expires, name = rest.split(b"\t", 4)
+                entries.append(_Entry(Identity(tenant.decode(), role.decode(), json.loads(name)), bytes.fromhex(digest.decode()),
+                                      None if expires == b"-" else float(expires)))
+            elif kind == b"C":
+                subject, tenant, role, name = json.loads(rest)
+                certificates[subject] = Identity(tenant, role, name)
+            elif kind == b"T":
+                tenant, quotas, sources = json.loads(rest)
+                tenants[tenant] = (Quotas(**quotas), SourceAllowance(**{k: None if v is None else tuple(v)
+                                                                         for k, v in sources.items()}))
+            elif kind == b"E":
+                expected = json.loads(rest)
+            elif kind == b"D":
+                done = True
+            if n % 256 == 255:
+                time.sleep(0)  # let the event loop's thread run
+        error = child.stderr.read(4096).decode("utf-8", "replace").strip()
+        child.wait(RELOAD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise _bad(path, f"took longer than {RELOAD_TIMEOUT_S:g}s to parse") from None
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.stdout.close()
+        child.stderr.close()
+    if child.returncode != 0 or not done:
+        raise _bad(path, error.removeprefix(f"keys file {path.name}: ") or f"its parse ended with {child.returncode}")
+    return _keys_file(entries, certificates, tenants, expected)
+
+
+def _child_main(path: str) -> int:
+    """`python -m loramux.server.keys PATH`: parse and check a keys file, write what it holds
+    one line per entry (read by `_parse_elsewhere`)."""
+    out = sys.stdout.buffer
+    try:
+        keys_file, _ = _read(Path(path))
+    except InvalidSettings as e:
+        sys.stderr.write(e.message)
+        return 2
+    for entry in keys_file.entries.values():
+        identity = entry.identity
+        expires = "-" if entry.expires is None else repr(entry.expires)
+        out.write(f"K\t{entry.digest.hex()}\t{identity.tenant}\t{identity.role}\t{expires}\t"
+                  f"{json.dumps(identity.name)}\n".encode())
+    for subject, identity in keys_file.certificates.items():
+        out.write(b"C\t" + json.dumps([subject, identity.tenant, identity.role, identity.name]).encode() + b"\n")
+    for tenant, (quotas, sources) in keys_file.tenants.items():
+        out.write(b"T\t" + json.dumps([tenant, dataclasses.asdict(quotas), dataclasses.asdict(sources)]).encode() + b"\n")
+    out.write(b"E\t" + json.dumps(keys_file.expected_keys).encode() + b"\nD\n")
+    out.flush()
+    return 0
 
 
 def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str | None = None) -> str:
@@ -331,6 +481,8 @@ def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str 
     if expires:
         entry["expires"] = expires
     entries_data["keys"].append(entry)
+    if entries_data.get("expected_keys") is not None:
+        entries_data["expected_keys"] = len(entries_data["keys"])
     text = json.dumps(entries_data, indent=2, default=str) + "\n" if path.suffix == ".json" else yaml.safe_dump(entries_data, sort_keys=False)
     parse_keys_file(text, path)  # the new entry is valid (tenant, role, expiry)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -344,3 +496,7 @@ def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str 
         Path(tmp).unlink(missing_ok=True)
         raise
     return key
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))

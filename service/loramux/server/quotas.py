@@ -1,18 +1,25 @@
 """Per-tenant quotas, and the usage they are checked against.
 
-Quotas come from the keys file's `tenants` section (`server/keys.py`); a tenant without an
-entry, or a limit left out, is unlimited:
+Quotas come from the keys file's `tenants` section (`server/keys.py`). A limit the file
+leaves out is unlimited, but for three that every tenant gets by default, so that no tenant
+can fill the shared store or the merge disk at the default flags: `adapters`
+(`--tenant-max-adapters`, 1000), `merge_outputs` (`--tenant-max-merge-outputs`, 8) and
+`merge_output_gib` (`--tenant-max-merge-output-gib`, none: the count bounds it at about 8
+copies of the base):
 
     tenants:
       team-a:
-        quotas: {adapters: 50, pinned: 2, requests: 32, tokens_per_minute: 200000, merges: 1}
+        quotas: {adapters: 50, pinned: 2, requests: 32, tokens_per_minute: 200000, merges: 1,
+                 merge_outputs: 4, merge_output_gib: 100}
 
 - adapters: adapters registered at once; pinned: adapters pinned at once;
 - requests: generate requests in flight at once (queued or running);
 - queued: generate requests waiting to be admitted at once (within `requests`);
 - tokens_per_minute: prompt tokens plus `max_new_tokens` of the requests accepted in the last
   60 s (charged when a request is accepted: what it may use, so a burst cannot overshoot);
-- merges: merges queued or running at once.
+- merges: merges queued or running at once;
+- merge_outputs: merge outputs kept under the merge root (and merges that will write one);
+- merge_output_gib: their bytes, in GiB (a merge is counted at its estimated size until it ends).
 
 A request over a limit is refused with RESOURCE_EXHAUSTED / QUOTA_EXCEEDED, carrying a
 google.rpc.QuotaFailure (subject `tenant:<name>`, which limit) and, for the limits that
@@ -30,7 +37,8 @@ from collections import deque
 from loramux.server.errors import QuotaExceeded
 
 WINDOW_S = 60.0
-QUOTA_NAMES = ("adapters", "pinned", "requests", "queued", "tokens_per_minute", "merges")
+QUOTA_NAMES = ("adapters", "pinned", "requests", "queued", "tokens_per_minute", "merges", "merge_outputs",
+               "merge_output_gib")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,9 +49,21 @@ class Quotas:
     queued: int | None = None
     tokens_per_minute: int | None = None
     merges: int | None = None
+    merge_outputs: int | None = None
+    merge_output_gib: int | None = None
 
 
 UNLIMITED = Quotas()
+
+
+def with_defaults(quotas: Quotas | None, settings) -> Quotas:
+    """A tenant's quotas: what the keys file gives (None: nothing), the server's defaults for
+    the limits it leaves out."""
+    quotas = quotas or UNLIMITED
+    defaults = {"adapters": settings.tenant_max_adapters, "merge_outputs": settings.tenant_max_merge_outputs,
+                "merge_output_gib": settings.tenant_max_merge_output_gib}
+    return dataclasses.replace(quotas, **{name: value for name, value in defaults.items()
+                                          if getattr(quotas, name) is None})
 
 
 def refuse(tenant: str, quota: str, limit: int, used: int, what: str, retry_after_s: float | None = None) -> QuotaExceeded:

@@ -120,6 +120,19 @@ class Settings:
     """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED (and a retry hint)."""
     max_queue_per_tenant: int | None = None
     """Requests one tenant may have waiting (None: max_queue)."""
+    tenant_max_adapters: int | None = 1000
+    """Adapters one tenant may have registered at once, unless the keys file gives its
+    `adapters` quota (None: unlimited)."""
+    tenant_max_merge_outputs: int | None = 8
+    """Merge outputs one tenant may keep under the merge root at once (merges under way
+    included), unless the keys file gives its `merge_outputs` quota (None: unlimited)."""
+    tenant_max_merge_output_gib: int | None = None
+    """GiB of merge outputs one tenant may keep, unless the keys file gives its
+    `merge_output_gib` quota (None: no limit beyond the count)."""
+    merge_disk_reserve_mib: int = 1024
+    """A merge starts only if the merge root's disk keeps this much free after it (and after
+    the merges queued before it); with the state directory on the same disk, that room is
+    what keeps its records writable."""
     default_max_new_tokens: int = 64
     max_new_tokens_limit: int = 4096
     max_prompt_bytes: int = 1 << 20
@@ -192,8 +205,10 @@ class Settings:
     """OTLP collector endpoint (None: the exporter's default or OTEL_EXPORTER_OTLP_ENDPOINT)."""
     metrics_port: int | None = None
     """Serve Prometheus text at http://<metrics_host>:<port>/metrics (0 picks a free port; None: off)."""
-    metrics_host: str | None = None
-    """Address of the metrics endpoint (None: the same as host)."""
+    metrics_host: str = "127.0.0.1"
+    """Address of the metrics endpoint: loopback unless given, whatever `host` is. Its series
+    carry tenant names and the busiest adapters' ids, which the API shows a tenant only of its
+    own, and it asks for no credentials: expose it (0.0.0.0, a pod IP) only to the scraper."""
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> InvalidSettings:
@@ -233,6 +248,11 @@ class Settings:
             ("host_cache_mib", self.host_cache_mib, 0),
             ("max_prompt_bytes", self.max_prompt_bytes, 1),
             ("merge_shard_mib", 1 if self.merge_shard_mib is None else self.merge_shard_mib, 1),
+            ("tenant_max_adapters", 0 if self.tenant_max_adapters is None else self.tenant_max_adapters, 0),
+            ("tenant_max_merge_outputs", 0 if self.tenant_max_merge_outputs is None else self.tenant_max_merge_outputs, 0),
+            ("tenant_max_merge_output_gib",
+             0 if self.tenant_max_merge_output_gib is None else self.tenant_max_merge_output_gib, 0),
+            ("merge_disk_reserve_mib", self.merge_disk_reserve_mib, 0),
         ):
             if value < low:
                 raise bad(name, f"must be >= {low}, got {value}")

@@ -34,6 +34,7 @@ from loramux.server.adapters.sources import (
 from loramux.server.adapters.weights import AdapterWeights
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest, LoramuxError
+from loramux.server.names import validate_adapter_id  # noqa: F401 (re-exported)
 from loramux.server.registrations import Registrations
 from loramux.server.settings import Settings
 from loramux.server.state import SavedAdapter
@@ -41,8 +42,6 @@ from loramux.server.state import SavedAdapter
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 MISS_TTL_S = 1.0  # with a store: a name it did not hold is not looked up again for this long (a request storm)
 MAX_MISSES = 10_000
-_ID_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
-MAX_ID_LENGTH = 128
 SYNC_READERS = 4  # registrations a sync pass reads at once (start-up, or a burst registered elsewhere)
 
 
@@ -61,20 +60,6 @@ class AdapterRecord:
     pinned: bool = False
     last_used: float | None = None  # epoch seconds
     use_count: int = 0
-
-
-def validate_adapter_id(adapter_id: str, field: str = "adapter_id", reason: str = "ADAPTER_ID_INVALID") -> None:
-    """Ids (and tenant names, `reason` TENANT_INVALID) are 1-128 characters of [A-Za-z0-9._-]."""
-    if not adapter_id:
-        raise InvalidRequest(f"{field} is required", field=field, reason=reason)
-    if len(adapter_id) > MAX_ID_LENGTH or not set(adapter_id) <= _ID_CHARS or adapter_id[0] in "-.":
-        shown = adapter_id if len(adapter_id) <= 40 else adapter_id[:37] + "..."
-        raise InvalidRequest(
-            f"{field} {shown!r} must be 1-{MAX_ID_LENGTH} characters of letters, digits, '-', '_' and '.', "
-            "not starting with '-' or '.'",
-            field=field,
-            reason=reason,
-        )
 
 
 class AdapterRegistry:

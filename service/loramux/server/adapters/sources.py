@@ -25,24 +25,13 @@ from loramux.server.adapters.objects import ObjectStores, check_object_url, is_o
 from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot
 from loramux.server.hub import HUB_PREFIX, fetch_snapshot
 from loramux.server.settings import Settings
+from loramux.server.source_allowance import ANYWHERE, SourceAllowance  # noqa: F401 (re-exported)
 
 MERGED_PREFIX = "merged://"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
 MAX_PATH_CHARS = 1024
 MAX_COMPONENT_CHARS = 255
 MAX_REVISION_CHARS = 256
-
-
-@dataclasses.dataclass(frozen=True)
-class SourceAllowance:
-    """Where one tenant's adapters may come from; None: wherever the server allows."""
-
-    roots: tuple[str, ...] | None = None  # directories under the adapter roots (relative sources resolve in them)
-    hub_orgs: tuple[str, ...] | None = None  # Hub organisations (or users) of hf:// sources
-    object_prefixes: tuple[str, ...] | None = None  # object-storage URL prefixes (under the server's object roots)
-
-
-ANYWHERE = SourceAllowance()
 
 
 @dataclasses.dataclass(frozen=True)

@@ -28,7 +28,7 @@ from loramux.server.adapters.registry import validate_adapter_id
 from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.errors import PermissionDenied, Unauthenticated
 from loramux.server.keys import Identity, KeyStore, role_rank
-from loramux.server.quotas import UNLIMITED, Quotas
+from loramux.server.quotas import Quotas, with_defaults
 from loramux.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,10 @@ caller: contextvars.ContextVar[Identity] = contextvars.ContextVar("loramux_calle
 
 class Authenticator:
     def __init__(self, settings: Settings):
+        self._settings = settings
         self.keys = KeyStore(settings.auth_keys_file) if settings.auth == "keys" else None
+        if self.keys is not None:
+            self.keys.watch()
         self._open = Identity(settings.default_tenant, "operator", "auth=none")
         if self.keys is None:
             log.warning("auth=none: every caller is an operator of any tenant, with no credentials; for development only")
@@ -62,8 +65,13 @@ class Authenticator:
             log.info("API keys from %s: %d keys", settings.auth_keys_file, len(self.keys))
 
     def quotas(self, tenant: str) -> Quotas:
-        """The tenant's quotas from the keys file (none with auth=none)."""
-        return self.keys.quotas(tenant) if self.keys is not None else UNLIMITED
+        """The tenant's quotas: the keys file's, and the server's defaults for those it leaves out."""
+        return with_defaults(self.keys.quotas(tenant) if self.keys is not None else None, self._settings)
+
+    def close(self) -> None:
+        """Stop watching the keys file."""
+        if self.keys is not None:
+            self.keys.close()
 
     def tenant_label(self, tenant: str) -> str:
         """The tenant as a metric label: tenants the keys file names (or, with auth=none, the

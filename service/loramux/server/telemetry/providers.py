@@ -11,6 +11,7 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
+from loramux.server.errors import InvalidSettings
 from loramux.server.settings import Settings
 from loramux.server.telemetry.signals import Telemetry
 
@@ -39,7 +40,12 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=()) -
         from prometheus_client import start_http_server
 
         readers.append(PrometheusMetricReader())
-        http_server, thread = start_http_server(settings.metrics_port, addr=settings.metrics_host or settings.host)
+        address = settings.metrics_host
+        try:
+            http_server, thread = start_http_server(settings.metrics_port, addr=address)
+        except OSError as e:
+            raise InvalidSettings(f"cannot listen on {address}:{settings.metrics_port} ({e.strerror or e}): the port is in "
+                                  "use by another process, or the address is not this host's", field="metrics_port") from None
         metrics_port = http_server.server_port
 
         def stop_http() -> None:
