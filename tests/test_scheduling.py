@@ -289,6 +289,34 @@ def test_per_tenant_queue_limit(assets):
         engine.stop()
 
 
+def test_a_full_queue_refuses_the_heaviest_tenant_first(assets):
+    """At the default (no per-tenant bound), one tenant may fill the queue alone; a request
+    of a lighter tenant then takes the newest place of the heaviest, which is refused with
+    QUEUE_FULL; a tenant already holding as many places as any other is refused itself."""
+    engine = make_engine(assets, max_queue=4)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        for i in range(4):
+            submit(engine, rec, f"a{i}", "", "x", n=1, tenant="a")
+        with pytest.raises(QueueFull):  # a alone: the queue is its own, and full
+            engine.submit("a", GenerateInput(prompt="x", max_new_tokens=1), lambda e: None)
+        submit(engine, rec, "b0", "", "x", n=1, tenant="b")  # takes a3's place
+        submit(engine, rec, "c0", "", "x", n=1, tenant="c")  # takes a2's place
+        assert engine.worker.scheduler.waiting_by_tenant() == {"a": 2, "b": 1, "c": 1}
+        with pytest.raises(QueueFull) as e:  # b holds 1 where the most is 2: one more would make it 2 and a 1
+            engine.submit("b", GenerateInput(prompt="x", max_new_tokens=1), lambda e: None)
+        assert "as many as any other" in e.value.message
+        gate.set()
+        rec.wait_all()
+        outcomes = {name: type(rec.outcome(name)).__name__ for name in ("a0", "a1", "a2", "a3", "b0", "c0")}
+        assert outcomes == {"a0": "FinishEvent", "a1": "FinishEvent", "a2": "ErrorEvent", "a3": "ErrorEvent",
+                            "b0": "FinishEvent", "c0": "FinishEvent"}
+        assert rec.outcome("a3").error.reason == rec.outcome("a2").error.reason == "QUEUE_FULL"
+    finally:
+        engine.stop()
+
+
 def test_full_queue_is_resource_exhausted_with_retry_info(assets):
     with BackgroundServer(assets.settings(max_queue=2, batch_window_ms=0)) as server:
         gate = hold(server.engine)

@@ -27,8 +27,8 @@ def test_roots_are_resolved_and_must_exist(tmp_path):
     assert e.value.field == "adapter_roots"
 
 
-def test_per_tenant_queue_defaults_to_the_whole_queue():
-    assert Settings(model="m", auth="none", max_queue=7).max_queue_per_tenant == 7
+def test_per_tenant_queue_has_no_fixed_bound_by_default():
+    assert Settings(model="m", auth="none", max_queue=7).max_queue_per_tenant is None
 
 
 def test_api_keys_are_the_default_and_need_a_keys_file(tmp_path):

@@ -62,7 +62,19 @@ def _serve_parser(sub) -> None:
                    help="how long a request may be passed over for ones whose adapters are in slots")
     p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
     p.add_argument("--max-queue", type=int, default=256)
-    p.add_argument("--max-queue-per-tenant", type=int, help="requests one tenant may have waiting (default: --max-queue)")
+    p.add_argument("--max-queue-per-tenant", type=int,
+                   help="requests one tenant may have waiting (default: no fixed bound; a full queue refuses the tenant "
+                        "holding the most places first)")
+    p.add_argument("--tenant-max-adapters", type=int, default=1000,
+                   help="adapters one tenant may register, unless the keys file gives its adapters quota")
+    p.add_argument("--tenant-max-merge-outputs", type=int, default=8,
+                   help="merge outputs one tenant may keep, unless the keys file gives its merge_outputs quota")
+    p.add_argument("--tenant-max-merge-output-gib", type=int,
+                   help="GiB of merge outputs one tenant may keep (default: no limit beyond the count)")
+    p.add_argument("--merge-disk-reserve-mib", type=int, default=1024,
+                   help="a merge starts only if the merge disk keeps this much free after it")
+    p.add_argument("--operation-retention-s", type=float, default=7 * 24 * 3600.0,
+                   help="finished operations (every replica's) are kept this long, then removed")
     p.add_argument("--default-max-new-tokens", type=int, default=64)
     p.add_argument("--max-prompt-bytes", type=int, default=1 << 20,
                    help="prompt text above this many UTF-8 bytes is refused before tokenizing")

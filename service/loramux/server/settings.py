@@ -119,7 +119,9 @@ class Settings:
     max_queue: int = 256
     """Requests waiting beyond this are refused with RESOURCE_EXHAUSTED (and a retry hint)."""
     max_queue_per_tenant: int | None = None
-    """Requests one tenant may have waiting (None: max_queue)."""
+    """Requests one tenant may have waiting, at most. None: no fixed bound; a full queue is
+    shared out instead (a lighter tenant's request takes the newest place of the tenant holding
+    the most, which is refused), so one tenant alone may use it all and never shuts others out."""
     tenant_max_adapters: int | None = 1000
     """Adapters one tenant may have registered at once, unless the keys file gives its
     `adapters` quota (None: unlimited)."""
@@ -272,9 +274,7 @@ class Settings:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         if self.scheduling not in SCHEDULING:
             raise bad("scheduling", f"{self.scheduling!r} is not one of {', '.join(SCHEDULING)}")
-        if self.max_queue_per_tenant is None:
-            object.__setattr__(self, "max_queue_per_tenant", self.max_queue)
-        elif not 1 <= self.max_queue_per_tenant <= self.max_queue:
+        if self.max_queue_per_tenant is not None and not 1 <= self.max_queue_per_tenant <= self.max_queue:
             raise bad("max_queue_per_tenant", f"must be in 1..max_queue ({self.max_queue}), got {self.max_queue_per_tenant}")
         if not self.target_modules:
             raise bad("target_modules", "at least one module name is required")

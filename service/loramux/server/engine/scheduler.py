@@ -83,6 +83,7 @@ class Scheduler:
         self._turns: deque[str] = deque()  # tenants with waiting requests, next to be served first
         self._count = 0
         self._loads: dict[int, Future] = {}  # disk reads in flight for waiting requests, by adapter uid
+        self._shed: list[GenerationRequest] = []  # taken out of a full queue for a lighter tenant, to be answered
         self.retry_hint_s = 1.0  # kept current by the engine from recent request durations
 
     def __len__(self) -> int:
@@ -105,20 +106,35 @@ class Scheduler:
         return {tenant: len(q) for tenant, q in self._waiting.items()}
 
     def push(self, request: GenerationRequest, tenant_queue_quota: int | None = None) -> None:
-        """Queue a request, or refuse it: the queue is full, or the tenant has as many waiting
-        as it may (`max_queue_per_tenant`, or its `queued` quota)."""
+        """Queue a request, or refuse it: the tenant has as many waiting as it may (its `queued`
+        quota, or `max_queue_per_tenant` when set), or the queue is full and the tenant already
+        holds as many places as any other.
+
+        A full queue is shared out by refusing the heaviest tenant first: a request from a
+        tenant holding fewer places than the tenant holding the most takes the newest of that
+        tenant's places, whose request is refused with QUEUE_FULL (at the engine's next pass;
+        it has waited least). So one tenant alone may use the whole queue, and under contention
+        every tenant's share tends to max_queue / (tenants waiting)."""
         s = self._settings
         queue = self._waiting.get(request.tenant)
         waiting = len(queue) if queue is not None else 0
         if tenant_queue_quota is not None and waiting >= tenant_queue_quota:
             raise refuse(request.tenant, "queued", tenant_queue_quota, waiting, f"{waiting} requests waiting",
                          retry_after_s=self.retry_hint_s)
-        if self._count >= s.max_queue:
-            raise self._full(f"{self._count} requests are waiting, the most this server queues; retry later")
-        if queue is not None and len(queue) >= s.max_queue_per_tenant:
+        if s.max_queue_per_tenant is not None and waiting >= s.max_queue_per_tenant:
             raise self._full(
-                f"tenant {request.tenant!r} has {len(queue)} requests waiting, the most one tenant may queue; retry later"
+                f"tenant {request.tenant!r} has {waiting} requests waiting, the most one tenant may queue; retry later"
             )
+        if self._count >= s.max_queue:
+            heaviest = max(self._waiting, key=lambda tenant: len(self._waiting[tenant]))
+            if len(self._waiting[heaviest]) <= waiting + 1:
+                raise self._full(f"{self._count} requests are waiting, the most this server queues, and this tenant holds "
+                                 f"{waiting} of them, as many as any other; retry later")
+            shed = self._waiting[heaviest][-1]
+            self._remove(shed)
+            self._shed.append(shed)
+            self._wake()
+        queue = self._waiting.get(request.tenant)
         if queue is None:
             queue = self._waiting[request.tenant] = deque()
             self._turns.append(request.tenant)
@@ -127,7 +143,8 @@ class Scheduler:
 
     def drain(self) -> list[GenerationRequest]:
         """Take every waiting request out (at shutdown)."""
-        out = [r for q in self._waiting.values() for r in q]
+        out = [r for q in self._waiting.values() for r in q] + self._shed
+        self._shed = []
         self._waiting.clear()
         self._turns.clear()
         self._count = 0
@@ -237,6 +254,11 @@ class Scheduler:
             self._turns.remove(request.tenant)
 
     def _drop_dead(self, now: float) -> None:
+        shed, self._shed = self._shed, []
+        for request in shed:  # their places went to lighter tenants (push)
+            request.emit(ErrorEvent(self._full(
+                f"tenant {request.tenant!r} held the most places of a full queue and another tenant needed one; retry "
+                "later")))
         for queue in list(self._waiting.values()):
             for request in list(queue):
                 error = self._why_drop(request, now)
