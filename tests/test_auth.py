@@ -202,8 +202,10 @@ def test_merge_outputs_live_under_each_tenants_own_directory(keyed):
         (root / "team-b").mkdir(exist_ok=True)
         theirs = b.merge("theirs", "shared-name", overwrite=True).result(timeout=60)
         # The same output_dir is two directories; neither tenant can reach the other's.
-        assert mine.output_path == str(root / "team-a" / "shared-name")
-        assert theirs.output_path == str(root / "team-b" / "shared-name")
+        # Each sees its output by the name it gave, never the server's path.
+        assert mine.output_path == theirs.output_path == "shared-name"
+        assert (root / "team-a" / "shared-name" / "loramux_merge.json").is_file()
+        assert (root / "team-b" / "shared-name" / "loramux_merge.json").is_file()
         with pytest.raises(lc.InvalidArgument) as e:
             b.merge("theirs", "../team-a/shared-name", overwrite=True)
         assert e.value.reason == "OUTPUT_OUTSIDE_ROOT"

@@ -169,7 +169,9 @@ def test_merge_writes_a_checkpoint_with_base_plus_adapter_logits(assets, client,
     assert progress.tensors_done == progress.tensors_total > 0
     from transformers import AutoModelForCausalLM
 
-    merged = AutoModelForCausalLM.from_pretrained(result.output_path, dtype=torch.float32).eval()
+    assert result.output_path == "merged-all"  # under the tenant's directory of the merge root
+    merged = AutoModelForCausalLM.from_pretrained(server.engine.settings.merge_root / "default" / result.output_path,
+                                                  dtype=torch.float32).eval()
     ids = assets.tokenizer(PROMPTS[3], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         expected = assets.peft_model("all-r16")(input_ids=ids).logits

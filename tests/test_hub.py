@@ -50,7 +50,7 @@ def test_base_and_adapters_come_from_the_hub_at_the_revisions_asked(assets, hub,
         assert c.generate(prompt=PROMPTS[1], adapter_id="latest", max_new_tokens=N).token_ids == \
             assets.oracle("pattern", PROMPTS[1], N)
         # A merge reads the snapshot the server loaded: equal to merging the same files locally.
-        out = c.merge("qv", "merged").result(timeout=120).output_path
+        out = tmp_path / "merged" / "default" / c.merge("qv", "merged").result(timeout=120).output_path
         from safetensors.torch import load_file
 
         from loramux.server.base_files import read_base_checkpoint

@@ -192,3 +192,42 @@ def test_sources_are_confined_per_tenant(assets, tmp_path):
             assert e.value.reason == reason, source
         assert [a.adapter_id for a in b.list_adapters()] == ["mine"]
         assert f.load_adapter("theirs", source="other/qv").rank == 4  # a tenant without sources: the server's roots
+
+
+def test_merge_outputs_are_bounded_per_tenant_and_by_the_disk(assets, tmp_path):
+    """Outputs kept count against merge_outputs (the keys file's, else the server's default)
+    and merge_output_gib; an overwrite replaces its output without counting twice; a merge
+    that would leave the disk under --merge-disk-reserve-mib is refused, retriable, before
+    any operation exists."""
+    keys_file = tmp_path / "keys.yaml"
+    keys = {t: append_key(keys_file, t, "admin", t) for t in ("two", "defaulted", "bytes")}
+    keys_file.write_text(keys_file.read_text() + (
+        "tenants:\n  two:\n    quotas: {merge_outputs: 2}\n  bytes:\n    quotas: {merge_output_gib: 0}\n"))
+    settings = assets.settings(auth="keys", auth_keys_file=keys_file, merge_root=tmp_path / "merged",
+                               tenant_max_merge_outputs=1)
+    with BackgroundServer(settings) as server:
+        clients = {t: lc.Client(server.target, api_key=k, timeout=60) for t, k in keys.items()}
+        try:
+            for client in clients.values():
+                client.load_adapter("qv", source="qv-r4")
+            two = clients["two"]
+            two.merge("qv", "a").result(timeout=60)
+            two.merge("qv", "b").result(timeout=60)
+            error = refused(lambda: two.merge("qv", "c"), "merge_outputs", "two")
+            assert (error.metadata["limit"], error.metadata["used"]) == ("2", "2") and error.retry_after is None
+            two.merge("qv", "b", overwrite=True).result(timeout=60)  # replacing one of its own outputs
+            clients["defaulted"].merge("qv", "only").result(timeout=60)  # the server's default: 1
+            refused(lambda: clients["defaulted"].merge("qv", "second"), "merge_outputs", "defaulted")
+            refused(lambda: clients["bytes"].merge("qv", "any"), "merge_output_gib", "bytes")
+            assert not (tmp_path / "merged" / "bytes" / "any").exists()
+            assert [op.name for op in server.engine.operations.list("bytes")] == []
+        finally:
+            for client in clients.values():
+                client.close()
+    full = assets.settings(merge_root=tmp_path / "merged-full", merge_disk_reserve_mib=1 << 40)
+    with BackgroundServer(full) as server, lc.Client(server.target, timeout=60) as client:
+        client.load_adapter("qv", source="qv-r4")
+        with pytest.raises(lc.ResourceExhausted) as e:
+            client.merge("qv", "out")
+        assert e.value.reason == "MERGE_DISK_FULL" and e.value.retry_after == 60.0
+        assert int(e.value.metadata["needed_mib"]) >= 0 and server.engine.operations.list("default") == []

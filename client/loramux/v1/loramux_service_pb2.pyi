@@ -234,7 +234,9 @@ class MergeResponse(_message.Message):
     VERIFIED_FIELD_NUMBER: _builtins.int
     MAX_LOGIT_DIFFERENCE_FIELD_NUMBER: _builtins.int
     output_path: _builtins.str
-    """Absolute path of the written checkpoint."""
+    """Where the checkpoint was written, relative to the caller's tenant directory of the merge
+    root (the output_dir asked for, normalised); the server's own paths are never shown.
+    """
     size_bytes: _builtins.int
     merged_tensors: _builtins.int
     """Base tensors that the adapter changed."""

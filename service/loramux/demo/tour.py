@@ -61,9 +61,11 @@ def run_demo(cache_dir: str | None = None, rebuild: bool = False) -> int:
             print("6. merging 'pirate' into the base ...")
             handle = client.merge("pirate", "pirate-merged")
             merged = handle.result(timeout=120)
-            print(f"   wrote {merged.output_path} ({merged.merged_tensors} tensors merged)")
-            tokenizer = AutoTokenizer.from_pretrained(merged.output_path)
-            model = AutoModelForCausalLM.from_pretrained(merged.output_path, dtype=torch.float32).eval()
+            # The server names the output under the tenant's directory of its merge root.
+            written = settings.merge_root / "demo" / merged.output_path
+            print(f"   wrote {written} ({merged.merged_tensors} tensors merged)")
+            tokenizer = AutoTokenizer.from_pretrained(written)
+            model = AutoModelForCausalLM.from_pretrained(written, dtype=torch.float32).eval()
             ids = tokenizer(PROMPT, return_tensors="pt").input_ids
             with torch.no_grad():
                 out = model.generate(ids, max_new_tokens=24, do_sample=False)

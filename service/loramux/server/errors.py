@@ -211,6 +211,14 @@ class MergeUnsupported(LoramuxError):
     reason = "MERGE_UNSUPPORTED"
 
 
+class MergeDiskFull(LoramuxError):
+    """The merge root's disk would keep less than --merge-disk-reserve-mib free: retriable
+    once outputs are removed or merges under way end."""
+
+    kind = Kind.RESOURCE_EXHAUSTED
+    reason = "MERGE_DISK_FULL"
+
+
 class MergeNotFinite(LoramuxError):
     kind = Kind.FAILED_PRECONDITION
     reason = "MERGE_NOT_FINITE"

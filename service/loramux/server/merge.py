@@ -52,23 +52,52 @@ _SWEEP_MAX_DIRS = 10_000
 
 @dataclasses.dataclass(frozen=True)
 class MergeResult:
-    output_path: Path
+    output_path: Path  # on the server's disk: never shown to callers
     files: tuple[str, ...]
     size_bytes: int
     merged_tensors: int
     manifest_sha256: str = ""
     max_logit_difference: float | None = None  # with verification
+    output_dir: str = ""  # where it lies under the tenant's directory of the merge root: what callers see
 
 
 def _encode(result: MergeResult) -> dict:
     return {"output_path": str(result.output_path), "files": list(result.files), "size_bytes": result.size_bytes,
             "merged_tensors": result.merged_tensors, "manifest_sha256": result.manifest_sha256,
-            "max_logit_difference": result.max_logit_difference}
+            "max_logit_difference": result.max_logit_difference, "output_dir": result.output_dir}
 
 
 def _decode(saved: dict) -> MergeResult:
-    return MergeResult(Path(saved["output_path"]), tuple(saved["files"]), saved["size_bytes"], saved["merged_tensors"],
-                       saved.get("manifest_sha256", ""), saved.get("max_logit_difference"))
+    files = saved["files"]
+    if not (isinstance(files, list) and all(isinstance(f, str) for f in files)):
+        raise ValueError("files is not a list of names")
+    difference = saved.get("max_logit_difference")
+    return MergeResult(Path(str(saved["output_path"])), tuple(files), int(saved["size_bytes"]), int(saved["merged_tensors"]),
+                       str(saved.get("manifest_sha256", "")), None if difference is None else float(difference),
+                       str(saved.get("output_dir", "")))
+
+
+def outputs_kept(tenant_root: Path) -> dict[Path, int]:
+    """The merge outputs under one tenant's directory of the merge root (directories holding a
+    merge's info file, at most 4 levels down), with the bytes of the files in each."""
+    found: dict[Path, int] = {}
+
+    def walk(directory: Path, depth: int) -> None:
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            return
+        if any(e.name == MERGE_INFO_FILE for e in entries):
+            found[directory] = sum(e.stat(follow_symlinks=False).st_size for e in entries
+                                   if e.is_file(follow_symlinks=False))
+            return
+        if depth < 4:
+            for e in entries:
+                if e.is_dir(follow_symlinks=False) and not e.name.startswith((TMP_PREFIX, OLD_PREFIX)):
+                    walk(Path(e.path), depth + 1)
+
+    walk(tenant_root, 0)
+    return found
 
 
 MERGE_RESULTS = ResultCodec(_encode, _decode)  # how merge results are kept in the state store

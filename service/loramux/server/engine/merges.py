@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -28,10 +30,12 @@ from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.failures import as_domain_error
 from loramux.server.base_files import BaseCheckpoint, read_base_checkpoint
 from loramux.server.combine import combine, combined_config
-from loramux.server.errors import AdapterExists, InvalidRequest, MergeFailed, MergeOutputExists, ShuttingDown
+from loramux.server.errors import (
+    AdapterExists, InvalidRequest, MergeDiskFull, MergeFailed, MergeOutputExists, ShuttingDown,
+)
 from loramux.server.merge import (
-    MergeJob, MergeProgress, MergeResult, adapter_directory, combined_weights, merge_to_checkpoint, read_adapter_config,
-    resolve_output, verify_merged, write_adapter_checkpoint,
+    MergeJob, MergeProgress, MergeResult, adapter_directory, combined_weights, merge_to_checkpoint, outputs_kept,
+    read_adapter_config, resolve_output, verify_merged, write_adapter_checkpoint,
 )
 from loramux.server.operations import Operation, OperationStore
 from loramux.server.quotas import UNLIMITED, Quotas, refuse
@@ -60,6 +64,7 @@ class Merges:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="loramux-merge", initializer=limit_to_one_thread)
         self._claims: dict[Path, int] = {}  # output directory -> merges queued or running for it
+        self._pending: dict[Path, int] = {}  # output directory -> bytes those merges will write, estimated
         self._checkpoint: BaseCheckpoint | None = None  # the base's files, read on the first merge
 
     def checkpoint(self) -> BaseCheckpoint:
@@ -102,7 +107,8 @@ class Merges:
                                     "register_as", field="register_as", existing_source="")
         shard_bytes = job.max_shard_bytes or (self.settings.merge_shard_mib << 20 if self.settings.merge_shard_mib else None)
         checkpoint = None if job.adapter_only else self.checkpoint()  # MERGE_UNSUPPORTED now
-        limit = self._quotas(tenant).merges
+        quotas = self._quotas(tenant)
+        limit = quotas.merges
         if limit is not None:
             running = sum(not op.done and op.name.startswith("operations/merge-") for op in self.operations.list(tenant))
             if running >= limit:
@@ -113,6 +119,7 @@ class Merges:
         tenant_root = self.settings.merge_root / tenant
         tenant_root.mkdir(exist_ok=True)
         target = resolve_output(tenant_root, job.output_dir, job.overwrite)
+        estimate = checkpoint.total_bytes if checkpoint is not None else sum(_files_bytes(r.directory) for r in records)
         with self._lock:  # merges to one output run one after another; without overwrite, only one
             claims = self._claims.get(target, 0)
             if claims and not job.overwrite:
@@ -120,7 +127,9 @@ class Merges:
                     "another merge to this output_dir is queued or running; set overwrite to replace its output after it",
                     field="output_dir",
                 )
+            self._check_room(tenant, tenant_root, target, estimate, quotas)
             self._claims[target] = claims + 1
+            self._pending[target] = self._pending.get(target, 0) + estimate
         op = self.operations.create(
             tenant,
             "merge",
@@ -136,8 +145,9 @@ class Merges:
             finally:
                 with self._lock:
                     self._claims[target] -= 1
+                    self._pending[target] -= estimate
                     if not self._claims[target]:
-                        del self._claims[target]
+                        del self._claims[target], self._pending[target]
 
         def run() -> None:
             started = time.perf_counter()
@@ -155,10 +165,38 @@ class Merges:
                     return
                 self.telemetry.merge_duration.record(time.perf_counter() - started, {"outcome": "ok"})
                 self.operations.update(op, phase="done")
+                result = dataclasses.replace(result, output_dir=str(target.relative_to(tenant_root)))
                 self.operations.finish(op, result=result)
 
         self._executor.submit(work)
         return op
+
+    def _check_room(self, tenant: str, tenant_root: Path, target: Path, estimate: int, quotas: Quotas) -> None:
+        """Refuse a merge that would take the tenant past its merge_outputs or merge_output_gib
+        quota (outputs kept plus merges under way, the output it replaces not counted), or leave
+        the merge root's disk with less than merge_disk_reserve_mib free once every merge
+        under way has written (held: self._lock)."""
+        kept = {path: size for path, size in outputs_kept(tenant_root).items() if path != target}
+        mine = {path: size for path, size in self._pending.items() if path.is_relative_to(tenant_root) and path != target}
+        count = len(kept.keys() | mine.keys()) + 1
+        used = sum(kept.values()) + sum(mine.values()) + estimate
+        if quotas.merge_outputs is not None and count > quotas.merge_outputs:
+            raise refuse(tenant, "merge_outputs", quotas.merge_outputs, count - 1,
+                         f"{count - 1} merge outputs kept or being written; delete one (or overwrite it) first")
+        if quotas.merge_output_gib is not None and used > quotas.merge_output_gib << 30:
+            raise refuse(tenant, "merge_output_gib", quotas.merge_output_gib, (used - estimate) >> 30,
+                         f"{(used - estimate) / 2**30:.1f} GiB of merge outputs and this merge needs about "
+                         f"{estimate / 2**30:.1f} GiB")
+        free = shutil.disk_usage(self.settings.merge_root).free
+        reserve = self.settings.merge_disk_reserve_mib << 20
+        under_way = sum(self._pending.values())
+        if free - under_way - estimate < reserve:
+            raise MergeDiskFull(
+                f"the merge disk has {free >> 20} MiB free; merges under way will write about {under_way >> 20} MiB and "
+                f"this one about {estimate >> 20} MiB, and {self.settings.merge_disk_reserve_mib} MiB stay free; retry "
+                "once outputs are removed or merges end",
+                retry_after_s=60.0, free_mib=free >> 20, needed_mib=estimate >> 20,
+            )
 
     def _merge(self, op: Operation, tenant: str, job: MergeJob, records: list[AdapterRecord], target: Path,
                checkpoint: BaseCheckpoint | None, shard_bytes: int | None) -> MergeResult:
@@ -238,6 +276,15 @@ class Merges:
         finally:
             phase["span"].end()
         return result
+
+
+def _files_bytes(directory: Path) -> int:
+    """The bytes of the files directly in `directory` (an adapter's: what an adapter-only
+    output of it is about as large as)."""
+    try:
+        return sum(e.stat().st_size for e in os.scandir(directory) if e.is_file())
+    except OSError:
+        return 0
 
 
 CANCEL_POLL_S = 1.0  # how often a running merge looks for a cancel asked through another replica
