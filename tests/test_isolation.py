@@ -186,6 +186,9 @@ def test_numeric_extremes_refused_at_the_edge(client):
         error = expect("INVALID_SAMPLING_PARAMETER", client.generate, prompt="x", **{field: value})
         assert error.field_violations[0][0] == field
     expect("INVALID_SAMPLING_PARAMETER", client.generate, prompt="x", stop_token_ids=list(range(300)))
+    # The documented bounds themselves, as a float32 field carries them, are accepted.
+    for field, value in (("repetition_penalty", 0.01), ("repetition_penalty", 100.0), ("temperature", 0.001)):
+        assert len(client.generate(prompt="x", max_new_tokens=2, **{field: value}).token_ids) <= 2
 
 
 def test_large_prompts_refused_before_tokenizing(client, server):

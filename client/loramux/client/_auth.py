@@ -9,8 +9,15 @@ API_KEY_ENV = "LORAMUX_API_KEY"
 
 
 def resolve_api_key(api_key: str | None) -> str | None:
-    """The key given, else LORAMUX_API_KEY, else None (no credentials sent)."""
-    return api_key if api_key is not None else os.environ.get(API_KEY_ENV) or None
+    """The key given, else LORAMUX_API_KEY, else None (no credentials sent). Whitespace around
+    it (a key read from a file ends with a newline) is dropped; a key with any other character a
+    header cannot carry is a ValueError here, not a failed call later."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    key = key.strip() if key else key
+    if key and not all(33 <= ord(c) < 127 for c in key):
+        raise ValueError("the API key holds characters a header cannot carry (keys are printable ASCII, as "
+                         "`loramux keys create` prints them)")
+    return key or None
 
 
 def key_header(api_key: str):

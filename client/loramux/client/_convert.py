@@ -9,7 +9,7 @@ from google.longrunning import operations_pb2
 import grpc
 
 from loramux.client import types
-from loramux.client.errors import from_status
+from loramux.client.errors import InternalError, from_status
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2
 
 _FINISH = {
@@ -194,3 +194,26 @@ def channel_credentials(
                                         certificate_chain=certificate_chain)
 
 
+MAX_PAGES = 100_000  # a listing longer than this is a server that never ends it
+
+
+def next_page(token: str, seen: set[str]) -> str:
+    """The page token to ask for next ('' when the listing is done), refusing one that a
+    broken server repeats (the listing would never end)."""
+    if token and (token in seen or len(seen) >= MAX_PAGES):
+        raise InternalError(grpc.StatusCode.INTERNAL, f"the server repeated the page token {token[:40]!r}; the listing "
+                           "cannot go on", reason="PAGE_TOKEN_REPEATED")
+    seen.add(token)
+    return token
+
+
+WAIT_BACKOFF_S = (0.05, 2.0)  # between WaitOperation calls that came back early: first and largest pause
+
+
+def wait_pause(asked_s: float, took_s: float, previous: float) -> float:
+    """How long to pause before the next WaitOperation: none when the last one waited as long as
+    asked (the server long-polls), else a doubling pause (a server answering at once)."""
+    if took_s >= 0.9 * asked_s:
+        return 0.0
+    low, high = WAIT_BACKOFF_S
+    return min(high, max(low, 2 * previous))

@@ -49,15 +49,20 @@ class AsyncMergeHandle:
     @_translated
     async def result(self, timeout: float | None = None) -> types.MergeResult:
         end = None if timeout is None else time.monotonic() + timeout
+        pause = 0.0
         while not self._op.done:
             left = 30.0 if end is None else end - time.monotonic()
             if left <= 0:
                 raise asyncio.TimeoutError(f"merge {self.name} not done after {timeout}s")
+            if pause:
+                await asyncio.sleep(pause)
             wait = duration_pb2.Duration()
             wait.FromNanoseconds(int(min(left, 30.0) * 1e9))
+            asked = time.monotonic()
             self._op = await self._client._operations.WaitOperation(
                 operations_pb2.WaitOperationRequest(name=self.name, timeout=wait), timeout=min(left, 30.0) + 5
             )
+            pause = _convert.wait_pause(min(left, 30.0), time.monotonic() - asked, pause)
         return _convert.merge_result(self._op)
 
     @_translated
@@ -168,13 +173,13 @@ class AsyncClient:
 
     @_translated
     async def list_adapters(self, *, page_size: int = 0, timeout: float | None = None) -> list[types.AdapterInfo]:
-        adapters, token = [], ""
+        adapters, token, seen = [], "", set()
         while True:
             page = await self._stub.ListAdapters(
                 adapter_pb2.ListAdaptersRequest(page_size=page_size, page_token=token), timeout=self._deadline(timeout)
             )
             adapters += [_convert.adapter_info(a) for a in page.adapters]
-            token = page.next_page_token
+            token = _convert.next_page(page.next_page_token, seen)
             if not token:
                 return adapters
 

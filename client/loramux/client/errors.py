@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 from google.rpc import error_details_pb2, status_pb2
 
 DETAILS_KEY = "grpc-status-details-bin"
@@ -73,27 +74,37 @@ _BY_CODE = {
 
 def from_status(code: grpc.StatusCode, status: status_pb2.Status | None, message: str) -> LoramuxError:
     reason, metadata, violations, retry_after, quota = "", {}, [], None, []
-    if status is not None:
-        message = status.message or message
-        for detail in status.details:
-            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                info = error_details_pb2.ErrorInfo()
-                detail.Unpack(info)
-                reason, metadata = info.reason, dict(info.metadata)
-            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                bad = error_details_pb2.BadRequest()
-                detail.Unpack(bad)
-                violations = [(v.field, v.description) for v in bad.field_violations]
-            elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
-                failure = error_details_pb2.QuotaFailure()
-                detail.Unpack(failure)
-                quota = [(v.subject, v.description) for v in failure.violations]
-            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                retry = error_details_pb2.RetryInfo()
-                detail.Unpack(retry)
-                retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    try:
+        if status is not None:
+            message = status.message or message
+            reason, metadata, violations, retry_after, quota = _details(status)
+    except DecodeError:  # details that do not parse: the code and message still say what happened
+        reason, metadata, violations, retry_after, quota = "", {}, [], None, []
     cls = _BY_CODE.get(code, InternalError)
     return cls(code, message, reason, metadata, violations, retry_after, quota)
+
+
+def _details(status: status_pb2.Status):
+    """(reason, metadata, field violations, retry after, quota violations) from a status's details."""
+    reason, metadata, violations, retry_after, quota = "", {}, [], None, []
+    for detail in status.details:
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            reason, metadata = info.reason, dict(info.metadata)
+        elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            violations = [(v.field, v.description) for v in bad.field_violations]
+        elif detail.Is(error_details_pb2.QuotaFailure.DESCRIPTOR):
+            failure = error_details_pb2.QuotaFailure()
+            detail.Unpack(failure)
+            quota = [(v.subject, v.description) for v in failure.violations]
+        elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            retry = error_details_pb2.RetryInfo()
+            detail.Unpack(retry)
+            retry_after = retry.retry_delay.ToNanoseconds() / 1e9
+    return reason, metadata, violations, retry_after, quota
 
 
 def from_rpc_error(error: grpc.RpcError) -> LoramuxError:
@@ -101,5 +112,8 @@ def from_rpc_error(error: grpc.RpcError) -> LoramuxError:
     status = None
     for key, value in error.trailing_metadata() or ():
         if key == DETAILS_KEY:
-            status = status_pb2.Status.FromString(value)
+            try:
+                status = status_pb2.Status.FromString(value)
+            except DecodeError:  # a broken server or proxy: the code and message still count
+                status = None
     return from_status(error.code(), status, error.details() or "")

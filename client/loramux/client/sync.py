@@ -49,15 +49,20 @@ class MergeHandle:
     def result(self, timeout: float | None = None) -> types.MergeResult:
         """Wait for the merge (at most `timeout` seconds) and return what it wrote; raises its error."""
         end = None if timeout is None else time.monotonic() + timeout
+        pause = 0.0
         while not self._op.done:
             left = 30.0 if end is None else end - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"merge {self.name} not done after {timeout}s")
+            if pause:
+                time.sleep(pause)
             wait = duration_pb2.Duration()
             wait.FromNanoseconds(int(min(left, 30.0) * 1e9))
+            asked = time.monotonic()
             self._op = self._client._operations.WaitOperation(
                 operations_pb2.WaitOperationRequest(name=self.name, timeout=wait), timeout=min(left, 30.0) + 5
             )
+            pause = _convert.wait_pause(min(left, 30.0), time.monotonic() - asked, pause)
         return _convert.merge_result(self._op)
 
     @_translated
@@ -180,13 +185,13 @@ class Client:
     @_translated
     def list_adapters(self, *, page_size: int = 0, timeout: float | None = None) -> list[types.AdapterInfo]:
         """Every adapter of the caller's tenant, following pages."""
-        adapters, token = [], ""
+        adapters, token, seen = [], "", set()
         while True:
             page = self._stub.ListAdapters(
                 adapter_pb2.ListAdaptersRequest(page_size=page_size, page_token=token), timeout=self._deadline(timeout)
             )
             adapters += [_convert.adapter_info(a) for a in page.adapters]
-            token = page.next_page_token
+            token = _convert.next_page(page.next_page_token, seen)
             if not token:
                 return adapters
 

@@ -1,4 +1,7 @@
-"""google.longrunning.Operations over the engine's operation store."""
+"""google.longrunning.Operations over the engine's operation store.
+
+Every call that may read the state store (another replica's operations, a tenant's listing)
+runs off the event loop: a slow or crowded shared volume delays that call only."""
 
 from __future__ import annotations
 
@@ -30,11 +33,13 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @maps_errors
     async def GetOperation(self, request, context):
-        return convert.operation(self._engine.operations.get(tenant_of(context, self._engine), request.name))
+        op = await asyncio.to_thread(self._engine.operations.get, tenant_of(context, self._engine), request.name)
+        return convert.operation(op)
 
     @maps_errors
     async def ListOperations(self, request, context):
-        ops = sorted(self._engine.operations.list(tenant_of(context, self._engine)), key=lambda op: op.name)
+        ops = sorted(await asyncio.to_thread(self._engine.operations.list, tenant_of(context, self._engine)),
+                     key=lambda op: op.name)
         chosen, token = convert.page(ops, request.page_size, request.page_token, key=lambda op: op.name)
         return operations_pb2.ListOperationsResponse(operations=[convert.operation(op) for op in chosen], next_page_token=token)
 
@@ -59,7 +64,7 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             limits.append(max(remaining - 0.05, 0.0))
         store = self._engine.operations
         tenant = tenant_of(context, self._engine)
-        op = store.get(tenant, request.name)
+        op = await asyncio.to_thread(store.get, tenant, request.name)
         if op.foreign:  # another replica runs it: read its record again until it is done
             deadline = asyncio.get_running_loop().time() + min(limits)
             while not op.done and asyncio.get_running_loop().time() < deadline:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import struct
 
 from loramux.server.base_model import BaseModel
 from loramux.server.engine.kv_cache import static_row_tokens
@@ -19,6 +20,12 @@ MAX_ROLE_CHARS = 64
 # Outside these, scores overflow float32 (temperature 1e-38 makes every logit infinite).
 TEMPERATURE_RANGE = (1e-3, 100.0)
 REPETITION_PENALTY_RANGE = (1e-2, 100.0)
+
+
+def _float32(value: float) -> float:
+    """`value` as a float32 field carries it: the documented bounds (0.01) arrive as the
+    nearest float32 (0.00999999977...), and must be accepted as what they are."""
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 @dataclasses.dataclass
@@ -131,7 +138,7 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
             raise bad(name, f"must be a finite number >= 0, got {value}")
     for name, (low, high) in (("temperature", TEMPERATURE_RANGE), ("repetition_penalty", REPETITION_PENALTY_RANGE)):
         value = getattr(inp, name)
-        if value != 0 and not low <= value <= high:
+        if value != 0 and not _float32(low) <= value <= _float32(high):
             raise bad(name, f"must be 0 (off) or in [{low:g}, {high:g}], got {value:g}")
     if inp.top_p > 1:
         raise bad("top_p", f"must be in [0, 1], got {inp.top_p}")
