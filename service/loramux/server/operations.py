@@ -206,11 +206,11 @@ class OperationStore:
             return 0
         interrupted = 0
         for saved in self._store.operations():
-            if saved.owner != self._store.replica and (saved.body["done"] or self._store.alive(saved.owner, lease_s)):
-                continue  # another replica's: answered from the store
-            op = self._decode_or_skip(saved)
+            op = self._decode_or_skip(saved)  # every record checked: one that is not this server's is reported
             if op is None:
                 continue
+            if saved.owner != self._store.replica and (saved.body["done"] or self._store.alive(saved.owner, lease_s)):
+                continue  # another replica's: answered from the store
             op.foreign = False
             name = saved.name
             with self._cond:
