@@ -317,6 +317,46 @@ def test_a_full_queue_refuses_the_heaviest_tenant_first(assets):
         engine.stop()
 
 
+def test_a_flooding_tenant_leaves_a_row_for_a_tenant_that_called_recently(assets):
+    """A tenant alone fills the batch; once another tenant has called within RESERVE_RECENT_S and
+    holds no row, the flood leaves one row free, and that tenant's next request takes it at
+    the next pass instead of waiting for a flood request to end."""
+    engine = make_engine(assets, max_batch_size=4)
+
+    def long(name: str, tenant: str) -> None:
+        inp = GenerateInput(prompt=PROMPTS[3], max_new_tokens=24, ignore_eos=True)
+        engine.submit(tenant, inp, rec.emit_for(name))
+
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        for i in range(5):
+            long(f"alone{i}", "flood")
+        gate.set()
+        rec.wait_all()
+        # No other tenant: four rows at once; the fifth starts once one has ended.
+        assert max(rec.index(f"alone{i}", TokenEvent) for i in range(4)) < rec.index("alone0", FinishEvent)
+        assert rec.index("alone4", TokenEvent) > rec.index("alone0", FinishEvent)
+
+        submit(engine, rec, "calm0", "", "x", n=1, tenant="calm")  # calm has called: it holds no row now
+        rec.wait_all()
+        gate = hold(engine)
+        for i in range(5):
+            long(f"flood{i}", "flood")
+        gate.set()
+        rec.wait_tokens("flood0", 1)
+        gate = hold(engine)  # between two steps of the flood's three rows
+        submit(engine, rec, "calm1", "", "x", n=2, tenant="calm")
+        gate.set()
+        rec.wait_all()
+        first_end = min(rec.index(f"flood{i}", FinishEvent) for i in range(5))
+        assert max(rec.index(f"flood{i}", TokenEvent) for i in range(3)) < first_end  # three rows at once
+        assert rec.index("flood3", TokenEvent) > first_end  # the fourth row was kept
+        assert rec.index("calm1", TokenEvent) < first_end  # and calm took it at once
+    finally:
+        engine.stop()
+
+
 def test_full_queue_is_resource_exhausted_with_retry_info(assets):
     with BackgroundServer(assets.settings(max_queue=2, batch_window_ms=0)) as server:
         gate = hold(server.engine)

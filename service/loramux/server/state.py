@@ -160,7 +160,7 @@ class Skipped:
     """Stored records that were skipped, and why: each logged once (per reason), all kept
     for the start-up report and tests, at most `limit` (the newest)."""
 
-    def __init__(self, what: str, limit: int = 1000):
+    def __init__(self, what: str, limit: int = 10_000):
         self._what = what
         self._limit = limit
         self._items: collections.OrderedDict[str, str] = collections.OrderedDict()

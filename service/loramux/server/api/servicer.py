@@ -19,7 +19,6 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from google.protobuf import empty_pb2
@@ -28,6 +27,7 @@ from opentelemetry import trace
 
 from loramux.server.api import convert
 from loramux.server.api.auth import Authenticator, caller
+from loramux.server.api.fair_executor import FairExecutor
 from loramux.server.api.status import abort, code_of
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.engine import Engine
@@ -145,20 +145,22 @@ def maps_errors(method):
 class Pools:
     """Bounded thread pools for blocking work, one per kind, so that one kind cannot starve
     another: tokenizing and queueing generate calls (admission), and adapter administration
-    (Hub resolution, reading and validating files, waiting for a slot). Waiting on operations
-    needs no thread (it is awaited)."""
+    (Hub resolution, reading and validating files, waiting for a slot). Each takes turns
+    between tenants (fair_executor.py), so that one tenant's burst cannot starve another
+    either. Waiting on operations needs no thread (it is awaited)."""
 
     def __init__(self, admission_threads: int = 4, adapter_threads: int = 4):
-        self.admission = ThreadPoolExecutor(admission_threads, thread_name_prefix="loramux-admit", initializer=limit_to_one_thread)
-        self.adapters = ThreadPoolExecutor(adapter_threads, thread_name_prefix="loramux-adapters", initializer=limit_to_one_thread)
+        self.admission = FairExecutor(admission_threads, "loramux-admit", initializer=limit_to_one_thread)
+        self.adapters = FairExecutor(adapter_threads, "loramux-adapters", initializer=limit_to_one_thread)
 
     def shutdown(self) -> None:
-        self.admission.shutdown(wait=False, cancel_futures=True)
-        self.adapters.shutdown(wait=False, cancel_futures=True)
+        self.admission.shutdown()
+        self.adapters.shutdown()
 
 
-async def _blocking(pool: ThreadPoolExecutor, fn, *args, **kwargs):
-    return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args, **kwargs))
+async def _blocking(pool: FairExecutor, fn, *args, **kwargs):
+    """Run `fn` on `pool` in the calling tenant's turn, and await it."""
+    return await asyncio.wrap_future(pool.submit(caller.get().tenant, functools.partial(fn, *args, **kwargs)))
 
 
 def _wait_budget(context, limit_s: float) -> float:

@@ -26,8 +26,8 @@ thread (push, remove).
 from __future__ import annotations
 
 import time
-from collections import deque
-from collections.abc import Callable
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable, Tier, TieredAdapterCache
@@ -37,6 +37,7 @@ from loramux.server.quotas import refuse
 from loramux.server.settings import Settings
 
 _TIER_RANK = {Tier.ACCELERATOR: 0, Tier.HOST: 1, Tier.DISK: 2}
+RESERVE_RECENT_S = 10.0  # a tenant that sent a request this recently, and holds no row, has one kept free for it
 
 
 class KvBudget:
@@ -84,6 +85,7 @@ class Scheduler:
         self._count = 0
         self._loads: dict[int, Future] = {}  # disk reads in flight for waiting requests, by adapter uid
         self._shed: list[GenerationRequest] = []  # taken out of a full queue for a lighter tenant, to be answered
+        self._recent: dict[str, float] = {}  # tenant -> when its latest request arrived (monotonic), for RESERVE_RECENT_S
         self.retry_hint_s = 1.0  # kept current by the engine from recent request durations
 
     def __len__(self) -> int:
@@ -135,6 +137,7 @@ class Scheduler:
             self._shed.append(shed)
             self._wake()
         queue = self._waiting.get(request.tenant)
+        self._recent[request.tenant] = request.arrival
         if queue is None:
             queue = self._waiting[request.tenant] = deque()
             self._turns.append(request.tenant)
@@ -150,11 +153,16 @@ class Scheduler:
         self._count = 0
         return out
 
-    def admit(self, rows_free: int, budget: KvBudget, now: float) -> list[GenerationRequest]:
+    def admit(self, rows_free: int, budget: KvBudget, now: float,
+              held: Mapping[str, int] | None = None) -> list[GenerationRequest]:
         """Choose requests to prefill now and put their adapters in slots (acquired for them).
+        `held`: the running rows of each tenant.
 
         Requests that were cancelled, expired, lost their adapter or failed to read it are
         answered with an error and dropped here."""
+        held = Counter(held or {})
+        for tenant in [t for t, at in self._recent.items() if now - at > RESERVE_RECENT_S]:
+            del self._recent[tenant]
         self._drop_dead(now)
         for uid in [u for u, f in self._loads.items() if f.done()]:
             del self._loads[uid]
@@ -171,6 +179,8 @@ class Scheduler:
             progressed = False
             for tenant in list(self._turns):
                 left = options[tenant]
+                if left and rows_free <= self._reserved_for_others(tenant, held):
+                    continue  # the last free rows wait for tenants that hold none
                 while left:
                     best = min(left, key=lambda r: self._preference(r, uids, now, wait_bound))
                     left.remove(best)
@@ -192,6 +202,7 @@ class Scheduler:
                     if not ready or not fits:
                         continue
                     chosen.append(best)
+                    held[tenant] += 1
                     if uid is not None:
                         uids.add(uid)
                     rows_free -= 1
@@ -205,6 +216,15 @@ class Scheduler:
             if not progressed:
                 break
         return self._give_slots(chosen, served)
+
+    def _reserved_for_others(self, tenant: str, held: Counter) -> int:
+        """Rows `tenant` must leave free: one for each other tenant that sent a request within
+        RESERVE_RECENT_S and holds no row now (at most a quarter of the batch). A tenant alone
+        uses the whole batch; one flooding it leaves a row for the next caller of another
+        tenant, who then starts at the next pass instead of after a whole cohort of the
+        flood's requests has ended."""
+        others = sum(1 for other in self._recent if other != tenant and not held[other])
+        return min(others, self._settings.max_batch_size // 4)
 
     def _preference(self, r: GenerationRequest, uids: set[int], now: float, wait_bound: float):
         if now - r.arrival > wait_bound:

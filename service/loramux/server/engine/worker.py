@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-from collections import Counter
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -351,7 +350,8 @@ class Worker:
                         budget = KvBudget(UNBOUNDED)
                     elif running:
                         budget = KvBudget(budget.limit, running, self._running.kv_length + 1, self._running.most_remaining())
-                    admitted = scheduler.admit(self.settings.max_batch_size - running, budget, now)
+                    held = Counter(row.request.tenant for row in self._running.rows) if running else Counter()
+                    admitted = scheduler.admit(self.settings.max_batch_size - running, budget, now, held)
                     if admitted or running:
                         return admitted
                     self.cond.wait(IDLE_POLL_S)
