@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import logging
 import signal
 
@@ -242,7 +243,17 @@ def build_engine(settings: Settings, telemetry: Telemetry, base=None, auth: Auth
     engine = Engine(settings, base or load_base_model(settings), telemetry).start()
     _wire_auth(engine, auth or Authenticator(settings))
     engine.restore_report = restore_state(engine)
+    settle_garbage_collector()
     return engine
+
+
+def settle_garbage_collector() -> None:
+    """Move everything start-up made (the model, torch's and transformers' modules: millions of
+    objects) out of the collector's sight. A full collection walks every object it tracks while
+    holding the interpreter lock: with them in view, a burst of small allocations (a large keys
+    file reloaded, a long listing) set one off that stalled every call for 0.4-0.6 s."""
+    gc.collect()
+    gc.freeze()
 
 
 def _wire_auth(engine: Engine, auth: Authenticator) -> None:

@@ -146,6 +146,29 @@ class OperationStore:
                     mine[saved.name] = op
         return list(mine.values())
 
+    def page(self, tenant: str, after: str, size: int) -> tuple[list[Operation], bool]:
+        """Up to `size` of the tenant's operations whose names sort after `after` (this
+        replica's and every replica's), in name order, and whether more follow. Reads only the
+        records it returns (and those it skips as unreadable), however many the tenant has:
+        blocking, call it off the event loop."""
+        with self._cond:
+            mine = {op.name: op for op in self._ops.values() if op.tenant == tenant and op.name > after}
+        names = set(mine)
+        if self._store is not None:
+            names.update(n for n in self._store.operation_names(tenant) if n > after)
+        chosen: list[Operation] = []
+        ordered = sorted(names)
+        for i, name in enumerate(ordered):
+            if len(chosen) == size:
+                return chosen, True
+            op = mine.get(name)
+            if op is None:
+                saved = self._store.operation(tenant, name)
+                op = self._decode_or_skip(saved) if saved is not None else None
+            if op is not None:
+                chosen.append(op)
+        return chosen, False
+
     def _trim(self) -> None:
         finished = [op for op in self._ops.values() if op.done]
         for op in finished[: max(0, len(self._ops) - MAX_KEPT)]:

@@ -266,6 +266,19 @@ class StateStore:
                         found.append(record)
         return sorted(found, key=lambda r: (r.body["create_time"], r.name))
 
+    def operation_names(self, tenant: str) -> list[str]:
+        """The names of the tenant's stored operations, from the folder's listing alone (no file
+        is read: a page of a long listing reads only its own records)."""
+        if not NAME.fullmatch(tenant):
+            return []
+        try:
+            entries = os.scandir(self.directory / "operations" / tenant)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        with entries:
+            return [f"operations/{match.group(1)}" for entry in entries
+                    if (match := OPERATION_FILE.fullmatch(entry.name)) is not None]
+
     def _read_operation(self, path: Path, tenant: str) -> OperationRecord | None:
         where = str(path.relative_to(self.directory))
         try:

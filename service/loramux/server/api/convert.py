@@ -106,22 +106,30 @@ def adapter(record: AdapterRecord, tier: Tier) -> adapter_pb2.Adapter:
     )
 
 
-def page(items: list, page_size: int, page_token: str, key) -> tuple[list, str]:
-    """AIP-158 pagination over items sorted by `key`; tokens are opaque (the last key seen)."""
+def page_request(page_size: int, page_token: str) -> tuple[int, str]:
+    """AIP-158: (page size, the last key the previous page ended at); tokens are opaque."""
     if page_size < 0:
         raise InvalidRequest(f"page_size must be >= 0, got {page_size}", field="page_size", reason="INVALID_PAGE_SIZE")
-    size = min(page_size or 50, 1000)
-    start = 0
+    after = ""
     if page_token:
         try:
             after = base64.urlsafe_b64decode(page_token.encode()).decode()
         except (ValueError, UnicodeDecodeError) as e:
             raise InvalidRequest("page_token is not a token this server issued", field="page_token", reason="INVALID_PAGE_TOKEN") from e
-        start = next((i for i, item in enumerate(items) if key(item) > after), len(items))
+    return min(page_size or 50, 1000), after
+
+
+def page_token(last_key: str | None, more: bool) -> str:
+    return base64.urlsafe_b64encode(last_key.encode()).decode() if more and last_key else ""
+
+
+def page(items: list, page_size: int, page_token_: str, key) -> tuple[list, str]:
+    """AIP-158 pagination over items sorted by `key`."""
+    size, after = page_request(page_size, page_token_)
+    start = next((i for i, item in enumerate(items) if key(item) > after), len(items)) if after else 0
     chosen = items[start : start + size]
     more = start + size < len(items)
-    token = base64.urlsafe_b64encode(key(chosen[-1]).encode()).decode() if more and chosen else ""
-    return chosen, token
+    return chosen, page_token(key(chosen[-1]) if chosen else None, more)
 
 
 def merge_job(request) -> MergeJob:

@@ -38,10 +38,10 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @maps_errors
     async def ListOperations(self, request, context):
-        ops = sorted(await asyncio.to_thread(self._engine.operations.list, tenant_of(context, self._engine)),
-                     key=lambda op: op.name)
-        chosen, token = convert.page(ops, request.page_size, request.page_token, key=lambda op: op.name)
-        return operations_pb2.ListOperationsResponse(operations=[convert.operation(op) for op in chosen], next_page_token=token)
+        size, after = convert.page_request(request.page_size, request.page_token)
+        chosen, more = await asyncio.to_thread(self._engine.operations.page, tenant_of(context, self._engine), after, size)
+        return operations_pb2.ListOperationsResponse(operations=[convert.operation(op) for op in chosen],
+                                                     next_page_token=convert.page_token(chosen[-1].name if chosen else None, more))
 
     @maps_errors
     async def CancelOperation(self, request, context):
