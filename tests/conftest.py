@@ -71,6 +71,12 @@ class Assets:
         return out[0, ids.shape[1]:].tolist()
 
 
+def merged_path(server, result, tenant: str = "default") -> Path:
+    """Where a merge result lies on the server's disk (results name it under the tenant's
+    directory of the merge root only)."""
+    return server.engine.settings.merge_root / tenant / result.output_path
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Assets:
     return Assets(tmp_path_factory.mktemp("assets"))

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import loramux.client as lc
-from conftest import PROMPTS
+from conftest import PROMPTS, merged_path
 from loramux.demo.assets import make_adapter
 from loramux.server.app import BackgroundServer
 from loramux.server.errors import InvalidSettings
@@ -215,7 +215,7 @@ def test_merges_equal_peft_merge_and_unload(family, adapter):
     with lc.Client(family.server.target, timeout=120) as client:
         client.load_adapter(adapter, source=adapter)
         result = client.merge(adapter, f"merged-{adapter}").result(timeout=120)
-    got = load_file(f"{result.output_path}/model.safetensors")
+    got = load_file(merged_path(family.server, result) / "model.safetensors")
     want = family.peft(adapter).merge_and_unload().state_dict()
     assert result.merged_tensors == sum(1 for n in family.server.engine.base.bank.layers
                                         if any(n.endswith(f".{t}") for t in MODELS_TARGETS[family.base.name][adapter]))
@@ -302,7 +302,7 @@ def test_a_conv1d_base_quantized_by_bitsandbytes_merges_from_its_transposed_file
         assert bank.transposed() == frozenset() and bank.stored_transposed() == frozenset(bank.layers)
         client.load_adapter("all", source="all")
         result = client.merge("all", "merged-all").result(timeout=120)
-    got = load_file(f"{result.output_path}/model.safetensors")
+    got = load_file(merged_path(server, result) / "model.safetensors")
     want = family.peft("all").merge_and_unload().state_dict()
     assert result.merged_tensors == 8 and all(torch.equal(tensor, want[name]) for name, tensor in got.items())
 

@@ -44,7 +44,9 @@ def test_the_servers_pools_are_limited(assets):
     pools = Pools()
     engine = Engine(assets.settings(), load_base_model(assets.settings()))
     try:
-        for pool in (pools.admission, pools.adapters, engine._io, engine.merges._executor):
+        for pool in (pools.admission, pools.adapters):  # they take turns between tenants
+            assert pool.submit("a-tenant", torch.get_num_threads).result() == 1
+        for pool in (engine._io, engine.merges._executor):
             assert pool.submit(torch.get_num_threads).result() == 1
     finally:
         pools.shutdown()

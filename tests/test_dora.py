@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import loramux.client as lc
-from conftest import PROMPTS
+from conftest import PROMPTS, merged_path
 from loramux.demo.assets import make_adapter
 from loramux.server.app import BackgroundServer
 
@@ -72,9 +72,9 @@ def test_a_dora_merge_equals_peft_merge_and_unload(assets, dora):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    _, client = dora
+    server, client = dora
     result = client.merge("dora-all", "dora-merged").result(timeout=120)
-    got = load_file(f"{result.output_path}/model.safetensors")
+    got = load_file(merged_path(server, result) / "model.safetensors")
     base = AutoModelForCausalLM.from_pretrained(str(assets.base), dtype=torch.float32)
     want = PeftModel.from_pretrained(base, str(assets.adapters / "dora-all")).merge_and_unload().state_dict()
     for name, tensor in got.items():

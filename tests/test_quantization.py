@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import loramux.client as lc
-from conftest import ADAPTERS, PROMPTS
+from conftest import ADAPTERS, PROMPTS, merged_path
 from loramux.server.app import BackgroundServer
 from loramux.server.lora.slot_linear import SlotLinear
 
@@ -75,7 +75,7 @@ def test_a_merge_on_a_quantized_server_reads_the_full_precision_files(assets, qu
 
     server, client = quantized
     result = client.merge("all-r16", "from-int8").result(timeout=120)
-    got = load_file(str(result.output_path) + "/model.safetensors")
+    got = load_file(merged_path(server, result) / "model.safetensors")
     base = AutoModelForCausalLM.from_pretrained(str(assets.base), dtype=torch.float32)
     want = PeftModel.from_pretrained(base, str(assets.adapters / "all-r16")).merge_and_unload().state_dict()
     assert all(torch.equal(got[k], want[k]) for k in got)
