@@ -15,7 +15,7 @@ from loramux.client.errors import from_rpc_error
 from conftest import PROMPTS
 from loramux.cli.main import main as cli
 from loramux.server.app import BackgroundServer
-from loramux.server.errors import InvalidSettings
+from loramux.server.errors import InvalidSettings, Unauthenticated
 from loramux.server.keys import KeyStore, append_key, hash_key
 from loramux.v1 import adapter_pb2, loramux_service_pb2_grpc
 
@@ -269,3 +269,46 @@ def test_keys_create_defaults_to_a_file_in_the_working_directory(tmp_path, monke
     assert cli(["keys", "create", "--tenant", "t1", "--role", "admin"]) == 0
     key = capsys.readouterr().out.strip()
     assert KeyStore(tmp_path / "loramux-keys.yaml").identify(key).role == "admin"
+
+
+def test_a_keys_file_cut_short_emptied_or_gone_never_locks_keys_out(tmp_path):
+    """A reload that would drop more than half the keys in force is refused unless the file
+    states expected_keys; a missing file, a FIFO or a file cut mid-entry keep the last good keys."""
+    path = tmp_path / "keys.yaml"
+    keys = [append_key(path, f"team-{i}", "user", f"k{i}") for i in range(5)]
+    full = path.read_text()
+    store = KeyStore(path)
+    entries = yaml.safe_load(full)["keys"]
+
+    def write(text: str) -> bool:
+        tmp = path.with_suffix(".new")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        return store.check()
+
+    assert not write("")  # emptied
+    assert not write(yaml.safe_dump({"keys": entries[:1]}))  # cut after its first entry
+    assert not write(full[: len(full) // 2])  # cut mid-entry: does not parse
+    path.unlink()
+    assert not store.check()  # gone
+    os.mkfifo(path)
+    assert not store.check()  # not a regular file (and opening it did not block)
+    path.unlink()
+    assert [store.identify(k).tenant for k in keys] == [f"team-{i}" for i in range(5)]
+    assert write(yaml.safe_dump({"keys": entries[:3]}))  # two of five revoked: a normal edit
+    with pytest.raises(Unauthenticated):
+        store.identify(keys[4])
+    assert write(yaml.safe_dump({"keys": entries[:1], "expected_keys": 1}))  # a deliberate large revocation
+    assert store.identify(keys[0]).tenant == "team-0" and len(store) == 1
+    assert not write(yaml.safe_dump({"keys": [], "expected_keys": 1}))  # states 1, holds none: cut short
+    assert write(yaml.safe_dump({"keys": [], "expected_keys": 0}))  # every key revoked, on purpose
+    with pytest.raises(Unauthenticated):
+        store.identify(keys[0])
+    path.write_text(yaml.safe_dump({"keys": entries[:2], "expected_keys": 3}))
+    with pytest.raises(InvalidSettings) as e:  # at start-up too
+        KeyStore(path)
+    assert "expected_keys is 3 but the file holds 2 keys" in e.value.message
+    # `keys create` keeps a stated count true.
+    path.write_text(yaml.safe_dump({"keys": entries[:2], "expected_keys": 2}))
+    append_key(path, "team-new", "user")
+    assert yaml.safe_load(path.read_text())["expected_keys"] == 3 and len(KeyStore(path)) == 3

@@ -60,6 +60,9 @@ def test_lint_render_and_validate(values, tmp_path):
                          "Service/r1-loramux-headless", "ServiceAccount/r1-loramux", "ServiceMonitor/r1-loramux"]
         monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
         assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
+        policy = next(d for d in docs if d["kind"] == "NetworkPolicy")["spec"]["ingress"]
+        assert policy[1] == {"ports": [{"port": 9464, "protocol": "TCP"}],  # the metrics port: the scraper only
+                             "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}
         hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
         assert hpa["spec"]["metrics"] == [{"type": "Pods", "pods": {"metric": {"name": "loramux_queue_depth"},
                                                                    "target": {"type": "AverageValue", "averageValue": "6"}}}]

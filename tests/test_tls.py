@@ -152,3 +152,19 @@ def test_tls_settings_go_together(assets, pki):
     with pytest.raises(InvalidSettings) as e:
         assets.settings(tls_cert=paths["server_cert"], tls_key=paths["server_cert"].parent / "missing.pem")
     assert e.value.field == "tls_key"
+
+
+def test_a_certificate_that_is_not_pem_or_a_key_of_another_is_named_before_the_model_loads(assets, pki, tmp_path, capsys):
+    _, paths, _, _ = pki
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n")
+    for cert, key in ((garbage, paths["server_key"]), (paths["server_cert"], paths["client_key"])):
+        # A model that does not exist: the certificate must be refused before any loading.
+        code = cli(["serve", "--model", str(tmp_path / "no-model"), "--auth", "none", "--port", "0",
+                    "--tls-cert", str(cert), "--tls-key", str(key)])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert code == 2 and err.startswith(f"error: --tls-cert: {cert.name} and {key.name} are not a PEM certificate "
+                                            "chain and its private key"), err
+    code = cli(["serve", "--model", str(tmp_path / "no-model"), "--auth", "none", "--port", "0", "--tls-cert",
+                str(paths["server_cert"]), "--tls-key", str(paths["server_key"]), "--tls-client-ca", str(garbage)])
+    assert code == 2 and "error: --tls-client-ca: garbage.pem is not a PEM CA bundle" in capsys.readouterr().err
