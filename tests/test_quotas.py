@@ -216,6 +216,10 @@ def test_merge_outputs_are_bounded_per_tenant_and_by_the_disk(assets, tmp_path):
             error = refused(lambda: two.merge("qv", "c"), "merge_outputs", "two")
             assert (error.metadata["limit"], error.metadata["used"]) == ("2", "2") and error.retry_after is None
             two.merge("qv", "b", overwrite=True).result(timeout=60)  # replacing one of its own outputs
+            for nested in ("a/inside", "/".join("d" * 9)):  # inside an output (uncounted), or too deep to count
+                with pytest.raises(lc.InvalidArgument) as e:
+                    two.merge("qv", nested)
+                assert e.value.reason == "OUTPUT_DIR_INVALID"
             clients["defaulted"].merge("qv", "only").result(timeout=60)  # the server's default: 1
             refused(lambda: clients["defaulted"].merge("qv", "second"), "merge_outputs", "defaulted")
             refused(lambda: clients["bytes"].merge("qv", "any"), "merge_output_gib", "bytes")

@@ -4,6 +4,7 @@ bound; limits on rows, tokens and the queue."""
 
 import queue
 import threading
+import time
 
 import grpc
 import pytest
@@ -353,6 +354,29 @@ def test_a_flooding_tenant_leaves_a_row_for_a_tenant_that_called_recently(assets
         assert max(rec.index(f"flood{i}", TokenEvent) for i in range(3)) < first_end  # three rows at once
         assert rec.index("flood3", TokenEvent) > first_end  # the fourth row was kept
         assert rec.index("calm1", TokenEvent) < first_end  # and calm took it at once
+    finally:
+        engine.stop()
+
+
+def test_the_kept_row_goes_to_any_tenant_that_holds_none(assets):
+    """With a row kept for a tenant that called recently, another tenant holding no row may take
+    it too (the row is kept from the tenants that hold rows, not from the light ones)."""
+    from loramux.server.engine.scheduler import KvBudget
+
+    engine = make_engine(assets, max_batch_size=4)
+    try:
+        rec = Recorder()
+        submit(engine, rec, "calm", "", "x", n=1, tenant="calm")  # calm called: it holds no row now
+        rec.wait_all()
+        gate = hold(engine)
+        for i in range(3):
+            submit(engine, rec, f"flood{i}", "", "x", n=1, tenant="flood")
+        submit(engine, rec, "third", "", "x", n=1, tenant="third")
+        scheduler = engine.worker.scheduler
+        with engine.worker.cond:  # as the engine thread would, with the flood holding 3 of 4 rows
+            admitted = scheduler.admit(1, KvBudget(10**9), time.monotonic(), {"flood": 3})
+        assert [r.tenant for r in admitted] == ["third"]
+        gate.set()
     finally:
         engine.stop()
 

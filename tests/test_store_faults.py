@@ -73,6 +73,7 @@ def registration_faults(rng: random.Random) -> dict[str, bytes]:
         "default/deep.json": b"[" * 100_000 + b"]" * 100_000,
         "team-a/stolen.json": _dumps(_registration("default", "stolen")),  # under team-a's folder, naming default
         "default/oversized.json": _dumps(_registration("default", "oversized", source="x" * (MAX_REGISTRATION_BYTES + 1))),
+        "default/huge-number.json": _dumps(_registration("default", "huge-number", load_time=10 ** 400)),
     }
     for i in range(RANDOM_FAULTS):
         body = bytearray(_dumps(_registration("default", f"random-{i}")))
@@ -116,7 +117,7 @@ def write_state_faults(state: Path, rng: random.Random) -> tuple[set[str], str, 
     expected |= {"adapters/default/fifo.json", "adapters/default/link.json", "adapters/default/a-directory.json"}
 
     ops = state / "operations"
-    names = [_op_name(rng) for _ in range(12)]
+    names = [_op_name(rng) for _ in range(15)]
     records = {
         f"default/{names[0]}.json": b"{oops",
         f"default/{names[1]}.json": b"[]",
@@ -128,6 +129,10 @@ def write_state_faults(state: Path, rng: random.Random) -> tuple[set[str], str, 
                                                                                    "message": "m", "field": None})),
         f"default/{names[7]}.json": _dumps(_operation(names[7], "default", result={"files": "not a list"})),
         f"default/{names[8]}.json": _dumps(_operation(names[8], "default", metadata={"pad": "x" * MAX_OPERATION_BYTES})),
+        f"default/{names[12]}.json": _dumps(_operation(names[12], "default", create_time=10 ** 400)),
+        f"default/{names[13]}.json": _dumps(_operation(names[13], "default", error={
+            "kind": "internal", "reason": "X", "message": "m", "field": None, "metadata": {"self": 1}})),  # a valid error
+        f"default/{names[14]}.json": _dumps(_operation(names[14], "default", metadata={"tensors_done": "many"})),
         "default/not-an-operation.json": _dumps(_operation(names[10], "default")),
         f"operations_{names[11]}.json": b"{oops",  # the flat layout of earlier versions
     }
@@ -145,7 +150,20 @@ def write_state_faults(state: Path, rng: random.Random) -> tuple[set[str], str, 
     os.mkfifo(state / "replicas" / "replica-fifo.json")
     expected.add("replicas/replica-fifo.json")
     (state / "junk.bin").write_bytes(os.urandom(64))
-    return expected, running, [f"operations/{n}" for n in names[:9]]
+    # A tenant folder that is a link to elsewhere: never read through, and replaced when written.
+    elsewhere = state.parent / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / f"{_op_name(rng)}.json").write_bytes(_dumps(_operation(_op_name(rng), "linked")))
+    (ops / "linked").symlink_to(elsewhere)
+    (state / "adapters" / "linked").symlink_to(elsewhere)
+    expected.discard(f"operations/default/{names[13]}.json")  # a record whose error carries odd metadata keys is fine
+    return expected, running, [f"operations/{n}" for n in names[:9] + names[12:13] + names[14:15]]
+
+
+def _op_files(state: Path) -> list[str]:
+    """The operation names of the regular files under operations/default/."""
+    return [f"operations/{p.stem}" for p in (state / "operations" / "default").iterdir()
+            if p.is_file() and not p.is_symlink() and p.name.startswith("merge-")]
 
 
 def _parses_as(data: bytes, place: str) -> bool:
@@ -220,6 +238,8 @@ def test_replicas_start_serve_and_follow_over_a_poisoned_store(assets, s3, tmp_p
     state = tmp_path / "state"
     state.mkdir()
     expected, running, hostile_operations = write_state_faults(state, rng)
+    valid = next(n.removeprefix("operations/") for n in _op_files(state) if n not in hostile_operations
+                 and n != f"operations/{running}")
     if kind == "directory":
         overrides, store_where = dict(state_dir=state), state
     else:
@@ -264,8 +284,10 @@ def test_replicas_start_serve_and_follow_over_a_poisoned_store(assets, s3, tmp_p
             with grpc.insecure_channel(servers[1].target) as channel:
                 stub = operations_pb2_grpc.OperationsStub(channel)
                 listed = stub.ListOperations(operations_pb2.ListOperationsRequest(name="operations"), timeout=30)
-                assert [op.name for op in listed.operations] == [f"operations/{running}"]  # the one real record
-                assert listed.operations[0].error.message.startswith("the server running this merge")
+                assert sorted(op.name for op in listed.operations) == sorted([f"operations/{running}", f"operations/{valid}"])
+                by_name = {op.name: op for op in listed.operations}
+                assert by_name[f"operations/{running}"].error.message.startswith("the server running this merge")
+                assert by_name[f"operations/{valid}"].error.message == "m"
                 for hostile in hostile_operations:
                     with pytest.raises(grpc.RpcError) as e:
                         stub.GetOperation(operations_pb2.GetOperationRequest(name=hostile), timeout=30)
@@ -279,6 +301,7 @@ def test_replicas_start_serve_and_follow_over_a_poisoned_store(assets, s3, tmp_p
                 c.close()
             for server in servers:
                 server.stop()
+    assert len(list((tmp_path / "elsewhere").iterdir())) == 1  # nothing was read, written or removed through the links
 
 
 def _tokens(client, adapter: str) -> list[int]:

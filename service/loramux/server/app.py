@@ -157,8 +157,11 @@ async def create_server(
         (SERVICE_NAME, OPERATIONS_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
     address = f"{host or settings.host}:{settings.port if port is None else port}"
-    credentials = tls_credentials(settings)
-    bound = _bind(server, address, "port", credentials)
+    try:
+        bound = _bind(server, address, "port", tls_credentials(settings))
+    except BaseException:
+        pools.shutdown()
+        raise
     await server.start()
     health_server, health_port = None, None
     if settings.health_port is not None:  # probes that cannot speak TLS (kubelet's native gRPC probe)
@@ -168,6 +171,7 @@ async def create_server(
             health_port = _bind(health_server, f"{host or settings.host}:{settings.health_port}", "health_port")
         except InvalidSettings:
             await server.stop(0)
+            pools.shutdown()
             raise
         await health_server.start()
     for service in _SERVICES:
@@ -197,6 +201,27 @@ def _bind(server: grpc.aio.Server, address: str, field: str, credentials=None) -
     return bound
 
 
+def probe_port(host: str, port: int | None, field: str) -> None:
+    """InvalidSettings naming `field` if `port` cannot be bound now: checked before the model
+    loads, so that a port in use costs no minutes of loading (binding checks again)."""
+    if not port:
+        return
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise InvalidSettings(f"cannot listen on {host}:{port} ({e.strerror or e})", field=field) from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: a closed server's TIME_WAIT is fine
+        try:
+            sock.bind(address)
+        except OSError:
+            raise InvalidSettings(f"cannot listen on {host}:{port}: the port is in use by another process, or the "
+                                  "address is not this host's", field=field) from None
+
+
 def tls_credentials(settings: Settings):
     """The server's TLS credentials (None without TLS), checked first with Python's ssl module
     so that a PEM that does not parse, or a key that is not the certificate's, is an error
@@ -206,17 +231,17 @@ def tls_credentials(settings: Settings):
     import ssl
 
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(settings.tls_cert, settings.tls_key)
-    except ssl.SSLError as e:
+    try:  # an encrypted key gets an empty passphrase, and fails, instead of a prompt on the terminal
+        context.load_cert_chain(settings.tls_cert, settings.tls_key, password=lambda: b"")
+    except (ssl.SSLError, OSError) as e:
         raise InvalidSettings(f"{settings.tls_cert.name} and {settings.tls_key.name} are not a PEM certificate chain and "
-                              f"its private key ({e.reason or e})", field="tls_cert") from None
+                              f"its unencrypted private key ({getattr(e, 'reason', None) or e})", field="tls_cert") from None
     if settings.tls_client_ca is not None:
         try:
             context.load_verify_locations(cafile=str(settings.tls_client_ca))
-        except ssl.SSLError as e:
-            raise InvalidSettings(f"{settings.tls_client_ca.name} is not a PEM CA bundle ({e.reason or e})",
-                                  field="tls_client_ca") from None
+        except (ssl.SSLError, OSError) as e:
+            raise InvalidSettings(f"{settings.tls_client_ca.name} is not a PEM CA bundle "
+                                  f"({getattr(e, 'reason', None) or e})", field="tls_client_ca") from None
     client_ca = settings.tls_client_ca.read_bytes() if settings.tls_client_ca is not None else None
     return grpc.ssl_server_credentials(
         [(settings.tls_key.read_bytes(), settings.tls_cert.read_bytes())],
@@ -265,12 +290,25 @@ def _wire_auth(engine: Engine, auth: Authenticator) -> None:
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     auth = Authenticator(settings)  # a bad keys file stops start-up before the model loads
-    tls_credentials(settings)  # so does a bad certificate
-    telemetry = build_telemetry(settings)
+    try:
+        tls_credentials(settings)  # so does a bad certificate,
+        for field in ("port", "health_port"):  # or a port in use (checked again when bound)
+            probe_port(settings.host, getattr(settings, field), field)
+        telemetry = build_telemetry(settings)  # or the metrics port in use
+    except BaseException:
+        auth.close()
+        raise
     if telemetry.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host, telemetry.metrics_port)
-    engine = await asyncio.get_running_loop().run_in_executor(None, in_own_thread, build_engine, settings, telemetry, None, auth)
-    running = await create_server(engine, auth=auth)
+    loop = asyncio.get_running_loop()
+    engine = await loop.run_in_executor(None, in_own_thread, build_engine, settings, telemetry, None, auth)
+    try:
+        running = await create_server(engine, auth=auth)
+    except BaseException:  # taken meanwhile: leave nothing running behind the error
+        await loop.run_in_executor(None, engine.stop)
+        auth.close()
+        telemetry.shutdown()
+        raise
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before announcing: a SIGTERM right after drains

@@ -58,7 +58,12 @@ class LoramuxError(Exception):
         self.retry_after_s = retry_after_s  # sent as google.rpc.RetryInfo when set
         if reason is not None:
             self.reason = reason
-        self.metadata = {k: _cut(str(v), MAX_METADATA_CHARS) for k, v in metadata.items()}
+        self.metadata = shown_metadata(metadata)
+
+
+def shown_metadata(metadata: dict) -> dict[str, str]:
+    """Error metadata as callers see it: every value a string of at most MAX_METADATA_CHARS."""
+    return {str(k): _cut(str(v), MAX_METADATA_CHARS) for k, v in metadata.items()}
 
 
 class InternalError(LoramuxError):

@@ -46,6 +46,7 @@ import hashlib
 import json
 import logging
 import os
+import reprlib
 import secrets
 import stat
 import subprocess
@@ -71,6 +72,7 @@ RELOAD_CHECK_S = 1.0
 MAX_KEYS_FILE_BYTES = 4 * 1024 * 1024
 MAX_IDENTITIES = 100_000  # keys and certificates in one file
 RELOAD_TIMEOUT_S = 120.0  # a reload's parse (in its own process) that takes longer is abandoned
+CHILD_MEMORY_BYTES = 2 << 30  # the address space the parsing process may take
 
 
 def role_rank(role: str) -> int:
@@ -99,6 +101,12 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode("utf-8")).hexdigest()
 
 
+def _shown(value) -> str:
+    """A value from the file, shown briefly: an aliased YAML structure can be tiny as text and
+    gigabytes as a repr."""
+    return reprlib.repr(value)
+
+
 def _bad(path: Path, message: str) -> InvalidSettings:
     return InvalidSettings(f"keys file {path.name}: {message}", field="auth_keys_file")
 
@@ -114,7 +122,7 @@ def _expiry(value, path: Path, where: str) -> float | None:
         try:
             moment = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
         except ValueError:
-            raise _bad(path, f"{where}: expires {value!r} is not an ISO 8601 time") from None
+            raise _bad(path, f"{where}: expires {_shown(value)} is not an ISO 8601 time") from None
     else:
         raise _bad(path, f"{where}: expires must be an ISO 8601 time")
     if moment.tzinfo is None:
@@ -141,7 +149,7 @@ def _load(text: str, path: Path) -> dict:
         raise _bad(path, f"more than {MAX_IDENTITIES} keys and certificates")
     expected = data.get("expected_keys")
     if expected is not None and (not isinstance(expected, int) or isinstance(expected, bool) or expected < 0):
-        raise _bad(path, f"expected_keys must be a whole number >= 0, got {expected!r}")
+        raise _bad(path, f"expected_keys must be a whole number >= 0, got {_shown(expected)}")
     if expected is not None and expected != len(data["keys"]):
         raise _bad(path, f"expected_keys is {expected} but the file holds {len(data['keys'])} keys (cut short, or edited "
                    "without updating it)")
@@ -157,7 +165,7 @@ def _tenant_and_role(item: dict, path: Path, where: str) -> tuple[str, str]:
     except LoramuxError as e:
         raise _bad(path, f"{where}: {e.message}") from None
     if role not in ROLES:
-        raise _bad(path, f"{where}: role must be one of {', '.join(ROLES)}, got {role!r}")
+        raise _bad(path, f"{where}: role must be one of {', '.join(ROLES)}, got {_shown(role)}")
     return tenant, role
 
 
@@ -175,7 +183,7 @@ def _certificates(data: dict, path: Path) -> dict[str, Identity]:
         if not isinstance(subject, str) or not 0 < len(subject) <= 256:
             raise _bad(path, f"{where}: subject (the certificate's common name) is required")
         if subject in out:
-            raise _bad(path, f"{where}: subject {subject!r} appears twice")
+            raise _bad(path, f"{where}: subject {_shown(subject)} appears twice")
         tenant, role = _tenant_and_role(item, path, where)
         out[subject] = Identity(tenant, role, str(item.get("name", subject)))
     return out
@@ -201,7 +209,7 @@ def _tenants(data: dict, path: Path) -> dict[str, tuple[Quotas, SourceAllowance]
             raise _bad(path, f"{where}.quotas: unknown {sorted(unknown)} (known: {', '.join(QUOTA_NAMES)})")
         for name, value in quotas.items():
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise _bad(path, f"{where}.quotas.{name} must be a whole number >= 0, got {value!r}")
+                raise _bad(path, f"{where}.quotas.{name} must be a whole number >= 0, got {_shown(value)}")
         out[str(tenant)] = (Quotas(**quotas), _sources(item.get("sources"), path, where))
     return out
 
@@ -335,9 +343,10 @@ class KeyStore:
         self._watcher.start()
 
     def close(self) -> None:
+        """Stop watching (a reload under way finishes on its own: its thread is a daemon)."""
         self._stop.set()
         if self._watcher is not None:
-            self._watcher.join(RELOAD_TIMEOUT_S)
+            self._watcher.join(2.0)
 
     def identify(self, key: str) -> Identity:
         """The identity of `key`, or Unauthenticated (unknown or expired keys say the same,
@@ -378,8 +387,8 @@ class KeyStore:
                 self._refuse(("gone", e.errno), f"cannot be read ({e.strerror}); a missing file revokes nothing")
                 return False
             version = (info.st_ino, info.st_mtime_ns, info.st_size)
-            if version == self._version:
-                return False
+            if version == self._version or (self._refused is not None and self._refused[0] == version):
+                return False  # unchanged, or this very version was refused already
             try:
                 keys_file = _parse_elsewhere(self.path)
             except InvalidSettings as e:
@@ -407,8 +416,11 @@ def _parse_elsewhere(path: Path) -> KeysFile:
     """Parse and check the keys file in a child process, and rebuild what it found here a few
     hundred entries at a time (letting other threads run between), so that no large parse
     holds this process's interpreter lock. InvalidSettings naming what is wrong."""
-    child = subprocess.Popen([sys.executable, "-m", "loramux.server.keys", str(path)], stdout=subprocess.PIPE,
+    # -P: the working directory is not put on the child's import path.
+    child = subprocess.Popen([sys.executable, "-P", "-m", "loramux.server.keys", str(path)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
+    deadline = threading.Timer(RELOAD_TIMEOUT_S, child.kill)  # a child that hangs while its output is read
+    deadline.start()
     entries, certificates, tenants, expected, done = [], {}, {}, None, False
     try:
         for n, line in enumerate(child.stdout):
@@ -436,8 +448,10 @@ def _parse_elsewhere(path: Path) -> KeysFile:
         child.kill()
         raise _bad(path, f"took longer than {RELOAD_TIMEOUT_S:g}s to parse") from None
     finally:
+        deadline.cancel()
         if child.poll() is None:
             child.kill()
+        child.wait()  # reaped, never a zombie
         child.stdout.close()
         child.stderr.close()
     if child.returncode != 0 or not done:
@@ -449,10 +463,19 @@ def _child_main(path: str) -> int:
     """`python -m loramux.server.keys PATH`: parse and check a keys file, write what it holds
     one line per entry (read by `_parse_elsewhere`)."""
     out = sys.stdout.buffer
+    try:  # a file that makes the parse grow without bound fails here, not in the server
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
+    except (ImportError, ValueError, OSError):
+        pass
     try:
         keys_file, _ = _read(Path(path))
     except InvalidSettings as e:
         sys.stderr.write(e.message)
+        return 2
+    except MemoryError:
+        sys.stderr.write(f"keys file {Path(path).name}: does not parse within {CHILD_MEMORY_BYTES >> 30} GiB")
         return 2
     for entry in keys_file.entries.values():
         identity = entry.identity

@@ -77,9 +77,12 @@ def _decode(saved: dict) -> MergeResult:
                        str(saved.get("output_dir", "")))
 
 
+MAX_OUTPUT_DEPTH = 8  # directories an output_dir may go down (engine/merges.py refuses deeper ones)
+
+
 def outputs_kept(tenant_root: Path) -> dict[Path, int]:
     """The merge outputs under one tenant's directory of the merge root (directories holding a
-    merge's info file, at most 4 levels down), with the bytes of the files in each."""
+    merge's info file, down to MAX_OUTPUT_DEPTH), with the bytes of the files in each."""
     found: dict[Path, int] = {}
 
     def walk(directory: Path, depth: int) -> None:
@@ -91,7 +94,7 @@ def outputs_kept(tenant_root: Path) -> dict[Path, int]:
             found[directory] = sum(e.stat(follow_symlinks=False).st_size for e in entries
                                    if e.is_file(follow_symlinks=False))
             return
-        if depth < 4:
+        if depth < MAX_OUTPUT_DEPTH:
             for e in entries:
                 if e.is_dir(follow_symlinks=False) and not e.name.startswith((TMP_PREFIX, OLD_PREFIX)):
                     walk(Path(e.path), depth + 1)

@@ -11,6 +11,7 @@ sending heartbeats with INTERRUPTED_BY_RESTART, as a restarted replica ends its 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import threading
 import time
@@ -18,9 +19,12 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 
-from loramux.server.errors import Cancelled, Interrupted, Kind, LoramuxError, OperationNotFound, OperationRunning
+from loramux.server.errors import (
+    Cancelled, Interrupted, Kind, LoramuxError, OperationNotFound, OperationRunning, shown_metadata,
+)
 from loramux.server.state import BadRecord, OperationRecord, StateStore
 
+log = logging.getLogger(__name__)
 _NAME = re.compile(r"operations/[a-z]+-[0-9a-f]{32}")
 MAX_KEPT = 1000  # finished operations kept for Get/List, oldest dropped first
 
@@ -57,11 +61,12 @@ class OperationStore:
         self._callbacks: dict[str, list[Callable[[], None]]] = {}
 
     def create(self, tenant: str, kind: str, metadata: dict) -> Operation:
+        """A new operation, written to the store first: if that fails, nothing was made."""
         op = Operation(name=f"operations/{kind}-{uuid.uuid4().hex}", tenant=tenant, metadata=metadata, create_time=time.time())
         with self._cond:
+            self._save(op)
             self._ops[op.name] = op
             self._trim()
-            self._save(op)
         return op
 
     def update(self, op: Operation, **metadata: object) -> None:
@@ -71,7 +76,10 @@ class OperationStore:
     def finish(self, op: Operation, result: object | None = None, error: LoramuxError | None = None) -> None:
         with self._cond:
             op.done, op.result, op.error, op.end_time = True, result, error, time.time()
-            self._save(op)
+            try:
+                self._save(op)
+            except Exception:  # the store could not be written: this replica still answers, waiters still wake
+                log.exception("operation %s ended but could not be written to the state directory", op.name)
             self._cond.notify_all()
             callbacks = self._callbacks.pop(op.name, [])
         for callback in callbacks:
@@ -200,15 +208,19 @@ class OperationStore:
 
     def _decode_or_skip(self, saved: OperationRecord) -> Operation | None:
         """The operation a stored record holds; None (skipped and reported) if its body is not
-        one this server writes."""
+        one this server writes. Any failure to decode it is such a record's, never the caller's."""
+        where = f"operations/{saved.tenant}/{saved.name.removeprefix('operations/')}.json"
         try:
-            return self._decode(saved)
-        except BadRecord as e:
-            self._store.skipped.add(f"operations/{saved.tenant}/{saved.name.removeprefix('operations/')}.json", str(e))
+            op = self._decode(saved)
+        except Exception as e:  # noqa: BLE001 (a stored record may hold anything)
+            self._store.skipped.add(where, str(e) if isinstance(e, BadRecord) else f"not decodable ({type(e).__name__})")
             return None
+        self._store.skipped.discard(where)
+        return op
 
     def _decode(self, saved: OperationRecord) -> Operation:
         body = saved.body
+        _check_metadata(body.get("metadata", {}))
         op = Operation(name=saved.name, tenant=saved.tenant, metadata=body.get("metadata", {}),
                        create_time=float(body["create_time"]), done=body["done"], end_time=body.get("end_time"),
                        foreign=saved.owner != self._store.replica)
@@ -217,7 +229,7 @@ class OperationStore:
         if "result" in body and self._codec is not None:
             try:
                 op.result = self._codec.decode(body["result"])
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
                 raise BadRecord(f"'result' is not a result this server writes ({type(e).__name__})") from None
         return op
 
@@ -255,11 +267,26 @@ def _decode_error(saved) -> LoramuxError:
     if not (isinstance(message, str) and isinstance(reason, str) and (field is None or isinstance(field, str))
             and isinstance(metadata, dict) and all(isinstance(k, str) and k.isidentifier() for k in metadata)):
         raise BadRecord("'error' lacks a message, reason, field or metadata of their types")
-    metadata = {k: v for k, v in metadata.items() if k not in ("message", "field", "reason", "retry_after_s")}
     try:
         kind = Kind(saved.get("kind"))
     except ValueError:
         raise BadRecord(f"'error' has an unknown kind {str(saved.get('kind'))[:40]!r}") from None
-    error = LoramuxError(message, field=field, reason=reason, **metadata)
+    error = LoramuxError(message, field=field, reason=reason)
+    error.metadata = shown_metadata(metadata)  # set after: a key such as "self" must not reach the constructor
     error.kind = kind
     return error
+
+
+_INT64 = 1 << 63
+_METADATA_TYPES = {"adapter_id": str, "output_dir": str, "phase": str, "tensors_done": int, "tensors_total": int,
+                   "bytes_done": int, "bytes_total": int}
+
+
+def _check_metadata(metadata: dict) -> None:
+    """The progress fields the API shows, of their types and ranges (a stored record may hold anything)."""
+    for key, kind in _METADATA_TYPES.items():
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and not 0 <= value < _INT64):
+            raise BadRecord(f"metadata {key!r} is not a {kind.__name__} in range")

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
@@ -32,10 +33,12 @@ from loramux.server.adapters.objects import ObjectStores
 from loramux.server.errors import SourceUnavailable
 from loramux.server.settings import Settings
 from loramux.server.state import (
-    MAX_REGISTRATION_BYTES, BadRecord, SavedAdapter, Skipped, StateStore, directory_lock, read_record, write_atomically,
+    MAX_REGISTRATION_BYTES, BadRecord, SavedAdapter, Skipped, StateStore, directory_lock, read_record, subdirectories,
+    write_atomically,
 )
 
 log = logging.getLogger(__name__)
+READERS = 8  # object-store reads of one listing at once (each waits on the network)
 
 
 class Registrations(Protocol):
@@ -59,18 +62,18 @@ class Registrations(Protocol):
         """Remove the name (only while it holds `generation`, when given)."""
 
 
-def _parse(data: bytes | None, key: str, skipped: Skipped) -> SavedAdapter | None:
-    """The registration stored at `key` (`.../<tenant>/<adapter_id>.json`), checked against
-    that place; None when there is none, or it is skipped (reported in `skipped`)."""
+def _parse(data: bytes | None, key: str, skipped: Skipped, root: str) -> SavedAdapter | None:
+    """The registration stored at `key`, which must be `<root>/<tenant>/<adapter_id>.json` for
+    the tenant and id it names; None when there is none, or it is skipped (reported in
+    `skipped`)."""
     if data is None:
         return None
     try:
         saved = SavedAdapter.from_json(data)
-        tenant, file_name = key.rsplit("/", 2)[-2:]
-        if (saved.tenant, f"{saved.adapter_id}.json") != (tenant, file_name):
+        if key != f"{root}/{saved.tenant}/{saved.adapter_id}.json":
             raise BadRecord(f"names tenant {saved.tenant!r} and adapter {saved.adapter_id!r}, not the place it lies in")
-    except BadRecord as e:  # another version's, someone's edit, or an attack: skipped, reported
-        skipped.add(key, str(e))
+    except Exception as e:  # noqa: BLE001 (another version's, someone's edit, or an attack: skipped, reported)
+        skipped.add(key, str(e) if isinstance(e, BadRecord) else f"not decodable ({type(e).__name__})")
         return None
     skipped.discard(key)
     return saved
@@ -81,10 +84,11 @@ class _Seen:
     Shared by the sync thread and callers counting quotas: the held map changes under a lock,
     reads happen outside it."""
 
-    def __init__(self, skipped: Skipped) -> None:
+    def __init__(self, skipped: Skipped, root: str) -> None:
         self._held: dict[str, tuple[object, SavedAdapter | None]] = {}
         self._lock = threading.Lock()
         self._skipped = skipped
+        self._root = root
 
     def read(self, prefix: str, listed: dict[str, object], read_many) -> list[SavedAdapter]:
         """The registrations of a listing of everything under `prefix`: `listed` maps key ->
@@ -102,7 +106,7 @@ class _Seen:
         with self._lock:
             for key in stale:
                 if key in fresh:
-                    saved = _parse(fresh[key], key, self._skipped)
+                    saved = _parse(fresh[key], key, self._skipped, self._root)
                     self._held[key] = (listed[key], saved)
                     if saved is not None:
                         found.append(saved)
@@ -116,7 +120,7 @@ class DirectoryRegistrations:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
         self.skipped = Skipped("a registration")
-        self._seen = _Seen(self.skipped)
+        self._seen = _Seen(self.skipped, str(directory))
 
     def _path(self, tenant: str, adapter_id: str) -> Path:
         return self.directory / tenant / f"{adapter_id}.json"  # both validated: letters, digits, '-', '_', '.'
@@ -130,11 +134,14 @@ class DirectoryRegistrations:
 
     def get(self, tenant: str, adapter_id: str) -> SavedAdapter | None:
         path = self._path(tenant, adapter_id)
-        return _parse(self._read(path), str(path), self.skipped)
+        if path.parent.is_symlink():
+            return None
+        return _parse(self._read(path), str(path), self.skipped, str(self.directory))
 
     def all(self, tenant: str | None = None) -> list[SavedAdapter]:
         listed = {}
-        for path in self.directory.glob(f"{tenant or '*'}/*.json"):
+        folders = [f for f in subdirectories(self.directory) if tenant is None or f.name == tenant]  # no link followed
+        for path in (p for folder in folders for p in folder.glob("*.json")):
             if not path.name.startswith("."):
                 try:
                     stat = path.lstat()  # a link is listed as itself, and refused when read
@@ -184,7 +191,7 @@ class ObjectRegistrations:
     def __post_init__(self) -> None:
         self._root = self.url.split("://", 1)[1].rstrip("/") + "/adapters"
         self.skipped = Skipped("a registration")
-        self._seen = _Seen(self.skipped)
+        self._seen = _Seen(self.skipped, self._root)
 
     def _key(self, tenant: str, adapter_id: str) -> str:
         return f"{self._root}/{tenant}/{adapter_id}.json"
@@ -209,7 +216,7 @@ class ObjectRegistrations:
         if data is not None and len(data) > MAX_REGISTRATION_BYTES:
             self.skipped.add(key, f"more than the {MAX_REGISTRATION_BYTES} bytes a record may hold")
             return None
-        return _parse(data, key, self.skipped)
+        return _parse(data, key, self.skipped, self._root)
 
     def all(self, tenant: str | None = None) -> list[SavedAdapter]:
         where = f"{self._root}/{tenant}" if tenant else self._root
@@ -223,21 +230,26 @@ class ObjectRegistrations:
                 continue
             listed[key] = _object_version(info)
 
+        def read_one(key: str) -> tuple[str, bytes | BaseException | None]:
+            if not infos[key].get("size"):
+                return key, b""  # empty as listed (a range read of nothing is an error on S3)
+            try:  # at most one byte past the bound, whatever the object became since the listing
+                return key, self.filesystem.cat_file(key, start=0, end=MAX_REGISTRATION_BYTES + 1)
+            except FileNotFoundError:
+                return key, None  # deleted since the listing
+            except Exception as e:  # noqa: BLE001 (network, credentials: kept unread, read again next pass)
+                return key, e
+
         def read_many(keys):
-            contents = self._call("read", self.filesystem.cat, keys, on_error="return") or {}
-            listed_as = {self.filesystem._strip_protocol(k): k for k in keys}  # cat may name them its own way
             found = {}
-            for name, data in contents.items():
-                key = listed_as.get(self.filesystem._strip_protocol(name), name)
-                if isinstance(data, FileNotFoundError):
-                    continue  # deleted since the listing
-                if isinstance(data, BaseException):  # the read failed: kept unread, read again next pass
-                    log.warning("could not read the registration %s (%s: %s)", key, type(data).__name__, str(data)[:200])
-                    continue
-                if len(data) > MAX_REGISTRATION_BYTES:  # grew since the listing
-                    self.skipped.add(key, f"more than the {MAX_REGISTRATION_BYTES} bytes a record may hold")
-                    continue
-                found[key] = data
+            with ThreadPoolExecutor(min(READERS, len(keys)), thread_name_prefix="loramux-registry") as pool:
+                for key, data in pool.map(read_one, keys):
+                    if isinstance(data, BaseException):
+                        log.warning("could not read the registration %s (%s: %s)", key, type(data).__name__, str(data)[:200])
+                    elif data is not None and len(data) > MAX_REGISTRATION_BYTES:  # grew since the listing
+                        self.skipped.add(key, f"more than the {MAX_REGISTRATION_BYTES} bytes a record may hold")
+                    elif data is not None:
+                        found[key] = data
             return found
 
         return self._seen.read(f"{where}/", listed, read_many)

@@ -110,12 +110,46 @@ def _text(body: dict, key: str, limit: int = 128, default: str | None = None) ->
 
 
 def _finite(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A JSON number that is a time this server could have written: finite, and within 0..1e11
+    seconds (an integer of 400 digits would overflow float arithmetic later)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value) and 0 <= value < 1e11
+    except OverflowError:
+        return False
+
+
+def real_dir(path: Path) -> Path:
+    """`path` as a real directory of its own, made if missing: a symbolic link (or a file) put
+    in its place in a shared folder is removed first, so that nothing written or deleted here
+    lands elsewhere through it."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    if not stat.S_ISDIR(info.st_mode):
+        log.warning("removed %s from the state store: a %s where a directory belongs", path,
+                    "symbolic link" if stat.S_ISLNK(info.st_mode) else "file")
+        path.unlink(missing_ok=True)
+        path.mkdir(exist_ok=True)
+    return path
+
+
+def subdirectories(folder: Path) -> list[Path]:
+    """The real directories directly in `folder` (a symbolic link is never followed)."""
+    try:
+        with os.scandir(folder) as entries:
+            return [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    except (FileNotFoundError, NotADirectoryError):
+        return []
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write `path` whole: to a unique temporary name beside it, flushed, then renamed over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write `path` whole: to a unique temporary name beside it, flushed, then renamed over it.
+    Its folder is made a real directory first (real_dir)."""
+    real_dir(path.parent)
     tmp = path.with_name(f".tmp-{uuid.uuid4().hex}-{path.name}")
     try:
         with open(tmp, "wb") as f:
@@ -227,6 +261,7 @@ class StateStore:
     # -- operations -----------------------------------------------------------------------
 
     def _operation_path(self, tenant: str, name: str) -> Path:
+        # Both checked by their callers: a tenant name and "operations/<kind>-<hex>".
         return self.directory / "operations" / tenant / f"{name.removeprefix('operations/')}.json"
 
     def put_operation(self, name: str, tenant: str, body: dict) -> None:
@@ -247,7 +282,7 @@ class StateStore:
 
     def operation(self, tenant: str, name: str) -> OperationRecord | None:
         """One operation of `tenant`, from whichever replica ran it (None: none, or skipped)."""
-        if not NAME.fullmatch(tenant):
+        if not NAME.fullmatch(tenant) or (self.directory / "operations" / tenant).is_symlink():
             return None
         return self._read_operation(self._operation_path(tenant, name), tenant)
 
@@ -256,7 +291,7 @@ class StateStore:
         root = self.directory / "operations"
         if tenant is not None and not NAME.fullmatch(tenant):
             return []
-        folders = [root / tenant] if tenant is not None else [p for p in _entries(root) if NAME.fullmatch(p.name)]
+        folders = [p for p in subdirectories(root) if NAME.fullmatch(p.name) and (tenant is None or p.name == tenant)]
         found = []
         for folder in folders:
             for path in _entries(folder):
@@ -269,10 +304,11 @@ class StateStore:
     def operation_names(self, tenant: str) -> list[str]:
         """The names of the tenant's stored operations, from the folder's listing alone (no file
         is read: a page of a long listing reads only its own records)."""
-        if not NAME.fullmatch(tenant):
+        folder = self.directory / "operations" / tenant
+        if not NAME.fullmatch(tenant) or folder.is_symlink():
             return []
         try:
-            entries = os.scandir(self.directory / "operations" / tenant)
+            entries = os.scandir(folder)
         except (FileNotFoundError, NotADirectoryError):
             return []
         with entries:
@@ -289,8 +325,7 @@ class StateStore:
         except BadRecord as e:
             self.skipped.add(where, str(e))
             return None
-        self.skipped.discard(where)
-        return record
+        return record  # the report forgets it once it decodes (operations.py)
 
     def trim(self, retention_s: float, now: float | None = None) -> int:
         """Remove finished operations (any replica's) that ended more than `retention_s` ago,
@@ -311,14 +346,18 @@ class StateStore:
                 if i < excess or now - ended > retention_s:
                     self.delete_operation(tenant, record.name)
                     removed += 1
-        for folder in (self.directory / "operations", self.directory / "adapters", self.directory / "replicas"):
-            for path in folder.rglob(".tmp-*"):
+        folders = [self.directory / "replicas"]
+        for top in (self.directory / "operations", self.directory / "adapters"):
+            folders += [top, *subdirectories(top)]
+        for folder in folders:  # never through a symbolic link
+            for path in _entries(folder):
                 with contextlib.suppress(OSError):
-                    if now - path.lstat().st_mtime > TEMPORARY_AGE_S:
+                    if path.name.startswith(".tmp-") and now - path.lstat().st_mtime > TEMPORARY_AGE_S:
                         path.unlink()
-        for path in (self.directory / "operations").glob("*/*.cancel"):
-            if not path.with_suffix(".json").exists():
-                path.unlink(missing_ok=True)
+                    elif path.suffix == ".cancel" and folder.parent.name == "operations" and \
+                            not path.with_suffix(".json").exists():
+                        path.unlink()
+        self._migrate_flat_operations()
         for path in (self.directory / "replicas").glob("*.json"):
             with contextlib.suppress(OSError):
                 if path.stem != self.replica and now - path.lstat().st_mtime > retention_s:
@@ -368,9 +407,11 @@ class StateStore:
 
     def _migrate_flat_operations(self) -> None:
         """Operations of versions that kept them in one folder (`operations/operations_<name>.json`)
-        move to their tenant's folder."""
+        move to their tenant's folder (with a cancel asked for them): at start-up, and at each
+        trim for those a replica of such a version was still running (during a rolling upgrade
+        it goes on writing its flat file until its operation ends)."""
         root = self.directory / "operations"
-        flat = [p for p in root.glob("operations_*.json") if not p.name.startswith(".")]
+        flat = [p for p in _entries(root) if p.name.startswith("operations_") and p.name.endswith(".json")]
         if not flat:
             return
         with directory_lock(self.directory):
@@ -387,7 +428,14 @@ class StateStore:
                 except BadRecord as e:
                     self.skipped.add(str(path.relative_to(self.directory)), str(e))
                     continue
-                write_atomically(self._operation_path(record.tenant, record.name), data)
+                if not record.body["done"] and record.owner != self.replica and not self.stopped(record.owner, 60.0):
+                    continue  # its (older) replica still runs it: moved once it ends
+                target = self._operation_path(record.tenant, record.name)
+                write_atomically(target, data)
+                cancel = path.with_suffix(".cancel")
+                if cancel.exists() and not cancel.is_symlink():
+                    write_atomically(target.with_suffix(".cancel"), b"migrated")
+                    cancel.unlink(missing_ok=True)
                 path.unlink(missing_ok=True)
 
     def _migrate_sqlite(self) -> None:
@@ -400,16 +448,33 @@ class StateStore:
         with directory_lock(self.directory):
             if not old.exists():
                 return
-            db = sqlite3.connect(str(old))
             try:
-                for tenant, adapter_id, source, revision, pinned, load_time in db.execute(
-                    "SELECT tenant, adapter_id, source, revision, pinned, load_time FROM adapters"
-                ):
-                    path = self.adapters_dir / tenant / f"{adapter_id}.json"
-                    saved = SavedAdapter(tenant, adapter_id, source, revision, bool(pinned), load_time, uuid.uuid4().hex)
-                    write_atomically(path, saved.to_json())
+                db = sqlite3.connect(f"file:{old}?mode=ro", uri=True)
+            except sqlite3.Error as e:
+                self.skipped.add("state.sqlite3", f"not a database ({e})")
+                return
+            try:
+                for row in db.execute("SELECT tenant, adapter_id, source, revision, pinned, load_time FROM adapters"):
+                    try:  # each row checked as a registration file would be
+                        data = json.dumps(dict(zip(("tenant", "adapter_id", "source", "revision", "pinned", "load_time"),
+                                                   (row[0], row[1], row[2], row[3], bool(row[4]), row[5])))).encode()
+                        saved = dataclasses.replace(SavedAdapter.from_json(data), generation=uuid.uuid4().hex)
+                    except (BadRecord, TypeError, ValueError) as e:
+                        self.skipped.add(f"state.sqlite3 adapters row {str(row)[:80]}", str(e))
+                        continue
+                    write_atomically(self.adapters_dir / saved.tenant / f"{saved.adapter_id}.json", saved.to_json())
                 for name, tenant, body in db.execute("SELECT name, tenant, body FROM operations ORDER BY rowid"):
-                    self.put_operation(name, tenant, json.loads(body))
+                    try:
+                        record = {"name": name, "tenant": tenant, "owner": self.replica, "body": json.loads(body)}
+                        checked = _operation_record(json.dumps(record).encode(), f"{str(name).removeprefix('operations/')}.json",
+                                                    tenant if isinstance(tenant, str) and NAME.fullmatch(tenant) else "?")
+                    except (BadRecord, TypeError, ValueError) as e:
+                        self.skipped.add(f"state.sqlite3 operation {str(name)[:80]}", str(e))
+                        continue
+                    self.put_operation(checked.name, checked.tenant, checked.body)
+            except sqlite3.Error as e:
+                self.skipped.add("state.sqlite3", f"cannot be read ({e})")
+                return
             finally:
                 db.close()
             old.rename(old.with_name("state.sqlite3.migrated"))

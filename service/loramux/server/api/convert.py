@@ -173,7 +173,7 @@ def operation(op: Operation) -> operations_pb2.Operation:
         any_response = any_pb2.Any()
         any_response.Pack(
             loramux_service_pb2.MergeResponse(
-                output_path=r.output_dir, files=list(r.files), size_bytes=r.size_bytes, merged_tensors=r.merged_tensors,
+                output_path=r.output_dir or m.get("output_dir", ""), files=list(r.files), size_bytes=r.size_bytes, merged_tensors=r.merged_tensors,
                 manifest_sha256=r.manifest_sha256, verified=r.max_logit_difference is not None,
                 max_logit_difference=r.max_logit_difference or 0.0,
             )

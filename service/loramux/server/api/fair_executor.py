@@ -6,7 +6,8 @@ calls at once puts every other tenant's next call behind all 500: measured at th
 flags, a calm tenant's call waited 0.5 s for its turn to be tokenized while the engine itself
 admitted it within milliseconds. Here each tenant has its own FIFO and the threads serve the
 tenants with work in turn, so another tenant's call waits for at most one call per tenant
-ahead of it, not for the whole flood.
+ahead of it, not for the whole flood. And a tenant may hold all threads but one: slow calls
+of one tenant (a Hub download, a wait for a slot) leave a thread for the others.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ class FairExecutor:
         self._queues: dict[str, collections.deque] = {}  # tenant -> its waiting (future, fn)
         self._turns: collections.deque[str] = collections.deque()  # tenants with work, next first
         self._closed = False
+        self._running: collections.Counter[str] = collections.Counter()  # tenant -> its calls running now
+        self._most = max(1, threads - 1)  # calls one tenant may run at once
         self._initializer = initializer
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(threads)]
         for thread in self._threads:
@@ -53,28 +56,40 @@ class FairExecutor:
             future.cancel()
 
     def _next(self):
+        """(tenant, future, fn) of the next call: the first tenant in turn below its share of
+        the threads; None once shut down."""
         with self._lock:
-            while not self._turns:
-                if self._closed:
+            while True:
+                if self._closed and not self._turns:
                     return None
+                tenant = next((t for t in self._turns if self._running[t] < self._most), None)
+                if tenant is not None:
+                    break
                 self._lock.wait()
-            tenant = self._turns.popleft()
+            self._turns.remove(tenant)
             queue = self._queues[tenant]
-            item = queue.popleft()
+            future, fn = queue.popleft()
             if queue:
                 self._turns.append(tenant)  # to the back of the turns
             else:
                 del self._queues[tenant]
-            return item
+            self._running[tenant] += 1
+            return tenant, future, fn
 
     def _work(self) -> None:
         if self._initializer is not None:
             self._initializer()
         while (item := self._next()) is not None:
-            future, fn = item
-            if not future.set_running_or_notify_cancel():
-                continue
+            tenant, future, fn = item
             try:
-                future.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 (handed to whoever awaits the future)
-                future.set_exception(e)
+                if future.set_running_or_notify_cancel():
+                    try:
+                        future.set_result(fn())
+                    except BaseException as e:  # noqa: BLE001 (handed to whoever awaits the future)
+                        future.set_exception(e)
+            finally:
+                with self._lock:
+                    self._running[tenant] -= 1
+                    if not self._running[tenant]:
+                        del self._running[tenant]
+                    self._lock.notify_all()

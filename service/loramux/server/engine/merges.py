@@ -34,8 +34,8 @@ from loramux.server.errors import (
     AdapterExists, InvalidRequest, MergeDiskFull, MergeFailed, MergeOutputExists, ShuttingDown,
 )
 from loramux.server.merge import (
-    MergeJob, MergeProgress, MergeResult, adapter_directory, combined_weights, merge_to_checkpoint, outputs_kept,
-    read_adapter_config, resolve_output, verify_merged, write_adapter_checkpoint,
+    MAX_OUTPUT_DEPTH, MERGE_INFO_FILE, MergeJob, MergeProgress, MergeResult, adapter_directory, combined_weights,
+    merge_to_checkpoint, outputs_kept, read_adapter_config, resolve_output, verify_merged, write_adapter_checkpoint,
 )
 from loramux.server.operations import Operation, OperationStore
 from loramux.server.quotas import UNLIMITED, Quotas, refuse
@@ -119,6 +119,7 @@ class Merges:
         tenant_root = self.settings.merge_root / tenant
         tenant_root.mkdir(exist_ok=True)
         target = resolve_output(tenant_root, job.output_dir, job.overwrite)
+        _check_placement(tenant_root, target)
         estimate = checkpoint.total_bytes if checkpoint is not None else sum(_files_bytes(r.directory) for r in records)
         with self._lock:  # merges to one output run one after another; without overwrite, only one
             claims = self._claims.get(target, 0)
@@ -130,24 +131,32 @@ class Merges:
             self._check_room(tenant, tenant_root, target, estimate, quotas)
             self._claims[target] = claims + 1
             self._pending[target] = self._pending.get(target, 0) + estimate
-        op = self.operations.create(
-            tenant,
-            "merge",
-            {"adapter_id": ",".join(ids), "output_dir": job.output_dir, "phase": "queued", "tensors_done": 0,
-             "tensors_total": len(checkpoint.entries) if checkpoint else 0, "bytes_done": 0,
-             "bytes_total": checkpoint.total_bytes if checkpoint else 0},
-        )
+
+        def release() -> None:
+            with self._lock:
+                self._claims[target] -= 1
+                self._pending[target] -= estimate
+                if not self._claims[target]:
+                    del self._claims[target], self._pending[target]
+
+        try:
+            op = self.operations.create(
+                tenant,
+                "merge",
+                {"adapter_id": ",".join(ids), "output_dir": job.output_dir, "phase": "queued", "tensors_done": 0,
+                 "tensors_total": len(checkpoint.entries) if checkpoint else 0, "bytes_done": 0,
+                 "bytes_total": checkpoint.total_bytes if checkpoint else 0},
+            )
+        except BaseException:  # the state store could not be written: nothing was started
+            release()
+            raise
         tracer = self.telemetry.tracer
 
         def work() -> None:
             try:
                 run()
             finally:
-                with self._lock:
-                    self._claims[target] -= 1
-                    self._pending[target] -= estimate
-                    if not self._claims[target]:
-                        del self._claims[target], self._pending[target]
+                release()
 
         def run() -> None:
             started = time.perf_counter()
@@ -168,7 +177,11 @@ class Merges:
                 result = dataclasses.replace(result, output_dir=str(target.relative_to(tenant_root)))
                 self.operations.finish(op, result=result)
 
-        self._executor.submit(work)
+        try:
+            self._executor.submit(work)
+        except RuntimeError:  # shut down meanwhile
+            release()
+            self.operations.finish(op, error=ShuttingDown("the server is shutting down"))
         return op
 
     def _check_room(self, tenant: str, tenant_root: Path, target: Path, estimate: int, quotas: Quotas) -> None:
@@ -276,6 +289,20 @@ class Merges:
         finally:
             phase["span"].end()
         return result
+
+
+def _check_placement(tenant_root: Path, target: Path) -> None:
+    """An output at most MAX_OUTPUT_DEPTH directories down, never inside another merge's output
+    (outputs are counted against the tenant's quotas as the directories holding a merge's info
+    file, outside one another)."""
+    parts = target.relative_to(tenant_root).parts
+    if len(parts) > MAX_OUTPUT_DEPTH:
+        raise InvalidRequest(f"output_dir may be at most {MAX_OUTPUT_DEPTH} directories deep", field="output_dir",
+                             reason="OUTPUT_DIR_INVALID")
+    for depth in range(1, len(parts)):
+        if (tenant_root.joinpath(*parts[:depth]) / MERGE_INFO_FILE).exists():
+            raise InvalidRequest(f"output_dir lies inside another merge's output ({'/'.join(parts[:depth])}); choose "
+                                 "a directory beside it", field="output_dir", reason="OUTPUT_DIR_INVALID")
 
 
 def _files_bytes(directory: Path) -> int:

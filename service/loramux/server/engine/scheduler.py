@@ -179,8 +179,8 @@ class Scheduler:
             progressed = False
             for tenant in list(self._turns):
                 left = options[tenant]
-                if left and rows_free <= self._reserved_for_others(tenant, held):
-                    continue  # the last free rows wait for tenants that hold none
+                if left and held[tenant] and rows_free <= self._reserved_for_others(tenant, held):
+                    continue  # the last free rows wait for tenants that hold none (who may take them)
                 while left:
                     best = min(left, key=lambda r: self._preference(r, uids, now, wait_bound))
                     left.remove(best)
@@ -273,12 +273,17 @@ class Scheduler:
             del self._waiting[request.tenant]
             self._turns.remove(request.tenant)
 
-    def _drop_dead(self, now: float) -> None:
+    def answer_shed(self) -> None:
+        """Answer the requests whose places went to lighter tenants (push) with QUEUE_FULL (the
+        engine thread, at every pass)."""
         shed, self._shed = self._shed, []
-        for request in shed:  # their places went to lighter tenants (push)
+        for request in shed:
             request.emit(ErrorEvent(self._full(
                 f"tenant {request.tenant!r} held the most places of a full queue and another tenant needed one; retry "
                 "later")))
+
+    def _drop_dead(self, now: float) -> None:
+        self.answer_shed()
         for queue in list(self._waiting.values()):
             for request in list(queue):
                 error = self._why_drop(request, now)

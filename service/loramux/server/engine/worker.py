@@ -324,6 +324,7 @@ class Worker:
         scheduler = self.scheduler
         while True:
             with self.cond:
+                scheduler.answer_shed()  # whether or not anything is admitted at this pass
                 job = self._jobs.popleft() if self._jobs else None
                 if job is None:
                     running = len(self._running) if self._running is not None else 0
