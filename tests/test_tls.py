@@ -164,7 +164,7 @@ def test_a_certificate_that_is_not_pem_or_a_key_of_another_is_named_before_the_m
                     "--tls-cert", str(cert), "--tls-key", str(key)])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert code == 2 and err.startswith(f"error: --tls-cert: {cert.name} and {key.name} are not a PEM certificate "
-                                            "chain and its private key"), err
+                                            "chain and its unencrypted private key"), err
     code = cli(["serve", "--model", str(tmp_path / "no-model"), "--auth", "none", "--port", "0", "--tls-cert",
                 str(paths["server_cert"]), "--tls-key", str(paths["server_key"]), "--tls-client-ca", str(garbage)])
     assert code == 2 and "error: --tls-client-ca: garbage.pem is not a PEM CA bundle" in capsys.readouterr().err
