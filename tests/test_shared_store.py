@@ -399,17 +399,18 @@ def test_a_listing_reads_again_only_the_registrations_that_changed(s3, tmp_path,
         monkeypatch.setattr(registrations, "read_record", lambda path, limit: (reads.append(path.name), real(path, limit))[1])
     else:
         endpoint, _ = s3
-        fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint})
-        real_cat = fs.cat
+        fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}, use_listings_cache=False,
+                               skip_instance_cache=True)
+        real_cat = fs.cat_file
 
-        def counting_cat(keys, **kwargs):
-            reads.extend(k.rsplit("/", 1)[-1] for k in keys)
-            return real_cat(keys, **kwargs)
+        def counting_cat(key, **kwargs):
+            reads.append(key.rsplit("/", 1)[-1])
+            return real_cat(key, **kwargs)
 
         def make():
             return ObjectRegistrations(f"s3://{BUCKET}/listing-{tmp_path.name}", fs)
 
-        monkeypatch.setattr(fs, "cat", counting_cat)
+        monkeypatch.setattr(fs, "cat_file", counting_cat)
     store = make()
     saved = {n: SavedAdapter("t", n, f"src-{n}", "r", False, float(i), f"g-{n}") for i, n in enumerate("abc")}
     for s in saved.values():
