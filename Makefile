@@ -35,7 +35,8 @@ architectures: $(STAMP)
 	$(PY) scripts/architecture_sweep.py
 
 # What users get: the server's default flags over models x adapter shapes x sampling, every
-# system side by side, worst cell first (about 30 minutes on 2 CPU cores); writes bench-results/.
+# system side by side, worst cell first, then merges, quantization and the inference options
+# (about 50 minutes on 2 CPU cores in all); writes bench-results/.
 bench: $(STAMP)
 	$(PY) -m loramux.bench.matrix --out bench-results
 	$(PY) -m loramux.bench.merge --out bench-results
