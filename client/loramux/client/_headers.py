@@ -65,3 +65,20 @@ class _AioStream(_AioHeader, grpc.aio.UnaryStreamClientInterceptor):
 def aio_header_interceptors(header_for: HeaderFor) -> list:
     """The asyncio interceptors (unary and server-streaming calls) adding `header_for(request)`."""
     return [_AioUnary(header_for), _AioStream(header_for)]
+
+
+class HeaderStub:
+    """A stub whose every call carries `header` (name, value): for an asyncio channel made
+    elsewhere, which takes no interceptor after it is made."""
+
+    def __init__(self, stub, header: tuple[str, str]):
+        self._stub = stub
+        self._header = header
+
+    def __getattr__(self, name: str):
+        method = getattr(self._stub, name)
+
+        def call(request, *, metadata=(), **kwargs):
+            return method(request, metadata=(*(metadata or ()), self._header), **kwargs)
+
+        return call

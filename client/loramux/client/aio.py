@@ -13,7 +13,7 @@ from google.protobuf import duration_pb2
 
 from loramux.client import _convert, types
 from loramux.client._auth import key_header, resolve_api_key
-from loramux.client._headers import aio_header_interceptors
+from loramux.client._headers import HeaderStub, aio_header_interceptors
 from loramux.client._routing import AffinityRouter, channel_options, wants_affinity
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2, loramux_service_pb2, loramux_service_pb2_grpc
@@ -101,13 +101,15 @@ class AsyncClient:
         affinity: bool | None = None,
     ):
         """`api_key`: sent as `authorization: Bearer <key>` on every call (default: the
-        LORAMUX_API_KEY environment variable), on channels made here."""
+        LORAMUX_API_KEY environment variable), on a `channel` given too, as the blocking
+        Client does."""
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
         self._router = None  # the affinity router, when affinity is on
+        api_key = resolve_api_key(api_key)
+        given = channel is not None
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates, private_key, certificate_chain)
-            api_key = resolve_api_key(api_key)
             interceptors = list(aio_client_interceptors(tracer_provider=tracer_provider))
             if api_key:
                 interceptors = aio_header_interceptors(key_header(api_key)) + interceptors
@@ -124,6 +126,9 @@ class AsyncClient:
         self.timeout = timeout
         self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)
         self._operations = operations_pb2_grpc.OperationsStub(channel)
+        if given and api_key:  # a channel made elsewhere takes no interceptor: the key rides on each call
+            header = key_header(api_key)(None)
+            self._stub, self._operations = HeaderStub(self._stub, header), HeaderStub(self._operations, header)
 
     async def close(self) -> None:
         await self._channel.close()
