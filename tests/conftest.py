@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -69,6 +70,25 @@ class Assets:
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
             )
         return out[0, ids.shape[1]:].tolist()
+
+
+def eventually(check, within: float = 30.0, retry_on: tuple[type[BaseException], ...] = (AssertionError,),
+               interval: float = 0.01):
+    """`check()`, again every `interval` until it returns something other than False without
+    raising one of `retry_on`; its last error (or an AssertionError) once `within` seconds have
+    passed. The suite's one way to wait for something another thread makes happen."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            result = check()
+            if result is not False:
+                return result
+        except retry_on:
+            if time.monotonic() > deadline:
+                raise
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {within} s: {getattr(check, '__name__', check)}")
+        time.sleep(interval)
 
 
 def merged_path(server, result, tenant: str = "default") -> Path:

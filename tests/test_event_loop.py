@@ -19,6 +19,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 import loramux.client as lc
+from conftest import eventually
 from loramux.server.app import BackgroundServer
 from loramux.server.keys import append_key
 
@@ -84,10 +85,7 @@ def test_a_large_keys_file_reload_and_a_long_listing_leave_the_event_loop_free(a
 
         def reload() -> None:
             keys_file.write_text(text)
-            deadline = time.monotonic() + 120
-            while store.reloads == reloads:  # the watcher's own reload, as in production
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            eventually(lambda: store.reloads > reloads, within=120)  # the watcher's own reload, as in production
 
         during_reload = _during(server.target, reload)
         assert len(store) == KEYS + 2

@@ -3,12 +3,11 @@ RESOURCE_EXHAUSTED / QUOTA_EXCEEDED with its exact QuotaFailure (and RetryInfo w
 helps), while another tenant is unaffected."""
 
 import threading
-import time
 
 import pytest
 
 import loramux.client as lc
-from conftest import PROMPTS
+from conftest import PROMPTS, eventually
 from loramux.server.app import BackgroundServer
 from loramux.server.keys import append_key
 
@@ -108,11 +107,7 @@ def test_requests_in_flight_queued_and_merges_at_once(quota_server):
     def call(client):
         results.append(client.generate(prompt=PROMPTS[0], max_new_tokens=2).token_ids)
 
-    def wait_for(condition):
-        deadline = time.monotonic() + 30
-        while not condition():
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+    wait_for = eventually
 
     try:
         with lc.Client(server.target, api_key=keys["limited"]) as q, lc.Client(server.target, api_key=keys["free"]) as free, \

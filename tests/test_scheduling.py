@@ -10,7 +10,7 @@ import grpc
 import pytest
 
 import loramux.client as lc
-from conftest import ADAPTERS, PROMPTS
+from conftest import ADAPTERS, PROMPTS, eventually
 from loramux.server.adapters.cache import Tier
 from loramux.server.app import BackgroundServer
 from loramux.server.base_model import load_base_model
@@ -465,10 +465,8 @@ def test_idle_window_waits_for_a_quiet_gap_at_most_four_windows(assets):
                 time.sleep(0.3)
             submitted.append(time.monotonic() - started)
             engine.submit("default", GenerateInput(prompt=PROMPTS[i % len(PROMPTS)], max_new_tokens=2), emit)
-        deadline = time.monotonic() + 60
-        while engine.stats().prefills - before < 2 or engine.stats().running or engine.stats().waiting:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        eventually(lambda: engine.stats().prefills - before >= 2 and not engine.stats().running
+                   and not engine.stats().waiting, within=60)
         # The cap (4 x 500 ms after the first arrival) started a batch while requests still
         # arrived, and not before: no gap was quiet for a window.
         assert submitted[-1] > 2.4

@@ -17,6 +17,7 @@ import boto3
 import pytest
 
 import loramux.client as lc
+import conftest
 from conftest import PROMPTS
 from loramux.server.adapters.objects import ObjectStores
 from loramux.server.app import BackgroundServer
@@ -64,14 +65,8 @@ def start(assets, n: int, **overrides) -> list[BackgroundServer]:
 
 
 def eventually(check, within: float = FOLLOW_S):
-    deadline = time.monotonic() + within
-    while True:
-        try:
-            return check()
-        except (AssertionError, lc.LoramuxError):
-            if time.monotonic() > deadline:
-                raise
-        time.sleep(0.05)
+    """A change made on one replica, seen on another: a call refused meanwhile is retried too."""
+    return conftest.eventually(check, within, retry_on=(AssertionError, lc.LoramuxError), interval=0.05)
 
 
 def tokens(client, adapter: str, prompt: str = PROMPTS[1]) -> list[int]:

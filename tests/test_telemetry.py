@@ -28,7 +28,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import loramux.client as lc
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2
-from conftest import PROMPTS
+from conftest import PROMPTS, eventually
 from loramux.server.app import BackgroundServer
 from loramux.server.telemetry.logs import JsonFormatter
 from loramux.server.telemetry.providers import build_telemetry
@@ -63,14 +63,13 @@ def spans_after(exporter, call, expect: set[str], timeout=10.0):
         result = e
     # An RPC's name is expected twice: its client span and its server span.
     wanted = {(n, k) for n in expect for k in ((SpanKind.CLIENT, SpanKind.SERVER) if n.startswith("/") else (None,))}
-    deadline = time.monotonic() + timeout
-    while True:
+    def spans_wanted():
         spans = exporter.get_finished_spans()
         have = {(s.name, s.kind) for s in spans} | {(s.name, None) for s in spans}
-        if wanted <= have or time.monotonic() > deadline:
-            assert wanted <= have, sorted(n for n, _ in have)
-            return result, list(spans)
-        time.sleep(0.01)
+        assert wanted <= have, sorted(n for n, _ in have)
+        return list(spans)
+
+    return result, eventually(spans_wanted, within=timeout)
 
 
 def rpc_pair(spans, method, service=SERVICE):
@@ -337,10 +336,7 @@ def test_prometheus_endpoint_moves_with_requests_and_evictions(assets, tmp_path)
         next(stream)
         stream.close()  # the caller goes away mid-stream
         cancelled = ("loramux_rpc_requests_total", (("rpc_grpc_status_code", "CANCELLED"), ("rpc_method", "GenerateStream")))
-        deadline = time.monotonic() + 10
-        while scrape(port).get(cancelled) != 1 and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert scrape(port)[cancelled] == 1
+        eventually(lambda: scrape(port).get(cancelled) == 1, within=10)
         client.merge("qv-r4", "m1").result(timeout=60)
         merged = scrape(port)
         assert merged[("loramux_merge_duration_seconds_count", (("outcome", "ok"),))] == 1
@@ -383,10 +379,8 @@ def test_a_request_that_dies_in_the_queue_marks_its_queue_span(traced):
     finally:
         gate.set()
     assert isinstance(error, lc.DeadlineExceeded)
-    deadline = time.monotonic() + 10
-    while not any(s.name == "loramux.queue" for s in exporter.get_finished_spans()) and time.monotonic() < deadline:
-        time.sleep(0.01)
-    queue = next(s for s in exporter.get_finished_spans() if s.name == "loramux.queue")
+    queue = eventually(lambda: next((s for s in exporter.get_finished_spans() if s.name == "loramux.queue"), False),
+                       within=10)
     assert queue.status.status_code is StatusCode.ERROR
     # The caller's deadline both expires the request and cancels the call: whichever the
     # engine sees first names the error.
@@ -441,10 +435,7 @@ def test_router_signals_lora_requests_info_and_capacity(assets, tmp_path):
         try:
             for t in calls:
                 t.start()
-            deadline = time.monotonic() + 30
-            while engine.stats().waiting < 3:
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
+            eventually(lambda: engine.stats().waiting >= 3)
             scraped = scrape(port)
             info = {labels: value for (name, labels), value in scraped.items() if name == "lora_requests_info"}
             per_adapter = {labels: value for (name, labels), value in scraped.items() if name == "loramux_adapter_requests"}
