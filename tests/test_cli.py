@@ -20,8 +20,9 @@ def test_every_command_has_help(command, capsys):
 
 
 def test_serve_flags_are_the_contract():
-    serve = build_parser()._subparsers._group_actions[0].choices["serve"]
-    flags = {opt for action in serve._actions for opt in action.option_strings}
+    from loramux.server.serve_command import build_serve_parser
+
+    flags = {opt for action in build_serve_parser()._actions for opt in action.option_strings}
     assert {"--model", "--revision", "--dtype", "--device", "--host", "--port", "--adapter-root", "--merge-root",
             "--adapter-slots", "--host-cache-mib", "--max-lora-rank", "--max-batch-size", "--batch-window-ms",
             "--max-batch-tokens", "--max-prefill-tokens", "--adapter-wait-ms", "--scheduling", "--max-queue-per-tenant",
@@ -31,17 +32,25 @@ def test_serve_flags_are_the_contract():
 
 
 def test_serve_defaults_are_the_settings_defaults(monkeypatch):
-    """The flags' defaults are written twice (the parser's help shows them; Settings is the
-    truth): every field a bare `serve` gives equals Settings' own default."""
+    """The flags are made from Settings (each field a flag, with its default and docstring):
+    every field a bare `serve` gives equals Settings' own default, and every field has a flag
+    with help."""
     import dataclasses
 
-    from loramux.cli.main import serve_settings
+    from loramux.server.serve_command import build_serve_parser, field_docs, flag_of, serve_settings
     from loramux.server.settings import Settings
+
+    parser = build_serve_parser()
+    flags = {opt: action for action in parser._actions for opt in action.option_strings}
+    docs = field_docs()
+    for field in dataclasses.fields(Settings):
+        assert flag_of(field.name) in flags and docs.get(field.name), field.name
+        assert docs[field.name].split()[0] in flags[flag_of(field.name)].help, field.name
 
     for name in ("OTEL_SERVICE_NAME", "OTEL_TRACES_EXPORTER", "OTEL_METRICS_EXPORTER", "OTEL_EXPORTER_OTLP_PROTOCOL",
                  "OTEL_EXPORTER_OTLP_ENDPOINT"):
         monkeypatch.delenv(name, raising=False)
-    got = serve_settings(build_parser().parse_args(["serve", "--model", "m", "--auth", "none"]))
+    got = serve_settings(parser.parse_args(["--model", "m", "--auth", "none"]))
     want = Settings(model="m", auth="none")
     differ = {f.name: (getattr(got, f.name), getattr(want, f.name)) for f in dataclasses.fields(Settings)
               if getattr(got, f.name) != getattr(want, f.name)}

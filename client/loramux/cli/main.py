@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 import time
 
@@ -16,122 +15,10 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 
 def _serve_parser(sub) -> None:
-    p = sub.add_parser("serve", help="serve a base model with LoRA adapters over gRPC",
-                       fromfile_prefix_chars="@")  # `@FILE`: more arguments, one per line (the chart's ConfigMap)
-    p.add_argument("--model", required=True, help="local model directory or Hugging Face Hub id")
-    p.add_argument("--revision", help="Hub revision of the model")
-    p.add_argument("--model-name", help="name adapters' base_model_name_or_path is checked against (default: --model)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--device-map", choices=["auto", "balanced", "balanced_low_0", "sequential"],
-                   help="place the layers over several GPUs (accelerate); adapter slots follow their layers")
-    p.add_argument("--quantization", default="none", choices=["none", "int8", "bnb-8bit", "bnb-4bit"],
-                   help="the base's Linear weights held as int8 (torchao weight-only), bitsandbytes 8-bit or 4-bit "
-                        "(NF4); adapters stay in --dtype")
-    p.add_argument("--kv-cache", default="dynamic", choices=["dynamic", "static"],
-                   help="static: --max-batch-size rows of --kv-cache-tokens positions allocated at start-up, filled and "
-                        "freed row by row (each request's context is --kv-cache-tokens)")
-    p.add_argument("--kv-cache-tokens", type=int,
-                   help="positions per static KV row (default: --max-batch-tokens / --max-batch-size)")
-    p.add_argument("--compile", action="store_true",
-                   help="compile the decode step with torch.compile, LoRA inside the graph (warmed at start-up)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--adapter-root", action="append", default=[], metavar="DIR", help="directory local adapters must lie under (repeatable)")
-    p.add_argument("--merge-root", metavar="DIR", help="directory merged checkpoints are written under (default: merging off)")
-    p.add_argument("--merge-shard-mib", type=int,
-                   help="merged checkpoints' shards at most this large (default: the base's largest shard)")
-    p.add_argument("--adapter-slots", type=int, default=64, help="adapters resident on the accelerator at once, at most")
-    p.add_argument("--adapter-memory-mib", type=float,
-                   help="accelerator memory for resident adapters, at their true sizes "
-                        "(default: 8 adapters of --max-lora-rank on every served module)")
-    p.add_argument("--host-cache-mib", type=int, default=1024, help="host memory for adapters evicted from slots")
-    p.add_argument("--max-lora-rank", type=int, default=64)
-    p.add_argument("--target-modules", default="all-linear",
-                   help="comma-separated Linear names that get adapter slots, or all-linear: every Linear "
-                        "(and Conv1D) layer but the output layer")
-    p.add_argument("--max-batch-size", type=int, default=16, help="rows decoding together at most")
-    p.add_argument("--max-batch-tokens", type=int, default=65536,
-                   help="padded KV cache the batch may reach: rows x (widest prompt + output), in tokens")
-    p.add_argument("--max-prefill-tokens", type=int, default=4096, help="prompt tokens prefilled in one step at most")
-    p.add_argument("--batch-window-ms", type=float, default=5.0, help="when idle, start once no request has arrived for this long (at most 4x after the first)")
-    p.add_argument("--join-ratio", type=float, default=0.25,
-                   help="while rows decode, prefill waiting requests once they are this share of the running rows")
-    p.add_argument("--join-max-steps", type=int, default=8, help="... or once the oldest has waited this many steps")
-    p.add_argument("--adapter-wait-ms", type=float, default=2000.0,
-                   help="how long a request may be passed over for ones whose adapters are in slots")
-    p.add_argument("--scheduling", default="continuous", choices=["continuous", "static"])
-    p.add_argument("--max-queue", type=int, default=256)
-    p.add_argument("--max-queue-per-tenant", type=int,
-                   help="requests one tenant may have waiting (default: no fixed bound; a full queue refuses the tenant "
-                        "holding the most places first)")
-    p.add_argument("--tenant-max-adapters", type=int, default=1000,
-                   help="adapters one tenant may register, unless the keys file gives its adapters quota")
-    p.add_argument("--tenant-max-merge-outputs", type=int, default=8,
-                   help="merge outputs one tenant may keep, unless the keys file gives its merge_outputs quota")
-    p.add_argument("--tenant-max-merge-output-gib", type=int,
-                   help="GiB of merge outputs one tenant may keep (default: no limit beyond the count)")
-    p.add_argument("--merge-disk-reserve-mib", type=int, default=1024,
-                   help="a merge starts only if the merge disk keeps this much free after it")
-    p.add_argument("--operation-retention-s", type=float, default=7 * 24 * 3600.0,
-                   help="finished operations (every replica's) are kept this long, then removed")
-    p.add_argument("--default-max-new-tokens", type=int, default=64)
-    p.add_argument("--max-prompt-bytes", type=int, default=1 << 20,
-                   help="prompt text above this many UTF-8 bytes is refused before tokenizing")
-    p.add_argument("--slot-wait-s", type=float, default=10.0,
-                   help="LoadAdapter warm/pin: how long to wait for a free slot before NO_SLOT_AVAILABLE")
-    p.add_argument("--engine-stall-s", type=float, default=60.0,
-                   help="health says NOT_SERVING while one engine pass runs longer than this")
-    p.add_argument("--shutdown-grace-s", type=float, default=5.0,
-                   help="on SIGTERM: how long work in flight may finish before it is ended with SHUTTING_DOWN")
-    p.add_argument("--state-dir", metavar="DIR",
-                   help="keep adapter registrations and operations here across restarts (default: nothing kept); "
-                        "replicas may share one on a ReadWriteMany volume")
-    p.add_argument("--registry", metavar="URL",
-                   help="keep adapter registrations in object storage (s3://bucket/prefix), shared by every replica")
-    p.add_argument("--registry-sync-s", type=float, default=2.0,
-                   help="how often each replica follows registrations made, replaced or unloaded on the others")
-    p.add_argument("--replica-id", help="this replica's name in the shared state (default: the host name)")
-    p.add_argument("--object-root", action="append", default=[], metavar="URL",
-                   help="object-storage prefix (s3://bucket/prefix) adapter sources may lie under (repeatable)")
-    p.add_argument("--object-endpoint-url", metavar="URL",
-                   help="endpoint of an S3-compatible store (MinIO, Ceph); credentials come from the AWS_* environment")
-    p.add_argument("--object-cache-dir", metavar="DIR",
-                   help="local disk for adapters fetched from object storage (default: a temporary directory)")
-    p.add_argument("--auth", default="keys", choices=["keys", "none"],
-                   help="keys: every call needs an API key from --auth-keys-file; none: no credentials (development only)")
-    p.add_argument("--auth-keys-file", metavar="PATH",
-                   help="YAML or JSON file of key hashes, tenants and roles (`loramux keys create` writes it); reloaded when it changes")
-    p.add_argument("--max-connection-age-s", type=float, default=300.0,
-                   help="clients reconnect after this long, so that they see new replicas (0: never)")
-    p.add_argument("--tls-cert", metavar="PEM", help="serve TLS only, with this certificate chain (and --tls-key)")
-    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
-    p.add_argument("--health-port", type=int,
-                   help="also serve grpc.health.v1 alone, in plaintext, on this port (for probes that cannot speak TLS)")
-    p.add_argument("--tls-client-ca", metavar="PEM",
-                   help="mutual TLS: clients must present a certificate this CA signed (the keys file may map its CN to a tenant)")
-    p.add_argument("--base-mismatch", default="error", choices=["error", "warn"],
-                   help="an adapter trained on another base model: refuse it, or log and load")
-    p.add_argument("--allow-pickle-weights", action="store_true", help="load adapter_model.bin when there is no safetensors file")
-    p.add_argument("--hub-cache-dir", help="Hugging Face cache for the Hub base model and hf:// adapters")
-    p.add_argument("--hub-offline", action="store_true", help="resolve the Hub base model and hf:// adapters from the local cache only")
-    p.add_argument("--hub-endpoint", metavar="URL", help="the Hub's address, e.g. a mirror (default: huggingface_hub's)")
-    p.add_argument("--log-level", default="INFO")
-    p.add_argument("--log-format", choices=["text", "json"], default="text",
-                   help="json: one JSON object per line, with trace_id and span_id inside requests")
-    otel = p.add_argument_group("telemetry", "flags left unset fall back to the standard OTEL_* variables")
-    otel.add_argument("--metrics-port", type=int, help="serve Prometheus metrics at http://HOST:PORT/metrics")
-    otel.add_argument("--metrics-host", default="127.0.0.1",
-                      help="address of the metrics endpoint (default: loopback; its series name tenants and adapters)")
-    otel.add_argument("--otel-traces-exporter", metavar="LIST",
-                      help="otlp, console, both comma-separated, or none (env OTEL_TRACES_EXPORTER; default none)")
-    otel.add_argument("--otel-metrics-exporter", metavar="LIST",
-                      help="push metrics too: otlp, console or none (env OTEL_METRICS_EXPORTER; default none)")
-    otel.add_argument("--otel-exporter-otlp-protocol", choices=["grpc", "http/protobuf"],
-                      help="env OTEL_EXPORTER_OTLP_PROTOCOL; default grpc")
-    otel.add_argument("--otel-exporter-otlp-endpoint", metavar="URL",
-                      help="collector endpoint (env OTEL_EXPORTER_OTLP_ENDPOINT; default the exporter's)")
-    otel.add_argument("--otel-service-name", help="env OTEL_SERVICE_NAME; default loramux")
+    # Its flags are made from the server's Settings (loramux.server.serve_command): `main` hands
+    # `serve` and everything after it over, so the client commands never import the server.
+    sub.add_parser("serve", help="serve a base model with LoRA adapters over gRPC (needs the server extra)",
+                   add_help=False)
 
 
 def _client_parsers(sub) -> None:
@@ -215,9 +102,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        try:
+            from loramux.server.serve_command import run
+        except ImportError as e:
+            print(f"error: serve needs the server extra: pip install 'loramux[server]' ({e})", file=sys.stderr)
+            return 2
+        return run(argv[1:])
     args = build_parser().parse_args(argv)
-    if args.command == "serve":
-        return _serve(args)
     if args.command == "demo":
         from loramux.demo.tour import run_demo
 
@@ -241,70 +134,6 @@ def main(argv: list[str] | None = None) -> int:
         for field, description in e.field_violations:
             print(f"  {field}: {description}", file=sys.stderr)
         return 1
-
-
-# Settings fields whose serve flag is not simply --field-name.
-_FLAG_OF_FIELD = {
-    "adapter_roots": "--adapter-root",
-    "object_roots": "--object-root",
-    "traces_exporters": "--otel-traces-exporter",
-    "metrics_exporters": "--otel-metrics-exporter",
-    "otlp_protocol": "--otel-exporter-otlp-protocol",
-    "otlp_endpoint": "--otel-exporter-otlp-endpoint",
-    "service_name": "--otel-service-name",
-}
-
-
-def _serve(args) -> int:
-    import asyncio
-
-    from loramux.server.app import serve
-    from loramux.server.errors import InvalidSettings
-    from loramux.server.telemetry.logs import configure_logging
-
-    try:
-        settings = serve_settings(args)
-    except InvalidSettings as e:
-        return _bad_setting(e)
-    configure_logging(args.log_level, args.log_format)
-    try:
-        asyncio.run(serve(settings))
-    except InvalidSettings as e:  # found at start-up (a keys file that does not parse)
-        return _bad_setting(e)
-    return 0
-
-
-def serve_settings(args):
-    """The validated Settings that `serve`'s parsed flags (and OpenTelemetry's environment
-    variables) give; InvalidSettings if they do not hold together."""
-    from loramux.server.settings import Settings
-
-    def env(flag, name: str, default):
-        """A flag, else the standard OpenTelemetry environment variable, else the default."""
-        return flag if flag is not None else os.environ.get(name, default)
-
-    def exporters(value: str) -> tuple[str, ...]:
-        return tuple(e.strip() for e in value.split(",") if e.strip() and e.strip() != "none")
-
-    converted = dict(
-        adapter_roots=tuple(args.adapter_root),
-        object_roots=tuple(args.object_root),
-        target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
-        service_name=env(args.otel_service_name, "OTEL_SERVICE_NAME", "loramux"),
-        traces_exporters=exporters(env(args.otel_traces_exporter, "OTEL_TRACES_EXPORTER", "none")),
-        metrics_exporters=exporters(env(args.otel_metrics_exporter, "OTEL_METRICS_EXPORTER", "none")),
-        otlp_protocol=env(args.otel_exporter_otlp_protocol, "OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
-        otlp_endpoint=env(args.otel_exporter_otlp_endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", None),
-    )
-    # Every other flag is named as its Settings field (`--max-batch-size` -> max_batch_size).
-    named = {f.name for f in dataclasses.fields(Settings)} & vars(args).keys() - converted.keys()
-    return Settings(**{name: getattr(args, name) for name in named}, **converted)
-
-
-def _bad_setting(e) -> int:
-    flag = _FLAG_OF_FIELD.get(e.field, "--" + e.field.replace("_", "-"))
-    print(f"error: {flag}: {e.message}", file=sys.stderr)
-    return 2
 
 
 def _tls_files(args) -> dict:

@@ -27,6 +27,10 @@ OTLP_PROTOCOLS = ("grpc", "http/protobuf")
 OBJECT_PROTOCOLS = ("s3", "gs", "az")
 _REPLICA_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear (and Conv1D) layer but the output layer
+# Fields that take one of a few values (the serve command's flags offer them as choices).
+CHOICES = {"dtype": DTYPES, "device_map": DEVICE_MAPS, "quantization": QUANTIZATIONS, "kv_cache": KV_CACHES,
+           "scheduling": SCHEDULING, "base_mismatch": BASE_MISMATCH_POLICIES, "auth": AUTH_MODES,
+           "otlp_protocol": OTLP_PROTOCOLS}
 DEFAULT_TARGET_MODULES = (ALL_LINEAR,)
 
 
@@ -64,6 +68,7 @@ class Settings:
     """Compile the decode step with torch.compile, the batched LoRA path inside the graph
     (start-up compiles and warms it; adapters and batch compositions never recompile)."""
     host: str = "127.0.0.1"
+    """Address the gRPC port listens on (0.0.0.0: every interface)."""
     port: int = 50051
     """0 picks a free port (tests)."""
     adapter_roots: tuple[Path, ...] = ()
@@ -136,7 +141,9 @@ class Settings:
     the merges queued before it); with the state directory on the same disk, that room is
     what keeps its records writable."""
     default_max_new_tokens: int = 64
+    """Tokens a request generates at most when it does not say."""
     max_new_tokens_limit: int = 4096
+    """The most tokens a request may ask for (max_new_tokens)."""
     max_prompt_bytes: int = 1 << 20
     """Prompt text (prompt, or all messages) above this many UTF-8 bytes is refused before it is
     tokenized (PROMPT_TOO_LONG), which bounds the time and memory one request spends tokenizing."""
@@ -195,6 +202,7 @@ class Settings:
     for probes that cannot speak TLS, such as Kubernetes' native gRPC probes (0 picks a free
     port; None: off). It reveals nothing but whether the server is serving."""
     shutdown_grace_s: float = 5.0
+    """On SIGTERM: how long work in flight may finish before it is ended with SHUTTING_DOWN."""
     service_name: str = "loramux"
     """OpenTelemetry service.name of traces and metrics."""
     traces_exporters: tuple[str, ...] = ()
