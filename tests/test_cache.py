@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from loramux.server.adapters.cache import NoSlotAvailable, Tier, TieredAdapterCache
-from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+from loramux.server.lora.weights import AdapterWeights, ModuleLora
 from loramux.server.lora.slot_bank import SlotBank
 
 D = ACC, HOST, DISK = Tier.ACCELERATOR, Tier.HOST, Tier.DISK

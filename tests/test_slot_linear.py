@@ -36,7 +36,7 @@ def test_all_base_rows_skip_lora():
     model = nn.Sequential()
     model.add_module("q_proj", nn.Linear(6, 5))
     bank = SlotBank(model, ("q_proj",), num_slots=3, max_rank=4)
-    from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+    from loramux.server.lora.weights import AdapterWeights, ModuleLora
 
     assert bank.plan([None, None], torch.device("cpu")) is None  # no row has an adapter
     for uid in (11, 12):

@@ -182,20 +182,6 @@ def _bnb_config(method: str, dtype: torch.dtype):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
 
 
-def dequantized(weight: torch.Tensor) -> torch.Tensor:
-    """A base weight as full-precision values, whatever holds it: torchao's int8 tensors,
-    bitsandbytes' 8-bit (a scale per row) and 4-bit (blocks) parameters, or a plain tensor."""
-    if getattr(weight, "quant_state", None) is not None:  # bitsandbytes 4-bit
-        import bitsandbytes.functional as bnb
-
-        return bnb.dequantize_4bit(weight.data, weight.quant_state).float()
-    if getattr(weight, "SCB", None) is not None and weight.dtype == torch.int8:  # bitsandbytes 8-bit
-        return weight.data.float() * weight.SCB.float().view(-1, 1) / 127
-    if hasattr(weight, "dequantize"):  # torchao
-        return weight.dequantize().float()
-    return weight
-
-
 def quantize_linears(model: nn.Module, method: str) -> None:
     """Hold every nn.Linear weight but the output projection's as int8 with a scale per output
     row (torchao's int8 weight-only). The modules stay nn.Linear, so adapter slots wrap them

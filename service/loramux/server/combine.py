@@ -23,7 +23,7 @@ from collections.abc import Sequence
 
 import torch
 
-from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+from loramux.server.lora.weights import AdapterWeights, ModuleLora
 from loramux.server.errors import InvalidRequest
 from loramux.server.settings import ALL_LINEAR
 

@@ -58,9 +58,8 @@ from pathlib import Path
 
 import yaml
 
-from loramux.server.adapters.objects import is_object_url
 from loramux.server.names import validate_adapter_id
-from loramux.server.source_allowance import ANYWHERE, SourceAllowance
+from loramux.server.source_allowance import ANYWHERE, SourceAllowance, is_object_url
 from loramux.server.errors import InvalidSettings, LoramuxError, Unauthenticated
 from loramux.server.quotas import QUOTA_NAMES, UNLIMITED, Quotas
 

@@ -38,7 +38,7 @@ from safetensors.torch import save_file
 from loramux.server.adapters.adapter_config import MAX_CONFIG_BYTES
 from loramux.server.adapters.registry import AdapterRecord
 from loramux.server.adapters.sources import check_path_text
-from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+from loramux.server.lora.weights import AdapterWeights, ModuleLora
 from loramux.server.base_files import SINGLE_FILE, TORCH_DTYPES, WEIGHTS_INDEX, BaseCheckpoint, TensorEntry
 from loramux.server.combine import Combination
 from loramux.server.errors import InvalidRequest, MergeNotFinite, MergeOutputExists, MergeOutputForeign, MergeUnsupported

@@ -29,7 +29,6 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
-from loramux.server.adapters.objects import ObjectStores
 from loramux.server.errors import SourceUnavailable
 from loramux.server.settings import Settings
 from loramux.server.state import (
@@ -288,9 +287,10 @@ def _object_version(info: dict) -> object:
     return (str(tag), str(when), info.get("size"))
 
 
-def open_registrations(settings: Settings, state: StateStore | None, objects: ObjectStores | None) -> Registrations | None:
-    """The registrations the settings name: `registry` (object storage), else the state
-    directory's, else none (nothing is kept)."""
+def open_registrations(settings: Settings, state: StateStore | None, objects) -> Registrations | None:
+    """The registrations the settings name: `registry` (object storage, through `objects`: the
+    adapters' ObjectStores, whose `filesystem(protocol)` gives the fsspec filesystem), else the
+    state directory's, else none (nothing is kept)."""
     if settings.registry:
         return ObjectRegistrations(settings.registry.rstrip("/"), objects.filesystem(settings.registry.split("://", 1)[0]))
     if state is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from loramux.server.settings import OBJECT_PROTOCOLS
+
 
 @dataclasses.dataclass(frozen=True)
 class SourceAllowance:
@@ -16,3 +18,8 @@ class SourceAllowance:
 
 
 ANYWHERE = SourceAllowance()
+
+
+def is_object_url(source: str) -> bool:
+    """Whether a source names object storage (s3://, gs://, az://)."""
+    return source.split("://", 1)[0] in OBJECT_PROTOCOLS and "://" in source

@@ -22,7 +22,6 @@ one read. The cache knows tiers and slots, never names, tenants or gRPC.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import threading
 import time
 from collections import Counter
@@ -32,14 +31,9 @@ from concurrent.futures import Future
 import torch
 from cachetools import LRUCache
 
-from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+from loramux.server.lora.weights import AdapterWeights, ModuleLora
 from loramux.server.lora.slot_bank import SlotBank
-
-
-class Tier(enum.Enum):
-    ACCELERATOR = "accelerator"
-    HOST = "host"
-    DISK = "disk"
+from loramux.server.tiers import Tier  # noqa: F401 (re-exported)
 
 
 class NoSlotAvailable(Exception):

@@ -28,7 +28,8 @@ from loramux.server.adapters.adapter_config import (
     parse_config,
     view_of,
 )
-from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+from loramux.server.lora.dequantize import dequantized  # the served weight, whatever quantization holds it
+from loramux.server.lora.weights import AdapterWeights, ModuleLora
 from loramux.server.errors import AdapterIncompatible, AdapterInvalid, LoramuxError, SourceOutsideRoot
 
 log = logging.getLogger(__name__)
@@ -401,7 +402,6 @@ def _with_dora(module: str, lora: ModuleLora, magnitude: torch.Tensor | None, ba
     magnitude = magnitude.float().reshape(-1)
     if not torch.isfinite(magnitude).all():
         raise AdapterInvalid(f"module {module!r} has a non-finite DoRA magnitude")
-    from loramux.server.base_model import dequantized  # the served weight, whatever quantization holds it
 
     with torch.no_grad():  # (not .detach() first: it would drop a quantized parameter's state)
         weight = dequantized(base.base_weights[f"{module}.weight"]).detach().to("cpu", torch.float32)

@@ -21,16 +21,13 @@ import uuid
 from pathlib import Path
 
 from loramux.server.errors import AdapterInvalid, InvalidRequest, SourceNotFound, SourceOutsideRoot, SourceUnavailable
-from loramux.server.settings import OBJECT_PROTOCOLS, Settings
+from loramux.server.settings import Settings
+from loramux.server.source_allowance import is_object_url  # noqa: F401 (re-exported)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 _PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "az": "adlfs"}
 _CHUNK = 8 << 20
-
-
-def is_object_url(source: str) -> bool:
-    return source.split("://", 1)[0] in OBJECT_PROTOCOLS and "://" in source
 
 
 def check_object_url(source: str, field: str = "source") -> str:

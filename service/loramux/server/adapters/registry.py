@@ -31,7 +31,7 @@ from loramux.server.adapters.objects import ObjectStores
 from loramux.server.adapters.sources import (
     ANYWHERE, HUB_PREFIX, SourceAllowance, max_download_bytes, resolve_source, source_kind,
 )
-from loramux.server.adapters.weights import AdapterWeights
+from loramux.server.lora.weights import AdapterWeights
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest, LoramuxError
 from loramux.server.names import validate_adapter_id  # noqa: F401 (re-exported)

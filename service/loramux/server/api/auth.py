@@ -24,12 +24,12 @@ from __future__ import annotations
 import contextvars
 import logging
 
-from loramux.server.adapters.registry import validate_adapter_id
-from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.errors import PermissionDenied, Unauthenticated
 from loramux.server.keys import Identity, KeyStore, role_rank
+from loramux.server.names import validate_adapter_id
 from loramux.server.quotas import Quotas, with_defaults
 from loramux.server.settings import Settings
+from loramux.server.source_allowance import ANYWHERE, SourceAllowance
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,6 @@ import importlib.metadata
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.longrunning import operations_pb2
 
-from loramux.server.adapters.cache import Tier
 from loramux.server.adapters.registry import AdapterRecord
 from loramux.server.api.status import to_status
 from loramux.server.engine.inputs import GenerateInput
@@ -17,6 +16,7 @@ from loramux.server.errors import InvalidRequest
 from loramux.server.combine import Combination
 from loramux.server.merge import MergeJob, MergeResult
 from loramux.server.operations import Operation
+from loramux.server.tiers import Tier
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2
 
 _TIERS = {

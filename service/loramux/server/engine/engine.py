@@ -31,6 +31,7 @@ from loramux.server.engine.adapter_admin import AdapterAdmin
 from loramux.server.engine.inputs import GenerateInput, prompt_ids, request_context, sampling_params
 from loramux.server.engine.merges import Merges
 from loramux.server.engine.registry_sync import RegistrySync
+from loramux.server.engine.request_telemetry import request_ended
 from loramux.server.engine.request import ErrorEvent, Event, GenerationRequest, TokenEvent
 from loramux.server.engine.worker import IDLE_POLL_S, EngineStats, Worker
 from loramux.server.errors import DeadlineExceeded, InvalidRequest, InvalidSettings, LoramuxError, ShuttingDown
@@ -216,7 +217,7 @@ class Engine:
         def emit_last_after_telemetry(event: Event) -> None:
             if not isinstance(event, TokenEvent):
                 usage.end(tenant)  # the request leaves the tenant's quota of requests in flight
-                telemetry.request_ended(request, event)
+                request_ended(telemetry, request, event)
             emit(event)
 
         request = GenerationRequest(

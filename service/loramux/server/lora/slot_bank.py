@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from loramux.server.adapters.weights import AdapterWeights, ModuleLora
+from loramux.server.lora.weights import AdapterWeights, ModuleLora
 from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear, is_conv1d
 from loramux.server.settings import ALL_LINEAR
 

@@ -4,10 +4,10 @@ One `Telemetry` is built at start-up and handed to the engine; the gRPC layer re
 through the engine. With no providers it is all no-ops (the OpenTelemetry API's own), so
 nothing else needs to check whether telemetry is on.
 
-Spans inside a Generate call are children of the RPC's server span (the gRPC layer hands
-the engine its context): `loramux.queue`, `loramux.adapter.resolve` (when an adapter is
-used), `loramux.prefill` and `loramux.decode`. They are recorded with their real start and
-end times when the request ends, before its last event reaches the caller.
+Telemetry stands beside the engine, not in its chain: it imports nothing of it, and the
+engine feeds it plain data. The spans inside a Generate call (`loramux.queue`,
+`loramux.adapter.resolve`, `loramux.prefill`, `loramux.decode`) are made by the engine
+(`engine/request_telemetry.py`) with this tracer, as children of the RPC's server span.
 """
 
 from __future__ import annotations
@@ -17,11 +17,8 @@ from collections import Counter
 from collections.abc import Callable
 
 from opentelemetry import metrics, trace
-from opentelemetry.context import Context
-from opentelemetry.trace import Status, StatusCode
 
-from loramux.server.adapters.cache import Tier
-from loramux.server.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest
+from loramux.server.tiers import Tier
 
 SCOPE = "loramux.server"
 # Seconds; latency histograms from a millisecond to two minutes.
@@ -144,37 +141,3 @@ class Telemetry:
         elif kind == "load" and seconds is not None:
             self.load_duration.record(seconds, {"source": tier.value})
 
-    def request_ended(self, request: GenerationRequest, event: Event) -> None:
-        """Metrics and the request's engine spans, when its last event is about to be sent."""
-        now_ns = time.time_ns()
-        if isinstance(event, FinishEvent):
-            labels = {"tenant": self.tenant_label(request.tenant)}
-            self.tokens.add(event.completion_tokens, labels)
-            self.ttft.record(event.timings.time_to_first_token_s, labels)
-        if not self.tracing:
-            return
-        t = request.timeline
-        ctx: Context | None = request.trace_context
-        common = {"loramux.tenant": request.tenant}
-        admitted = t.admitted_ns or now_ns
-        spans = [("loramux.queue", t.arrival_ns, admitted, common)]
-        if request.adapter_uid is not None:
-            attrs = {**common, "loramux.adapter.id": request.adapter_id, "loramux.adapter.tier": t.tier_found.value}
-            if t.load_s is not None:
-                attrs["loramux.adapter.load_ms"] = round(1000 * t.load_s, 3)
-            spans.append(("loramux.adapter.resolve", t.arrival_ns, admitted, attrs))
-        if t.prefill_start_ns:
-            spans.append(("loramux.prefill", t.prefill_start_ns, t.prefill_end_ns or now_ns, {
-                "loramux.batch.rows": t.prefill_rows, "gen_ai.usage.input_tokens": request.prompt_tokens,
-            }))
-        if t.prefill_end_ns:
-            attrs = {"gen_ai.usage.output_tokens": t.generated}
-            if isinstance(event, FinishEvent):
-                attrs["gen_ai.response.finish_reasons"] = (event.finish_reason.value,)
-            spans.append(("loramux.decode", t.prefill_end_ns, now_ns, attrs))
-        for i, (name, start_ns, end_ns, attrs) in enumerate(spans):
-            span = self.tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attrs)
-            if isinstance(event, ErrorEvent) and i == len(spans) - 1:  # the stage it failed in
-                span.set_status(Status(StatusCode.ERROR, event.error.message))
-                span.set_attribute("error.type", event.error.reason)
-            span.end(end_time=end_ns)

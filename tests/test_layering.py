@@ -1,0 +1,91 @@
+"""The server's imports run one way, as docs/architecture.md draws them: a part may import the
+parts below it, never one above it, and there is no circle. Read from the source with an ast
+walk (imports inside functions count too: a late import is still a dependency).
+
+Each part of `loramux.server` (a package, or a top-level module) has a floor; telemetry
+stands beside the chain and imports only the shared vocabulary. The front door's imports of
+the parts below the engine are listed in KNOWN_FRONT_DOOR_REACH: they are the engine
+facade's to remove (issue 21), and the list may only shrink (an entry no longer needed fails
+too, so it is kept true)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent / "service" / "loramux" / "server"
+
+# Floors, ground first. A part may import parts on lower floors only.
+FLOORS = [
+    {"errors"},
+    {"settings", "names"},
+    {"source_allowance", "tiers", "cpu_threads", "hub"},  # shared vocabulary and helpers
+    {"lora"},  # the ground floor of the model: slot layers, the slot bank, adapter weights
+    {"state"},
+    {"registrations"},
+    {"adapters"},  # sources, checkpoints, the registry, the tiered cache
+    {"base_files", "quotas"},
+    {"base_model", "combine", "operations", "keys"},
+    {"merge"},
+    {"telemetry"},
+    {"engine"},
+    {"api"},  # the gRPC front door
+    {"app"},  # building and running the server
+    {"serve_command"},  # `loramux serve`
+]
+# Telemetry is fed plain data: it may import only these, whatever floor they are on.
+TELEMETRY_MAY_IMPORT = {"errors", "settings", "tiers"}
+# The gRPC front door still reaches below the engine; the facade removes these.
+KNOWN_FRONT_DOOR_REACH = {
+    ("api", "adapters"), ("api", "combine"), ("api", "merge"), ("api", "operations"), ("api", "keys"),
+    ("api", "quotas"),
+}
+
+
+def _part(module: str) -> str | None:
+    """The part of loramux.server a module belongs to (None: outside the server)."""
+    parts = module.split(".")
+    if parts[:2] != ["loramux", "server"] or len(parts) < 3:
+        return None
+    return parts[2]
+
+
+def imports() -> set[tuple[str, str, str]]:
+    """(importing part, imported part, file) for every import between two parts."""
+    found = set()
+    for path in ROOT.rglob("*.py"):
+        relative = path.relative_to(ROOT)
+        here = relative.parts[0].removesuffix(".py")
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module] if node.module != "loramux.server" else [f"loramux.server.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            for name in names:
+                there = _part(name)
+                if there is not None and there != here:
+                    found.add((here, there, str(relative)))
+    return found
+
+
+def test_every_part_has_a_floor():
+    parts = {p.name.removesuffix(".py") for p in ROOT.iterdir() if p.name != "__init__.py" and
+             (p.suffix == ".py" or (p.is_dir() and (p / "__init__.py").exists()))}
+    placed = set().union(*FLOORS)
+    assert parts == placed, f"place these in FLOORS (and docs/architecture.md): {sorted(parts ^ placed)}"
+
+
+def test_imports_point_down_only():
+    floor = {part: i for i, parts in enumerate(FLOORS) for part in parts}
+    upward, reach = [], set()
+    for here, there, where in sorted(imports()):
+        if here == "telemetry":
+            if there not in TELEMETRY_MAY_IMPORT:
+                upward.append(f"{where} imports {there} (telemetry is fed plain data)")
+        elif (here, there) in KNOWN_FRONT_DOOR_REACH:
+            reach.add((here, there))
+        elif floor[there] >= floor[here]:
+            upward.append(f"{where} imports {there} (floor {floor[there]} from floor {floor[here]})")
+    assert upward == []
+    assert reach == KNOWN_FRONT_DOOR_REACH, f"no longer imported, remove from the list: {KNOWN_FRONT_DOOR_REACH - reach}"
