@@ -68,8 +68,8 @@ def test_mixed_rows_match_per_adapter_lora_at_true_rank(seq):
     assert torch.equal(out[2], base[2])
     torch.testing.assert_close(out[3], base[3] + (x[3] @ a1.T @ b1.T) * 3.0, rtol=0, atol=1e-5)
     if seq == 1:
-        view = layer._view[3]
-        assert view.used == 4 + 2 and layer._segments == {1: (0, 2, 1), 0: (2, 4, 1)}  # true ranks, no padding
+        view = layer.buffer_layout().view
+        assert view.used == 4 + 2 and layer.buffer_layout().segments == {1: (0, 2, 1), 0: (2, 4, 1)}  # true ranks, no padding
         # Adapters side by side in the order rows first use them: slot 1 (rank 2), then slot 0 (rank 4).
         assert (~view.hide)[:, 0].tolist() == [[1] * 2 + [0] * 4, [0] * 2 + [1] * 4, [0] * 6, [1] * 2 + [0] * 4]
 
@@ -80,7 +80,7 @@ def test_a_layer_no_adapter_in_the_batch_targets_is_skipped():
     layer.clear(1)  # slot 1's adapter does not target this layer
     routing.plan = plan([1, 1])
     x = torch.randn(2, 1, 6)
-    assert torch.equal(layer(x), layer.base_layer(x)) and layer._view[3] is None and layer._columns == 0
+    assert torch.equal(layer(x), layer.base_layer(x)) and layer.buffer_layout().view is None and layer.buffer_layout().columns == 0
 
 
 def test_a_slot_holds_its_adapter_at_true_rank_and_refilling_leaves_no_old_weights():
@@ -113,26 +113,26 @@ def test_joins_copy_only_the_adapters_that_join_and_columns_read_for_nothing_are
             torch.testing.assert_close(out[i], expected, rtol=0, atol=1e-5)
 
     check([0, 1])
-    assert layer._segments == {0: (0, 4, 1), 1: (4, 4, 1)} and layer._wasted == 0
+    assert layer.buffer_layout().segments == {0: (0, 4, 1), 1: (4, 4, 1)} and layer.buffer_layout().wasted == 0
     check([0, 1])  # the same plan object is reused: nothing copied
-    first = layer._view
+    first = layer.buffer_layout().view
     layer(x[:2])
-    assert layer._view is first
+    assert layer.buffer_layout().view is first
     check([1, 2])  # slot 2 joins: appended; slot 0 stays, masked out: a step reads its 4 columns for nothing
-    assert layer._segments == {0: (0, 4, 1), 1: (4, 4, 1), 2: (8, 4, 1)} and layer._columns == 12 and layer._wasted == 4
+    assert layer.buffer_layout().segments == {0: (0, 4, 1), 1: (4, 4, 1), 2: (8, 4, 1)} and layer.buffer_layout().columns == 12 and layer.buffer_layout().wasted == 4
     check([1, 2])  # 8 columns wasted in all = the 8 live ones a rebuild copies: rebuilt from the batch's adapters
-    assert layer._segments == {1: (0, 4, 1), 2: (4, 4, 1)} and layer._columns == 8 and layer._wasted == 0
+    assert layer.buffer_layout().segments == {1: (0, 4, 1), 2: (4, 4, 1)} and layer.buffer_layout().columns == 8 and layer.buffer_layout().wasted == 0
     check([2])  # the rows of 1 left: 4 wasted >= 4 live, rebuilt at once
-    assert layer._segments == {2: (0, 4, 1)} and layer._columns == 4
+    assert layer.buffer_layout().segments == {2: (0, 4, 1)} and layer.buffer_layout().columns == 4
     a, b = torch.randn(2, 6), torch.randn(5, 2)
     w[0] = (a, b)
     layer.fill(0, a, b, 1.0)  # slot 0 refilled at rank 2: appended when a batch uses it
     check([0, 2])
-    assert layer._segments == {2: (0, 4, 1), 0: (4, 2, 2)} and layer._columns == 6 and layer._wasted == 0
+    assert layer.buffer_layout().segments == {2: (0, 4, 1), 0: (4, 2, 2)} and layer.buffer_layout().columns == 6 and layer.buffer_layout().wasted == 0
     w[2] = (torch.randn(4, 6), torch.randn(5, 4))
     layer.fill(2, *w[2], 3.0)  # slot 2 refilled: its old columns are dead, 6 > the 4 live: rebuilt at placement
     check([2])
-    assert layer._segments == {2: (0, 4, 2)} and layer._columns == 4
+    assert layer.buffer_layout().segments == {2: (0, 4, 2)} and layer.buffer_layout().columns == 4
 
 
 def test_bf16_keeps_the_scale_in_float32():
@@ -146,7 +146,7 @@ def test_bf16_keeps_the_scale_in_float32():
     x = torch.randn(1, 1, 6, dtype=torch.bfloat16)
     expected = layer.base_layer(x) + ((x @ a.T @ b.T) * scale).to(torch.bfloat16)  # peft: a Python float scale
     assert torch.equal(layer(x), expected)
-    assert layer._view[3].scale.dtype == torch.float32
+    assert layer.buffer_layout().view.scale.dtype == torch.float32
 
 
 @pytest.mark.parametrize("compiled", [False, True])  # the eager decode step, and the arithmetic of the compiled one
@@ -179,7 +179,7 @@ def test_an_adapter_that_overflows_poisons_only_its_own_rows_even_as_dead_column
     assert not torch.isfinite(out[1]).any()  # its own row: inf * 0 = NaN, as peft computes it
     assert torch.equal(out[2], layer.base_layer(x[2]))
     out = step([0, 3])  # slot 1's rows left: its columns are dead but still in the buffer
-    assert layer._segments[1][1] == 2 and layer._columns == 6
+    assert layer.buffer_layout().segments[1][1] == 2 and layer.buffer_layout().columns == 6
     torch.testing.assert_close(out[0], good(0), rtol=0, atol=1e-5)
     assert torch.equal(out[1], layer.base_layer(x[1]))
 

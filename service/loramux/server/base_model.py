@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from loramux.server.adapters.budget import AdapterBudget
 from loramux.server.adapters.checkpoint import BaseModelView
 from loramux.server.errors import InvalidSettings
 from loramux.server.hub import fetch_snapshot
@@ -45,8 +46,7 @@ class BaseModel:
             base_weights=weights,
             module_names=frozenset(name.replace(".base_layer", "") for name, _ in self.model.named_modules()),
             transposed=self.bank.transposed(),
-            max_adapter_bytes=self.bank.max_adapter_bytes,
-            max_rank=settings.max_lora_rank,
+            budget=AdapterBudget.of(settings, self.bank),
             dtype=self.dtype,
             base_mismatch=settings.base_mismatch,
             allow_pickle=settings.allow_pickle_weights,

@@ -10,6 +10,8 @@ LoRA). Validation reads only the files; nothing is registered until it has passe
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import dataclasses
 import hashlib
 import logging
@@ -30,6 +32,8 @@ from loramux.server.adapters.adapter_config import (
 )
 from loramux.server.lora.dequantize import dequantized  # the served weight, whatever quantization holds it
 from loramux.server.lora.weights import AdapterWeights, ModuleLora
+if TYPE_CHECKING:
+    from loramux.server.adapters.budget import AdapterBudget
 from loramux.server.errors import AdapterIncompatible, AdapterInvalid, LoramuxError, SourceOutsideRoot
 
 log = logging.getLogger(__name__)
@@ -59,13 +63,12 @@ class BaseModelView:
     slot_shapes: Mapping[str, tuple[int, int]]  # served module -> (in, out)
     base_weights: Mapping[str, torch.Tensor]  # parameter name (no slot wrappers) -> tensor
     module_names: frozenset[str]  # every module name in the base
-    max_rank: int
+    budget: AdapterBudget  # every size limit on adapters (budget.py)
     dtype: torch.dtype
     base_mismatch: str  # "error" or "warn"
     allow_pickle: bool
     revision: str = "local"  # the served base's Hub commit ("local" for a local directory)
     transposed: frozenset[str] = frozenset()  # served modules whose weight is held [in, out] (Conv1D)
-    max_adapter_bytes: int = 0  # the largest adapter accepted (SlotBank.max_adapter_bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -356,12 +359,12 @@ def _check_entry(key: str, shape: tuple[int, ...], floating: bool, view: LoraCon
             f"module {module!r}: lora_{m['which']} {shape} does not fit the base layer (expected {expected})",
             module=module,
         )
-    if r > base.max_rank:
+    if r > base.budget.max_rank:
         raise AdapterIncompatible(
-            f"module {module!r} has rank {r}, above this server's max_lora_rank {base.max_rank}",
+            f"module {module!r} has rank {r}, above this server's max_lora_rank {base.budget.max_rank}",
             reason="ADAPTER_RANK_TOO_LARGE",
             rank=r,
-            max_lora_rank=base.max_rank,
+            max_lora_rank=base.budget.max_rank,
         )
 
 

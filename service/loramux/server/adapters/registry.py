@@ -29,11 +29,11 @@ from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.adapters.checkpoint import AdapterSpec, BaseModelView, read_checkpoint
 from loramux.server.adapters.objects import ObjectStores
 from loramux.server.adapters.sources import (
-    ANYWHERE, HUB_PREFIX, SourceAllowance, max_download_bytes, resolve_source, source_kind,
+    ANYWHERE, HUB_PREFIX, SourceAllowance, resolve_source, source_kind,
 )
 from loramux.server.lora.weights import AdapterWeights
 from loramux.server.cpu_threads import limit_to_one_thread
-from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, InvalidRequest, LoramuxError
+from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, LoramuxError
 from loramux.server.names import validate_adapter_id  # noqa: F401 (re-exported)
 from loramux.server.registrations import Registrations
 from loramux.server.settings import Settings
@@ -153,7 +153,7 @@ class AdapterRegistry:
     ) -> tuple[AdapterRecord, AdapterWeights]:
         started = time.perf_counter()
         resolved = resolve_source(source, revision, self._settings, allowed, self._objects, tenant,
-                                  max_bytes=max_download_bytes(self._base.max_adapter_bytes))
+                                  max_bytes=self._base.budget.max_download_bytes)
         try:
             spec, weights = read_checkpoint(resolved.directory, self._base, root=resolved.root)
         except BaseException:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from loramux.server.adapters.checkpoint import MAX_CONFIG_BYTES, MAX_HEADER_BYTES
 from loramux.server.adapters.objects import ObjectStores, check_object_url, is_object_url
 from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot
 from loramux.server.hub import HUB_PREFIX, fetch_snapshot
@@ -57,12 +56,6 @@ def check_path_text(value: str, field: str, reason: str) -> None:
         raise InvalidRequest(f"{field} is {len(value)} characters long, more than {MAX_PATH_CHARS}", field=field, reason=reason)
     if any(len(part.encode()) > MAX_COMPONENT_CHARS for part in value.split("/")):
         raise InvalidRequest(f"{field} has a path component longer than {MAX_COMPONENT_CHARS} bytes", field=field, reason=reason)
-
-
-def max_download_bytes(max_adapter_bytes: int) -> int:
-    """The most an adapter's files may hold: a max-rank adapter on every served module, stored
-    in up to 4x the serving dtype's width, with its header and config."""
-    return 4 * max_adapter_bytes + MAX_HEADER_BYTES + MAX_CONFIG_BYTES
 
 
 def resolve_source(

@@ -24,6 +24,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
+from loramux.server.adapters.budget import AdapterBudget
 from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
@@ -39,8 +40,7 @@ class AdapterAdmin:
         self,
         settings: Settings,
         registry: AdapterRegistry,
-        max_adapter_bytes: int,
-        memory_bytes: int,
+        budget: AdapterBudget,
         call_on_engine: Callable[[Callable[[], object]], Future],
         retry_hint: Callable[[], float],
         refusal: Callable[[], LoramuxError | None],
@@ -53,7 +53,7 @@ class AdapterAdmin:
         self._settings = settings
         self._registry = registry
         self._cache = registry.cache
-        self._max_pinned_bytes = memory_bytes - max_adapter_bytes
+        self._max_pinned_bytes = budget.max_pinned_bytes
         self._call_on_engine = call_on_engine
         self._retry_hint = retry_hint
         self._refusal = refusal

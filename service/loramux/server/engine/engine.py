@@ -24,7 +24,7 @@ from typing import TypeVar
 from loramux.server.adapters.cache import Tier, TieredAdapterCache
 from loramux.server.adapters.objects import ObjectStores
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
-from loramux.server.adapters.sources import ANYWHERE, SourceAllowance, max_download_bytes
+from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.adapter_admin import AdapterAdmin
@@ -34,7 +34,7 @@ from loramux.server.engine.registry_sync import RegistrySync
 from loramux.server.engine.request_telemetry import request_ended
 from loramux.server.engine.request import ErrorEvent, Event, GenerationRequest, TokenEvent
 from loramux.server.engine.worker import IDLE_POLL_S, EngineStats, Worker
-from loramux.server.errors import DeadlineExceeded, InvalidRequest, InvalidSettings, LoramuxError, ShuttingDown
+from loramux.server.errors import DeadlineExceeded, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.server.merge import MERGE_RESULTS
 from loramux.server.operations import OperationStore
 from loramux.server.quotas import UNLIMITED, Quotas, RequestUsage
@@ -46,25 +46,7 @@ from loramux.server.telemetry.signals import Telemetry
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CUT_WAIT_S = 5.0  # after the grace period: how long the cut rows may take to be answered
-__all__ = ["Engine", "EngineStats", "accelerator_budget"]
-
-
-RESIDENT_MAX_RANK_ADAPTERS = 8  # the default accelerator budget, in adapters of max_lora_rank
-
-
-def accelerator_budget(settings: Settings, base: BaseModel) -> int:
-    """Bytes for resident adapters: the setting, or room for 8 adapters of the largest size."""
-    largest = base.bank.max_adapter_bytes
-    if settings.adapter_memory_mib is None:
-        return RESIDENT_MAX_RANK_ADAPTERS * largest
-    budget = int(settings.adapter_memory_mib * 1024 * 1024)
-    if budget < largest:
-        raise InvalidSettings(
-            f"adapter_memory_mib: {settings.adapter_memory_mib:g} MiB cannot hold one adapter of max_lora_rank "
-            f"{settings.max_lora_rank} on every served module ({largest / 2**20:.1f} MiB); raise it or lower max_lora_rank",
-            field="adapter_memory_mib",
-        )
-    return budget
+__all__ = ["Engine", "EngineStats"]
 
 
 class Engine:
@@ -72,13 +54,15 @@ class Engine:
         self.settings = settings
         self.base = base
         self.telemetry = telemetry or Telemetry()
-        self.adapter_memory_bytes = accelerator_budget(settings, base)
+        view = base.view(settings)
+        self.budget = view.budget  # every size limit on adapters, computed once
+        self.adapter_memory_bytes = self.budget.accelerator_bytes
         self.state = StateStore(settings.state_dir, settings.replica_id) if settings.state_dir is not None else None
-        self.objects = (ObjectStores(settings, max_download_bytes(base.bank.max_adapter_bytes))
+        self.objects = (ObjectStores(settings, self.budget.max_download_bytes)
                         if settings.object_roots or settings.registry else None)
         self.registry = AdapterRegistry(
             settings,
-            base.view(settings),
+            view,
             lambda reload: TieredAdapterCache(
                 base.bank,
                 settings.host_cache_bytes,
@@ -103,8 +87,7 @@ class Engine:
         self.adapters = AdapterAdmin(
             settings,
             self.registry,
-            base.bank.max_adapter_bytes,
-            self.adapter_memory_bytes,
+            self.budget,
             self.call_on_engine,
             retry_hint=lambda: worker.scheduler.retry_hint_s,
             refusal=lambda: ShuttingDown("the server is shutting down") if worker.draining else None,

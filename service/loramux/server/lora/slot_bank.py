@@ -62,10 +62,11 @@ class SlotBank:
     @property
     def max_adapter_bytes(self) -> int:
         """The largest adapter this bank may hold: max_rank on every served module."""
-        return sum(
-            self.max_rank * (layer.in_features + layer.out_features) * layer.element_size
-            for layer in self.layers.values()
-        )
+        return self.bytes_at_rank(self.max_rank)
+
+    def bytes_at_rank(self, rank: int) -> int:
+        """The bytes of an adapter of `rank` on every served module, in the serving dtype."""
+        return sum(rank * (layer.in_features + layer.out_features) * layer.element_size for layer in self.layers.values())
 
     def resident_bytes(self) -> int:
         """Accelerator bytes the slots' adapters hold (at their true sizes)."""

@@ -89,6 +89,16 @@ class _DecodeView:
     dora: torch.Tensor | None = None  # [rows, 1, out] float32: DoRA scales per row (ones for others); None: no DoRA row
 
 
+@dataclasses.dataclass(frozen=True)
+class BufferLayout:
+    """A copy of a layer's decode-buffer bookkeeping, for tests and diagnostics."""
+
+    segments: dict[int, tuple[int, int, int]]  # slot -> (first column, rank, version)
+    columns: int  # columns written
+    wasted: int  # columns steps have read for no row since the last rebuild
+    view: _DecodeView | None  # the decode view of the latest plan (the same object while it is reused)
+
+
 def is_conv1d(module: nn.Module) -> bool:
     """transformers' Conv1D (GPT-2 and its kin): a Linear whose weight is stored [in, out]."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
@@ -241,6 +251,11 @@ class SlotLinear(nn.Module):
             hide = torch.cat([hide, hide.new_ones((rows, 1, columns - hide.shape[-1]))], dim=-1)
         gain = view.dora if view is not None and view.dora is not None else self._ones(rows)
         self._static = (self._a_rows[:columns], self._b_cat[:columns], hide, scale, gain)
+
+    def buffer_layout(self) -> BufferLayout:
+        """Where each adapter sits in the decode buffer now, and the view steps read."""
+        return BufferLayout(dict(self._segments), self._columns, self._wasted,
+                            self._view[3] if self._view is not None else None)
 
     def _step_view(self, plan: RoutingPlan) -> _DecodeView | None:
         """The plan's decode view for one step, counting the buffer columns the step reads for
