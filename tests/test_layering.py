@@ -3,10 +3,9 @@ parts below it, never one above it, and there is no circle. Read from the source
 walk (imports inside functions count too: a late import is still a dependency).
 
 Each part of `loramux.server` (a package, or a top-level module) has a floor; telemetry
-stands beside the chain and imports only the shared vocabulary. The front door's imports of
-the parts below the engine are listed in KNOWN_FRONT_DOOR_REACH: they are the engine
-facade's to remove (issue 21), and the list may only shrink (an entry no longer needed fails
-too, so it is kept true)."""
+stands beside the chain and imports only the shared vocabulary. A front door reaches the
+engine through its facade alone (`engine/facade.py`), and below it only the tenancy it
+authenticates with and the shared vocabulary."""
 
 from __future__ import annotations
 
@@ -35,11 +34,11 @@ FLOORS = [
 ]
 # Telemetry is fed plain data: it may import only these, whatever floor they are on.
 TELEMETRY_MAY_IMPORT = {"errors", "settings", "tiers"}
-# The gRPC front door still reaches below the engine; the facade removes these.
-KNOWN_FRONT_DOOR_REACH = {
-    ("api", "adapters"), ("api", "combine"), ("api", "merge"), ("api", "operations"), ("api", "keys"),
-    ("api", "quotas"),
-}
+# What a front door may import of the server: the engine's facade, the tenancy it authenticates
+# with, the shared vocabulary.
+FRONT_DOORS = {"api"}
+FRONT_DOOR_MAY_IMPORT = {"engine.facade", "keys", "quotas", "errors", "settings", "names", "source_allowance", "tiers",
+                         "cpu_threads"}
 
 
 def _part(module: str) -> str | None:
@@ -50,8 +49,8 @@ def _part(module: str) -> str | None:
     return parts[2]
 
 
-def imports() -> set[tuple[str, str, str]]:
-    """(importing part, imported part, file) for every import between two parts."""
+def imports() -> set[tuple[str, str, str, str]]:
+    """(importing part, imported part, imported module, file) for every import between two parts."""
     found = set()
     for path in ROOT.rglob("*.py"):
         relative = path.relative_to(ROOT)
@@ -65,7 +64,7 @@ def imports() -> set[tuple[str, str, str]]:
             for name in names:
                 there = _part(name)
                 if there is not None and there != here:
-                    found.add((here, there, str(relative)))
+                    found.add((here, there, name.removeprefix("loramux.server."), str(relative)))
     return found
 
 
@@ -78,14 +77,14 @@ def test_every_part_has_a_floor():
 
 def test_imports_point_down_only():
     floor = {part: i for i, parts in enumerate(FLOORS) for part in parts}
-    upward, reach = [], set()
-    for here, there, where in sorted(imports()):
+    wrong = []
+    for here, there, module, where in sorted(imports()):
         if here == "telemetry":
             if there not in TELEMETRY_MAY_IMPORT:
-                upward.append(f"{where} imports {there} (telemetry is fed plain data)")
-        elif (here, there) in KNOWN_FRONT_DOOR_REACH:
-            reach.add((here, there))
+                wrong.append(f"{where} imports {module} (telemetry is fed plain data)")
+        elif here in FRONT_DOORS:
+            if module not in FRONT_DOOR_MAY_IMPORT and there not in FRONT_DOOR_MAY_IMPORT:
+                wrong.append(f"{where} imports {module} (a front door calls the engine's facade)")
         elif floor[there] >= floor[here]:
-            upward.append(f"{where} imports {there} (floor {floor[there]} from floor {floor[here]})")
-    assert upward == []
-    assert reach == KNOWN_FRONT_DOOR_REACH, f"no longer imported, remove from the list: {KNOWN_FRONT_DOOR_REACH - reach}"
+            wrong.append(f"{where} imports {module} (floor {floor[there]} from floor {floor[here]})")
+    assert wrong == []

@@ -25,6 +25,7 @@ from loramux.server.api.servicer import LoramuxServicer, Malformed, Pools
 from loramux.server.base_model import load_base_model
 from loramux.server.cpu_threads import in_own_thread
 from loramux.server.engine.engine import Engine
+from loramux.server.engine.facade import Facade
 from loramux.server.engine.restore import restore_state
 from loramux.server.errors import InvalidSettings
 from loramux.server.settings import Settings
@@ -146,10 +147,10 @@ async def create_server(
     pools = Pools()
     auth = auth or Authenticator(settings)
     _wire_auth(engine, auth)
-    servicer = LoramuxServicer(engine, pools, auth)
+    servicer = LoramuxServicer(Facade(engine), pools, auth)
     server.add_generic_rpc_handlers((
         _lenient_handlers(loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"], servicer),
-        _lenient_handlers(operations_pb2.DESCRIPTOR.services_by_name["Operations"], OperationsServicer(engine, servicer)),
+        _lenient_handlers(operations_pb2.DESCRIPTOR.services_by_name["Operations"], OperationsServicer(servicer.facade, servicer)),
     ))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

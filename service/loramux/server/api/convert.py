@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.metadata
 
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.longrunning import operations_pb2
 
-from loramux.server.adapters.registry import AdapterRecord
 from loramux.server.api.status import to_status
-from loramux.server.engine.inputs import GenerateInput
-from loramux.server.engine.request import FinishReason, Timings
+from loramux.server.engine.facade import (
+    AdapterInfo, Combination, FinishReason, GenerateInput, MergeJob, MergeResult, Operation, ServerInfo, Tier, Timings,
+)
 from loramux.server.errors import InvalidRequest
-from loramux.server.combine import Combination
-from loramux.server.merge import MergeJob, MergeResult
-from loramux.server.operations import Operation
-from loramux.server.tiers import Tier
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2
 
 _TIERS = {
@@ -86,24 +83,29 @@ def _timestamp(epoch: float | None) -> timestamp_pb2.Timestamp | None:
     return ts
 
 
-def adapter(record: AdapterRecord, tier: Tier) -> adapter_pb2.Adapter:
-    spec = record.spec
+def adapter(info: AdapterInfo) -> adapter_pb2.Adapter:
     return adapter_pb2.Adapter(
-        adapter_id=record.adapter_id,
-        source=record.source,
-        revision=record.revision,
-        rank=spec.rank,
-        alpha=spec.alpha,
-        target_modules=list(spec.target_modules),
-        size_bytes=spec.size_bytes,
-        tier=_TIERS[tier],
-        pinned=record.pinned,
-        last_used_time=_timestamp(record.last_used),
-        use_count=record.use_count,
-        use_rslora=spec.use_rslora,
-        base_model=spec.base_model,
-        load_time=_timestamp(record.load_time),
+        adapter_id=info.adapter_id,
+        source=info.source,
+        revision=info.revision,
+        rank=info.rank,
+        alpha=info.alpha,
+        target_modules=list(info.target_modules),
+        size_bytes=info.size_bytes,
+        tier=_TIERS[info.tier],
+        pinned=info.pinned,
+        last_used_time=_timestamp(info.last_used),
+        use_count=info.use_count,
+        use_rslora=info.use_rslora,
+        base_model=info.base_model,
+        load_time=_timestamp(info.load_time),
     )
+
+
+def server_info(info: ServerInfo) -> loramux_service_pb2.ServerInfo:
+    fields = dataclasses.asdict(info)
+    fields["target_modules"] = list(info.target_modules)
+    return loramux_service_pb2.ServerInfo(**fields, versions=versions())
 
 
 def page_request(page_size: int, page_token: str) -> tuple[int, str]:

@@ -12,15 +12,15 @@ from google.protobuf import empty_pb2
 
 from loramux.server.api import convert
 from loramux.server.api.servicer import maps_errors, tenant_of
-from loramux.server.engine.engine import Engine
+from loramux.server.engine.facade import Facade
 
 MAX_WAIT_S = 600.0
 FOREIGN_POLL_S = 0.25  # WaitOperation on another replica's operation: how often its record is read
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
-    def __init__(self, engine: Engine, loramux):
-        self._engine = engine
+    def __init__(self, facade: Facade, loramux):
+        self.facade = facade
         self._loramux = loramux  # its `draining` flag refuses new calls here too
 
     @property
@@ -33,24 +33,24 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
 
     @maps_errors
     async def GetOperation(self, request, context):
-        op = await asyncio.to_thread(self._engine.operations.get, tenant_of(context, self._engine), request.name)
+        op = await asyncio.to_thread(self.facade.get_operation, tenant_of(context), request.name)
         return convert.operation(op)
 
     @maps_errors
     async def ListOperations(self, request, context):
         size, after = convert.page_request(request.page_size, request.page_token)
-        chosen, more = await asyncio.to_thread(self._engine.operations.page, tenant_of(context, self._engine), after, size)
+        chosen, more = await asyncio.to_thread(self.facade.list_operations, tenant_of(context), after, size)
         return operations_pb2.ListOperationsResponse(operations=[convert.operation(op) for op in chosen],
                                                      next_page_token=convert.page_token(chosen[-1].name if chosen else None, more))
 
     @maps_errors
     async def CancelOperation(self, request, context):
-        await asyncio.to_thread(self._engine.operations.cancel, tenant_of(context, self._engine), request.name)
+        await asyncio.to_thread(self.facade.cancel_operation, tenant_of(context), request.name)
         return empty_pb2.Empty()
 
     @maps_errors
     async def DeleteOperation(self, request, context):
-        await asyncio.to_thread(self._engine.operations.delete, tenant_of(context, self._engine), request.name)
+        await asyncio.to_thread(self.facade.delete_operation, tenant_of(context), request.name)
         return empty_pb2.Empty()
 
     @maps_errors
@@ -62,19 +62,18 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         remaining = context.time_remaining()
         if remaining is not None:
             limits.append(max(remaining - 0.05, 0.0))
-        store = self._engine.operations
-        tenant = tenant_of(context, self._engine)
-        op = await asyncio.to_thread(store.get, tenant, request.name)
+        tenant = tenant_of(context)
+        op = await asyncio.to_thread(self.facade.get_operation, tenant, request.name)
         if op.foreign:  # another replica runs it: read its record again until it is done
             deadline = asyncio.get_running_loop().time() + min(limits)
             while not op.done and asyncio.get_running_loop().time() < deadline:
                 await asyncio.sleep(FOREIGN_POLL_S)
-                op = await asyncio.to_thread(store.get, tenant, request.name)
+                op = await asyncio.to_thread(self.facade.get_operation, tenant, request.name)
             return convert.operation(op)
         loop = asyncio.get_running_loop()
         done = loop.create_future()
         # No thread waits: the store calls back (from the merge thread) when the operation ends.
-        store.on_done(op, lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
+        self.facade.on_operation_done(op, lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout=min(limits))
         except TimeoutError:

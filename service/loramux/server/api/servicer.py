@@ -1,4 +1,5 @@
-"""loramux.v1.Loramux over the engine. Each RPC converts, calls the engine, converts back.
+"""loramux.v1.Loramux over the engine's facade (engine/facade.py). Each RPC converts, calls
+the facade, converts back: it decides nothing.
 
 Blocking engine calls run in bounded pools, one per kind of work (`Pools`): tokenizing and
 queueing generate calls, and adapter administration (Hub, files, waiting for slots), so a
@@ -30,13 +31,12 @@ from loramux.server.api.auth import Authenticator, caller
 from loramux.server.api.fair_executor import FairExecutor
 from loramux.server.api.status import abort, code_of
 from loramux.server.cpu_threads import limit_to_one_thread
-from loramux.server.engine.engine import Engine
-from loramux.server.engine.request import ErrorEvent, Event, FinishEvent, TokenEvent
+from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, TokenEvent
 from loramux.server.errors import InternalError, InvalidRequest, LoramuxError, ShuttingDown
-from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2, loramux_service_pb2_grpc
+from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2_grpc
 
 
-def tenant_of(context: grpc.aio.ServicerContext, engine: Engine) -> str:
+def tenant_of(context: grpc.aio.ServicerContext) -> str:
     """The tenant a call runs for: its API key's (`api/auth.py`, checked before the method ran)."""
     return caller.get().tenant
 
@@ -47,7 +47,7 @@ access_log = logging.getLogger("loramux.access")
 def _finished(servicer, name: str, started: float, code: grpc.StatusCode, error: LoramuxError | None = None) -> None:
     seconds = time.perf_counter() - started
     attributes = {"rpc.method": name, "rpc.grpc.status_code": code.name}
-    telemetry = servicer._engine.telemetry
+    telemetry = servicer.facade.telemetry
     telemetry.rpc_requests.add(1, attributes)
     telemetry.rpc_duration.record(seconds, attributes)
     extra = {"rpc_method": name, "grpc_code": code.name, "duration_ms": round(1000 * seconds, 3)}
@@ -163,10 +163,9 @@ async def _blocking(pool: FairExecutor, fn, *args, **kwargs):
     return await asyncio.wrap_future(pool.submit(caller.get().tenant, functools.partial(fn, *args, **kwargs)))
 
 
-def _wait_budget(context, limit_s: float) -> float:
-    """How long a call may wait for something (a free slot): its deadline, at most `limit_s`."""
-    remaining = context.time_remaining()
-    return limit_s if remaining is None else max(0.0, min(limit_s, remaining - 0.05))
+def _remaining(context) -> float | None:
+    """The seconds the caller will still wait (its deadline), or None."""
+    return context.time_remaining()
 
 
 def _add_event(message, event: TokenEvent | FinishEvent) -> None:
@@ -210,8 +209,8 @@ class _Mailbox:
 
 
 class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
-    def __init__(self, engine: Engine, pools: Pools, auth: Authenticator):
-        self._engine = engine
+    def __init__(self, facade: Facade, pools: Pools, auth: Authenticator):
+        self.facade = facade
         self._pools = pools
         self.auth = auth
         self._mailbox: _Mailbox | None = None  # made on the event loop's first call
@@ -227,25 +226,21 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         def emit(event: Event) -> None:  # engine thread
             post(events, event)
 
-        remaining = context.time_remaining()
-        deadline = time.monotonic() + remaining if remaining is not None else None
         inp = convert.generate_input(request)
-        tenant = tenant_of(context, self._engine)
+        tenant = tenant_of(context)
         span = trace.get_current_span()
         span.set_attributes({
             "gen_ai.operation.name": "text_completion",
-            "gen_ai.request.model": self._engine.settings.served_model_name,
-            "gen_ai.request.max_tokens": inp.max_new_tokens or self._engine.settings.default_max_new_tokens,
+            "gen_ai.request.model": self.facade.model,
             "gen_ai.request.temperature": inp.temperature,
             "loramux.adapter.id": inp.adapter_id,
             "loramux.tenant": tenant,
         })
-        if inp.adapter_id and self._engine.registry.shared and not self._engine.registry.has(tenant, inp.adapter_id):
-            # registered on another replica: read it here first (on the adapter pool, like a load)
-            await _blocking(self._pools.adapters, self._engine.find_adapter, tenant, inp.adapter_id)
-        submitted = await _blocking(
-            self._pools.admission, self._engine.submit, tenant, inp, emit, deadline, trace_context=otel_context.get_current()
-        )
+        if self.facade.must_read(tenant, inp.adapter_id):  # a slow read: on the adapter pool, not admission's
+            await _blocking(self._pools.adapters, self.facade.resolve, tenant, inp.adapter_id)
+        generation = await _blocking(self._pools.admission, self.facade.generate, tenant, inp, emit,
+                                     _remaining(context), trace_context=otel_context.get_current())
+        span.set_attribute("gen_ai.request.max_tokens", generation.max_new_tokens)
         finished = False
         try:
             while True:
@@ -265,7 +260,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
                     return
         finally:
             if not finished:
-                self._engine.cancel(submitted)
+                self.facade.cancel(generation)
 
     @maps_errors
     async def Generate(self, request, context):
@@ -286,72 +281,35 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
 
     @maps_errors
     async def LoadAdapter(self, request, context):
-        record = await _blocking(
-            self._pools.adapters,
-            self._engine.load_adapter,
-            tenant_of(context, self._engine),
-            request.adapter_id,
-            request.source,
-            revision=request.revision,
-            pin=request.pin,
-            warm=request.warm,
-            replace=request.replace,
-            wait_s=_wait_budget(context, self._engine.settings.slot_wait_s),
+        info = await _blocking(
+            self._pools.adapters, self.facade.load_adapter, tenant_of(context), request.adapter_id, request.source,
+            revision=request.revision, pin=request.pin, warm=request.warm, replace=request.replace,
+            wait_s=_remaining(context),
         )
-        return convert.adapter(record, self._engine.tier(record))
+        return convert.adapter(info)
 
     @maps_errors
     async def UnloadAdapter(self, request, context):
-        await _blocking(self._pools.adapters, self._engine.unload_adapter, tenant_of(context, self._engine), request.adapter_id)
+        await _blocking(self._pools.adapters, self.facade.unload_adapter, tenant_of(context), request.adapter_id)
         return empty_pb2.Empty()
 
     @maps_errors
     async def GetAdapter(self, request, context):
-        record = await _blocking(self._pools.adapters, self._engine.find_adapter, tenant_of(context, self._engine),
-                                 request.adapter_id)
-        return convert.adapter(record, self._engine.tier(record))
+        return convert.adapter(await _blocking(self._pools.adapters, self.facade.get_adapter, tenant_of(context),
+                                               request.adapter_id))
 
     @maps_errors
     async def ListAdapters(self, request, context):
-        records = await _blocking(self._pools.adapters, self._engine.list_adapters, tenant_of(context, self._engine))
-        chosen, token = convert.page(records, request.page_size, request.page_token, key=lambda r: r.adapter_id)
-        return adapter_pb2.ListAdaptersResponse(
-            adapters=[convert.adapter(r, self._engine.tier(r)) for r in chosen], next_page_token=token
-        )
+        infos = await _blocking(self._pools.adapters, self.facade.list_adapters, tenant_of(context))
+        chosen, token = convert.page(infos, request.page_size, request.page_token, key=lambda a: a.adapter_id)
+        return adapter_pb2.ListAdaptersResponse(adapters=[convert.adapter(a) for a in chosen], next_page_token=token)
 
     @maps_errors
     async def Merge(self, request, context):
-        op = await _blocking(
-            self._pools.adapters,
-            self._engine.merges.start,
-            tenant_of(context, self._engine),
-            convert.merge_job(request),
-            trace_context=otel_context.get_current(),
-        )
+        op = await _blocking(self._pools.adapters, self.facade.merge, tenant_of(context), convert.merge_job(request),
+                             trace_context=otel_context.get_current())
         return convert.operation(op)
 
     @maps_errors
     async def GetServerInfo(self, request, context):
-        base, settings = self._engine.base, self._engine.settings
-        pool, decode = self._engine.kv_pool, self._engine.compiled_decode
-        return loramux_service_pb2.ServerInfo(
-            model_id=settings.public_model_name,
-            model_revision=base.revision,
-            dtype=str(base.dtype).removeprefix("torch."),
-            device=str(base.device),
-            adapter_slots=settings.adapter_slots,
-            adapter_memory_bytes=self._engine.adapter_memory_bytes,
-            host_cache_bytes=settings.host_cache_bytes,
-            max_lora_rank=settings.max_lora_rank,
-            max_batch_size=settings.max_batch_size,
-            max_sequence_length=base.max_sequence_length,
-            target_modules=sorted({name.rsplit(".", 1)[-1] for name in base.bank.layers}),
-            versions=convert.versions(),
-            quantization=settings.quantization,
-            model_bytes=base.model_bytes,
-            kv_cache=settings.kv_cache,
-            kv_cache_tokens=pool.tokens if pool is not None else 0,
-            kv_cache_bytes=pool.nbytes if pool is not None else 0,
-            compiled=decode is not None,
-            compiled_graphs=decode.graphs_compiled if decode is not None else 0,
-        )
+        return convert.server_info(await _blocking(self._pools.adapters, self.facade.server_info))

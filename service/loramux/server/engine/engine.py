@@ -176,12 +176,16 @@ class Engine:
         emit: Callable[[Event], None],
         deadline: float | None = None,
         trace_context: object = None,
+        record: AdapterRecord | None = None,
     ) -> GenerationRequest:
         """Validate and queue a request; events arrive through `emit` on the engine thread.
-        `trace_context` (an OpenTelemetry context) is the parent of the request's engine spans."""
+        `trace_context` (an OpenTelemetry context) is the parent of the request's engine spans.
+        `record`: the adapter the caller's name resolved to (facade.py resolves it once); else
+        it is looked up here."""
         if self.worker.draining:
             raise ShuttingDown("the server is shutting down")
-        record = self.registry.get(tenant, inp.adapter_id) if inp.adapter_id else None
+        if record is None and inp.adapter_id:
+            record = self.registry.get(tenant, inp.adapter_id)
         ids = prompt_ids(inp, self.base, self.settings)
         params = sampling_params(inp, self.base, self.settings)
         room = request_context(self.base, self.settings) - len(ids)

@@ -1,0 +1,196 @@
+"""The engine's one face to the front doors: generation, adapters, merges, operations and what
+the server serves, in domain terms, for a caller's tenant.
+
+A front door (gRPC today, HTTP next) authenticates a call, converts its wire format to the
+inputs here, calls one method, and converts the result or the typed error (`errors.py`,
+mapped in one place per protocol) back. It decides nothing: defaults, adapter-name
+resolution, the shared store, limits and waits are all decided here or below. The types a
+front door needs are importable from this module alone.
+
+Every method may block (read files, wait for a slot, take the engine's lock): a front door on
+an event loop runs them on its worker threads. `generate` returns at once with a `Generation`;
+events arrive through `emit` on the engine thread, and a front door whose caller goes away
+calls `cancel`, which frees the row at the next step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+
+from loramux.server.combine import Combination
+from loramux.server.engine.engine import Engine
+from loramux.server.engine.inputs import GenerateInput
+from loramux.server.engine.request import (
+    ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent,
+)
+from loramux.server.merge import MergeJob, MergeResult
+from loramux.server.operations import Operation
+from loramux.server.tiers import Tier
+
+__all__ = [
+    "AdapterInfo", "Combination", "ErrorEvent", "Event", "Facade", "FinishEvent", "FinishReason", "GenerateInput",
+    "Generation", "MergeJob", "MergeResult", "Operation", "ServerInfo", "Tier", "Timings", "TokenEvent",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterInfo:
+    """A registered adapter as a caller may see it (never a server path)."""
+
+    adapter_id: str
+    source: str
+    revision: str
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    size_bytes: int
+    tier: Tier
+    pinned: bool
+    last_used: float | None  # epoch seconds
+    use_count: int
+    use_rslora: bool
+    base_model: str
+    load_time: float  # epoch seconds
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerInfo:
+    model_id: str
+    model_revision: str
+    dtype: str
+    device: str
+    adapter_slots: int
+    adapter_memory_bytes: int
+    host_cache_bytes: int
+    max_lora_rank: int
+    max_batch_size: int
+    max_sequence_length: int
+    target_modules: tuple[str, ...]
+    quantization: str
+    model_bytes: int
+    kv_cache: str
+    kv_cache_tokens: int
+    kv_cache_bytes: int
+    compiled: bool
+    compiled_graphs: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Generation:
+    """A generation under way: what a front door needs to report on it and to cancel it."""
+
+    request: GenerationRequest  # opaque to front doors: hand it back to `cancel`
+    model: str  # the served model's name
+    max_new_tokens: int  # as asked, or the server's default
+
+
+class Facade:
+    def __init__(self, engine: Engine):
+        self._engine = engine
+        self.telemetry = engine.telemetry  # the front doors' own metrics and spans use its instruments
+        self.model = engine.settings.served_model_name  # the served model's name, as requests' spans name it
+
+    # -- generation ------------------------------------------------------------------------
+
+    def must_read(self, tenant: str, adapter_id: str) -> bool:
+        """Whether `generate` would first read the caller's adapter from the shared store (it
+        was registered on another replica and not yet here): then call `resolve` first, where
+        slow reads belong. Never blocks."""
+        registry = self._engine.registry
+        return bool(adapter_id) and registry.shared and not registry.has(tenant, adapter_id)
+
+    def resolve(self, tenant: str, adapter_id: str) -> None:
+        """Read the caller's adapter here if it was registered on another replica (I/O)."""
+        if adapter_id:
+            self._engine.find_adapter(tenant, adapter_id)
+
+    def generate(self, tenant: str, inp: GenerateInput, emit: Callable[[Event], None], wait_s: float | None = None,
+                 trace_context: object = None) -> Generation:
+        """Check, tokenize and queue a request; `wait_s`: how long the caller will wait in all
+        (its deadline), None: no deadline. The adapter name is resolved here, once."""
+        engine = self._engine
+        record = engine.find_adapter(tenant, inp.adapter_id) if inp.adapter_id else None
+        deadline = time.monotonic() + wait_s if wait_s is not None else None
+        request = engine.submit(tenant, inp, emit, deadline, trace_context=trace_context, record=record)
+        return Generation(request, self.model, request.params.max_new_tokens)
+
+    def cancel(self, generation: Generation) -> None:
+        self._engine.cancel(generation.request)
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, tenant: str, adapter_id: str, source: str, revision: str = "", pin: bool = False,
+                     warm: bool = False, replace: bool = False, wait_s: float | None = None) -> AdapterInfo:
+        """Register an adapter (and with warm or pin, place it now, waiting for a slot at most
+        `slot_wait_s`, and at most `wait_s`: the caller's deadline)."""
+        limit = self._engine.settings.slot_wait_s
+        wait = limit if wait_s is None else max(0.0, min(limit, wait_s - 0.05))
+        return self._info(self._engine.load_adapter(tenant, adapter_id, source, revision=revision, pin=pin, warm=warm,
+                                                    replace=replace, wait_s=wait))
+
+    def unload_adapter(self, tenant: str, adapter_id: str) -> None:
+        self._engine.unload_adapter(tenant, adapter_id)
+
+    def get_adapter(self, tenant: str, adapter_id: str) -> AdapterInfo:
+        return self._info(self._engine.find_adapter(tenant, adapter_id))
+
+    def list_adapters(self, tenant: str) -> list[AdapterInfo]:
+        """The tenant's adapters, by id."""
+        return [self._info(record) for record in self._engine.list_adapters(tenant)]
+
+    def _info(self, record) -> AdapterInfo:
+        spec = record.spec
+        return AdapterInfo(record.adapter_id, record.source, record.revision, spec.rank, spec.alpha,
+                           tuple(spec.target_modules), spec.size_bytes, self._engine.tier(record), record.pinned,
+                           record.last_used, record.use_count, spec.use_rslora, spec.base_model, record.load_time)
+
+    # -- merges and operations -------------------------------------------------------------
+
+    def merge(self, tenant: str, job: MergeJob, trace_context: object = None) -> Operation:
+        return self._engine.merges.start(tenant, job, trace_context=trace_context)
+
+    def get_operation(self, tenant: str, name: str) -> Operation:
+        return self._engine.operations.get(tenant, name)
+
+    def list_operations(self, tenant: str, after: str, size: int) -> tuple[list[Operation], bool]:
+        """Up to `size` of the tenant's operations named after `after`, and whether more follow."""
+        return self._engine.operations.page(tenant, after, size)
+
+    def cancel_operation(self, tenant: str, name: str) -> None:
+        self._engine.operations.cancel(tenant, name)
+
+    def delete_operation(self, tenant: str, name: str) -> None:
+        self._engine.operations.delete(tenant, name)
+
+    def on_operation_done(self, operation: Operation, callback: Callable[[], None]) -> None:
+        """Call `callback` once `operation` (run here) is done: at once if it is."""
+        self._engine.operations.on_done(operation, callback)
+
+    # -- the server ----------------------------------------------------------------------------
+
+    def server_info(self) -> ServerInfo:
+        engine = self._engine
+        base, settings = engine.base, engine.settings
+        pool, decode = engine.kv_pool, engine.compiled_decode
+        return ServerInfo(
+            model_id=settings.public_model_name,
+            model_revision=base.revision,
+            dtype=str(base.dtype).removeprefix("torch."),
+            device=str(base.device),
+            adapter_slots=settings.adapter_slots,
+            adapter_memory_bytes=engine.budget.accelerator_bytes,
+            host_cache_bytes=settings.host_cache_bytes,
+            max_lora_rank=engine.budget.max_rank,
+            max_batch_size=settings.max_batch_size,
+            max_sequence_length=base.max_sequence_length,
+            target_modules=tuple(sorted({name.rsplit(".", 1)[-1] for name in base.bank.layers})),
+            quantization=settings.quantization,
+            model_bytes=base.model_bytes,
+            kv_cache=settings.kv_cache,
+            kv_cache_tokens=pool.tokens if pool is not None else 0,
+            kv_cache_bytes=pool.nbytes if pool is not None else 0,
+            compiled=decode is not None,
+            compiled_graphs=decode.graphs_compiled if decode is not None else 0,
+        )
