@@ -146,7 +146,6 @@ async def create_server(
     )
     pools = Pools()
     auth = auth or Authenticator(settings)
-    _wire_auth(engine, auth)
     servicer = LoramuxServicer(Facade(engine), pools, auth)
     server.add_generic_rpc_handlers((
         _lenient_handlers(loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"], servicer),
@@ -265,9 +264,8 @@ _CONNECTION_AGE_GRACE_MS = 60_000
 
 def build_engine(settings: Settings, telemetry: Telemetry, base=None, auth: Authenticator | None = None) -> Engine:
     """Load the model, start the engine and restore what the state directory kept (checked
-    against the keys file's per-tenant sources, so `auth` is wired in first)."""
-    engine = Engine(settings, base or load_base_model(settings), telemetry).start()
-    _wire_auth(engine, auth or Authenticator(settings))
+    against the keys file's per-tenant sources: the engine is built with `auth` as its tenancy)."""
+    engine = Engine(settings, base or load_base_model(settings), telemetry, tenancy=auth or Authenticator(settings)).start()
     engine.restore_report = restore_state(engine)
     settle_garbage_collector()
     return engine
@@ -280,13 +278,6 @@ def settle_garbage_collector() -> None:
     file reloaded, a long listing) set one off that stalled every call for 0.4-0.6 s."""
     gc.collect()
     gc.freeze()
-
-
-def _wire_auth(engine: Engine, auth: Authenticator) -> None:
-    """The keys file's per-tenant limits and source allowances (reloaded with it), and its
-    bounded tenant label."""
-    engine.quotas, engine.sources = auth.quotas, auth.sources
-    engine.telemetry.tenant_label = auth.tenant_label
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:

@@ -70,6 +70,7 @@ class AdapterRegistry:
         cache_for: Callable[[Callable[[int], AdapterWeights]], TieredAdapterCache],
         store: Registrations | None = None,
         objects: ObjectStores | None = None,
+        allowance: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE,
     ):
         """`cache_for(reload)` builds the tiered cache given this registry's reload function.
         With a `store`, registrations live there (shared by every replica that uses it): a
@@ -86,7 +87,7 @@ class AdapterRegistry:
         self._uids = itertools.count(1)
         self._failed: dict[tuple[str, str, str], float] = {}  # (tenant, id, generation) -> when it failed to be read
         self._misses: OrderedDict[tuple[str, str], float] = OrderedDict()  # names the store did not hold, and when
-        self.allowance: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE  # the engine wires the keys file's
+        self.allowance = allowance  # where each tenant's adapters may come from (the keys file's)
         self.on_read: Callable[[str, float], None] = lambda source_kind, seconds: None  # telemetry
         self.cache: TieredAdapterCache = cache_for(self._reload)
 

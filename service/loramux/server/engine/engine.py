@@ -49,11 +49,31 @@ _CUT_WAIT_S = 5.0  # after the grace period: how long the cut rows may take to b
 __all__ = ["Engine", "EngineStats"]
 
 
+class OpenTenancy:
+    """Every tenant unlimited, adapters from anywhere the server allows (engines built without
+    a keys file: tests, benchmarks)."""
+
+    def quotas(self, tenant: str) -> Quotas:
+        return UNLIMITED
+
+    def sources(self, tenant: str) -> SourceAllowance:
+        return ANYWHERE
+
+    def tenant_label(self, tenant: str) -> str:
+        return tenant
+
+
 class Engine:
-    def __init__(self, settings: Settings, base: BaseModel, telemetry: Telemetry | None = None):
+    def __init__(self, settings: Settings, base: BaseModel, telemetry: Telemetry | None = None, tenancy=None):
+        """`tenancy`: each tenant's quotas, source allowance and metric label (the server's
+        Authenticator, from the keys file; OpenTenancy by default)."""
+        tenancy = tenancy or OpenTenancy()
         self.settings = settings
         self.base = base
         self.telemetry = telemetry or Telemetry()
+        self.telemetry.tenant_label = tenancy.tenant_label
+        self.quotas: Callable[[str], Quotas] = tenancy.quotas  # per-tenant limits (reloaded with the keys file)
+        self.sources: Callable[[str], SourceAllowance] = tenancy.sources  # where a tenant's adapters may come from
         view = base.view(settings)
         self.budget = view.budget  # every size limit on adapters, computed once
         self.adapter_memory_bytes = self.budget.accelerator_bytes
@@ -72,17 +92,14 @@ class Engine:
             ),
             store=open_registrations(settings, self.state, self.objects),
             objects=self.objects,
+            allowance=self.sources,
         )
-        self.registry.allowance = lambda tenant: self.sources(tenant)
         self.registry.on_read = self.telemetry.adapter_read
         self.cache = self.registry.cache
         self.cache.on_event = self.telemetry.cache_event
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="loramux-io", initializer=limit_to_one_thread)
         self.worker = Worker(settings, base, self.registry, self._io)
         self.operations = OperationStore(self.state, MERGE_RESULTS)
-        self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry,
-                             quotas=lambda tenant: self.quotas(tenant),
-                             register=lambda tenant, adapter_id, source: self.adapters.load(tenant, adapter_id, source))
         worker = self.worker
         self.adapters = AdapterAdmin(
             settings,
@@ -92,14 +109,13 @@ class Engine:
             retry_hint=lambda: worker.scheduler.retry_hint_s,
             refusal=lambda: ShuttingDown("the server is shutting down") if worker.draining else None,
             cut=lambda: worker.cut,
-            quotas=lambda tenant: self.quotas(tenant),
-            sources=lambda tenant: self.sources(tenant),
+            quotas=self.quotas,
+            sources=self.sources,
         )
+        self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry, quotas=self.quotas,
+                             register=self.adapters.load)
         self.restore_report = None  # what start-up brought back from the state directory (app.build_engine)
         self.sync = RegistrySync(self)  # follows the shared registrations (started after the restore)
-        # Per-tenant quotas (the server sets them from the keys file; unlimited otherwise).
-        self.quotas: Callable[[str], Quotas] = lambda tenant: UNLIMITED
-        self.sources: Callable[[str], SourceAllowance] = lambda tenant: ANYWHERE  # where a tenant's adapters may come from
         self.usage = RequestUsage()
         self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
         self.telemetry.observe_lora(self.worker.adapters_in_use, settings.adapter_slots, self.adapter_memory_bytes)
