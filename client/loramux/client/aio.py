@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import time
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
 
-from loramux.client import _convert, types
+from loramux.client import _convert, _core, types
 from loramux.client._auth import key_header, resolve_api_key
 from loramux.client._headers import HeaderStub, aio_header_interceptors
 from loramux.client._routing import AffinityRouter, channel_options, wants_affinity
@@ -48,21 +45,7 @@ class AsyncMergeHandle:
 
     @_translated
     async def result(self, timeout: float | None = None) -> types.MergeResult:
-        end = None if timeout is None else time.monotonic() + timeout
-        pause = 0.0
-        while not self._op.done:
-            left = 30.0 if end is None else end - time.monotonic()
-            if left <= 0:
-                raise asyncio.TimeoutError(f"merge {self.name} not done after {timeout}s")
-            if pause:
-                await asyncio.sleep(pause)
-            wait = duration_pb2.Duration()
-            wait.FromNanoseconds(int(min(left, 30.0) * 1e9))
-            asked = time.monotonic()
-            self._op = await self._client._operations.WaitOperation(
-                operations_pb2.WaitOperationRequest(name=self.name, timeout=wait), timeout=min(left, 30.0) + 5
-            )
-            pause = _convert.wait_pause(min(left, 30.0), time.monotonic() - asked, pause)
+        self._op = await _core.drive_async(_core.wait_merge(self._op, timeout), self._client._stubs)
         return _convert.merge_result(self._op)
 
     @_translated
@@ -130,6 +113,10 @@ class AsyncClient:
             header = key_header(api_key)(None)
             self._stub, self._operations = HeaderStub(self._stub, header), HeaderStub(self._operations, header)
 
+    @property
+    def _stubs(self) -> dict[str, object]:
+        return {"loramux": self._stub, "operations": self._operations}
+
     async def close(self) -> None:
         await self._channel.close()
 
@@ -162,9 +149,7 @@ class AsyncClient:
         self, adapter_id: str, *, source: str, revision: str = "", pin: bool = False, warm: bool = False,
         replace: bool = False, timeout: float | None = None,
     ) -> types.AdapterInfo:
-        request = adapter_pb2.LoadAdapterRequest(
-            adapter_id=adapter_id, source=source, revision=revision, pin=pin, warm=warm, replace=replace
-        )
+        request = _core.load_adapter_request(adapter_id, source, revision, pin, warm, replace)
         return _convert.adapter_info(await self._stub.LoadAdapter(request, timeout=self._deadline(timeout)))
 
     @_translated
@@ -178,15 +163,7 @@ class AsyncClient:
 
     @_translated
     async def list_adapters(self, *, page_size: int = 0, timeout: float | None = None) -> list[types.AdapterInfo]:
-        adapters, token, seen = [], "", set()
-        while True:
-            page = await self._stub.ListAdapters(
-                adapter_pb2.ListAdaptersRequest(page_size=page_size, page_token=token), timeout=self._deadline(timeout)
-            )
-            adapters += [_convert.adapter_info(a) for a in page.adapters]
-            token = _convert.next_page(page.next_page_token, seen)
-            if not token:
-                return adapters
+        return await _core.drive_async(_core.list_adapters(page_size, self._deadline(timeout)), self._stubs)
 
     @_translated
     async def merge(
@@ -195,9 +172,7 @@ class AsyncClient:
     ) -> AsyncMergeHandle:
         """Merge one adapter into the base (a standalone checkpoint under the merge root), or with
         adapter_only write the adapter's own files there (register_as: and register them)."""
-        request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite,
-                                                   max_shard_bytes=max_shard_bytes, verify=verify,
-                                                   adapter_only=adapter_only, register_as=register_as)
+        request = _core.merge_request(adapter_id, output_dir, overwrite, max_shard_bytes, verify, adapter_only, register_as)
         return AsyncMergeHandle(self, await self._start_merge(request, timeout))
 
     @_translated
@@ -222,7 +197,7 @@ class AsyncClient:
     async def _start_merge(self, request, timeout: float | None):
         operation = await self._stub.Merge(request, timeout=self._deadline(timeout))
         if self._router is not None:  # progress and result go to the replica that runs the merge
-            self._router.remember(operation.name, request.adapter_id or request.combination.adapters[0].adapter_id)
+            self._router.remember(operation.name, _core.merge_routing_key(request))
         return operation
 
     @_translated

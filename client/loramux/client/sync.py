@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import functools
-import time
 from collections.abc import Iterator, Sequence
 
 import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
-from google.protobuf import duration_pb2
 
-from loramux.client import _convert, types
+from loramux.client import _convert, _core, types
 from loramux.client._auth import key_header, resolve_api_key
 from loramux.client._headers import HeaderInterceptor
 from loramux.client._routing import AffinityRouter, channel_options, wants_affinity
@@ -48,21 +46,7 @@ class MergeHandle:
     @_translated
     def result(self, timeout: float | None = None) -> types.MergeResult:
         """Wait for the merge (at most `timeout` seconds) and return what it wrote; raises its error."""
-        end = None if timeout is None else time.monotonic() + timeout
-        pause = 0.0
-        while not self._op.done:
-            left = 30.0 if end is None else end - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"merge {self.name} not done after {timeout}s")
-            if pause:
-                time.sleep(pause)
-            wait = duration_pb2.Duration()
-            wait.FromNanoseconds(int(min(left, 30.0) * 1e9))
-            asked = time.monotonic()
-            self._op = self._client._operations.WaitOperation(
-                operations_pb2.WaitOperationRequest(name=self.name, timeout=wait), timeout=min(left, 30.0) + 5
-            )
-            pause = _convert.wait_pause(min(left, 30.0), time.monotonic() - asked, pause)
+        self._op = _core.drive(_core.wait_merge(self._op, timeout), self._client._stubs)
         return _convert.merge_result(self._op)
 
     @_translated
@@ -125,6 +109,10 @@ class Client:
         self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)
         self._operations = operations_pb2_grpc.OperationsStub(channel)
 
+    @property
+    def _stubs(self) -> dict[str, object]:
+        return {"loramux": self._stub, "operations": self._operations}
+
     def close(self) -> None:
         self._channel.close()
 
@@ -168,9 +156,7 @@ class Client:
         self, adapter_id: str, *, source: str, revision: str = "", pin: bool = False, warm: bool = False,
         replace: bool = False, timeout: float | None = None,
     ) -> types.AdapterInfo:
-        request = adapter_pb2.LoadAdapterRequest(
-            adapter_id=adapter_id, source=source, revision=revision, pin=pin, warm=warm, replace=replace
-        )
+        request = _core.load_adapter_request(adapter_id, source, revision, pin, warm, replace)
         return _convert.adapter_info(self._stub.LoadAdapter(request, timeout=self._deadline(timeout)))
 
     @_translated
@@ -185,15 +171,7 @@ class Client:
     @_translated
     def list_adapters(self, *, page_size: int = 0, timeout: float | None = None) -> list[types.AdapterInfo]:
         """Every adapter of the caller's tenant, following pages."""
-        adapters, token, seen = [], "", set()
-        while True:
-            page = self._stub.ListAdapters(
-                adapter_pb2.ListAdaptersRequest(page_size=page_size, page_token=token), timeout=self._deadline(timeout)
-            )
-            adapters += [_convert.adapter_info(a) for a in page.adapters]
-            token = _convert.next_page(page.next_page_token, seen)
-            if not token:
-                return adapters
+        return _core.drive(_core.list_adapters(page_size, self._deadline(timeout)), self._stubs)
 
     @_translated
     def merge(
@@ -202,9 +180,7 @@ class Client:
     ) -> MergeHandle:
         """Merge one adapter into the base (a standalone checkpoint under the merge root), or with
         adapter_only write the adapter's own files there (register_as: and register them)."""
-        request = loramux_service_pb2.MergeRequest(adapter_id=adapter_id, output_dir=output_dir, overwrite=overwrite,
-                                                   max_shard_bytes=max_shard_bytes, verify=verify,
-                                                   adapter_only=adapter_only, register_as=register_as)
+        request = _core.merge_request(adapter_id, output_dir, overwrite, max_shard_bytes, verify, adapter_only, register_as)
         return MergeHandle(self, self._start_merge(request, timeout))
 
     @_translated
@@ -229,7 +205,7 @@ class Client:
     def _start_merge(self, request, timeout: float | None):
         operation = self._stub.Merge(request, timeout=self._deadline(timeout))
         if self._router is not None:  # progress and result go to the replica that runs the merge
-            self._router.remember(operation.name, request.adapter_id or request.combination.adapters[0].adapter_id)
+            self._router.remember(operation.name, _core.merge_routing_key(request))
         return operation
 
     @_translated
