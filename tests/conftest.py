@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from loramux.demo.assets import build_model, build_tokenizer, make_adapter
-from loramux.server.base_model import load_base_model
+from loramux.server.model.base_model import load_base_model
 from loramux.server.settings import Settings
 
 TEXTS = [f"the quick brown fox {i} jumps over the lazy dog number {i * 7}, said Ada." for i in range(300)]

@@ -312,7 +312,7 @@ def test_the_attention_window_is_read_from_the_config_and_other_attention_is_ref
     hybrid layers) or any other kind: refused before the model would be served."""
     from transformers import LlamaConfig, MistralConfig, Qwen3NextConfig
 
-    from loramux.server.base_model import attention_window
+    from loramux.server.model.base_model import attention_window
 
     assert attention_window(LlamaConfig()) is None and attention_window(MistralConfig(sliding_window=WINDOW)) == WINDOW
     with pytest.raises(InvalidSettings) as e:

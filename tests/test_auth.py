@@ -16,7 +16,7 @@ from conftest import PROMPTS, eventually
 from loramux.cli.main import main as cli
 from loramux.server.app import BackgroundServer
 from loramux.server.errors import InvalidSettings, Unauthenticated
-from loramux.server.keys import KeyStore, append_key, hash_key
+from loramux.server.tenancy.keys import KeyStore, append_key, hash_key
 from loramux.v1 import adapter_pb2, loramux_service_pb2_grpc
 
 OK = "OK"

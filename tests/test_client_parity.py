@@ -14,7 +14,7 @@ import pytest
 import loramux.client as lc
 from conftest import PROMPTS
 from loramux.server.app import BackgroundServer
-from loramux.server.keys import append_key
+from loramux.server.tenancy.keys import append_key
 
 N = 4
 

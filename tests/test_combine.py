@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from loramux.server.adapters.checkpoint import read_checkpoint
-from loramux.server.combine import Combination, combine
+from loramux.server.merging.combine import Combination, combine
 from loramux.server.errors import InvalidRequest
 
 PAIR = ("qv-r4", "all-r16")  # different ranks and targets: cat, svd

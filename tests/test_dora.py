@@ -115,7 +115,7 @@ def test_a_dora_adapter_evicted_to_host_and_placed_again_equals_peft(assets, dor
     again from there keeps its scales per output row (they were once lost on the way back,
     serving it as a plain LoRA)."""
     from loramux.server.adapters.cache import Tier
-    from loramux.server.base_model import load_base_model
+    from loramux.server.model.base_model import load_base_model
     from loramux.server.engine.engine import Engine
     from loramux.server.engine.inputs import GenerateInput
 

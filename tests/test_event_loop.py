@@ -21,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 import loramux.client as lc
 from conftest import eventually
 from loramux.server.app import BackgroundServer
-from loramux.server.keys import append_key
+from loramux.server.tenancy.keys import append_key
 
 KEYS = 30_000
 RECORDS = 20_000

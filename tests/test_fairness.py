@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 import loramux.client as lc
 from conftest import PROMPTS, eventually
 from loramux.server.app import BackgroundServer
-from loramux.server.keys import append_key
+from loramux.server.tenancy.keys import append_key
 from loramux.server.telemetry.providers import build_telemetry
 
 FLOOD = 500

@@ -108,7 +108,7 @@ def test_values_schema_refuses(setting, message):
 def test_the_rendered_command_is_one_loramux_serve_accepts(assets, tmp_path):
     """The Deployment's command and arguments, run here: only the container's paths are mapped
     to local directories, and the addresses to loopback with free ports."""
-    from loramux.server.keys import append_key
+    from loramux.server.tenancy.keys import append_key
 
     keys_source = tmp_path / "keys-src.yaml"
     append_key(keys_source, "team", "user")

@@ -53,7 +53,7 @@ def test_base_and_adapters_come_from_the_hub_at_the_revisions_asked(assets, hub,
         out = tmp_path / "merged" / "default" / c.merge("qv", "merged").result(timeout=120).output_path
         from safetensors.torch import load_file
 
-        from loramux.server.base_files import read_base_checkpoint
+        from loramux.server.merging.base_files import read_base_checkpoint
 
         assert read_base_checkpoint(server.engine.base.directory).total_bytes == \
             read_base_checkpoint(assets.base).total_bytes

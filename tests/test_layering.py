@@ -18,17 +18,14 @@ ROOT = Path(__file__).resolve().parent.parent / "service" / "loramux" / "server"
 FLOORS = [
     {"errors"},
     {"settings", "names"},
-    {"source_allowance", "tiers", "cpu_threads", "hub"},  # shared vocabulary and helpers
+    {"tiers", "cpu_threads", "hub"},  # shared vocabulary and helpers
     {"lora"},  # the ground floor of the model: slot layers, the slot bank, adapter weights
-    {"state"},
-    {"registrations"},
+    {"store", "tenancy"},  # the shared store; keys, quotas and source allowances
     {"adapters"},  # sources, checkpoints, the registry, the tiered cache
-    {"base_files", "quotas"},
-    {"base_model", "combine", "operations", "keys"},
-    {"merge"},
+    {"model", "merging"},  # the served base model; merging into its files
     {"telemetry"},
     {"engine"},
-    {"api"},  # the gRPC front door
+    {"grpc_api"},  # the gRPC front door
     {"app"},  # building and running the server
     {"serve_command"},  # `loramux serve`
 ]
@@ -36,9 +33,8 @@ FLOORS = [
 TELEMETRY_MAY_IMPORT = {"errors", "settings", "tiers"}
 # What a front door may import of the server: the engine's facade, the tenancy it authenticates
 # with, the shared vocabulary.
-FRONT_DOORS = {"api"}
-FRONT_DOOR_MAY_IMPORT = {"engine.facade", "keys", "quotas", "errors", "settings", "names", "source_allowance", "tiers",
-                         "cpu_threads"}
+FRONT_DOORS = {"grpc_api"}
+FRONT_DOOR_MAY_IMPORT = {"engine.facade", "tenancy", "errors", "settings", "names", "tiers", "cpu_threads"}
 
 
 def _part(module: str) -> str | None:

@@ -17,7 +17,7 @@ import loramux.client as lc
 from conftest import PROMPTS
 from loramux.demo.assets import build_model, make_adapter
 from loramux.server.app import BackgroundServer
-from loramux.server.base_files import read_base_checkpoint
+from loramux.server.merging.base_files import read_base_checkpoint
 from loramux.server.errors import MergeUnsupported
 
 N = 8
@@ -172,7 +172,7 @@ def test_a_base_without_safetensors_weights_cannot_be_merged(tmp_path):
 
 
 def test_verify_compares_the_merged_logits_with_base_plus_adapter(sharded):
-    from loramux.server.merge import verify_merged
+    from loramux.server.merging.merge import verify_merged
 
     root, server, client = sharded
     result = client.merge("wide", "verified", verify=True).result(timeout=300)
@@ -262,8 +262,8 @@ def test_a_bfloat16_base_merges_as_peft_merges_it(assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from loramux.server.adapters.checkpoint import read_checkpoint
-    from loramux.server.base_model import load_base_model
-    from loramux.server.merge import merge_to_checkpoint
+    from loramux.server.model.base_model import load_base_model
+    from loramux.server.merging.merge import merge_to_checkpoint
 
     AutoModelForCausalLM.from_pretrained(str(assets.base), dtype=torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
     assets.tokenizer.save_pretrained(str(tmp_path / "bf16"))

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import ADAPTERS, PROMPTS
 from loramux.server.adapters.cache import Tier
-from loramux.server.base_model import load_base_model
+from loramux.server.model.base_model import load_base_model
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.inputs import GenerateInput
 from loramux.server.engine.request import FinishReason
@@ -167,7 +167,7 @@ def test_a_config_naming_all_linear_targets_what_peft_expands_it_to(assets, engi
     adapter serves as peft runs it, and combinations of it target all-linear too."""
     import json
 
-    from loramux.server.combine import combined_config
+    from loramux.server.merging.combine import combined_config
 
     path = assets.copy_adapter("all-r16", "all-linear-cfg")
     config = json.loads((path / "adapter_config.json").read_text())

@@ -13,7 +13,7 @@ import loramux.client as lc
 from conftest import ADAPTERS, PROMPTS, eventually
 from loramux.server.adapters.cache import Tier
 from loramux.server.app import BackgroundServer
-from loramux.server.base_model import load_base_model
+from loramux.server.model.base_model import load_base_model
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.inputs import GenerateInput
 from loramux.server.engine.request import FinishEvent, TokenEvent

@@ -22,9 +22,9 @@ from conftest import PROMPTS
 from loramux.server.adapters.objects import ObjectStores
 from loramux.server.app import BackgroundServer
 from loramux.server.errors import AdapterInvalid
-from loramux.server.operations import OperationStore
-from loramux.server.registrations import DirectoryRegistrations
-from loramux.server.state import SavedAdapter, StateStore
+from loramux.server.store.operations import OperationStore
+from loramux.server.store.registrations import DirectoryRegistrations
+from loramux.server.store.state import SavedAdapter, StateStore
 
 N = 6
 SYNC_S = 0.2
@@ -205,7 +205,7 @@ def test_racing_replicas_never_leave_a_tenant_over_its_adapter_quota(assets, tmp
     replica's check before reading sees none registered, so each load counts the store again
     after registering and withdraws its own if the tenant went over. At most one stays (all may
     withdraw: a refused caller retries), and every replica ends up listing the same."""
-    from loramux.server.keys import append_key
+    from loramux.server.tenancy.keys import append_key
 
     keys_file = tmp_path / "keys.yaml"
     key = append_key(keys_file, "team", "admin", "team")
@@ -355,7 +355,7 @@ def test_the_object_registry_keeps_the_same_contract(s3):
     generation they name, and a missing name is None, not an error."""
     import fsspec
 
-    from loramux.server.registrations import ObjectRegistrations
+    from loramux.server.store.registrations import ObjectRegistrations
 
     endpoint, _ = s3
     store = ObjectRegistrations(f"s3://{BUCKET}/contract", fsspec.filesystem("s3", client_kwargs={"endpoint_url": endpoint}))
@@ -382,8 +382,8 @@ def test_a_listing_reads_again_only_the_registrations_that_changed(s3, tmp_path,
     what a store with nothing remembered returns."""
     import fsspec
 
-    from loramux.server import registrations
-    from loramux.server.registrations import DirectoryRegistrations, ObjectRegistrations
+    from loramux.server.store import registrations
+    from loramux.server.store.registrations import DirectoryRegistrations, ObjectRegistrations
 
     reads: list[str] = []
     if kind == "directory":
@@ -433,7 +433,7 @@ def test_a_listing_reads_again_only_the_registrations_that_changed(s3, tmp_path,
 def test_a_registration_is_checked_against_the_tenants_sources_whenever_a_replica_reads_it(assets, tmp_path):
     """A tenant confined to its own directory registers there; once the keys file confines it
     elsewhere, a replica starting (or following the registration) refuses to read it."""
-    from loramux.server.keys import append_key
+    from loramux.server.tenancy.keys import append_key
 
     assets.copy_adapter("qv-r4", "team-dir/qv")
     keys_file = tmp_path / "keys.yaml"

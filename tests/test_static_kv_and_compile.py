@@ -18,7 +18,7 @@ import loramux.client as lc
 from conftest import ADAPTERS, PROMPTS
 from loramux.demo.assets import make_adapter
 from loramux.server.app import BackgroundServer
-from loramux.server.base_model import load_base_model
+from loramux.server.model.base_model import load_base_model
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.inputs import GenerateInput
 from loramux.server.engine.kv_cache import StaticKvPool

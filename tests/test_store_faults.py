@@ -26,7 +26,7 @@ from google.longrunning import operations_pb2, operations_pb2_grpc
 import loramux.client as lc
 from conftest import PROMPTS
 from loramux.server.app import BackgroundServer
-from loramux.server.state import MAX_OPERATION_BYTES, MAX_REGISTRATION_BYTES, SavedAdapter
+from loramux.server.store.state import MAX_OPERATION_BYTES, MAX_REGISTRATION_BYTES, SavedAdapter
 from test_shared_store import BUCKET, N, _equal, eventually, s3  # noqa: F401 (the S3 fixture)
 
 SYNC_S = 0.2

@@ -15,7 +15,7 @@ from conftest import PROMPTS
 from loramux.cli.main import main as cli
 from loramux.server.app import BackgroundServer
 from loramux.server.errors import InvalidSettings
-from loramux.server.keys import append_key
+from loramux.server.tenancy.keys import append_key
 
 
 def _name(cn: str) -> x509.Name:

@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 from conftest import ADAPTERS, PROMPTS, Assets  # noqa: E402
 
-from loramux.server.base_model import load_base_model  # noqa: E402
+from loramux.server.model.base_model import load_base_model  # noqa: E402
 from loramux.server.engine.engine import Engine  # noqa: E402
 from loramux.server.engine.inputs import GenerateInput  # noqa: E402
 

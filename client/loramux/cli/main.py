@@ -145,7 +145,7 @@ def _tls_files(args) -> dict:
 
 def _keys(args) -> int:
     from loramux.server.errors import InvalidSettings
-    from loramux.server.keys import append_key
+    from loramux.server.tenancy.keys import append_key
 
     try:
         key = append_key(args.keys_file, args.tenant, args.role, args.name, args.expires)

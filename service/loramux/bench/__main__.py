@@ -51,7 +51,7 @@ def run(cfg: BenchConfig, work: Path) -> dict:
     from peft import PeftModel
 
     from loramux.server.app import BackgroundServer
-    from loramux.server.base_model import load_base_model
+    from loramux.server.model.base_model import load_base_model
     from loramux.server.engine.engine import Engine
     from loramux.server.settings import Settings
     from loramux.server.telemetry.providers import build_telemetry

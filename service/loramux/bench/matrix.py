@@ -41,7 +41,7 @@ from loramux.bench.config import BenchConfig
 from loramux.bench.metrics import summarize
 from loramux.bench.workload import Req
 from loramux.server.cpu_threads import in_own_thread, limit_to_one_thread
-from loramux.server.keys import append_key
+from loramux.server.tenancy.keys import append_key
 
 log = logging.getLogger("loramux.bench.matrix")
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -246,7 +246,7 @@ def ratios(systems: dict[str, dict]) -> dict[str, dict]:
 
 def run(cfg: MatrixConfig, work: Path) -> dict:
     from loramux.bench.micro import decode_step
-    from loramux.server.base_model import load_base_model
+    from loramux.server.model.base_model import load_base_model
 
     started = time.monotonic()
     limit_to_one_thread()  # set-up on this thread stays single-threaded; the systems run on their own threads

@@ -50,9 +50,9 @@ def child(system: str, base: str, adapter: str, out: str) -> None:
 
     if system == "loramux":
         from loramux.server.adapters.checkpoint import read_checkpoint
-        from loramux.server.base_files import read_base_checkpoint
-        from loramux.server.base_model import load_base_model
-        from loramux.server.merge import merge_to_checkpoint
+        from loramux.server.merging.base_files import read_base_checkpoint
+        from loramux.server.model.base_model import load_base_model
+        from loramux.server.merging.merge import merge_to_checkpoint
         from loramux.server.settings import Settings
 
         # The adapter is validated against the base as the server would (the served model is
@@ -89,7 +89,7 @@ def run(models: tuple[ModelShape, ...], ranks: tuple[int, ...], rounds: int, wor
     import shutil
 
     from loramux.demo.assets import build_tokenizer, make_adapter
-    from loramux.server.base_files import read_base_checkpoint
+    from loramux.server.merging.base_files import read_base_checkpoint
 
     texts = [f"the quick brown fox {i} jumps over the lazy dog" for i in range(200)]
     tokenizer = build_tokenizer(work / "tok", texts, vocab_size=300)

@@ -13,7 +13,7 @@ from loramux.bench.config import BenchConfig
 from loramux.bench.metrics import median_ms
 from loramux.server.adapters.cache import TieredAdapterCache, Tier
 from loramux.server.lora.weights import AdapterWeights, ModuleLora
-from loramux.server.base_model import BaseModel
+from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.kv_cache import new_dynamic_cache
 from loramux.server.engine.inputs import GenerateInput

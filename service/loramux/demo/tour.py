@@ -18,7 +18,7 @@ def run_demo(cache_dir: str | None = None, rebuild: bool = False) -> int:
 
         from loramux.demo.build import build_demo_assets
         from loramux.server.app import BackgroundServer
-        from loramux.server.keys import append_key
+        from loramux.server.tenancy.keys import append_key
         from loramux.server.settings import Settings
     except ImportError as e:
         print(f"the demo needs the server extra: pip install 'loramux[server]' ({e})")

@@ -19,10 +19,10 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loramux.server.api.auth import Authenticator
-from loramux.server.api.operations_servicer import OperationsServicer
-from loramux.server.api.servicer import LoramuxServicer, Malformed, Pools
-from loramux.server.base_model import load_base_model
+from loramux.server.grpc_api.auth import Authenticator
+from loramux.server.grpc_api.operations_servicer import OperationsServicer
+from loramux.server.grpc_api.servicer import LoramuxServicer, Malformed, Pools
+from loramux.server.model.base_model import load_base_model
 from loramux.server.cpu_threads import in_own_thread
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.facade import Facade

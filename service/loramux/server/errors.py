@@ -3,7 +3,7 @@
 Each error carries a `kind` (what sort of failure, independent of transport), a stable
 `reason` (UPPER_SNAKE_CASE, part of the API), the request `field` at fault when there is
 one, and `metadata` with the numbers. The gRPC layer maps kinds to status codes in one
-place (loramux.server.api.status); nothing else knows about gRPC.
+place (loramux.server.grpc_api.status); nothing else knows about gRPC.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from loramux.server.errors import AdapterInvalid, InvalidRequest, SourceNotFound, SourceOutsideRoot, SourceUnavailable
 from loramux.server.settings import Settings
-from loramux.server.source_allowance import is_object_url  # noqa: F401 (re-exported)
+from loramux.server.tenancy.source_allowance import is_object_url  # noqa: F401 (re-exported)
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -35,9 +35,9 @@ from loramux.server.lora.weights import AdapterWeights
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.errors import AdapterChanged, AdapterExists, AdapterNotFound, LoramuxError
 from loramux.server.names import validate_adapter_id  # noqa: F401 (re-exported)
-from loramux.server.registrations import Registrations
+from loramux.server.store.registrations import Registrations
 from loramux.server.settings import Settings
-from loramux.server.state import SavedAdapter
+from loramux.server.store.state import SavedAdapter
 
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 MISS_TTL_S = 1.0  # with a store: a name it did not hold is not looked up again for this long (a request storm)

@@ -24,7 +24,7 @@ from loramux.server.adapters.objects import ObjectStores, check_object_url, is_o
 from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot
 from loramux.server.hub import HUB_PREFIX, fetch_snapshot
 from loramux.server.settings import Settings
-from loramux.server.source_allowance import ANYWHERE, SourceAllowance  # noqa: F401 (re-exported)
+from loramux.server.tenancy.source_allowance import ANYWHERE, SourceAllowance  # noqa: F401 (re-exported)
 
 MERGED_PREFIX = "merged://"
 ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]

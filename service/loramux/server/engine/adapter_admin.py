@@ -29,7 +29,7 @@ from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.errors import AdapterNotFound, LoramuxError, NoSlotFree, PinLimit
-from loramux.server.quotas import UNLIMITED, Quotas, refuse
+from loramux.server.tenancy.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
 
 _SLOT_RETRY_S = 0.05  # warm/pin: how often to look for a free slot again

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from loramux.server.base_model import BaseModel
+from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.detokenizer import Detokenizer
 from loramux.server.engine.kv_cache import PaddedKv, RowKv, new_dynamic_cache
 from loramux.server.engine.request import (

@@ -32,7 +32,7 @@ from transformers import AttentionInterface, DynamicCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from loramux.server.base_model import BaseModel
+from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.kv_cache import RowCache, StaticKvPool, new_dynamic_cache
 from loramux.server.errors import InvalidSettings
 from loramux.server.lora.slot_linear import RoutingPlan

@@ -25,7 +25,7 @@ from loramux.server.adapters.cache import Tier, TieredAdapterCache
 from loramux.server.adapters.objects import ObjectStores
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
-from loramux.server.base_model import BaseModel
+from loramux.server.model.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.adapter_admin import AdapterAdmin
 from loramux.server.engine.inputs import GenerateInput, prompt_ids, request_context, sampling_params
@@ -35,12 +35,12 @@ from loramux.server.engine.request_telemetry import request_ended
 from loramux.server.engine.request import ErrorEvent, Event, GenerationRequest, TokenEvent
 from loramux.server.engine.worker import IDLE_POLL_S, EngineStats, Worker
 from loramux.server.errors import DeadlineExceeded, InvalidRequest, LoramuxError, ShuttingDown
-from loramux.server.merge import MERGE_RESULTS
-from loramux.server.operations import OperationStore
-from loramux.server.quotas import UNLIMITED, Quotas, RequestUsage
-from loramux.server.registrations import open_registrations
+from loramux.server.merging.merge import MERGE_RESULTS
+from loramux.server.store.operations import OperationStore
+from loramux.server.tenancy.quotas import UNLIMITED, Quotas, RequestUsage
+from loramux.server.store.registrations import open_registrations
 from loramux.server.settings import Settings
-from loramux.server.state import StateStore
+from loramux.server.store.state import StateStore
 from loramux.server.telemetry.signals import Telemetry
 
 log = logging.getLogger(__name__)

@@ -19,14 +19,14 @@ import dataclasses
 import time
 from collections.abc import Callable
 
-from loramux.server.combine import Combination
+from loramux.server.merging.combine import Combination
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.inputs import GenerateInput
 from loramux.server.engine.request import (
     ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent,
 )
-from loramux.server.merge import MergeJob, MergeResult
-from loramux.server.operations import Operation
+from loramux.server.merging.merge import MergeJob, MergeResult
+from loramux.server.store.operations import Operation
 from loramux.server.tiers import Tier
 
 __all__ = [

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import struct
 
-from loramux.server.base_model import BaseModel
+from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.kv_cache import static_row_tokens
 from loramux.server.engine.request import SamplingParams
 from loramux.server.errors import InvalidRequest, NoChatTemplate, PromptTooLong

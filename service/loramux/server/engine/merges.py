@@ -25,20 +25,20 @@ from opentelemetry.trace import StatusCode
 
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry, validate_adapter_id
 from loramux.server.adapters.sources import MERGED_PREFIX
-from loramux.server.base_model import BaseModel
+from loramux.server.model.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.failures import as_domain_error
-from loramux.server.base_files import BaseCheckpoint, read_base_checkpoint
-from loramux.server.combine import combine, combined_config
+from loramux.server.merging.base_files import BaseCheckpoint, read_base_checkpoint
+from loramux.server.merging.combine import combine, combined_config
 from loramux.server.errors import (
     AdapterExists, InvalidRequest, MergeDiskFull, MergeFailed, MergeOutputExists, ShuttingDown,
 )
-from loramux.server.merge import (
+from loramux.server.merging.merge import (
     MAX_OUTPUT_DEPTH, MERGE_INFO_FILE, MergeJob, MergeProgress, MergeResult, adapter_directory, combined_weights,
     merge_to_checkpoint, outputs_kept, read_adapter_config, resolve_output, verify_merged, write_adapter_checkpoint,
 )
-from loramux.server.operations import Operation, OperationStore
-from loramux.server.quotas import UNLIMITED, Quotas, refuse
+from loramux.server.store.operations import Operation, OperationStore
+from loramux.server.tenancy.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
 from loramux.server.telemetry.signals import Telemetry
 

@@ -25,7 +25,7 @@ import threading
 import time
 
 from loramux.server.errors import LoramuxError
-from loramux.server.state import LEASE_MISSES
+from loramux.server.store.state import LEASE_MISSES
 
 log = logging.getLogger(__name__)
 EXPIRE_EVERY_PASSES = 30  # finished operations past their retention are removed every this many passes

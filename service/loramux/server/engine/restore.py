@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-from loramux.server.merge import sweep_temporaries
+from loramux.server.merging.merge import sweep_temporaries
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable, Tier, TieredAdapterCache
 from loramux.server.engine.request import ErrorEvent, GenerationRequest
 from loramux.server.errors import AdapterNotFound, Cancelled, DeadlineExceeded, InternalError, LoramuxError, QueueFull
-from loramux.server.quotas import refuse
+from loramux.server.tenancy.quotas import refuse
 from loramux.server.settings import Settings
 
 _TIER_RANK = {Tier.ACCELERATOR: 0, Tier.HOST: 1, Tier.DISK: 2}

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from loramux.server.adapters.registry import AdapterRegistry
-from loramux.server.base_model import BaseModel
+from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.batch import Batch, Row, ended_early, new_row
 from loramux.server.engine.compiled_step import CompiledDecode
 from loramux.server.engine.failures import as_domain_error

@@ -10,8 +10,8 @@ import asyncio
 from google.longrunning import operations_pb2, operations_pb2_grpc
 from google.protobuf import empty_pb2
 
-from loramux.server.api import convert
-from loramux.server.api.servicer import maps_errors, tenant_of
+from loramux.server.grpc_api import convert
+from loramux.server.grpc_api.servicer import maps_errors, tenant_of
 from loramux.server.engine.facade import Facade
 
 MAX_WAIT_S = 600.0

@@ -25,11 +25,11 @@ import contextvars
 import logging
 
 from loramux.server.errors import PermissionDenied, Unauthenticated
-from loramux.server.keys import Identity, KeyStore, role_rank
+from loramux.server.tenancy.keys import Identity, KeyStore, role_rank
 from loramux.server.names import validate_adapter_id
-from loramux.server.quotas import Quotas, with_defaults
+from loramux.server.tenancy.quotas import Quotas, with_defaults
 from loramux.server.settings import Settings
-from loramux.server.source_allowance import ANYWHERE, SourceAllowance
+from loramux.server.tenancy.source_allowance import ANYWHERE, SourceAllowance
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from loramux.server.errors import (
     Cancelled, Interrupted, Kind, LoramuxError, OperationNotFound, OperationRunning, shown_metadata,
 )
-from loramux.server.state import BadRecord, OperationRecord, StateStore
+from loramux.server.store.state import BadRecord, OperationRecord, StateStore
 
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"operations/[a-z]+-[0-9a-f]{32}")

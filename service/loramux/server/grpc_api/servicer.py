@@ -26,10 +26,10 @@ from google.protobuf import empty_pb2
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 
-from loramux.server.api import convert
-from loramux.server.api.auth import Authenticator, caller
-from loramux.server.api.fair_executor import FairExecutor
-from loramux.server.api.status import abort, code_of
+from loramux.server.grpc_api import convert
+from loramux.server.grpc_api.auth import Authenticator, caller
+from loramux.server.grpc_api.fair_executor import FairExecutor
+from loramux.server.grpc_api.status import abort, code_of
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, TokenEvent
 from loramux.server.errors import InternalError, InvalidRequest, LoramuxError, ShuttingDown

@@ -59,9 +59,9 @@ from pathlib import Path
 import yaml
 
 from loramux.server.names import validate_adapter_id
-from loramux.server.source_allowance import ANYWHERE, SourceAllowance, is_object_url
+from loramux.server.tenancy.source_allowance import ANYWHERE, SourceAllowance, is_object_url
 from loramux.server.errors import InvalidSettings, LoramuxError, Unauthenticated
-from loramux.server.quotas import QUOTA_NAMES, UNLIMITED, Quotas
+from loramux.server.tenancy.quotas import QUOTA_NAMES, UNLIMITED, Quotas
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,7 @@ def _parse_elsewhere(path: Path) -> KeysFile:
     hundred entries at a time (letting other threads run between), so that no large parse
     holds this process's interpreter lock. InvalidSettings naming what is wrong."""
     # -P: the working directory is not put on the child's import path.
-    child = subprocess.Popen([sys.executable, "-P", "-m", "loramux.server.keys", str(path)], stdout=subprocess.PIPE,
+    child = subprocess.Popen([sys.executable, "-P", "-m", "loramux.server.tenancy.keys", str(path)], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, stdin=subprocess.DEVNULL)
     deadline = threading.Timer(RELOAD_TIMEOUT_S, child.kill)  # a child that hangs while its output is read
     deadline.start()
@@ -459,7 +459,7 @@ def _parse_elsewhere(path: Path) -> KeysFile:
 
 
 def _child_main(path: str) -> int:
-    """`python -m loramux.server.keys PATH`: parse and check a keys file, write what it holds
+    """`python -m loramux.server.tenancy.keys PATH`: parse and check a keys file, write what it holds
     one line per entry (read by `_parse_elsewhere`)."""
     out = sys.stdout.buffer
     try:  # a file that makes the parse grow without bound fails here, not in the server

@@ -9,7 +9,7 @@ import importlib.metadata
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.longrunning import operations_pb2
 
-from loramux.server.api.status import to_status
+from loramux.server.grpc_api.status import to_status
 from loramux.server.engine.facade import (
     AdapterInfo, Combination, FinishReason, GenerateInput, MergeJob, MergeResult, Operation, ServerInfo, Tier, Timings,
 )

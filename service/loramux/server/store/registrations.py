@@ -31,7 +31,7 @@ from typing import Protocol
 
 from loramux.server.errors import SourceUnavailable
 from loramux.server.settings import Settings
-from loramux.server.state import (
+from loramux.server.store.state import (
     MAX_REGISTRATION_BYTES, BadRecord, SavedAdapter, Skipped, StateStore, directory_lock, read_record, subdirectories,
     write_atomically,
 )

@@ -39,10 +39,10 @@ from loramux.server.adapters.adapter_config import MAX_CONFIG_BYTES
 from loramux.server.adapters.registry import AdapterRecord
 from loramux.server.adapters.sources import check_path_text
 from loramux.server.lora.weights import AdapterWeights, ModuleLora
-from loramux.server.base_files import SINGLE_FILE, TORCH_DTYPES, WEIGHTS_INDEX, BaseCheckpoint, TensorEntry
-from loramux.server.combine import Combination
+from loramux.server.merging.base_files import SINGLE_FILE, TORCH_DTYPES, WEIGHTS_INDEX, BaseCheckpoint, TensorEntry
+from loramux.server.merging.combine import Combination
 from loramux.server.errors import InvalidRequest, MergeNotFinite, MergeOutputExists, MergeOutputForeign, MergeUnsupported
-from loramux.server.operations import ResultCodec
+from loramux.server.store.operations import ResultCodec
 
 MERGE_INFO_FILE = "loramux_merge.json"
 TMP_PREFIX = ".loramux-merge-tmp-"

@@ -1,0 +1,1 @@
+"""Merging adapters (or weighted combinations) into the base's checkpoint files, streamed."""
