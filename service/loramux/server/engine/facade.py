@@ -29,6 +29,8 @@ from loramux.server.merging.merge import MergeJob, MergeResult
 from loramux.server.store.operations import Operation
 from loramux.server.tiers import Tier
 
+REMOTE_OPERATION_POLL_S = 0.25  # waiting on another replica's operation: how often its record is read
+
 __all__ = [
     "AdapterInfo", "Combination", "ErrorEvent", "Event", "Facade", "FinishEvent", "FinishReason", "GenerateInput",
     "Generation", "MergeJob", "MergeResult", "Operation", "ServerInfo", "Tier", "Timings", "TokenEvent",
@@ -163,6 +165,12 @@ class Facade:
 
     def delete_operation(self, tenant: str, name: str) -> None:
         self._engine.operations.delete(tenant, name)
+
+    def poll_interval(self, operation: Operation) -> float | None:
+        """How a front door waits for `operation`: None when this replica runs it (then
+        `on_operation_done` calls back), else the seconds between reads of its record (another
+        replica sharing the state directory runs it)."""
+        return REMOTE_OPERATION_POLL_S if operation.foreign else None
 
     def on_operation_done(self, operation: Operation, callback: Callable[[], None]) -> None:
         """Call `callback` once `operation` (run here) is done: at once if it is."""

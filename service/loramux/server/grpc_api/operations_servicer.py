@@ -15,7 +15,6 @@ from loramux.server.grpc_api.servicer import maps_errors, tenant_of
 from loramux.server.engine.facade import Facade
 
 MAX_WAIT_S = 600.0
-FOREIGN_POLL_S = 0.25  # WaitOperation on another replica's operation: how often its record is read
 
 
 class OperationsServicer(operations_pb2_grpc.OperationsServicer):
@@ -64,10 +63,11 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
             limits.append(max(remaining - 0.05, 0.0))
         tenant = tenant_of(context)
         op = await asyncio.to_thread(self.facade.get_operation, tenant, request.name)
-        if op.foreign:  # another replica runs it: read its record again until it is done
+        poll_s = self.facade.poll_interval(op)
+        if poll_s is not None:  # another replica runs it: read its record again until it is done
             deadline = asyncio.get_running_loop().time() + min(limits)
             while not op.done and asyncio.get_running_loop().time() < deadline:
-                await asyncio.sleep(FOREIGN_POLL_S)
+                await asyncio.sleep(poll_s)
                 op = await asyncio.to_thread(self.facade.get_operation, tenant, request.name)
             return convert.operation(op)
         loop = asyncio.get_running_loop()
