@@ -108,13 +108,13 @@ class Facade:
         if adapter_id:
             self._engine.find_adapter(tenant, adapter_id)
 
-    def generate(self, tenant: str, inp: GenerateInput, emit: Callable[[Event], None], wait_s: float | None = None,
+    def generate(self, tenant: str, inp: GenerateInput, emit: Callable[[Event], None], deadline: float | None = None,
                  trace_context: object = None) -> Generation:
-        """Check, tokenize and queue a request; `wait_s`: how long the caller will wait in all
-        (its deadline), None: no deadline. The adapter name is resolved here, once."""
+        """Check, tokenize and queue a request; `deadline`: when the caller stops waiting
+        (time.monotonic(), taken when the call arrived: time spent before this runs counts),
+        None: never. The adapter name is resolved here, once."""
         engine = self._engine
         record = engine.find_adapter(tenant, inp.adapter_id) if inp.adapter_id else None
-        deadline = time.monotonic() + wait_s if wait_s is not None else None
         request = engine.submit(tenant, inp, emit, deadline, trace_context=trace_context, record=record)
         return Generation(request, self.model, request.params.max_new_tokens)
 
@@ -124,11 +124,11 @@ class Facade:
     # -- adapters ----------------------------------------------------------------------------
 
     def load_adapter(self, tenant: str, adapter_id: str, source: str, revision: str = "", pin: bool = False,
-                     warm: bool = False, replace: bool = False, wait_s: float | None = None) -> AdapterInfo:
+                     warm: bool = False, replace: bool = False, deadline: float | None = None) -> AdapterInfo:
         """Register an adapter (and with warm or pin, place it now, waiting for a slot at most
-        `slot_wait_s`, and at most `wait_s`: the caller's deadline)."""
+        `slot_wait_s`, and not past `deadline`: the caller's, in time.monotonic())."""
         limit = self._engine.settings.slot_wait_s
-        wait = limit if wait_s is None else max(0.0, min(limit, wait_s - 0.05))
+        wait = limit if deadline is None else max(0.0, min(limit, deadline - time.monotonic() - 0.05))
         return self._info(self._engine.load_adapter(tenant, adapter_id, source, revision=revision, pin=pin, warm=warm,
                                                     replace=replace, wait_s=wait))
 

@@ -168,6 +168,8 @@ class Scheduler:
             del self._loads[uid]
         if rows_free <= 0 or not self._count:
             return []
+        if all(held[t] and rows_free <= self._reserved_for_others(t, held) for t in self._turns):
+            return []  # the free rows are kept for tenants holding none (every decode step asks again)
         wait_bound = self._settings.adapter_wait_ms / 1000
         prefill_free = self._settings.max_prefill_tokens
         options = {t: list(self._waiting[t]) for t in self._turns}

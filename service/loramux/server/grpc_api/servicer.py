@@ -163,9 +163,11 @@ async def _blocking(pool: FairExecutor, fn, *args, **kwargs):
     return await asyncio.wrap_future(pool.submit(caller.get().tenant, functools.partial(fn, *args, **kwargs)))
 
 
-def _remaining(context) -> float | None:
-    """The seconds the caller will still wait (its deadline), or None."""
-    return context.time_remaining()
+def _deadline(context) -> float | None:
+    """When the caller stops waiting, in time.monotonic(), taken as the call arrives (time spent
+    waiting for a worker thread counts against it), or None."""
+    remaining = context.time_remaining()
+    return time.monotonic() + remaining if remaining is not None else None
 
 
 def _add_event(message, event: TokenEvent | FinishEvent) -> None:
@@ -226,6 +228,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         def emit(event: Event) -> None:  # engine thread
             post(events, event)
 
+        deadline = _deadline(context)
         inp = convert.generate_input(request)
         tenant = tenant_of(context)
         span = trace.get_current_span()
@@ -239,7 +242,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         if self.facade.must_read(tenant, inp.adapter_id):  # a slow read: on the adapter pool, not admission's
             await _blocking(self._pools.adapters, self.facade.resolve, tenant, inp.adapter_id)
         generation = await _blocking(self._pools.admission, self.facade.generate, tenant, inp, emit,
-                                     _remaining(context), trace_context=otel_context.get_current())
+                                     deadline, trace_context=otel_context.get_current())
         span.set_attribute("gen_ai.request.max_tokens", generation.max_new_tokens)
         finished = False
         try:
@@ -284,7 +287,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         info = await _blocking(
             self._pools.adapters, self.facade.load_adapter, tenant_of(context), request.adapter_id, request.source,
             revision=request.revision, pin=request.pin, warm=request.warm, replace=request.replace,
-            wait_s=_remaining(context),
+            deadline=_deadline(context),
         )
         return convert.adapter(info)
 
