@@ -388,13 +388,13 @@ class StateStore:
         return float(when)
 
     def stopped(self, replica: str, within_s: float) -> bool:
-        """Whether `replica` is not running: its heartbeat is older than `within_s` seconds (it
-        was killed) or gone (it stopped cleanly, or stopped so long ago that `trim` removed it).
-        A running replica writes its heartbeat before it starts any work."""
+        """Whether `replica` left a heartbeat older than `within_s` seconds (it was killed). No
+        heartbeat says nothing: a replica that stopped cleanly left nothing behind, and one with
+        a state directory of its own (sharing only a merge root) writes its heartbeat elsewhere."""
         if replica == self.replica:
             return False
         when = self._heartbeat(replica)
-        return when is None or time.time() - when > within_s
+        return when is not None and time.time() - when > within_s
 
     def alive(self, replica: str, within_s: float) -> bool:
         """Whether `replica` wrote its heartbeat within the last `within_s` seconds."""
