@@ -135,17 +135,23 @@ def test_joins_copy_only_the_adapters_that_join_and_columns_read_for_nothing_are
     assert layer.buffer_layout().segments == {2: (0, 4, 2)} and layer.buffer_layout().columns == 4
 
 
-def test_bf16_keeps_the_scale_in_float32():
+@pytest.mark.parametrize("lora_dtype", [torch.bfloat16, torch.float32])  # --lora-dtype serving, and float32
+def test_bf16_keeps_the_scale_and_the_sum_in_float32(lora_dtype):
+    """peft on a bfloat16 base: `(result + lora_B(lora_A(x)) * scaling).to(bfloat16)`, a Python
+    float scale and a float32 sum rounded once (its adapters upcast to float32 by default)."""
     torch.manual_seed(0)
     routing = LoraRouting()
-    layer = SlotLinear(nn.Linear(6, 5, bias=False).to(torch.bfloat16), num_slots=3, routing=routing)
-    a, b = torch.randn(4, 6, dtype=torch.bfloat16), torch.randn(5, 4, dtype=torch.bfloat16)
+    layer = SlotLinear(nn.Linear(6, 5, bias=False).to(torch.bfloat16), num_slots=3, routing=routing, dtype=lora_dtype)
+    a, b = torch.randn(4, 6, dtype=lora_dtype), torch.randn(5, 4, dtype=lora_dtype)
     scale = 1.0 / 3.0  # not representable in bfloat16
     layer.fill(0, a, b, scale)
-    routing.plan = plan([0])
     x = torch.randn(1, 1, 6, dtype=torch.bfloat16)
-    expected = layer.base_layer(x) + ((x @ a.T @ b.T) * scale).to(torch.bfloat16)  # peft: a Python float scale
-    assert torch.equal(layer(x), expected)
+    base = layer.base_layer(x)
+    expected = (base + (x.to(lora_dtype) @ a.T @ b.T).float() * scale).to(torch.bfloat16)
+    for tokens in (1, 3):  # a decode step, and a prefill
+        routing.plan = plan([0])
+        xs = x.expand(1, tokens, 6).contiguous()
+        assert torch.equal(layer(xs), expected.expand(1, tokens, 5)), tokens
     assert layer.buffer_layout().view.scale.dtype == torch.float32
 
 

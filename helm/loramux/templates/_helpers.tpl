@@ -64,6 +64,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 - --dtype
 - {{ .Values.model.dtype | quote }}
+- --lora-dtype
+- {{ .Values.model.loraDtype | quote }}
 - --device
 - {{ .Values.model.device | quote }}
 - --quantization

@@ -13,6 +13,7 @@ from pathlib import Path
 from loramux.server.errors import InvalidSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+LORA_DTYPES = ("float32", "serving")
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 KV_CACHES = ("dynamic", "static")
@@ -28,7 +29,7 @@ OBJECT_PROTOCOLS = ("s3", "gs", "az")
 _REPLICA_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear (and Conv1D) layer but the output layer
 # Fields that take one of a few values (the serve command's flags offer them as choices).
-CHOICES = {"dtype": DTYPES, "device_map": DEVICE_MAPS, "quantization": QUANTIZATIONS, "kv_cache": KV_CACHES,
+CHOICES = {"dtype": DTYPES, "lora_dtype": LORA_DTYPES, "device_map": DEVICE_MAPS, "quantization": QUANTIZATIONS, "kv_cache": KV_CACHES,
            "scheduling": SCHEDULING, "base_mismatch": BASE_MISMATCH_POLICIES, "auth": AUTH_MODES,
            "otlp_protocol": OTLP_PROTOCOLS}
 DEFAULT_TARGET_MODULES = (ALL_LINEAR,)
@@ -44,6 +45,12 @@ class Settings:
     """Name adapters' `base_model_name_or_path` is checked against; defaults to `model`."""
     dtype: str = "auto"
     """Serving dtype: auto (the checkpoint's, float32 on CPU when it is 16-bit), float32, bfloat16, float16."""
+    lora_dtype: str = "float32"
+    """The LoRA path's dtype. float32: adapters' weights are held and multiplied in float32 and
+    their output added to the base layer's in float32, rounded to the serving dtype once, as
+    peft computes it (its adapters are upcast to float32 on a 16-bit base), so 16-bit serving
+    stays as close to the float32 model as peft is. serving: held and computed in the serving
+    dtype, half the adapter memory under bfloat16/float16, further from float32."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     device_map: str | None = None
@@ -53,7 +60,7 @@ class Settings:
     quantization: str = "none"
     """How the base's Linear weights (all but the output projection) are held: none; int8
     (torchao's int8 weight-only, a scale per output row); bnb-8bit (bitsandbytes LLM.int8());
-    bnb-4bit (bitsandbytes NF4, computing in `dtype`). The LoRA path stays in `dtype` on top;
+    bnb-4bit (bitsandbytes NF4, computing in `dtype`). The LoRA path stays in `lora_dtype` on top;
     merges read the full-precision files."""
     kv_cache: str = "dynamic"
     """dynamic: the running batch's KV cache is padded to its widest row and grows with it
@@ -228,6 +235,8 @@ class Settings:
             raise bad("model", "a local directory or Hub id is required")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.lora_dtype not in LORA_DTYPES:
+            raise bad("lora_dtype", f"{self.lora_dtype!r} is not one of {', '.join(LORA_DTYPES)}")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:
             raise bad("device_map", f"{self.device_map!r} is not one of {', '.join(DEVICE_MAPS)}")
         if self.quantization not in QUANTIZATIONS:

@@ -23,7 +23,7 @@ STORED_WIDTH_FACTOR = 4  # an adapter's files may store its weights in up to 4x 
 @dataclasses.dataclass(frozen=True)
 class AdapterBudget:
     max_rank: int  # --max-lora-rank: adapters of higher rank in any module are refused
-    max_adapter_bytes: int  # an adapter of max_rank on every served module, in the serving dtype
+    max_adapter_bytes: int  # an adapter of max_rank on every served module, in the LoRA dtype
     max_download_bytes: int  # the most an adapter's files may hold (checked before a download)
     accelerator_bytes: int  # tier 1: resident adapters' bytes at their true sizes
     max_pinned_bytes: int  # pins may take this much: room stays for one unpinned adapter of any size

@@ -93,7 +93,7 @@ class TieredAdapterCache:
         # Read from disk but larger than the whole host tier: held only until acquire() takes it.
         self._parked: dict[int, AdapterWeights] = {}
         self._nbytes: dict[int, int] = {}  # uid -> bytes of its weights (as registered)
-        self._slot_bytes: dict[int, int] = {}  # uid -> bytes it takes in a slot (serving dtype, true rank)
+        self._slot_bytes: dict[int, int] = {}  # uid -> bytes it takes in a slot (LoRA dtype, true rank)
         # (kind, uid, tier, seconds) for metrics: ("evict", uid, tier evicted from, None) or
         # ("load", uid, tier loaded from, seconds it took).
         self.on_event: Callable[[str, int, Tier, float | None], None] | None = None

@@ -64,7 +64,7 @@ class BaseModelView:
     base_weights: Mapping[str, torch.Tensor]  # parameter name (no slot wrappers) -> tensor
     module_names: frozenset[str]  # every module name in the base
     budget: AdapterBudget  # every size limit on adapters (budget.py)
-    dtype: torch.dtype
+    lora_dtype: torch.dtype  # adapters' weights as served (Settings.lora_dtype)
     base_mismatch: str  # "error" or "warn"
     allow_pickle: bool
     revision: str = "local"  # the served base's Hub commit ("local" for a local directory)
@@ -81,7 +81,7 @@ class AdapterSpec:
     target_modules: tuple[str, ...]  # short names, sorted
     base_model: str
     content_hash: str  # "sha256:<hex>" over config and weights files
-    size_bytes: int  # in the serving dtype
+    size_bytes: int  # in the LoRA dtype
     module_ranks: Mapping[str, int]
 
 
@@ -89,7 +89,7 @@ def read_checkpoint(
     directory: Path, base: BaseModelView, dtype: torch.dtype | None = None, root: Path | None = None
 ) -> tuple[AdapterSpec, AdapterWeights]:
     """Parse and validate the adapter in `directory`; weights come back on the CPU in `dtype`
-    (default: the serving dtype). Every file read must resolve inside `root` (default: the
+    (default: the LoRA dtype). Every file read must resolve inside `root` (default: the
     directory itself), so a symlink at any level cannot lead elsewhere."""
     root = root or directory
     config_raw = _read_bounded(_checked_file(directory / CONFIG_FILE, root, "ADAPTER_CONFIG_INVALID"), MAX_CONFIG_BYTES)
@@ -121,7 +121,7 @@ def read_checkpoint(
     expected = {name for name in base.slot_shapes if view.targets(name)}
     modules: dict[str, ModuleLora] = {}
     for module, pair in sorted(pairs.items()):
-        modules[module] = _module_lora(module, pair, view, dtype or base.dtype)
+        modules[module] = _module_lora(module, pair, view, dtype or base.lora_dtype)
         if view.use_dora:
             modules[module] = _with_dora(module, modules[module], magnitudes.pop(module, None), base)
     if magnitudes:
@@ -156,7 +156,7 @@ def read_checkpoint(
         base_model=view.base_model,
         content_hash=content_hash,
         size_bytes=sum(lora.rank * sum(base.slot_shapes[n]) for n, lora in modules.items())
-        * torch.tensor([], dtype=base.dtype).element_size(),
+        * torch.tensor([], dtype=base.lora_dtype).element_size(),
         module_ranks=module_ranks,
     )
     return spec, weights
@@ -426,7 +426,7 @@ def _module_lora(module: str, pair: dict[str, torch.Tensor], view: LoraConfigVie
         raise AdapterInvalid(f"module {module!r} has non-finite LoRA weights")
     a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
     if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise AdapterInvalid(f"module {module!r} has LoRA weights too large for the serving dtype {dtype}")
+        raise AdapterInvalid(f"module {module!r} has LoRA weights too large for {dtype}")
     scale = view.scale_of(module)
     if not math.isfinite(scale):
         raise AdapterInvalid(f"module {module!r} has a non-finite scale", reason="ADAPTER_CONFIG_INVALID")

@@ -65,7 +65,7 @@ class SlotBank:
         return self.bytes_at_rank(self.max_rank)
 
     def bytes_at_rank(self, rank: int) -> int:
-        """The bytes of an adapter of `rank` on every served module, in the serving dtype."""
+        """The bytes of an adapter of `rank` on every served module, in the LoRA dtype."""
         return sum(rank * (layer.in_features + layer.out_features) * layer.element_size for layer in self.layers.values())
 
     def resident_bytes(self) -> int:
@@ -73,7 +73,7 @@ class SlotBank:
         return sum(layer.resident_bytes() for layer in self.layers.values())
 
     def adapter_bytes(self, weights: AdapterWeights) -> int:
-        """What `weights` will take in a slot: its true size in the serving dtype."""
+        """What `weights` will take in a slot: its true size in the LoRA dtype."""
         return sum(
             (m.a.numel() + m.b.numel()) * self.layers[name].element_size for name, m in weights.modules.items()
         )

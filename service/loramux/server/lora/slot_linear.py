@@ -5,7 +5,12 @@ For row i of a batch, served by adapter slot s:
     y_i = base(x_i) + scale[s] * (x_i @ A[s]^T) @ B[s]^T
 
 in the order peft computes it (`lora_B(lora_A(x)) * scaling`), with the scale applied in
-float32 whatever the serving dtype.
+float32 whatever the serving dtype. The LoRA path has a dtype of its own (Settings.lora_dtype;
+float32 by default, as peft upcasts adapters on a 16-bit base): x is cast to it, and the
+delta is added to the base output in float32 and rounded to the serving dtype once, as peft's
+`(result + delta).to(result.dtype)` does. Rounding the weights, the delta or the sum to
+bfloat16 separately costs greedy agreement with the float32 model (measured in
+docs/benchmarks.md, "LoRA in 16-bit serving").
 
 Each slot holds its adapter's A^T [in, r] and B^T [r, out] at the adapter's own rank, so
 an adapter's memory is its true size; slot S is the empty slot of rows without an adapter.
@@ -119,12 +124,18 @@ def _by_rows(forward, x: torch.Tensor, rows: int, tokens: int | None) -> torch.T
                        "its tokens cannot be told apart by row")
 
 
+def _added(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The base output plus a LoRA delta (float32, or the LoRA dtype), summed in the wider of
+    the two and rounded to the base output's dtype once (peft: `(result + delta).to(dtype)`)."""
+    return (result + delta).to(result.dtype)
+
+
 class SlotLinear(nn.Module):
     def __init__(self, base_layer: nn.Module, num_slots: int, routing: LoraRouting, dtype: torch.dtype | None = None):
         """`base_layer`: an nn.Linear, a quantized Linear, or transformers' Conv1D (its weight
         [in, out]; peft's fan_in_fan_out: the adapter's A and B are shaped as for a Linear, so
-        the LoRA path is the same). `dtype`: the LoRA path's (the serving dtype), which a
-        quantized base layer's weight does not tell."""
+        the LoRA path is the same). `dtype`: the LoRA path's (Settings.lora_dtype, float32
+        by default, or the serving dtype, which a quantized base layer's weight does not tell)."""
         super().__init__()
         self.base_layer = base_layer
         self.routing = routing
@@ -172,7 +183,7 @@ class SlotLinear(nn.Module):
 
     @property
     def element_size(self) -> int:
-        """Bytes per value of the LoRA path (the serving dtype)."""
+        """Bytes per value of the LoRA path (its dtype)."""
         return torch.empty((), dtype=self._dtype).element_size()
 
     def resident_bytes(self) -> int:
@@ -198,10 +209,11 @@ class SlotLinear(nn.Module):
                 if rank:
                     rows = rows.to(self._device)  # placed across devices (--device-map): this layer's
                     h = xd.index_select(0, rows) @ self.a_t[slot]
-                    delta = (h @ self.b_t[slot]) * self.scales[slot]
+                    delta = (h @ self.b_t[slot]).float() * self.scales[slot]  # float32 scale, as decode steps
+                    base = result.index_select(0, rows)
                     if slot in self.dora:
-                        delta = self._dora_extra(result.index_select(0, rows), delta, self.dora[slot])
-                    result.index_add_(0, rows, delta.to(result.dtype))
+                        delta = self._dora_extra(base, delta, self.dora[slot])
+                    result.index_copy_(0, rows, _added(base, delta))
             return result
         view = self._step_view(plan)
         if view is None:  # no adapter in the batch targets this layer
@@ -210,10 +222,10 @@ class SlotLinear(nn.Module):
         h = torch.nn.functional.linear(xd, self._a_rows[: view.used]).masked_fill_(view.hide, 0)
         raw = h @ self._b_cat[: view.used]  # [rows, 1, out]
         if view.dora is not None:  # a DoRA adapter in the batch: each row's magnitude scale, 1 for the others
-            return result + self._dora_extra(result, raw * view.scale, view.dora).to(result.dtype)
+            return _added(result, self._dora_extra(result, raw * view.scale, view.dora))
         if result.dtype == torch.float32 and raw.dtype == torch.float32:
             return result.addcmul_(raw, view.scale)  # one op for scale and add
-        return result + (raw * view.scale).to(result.dtype)  # float32 scale, as peft's Python float
+        return _added(result, raw * view.scale)  # float32 scale, as peft's Python float
 
     # -- the compiled decode step ---------------------------------------------------------
 
@@ -230,7 +242,7 @@ class SlotLinear(nn.Module):
         delta = (torch.nn.functional.linear(x.to(a.dtype), a).masked_fill(hide, 0) @ b) * scale  # float32 scale, as eager
         bias = self.base_layer.bias
         plain = result if bias is None else result - bias
-        return result + ((gain - 1) * plain.to(gain.dtype) + gain * delta.to(gain.dtype)).to(result.dtype)
+        return _added(result, (gain - 1) * plain.to(gain.dtype) + gain * delta.to(gain.dtype))
 
     @torch.no_grad()
     def static_inputs(self, plan: RoutingPlan | None, rows: int) -> None:

@@ -27,7 +27,8 @@ class BaseModel:
     tokenizer: object  # a transformers PreTrainedTokenizerBase
     bank: SlotBank
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the serving dtype
+    lora_dtype: torch.dtype  # the LoRA path's (Settings.lora_dtype)
     model_id: str
     revision: str
     max_sequence_length: int
@@ -47,7 +48,7 @@ class BaseModel:
             module_names=frozenset(name.replace(".base_layer", "") for name, _ in self.model.named_modules()),
             transposed=self.bank.transposed(),
             budget=AdapterBudget.of(settings, self.bank),
-            dtype=self.dtype,
+            lora_dtype=self.lora_dtype,
             base_mismatch=settings.base_mismatch,
             allow_pickle=settings.allow_pickle_weights,
         )
@@ -116,8 +117,9 @@ def load_base_model(settings: Settings) -> BaseModel:
             raise InvalidSettings(f"bnb-4bit on the CPU needs Linear input widths that are multiples of 64; this model "
                                   f"has {odd}. Use int8 or bnb-8bit", field="quantization")
     tokenizer = AutoTokenizer.from_pretrained(source)
+    lora_dtype = torch.float32 if settings.lora_dtype == "float32" else dtype
     try:
-        bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, dtype)
+        bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, lora_dtype)
     except ValueError as e:
         raise InvalidSettings(str(e), field="target_modules") from None
 
@@ -141,6 +143,7 @@ def load_base_model(settings: Settings) -> BaseModel:
         bank=bank,
         device=device,
         dtype=dtype,
+        lora_dtype=lora_dtype,
         model_id=settings.model,
         revision="local" if local.is_dir() else directory.name,  # the Hub commit the snapshot holds
         directory=directory,
