@@ -144,6 +144,7 @@ def test_compiled_decode_on_cuda_tracks_the_eager_server_and_never_recompiles(as
     settings = assets.settings(device="cuda", dtype="bfloat16", adapter_slots=2, compile=True, kv_cache=kv_cache,
                                kv_cache_tokens=256)
     eng = Engine(settings, load_base_model(settings)).start()
+    before = torch._dynamo.config.error_on_recompile  # a process-wide setting: put back for the next case
     try:
         eng.call_on_engine(lambda: setattr(torch._dynamo.config, "error_on_recompile", True)).result(60)
         for name in ADAPTERS:
@@ -159,4 +160,6 @@ def test_compiled_decode_on_cuda_tracks_the_eager_server_and_never_recompiles(as
               f"{eng.compiled_decode.graphs_compiled} graphs, warm-up {eng.compiled_decode.warm_seconds:.1f} s")
         assert first == len(jobs) and eng.compiled_decode.graphs_compiled == 2
     finally:
+        torch._dynamo.config.error_on_recompile = before
+        torch._dynamo.reset()  # the next case compiles its own model's step from nothing
         eng.stop()

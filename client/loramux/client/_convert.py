@@ -178,6 +178,10 @@ def server_info(i: loramux_service_pb2.ServerInfo) -> types.ServerInfo:
         kv_cache_bytes=i.kv_cache_bytes,
         compiled=i.compiled,
         compiled_graphs=i.compiled_graphs,
+        lora_dtype=i.lora_dtype,
+        lora_kernel=i.lora_kernel or "torch",
+        cuda_graphs=i.cuda_graphs,
+        cuda_graphs_captured=i.cuda_graphs_captured,
     )
 
 

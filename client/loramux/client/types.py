@@ -100,3 +100,7 @@ class ServerInfo:
     kv_cache_bytes: int = 0  # static: the whole cache, allocated at start-up
     compiled: bool = False  # the decode step runs as a compiled graph
     compiled_graphs: int = 0  # graphs start-up compiled
+    lora_dtype: str = ""  # the LoRA path's dtype ("float32", or the serving dtype)
+    lora_kernel: str = "torch"  # "torch" (masked GEMMs) or "triton" (two kernels per layer)
+    cuda_graphs: bool = False  # the decode step replays CUDA graphs
+    cuda_graphs_captured: int = 0  # graphs captured so far

@@ -75,6 +75,9 @@ class MatrixConfig:
     vocab: int = 512
     step_reps: int = 10
     seed: int = 0
+    checkpoint_dtype: str = "float32"
+    """The dtype the base checkpoint is saved in; `--dtype auto` serves bfloat16 or float16 ones
+    in that dtype on CUDA (users' models are mostly bfloat16), float32 on the CPU."""
 
     @classmethod
     def quick(cls) -> MatrixConfig:
@@ -100,6 +103,11 @@ def _build_model(cfg: MatrixConfig, dims, root: Path) -> Path:
     tokenizer = build_tokenizer(root / "tokenizer", corpus.plain(300), vocab_size=cfg.vocab, max_length=4096)
     build_model(root / "model", tokenizer, hidden=hidden, layers=layers, heads=heads, kv_heads=kv, intermediate=inter,
                 max_positions=4096, seed=cfg.seed, init_std=0.02)
+    if cfg.checkpoint_dtype != "float32":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(root / "model"), dtype=getattr(torch, cfg.checkpoint_dtype))
+        model.save_pretrained(str(root / "model"))
     return root / "model"
 
 
@@ -319,10 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one tiny model, two shapes (the suite runs this)")
     parser.add_argument("--out", default="bench-results", help="directory for matrix.json and matrix.md")
     parser.add_argument("--models", help="hidden sizes to keep, comma-separated (e.g. 512,1024)")
+    parser.add_argument("--checkpoint-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
+                        help="the dtype the base checkpoints are saved in (the server's --dtype auto follows it on CUDA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("loramux.access").setLevel(logging.WARNING)
     cfg = MatrixConfig.quick() if args.quick else MatrixConfig()
+    cfg = dataclasses.replace(cfg, checkpoint_dtype=args.checkpoint_dtype)
     if args.models:
         keep = {int(h) for h in args.models.split(",")}
         cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m[0] in keep))

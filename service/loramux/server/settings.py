@@ -14,6 +14,7 @@ from loramux.server.errors import InvalidSettings
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 LORA_DTYPES = ("float32", "serving")
+LORA_KERNELS = ("torch", "triton")
 DEVICES = ("auto", "cpu", "cuda")
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
 KV_CACHES = ("dynamic", "static")
@@ -29,7 +30,7 @@ OBJECT_PROTOCOLS = ("s3", "gs", "az")
 _REPLICA_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear (and Conv1D) layer but the output layer
 # Fields that take one of a few values (the serve command's flags offer them as choices).
-CHOICES = {"dtype": DTYPES, "lora_dtype": LORA_DTYPES, "device_map": DEVICE_MAPS, "quantization": QUANTIZATIONS, "kv_cache": KV_CACHES,
+CHOICES = {"dtype": DTYPES, "lora_dtype": LORA_DTYPES, "lora_kernel": LORA_KERNELS, "device_map": DEVICE_MAPS, "quantization": QUANTIZATIONS, "kv_cache": KV_CACHES,
            "scheduling": SCHEDULING, "base_mismatch": BASE_MISMATCH_POLICIES, "auth": AUTH_MODES,
            "otlp_protocol": OTLP_PROTOCOLS}
 DEFAULT_TARGET_MODULES = (ALL_LINEAR,)
@@ -51,6 +52,11 @@ class Settings:
     peft computes it (its adapters are upcast to float32 on a 16-bit base), so 16-bit serving
     stays as close to the float32 model as peft is. serving: held and computed in the serving
     dtype, half the adapter memory under bfloat16/float16, further from float32."""
+    lora_kernel: str = "torch"
+    """How the LoRA path runs. torch: two GEMMs over the batch's adapters side by side, each
+    row's columns masked (three operators per layer). triton: two Triton kernels per layer
+    for the whole batch, each row reading only its own adapter's columns (CUDA; not with
+    compile). Which is faster on a GPU is measured by scripts/gpu/ before it becomes the default."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     device_map: str | None = None
@@ -74,6 +80,10 @@ class Settings:
     compile: bool = False
     """Compile the decode step with torch.compile, the batched LoRA path inside the graph
     (start-up compiles and warms it; adapters and batch compositions never recompile)."""
+    cuda_graphs: bool = False
+    """Replay the decode step as CUDA graphs, one per bucket of rows and KV width, captured as
+    buckets are first met; adapters and compositions are buffer values, never a new capture.
+    Needs a CUDA device, kv_cache static and lora_kernel triton."""
     host: str = "127.0.0.1"
     """Address the gRPC port listens on (0.0.0.0: every interface)."""
     port: int = 50051
@@ -235,6 +245,20 @@ class Settings:
             raise bad("model", "a local directory or Hub id is required")
         if self.dtype not in DTYPES:
             raise bad("dtype", f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.lora_kernel not in LORA_KERNELS:
+            raise bad("lora_kernel", f"{self.lora_kernel!r} is not one of {', '.join(LORA_KERNELS)}")
+        if self.lora_kernel == "triton" and self.compile:
+            raise bad("lora_kernel", "the compiled decode step runs the torch LoRA path; use lora_kernel torch "
+                      "with compile")
+        if self.cuda_graphs:
+            for needed, field, why in ((self.kv_cache == "static", "kv_cache", "kv_cache static (a graph's cache "
+                                        "never moves)"),
+                                       (self.lora_kernel == "triton", "lora_kernel", "lora_kernel triton (the "
+                                        "kernels read each row's adapter from buffers)"),
+                                       (not self.compile, "compile", "compile off (one or the other)"),
+                                       (self.device_map is None, "device_map", "one device")):
+                if not needed:
+                    raise bad("cuda_graphs", f"CUDA graphs need {why}; set {field} accordingly")
         if self.lora_dtype not in LORA_DTYPES:
             raise bad("lora_dtype", f"{self.lora_dtype!r} is not one of {', '.join(LORA_DTYPES)}")
         if self.device_map is not None and self.device_map not in DEVICE_MAPS:

@@ -127,7 +127,8 @@ class Engine:
 
     @property
     def compiled_decode(self):
-        """The compiled decode step (compiled_step.CompiledDecode), or None when not compiled."""
+        """The decode step when it is not eager: compiled_step.CompiledDecode (--compile) or
+        graph_step.GraphDecode (--cuda-graphs); None: eager."""
         return self.worker.decode
 
     # -- lifecycle ----------------------------------------------------------------------

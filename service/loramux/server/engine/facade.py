@@ -20,7 +20,9 @@ import time
 from collections.abc import Callable
 
 from loramux.server.merging.combine import Combination
+from loramux.server.engine.compiled_step import CompiledDecode
 from loramux.server.engine.engine import Engine
+from loramux.server.engine.graph_step import GraphDecode
 from loramux.server.engine.inputs import GenerateInput
 from loramux.server.engine.request import (
     ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent,
@@ -77,6 +79,10 @@ class ServerInfo:
     kv_cache_bytes: int
     compiled: bool
     compiled_graphs: int
+    lora_dtype: str
+    lora_kernel: str
+    cuda_graphs: bool
+    cuda_graphs_captured: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +205,10 @@ class Facade:
             kv_cache=settings.kv_cache,
             kv_cache_tokens=pool.tokens if pool is not None else 0,
             kv_cache_bytes=pool.nbytes if pool is not None else 0,
-            compiled=decode is not None,
-            compiled_graphs=decode.graphs_compiled if decode is not None else 0,
+            compiled=isinstance(decode, CompiledDecode),
+            compiled_graphs=decode.graphs_compiled if isinstance(decode, CompiledDecode) else 0,
+            lora_dtype=str(base.lora_dtype).removeprefix("torch."),
+            lora_kernel=settings.lora_kernel,
+            cuda_graphs=isinstance(decode, GraphDecode),
+            cuda_graphs_captured=decode.captured if isinstance(decode, GraphDecode) else 0,
         )

@@ -27,11 +27,12 @@ from loramux.server.adapters.registry import AdapterRegistry
 from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.batch import Batch, Row, ended_early, new_row
 from loramux.server.engine.compiled_step import CompiledDecode
+from loramux.server.engine.graph_step import GraphDecode
 from loramux.server.engine.failures import as_domain_error
 from loramux.server.engine.kv_cache import RowKv, StaticKvPool, static_row_tokens
 from loramux.server.engine.request import ErrorEvent, GenerationRequest
 from loramux.server.engine.scheduler import KvBudget, Scheduler
-from loramux.server.errors import InternalError, LoramuxError, ShuttingDown
+from loramux.server.errors import InternalError, InvalidSettings, LoramuxError, ShuttingDown
 from loramux.server.settings import Settings
 
 UNBOUNDED = 1 << 62
@@ -74,7 +75,13 @@ class Worker:
         self.kv_pool = (StaticKvPool(base.model, settings.max_batch_size, static_row_tokens(settings, base.max_sequence_length),
                                      base.pad_token_id, base.device)
                         if settings.kv_cache == "static" else None)
-        self.decode = CompiledDecode(base, self.kv_pool) if settings.compile else None  # --compile: warmed by start()
+        self.decode = None  # --compile (warmed by start()) or --cuda-graphs: the decode step; None: eager
+        if settings.compile:
+            self.decode = CompiledDecode(base, self.kv_pool)
+        elif settings.cuda_graphs:
+            if base.device.type != "cuda":
+                raise InvalidSettings(f"cuda_graphs needs a CUDA device; the model is on {base.device}", field="cuda_graphs")
+            self.decode = GraphDecode(base, self.kv_pool)
         self._warmed: Future = Future()
 
     # -- for other threads ----------------------------------------------------------------

@@ -39,15 +39,16 @@ class SlotBank:
     """
 
     def __init__(self, model: nn.Module, target_modules: tuple[str, ...], num_slots: int, max_rank: int,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, kernel: str = "torch"):
         self.routing = LoraRouting()
         self.num_slots = num_slots
         self.max_rank = max_rank
         self.layers: dict[str, SlotLinear] = {}
         for name in slot_targets(model, target_modules):
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            layer = SlotLinear(model.get_submodule(name), num_slots, self.routing, dtype)
+            layer = SlotLinear(model.get_submodule(name), num_slots, self.routing, dtype, kernel)
             setattr(parent, name.rsplit(".", 1)[-1], layer)
+            layer.index = len(self.layers)
             self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"the model has no Linear layer named any of {sorted(target_modules)}")
@@ -165,6 +166,24 @@ class SlotBank:
             device=device,
             adapter_bytes=sum(self._bytes[self._uids[slot]] for slot in groups),
         )
+
+    def graph_runs(self, plan: RoutingPlan, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For a decode step meant for a CUDA graph of `rows` rows (rows past the plan's have no
+        adapter): every layer's first column and rank per row `[layers, 2, rows]` int32 and
+        scale per row `[layers, rows]` float32, on the host, the adapters placed first."""
+        runs = torch.zeros((len(self.layers), 2, rows), dtype=torch.int32)
+        scales = torch.zeros((len(self.layers), rows), dtype=torch.float32)
+        for i, layer in enumerate(self.layers.values()):
+            per_row = layer.runs(plan)
+            runs[i, 0, : len(per_row)] = torch.tensor([f for f, _, _ in per_row], dtype=torch.int32)
+            runs[i, 1, : len(per_row)] = torch.tensor([r for _, r, _ in per_row], dtype=torch.int32)
+            scales[i, : len(per_row)] = torch.tensor([sc for _, _, sc in per_row], dtype=torch.float32)
+        return runs, scales
+
+    def has_dora(self, plan: RoutingPlan) -> bool:
+        """Whether any adapter of the plan is a DoRA one (on any layer)."""
+        slots = {slot for slot, _ in plan.groups}
+        return any(slot in layer.dora for layer in self.layers.values() for slot in slots)
 
     def route(self, plan: RoutingPlan | None, tokens: int | None = None) -> None:
         """Route the rows of the next forward passes (a plan from `plan`, or None), each row

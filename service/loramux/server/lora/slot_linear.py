@@ -21,8 +21,10 @@ What a pass computes depends only on the batch:
   For each batch composition (`RoutingPlan`, built when rows join or leave, not per step) it
   builds a boolean mask `[rows, columns]` of the columns that are not each row's own adapter's.
   A decode step is then two GEMMs, `(x @ a_rows^T).masked_fill(hide, 0) @ b_cat`, and a
-  per-row scale: each distinct adapter's weights are read once per pass at its own rank, with
-  no per-row copies and no arithmetic on rank padding. The mask overwrites rather than
+  per-row scale applied as the result is added (four operators per layer): each distinct
+  adapter's weights are read once per pass at its own rank, with no per-row copies and no
+  arithmetic on rank padding. The scale stays after the second GEMM, in peft's order: folding
+  it into B (one operator fewer) changed a greedy token against peft in float32 in the suite. The mask overwrites rather than
   multiplies: an adapter's huge-but-finite A can overflow x @ A to inf, and inf * 0 would be
   NaN in every other row of the batch, and in every later batch while its columns sit dead in
   the buffer.
@@ -80,18 +82,35 @@ class LoraRouting:
         self.generation = 0  # bumped whenever a slot's weights change
         self.compiled = False  # a compiled decode step runs: every layer takes its tensors from `static_inputs`
         self.tokens: int | None = None  # the pass's tokens per row (SlotBank.route); None: not known
+        self.graph: GraphRouting | None = None  # a decode step for CUDA graphs runs: layers read only its buffers
+        self.buffers = 0  # bumped whenever a layer's decode buffer moves (a captured graph holds its address)
+        self.layout = 0  # bumped whenever adapters' columns move within a decode buffer (a rebuild)
+
+
+@dataclasses.dataclass
+class GraphRouting:
+    """What every slot layer reads in a decode step meant for a CUDA graph (engine/graph_step.py):
+    device buffers whose values change between replays, never their addresses or shapes."""
+
+    runs: torch.Tensor  # [layers, 2, rows] int32: per layer (SlotLinear.index), each row's first buffer column and rank (0: none)
+    scales: torch.Tensor  # [layers, rows] float32: each row's adapter scale per layer
+    max_rank: int  # the widest rank a row may have (the bank's max_rank): fixed for every capture
+    lora: bool  # False: no row has an adapter (the base step: no LoRA launch at all)
 
 
 @dataclasses.dataclass
 class _DecodeView:
     """One layer's view of one plan for decode steps: which buffer columns each row uses."""
 
-    hide: torch.Tensor  # [rows, 1, used] bool  True where the column is not the row's adapter's
+    hide: torch.Tensor | None  # [rows, 1, used] bool  True where the column is not the row's adapter's (torch kernel)
     scale: torch.Tensor  # [rows, 1, 1] float32  each row's adapter scale (0 for rows without one here)
     used: int  # buffer columns in play
     live: int  # of those, the columns of this plan's adapters
     slots: list[int]  # this plan's adapter slots that this layer serves
     dora: torch.Tensor | None = None  # [rows, 1, out] float32: DoRA scales per row (ones for others); None: no DoRA row
+    first: torch.Tensor | None = None  # [rows] int32: each row's first buffer column (triton kernel)
+    rank: torch.Tensor | None = None  # [rows] int32: each row's adapter rank here, 0 for none (triton kernel)
+    max_rank: int = 0  # the largest of `rank`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +143,16 @@ def _by_rows(forward, x: torch.Tensor, rows: int, tokens: int | None) -> torch.T
                        "its tokens cannot be told apart by row")
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` runs more than its `forward`: hooks of its own or global ones,
+    or accelerate's (which replace `forward` and keep the original in `_old_forward`)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hasattr(module, "_hf_hook") or hasattr(module, "_old_forward")
+                or torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
 def _added(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     """The base output plus a LoRA delta (float32, or the LoRA dtype), summed in the wider of
     the two and rounded to the base output's dtype once (peft: `(result + delta).to(dtype)`)."""
@@ -131,13 +160,17 @@ def _added(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
 
 
 class SlotLinear(nn.Module):
-    def __init__(self, base_layer: nn.Module, num_slots: int, routing: LoraRouting, dtype: torch.dtype | None = None):
+    def __init__(self, base_layer: nn.Module, num_slots: int, routing: LoraRouting, dtype: torch.dtype | None = None,
+                 kernel: str = "torch"):
         """`base_layer`: an nn.Linear, a quantized Linear, or transformers' Conv1D (its weight
         [in, out]; peft's fan_in_fan_out: the adapter's A and B are shaped as for a Linear, so
         the LoRA path is the same). `dtype`: the LoRA path's (Settings.lora_dtype, float32
-        by default, or the serving dtype, which a quantized base layer's weight does not tell)."""
+        by default, or the serving dtype, which a quantized base layer's weight does not tell).
+        `kernel`: torch (the masked GEMMs) or triton (triton_kernels.py, two launches per pass)."""
         super().__init__()
         self.base_layer = base_layer
+        self.kernel = kernel
+        self.index = 0  # this layer's place among the bank's layers (GraphRouting's rows)
         self.routing = routing
         self.num_slots = num_slots
         w = base_layer.weight
@@ -165,13 +198,15 @@ class SlotLinear(nn.Module):
         self._a_rows = torch.zeros((0, self._in), dtype=self._dtype, device=self._device)  # [capacity, in]
         self._b_cat = torch.zeros((0, self._out), dtype=self._dtype, device=self._device)  # [capacity, out]
         self._col_slot = torch.full((0,), -1, dtype=torch.long, device=w.device)  # [capacity] slot of each column, -1: dead
-        self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
         self._segments: dict[int, tuple[int, int, int]] = {}  # slot -> (first column, rank, version)
         self._columns = 0  # columns written
         self._epoch = 0  # bumped when the buffer is compacted
         self._view: tuple[RoutingPlan, int, int, _DecodeView | None] | None = None  # (plan, generation, epoch, view)
         self._wasted = 0  # buffer columns steps have read for no row since the last rebuild
         self._static: tuple[torch.Tensor, ...] | None = None  # what a compiled step reads (static_inputs)
+        self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
+        if not _hooked(base_layer):
+            self._base_forward = base_layer.forward  # (an instance attribute: no module call per step)
 
     @property
     def in_features(self) -> int:
@@ -191,17 +226,36 @@ class SlotLinear(nn.Module):
         return sum(t.nbytes for t in self.a_t.values()) + sum(t.nbytes for t in self.b_t.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in], or the rows' tokens flattened
-        if self.routing.compiled:
+        routing = self.routing
+        if routing.plan is None and not routing.compiled and routing.graph is None:  # no adapter: the layer alone
+            return self._base_forward(x)
+        if routing.graph is not None:
+            return self._graph_forward(x)
+        if routing.compiled:
             return self._compiled_forward(x)
-        plan = self.routing.plan
-        if plan is None:
-            return self.base_layer(x)
-        return _by_rows(self._forward_rows, x, plan.rows, self.routing.tokens)
+        return _by_rows(self._forward_rows, x, routing.plan.rows, routing.tokens)
+
+    def _base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's output. Its own `forward` is called directly when nothing hooks the
+        layer (nn.Module's call machinery is most of what a wrapper would add to a step where
+        compute vanishes); a hooked layer (accelerate's placement, quantizers) is called whole."""
+        return self.base_layer(x)
 
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
         plan = self.routing.plan
         result = self.base_layer(x)
         xd = x.to(self._dtype)
+        if self.kernel == "triton":
+            view = self._step_view(plan)
+            if view is None:
+                return result
+            if view.dora is None:  # (a batch with a DoRA adapter takes the torch path)
+                from loramux.server.lora.triton_kernels import lora_add_
+
+                result = result.contiguous()
+                lora_add_(result.view(-1, self._out), xd.reshape(-1, self._in), self._a_rows, self._b_cat,
+                          view.first, view.rank, view.scale.view(-1), view.max_rank, x.shape[1])
+                return result
         if x.shape[1] > 1:
             # Prefill: each adapter's weights meet only its own rows' tokens.
             for slot, rows in plan.groups:  # groups hold disjoint rows: a group's rows are still the base output
@@ -224,8 +278,35 @@ class SlotLinear(nn.Module):
         if view.dora is not None:  # a DoRA adapter in the batch: each row's magnitude scale, 1 for the others
             return _added(result, self._dora_extra(result, raw * view.scale, view.dora))
         if result.dtype == torch.float32 and raw.dtype == torch.float32:
-            return result.addcmul_(raw, view.scale)  # one op for scale and add
+            return result.addcmul_(raw, view.scale)  # one operator for scale and sum
         return _added(result, raw * view.scale)  # float32 scale, as peft's Python float
+
+    # -- the decode step for CUDA graphs ------------------------------------------------
+
+    def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, 1, in]
+        """A decode step that reads nothing but device buffers (`LoraRouting.graph`), so that
+        a CUDA graph captured once replays it for any batch of its shape: the rows' runs of
+        columns and scales are values in those buffers, set before each replay."""
+        graph = self.routing.graph
+        result = self._base_forward(x)
+        if not graph.lora:
+            return result
+        from loramux.server.lora.triton_kernels import lora_add_
+
+        runs = graph.runs[self.index]
+        flat = result.view(-1, self._out)  # (a fresh Linear output: contiguous)
+        lora_add_(flat, x.reshape(-1, self._in).to(self._dtype), self._a_rows, self._b_cat, runs[0], runs[1],
+                  graph.scales[self.index], graph.max_rank, 1)
+        return result
+
+    def runs(self, plan: RoutingPlan) -> list[tuple[int, int, float]]:
+        """Each row's (first buffer column, rank, scale) in this layer, its adapters placed in
+        the decode buffer first; (0, 0, 0.0) for rows whose adapter does not target it."""
+        used = [slot for slot, _ in plan.groups if self.ranks[slot] > 0]
+        if used:
+            self._place(used)
+        return [(self._segments[s][0], self.ranks[s], self.scales[s]) if self.ranks[s] else (0, 0, 0.0)
+                for s in plan.slots]
 
     # -- the compiled decode step ---------------------------------------------------------
 
@@ -273,7 +354,7 @@ class SlotLinear(nn.Module):
         """The plan's decode view for one step, counting the buffer columns the step reads for
         no row, and rebuilding the buffer once that waste has cost a rebuild's copy."""
         view = self._decode_view(plan)
-        if view is not None and view.used > view.live:
+        if view is not None and view.hide is not None and view.used > view.live:  # (the triton kernel reads no dead column)
             self._wasted += view.used - view.live
             if self._wasted >= view.live:
                 self._place(view.slots, rebuild=True)
@@ -294,6 +375,7 @@ class SlotLinear(nn.Module):
         a = self._a_rows.new_zeros((columns, self._a_rows.shape[1]))
         b = self._b_cat.new_zeros((columns, self._b_cat.shape[1]))
         col_slot = self._col_slot.new_full((columns,), -1)
+        self.routing.buffers += 1  # the buffer moves: graphs that read the old one are stale
         a[: self._columns] = self._a_rows[: self._columns]
         b[: self._columns] = self._b_cat[: self._columns]
         col_slot[: self._columns] = self._col_slot[: self._columns]
@@ -315,15 +397,21 @@ class SlotLinear(nn.Module):
         view = None
         if used:
             self._place(used)
-            # Two tensor ops, however many adapters: a column belongs to a row when their slots agree.
-            row_slots = plan.row_slots.to(self._device)  # placed across devices (--device-map): this layer's
-            hide = (row_slots[:, None] != self._col_slot[None, : self._columns]).unsqueeze(1)
-            scale = self._scale_t.index_select(0, row_slots).view(-1, 1, 1)
             dora = None
             if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
                 ones = torch.ones(self.out_features, dtype=torch.float32, device=self._device)
-                dora = torch.stack([self.dora.get(int(s), ones) for s in plan.row_slots.tolist()]).unsqueeze(1)
-            view = _DecodeView(hide, scale, self._columns, sum(self.ranks[s] for s in used), used, dora)
+                dora = torch.stack([self.dora.get(s, ones) for s in plan.slots]).unsqueeze(1)
+            row_slots = plan.row_slots.to(self._device)  # placed across devices (--device-map): this layer's
+            scale = self._scale_t.index_select(0, row_slots).view(-1, 1, 1)
+            view = _DecodeView(None, scale, self._columns, sum(self.ranks[s] for s in used), used, dora)
+            if self.kernel == "triton":  # each row's run of columns
+                runs = self.runs(plan)
+                view.first = torch.tensor([f for f, _, _ in runs], dtype=torch.int32, device=self._device)
+                view.rank = torch.tensor([r for _, r, _ in runs], dtype=torch.int32, device=self._device)
+                view.max_rank = max(r for _, r, _ in runs)
+            if self.kernel != "triton" or dora is not None:
+                # One tensor op, however many adapters: a column belongs to a row when their slots agree.
+                view.hide = (row_slots[:, None] != self._col_slot[None, : self._columns]).unsqueeze(1)
             key = (plan, self.routing.generation, self._epoch)
         self._view = (*key, view)
         return view
@@ -342,6 +430,7 @@ class SlotLinear(nn.Module):
             self._segments, self._columns, self._wasted = {}, 0, 0
             self._col_slot.fill_(-1)
             self._epoch += 1  # views of other plans point at columns that moved
+            self.routing.layout += 1
             missing = list(slots)
         need = self._columns + sum(self.ranks[s] for s in missing)
         if need > self._a_rows.shape[0]:

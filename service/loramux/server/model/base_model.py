@@ -118,8 +118,11 @@ def load_base_model(settings: Settings) -> BaseModel:
                                   f"has {odd}. Use int8 or bnb-8bit", field="quantization")
     tokenizer = AutoTokenizer.from_pretrained(source)
     lora_dtype = torch.float32 if settings.lora_dtype == "float32" else dtype
+    if settings.lora_kernel == "triton":
+        _check_triton(device)
     try:
-        bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, lora_dtype)
+        bank = SlotBank(model, settings.target_modules, settings.adapter_slots, settings.max_lora_rank, lora_dtype,
+                        settings.lora_kernel)
     except ValueError as e:
         raise InvalidSettings(str(e), field="target_modules") from None
 
@@ -209,6 +212,17 @@ def parameter_bytes(model: nn.Module) -> int:
         inner = [getattr(p, name) for name in getattr(p, "__tensor_flatten__", lambda: ([], None))()[0]]
         total += sum(t.nbytes for t in inner) if inner else p.nbytes
     return total
+
+
+def _check_triton(device: torch.device) -> None:
+    try:
+        from loramux.server.lora import triton_kernels
+    except ImportError as e:
+        raise InvalidSettings(f"lora_kernel triton needs Triton installed ({e}); CUDA builds of torch bring it",
+                              field="lora_kernel") from None
+    why = triton_kernels.available(device)
+    if why:
+        raise InvalidSettings(f"lora_kernel triton: {why}", field="lora_kernel")
 
 
 def _pick_dtype(name: str, config, device: torch.device) -> torch.dtype:
