@@ -1,13 +1,23 @@
 #!/usr/bin/env bash
-# On a CUDA machine: the oracle checks in bf16 (scripts/gpu/test_cuda.py: bf16 fidelity, DoRA,
-# int8 and bitsandbytes 8/4-bit, compile with both KV caches, two GPUs), the benchmark matrix
-# at the server's default flags, then the single-workload benchmark on the GPU in bf16 (pinned host memory and non-blocking copies for tier promotion are what
-# the server uses on CUDA). Results go to $OUT (the device tool's folder) or ./gpu-results.
+# On a CUDA machine, in at most about 8 minutes, most valuable first, each part under its own
+# timeout and writing its results as it goes (a second run may not be possible):
+#   1. scripts/gpu/step.py: the decode step at h4096 bf16 with 16 and 64 rows: plain
+#      transformers eager and as one CUDA graph (the floor), loramux base and 16/64 distinct
+#      adapters with the torch kernel, the Triton kernels, and --cuda-graphs; CUDA kernels per
+#      step; bytes against bandwidth                                                 (~2 min)
+#   2. scripts/gpu/test_cuda.py, the fidelity and serving checks: bf16 against float32 peft
+#      for loramux and peft; Triton kernels and CUDA graphs against the eager server; pinned
+#      host tier; DoRA (compile, quantization and two GPUs: FULL=1)                 (~2 min)
+#   3. the matrix at h2048 with bfloat16 checkpoints (so --dtype auto serves bfloat16), at
+#      the server's defaults                                                          (~3 min)
+# FULL=1 adds the matrix with --lora-kernel triton --cuda-graphs, compile with both KV caches,
+# quantization (needs torchao and bitsandbytes) and the other benchmarks, which do not fit.
+# Results go to $OUT (the device tool's folder) or ./gpu-results.
 #
-# Needs python3 with CUDA torch, transformers, peft and the packages in pyproject.toml. Wheels
-# for what the machine lacks can sit in .whl/ (see the device tool's README); they are
-# installed into /tmp/site first.
-set -euo pipefail
+# Needs python3 with CUDA torch (and the Triton it brings), transformers, peft and the packages
+# in pyproject.toml. Wheels for what the machine lacks can sit in .whl/ (see
+# ../shared/notes/gpu/: fetch-wheels.sh, wheels.txt); they are installed into /tmp/site first.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
@@ -16,13 +26,34 @@ if compgen -G ".whl/*.whl" > /dev/null; then
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD/client:$PWD/service:${PYTHONPATH:-}" PYTHONUNBUFFERED=1
+started=$SECONDS
+note() { echo "[gpu_check $((SECONDS - started)) s] $*" | tee -a "$out/summary.txt"; }
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
-python3 -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
-# torchao (for --quantization int8) must be installed or carried in .whl/.
-python3 -m pytest -q -s -p no:cacheprovider scripts/gpu/test_cuda.py 2>&1 | tee "$out/gpu-tests.log"
-# The matrix at the server's default flags (device auto = CUDA, dtype auto = the checkpoint's 16-bit).
-python3 -m loramux.bench.matrix --out "$out/matrix" 2>&1 | tee "$out/matrix.log"
-python3 -m loramux.bench --device cuda --dtype bfloat16 --out "$out" 2>&1 | tee "$out/bench.log"
-python3 -m loramux.bench.merge --out "$out" 2>&1 | tee "$out/merge.log"
-python3 -m loramux.bench.inference_options --out "$out" 2>&1 | tee "$out/inference-options.log"
-python3 -m loramux.bench.quantization --out "$out" 2>&1 | tee "$out/quantization.log"
+python3 -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())" \
+    2>&1 | tee "$out/versions.txt" || exit 1
+
+note "1. decode step"
+timeout 150 python3 scripts/gpu/step.py --out "$out/step.json" > "$out/step.log" 2>&1
+note "step.py exit $? ($(grep -c '"ms"' "$out/step.json" 2>/dev/null || echo 0) timings)"
+
+note "2. CUDA checks"
+timeout 130 python3 -m pytest -q -s -p no:cacheprovider -k "not quantized and not compiled and not two_gpus" \
+    scripts/gpu/test_cuda.py > "$out/gpu-tests.log" 2>&1
+note "test_cuda.py exit $?: $(tail -1 "$out/gpu-tests.log")"
+
+note "3. matrix h2048, bfloat16 checkpoints, default flags"
+timeout 210 python3 -m loramux.bench.matrix --models 2048 --checkpoint-dtype bfloat16 --out "$out/matrix" \
+    > "$out/matrix.log" 2>&1
+note "matrix exit $?"
+
+if [[ "${FULL:-0}" == 1 ]]; then
+    python3 -m loramux.bench.matrix --models 2048 --checkpoint-dtype bfloat16 --set lora_kernel=triton \
+        --set kv_cache=static --set cuda_graphs=true --out "$out/matrix-graphs" > "$out/matrix-graphs.log" 2>&1
+    python3 -m pytest -q -s -p no:cacheprovider scripts/gpu/test_cuda.py -k "quantized or compiled or two_gpus" \
+        > "$out/gpu-full-tests.log" 2>&1
+    python3 -m loramux.bench --device cuda --dtype bfloat16 --out "$out" > "$out/bench.log" 2>&1
+    python3 -m loramux.bench.merge --out "$out" > "$out/merge.log" 2>&1
+    python3 -m loramux.bench.inference_options --out "$out" > "$out/inference-options.log" 2>&1
+    python3 -m loramux.bench.quantization --out "$out" > "$out/quantization.log" 2>&1
+fi
+note "done"

@@ -4,12 +4,19 @@ and the peft oracle (PeftModel.generate, greedy, fp32) to compare against."""
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    # Triton's kernels (lora/triton_kernels.py) run on the CPU under its interpreter. It must be
+    # on before anything imports Triton: Triton's own library functions are made for the mode
+    # of that moment. (On a GPU machine, scripts/gpu/test_cuda.py imports this file too.)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from loramux.demo.assets import build_model, build_tokenizer, make_adapter
 from loramux.server.model.base_model import load_base_model

@@ -143,3 +143,17 @@ def test_triton_kernels_are_refused_where_they_cannot_run(assets):
         assert e.value.field == "lora_kernel" and "CUDA" in str(e.value)
     finally:
         knobs.interpret = True
+
+
+def test_a_prefill_places_its_adapters_without_moving_the_running_ones():
+    (layer, routing) = layers(kernel_slots=3)["triton"]
+    gen = torch.Generator().manual_seed(5)
+    for slot, rank in ((0, 4), (1, 2), (2, 3)):
+        layer.fill(slot, torch.randn(rank, 6, generator=gen), torch.randn(5, rank, generator=gen), 1.0)
+    routing.plan, routing.tokens = plan([0, 1]), 1  # the running batch decodes with slots 0 and 1
+    layer(torch.randn(2, 1, 6, generator=gen))
+    running = {s: layer.buffer_layout().segments[s] for s in (0, 1)}
+    routing.plan, routing.tokens = plan([2]), 4  # a prefill of one joining row, slot 2 only
+    layer(torch.randn(1, 4, 6, generator=gen))
+    segments = layer.buffer_layout().segments
+    assert {s: segments[s] for s in (0, 1)} == running and segments[2][0] == 6  # appended after them

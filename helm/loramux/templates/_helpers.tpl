@@ -129,6 +129,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $s.compile }}
 - --compile
 {{- end }}
+- --lora-kernel
+- {{ $s.loraKernel | quote }}
+{{- if $s.cudaGraphs }}
+- --cuda-graphs
+{{- end }}
 - --max-prefill-tokens
 - {{ $s.maxPrefillTokens | int64 | quote }}
 - --batch-window-ms

@@ -78,6 +78,9 @@ class MatrixConfig:
     checkpoint_dtype: str = "float32"
     """The dtype the base checkpoint is saved in; `--dtype auto` serves bfloat16 or float16 ones
     in that dtype on CUDA (users' models are mostly bfloat16), float32 on the CPU."""
+    server_flags: tuple[tuple[str, object], ...] = ()
+    """Settings every loramux server of the run takes besides its defaults (`--set`), e.g.
+    (("lora_kernel", "triton"),); empty: the server's defaults, as users get them."""
 
     @classmethod
     def quick(cls) -> MatrixConfig:
@@ -130,11 +133,34 @@ def _build_adapters(cfg: MatrixConfig, model_dir: Path, shape: str, out: Path) -
     return names
 
 
-def _server_settings(model_dir: Path, adapters_dir: Path, keys_file: Path, **overrides):
+def _server_settings(cfg: MatrixConfig, model_dir: Path, adapters_dir: Path, keys_file: Path, **overrides):
     from loramux.server.settings import Settings
 
     # Defaults otherwise, API keys included (the clients send an admin key of the default tenant).
-    return Settings(model=str(model_dir), adapter_roots=(adapters_dir,), port=0, auth_keys_file=keys_file, **overrides)
+    return Settings(model=str(model_dir), adapter_roots=(adapters_dir,), port=0, auth_keys_file=keys_file,
+                    **{**dict(cfg.server_flags), **overrides})
+
+
+def parse_flags(pairs: list[str]) -> tuple[tuple[str, object], ...]:
+    """`name=value` pairs for Settings fields, each value read as its field's type."""
+    from loramux.server.settings import Settings
+
+    fields = {f.name: str(f.type) for f in dataclasses.fields(Settings)}
+    out = []
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        kind = fields.get(name)
+        if kind is None:
+            raise SystemExit(f"--set {pair}: Settings has no field {name!r}")
+        if kind == "bool":
+            out.append((name, value.lower() in ("1", "true", "yes", "on")))
+        elif kind.startswith("int"):
+            out.append((name, int(value)))
+        elif kind.startswith("float"):
+            out.append((name, float(value)))
+        else:
+            out.append((name, value))
+    return tuple(out)
 
 
 def _resident_bytes(server, names: list[str]) -> dict:
@@ -184,7 +210,7 @@ def run_cell(
         return {**summarize(records), "load_generator_cpu_s": cpu_s}
 
     for system, overrides in (("loramux_mixed", {}), ("loramux_static", {"scheduling": "static"})):
-        server = BackgroundServer(_server_settings(model_dir, adapters_dir, keys_file, **overrides), base=base)
+        server = BackgroundServer(_server_settings(cfg, model_dir, adapters_dir, keys_file, **overrides), base=base)
         try:
             with lc.Client(server.target, timeout=600, api_key=api_key) as client:
                 for name in names:
@@ -264,8 +290,8 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
     api_key = append_key(keys_file, "default", "admin", "bench")
     for m, dims in enumerate(cfg.models):
         model_dir = _build_model(cfg, dims, work / f"model{m}")
-        base = load_base_model(_server_settings(model_dir, work, keys_file))
-        step_base = load_base_model(_server_settings(model_dir, work, keys_file, adapter_slots=max(16, cfg.concurrency)))
+        base = load_base_model(_server_settings(cfg, model_dir, work, keys_file))
+        step_base = load_base_model(_server_settings(cfg, model_dir, work, keys_file, adapter_slots=max(16, cfg.concurrency)))
         step = in_own_thread(decode_step, step_base, BenchConfig(rank=16, target_modules=ALL, step_rows=16, step_kv=64, step_reps=cfg.step_reps))
         steps.append({"hidden": dims[0], "layers": dims[1], **step})
         del step_base
@@ -274,7 +300,7 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
             names = _build_adapters(cfg, model_dir, shape, adapters_dir)
             from loramux.server.app import BackgroundServer
 
-            with BackgroundServer(_server_settings(model_dir, adapters_dir, keys_file), base=base) as server:
+            with BackgroundServer(_server_settings(cfg, model_dir, adapters_dir, keys_file), base=base) as server:
                 for name in names:
                     server.engine.load_adapter("default", name, name)
                 memory.append({"hidden": dims[0], "shape": shape, **_resident_bytes(server, names)})
@@ -289,7 +315,8 @@ def run(cfg: MatrixConfig, work: Path) -> dict:
     cells.sort(key=lambda c: min(r["margin"] for r in c["ratios"].values()))  # the worst cell first
     return {
         "config": dataclasses.asdict(cfg),
-        "server_flags": "defaults (loramux serve --model M --adapter-root R --auth-keys-file K --port 0)",
+        "server_flags": "defaults (loramux serve --model M --adapter-root R --auth-keys-file K --port 0)"
+                        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in cfg.server_flags),
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": in_own_thread(torch.get_num_threads)},
         "cells": cells,
         "decode_step": steps,
@@ -327,13 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one tiny model, two shapes (the suite runs this)")
     parser.add_argument("--out", default="bench-results", help="directory for matrix.json and matrix.md")
     parser.add_argument("--models", help="hidden sizes to keep, comma-separated (e.g. 512,1024)")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                        help="a server setting besides the defaults (e.g. lora_kernel=triton), repeatable")
     parser.add_argument("--checkpoint-dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="the dtype the base checkpoints are saved in (the server's --dtype auto follows it on CUDA)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     logging.getLogger("loramux.access").setLevel(logging.WARNING)
     cfg = MatrixConfig.quick() if args.quick else MatrixConfig()
-    cfg = dataclasses.replace(cfg, checkpoint_dtype=args.checkpoint_dtype)
+    cfg = dataclasses.replace(cfg, checkpoint_dtype=args.checkpoint_dtype, server_flags=parse_flags(args.set))
     if args.models:
         keep = {int(h) for h in args.models.split(",")}
         cfg = dataclasses.replace(cfg, models=tuple(m for m in cfg.models if m[0] in keep))

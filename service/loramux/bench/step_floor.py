@@ -70,8 +70,9 @@ class StepFloorConfig:
         return cls(layers=8, reps=15, rounds=2)
 
 
-def build(cfg: StepFloorConfig, root: Path) -> Path:
-    """A random Llama of the configured widths, saved with a tokenizer."""
+def build(cfg: StepFloorConfig, root: Path, save_dtype: torch.dtype = torch.float32, device: str = "cpu") -> Path:
+    """A random Llama of the configured widths, saved with a tokenizer in `save_dtype`
+    (initialised on `device` in that dtype: a large one never needs a float32 copy)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from loramux.demo import corpus
@@ -86,7 +87,15 @@ def build(cfg: StepFloorConfig, root: Path) -> Path:
     )
     torch.manual_seed(0)
     out = root / "model"
-    LlamaForCausalLM(config).eval().save_pretrained(str(out))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(save_dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(previous)
+    model.save_pretrained(str(out))
+    del model
     tok.save_pretrained(str(out))
     return out
 

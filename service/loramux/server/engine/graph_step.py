@@ -120,6 +120,8 @@ class GraphDecode:
         replay, logits = graph
         replay()
         self.replays += 1
+        # A view of the graph's output, which the next replay of any graph may overwrite (they
+        # share one memory pool): the batch samples from it before the next step.
         return logits[:n]
 
     # -- internals ------------------------------------------------------------------------
@@ -195,15 +197,18 @@ class GraphDecode:
 
     def _capture_cuda(self, step):
         device = self.base.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(WARM_RUNS):
-                step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool_handle):
-            logits = step()
+        with torch.cuda.device(device):  # the graph's stream and the model's kernels on the model's device
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            try:
+                with torch.cuda.stream(side):
+                    for _ in range(WARM_RUNS):
+                        step()
+            finally:
+                torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool_handle, capture_error_mode="thread_local"):
+                logits = step()
         return graph.replay, logits
 
     def _eager(self, input_ids, positions, inputs, plan) -> torch.Tensor:

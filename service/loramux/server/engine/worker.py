@@ -23,6 +23,8 @@ from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
+
 from loramux.server.adapters.registry import AdapterRegistry
 from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.batch import Batch, Row, ended_early, new_row
@@ -184,6 +186,8 @@ class Worker:
 
     def _run(self) -> None:
         try:
+            if self.base.device.type == "cuda":  # kernels (Triton's too) and graphs go to the model's device
+                torch.cuda.set_device(self.base.device)
             if self.decode is not None:  # compiled here: torch's compiler settings are per thread
                 self.decode.warm()
         except BaseException as e:

@@ -243,10 +243,12 @@ class SlotLinear(nn.Module):
 
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
         plan = self.routing.plan
-        result = self.base_layer(x)
+        result = self._base_forward(x)
         xd = x.to(self._dtype)
         if self.kernel == "triton":
-            view = self._step_view(plan)
+            # A prefill's plan names only the joining rows' adapters: placing them must not
+            # compact away the running batch's (its next step would copy them all back).
+            view = self._step_view(plan, compact=x.shape[1] == 1)
             if view is None:
                 return result
             if view.dora is None:  # (a batch with a DoRA adapter takes the torch path)
@@ -291,6 +293,8 @@ class SlotLinear(nn.Module):
         result = self._base_forward(x)
         if not graph.lora:
             return result
+        if x.numel() != graph.runs.shape[-1] * self._in:  # one token per row, rows in order (as _by_rows checks)
+            raise RuntimeError(f"a slot layer got input {list(x.shape)} in a graph of {graph.runs.shape[-1]} rows")
         from loramux.server.lora.triton_kernels import lora_add_
 
         runs = graph.runs[self.index]
@@ -350,10 +354,10 @@ class SlotLinear(nn.Module):
         return BufferLayout(dict(self._segments), self._columns, self._wasted,
                             self._view[3] if self._view is not None else None)
 
-    def _step_view(self, plan: RoutingPlan) -> _DecodeView | None:
+    def _step_view(self, plan: RoutingPlan, compact: bool = True) -> _DecodeView | None:
         """The plan's decode view for one step, counting the buffer columns the step reads for
         no row, and rebuilding the buffer once that waste has cost a rebuild's copy."""
-        view = self._decode_view(plan)
+        view = self._decode_view(plan, compact)
         if view is not None and view.hide is not None and view.used > view.live:  # (the triton kernel reads no dead column)
             self._wasted += view.used - view.live
             if self._wasted >= view.live:
@@ -389,14 +393,14 @@ class SlotLinear(nn.Module):
         plain = base if bias is None else base - bias
         return (scale - 1) * plain.to(scale.dtype) + scale * delta.to(scale.dtype)
 
-    def _decode_view(self, plan: RoutingPlan) -> _DecodeView | None:
+    def _decode_view(self, plan: RoutingPlan, compact: bool = True) -> _DecodeView | None:
         key = (plan, self.routing.generation, self._epoch)
         if self._view is not None and self._view[0] is plan and self._view[1:3] == key[1:]:
             return self._view[3]
         used = [slot for slot, _ in plan.groups if self.ranks[slot] > 0]
         view = None
         if used:
-            self._place(used)
+            self._place(used, compact=compact)
             dora = None
             if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
                 ones = torch.ones(self.out_features, dtype=torch.float32, device=self._device)
@@ -417,7 +421,7 @@ class SlotLinear(nn.Module):
         return view
 
     @torch.no_grad()
-    def _place(self, slots: list[int], rebuild: bool = False) -> None:
+    def _place(self, slots: list[int], rebuild: bool = False, compact: bool = True) -> None:
         """Make every slot's current weights present in the decode buffer, copying only those
         that are missing or stale; rebuild from `slots` alone when asked, or when columns no
         batch uses would outnumber the live ones."""
@@ -426,7 +430,7 @@ class SlotLinear(nn.Module):
             return
         live_columns = sum(self.ranks[s] for s in slots)
         current = sum(r for s, (_, r, v) in self._segments.items() if s in set(slots) and v == self._versions[s])
-        if rebuild or self._columns - current > live_columns:
+        if rebuild or (compact and self._columns - current > live_columns):
             self._segments, self._columns, self._wasted = {}, 0, 0
             self._col_slot.fill_(-1)
             self._epoch += 1  # views of other plans point at columns that moved

@@ -35,9 +35,9 @@ BLOCK_OUT = 64  # output features per expand program
 @triton.jit
 def _shrink_kernel(x_ptr, a_ptr, first_ptr, rank_ptr, h_ptr, in_features, tokens_per_row, h_width,
                    stride_x, stride_a, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)  # (offsets in 64 bits: tokens x width passes 2^31 in long prefills)
     row = token // tokens_per_row
-    first = tl.load(first_ptr + row)
+    first = tl.load(first_ptr + row).to(tl.int64)
     rank = tl.load(rank_ptr + row)
     r = tl.arange(0, BLOCK_R)
     in_rank = r < rank
@@ -55,10 +55,10 @@ def _shrink_kernel(x_ptr, a_ptr, first_ptr, rank_ptr, h_ptr, in_features, tokens
 @triton.jit
 def _expand_add_kernel(y_ptr, h_ptr, b_ptr, first_ptr, rank_ptr, scale_ptr, out_features, tokens_per_row, h_width,
                        stride_y, stride_b, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    token = tl.program_id(0)
+    token = tl.program_id(0).to(tl.int64)
     block = tl.program_id(1)
     row = token // tokens_per_row
-    first = tl.load(first_ptr + row)
+    first = tl.load(first_ptr + row).to(tl.int64)
     rank = tl.load(rank_ptr + row)
     scale = tl.load(scale_ptr + row)
     r = tl.arange(0, BLOCK_R)
@@ -104,6 +104,12 @@ def expand_add_(y: torch.Tensor, h: torch.Tensor, b_cat: torch.Tensor, first: to
 def lora_add_(y: torch.Tensor, x: torch.Tensor, a_rows: torch.Tensor, b_cat: torch.Tensor, first: torch.Tensor,
               rank: torch.Tensor, scale: torch.Tensor, max_rank: int, tokens_per_row: int) -> torch.Tensor:
     """y [tokens, out] (the base output, contiguous rows) += each token's LoRA delta, two launches."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    if y.is_cuda and y.device.index != torch.cuda.current_device():  # Triton launches on the current device
+        with torch.cuda.device(y.device):
+            h = shrink(x, a_rows, first, rank, max_rank, tokens_per_row)
+            return expand_add_(y, h, b_cat, first, rank, scale, tokens_per_row)
     h = shrink(x, a_rows, first, rank, max_rank, tokens_per_row)
     return expand_add_(y, h, b_cat, first, rank, scale, tokens_per_row)
 
