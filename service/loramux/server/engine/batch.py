@@ -57,7 +57,7 @@ def new_row(base: BaseModel, request: GenerationRequest, now: float) -> Row:
     """A row for an admitted request (its max_new_tokens already fits the context: Engine.submit)."""
     return Row(
         request=request,
-        detokenizer=Detokenizer(base.tokenizer, request.params.stop),
+        detokenizer=Detokenizer(base.tokenizer, request.params.stop, base.decode_text),
         generator=new_generator(request.params, base.device),
         started=now,
         stop_tokens=(frozenset() if request.params.ignore_eos else base.eos_token_ids) | request.params.stop_token_ids,

@@ -10,13 +10,18 @@ ends in an incomplete UTF-8 sequence (the decoder shows U+FFFD then).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from loramux.server.model.base_model import fast_decoder
+
 
 class Detokenizer:
     """Decodes a row's generated tokens as they come, holding back text that may still change:
     an incomplete UTF-8 sequence, or an end that could be the start of a stop sequence."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...]):
-        self._tokenizer = tokenizer
+    def __init__(self, tokenizer, stop: tuple[str, ...], decode: Callable[[list[int]], str] | None = None):
+        """`decode`: `fast_decoder(tokenizer)`, made once per tokenizer (None: made here)."""
+        self._decode = decode or fast_decoder(tokenizer)
         self._stop = stop
         self._longest_stop = max((len(s) for s in stop), default=0)
         self._ids: list[int] = []
@@ -47,9 +52,9 @@ class Detokenizer:
     def _new_text(self, final: bool) -> str:
         if self._read == len(self._ids):
             return ""
-        decode = self._tokenizer.decode
-        before = decode(self._ids[self._prefix:self._read], skip_special_tokens=True)
-        after = decode(self._ids[self._prefix:], skip_special_tokens=True)
+        decode = self._decode
+        before = decode(self._ids[self._prefix:self._read])
+        after = decode(self._ids[self._prefix:])
         if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -53,6 +55,11 @@ class BaseModel:
             allow_pickle=settings.allow_pickle_weights,
         )
 
+    @functools.cached_property
+    def decode_text(self) -> Callable[[list[int]], str]:
+        """`ids -> text` (special tokens skipped) as the engine's detokenizers call it."""
+        return fast_decoder(self.tokenizer)
+
     @property
     def module_order(self) -> list[str]:
         """The model's module names (slot wrappers left out), each once, in the model's order."""
@@ -85,6 +92,18 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InvalidSettings(f"device {name!r} requested but CUDA is not available", field="device")
     return device
+
+
+def fast_decoder(tokenizer) -> Callable[[list[int]], str]:
+    """`ids -> text` as `tokenizer.decode(ids, skip_special_tokens=True)` computes it. For a
+    tokenizer backed by Rust `tokenizers` that does no clean-up of spaces (transformers' own
+    step after the Rust decode), the Rust decoder is called directly: transformers' wrapper
+    (type conversions, keyword handling) costs several times the decode itself, once per
+    row per step on the engine thread."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is not None and hasattr(backend, "decode") and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def load_base_model(settings: Settings) -> BaseModel:
