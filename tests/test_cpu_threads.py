@@ -37,7 +37,7 @@ def test_in_own_thread_returns_and_raises_on_a_thread_that_ends():
 
 
 def test_the_servers_pools_are_limited(assets):
-    from loramux.server.grpc_api.servicer import Pools
+    from loramux.server.front_door.pools import Pools
     from loramux.server.model.base_model import load_base_model
     from loramux.server.engine.engine import Engine
 

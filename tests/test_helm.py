@@ -112,7 +112,7 @@ def test_the_rendered_command_is_one_loramux_serve_accepts(assets, tmp_path):
 
     keys_source = tmp_path / "keys-src.yaml"
     append_key(keys_source, "team", "user")
-    docs = render("--set", f"model.id={assets.base}", "--set", "merge.enabled=true",
+    docs = render("--set", f"model.id={assets.base}", "--set", "merge.enabled=true", "--set", "http.enabled=true",
                   "--set-string", f"auth.keysFile={keys_source.read_text()}")
     container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
     secret = next(d for d in docs if d["kind"] == "Secret")

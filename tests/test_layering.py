@@ -25,7 +25,8 @@ FLOORS = [
     {"model", "merging"},  # the served base model; merging into its files
     {"telemetry"},
     {"engine"},
-    {"grpc_api"},  # the gRPC front door
+    {"front_door"},  # what the front doors share: per-tenant pools for blocking engine calls
+    {"grpc_api", "http_api"},  # the gRPC front door; the OpenAI-compatible HTTP one
     {"app"},  # building and running the server
     {"serve_command"},  # `loramux serve`
 ]
@@ -33,8 +34,8 @@ FLOORS = [
 TELEMETRY_MAY_IMPORT = {"errors", "settings", "tiers"}
 # What a front door may import of the server: the engine's facade, the tenancy it authenticates
 # with, the shared vocabulary.
-FRONT_DOORS = {"grpc_api"}
-FRONT_DOOR_MAY_IMPORT = {"engine.facade", "tenancy", "errors", "settings", "names", "tiers", "cpu_threads"}
+FRONT_DOORS = {"grpc_api", "http_api"}
+FRONT_DOOR_MAY_IMPORT = {"engine.facade", "front_door", "tenancy", "errors", "settings", "names", "tiers", "cpu_threads"}
 
 
 def _part(module: str) -> str | None:

@@ -194,6 +194,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - --health-port
 - {{ .Values.server.healthPort | int64 | quote }}
 {{- end }}
+{{- if .Values.http.enabled }}
+- --http-port
+- {{ .Values.http.port | int64 | quote }}
+{{- end }}
 {{- if .Values.metrics.enabled }}
 - --metrics-port
 - {{ .Values.metrics.port | int64 | quote }}

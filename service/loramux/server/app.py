@@ -19,9 +19,13 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loramux.server.grpc_api.auth import Authenticator
+from loramux.server.tenancy.auth import Authenticator
 from loramux.server.grpc_api.operations_servicer import OperationsServicer
-from loramux.server.grpc_api.servicer import LoramuxServicer, Malformed, Pools
+from loramux.server.front_door.pools import Pools, blocking
+from loramux.server.grpc_api.servicer import LoramuxServicer, Malformed
+from loramux.server.http_api.routes import HttpFrontDoor
+from loramux.server.http_api.server import HttpServer
+from loramux.server.http_api.server import bind as bind_http
 from loramux.server.model.base_model import load_base_model
 from loramux.server.cpu_threads import in_own_thread
 from loramux.server.engine.engine import Engine
@@ -52,7 +56,13 @@ class RunningServer:
     watchdog: asyncio.Task
     health_server: grpc.aio.Server | None = None  # --health-port: grpc.health.v1 alone, in plaintext
     health_port: int | None = None
+    http: HttpFrontDoor | None = None  # --http-port: the OpenAI-compatible front door
+    http_server: HttpServer | None = None
     stopped: bool = False
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http_server.port if self.http_server is not None else None
 
     async def stop(self, grace: float | None = None) -> None:
         """Shut down in order: health says NOT_SERVING and new calls get SHUTTING_DOWN while the
@@ -63,6 +73,8 @@ class RunningServer:
         self.stopped = True
         grace = self.engine.settings.shutdown_grace_s if grace is None else grace
         self.servicer.draining = True
+        if self.http is not None:
+            self.http.draining = True
         self.watchdog.cancel()
         await self.health.enter_graceful_shutdown()
         loop = asyncio.get_running_loop()
@@ -70,6 +82,8 @@ class RunningServer:
         if not finished:
             log.warning("shutdown: work still running after %.1fs was ended with SHUTTING_DOWN", grace)
         await self.server.stop(_FINAL_FLUSH_S)  # the last answers go out
+        if self.http_server is not None:
+            await self.http_server.stop()
         if self.health_server is not None:
             await self.health_server.stop(0)
         await loop.run_in_executor(None, self.engine.stop)
@@ -174,13 +188,27 @@ async def create_server(
             pools.shutdown()
             raise
         await health_server.start()
+    http, http_server = None, None
+    if settings.http_port is not None:
+        http = HttpFrontDoor(servicer.facade, auth, blocking, pools, max_receive, settings.default_max_new_tokens)
+        try:
+            sock = bind_http(host or settings.host, settings.http_port)
+            http_server = HttpServer(http.app, sock, settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+            await http_server.start()
+        except BaseException:
+            await server.stop(0)
+            if health_server is not None:
+                await health_server.stop(0)
+            pools.shutdown()
+            raise
+        log.info("OpenAI-compatible HTTP API on %s:%d", host or settings.host, http_server.port)
     for service in _SERVICES:
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     watchdog = asyncio.get_running_loop().create_task(_watch_health(engine, health_servicer))
     log.info("loramux serving %s on %s:%d", settings.public_model_name, host or settings.host, bound)
     return RunningServer(
         server=server, port=bound, engine=engine, health=health_servicer, servicer=servicer, pools=pools, watchdog=watchdog,
-        health_server=health_server, health_port=health_port,
+        health_server=health_server, health_port=health_port, http=http, http_server=http_server,
     )
 
 
@@ -284,7 +312,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     auth = Authenticator(settings)  # a bad keys file stops start-up before the model loads
     try:
         tls_credentials(settings)  # so does a bad certificate,
-        for field in ("port", "health_port"):  # or a port in use (checked again when bound)
+        for field in ("port", "health_port", "http_port"):  # or a port in use (checked again when bound)
             probe_port(settings.host, getattr(settings, field), field)
         telemetry = build_telemetry(settings)  # or the metrics port in use
     except BaseException:

@@ -218,6 +218,10 @@ class Settings:
     """A second, plaintext port serving grpc.health.v1 alone (the same status as the main port),
     for probes that cannot speak TLS, such as Kubernetes' native gRPC probes (0 picks a free
     port; None: off). It reveals nothing but whether the server is serving."""
+    http_port: int | None = None
+    """Serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, /v1/models)
+    on this port of `host`, with the same keys, tenants and limits as gRPC, and TLS when
+    tls_cert is set (0 picks a free port; None, the default: off, so no port opens unasked)."""
     shutdown_grace_s: float = 5.0
     """On SIGTERM: how long work in flight may finish before it is ended with SHUTTING_DOWN."""
     service_name: str = "loramux"
@@ -347,7 +351,7 @@ class Settings:
                 if not path.is_file():
                     raise bad(name, f"{path.name} is not a readable file")
                 object.__setattr__(self, name, path)
-        for name in ("metrics_port", "health_port"):
+        for name in ("metrics_port", "health_port", "http_port"):
             value = getattr(self, name)
             if value is not None and not 0 <= value <= 65535:
                 raise bad(name, f"{value} is not a TCP port")

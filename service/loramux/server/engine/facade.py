@@ -15,7 +15,9 @@ calls `cancel`, which frees the row at the next step.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import threading
 import time
 from collections.abc import Callable
 
@@ -99,6 +101,8 @@ class Facade:
         self._engine = engine
         self.telemetry = engine.telemetry  # the front doors' own metrics and spans use its instruments
         self.model = engine.settings.served_model_name  # the served model's name, as requests' spans name it
+        self.public_model = engine.settings.public_model_name  # the name callers see (GetServerInfo, /v1/models)
+        self.started = time.time()  # when this server began serving (epoch seconds)
 
     # -- generation ------------------------------------------------------------------------
 
@@ -126,6 +130,15 @@ class Facade:
 
     def cancel(self, generation: Generation) -> None:
         self._engine.cancel(generation.request)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        """Each token's own text (special tokens as empty text), as logprobs name tokens."""
+        decode = self._engine.base.decode_text
+        return [decode([i]) for i in ids]
+
+    def healthy(self) -> bool:
+        """Whether the engine makes progress (alive, no pass stalled past engine_stall_s)."""
+        return self._engine.healthy(self._engine.settings.engine_stall_s)
 
     # -- adapters ----------------------------------------------------------------------------
 
@@ -212,3 +225,32 @@ class Facade:
             cuda_graphs=isinstance(decode, GraphDecode),
             cuda_graphs_captured=decode.captured if isinstance(decode, GraphDecode) else 0,
         )
+
+
+class Mailbox:
+    """Events from the engine thread to a front door's event loop, with one wake-up per burst.
+
+    A decode step emits one event per row; waking the loop for each (a pipe write, a GIL
+    hand-over) costs the engine's step more than the events themselves. Events posted while
+    a delivery is pending ride along with it, in order."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, queue: asyncio.Queue, event: Event) -> None:  # any thread
+        with self._lock:
+            self._pending.append((queue, event))
+            if len(self._pending) > 1:
+                return  # a delivery is scheduled already
+        try:
+            self._loop.call_soon_threadsafe(self._deliver)
+        except RuntimeError:  # the loop has closed: nobody is listening any more
+            pass
+
+    def _deliver(self) -> None:  # the loop's thread
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for queue, event in pending:
+            queue.put_nowait(event)

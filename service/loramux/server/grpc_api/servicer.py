@@ -17,7 +17,6 @@ import asyncio
 import functools
 import inspect
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator
 
@@ -27,17 +26,16 @@ from opentelemetry import context as otel_context
 from opentelemetry import trace
 
 from loramux.server.grpc_api import convert
-from loramux.server.grpc_api.auth import Authenticator, caller
-from loramux.server.grpc_api.fair_executor import FairExecutor
+from loramux.server.tenancy.auth import Authenticator, caller
+from loramux.server.front_door.pools import Pools, blocking as _blocking
 from loramux.server.grpc_api.status import abort, code_of
-from loramux.server.cpu_threads import limit_to_one_thread
-from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, TokenEvent
+from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, Mailbox, TokenEvent
 from loramux.server.errors import InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2_grpc
 
 
 def tenant_of(context: grpc.aio.ServicerContext) -> str:
-    """The tenant a call runs for: its API key's (`api/auth.py`, checked before the method ran)."""
+    """The tenant a call runs for: its API key's (`tenancy/auth.py`, checked before the method ran)."""
     return caller.get().tenant
 
 
@@ -142,27 +140,6 @@ def maps_errors(method):
     return unary
 
 
-class Pools:
-    """Bounded thread pools for blocking work, one per kind, so that one kind cannot starve
-    another: tokenizing and queueing generate calls (admission), and adapter administration
-    (Hub resolution, reading and validating files, waiting for a slot). Each takes turns
-    between tenants (fair_executor.py), so that one tenant's burst cannot starve another
-    either. Waiting on operations needs no thread (it is awaited)."""
-
-    def __init__(self, admission_threads: int = 4, adapter_threads: int = 4):
-        self.admission = FairExecutor(admission_threads, "loramux-admit", initializer=limit_to_one_thread)
-        self.adapters = FairExecutor(adapter_threads, "loramux-adapters", initializer=limit_to_one_thread)
-
-    def shutdown(self) -> None:
-        self.admission.shutdown()
-        self.adapters.shutdown()
-
-
-async def _blocking(pool: FairExecutor, fn, *args, **kwargs):
-    """Run `fn` on `pool` in the calling tenant's turn, and await it."""
-    return await asyncio.wrap_future(pool.submit(caller.get().tenant, functools.partial(fn, *args, **kwargs)))
-
-
 def _deadline(context) -> float | None:
     """When the caller stops waiting, in time.monotonic(), taken as the call arrives (time spent
     waiting for a worker thread counts against it), or None."""
@@ -181,47 +158,18 @@ def _add_event(message, event: TokenEvent | FinishEvent) -> None:
         message.timings.CopyFrom(convert.timings(event.timings))
 
 
-class _Mailbox:
-    """Events from the engine thread to the event loop, with one wake-up per burst.
-
-    A decode step emits one event per row; waking the loop for each (a pipe write, a GIL
-    hand-over) costs the engine's step more than the events themselves. Events posted while
-    a delivery is pending ride along with it, in order."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self._loop = loop
-        self._lock = threading.Lock()
-        self._pending: list[tuple[asyncio.Queue, Event]] = []
-
-    def post(self, queue: asyncio.Queue, event: Event) -> None:  # any thread
-        with self._lock:
-            self._pending.append((queue, event))
-            if len(self._pending) > 1:
-                return  # a delivery is scheduled already
-        try:
-            self._loop.call_soon_threadsafe(self._deliver)
-        except RuntimeError:  # the loop has closed: nobody is listening any more
-            pass
-
-    def _deliver(self) -> None:  # the loop's thread
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for queue, event in pending:
-            queue.put_nowait(event)
-
-
 class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
     def __init__(self, facade: Facade, pools: Pools, auth: Authenticator):
         self.facade = facade
         self._pools = pools
         self.auth = auth
-        self._mailbox: _Mailbox | None = None  # made on the event loop's first call
+        self._mailbox: Mailbox | None = None  # made on the event loop's first call
         self.draining = False  # set at shutdown: new calls get UNAVAILABLE / SHUTTING_DOWN
 
     async def _events(self, request: generation_pb2.GenerateRequest, context) -> AsyncIterator[Event]:
         """Submit to the engine and yield its events; a caller that goes away cancels the row."""
         if self._mailbox is None:
-            self._mailbox = _Mailbox(asyncio.get_running_loop())
+            self._mailbox = Mailbox(asyncio.get_running_loop())
         post = self._mailbox.post
         events: asyncio.Queue[Event] = asyncio.Queue()
 

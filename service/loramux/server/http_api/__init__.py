@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP front door (`--http-port`), over the engine's facade."""

@@ -1,0 +1,270 @@
+"""The OpenAI-compatible routes (Starlette): each converts, authenticates, calls the facade
+and converts back; errors leave through `errors.error_response`, the one mapping.
+
+- `POST /v1/completions`, `POST /v1/chat/completions`: `model` names one of the caller's
+  adapters, or the served base model; `stream: true` answers as server-sent events ending
+  with `data: [DONE]` (`stream_options.include_usage` adds a last chunk with the usage);
+- `GET /v1/models`, `GET /v1/models/{id}`: the base model and the caller's adapters;
+- `GET /health` (liveness: the process answers), `GET /ready` (the engine makes progress and
+  the server is not draining): for probes and routers.
+
+Keys, tenants, roles, quotas and limits are the gRPC front door's (`tenancy/auth.py`,
+`Authorization: Bearer <key>`, `x-loramux-tenant` for operators). Blocking engine calls run
+in the same bounded per-tenant pools as gRPC's. A client that disconnects ends its request:
+its row is freed at the next step, as a gRPC cancel does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, Generation, Mailbox, TokenEvent
+from loramux.server.errors import InvalidRequest, LoramuxError, ShuttingDown
+from loramux.server.http_api.errors import error_response, status_of
+from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, parse
+from loramux.server.tenancy.auth import Authenticator, caller
+
+access_log = logging.getLogger("loramux.access")
+FINISH = {"length": "length", "stop_token": "stop", "stop_sequence": "stop"}
+
+
+class HttpFrontDoor:
+    """The routes over one facade; `blocking(pool, fn, ...)` runs engine calls off the loop."""
+
+    def __init__(self, facade: Facade, auth: Authenticator, blocking: Callable, pools, max_body_bytes: int,
+                 default_max_tokens: int):
+        self.facade = facade
+        self.auth = auth
+        self._blocking = blocking
+        self._pools = pools
+        self.max_body_bytes = max_body_bytes
+        self.default_max_tokens = default_max_tokens
+        self.draining = False
+        self._mailbox: Mailbox | None = None
+        self.app = Starlette(routes=[
+            Route("/v1/completions", self._endpoint("Generate", self.completions), methods=["POST"]),
+            Route("/v1/chat/completions", self._endpoint("Generate", self.chat_completions), methods=["POST"]),
+            Route("/v1/models", self._endpoint("ListAdapters", self.models), methods=["GET"]),
+            Route("/v1/models/{model:path}", self._endpoint("ListAdapters", self.model), methods=["GET"]),
+            Route("/health", self.health, methods=["GET"]),
+            Route("/ready", self.ready, methods=["GET"]),
+        ])
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    def _endpoint(self, method: str, handler):
+        @functools.wraps(handler)
+        async def endpoint(request: Request) -> Response:
+            started = time.perf_counter()
+            status = 200
+            try:
+                caller.set(self.auth.identify(method, request.headers.items()))
+                if self.draining:
+                    raise ShuttingDown("the server is shutting down; send the request to another replica")
+                response = await handler(request)
+                status = response.status_code
+                return response
+            except Exception as e:  # noqa: BLE001 - every failure leaves as an OpenAI error object
+                response = error_response(e)
+                status = response.status_code
+                return response
+            finally:
+                seconds = time.perf_counter() - started
+                access_log.info("%s %s %d %.1fms", request.method, request.url.path, status, 1000 * seconds,
+                                extra={"http_method": request.method, "http_route": request.url.path,
+                                       "http_status": status, "duration_ms": round(1000 * seconds, 3)})
+        return endpoint
+
+    async def _body(self, request: Request) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+            raise InvalidRequest(f"the request body is {declared} bytes, more than {self.max_body_bytes}",
+                                 reason="REQUEST_TOO_LARGE")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                raise InvalidRequest(f"the request body is more than {self.max_body_bytes} bytes", reason="REQUEST_TOO_LARGE")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _adapter_of(self, model: str) -> str:
+        """The adapter `model` names ("" for the base model)."""
+        return "" if model in (self.facade.model, self.facade.public_model) else model
+
+    async def _run(self, request: Request, inp) -> tuple[Generation, asyncio.Queue]:
+        if self._mailbox is None:
+            self._mailbox = Mailbox(asyncio.get_running_loop())
+        post = self._mailbox.post
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        tenant = caller.get().tenant
+        if self.facade.must_read(tenant, inp.adapter_id):
+            await self._blocking(self._pools.adapters, self.facade.resolve, tenant, inp.adapter_id)
+        generation = await self._blocking(self._pools.admission, self.facade.generate, tenant, inp,
+                                          lambda event: post(events, event))
+        return generation, events
+
+    async def _events(self, generation: Generation, events: asyncio.Queue) -> AsyncIterator[Event]:
+        """The generation's events until it finishes; raises its error. If the consumer stops
+        early (the client went away), the request is cancelled."""
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, ErrorEvent):
+                    finished = True
+                    raise event.error
+                finished = isinstance(event, FinishEvent)
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.facade.cancel(generation)
+
+    async def _collect(self, request: Request, generation: Generation, events: asyncio.Queue):
+        """Every event of a non-streamed request, cancelling it if the client disconnects."""
+        async def gather():
+            return [event async for event in self._events(generation, events)]
+
+        work = asyncio.ensure_future(gather())
+        watch = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+            if work not in done:
+                work.cancel()
+                self.facade.cancel(generation)
+                raise asyncio.CancelledError("the client disconnected")
+            return work.result()
+        finally:
+            watch.cancel()
+
+    # -- generation -----------------------------------------------------------------------
+
+    async def completions(self, request: Request) -> Response:
+        body = parse(CompletionRequest, await self._body(request))
+        inp = body.to_input(self._adapter_of(body.model))
+        return await self._answer(request, body, inp, chat=False)
+
+    async def chat_completions(self, request: Request) -> Response:
+        body = parse(ChatCompletionRequest, await self._body(request))
+        inp = body.to_input(self._adapter_of(body.model), self.default_max_tokens)
+        return await self._answer(request, body, inp, chat=True)
+
+    async def _answer(self, request: Request, body, inp, chat: bool) -> Response:
+        generation, events = await self._run(request, inp)
+        ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+        created = int(time.time())
+        kind = "chat.completion" if chat else "text_completion"
+        if body.stream:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            stream = self._stream(generation, events, ident, created, body.model, chat, usage, inp.return_logprobs)
+            return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        collected = await self._collect(request, generation, events)
+        tokens = [t for e in collected if isinstance(e, TokenEvent) for t in e.token_ids]
+        logprobs = [lp for e in collected if isinstance(e, TokenEvent) for lp in e.logprobs]
+        text = "".join(e.text for e in collected)
+        finish: FinishEvent = collected[-1]
+        choice = {"index": 0, "finish_reason": FINISH[finish.finish_reason.value],
+                  "logprobs": self._logprobs(tokens, logprobs, chat) if inp.return_logprobs else None}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": text}
+        else:
+            choice["text"] = text
+        return JSONResponse({"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice],
+                             "usage": _usage(finish)})
+
+    async def _stream(self, generation, events, ident, created, model, chat, usage, logprobs) -> AsyncIterator[bytes]:
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choice: dict | None, **extra) -> bytes:
+            payload = {"id": ident, "object": kind, "created": created, "model": model,
+                       "choices": [choice] if choice is not None else [], **extra}
+            return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+        try:
+            if chat:
+                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                             "finish_reason": None})
+            async for event in self._events(generation, events):
+                reason = FINISH[event.finish_reason.value] if isinstance(event, FinishEvent) else None
+                tokens = event.token_ids if isinstance(event, TokenEvent) else []
+                values = event.logprobs if isinstance(event, TokenEvent) else []
+                if not event.text and not tokens and reason is None:
+                    continue
+                choice = {"index": 0, "finish_reason": reason,
+                          "logprobs": self._logprobs(tokens, values, chat) if logprobs and tokens else None}
+                if chat:
+                    choice["delta"] = {"content": event.text} if event.text or reason is None else {}
+                else:
+                    choice["text"] = event.text
+                yield chunk(choice)
+                if reason is not None and usage:
+                    yield chunk(None, usage=_usage(event))
+        except LoramuxError as e:  # after the first byte the status is sent: the error is the last event
+            body = json.loads(error_response(e).body)
+            body["error"]["status"] = status_of(e)
+            yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+
+    def _logprobs(self, tokens: list[int], values: list[float], chat: bool) -> dict:
+        texts = self.facade.token_texts(tokens)
+        if chat:
+            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
+                                for t, v in zip(texts, values)]}
+        return {"tokens": texts, "token_logprobs": values, "top_logprobs": None, "text_offset": []}
+
+    # -- models and probes ----------------------------------------------------------------
+
+    async def models(self, request: Request) -> Response:
+        tenant = caller.get().tenant
+        adapters = await self._blocking(self._pools.adapters, self.facade.list_adapters, tenant)
+        return JSONResponse({"object": "list", "data": [self._base_card()] + [self._card(a, tenant) for a in adapters]})
+
+    async def model(self, request: Request) -> Response:
+        name = request.path_params["model"]
+        tenant = caller.get().tenant
+        if self._adapter_of(name) == "":
+            return JSONResponse(self._base_card())
+        return JSONResponse(self._card(await self._blocking(self._pools.adapters, self.facade.get_adapter, tenant, name),
+                                       tenant))
+
+    def _base_card(self) -> dict:
+        return {"id": self.facade.public_model, "object": "model", "created": int(self.facade.started), "owned_by": "loramux",
+                "root": self.facade.public_model, "parent": None}
+
+    def _card(self, adapter, tenant: str) -> dict:
+        return {"id": adapter.adapter_id, "object": "model", "created": int(adapter.load_time), "owned_by": tenant,
+                "root": adapter.adapter_id, "parent": self.facade.public_model}
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        if self.draining or not self.facade.healthy():
+            return JSONResponse({"status": "unavailable"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+
+def _usage(finish: FinishEvent) -> dict:
+    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
+            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone away."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

@@ -1,0 +1,147 @@
+"""OpenAI request bodies, checked and turned into the engine's GenerateInput.
+
+Parameters follow OpenAI's meanings and defaults (temperature 1 and top_p 1 when absent, so
+sampling unless asked otherwise; 16 tokens for a completion without `max_tokens`), with
+vLLM's extensions `top_k`, `repetition_penalty`, `ignore_eos` and `stop_token_ids`. A
+parameter loramux does not implement yet is refused with a 400 naming it when it asks for
+anything but its default (so no caller gets an answer that silently ignored what it asked
+for); unknown fields are ignored, as clients and routers add their own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from loramux.server.engine.facade import GenerateInput
+from loramux.server.errors import InvalidRequest
+
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions
+MAX_PROMPT_IDS = 1 << 20
+
+# Parameters of OpenAI's API not implemented yet, and the value that means "not used".
+NOT_YET = {
+    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "functions": (None, []), "function_call": (None, "none"), "min_tokens": (None, 0), "min_p": (None, 0, 0.0),
+    "guided_json": (None,), "guided_regex": (None,), "guided_grammar": (None,), "guided_choice": (None,),
+    "chat_template_kwargs": (None, {}), "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, True, False),
+}
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=256)
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+
+    def _sampling(self, default_max_tokens: int) -> dict[str, Any]:
+        for name, unused in NOT_YET.items():
+            value = (self.model_extra or {}).get(name)
+            if value is not None and value not in unused:
+                raise InvalidRequest(f"{name} is not supported by this server yet", field=name, reason="UNSUPPORTED_PARAMETER")
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return dict(
+            max_new_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0,
+            repetition_penalty=self.repetition_penalty or 0.0,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0)
+
+    def to_input(self, adapter_id: str) -> GenerateInput:
+        prompt = self.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+            if len(prompt) != 1:
+                raise InvalidRequest("one prompt per request is supported (send each prompt as its own request)",
+                                     field="prompt", reason="UNSUPPORTED_PARAMETER")
+            prompt = prompt[0]
+        if self.logprobs:
+            raise InvalidRequest("logprobs above 0 (alternatives per token) is not supported by this server yet; "
+                                 "logprobs 0 returns each chosen token's", field="logprobs", reason="UNSUPPORTED_PARAMETER")
+        text, ids = (prompt, []) if isinstance(prompt, str) else ("", list(prompt))
+        if len(ids) > MAX_PROMPT_IDS:
+            raise InvalidRequest(f"prompt holds more than {MAX_PROMPT_IDS} token ids", field="prompt", reason="PROMPT_TOO_LONG")
+        if not text and not ids:
+            raise InvalidRequest("prompt is empty", field="prompt", reason="PROMPT_REQUIRED")
+        return GenerateInput(adapter_id=adapter_id, prompt=text, prompt_token_ids=ids,
+                             return_logprobs=self.logprobs is not None,
+                             **self._sampling(COMPLETION_DEFAULT_MAX_TOKENS))
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: str = Field(max_length=64)
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self, index: int) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:  # content parts: text only
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"messages[{index}].content: only text parts are supported",
+                                     field=f"messages[{index}].content", reason="UNSUPPORTED_PARAMETER")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def to_input(self, adapter_id: str, default_max_tokens: int) -> GenerateInput:
+        if self.top_logprobs:
+            raise InvalidRequest("top_logprobs is not supported by this server yet", field="top_logprobs",
+                                 reason="UNSUPPORTED_PARAMETER")
+        sampling = self._sampling(default_max_tokens)
+        if self.max_completion_tokens is not None:
+            sampling["max_new_tokens"] = self.max_completion_tokens
+        messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
+        return GenerateInput(adapter_id=adapter_id, messages=messages, return_logprobs=self.logprobs, **sampling)
+
+
+def parse(model: type[BaseModel], body: bytes) -> Any:
+    """The body as `model`, or InvalidRequest naming the first field at fault."""
+    try:
+        return model.model_validate_json(body)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        if first.get("type") == "json_invalid":
+            raise InvalidRequest(f"the request body is not valid JSON ({first.get('msg', '')})",
+                                 reason="MALFORMED_REQUEST") from None
+        raise InvalidRequest(f"{where or 'body'}: {first.get('msg', 'invalid')}", field=where or None,
+                             reason="INVALID_PARAMETER") from None

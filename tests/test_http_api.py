@@ -1,0 +1,156 @@
+"""The OpenAI-compatible HTTP front door, driven by the official `openai` client against a real
+server on loopback: greedy tokens equal peft's, as through gRPC; streaming equals the whole
+answer; errors arrive as the client's own exception classes with OpenAI error objects; keys,
+tenants and disconnects behave as on gRPC."""
+
+import concurrent.futures as cf
+import json
+
+import httpx2 as httpx
+import openai
+import pytest
+
+from conftest import ADAPTERS, PROMPTS, eventually
+from loramux.server.app import BackgroundServer
+from loramux.server.tenancy.keys import append_key
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def server(assets, tmp_path_factory):
+    keys = tmp_path_factory.mktemp("http-keys") / "keys.yaml"
+    users = {"default": append_key(keys, "default", "admin", "http"), "other": append_key(keys, "other", "user", "http")}
+    settings = assets.settings(http_port=0, auth="keys", auth_keys_file=keys, adapter_slots=5)
+    with BackgroundServer(settings) as srv:
+        for name in ADAPTERS:
+            srv.engine.load_adapter("default", name, name)
+        srv.keys = users
+        srv.base_url = f"http://127.0.0.1:{srv.running.http_port}/v1"
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with openai.OpenAI(base_url=server.base_url, api_key=server.keys["default"], max_retries=0, timeout=60) as c:
+        yield c
+
+
+def text_of(assets, ids):
+    return assets.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_completions_equal_peft_for_every_adapter_and_the_base_in_mixed_batches(assets, server, client):
+    base = server.engine.settings.public_model_name
+    jobs = [(a, p) for p in PROMPTS for a in [base, *ADAPTERS]]
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:  # one mixed batch
+        answers = list(pool.map(lambda j: client.completions.create(model=j[0], prompt=j[1], max_tokens=N, temperature=0),
+                                jobs))
+    for (model, prompt), answer in zip(jobs, answers):
+        expected = assets.oracle(None if model == base else model, prompt, N)
+        choice = answer.choices[0]
+        assert choice.text == text_of(assets, expected), (model, prompt)
+        assert answer.model == model and answer.object == "text_completion"
+        assert answer.usage.completion_tokens == len(expected)
+        assert answer.usage.prompt_tokens == len(assets.tokenizer(prompt)["input_ids"])
+        assert choice.finish_reason == ("stop" if expected[-1] == assets.tokenizer.eos_token_id else "length")
+
+
+def test_streamed_completion_equals_the_whole_one_and_reports_usage(assets, client):
+    whole = client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=N, temperature=0)
+    chunks = list(client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=N, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == whole.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_chat_completions_apply_the_template_and_stream(assets, client):
+    messages = [{"role": "user", "content": "the quick brown"}]
+    rendered = assets.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ids = assets.tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    whole = client.chat.completions.create(model="all-r16", messages=messages, max_tokens=N, temperature=0)
+    expected = client.completions.create(model="all-r16", prompt=list(ids), max_tokens=N, temperature=0)
+    assert whole.choices[0].message.content == expected.choices[0].text
+    assert whole.choices[0].message.role == "assistant" and whole.object == "chat.completion"
+    chunks = list(client.chat.completions.create(model="all-r16", messages=messages, max_tokens=N, temperature=0,
+                                                 stream=True))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
+
+
+def test_logprobs_name_each_chosen_token(assets, client):
+    answer = client.chat.completions.create(model="pattern", messages=[{"role": "user", "content": "fox"}], max_tokens=4,
+                                            temperature=0, logprobs=True)
+    content = answer.choices[0].logprobs.content
+    assert len(content) == answer.usage.completion_tokens
+    assert all(item.logprob <= 0 for item in content)
+
+
+def test_seeded_sampling_repeats(client):
+    runs = [client.completions.create(model="mlp-r2", prompt="fox", max_tokens=N, temperature=1.0, seed=7).choices[0].text
+            for _ in range(2)]
+    assert runs[0] == runs[1]
+
+
+def test_models_list_the_base_and_the_callers_adapters(server, client):
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert ids[0] == server.engine.settings.public_model_name and sorted(ids[1:]) == sorted(ADAPTERS)
+    assert all(m.owned_by == "default" for m in models.data[1:])
+    assert client.models.retrieve("qv-r4").parent == ids[0]
+    other = openai.OpenAI(base_url=server.base_url, api_key=server.keys["other"], max_retries=0)
+    assert [m.id for m in other.models.list().data] == [ids[0]]  # another tenant sees none of them
+
+
+def test_errors_are_openai_error_objects_with_the_right_status(server, client):
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="nope", prompt="fox", max_tokens=2)
+    assert e.value.status_code == 404 and e.value.code == "model_not_found" and e.value.type == "invalid_request_error"
+    other = openai.OpenAI(base_url=server.base_url, api_key=server.keys["other"], max_retries=0)
+    with pytest.raises(openai.NotFoundError):  # another tenant's adapter does not exist for this caller
+        other.completions.create(model="qv-r4", prompt="fox", max_tokens=2)
+    bad = openai.OpenAI(base_url=server.base_url, api_key="lmx-not-a-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as e:
+        bad.models.list()
+    assert e.value.status_code == 401 and e.value.type == "authentication_error"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="qv-r4", prompt="fox", max_tokens=2, n=3)
+    assert e.value.code == "unsupported_parameter" and e.value.param == "n"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="qv-r4", prompt="fox", max_tokens=2, temperature=-1)
+    assert e.value.param == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="qv-r4", prompt="fox", max_tokens=10**9)
+    assert e.value.param == "max_new_tokens"
+
+
+def test_malformed_and_oversized_bodies_are_refused_cleanly(server):
+    url = server.base_url + "/completions"
+    headers = {"Authorization": f"Bearer {server.keys['default']}", "Content-Type": "application/json"}
+    r = httpx.post(url, content=b"{not json", headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_request"
+    r = httpx.post(url, content=json.dumps({"model": "qv-r4"}), headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    huge = json.dumps({"model": "qv-r4", "prompt": "x" * (server.engine.settings.max_prompt_bytes * 3 + 5_000_000)})
+    r = httpx.post(url, content=huge, headers=headers)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_client_that_disconnects_mid_stream_frees_its_row(server):
+    engine = server.engine
+    body = {"model": "qv-r4", "prompt": "fox", "max_tokens": 4000, "ignore_eos": True, "stream": True}
+    headers = {"Authorization": f"Bearer {server.keys['default']}"}
+    with httpx.Client(timeout=60) as http:
+        with http.stream("POST", server.base_url + "/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: ")).startswith("data: {")
+            eventually(lambda: engine.stats().running == 1)
+    eventually(lambda: engine.stats().running == 0)  # closed mid-stream: the row is freed
+
+
+def test_probes(server):
+    base = server.base_url.removesuffix("/v1")
+    assert httpx.get(base + "/health").json() == {"status": "ok"}
+    assert httpx.get(base + "/ready").status_code == 200
