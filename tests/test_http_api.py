@@ -154,3 +154,42 @@ def test_probes(server):
     base = server.base_url.removesuffix("/v1")
     assert httpx.get(base + "/health").json() == {"status": "ok"}
     assert httpx.get(base + "/ready").status_code == 200
+
+
+def test_a_request_joins_the_callers_trace_with_the_engine_spans_under_it(assets):
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import SpanKind
+
+    from loramux.server.telemetry.providers import build_telemetry
+
+    exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+    settings = assets.settings(http_port=0, batch_window_ms=0)
+    telemetry = build_telemetry(settings, span_processors=[SimpleSpanProcessor(exporter)], metric_readers=[reader])
+    with BackgroundServer(settings, telemetry=telemetry) as srv:
+        srv.engine.load_adapter("default", "qv-r4", "qv-r4")
+        trace_id, parent = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+        url = f"http://127.0.0.1:{srv.running.http_port}/v1/completions"
+        for stream in (False, True):
+            exporter.clear()
+            r = httpx.post(url, json={"model": "qv-r4", "prompt": PROMPTS[0], "max_tokens": 4, "temperature": 0,
+                                      "stream": stream}, headers={"traceparent": f"00-{trace_id}-{parent}-01"})
+            assert r.status_code == 200
+
+            def tree():
+                spans = exporter.get_finished_spans()
+                server = next(s for s in spans if s.name == "POST /v1/completions")
+                children = {s.name for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id}
+                assert children == {"loramux.queue", "loramux.adapter.resolve", "loramux.prefill", "loramux.decode"}
+                return server
+            server = eventually(tree)
+            assert server.kind is SpanKind.SERVER and format(server.context.trace_id, "032x") == trace_id
+            assert format(server.parent.span_id, "016x") == parent
+            a = server.attributes
+            assert a["http.response.status_code"] == 200 and a["loramux.adapter.id"] == "qv-r4"
+            assert a["gen_ai.usage.output_tokens"] == 4 and a["gen_ai.request.max_tokens"] == 4
+        points = [p for rm in reader.get_metrics_data().resource_metrics for sm in rm.scope_metrics for m in sm.metrics
+                  if m.name == "loramux.http.requests" for p in m.data.data_points]
+        assert sum(p.value for p in points if p.attributes["http.route"] == "/v1/completions") == 2
+    telemetry.shutdown()

@@ -24,6 +24,9 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -64,27 +67,50 @@ class HttpFrontDoor:
     # -- plumbing -------------------------------------------------------------------------
 
     def _endpoint(self, method: str, handler):
-        @functools.wraps(handler)
+        """Authenticate, run `handler`, map its errors; one server span (joining the caller's
+        W3C `traceparent`), one access log line and the request metrics per request, a
+        stream's at its last event."""
         async def endpoint(request: Request) -> Response:
             started = time.perf_counter()
-            status = 200
+            route = request.scope["route"].path if "route" in request.scope else request.url.path
+            name = f"{request.method} {route}"
+            span = self.facade.telemetry.tracer.start_span(
+                name, context=propagate.extract(dict(request.headers)), kind=SpanKind.SERVER,
+                attributes={"http.request.method": request.method, "http.route": route})
+            token = otel_context.attach(trace.set_span_in_context(span))
             try:
-                caller.set(self.auth.identify(method, request.headers.items()))
-                if self.draining:
-                    raise ShuttingDown("the server is shutting down; send the request to another replica")
-                response = await handler(request)
-                status = response.status_code
-                return response
-            except Exception as e:  # noqa: BLE001 - every failure leaves as an OpenAI error object
-                response = error_response(e)
-                status = response.status_code
-                return response
+                try:
+                    caller.set(self.auth.identify(method, request.headers.items()))
+                    if self.draining:
+                        raise ShuttingDown("the server is shutting down; send the request to another replica")
+                    response = await handler(request)
+                except Exception as e:  # noqa: BLE001 - every failure leaves as an OpenAI error object
+                    response = error_response(e)
+                    if isinstance(e, LoramuxError):
+                        span.set_attribute("error.type", e.reason)
             finally:
+                otel_context.detach(token)
+            status = response.status_code
+
+            def done(status: int = status) -> None:
                 seconds = time.perf_counter() - started
+                span.set_attribute("http.response.status_code", status)
+                if status >= 400:
+                    span.set_status(trace.Status(trace.StatusCode.ERROR, f"HTTP {status}"))
+                span.end()
+                attributes = {"http.route": route, "http.response.status_code": status}
+                self.facade.telemetry.http_requests.add(1, attributes)
+                self.facade.telemetry.http_duration.record(seconds, attributes)
                 access_log.info("%s %s %d %.1fms", request.method, request.url.path, status, 1000 * seconds,
-                                extra={"http_method": request.method, "http_route": request.url.path,
-                                       "http_status": status, "duration_ms": round(1000 * seconds, 3)})
-        return endpoint
+                                extra={"http_method": request.method, "http_route": route, "http_status": status,
+                                       "duration_ms": round(1000 * seconds, 3)})
+
+            if isinstance(response, StreamingResponse):
+                response.body_iterator = _ending(response.body_iterator, done)
+            else:
+                done()
+            return response
+        return functools.wraps(handler)(endpoint)
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
@@ -111,13 +137,23 @@ class HttpFrontDoor:
         tenant = caller.get().tenant
         if self.facade.must_read(tenant, inp.adapter_id):
             await self._blocking(self._pools.adapters, self.facade.resolve, tenant, inp.adapter_id)
+        span = trace.get_current_span()
+        span.set_attributes({
+            "gen_ai.operation.name": "chat" if inp.messages else "text_completion",
+            "gen_ai.request.model": self.facade.model,
+            "gen_ai.request.temperature": inp.temperature,
+            "loramux.adapter.id": inp.adapter_id,
+            "loramux.tenant": tenant,
+        })
         generation = await self._blocking(self._pools.admission, self.facade.generate, tenant, inp,
-                                          lambda event: post(events, event))
+                                          lambda event: post(events, event), trace_context=otel_context.get_current())
+        span.set_attribute("gen_ai.request.max_tokens", generation.max_new_tokens)
         return generation, events
 
-    async def _events(self, generation: Generation, events: asyncio.Queue) -> AsyncIterator[Event]:
+    async def _events(self, generation: Generation, events: asyncio.Queue, span) -> AsyncIterator[Event]:
         """The generation's events until it finishes; raises its error. If the consumer stops
-        early (the client went away), the request is cancelled."""
+        early (the client went away), the request is cancelled. `span`: the request's (a
+        stream runs after its endpoint returned, outside the span's context)."""
         finished = False
         try:
             while True:
@@ -126,6 +162,12 @@ class HttpFrontDoor:
                     finished = True
                     raise event.error
                 finished = isinstance(event, FinishEvent)
+                if finished:
+                    span.set_attributes({
+                        "gen_ai.usage.input_tokens": event.prompt_tokens,
+                        "gen_ai.usage.output_tokens": event.completion_tokens,
+                        "gen_ai.response.finish_reasons": (event.finish_reason.value,),
+                    })
                 yield event
                 if finished:
                     return
@@ -133,10 +175,10 @@ class HttpFrontDoor:
             if not finished:
                 self.facade.cancel(generation)
 
-    async def _collect(self, request: Request, generation: Generation, events: asyncio.Queue):
+    async def _collect(self, request: Request, generation: Generation, events: asyncio.Queue, span):
         """Every event of a non-streamed request, cancelling it if the client disconnects."""
         async def gather():
-            return [event async for event in self._events(generation, events)]
+            return [event async for event in self._events(generation, events, span)]
 
         work = asyncio.ensure_future(gather())
         watch = asyncio.ensure_future(_disconnected(request))
@@ -164,14 +206,15 @@ class HttpFrontDoor:
 
     async def _answer(self, request: Request, body, inp, chat: bool) -> Response:
         generation, events = await self._run(request, inp)
+        span = trace.get_current_span()
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            stream = self._stream(generation, events, ident, created, body.model, chat, usage, inp.return_logprobs)
+            stream = self._stream(generation, events, span, ident, created, body.model, chat, usage, inp.return_logprobs)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        collected = await self._collect(request, generation, events)
+        collected = await self._collect(request, generation, events, span)
         tokens = [t for e in collected if isinstance(e, TokenEvent) for t in e.token_ids]
         logprobs = [lp for e in collected if isinstance(e, TokenEvent) for lp in e.logprobs]
         text = "".join(e.text for e in collected)
@@ -185,7 +228,7 @@ class HttpFrontDoor:
         return JSONResponse({"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice],
                              "usage": _usage(finish)})
 
-    async def _stream(self, generation, events, ident, created, model, chat, usage, logprobs) -> AsyncIterator[bytes]:
+    async def _stream(self, generation, events, span, ident, created, model, chat, usage, logprobs) -> AsyncIterator[bytes]:
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choice: dict | None, **extra) -> bytes:
@@ -197,7 +240,7 @@ class HttpFrontDoor:
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None})
-            async for event in self._events(generation, events):
+            async for event in self._events(generation, events, span):
                 reason = FINISH[event.finish_reason.value] if isinstance(event, FinishEvent) else None
                 tokens = event.token_ids if isinstance(event, TokenEvent) else []
                 values = event.logprobs if isinstance(event, TokenEvent) else []
@@ -255,6 +298,15 @@ class HttpFrontDoor:
         if self.draining or not self.facade.healthy():
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+
+async def _ending(body: AsyncIterator[bytes], done: Callable[[], None]) -> AsyncIterator[bytes]:
+    """A stream's body that calls `done` once it ends (sent whole, or cut by the client)."""
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        done()
 
 
 def _usage(finish: FinishEvent) -> dict:

@@ -54,6 +54,10 @@ class Telemetry:
 
         self.rpc_requests = m.create_counter("loramux.rpc.requests", unit="{request}", description="RPCs handled, by method and status code")
         self.rpc_duration = histogram("loramux.rpc.duration", "RPC latency, by method and status code")
+        self.http_requests = m.create_counter("loramux.http.requests", unit="{request}",
+                                              description="HTTP requests handled (--http-port), by route and status code")
+        self.http_duration = histogram("loramux.http.duration", "HTTP request latency, by route and status code "
+                                       "(a stream: until its last event)")
         self.ttft = histogram("loramux.generate.time_to_first_token", "From arrival to the first output token")
         self.tokens = m.create_counter("loramux.generate.tokens", unit="{token}", description="Output tokens generated")
         self.cache_hits = m.create_counter("loramux.adapter.cache.hits", unit="{lookup}", description="Adapter found in this tier when a request arrived")
