@@ -85,6 +85,10 @@ def test_client_commands(assets, tmp_path, capsys):
         assert main(["generate", "--adapter", "qv-r4", "--prompt", "fox", "--max-new-tokens", "8", "--no-stream", *t]) == 0
         whole = capsys.readouterr()
         assert streamed.out == whole.out and "prompt +" in streamed.err
+        forced = ["generate", "--adapter", "qv-r4", "--prompt", "fox", "--max-new-tokens", "3", "--no-stream",
+                  "--logit-bias", "17=100", "--min-tokens", "3", "--presence-penalty", "0.5", *t]
+        assert main(forced) == 0
+        assert capsys.readouterr().out.rstrip("\n") == assets.tokenizer.decode([17] * 3, skip_special_tokens=True)
         assert main(["merge", "qv-r4", "out", *t]) == 0
         assert "4 tensors merged" in capsys.readouterr().out
         assert main(["adapters", "show", "missing", *t]) == 1

@@ -193,3 +193,42 @@ def test_a_request_joins_the_callers_trace_with_the_engine_spans_under_it(assets
                   if m.name == "loramux.http.requests" for p in m.data.data_points]
         assert sum(p.value for p in points if p.attributes["http.route"] == "/v1/completions") == 2
     telemetry.shutdown()
+
+
+def test_generation_controls_through_both_front_doors(assets, server, client):
+    import loramux.client as lc
+
+    first = assets.oracle("qv-r4", PROMPTS[0], N)[0]
+    # logit_bias: +100 makes one token the greedy choice at every step
+    forced = client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=4, temperature=0,
+                                       logit_bias={"17": 100}, extra_body={"ignore_eos": True})
+    assert forced.choices[0].text == text_of(assets, [17] * 4)
+    # min_tokens: a stop token cannot end the row before it
+    stopped = client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                        extra_body={"stop_token_ids": [first]})
+    assert stopped.usage.completion_tokens == 1 and stopped.choices[0].finish_reason == "stop"
+    held = client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                                     extra_body={"stop_token_ids": [first], "min_tokens": 3})
+    assert held.usage.completion_tokens >= 3
+    # top_logprobs: the model's own most likely tokens, the greedy choice first
+    chat = client.chat.completions.create(model="pattern", messages=[{"role": "user", "content": "fox"}], max_tokens=3,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    for item in chat.choices[0].logprobs.content:
+        assert len(item.top_logprobs) == 3 and item.top_logprobs[0].token == item.token
+        assert item.top_logprobs[0].logprob == item.logprob >= item.top_logprobs[1].logprob
+    text = client.completions.create(model="pattern", prompt="fox", max_tokens=3, temperature=0, logprobs=2)
+    assert len(text.choices[0].logprobs.top_logprobs) == 3 and all(len(d) <= 2 for d in text.choices[0].logprobs.top_logprobs)
+    # gRPC: the same controls, the same answers
+    with lc.Client(server.target, api_key=server.keys["default"], timeout=60) as grpc_client:
+        result = grpc_client.generate(adapter_id="qv-r4", prompt=PROMPTS[0], max_new_tokens=4, logit_bias={17: 100.0},
+                                      ignore_eos=True, top_logprobs=2)
+        assert result.token_ids == [17] * 4 and len(result.top_logprobs) == 4
+        assert all(len(alternatives) == 2 for alternatives in result.top_logprobs)
+        assert grpc_client.generate(adapter_id="qv-r4", prompt=PROMPTS[0], max_new_tokens=6, stop_token_ids=[first],
+                                    min_tokens=3).usage.completion_tokens >= 3
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="qv-r4", prompt="fox", max_tokens=2, presence_penalty=3)
+    assert e.value.param == "presence_penalty"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="qv-r4", prompt="fox", max_tokens=2, logit_bias={"999999": 1})
+    assert e.value.param == "logit_bias"

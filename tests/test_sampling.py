@@ -62,7 +62,7 @@ def test_distributions_and_greedy_tokens_equal_transformers(seed):
         expected = hf_scores(logits[i], seen_ids[i], ROWS[i]).softmax(-1)
         assert torch.allclose(ours[j], expected, atol=1e-6), i
         assert torch.equal(ours[j] > 0, expected > 0), i  # the same tokens are possible
-    tokens, _, bad = choose_tokens(logits, batch, seen)
+    tokens, _, bad, _ = choose_tokens(logits, batch, seen)
     assert bad == []
     for i in batch.greedy:
         assert tokens[i] == hf_scores(logits[i], seen_ids[i], ROWS[i]).argmax(), i
@@ -77,7 +77,7 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
         batch = BatchParams(params, [new_generator(p, CPU) for p in params], CPU)
         out = []
         for _ in range(20):
-            tokens, _, _ = choose_tokens(rows_logits, batch, rows_seen)
+            tokens, _, _, _ = choose_tokens(rows_logits, batch, rows_seen)
             out.append(tokens[params.index(alone)].item())
         return out
 
@@ -101,6 +101,75 @@ def test_non_finite_rows_are_reported_and_the_others_sampled():
     logits[2, 5] = float("nan")
     logits[4] = float("-inf")
     batch = BatchParams(ROWS, [new_generator(p, CPU) for p in ROWS], CPU)
-    tokens, logprobs, bad = choose_tokens(logits, batch, seen)
+    tokens, logprobs, bad, _ = choose_tokens(logits, batch, seen)
     assert bad == [2, 4] and logprobs is None
     assert tokens[0] == logits[0].argmax()
+
+
+# -- OpenAI's and vLLM's controls, each against its formula, rows of a mixed batch ----------------
+
+CONTROLS = [
+    SamplingParams(8),  # nothing: untouched
+    SamplingParams(8, presence_penalty=0.7),
+    SamplingParams(8, frequency_penalty=-0.4),
+    SamplingParams(8, presence_penalty=1.5, frequency_penalty=2.0, temperature=0.8, seed=3),
+    SamplingParams(8, logit_bias=((5, 100.0), (9, -100.0), (11, 2.5))),
+    SamplingParams(8, min_tokens=3),  # stop ids {1, 2}: masked until 3 tokens
+    SamplingParams(8, min_tokens=2, temperature=1.0, min_p=0.2, seed=4),  # already at 2: free again
+]
+
+
+def controls_batch():
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(len(CONTROLS), V, generator=g) * 3
+    counts = torch.zeros(len(CONTROLS), V)
+    for i in range(len(CONTROLS)):
+        ids = torch.randint(0, V, (6,), generator=g)
+        counts[i].scatter_add_(0, ids, torch.ones(6))
+    generated = torch.tensor([0, 0, 0, 0, 0, 1, 2])
+    batch = BatchParams(CONTROLS, [new_generator(p, CPU) for p in CONTROLS], CPU,
+                        [frozenset({1, 2})] * len(CONTROLS))
+    return logits, counts, generated, batch
+
+
+def test_each_control_changes_only_its_rows_as_its_formula_says():
+    from loramux.server.engine.sampling import adjust
+
+    logits, counts, generated, batch = controls_batch()
+    scores = adjust(logits, batch, None, counts, generated)
+    expected = logits.clone()
+    for i, p in enumerate(CONTROLS):
+        expected[i] -= p.frequency_penalty * counts[i] + p.presence_penalty * (counts[i] > 0).float()
+        for token, bias in p.logit_bias:
+            expected[i, token] += bias
+        if generated[i] < p.min_tokens:
+            expected[i, [1, 2]] = float("-inf")
+    assert torch.equal(scores, expected)
+    tokens, _, _, _ = choose_tokens(logits, batch, None, counts, generated)
+    assert tokens[4] == 5  # +100 wins greedily
+    assert tokens[5] not in (1, 2)
+
+
+def test_min_p_drops_what_is_less_likely_than_min_p_times_the_top_token():
+    _, _, _, batch = controls_batch()
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randn(len(batch.sampled), V, generator=g) * 2
+    probs = distribution(scores, batch)
+    reference = (scores / batch.temperature).softmax(-1)
+    row = batch.sampled.index(6)  # the min_p row among the sampled ones
+    keep = reference[row] >= 0.2 * reference[row].max()
+    assert torch.equal(probs[row] > 0, keep) and torch.allclose(probs[row][keep], reference[row][keep])
+    other = batch.sampled.index(3)
+    assert torch.allclose(probs[other], reference[other])
+
+
+def test_top_logprobs_are_the_models_own_most_likely_tokens():
+    logits, counts, generated, _ = controls_batch()
+    params = [SamplingParams(8, top_logprobs=k, logit_bias=((0, 50.0),)) for k in (3, 0, 5)]
+    batch = BatchParams(params, [None] * 3, CPU, [frozenset()] * 3)
+    tokens, logprobs, _, top = choose_tokens(logits[:3], batch, None)
+    raw = torch.log_softmax(logits[:3], -1)
+    values, ids = top
+    assert ids.shape == (3, 5) and torch.equal(values, raw.topk(5, -1).values) and torch.equal(ids, raw.topk(5, -1).indices)
+    assert tokens.tolist() == [0, 0, 0]  # chosen from the biased scores; logprobs are the model's own
+    assert torch.equal(logprobs, raw[:, 0])

@@ -45,6 +45,12 @@ def _client_parsers(sub) -> None:
     gen.add_argument("--top-p", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--repetition-penalty", type=float, default=0.0)
+    gen.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], on tokens already in the output")
+    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], per occurrence in the output")
+    gen.add_argument("--min-p", type=float, default=0.0, help="sampling drops tokens below min-p x the most likely one")
+    gen.add_argument("--min-tokens", type=int, default=0, help="EOS and stop tokens cannot end generation before this")
+    gen.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
+                     help="added to a token's logit, in [-100, 100] (repeatable)")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
     gen.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
@@ -175,6 +181,19 @@ def _adapters(client, args) -> int:
     return 0
 
 
+def _logit_bias(pairs: list[str]) -> dict[int, float]:
+    bias = {}
+    for pair in pairs:
+        token, sep, value = pair.partition("=")
+        try:
+            bias[int(token)] = float(value)
+        except ValueError:
+            raise SystemExit(f"error: --logit-bias {pair}: expected TOKEN_ID=BIAS, e.g. 17=-100") from None
+        if not sep:
+            raise SystemExit(f"error: --logit-bias {pair}: expected TOKEN_ID=BIAS, e.g. 17=-100")
+    return bias
+
+
 def _generate(client, args) -> int:
     kwargs = dict(
         adapter_id=args.adapter,
@@ -183,6 +202,11 @@ def _generate(client, args) -> int:
         top_p=args.top_p,
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        min_p=args.min_p,
+        min_tokens=args.min_tokens,
+        logit_bias=_logit_bias(args.logit_bias),
         seed=args.seed,
         stop=args.stop,
     )

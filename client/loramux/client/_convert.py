@@ -45,6 +45,12 @@ def generate_request(
     stop_token_ids: Sequence[int] = (),
     return_logprobs: bool = False,
     ignore_eos: bool = False,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    min_p: float = 0.0,
+    logit_bias: Mapping[int, float] | None = None,
+    min_tokens: int = 0,
+    top_logprobs: int = 0,
 ) -> generation_pb2.GenerateRequest:
     request = generation_pb2.GenerateRequest(
         adapter_id=adapter_id,
@@ -59,6 +65,12 @@ def generate_request(
         stop_token_ids=list(stop_token_ids),
         return_logprobs=return_logprobs,
         ignore_eos=ignore_eos,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        min_p=min_p,
+        logit_bias=dict(logit_bias or {}),
+        min_tokens=min_tokens,
+        top_logprobs=top_logprobs,
     )
     for m in messages or ():
         role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
@@ -84,7 +96,12 @@ def generate_result(r: generation_pb2.GenerateResponse) -> types.GenerateResult:
         finish_reason=_FINISH.get(r.finish_reason, "unspecified"),
         usage=types.Usage(r.usage.prompt_tokens, r.usage.completion_tokens),
         timings=_timings(r.timings),
+        top_logprobs=_alternatives(r.top_logprobs),
     )
+
+
+def _alternatives(entries) -> list[list[tuple[int, float]]]:
+    return [list(zip(e.token_ids, e.logprobs)) for e in entries]
 
 
 def stream_chunk(c: generation_pb2.GenerateStreamResponse) -> types.StreamChunk:
@@ -96,6 +113,7 @@ def stream_chunk(c: generation_pb2.GenerateStreamResponse) -> types.StreamChunk:
         finish_reason=_FINISH.get(c.finish_reason) if last else None,
         usage=types.Usage(c.usage.prompt_tokens, c.usage.completion_tokens) if last else None,
         timings=_timings(c.timings) if last else None,
+        top_logprobs=_alternatives(c.top_logprobs),
     )
 
 

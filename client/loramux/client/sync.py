@@ -130,7 +130,8 @@ class Client:
         """Generate to the end. Takes exactly one of prompt=, prompt_token_ids=, messages=,
         and adapter_id= (empty: the base model) plus sampling parameters
         (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
-        stop_token_ids, return_logprobs)."""
+        stop_token_ids, return_logprobs, ignore_eos, presence_penalty, frequency_penalty, min_p,
+        logit_bias, min_tokens, top_logprobs)."""
         response = self._stub.Generate(_convert.generate_request(**kwargs), timeout=self._deadline(timeout))
         return _convert.generate_result(response)
 

@@ -27,6 +27,7 @@ class GenerateResult:
     finish_reason: str  # "length", "stop_token" or "stop_sequence"
     usage: Usage
     timings: Timings
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token, with top_logprobs=
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +38,7 @@ class StreamChunk:
     finish_reason: str | None  # set on the last chunk only, with usage and timings
     usage: Usage | None
     timings: Timings | None
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token, with top_logprobs=
 
 
 @dataclasses.dataclass(frozen=True)

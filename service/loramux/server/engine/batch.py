@@ -47,7 +47,7 @@ class Row:
     started: float  # time.monotonic() when the row was admitted
     stop_tokens: frozenset[int]  # the model's EOS ids and the request's stop_token_ids
     generated: int = 0
-    generated_ids: list[int] = dataclasses.field(default_factory=list)  # for the repetition penalty's seen mask
+    generated_ids: list[int] = dataclasses.field(default_factory=list)  # for the penalties' tensors (keeps_history)
     first_token_at: float | None = None
     done: bool = False
     released: bool = False  # its adapter slot has been given back (engine)
@@ -65,13 +65,14 @@ def new_row(base: BaseModel, request: GenerationRequest, now: float) -> Row:
 
 
 class Batch:
-    def __init__(self, base: BaseModel, rows: list[Row], kv: PaddedKv | RowKv, tokens, positions, seen=None):
+    def __init__(self, base: BaseModel, rows: list[Row], kv: PaddedKv | RowKv, tokens, positions, seen=None, counts=None):
         self.base = base
         self.rows = rows
         self.kv = kv
         self.tokens = tokens  # [n] the token chosen last per row, fed at the next step
         self.positions = positions  # [n, 1] that token's position (= the row's length in the cache)
         self.seen = seen  # [n, V] bool: tokens each row has seen (only while a row has a repetition penalty)
+        self.counts = counts  # [n, V] float32: each row's output tokens counted (only while a row has a presence or frequency penalty)
         self.decode = None  # the compiled decode step (compiled_step.py), or None: the model eagerly
         self._route()
 
@@ -116,7 +117,7 @@ class Batch:
             mask[i, longest - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kv = PaddedKv(new_dynamic_cache(base.model.config), mask)
-        batch = cls(base, rows, kv, None, positions, _seen_mask(base, rows))
+        batch = cls(base, rows, kv, None, positions, _seen_mask(base, rows), _output_counts(base, rows))
         batch._forward(input_ids)
         return batch
 
@@ -141,6 +142,7 @@ class Batch:
         index = torch.tensor(order, dtype=torch.long, device=self.base.device)
         self.positions, self.tokens = self.positions[index], self.tokens[index]
         self.seen = self.seen[index] if self.seen is not None and _needs_seen(self.rows) else None
+        self.counts = self.counts[index] if self.counts is not None and _needs_counts(self.rows) else None
         self._route()
         return gone
 
@@ -157,11 +159,17 @@ class Batch:
             mine_seen = self.seen if self.seen is not None else _seen_mask(self.base, self.rows, force=True)
             their_seen = other.seen if other.seen is not None else _seen_mask(self.base, other.rows, force=True)
             seen = torch.cat([mine_seen, their_seen])
+        counts = None
+        if _needs_counts(rows):
+            mine = self.counts if self.counts is not None else _output_counts(self.base, self.rows, force=True)
+            theirs = other.counts if other.counts is not None else _output_counts(self.base, other.rows, force=True)
+            counts = torch.cat([mine, theirs])
         plan = self.base.bank.plan([row.request.adapter_uid for row in rows], self.base.device)
         params = _batch_params(rows, self.base.device)
         commit = self.kv.join(other.kv, other.positions)
         commit()
-        self.positions, self.tokens, self.rows, self._plan, self._params, self.seen = positions, tokens, rows, plan, params, seen
+        self.positions, self.tokens, self.rows, self._plan, self._params = positions, tokens, rows, plan, params
+        self.seen, self.counts = seen, counts
 
     def fail(self, error: LoramuxError) -> list[Row]:
         """End every row with `error` (rows already ended keep their outcome); returns all rows."""
@@ -206,11 +214,17 @@ class Batch:
             logits = out.logits
         logits = logits[:, -1, :].float().to(self.base.device)  # [n, vocab] (from the last layer's device)
         rows = self.rows
-        tokens, logprobs, bad = choose_tokens(logits, self._params, self.seen)
+        generated = None
+        if self._params.min_length is not None:  # how far each row is from its min_tokens
+            generated = torch.tensor([row.generated for row in rows], dtype=torch.long, device=logits.device)
+        tokens, logprobs, bad, top = choose_tokens(logits, self._params, self.seen, self.counts, generated)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens[:, None], torch.ones((len(rows), 1), device=self.counts.device))
         token_list = tokens.tolist()
         logprob_list = logprobs.tolist() if logprobs is not None else None
+        top_list = list(zip(top[1].tolist(), top[0].tolist())) if top is not None else None  # per row: (ids, logprobs)
         now = time.monotonic()
         for i in bad:  # this row alone fails; filter() drops it after the pass
             rows[i].done = True
@@ -221,14 +235,32 @@ class Batch:
             )))
         for i, row in enumerate(rows):
             if not row.done:
-                _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now)
+                _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now,
+                         top_list[i] if top_list else None)
         self.tokens = tokens
         self.kv.advance(self.positions)
         self.positions = self.positions[:, -1:] + 1
 
 
 def _batch_params(rows: list[Row], device: torch.device) -> BatchParams:
-    return BatchParams([r.request.params for r in rows], [r.generator for r in rows], device)
+    return BatchParams([r.request.params for r in rows], [r.generator for r in rows], device,
+                       [r.stop_tokens for r in rows])
+
+
+def _needs_counts(rows: list[Row]) -> bool:
+    return any(r.request.params.counts_output for r in rows)
+
+
+def _output_counts(base: BaseModel, rows: list[Row], force: bool = False) -> torch.Tensor | None:
+    """[n, V] float32: how often each token is in each row's output, or None when no row needs it."""
+    if not force and not _needs_counts(rows):
+        return None
+    counts = torch.zeros((len(rows), base.vocab_size), dtype=torch.float32, device=base.device)
+    for i, row in enumerate(rows):
+        if row.generated_ids:
+            ids = torch.tensor(row.generated_ids, dtype=torch.long, device=base.device)
+            counts[i].scatter_add_(0, ids, torch.ones(len(ids), device=base.device))
+    return counts
 
 
 def _needs_seen(rows: list[Row]) -> bool:
@@ -246,13 +278,14 @@ def _seen_mask(base: BaseModel, rows: list[Row], force: bool = False) -> torch.T
     return seen
 
 
-def _advance(row: Row, token: int, logprob: float | None, now: float) -> None:
+def _advance(row: Row, token: int, logprob: float | None, now: float,
+             top: tuple[list[int], list[float]] | None = None) -> None:
     request, params = row.request, row.request.params
     row.generated += 1
     if row.first_token_at is None:
         row.first_token_at = now
     request.timeline.generated = row.generated
-    if params.repetition_penalty != 1.0:
+    if params.keeps_history:
         row.generated_ids.append(token)
     text = row.detokenizer.add(token)
     reason = None
@@ -262,7 +295,8 @@ def _advance(row: Row, token: int, logprob: float | None, now: float) -> None:
         reason = FinishReason.STOP_TOKEN
     elif row.generated >= params.max_new_tokens:
         reason = FinishReason.LENGTH
-    request.emit(TokenEvent([token], [logprob] if params.return_logprobs else [], text))
+    alternatives = [list(zip(top[0][: params.top_logprobs], top[1][: params.top_logprobs]))] if params.top_logprobs else []
+    request.emit(TokenEvent([token], [logprob] if params.return_logprobs or params.top_logprobs else [], text, alternatives))
     if reason is not None:
         row.done = True
         request.emit(

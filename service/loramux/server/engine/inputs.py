@@ -20,6 +20,10 @@ MAX_ROLE_CHARS = 64
 # Outside these, scores overflow float32 (temperature 1e-38 makes every logit infinite).
 TEMPERATURE_RANGE = (1e-3, 100.0)
 REPETITION_PENALTY_RANGE = (1e-2, 100.0)
+PRESENCE_FREQUENCY_RANGE = (-2.0, 2.0)  # OpenAI's
+LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
+MAX_LOGIT_BIAS = 1024  # tokens a request may bias (OpenAI allows 300)
+MAX_TOP_LOGPROBS = 20  # OpenAI's
 
 
 def _float32(value: float) -> float:
@@ -46,6 +50,12 @@ class GenerateInput:
     stop_token_ids: list[int] = dataclasses.field(default_factory=list)
     return_logprobs: bool = False
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    min_p: float = 0.0
+    logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0
+    top_logprobs: int = 0
 
 
 def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[int]:
@@ -149,6 +159,24 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
     for s in inp.stop:
         if not s or len(s) > MAX_STOP_LENGTH:
             raise bad("stop", f"sequences must be 1-{MAX_STOP_LENGTH} characters, got {len(s)}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        value = getattr(inp, name)
+        low, high = PRESENCE_FREQUENCY_RANGE
+        if not math.isfinite(value) or not low <= value <= high:
+            raise bad(name, f"must be in [{low:g}, {high:g}], got {value}")
+    if not math.isfinite(inp.min_p) or not 0 <= inp.min_p <= 1:
+        raise bad("min_p", f"must be in [0, 1], got {inp.min_p}")
+    if len(inp.logit_bias) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", f"may hold at most {MAX_LOGIT_BIAS} tokens, got {len(inp.logit_bias)}")
+    for token, value in inp.logit_bias.items():
+        if not 0 <= token < base.vocab_size:
+            raise bad("logit_bias", f"has token id {token} outside 0..{base.vocab_size - 1}")
+        if not math.isfinite(value) or not LOGIT_BIAS_RANGE[0] <= value <= LOGIT_BIAS_RANGE[1]:
+            raise bad("logit_bias", f"values must be in [{LOGIT_BIAS_RANGE[0]:g}, {LOGIT_BIAS_RANGE[1]:g}], got {value}")
+    if not 0 <= inp.min_tokens <= settings.max_new_tokens_limit:
+        raise bad("min_tokens", f"must be in 0..{settings.max_new_tokens_limit}, got {inp.min_tokens}")
+    if not 0 <= inp.top_logprobs <= MAX_TOP_LOGPROBS:
+        raise bad("top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}, got {inp.top_logprobs}")
     if len(inp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise bad("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(inp.stop_token_ids)}")
     out_of_range = [t for t in inp.stop_token_ids if not 0 <= t < base.vocab_size]
@@ -165,4 +193,10 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
         stop_token_ids=frozenset(inp.stop_token_ids),
         return_logprobs=inp.return_logprobs,
         ignore_eos=inp.ignore_eos,
+        presence_penalty=inp.presence_penalty,
+        frequency_penalty=inp.frequency_penalty,
+        min_p=inp.min_p,
+        logit_bias=tuple(sorted(inp.logit_bias.items())),
+        min_tokens=inp.min_tokens,
+        top_logprobs=inp.top_logprobs,
     )

@@ -29,10 +29,26 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = frozenset()
     return_logprobs: bool = False
     ignore_eos: bool = False  # EOS does not end the row (max_new_tokens or a stop does)
+    presence_penalty: float = 0.0  # subtracted from a token's logit once it is in the output
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the output
+    min_p: float = 0.0  # sampled rows: drop tokens below min_p x the top token's probability
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    min_tokens: int = 0  # EOS and stop_token_ids cannot end the row before this many tokens
+    top_logprobs: int = 0  # the most likely alternatives returned per token (with their logprobs)
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def counts_output(self) -> bool:
+        """Whether the row's output token counts are needed (presence or frequency penalty)."""
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
+    def keeps_history(self) -> bool:
+        """Whether the row's generated ids are kept (for the penalties' tensors)."""
+        return self.repetition_penalty != 1.0 or self.counts_output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +65,7 @@ class TokenEvent:
     token_ids: list[int]
     logprobs: list[float]
     text: str
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token: (id, logprob), most likely first
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,10 @@
 """Turn a batch's next-token logits into tokens, all rows at once, each with its own parameters.
 
-The order follows transformers' generate: repetition penalty, temperature, top-k, top-p,
-then sampling (or argmax for greedy rows, after the repetition penalty). Every step is one
+The order follows transformers' generate, with vLLM's additions where vLLM applies them:
+logit bias, the minimum length (EOS and stop tokens masked), repetition, presence and
+frequency penalties, then (sampled rows) temperature, top-k, top-p, min-p and sampling, or
+argmax for greedy rows. Log-probabilities (and the top alternatives) are the model's own,
+before any of these, as OpenAI and vLLM return them. Every step is one
 tensor operation over the rows that need it; the only per-row Python work is drawing each
 sampled row's random number from its own generator, which keeps a seeded row reproducible
 whatever else shares its batch.
@@ -31,10 +34,29 @@ def new_generator(params: SamplingParams, device: torch.device) -> torch.Generat
 class BatchParams:
     """The rows' sampling parameters as tensors, built once per batch composition."""
 
-    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device):
+    def __init__(self, params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device,
+                 stop_ids: list[frozenset[int]] | None = None):
+        """`stop_ids`: each row's tokens that end it (EOS and stop_token_ids), masked until
+        its min_tokens are generated."""
         self.generators = generators
-        self.want_logprobs = any(p.return_logprobs for p in params)
-        self.all_greedy_plain = all(p.greedy and p.repetition_penalty == 1.0 for p in params)
+        self.top_logprobs = max((p.top_logprobs for p in params), default=0)
+        self.want_logprobs = any(p.return_logprobs for p in params) or self.top_logprobs > 0
+        self.all_greedy_plain = all(p.greedy and p.repetition_penalty == 1.0 and not p.counts_output and not p.logit_bias
+                                    and not p.min_tokens for p in params)
+        # [n, 1] each, or None when no row uses them
+        self.presence = _column([p.presence_penalty for p in params], 0.0, device)
+        self.frequency = _column([p.frequency_penalty for p in params], 0.0, device)
+        pairs = [(i, token, bias) for i, p in enumerate(params) for token, bias in p.logit_bias]
+        self.bias = None if not pairs else (  # ([k] rows, [k] token ids, [k] float32 biases)
+            torch.tensor([r for r, _, _ in pairs], dtype=torch.long, device=device),
+            torch.tensor([t for _, t, _ in pairs], dtype=torch.long, device=device),
+            torch.tensor([b for _, _, b in pairs], dtype=torch.float32, device=device))
+        stops = [(i, token, p.min_tokens) for i, p in enumerate(params) if p.min_tokens
+                 for token in sorted((stop_ids or [frozenset()] * len(params))[i])]
+        self.min_length = None if not stops else (  # ([k] rows, [k] token ids, [k] min_tokens)
+            torch.tensor([r for r, _, _ in stops], dtype=torch.long, device=device),
+            torch.tensor([t for _, t, _ in stops], dtype=torch.long, device=device),
+            torch.tensor([m for _, _, m in stops], dtype=torch.long, device=device))
         penalties = [p.repetition_penalty for p in params]
         self.penalty = (
             torch.tensor(penalties, dtype=torch.float32, device=device)[:, None] if any(x != 1.0 for x in penalties) else None
@@ -50,6 +72,14 @@ class BatchParams:
             self.top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in chosen], device=device)[:, None]
             self.any_top_p = any(p.top_p < 1.0 for p in chosen)
             self.any_top_k = any(p.top_k > 0 for p in chosen)
+            self.min_p = _column([p.min_p for p in chosen], 0.0, device)  # [m, 1] or None
+
+
+def _column(values: list[float], off: float, device: torch.device) -> torch.Tensor | None:
+    """values as a float32 column [n, 1], or None when every row has `off`."""
+    if all(v == off for v in values):
+        return None
+    return torch.tensor(values, dtype=torch.float32, device=device)[:, None]
 
 
 def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
@@ -80,30 +110,57 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: torch.Tens
     return torch.full_like(logits, float("-inf")).scatter(1, order, ordered)
 
 
+def adjust(logits: torch.Tensor, batch: BatchParams, seen: torch.Tensor | None, counts: torch.Tensor | None,
+           generated: torch.Tensor | None) -> torch.Tensor:
+    """The scores every row chooses from: logit bias, the minimum length, then the
+    repetition, presence and frequency penalties, each one tensor operation for all rows.
+    seen [n, V] bool (prompt and output); counts [n, V] float32 (output only); generated [n]
+    tokens so far (with min_tokens)."""
+    scores = logits
+    if batch.bias is not None:
+        rows, ids, values = batch.bias
+        scores = scores.index_put((rows, ids), values, accumulate=True)
+    if batch.min_length is not None:
+        rows, ids, least = batch.min_length
+        blocked = torch.where(generated.index_select(0, rows) < least, float("-inf"), 0.0)
+        scores = scores.index_put((rows, ids), blocked, accumulate=True)
+    if batch.penalty is not None:
+        scores = apply_repetition_penalty(scores, seen, batch.penalty)
+    if batch.frequency is not None:
+        scores = scores - batch.frequency * counts
+    if batch.presence is not None:
+        scores = scores - batch.presence * (counts > 0)
+    return scores
+
+
 def choose_tokens(
     logits: torch.Tensor,  # [n, V] float32
     batch: BatchParams,
     seen: torch.Tensor | None,  # [n, V] bool, needed when a row has a repetition penalty
-) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    """Returns next tokens [n], the model's logprobs of them [n] if any row asked, and the rows
-    whose scores were not finite (their tokens are meaningless: those rows must end). A bad row
-    never stops the others from getting their tokens."""
+    counts: torch.Tensor | None = None,  # [n, V] float32 output token counts, with presence/frequency penalties
+    generated: torch.Tensor | None = None,  # [n] tokens generated so far, with min_tokens
+) -> tuple[torch.Tensor, torch.Tensor | None, list[int], tuple[torch.Tensor, torch.Tensor] | None]:
+    """Returns next tokens [n], the model's logprobs of them [n] if any row asked, the rows
+    whose scores were not finite (their tokens are meaningless: those rows must end), and the
+    top alternatives `(logprobs [n, k], ids [n, k])` when a row asked for k. A bad row never
+    stops the others from getting their tokens."""
     finite = torch.isfinite(logits).all(dim=-1)  # [n]
     bad = [] if bool(finite.all()) else (~finite).nonzero()[:, 0].tolist()
     if bad:
         logits = logits.masked_fill(~finite[:, None], 0.0)  # any token will do for rows that end
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.want_logprobs else None
+    top = raw_logprobs.topk(batch.top_logprobs, dim=-1) if batch.top_logprobs else None
     if batch.all_greedy_plain:
         tokens = logits.argmax(dim=-1)
     else:
-        scores = logits if batch.penalty is None else apply_repetition_penalty(logits, seen, batch.penalty)
+        scores = adjust(logits, batch, seen, counts, generated)
         tokens = scores.argmax(dim=-1)  # right for greedy rows; sampled rows are overwritten below
         if batch.sampled:
             sampled, more_bad = _sample(scores.index_select(0, batch.sampled_index), batch)
             tokens = tokens.index_copy(0, batch.sampled_index, sampled)
             bad = sorted(set(bad) | {batch.sampled[j] for j in more_bad})
     logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0] if raw_logprobs is not None else None
-    return tokens, logprobs, bad
+    return tokens, logprobs, bad, (tuple(top) if top is not None else None)
 
 
 def distribution(scores: torch.Tensor, batch: BatchParams) -> torch.Tensor:
@@ -111,7 +168,10 @@ def distribution(scores: torch.Tensor, batch: BatchParams) -> torch.Tensor:
     scores = scores / batch.temperature
     if batch.any_top_k or batch.any_top_p:
         scores = filter_top_k_top_p(scores, batch.top_k, batch.top_p, batch.any_top_p)
-    return scores.softmax(-1)
+    probs = scores.softmax(-1)
+    if batch.min_p is not None:  # drop tokens below min_p x the row's most likely one (0: keeps all)
+        probs = probs.masked_fill(probs < batch.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
+    return probs
 
 
 def _sample(scores: torch.Tensor, batch: BatchParams) -> tuple[torch.Tensor, list[int]]:

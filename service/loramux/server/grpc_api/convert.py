@@ -53,6 +53,12 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
         stop_token_ids=list(req.stop_token_ids),
         return_logprobs=req.return_logprobs,
         ignore_eos=req.ignore_eos,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+        min_p=req.min_p,
+        logit_bias=dict(req.logit_bias),
+        min_tokens=req.min_tokens,
+        top_logprobs=req.top_logprobs,
     )
 
 

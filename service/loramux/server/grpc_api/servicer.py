@@ -152,6 +152,8 @@ def _add_event(message, event: TokenEvent | FinishEvent) -> None:
     if isinstance(event, TokenEvent):
         message.token_ids.extend(event.token_ids)
         message.logprobs.extend(event.logprobs)
+        for alternatives in event.top_logprobs:
+            message.top_logprobs.add(token_ids=[t for t, _ in alternatives], logprobs=[v for _, v in alternatives])
     else:
         message.finish_reason = convert.finish_reason(event.finish_reason)
         message.usage.CopyFrom(convert.usage(event.prompt_tokens, event.completion_tokens))

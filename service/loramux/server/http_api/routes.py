@@ -217,10 +217,11 @@ class HttpFrontDoor:
         collected = await self._collect(request, generation, events, span)
         tokens = [t for e in collected if isinstance(e, TokenEvent) for t in e.token_ids]
         logprobs = [lp for e in collected if isinstance(e, TokenEvent) for lp in e.logprobs]
+        alternatives = [a for e in collected if isinstance(e, TokenEvent) for a in e.top_logprobs]
         text = "".join(e.text for e in collected)
         finish: FinishEvent = collected[-1]
         choice = {"index": 0, "finish_reason": FINISH[finish.finish_reason.value],
-                  "logprobs": self._logprobs(tokens, logprobs, chat) if inp.return_logprobs else None}
+                  "logprobs": self._logprobs(tokens, logprobs, alternatives, chat) if inp.return_logprobs else None}
         if chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
@@ -244,10 +245,11 @@ class HttpFrontDoor:
                 reason = FINISH[event.finish_reason.value] if isinstance(event, FinishEvent) else None
                 tokens = event.token_ids if isinstance(event, TokenEvent) else []
                 values = event.logprobs if isinstance(event, TokenEvent) else []
+                alternatives = event.top_logprobs if isinstance(event, TokenEvent) else []
                 if not event.text and not tokens and reason is None:
                     continue
                 choice = {"index": 0, "finish_reason": reason,
-                          "logprobs": self._logprobs(tokens, values, chat) if logprobs and tokens else None}
+                          "logprobs": self._logprobs(tokens, values, alternatives, chat) if logprobs and tokens else None}
                 if chat:
                     choice["delta"] = {"content": event.text} if event.text or reason is None else {}
                 else:
@@ -261,12 +263,23 @@ class HttpFrontDoor:
             yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    def _logprobs(self, tokens: list[int], values: list[float], chat: bool) -> dict:
+    def _logprobs(self, tokens: list[int], values: list[float], alternatives: list, chat: bool) -> dict:
+        """OpenAI's logprobs object: each chosen token's text and log-probability, and with
+        top_logprobs its most likely alternatives (the model's own scores, before sampling's
+        adjustments)."""
         texts = self.facade.token_texts(tokens)
+        tops = [[(text, v) for text, (_, v) in zip(self.facade.token_texts([t for t, _ in a]), a)] for a in alternatives]
+        tops += [[] for _ in range(len(texts) - len(tops))]
         if chat:
-            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
-                                for t, v in zip(texts, values)]}
-        return {"tokens": texts, "token_logprobs": values, "top_logprobs": None, "text_offset": []}
+            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
+                                 "top_logprobs": [{"token": a, "logprob": w, "bytes": list(a.encode())} for a, w in top]}
+                                for t, v, top in zip(texts, values, tops)]}
+        offsets, at = [], 0
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        return {"tokens": texts, "token_logprobs": values,
+                "top_logprobs": [dict(top) for top in tops] if alternatives else None, "text_offset": offsets}
 
     # -- models and probes ----------------------------------------------------------------
 

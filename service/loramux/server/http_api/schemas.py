@@ -2,7 +2,8 @@
 
 Parameters follow OpenAI's meanings and defaults (temperature 1 and top_p 1 when absent, so
 sampling unless asked otherwise; 16 tokens for a completion without `max_tokens`), with
-vLLM's extensions `top_k`, `repetition_penalty`, `ignore_eos` and `stop_token_ids`. A
+vLLM's extensions `top_k`, `min_p`, `min_tokens`, `repetition_penalty`, `ignore_eos` and
+`stop_token_ids`. A
 parameter loramux does not implement yet is refused with a 400 naming it when it asks for
 anything but its default (so no caller gets an answer that silently ignored what it asked
 for); unknown fields are ignored, as clients and routers add their own.
@@ -24,9 +25,8 @@ MAX_PROMPT_IDS = 1 << 20
 # Parameters of OpenAI's API not implemented yet, and the value that means "not used".
 NOT_YET = {
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
     "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
-    "functions": (None, []), "function_call": (None, "none"), "min_tokens": (None, 0), "min_p": (None, 0, 0.0),
+    "functions": (None, []), "function_call": (None, "none"),
     "guided_json": (None,), "guided_regex": (None,), "guided_grammar": (None,), "guided_choice": (None,),
     "chat_template_kwargs": (None, {}), "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, True, False),
 }
@@ -49,6 +49,11 @@ class _Common(BaseModel):
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    min_p: float | None = None
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -59,7 +64,18 @@ class _Common(BaseModel):
             if value is not None and value not in unused:
                 raise InvalidRequest(f"{name} is not supported by this server yet", field=name, reason="UNSUPPORTED_PARAMETER")
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not key.lstrip("-").isdigit() or len(key) > 12:
+                raise InvalidRequest(f"logit_bias keys must be token ids, got {key[:40]!r}", field="logit_bias",
+                                     reason="INVALID_PARAMETER")
+            bias[int(key)] = value
         return dict(
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            min_p=self.min_p or 0.0,
+            logit_bias=bias,
+            min_tokens=self.min_tokens or 0,
             max_new_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -74,7 +90,7 @@ class _Common(BaseModel):
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
-    logprobs: int | None = Field(default=None, ge=0)
+    logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def to_input(self, adapter_id: str) -> GenerateInput:
         prompt = self.prompt
@@ -83,16 +99,13 @@ class CompletionRequest(_Common):
                 raise InvalidRequest("one prompt per request is supported (send each prompt as its own request)",
                                      field="prompt", reason="UNSUPPORTED_PARAMETER")
             prompt = prompt[0]
-        if self.logprobs:
-            raise InvalidRequest("logprobs above 0 (alternatives per token) is not supported by this server yet; "
-                                 "logprobs 0 returns each chosen token's", field="logprobs", reason="UNSUPPORTED_PARAMETER")
         text, ids = (prompt, []) if isinstance(prompt, str) else ("", list(prompt))
         if len(ids) > MAX_PROMPT_IDS:
             raise InvalidRequest(f"prompt holds more than {MAX_PROMPT_IDS} token ids", field="prompt", reason="PROMPT_TOO_LONG")
         if not text and not ids:
             raise InvalidRequest("prompt is empty", field="prompt", reason="PROMPT_REQUIRED")
         return GenerateInput(adapter_id=adapter_id, prompt=text, prompt_token_ids=ids,
-                             return_logprobs=self.logprobs is not None,
+                             return_logprobs=self.logprobs is not None, top_logprobs=self.logprobs or 0,
                              **self._sampling(COMPLETION_DEFAULT_MAX_TOKENS))
 
 
@@ -123,14 +136,14 @@ class ChatCompletionRequest(_Common):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     def to_input(self, adapter_id: str, default_max_tokens: int) -> GenerateInput:
-        if self.top_logprobs:
-            raise InvalidRequest("top_logprobs is not supported by this server yet", field="top_logprobs",
-                                 reason="UNSUPPORTED_PARAMETER")
+        if self.top_logprobs and not self.logprobs:
+            raise InvalidRequest("top_logprobs needs logprobs: true", field="top_logprobs", reason="INVALID_PARAMETER")
         sampling = self._sampling(default_max_tokens)
         if self.max_completion_tokens is not None:
             sampling["max_new_tokens"] = self.max_completion_tokens
         messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
-        return GenerateInput(adapter_id=adapter_id, messages=messages, return_logprobs=self.logprobs, **sampling)
+        return GenerateInput(adapter_id=adapter_id, messages=messages, return_logprobs=self.logprobs,
+                             top_logprobs=self.top_logprobs or 0, **sampling)
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:
