@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping, Sequence
 
-from google.longrunning import operations_pb2
-
 import grpc
+from google.longrunning import operations_pb2
 
 from loramux.client import types
 from loramux.client.errors import InternalError, from_status
@@ -51,6 +51,8 @@ def generate_request(
     logit_bias: Mapping[int, float] | None = None,
     min_tokens: int = 0,
     top_logprobs: int = 0,
+    tools: Sequence[Mapping] | None = None,
+    chat_template_kwargs: Mapping | None = None,
 ) -> generation_pb2.GenerateRequest:
     request = generation_pb2.GenerateRequest(
         adapter_id=adapter_id,
@@ -71,10 +73,17 @@ def generate_request(
         logit_bias=dict(logit_bias or {}),
         min_tokens=min_tokens,
         top_logprobs=top_logprobs,
+        tools_json=json.dumps(list(tools)) if tools else "",
+        chat_template_kwargs_json=json.dumps(dict(chat_template_kwargs)) if chat_template_kwargs else "",
     )
     for m in messages or ():
-        role, content = (m["role"], m["content"]) if isinstance(m, Mapping) else m
-        request.messages.add(role=role, content=content)
+        if isinstance(m, Mapping):  # OpenAI-style: role, content and any other fields (tool_calls, ...)
+            extra = {k: v for k, v in m.items() if k not in ("role", "content")}
+            request.messages.add(role=m["role"], content=m.get("content") or "",
+                                 extra_json=json.dumps(extra) if extra else "")
+        else:
+            role, content = m
+            request.messages.add(role=role, content=content)
     if seed is not None:
         request.seed = seed
     return request

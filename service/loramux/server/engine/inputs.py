@@ -24,6 +24,10 @@ PRESENCE_FREQUENCY_RANGE = (-2.0, 2.0)  # OpenAI's
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 MAX_LOGIT_BIAS = 1024  # tokens a request may bias (OpenAI allows 300)
 MAX_TOP_LOGPROBS = 20  # OpenAI's
+# What a chat template is called with by loramux itself: a request's kwargs may not replace them.
+RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "add_generation_prompt",
+                                    "tokenize", "return_dict", "return_tensors", "chat_template", "continue_final_message",
+                                    "padding", "truncation", "max_length", "tokenizer_kwargs", "return_assistant_tokens_mask"})
 
 
 def _float32(value: float) -> float:
@@ -40,6 +44,9 @@ class GenerateInput:
     prompt: str = ""
     prompt_token_ids: list[int] = dataclasses.field(default_factory=list)
     messages: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (role, content)
+    message_extras: list[dict] = dataclasses.field(default_factory=list)  # per message: its other fields (tool_calls, tool_call_id, name), for the template
+    tools: list[dict] = dataclasses.field(default_factory=list)  # tool definitions handed to the chat template
+    chat_template_kwargs: dict = dataclasses.field(default_factory=dict)  # more variables for the chat template
     max_new_tokens: int = 0  # 0: the server's default
     temperature: float = 0.0
     top_p: float = 0.0  # 0 or 1: off
@@ -74,7 +81,8 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[
             reason="PROMPT_REQUIRED" if not given else "PROMPT_AMBIGUOUS",
         )
     tokenizer = base.tokenizer
-    text_bytes = len(inp.prompt.encode()) + sum(len(c.encode()) + len(r.encode()) for r, c in inp.messages)
+    text_bytes = (len(inp.prompt.encode()) + sum(len(c.encode()) + len(r.encode()) for r, c in inp.messages)
+                  + _json_bytes(inp.message_extras) + _json_bytes(inp.tools) + _json_bytes(inp.chat_template_kwargs))
     if text_bytes > settings.max_prompt_bytes:
         raise PromptTooLong(
             f"the prompt text is {text_bytes} bytes, more than the {settings.max_prompt_bytes} this server tokenizes",
@@ -104,8 +112,7 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[
                 raise InvalidRequest(
                     f"messages[{i}].role is longer than {MAX_ROLE_CHARS} characters", field=f"messages[{i}].role", reason="MESSAGE_ROLE_INVALID"
                 )
-        chat = [{"role": role, "content": content} for role, content in inp.messages]
-        rendered = tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False)
+        rendered = render_chat(tokenizer, inp)
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(inp.prompt)["input_ids"]
@@ -113,6 +120,41 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[
         raise InvalidRequest("the prompt encodes to no tokens", field=given[0], reason="PROMPT_EMPTY")
     _check_length(len(ids), given[0], base, settings)
     return ids
+
+
+def _json_bytes(value) -> int:
+    if not value:
+        return 0
+    import json
+
+    try:
+        return len(json.dumps(value))
+    except (TypeError, ValueError, RecursionError):
+        raise InvalidRequest("a chat field is not plain JSON data", field="messages", reason="INVALID_PARAMETER") from None
+
+
+def render_chat(tokenizer, inp: GenerateInput) -> str:
+    """The messages through the tokenizer's chat template, with the request's tools and
+    template variables. A template that fails on this input is the request's error, naming
+    the template (INVALID_ARGUMENT / CHAT_TEMPLATE_FAILED), never INTERNAL."""
+    reserved = sorted(RESERVED_TEMPLATE_ARGS & set(inp.chat_template_kwargs))
+    if reserved:
+        raise InvalidRequest(f"chat_template_kwargs may not set {', '.join(reserved)}", field="chat_template_kwargs",
+                             reason="INVALID_PARAMETER")
+    chat = []
+    for i, (role, content) in enumerate(inp.messages):
+        extra = inp.message_extras[i] if i < len(inp.message_extras) else {}
+        chat.append({**extra, "role": role, "content": content})
+    try:
+        return tokenizer.apply_chat_template(chat, tools=inp.tools or None, add_generation_prompt=True, tokenize=False,
+                                             **inp.chat_template_kwargs)
+    except RecursionError:
+        raise InvalidRequest("the chat template recursed too deeply on these messages", field="messages",
+                             reason="CHAT_TEMPLATE_FAILED") from None
+    except Exception as e:  # noqa: BLE001 - jinja's errors, and templates' own raise_exception
+        message = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
+        raise InvalidRequest(f"the tokenizer's chat template failed on these messages ({type(e).__name__}: {message})",
+                             field="messages", reason="CHAT_TEMPLATE_FAILED") from None
 
 
 def request_context(base: BaseModel, settings: Settings) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import importlib.metadata
+import json
 
 from google.protobuf import any_pb2, duration_pb2, timestamp_pb2
 from google.longrunning import operations_pb2
@@ -43,6 +44,9 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
         prompt=req.prompt,
         prompt_token_ids=list(req.prompt_token_ids),
         messages=[(m.role, m.content) for m in req.messages],
+        message_extras=[_json(m.extra_json, f"messages[{i}].extra_json", dict) for i, m in enumerate(req.messages)],
+        tools=_json(req.tools_json, "tools_json", list),
+        chat_template_kwargs=_json(req.chat_template_kwargs_json, "chat_template_kwargs_json", dict),
         max_new_tokens=req.max_new_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
@@ -60,6 +64,20 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
         min_tokens=req.min_tokens,
         top_logprobs=req.top_logprobs,
     )
+
+
+def _json(text: str, field: str, kind: type):
+    """A JSON field of the request (empty: an empty `kind`)."""
+    if not text:
+        return kind()
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidRequest(f"{field} is not valid JSON", field=field, reason="MALFORMED_REQUEST") from None
+    if not isinstance(value, kind):
+        raise InvalidRequest(f"{field} must be a JSON {'object' if kind is dict else 'array'}", field=field,
+                             reason="INVALID_PARAMETER")
+    return value
 
 
 def finish_reason(reason: FinishReason) -> int:

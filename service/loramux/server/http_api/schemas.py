@@ -25,10 +25,10 @@ MAX_PROMPT_IDS = 1 << 20
 # Parameters of OpenAI's API not implemented yet, and the value that means "not used".
 NOT_YET = {
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "response_format": (None, {"type": "text"}), "tools": (None, []), "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
     "functions": (None, []), "function_call": (None, "none"),
     "guided_json": (None,), "guided_regex": (None,), "guided_grammar": (None,), "guided_choice": (None,),
-    "chat_template_kwargs": (None, {}), "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, True, False),
+    "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, True, False),
 }
 
 
@@ -115,6 +115,10 @@ class ChatMessage(BaseModel):
     role: str = Field(max_length=64)
     content: str | list[dict[str, Any]] | None = None
 
+    def extras(self) -> dict[str, Any]:
+        """Its other fields (tool_calls, tool_call_id, name, ...), handed to the chat template."""
+        return dict(self.model_extra or {})
+
     def text(self, index: int) -> str:
         if self.content is None:
             return ""
@@ -134,6 +138,9 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=0)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def to_input(self, adapter_id: str, default_max_tokens: int) -> GenerateInput:
         if self.top_logprobs and not self.logprobs:
@@ -141,8 +148,13 @@ class ChatCompletionRequest(_Common):
         sampling = self._sampling(default_max_tokens)
         if self.max_completion_tokens is not None:
             sampling["max_new_tokens"] = self.max_completion_tokens
+        if self.tool_choice not in (None, "auto", "none"):  # a forced call needs structured output
+            raise InvalidRequest("tool_choice other than auto or none is not supported by this server yet",
+                                 field="tool_choice", reason="UNSUPPORTED_PARAMETER")
         messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
-        return GenerateInput(adapter_id=adapter_id, messages=messages, return_logprobs=self.logprobs,
+        return GenerateInput(adapter_id=adapter_id, messages=messages, message_extras=[m.extras() for m in self.messages],
+                             tools=list(self.tools or []) if self.tool_choice != "none" else [],
+                             chat_template_kwargs=dict(self.chat_template_kwargs or {}), return_logprobs=self.logprobs,
                              top_logprobs=self.top_logprobs or 0, **sampling)
 
 
