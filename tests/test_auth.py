@@ -57,6 +57,7 @@ def outcome(target, api_key, rpc):
 RPCS = {
     "Generate": lambda c: c.generate(prompt=PROMPTS[0], max_new_tokens=2),
     "GenerateStream": lambda c: list(c.generate_stream(prompt=PROMPTS[0], max_new_tokens=2)),
+    "Tokenize": lambda c: c.tokenize(prompt=PROMPTS[0]),
     "ListAdapters": lambda c: c.list_adapters(),
     "GetAdapter": lambda c: c.get_adapter("mine"),
     "LoadAdapter": lambda c: c.load_adapter("extra", source="qv-r4", replace=True),
@@ -71,14 +72,14 @@ NOT_FOUND = "NOT_FOUND/ADAPTER_NOT_FOUND"
 # caller -> the outcome of each RPC, in RPCS' order. Callers of team-a use team-a's adapter
 # "mine"; team-b's do not see it (NOT_FOUND, as for an adapter that does not exist).
 TABLE = {
-    None: [NO_KEY] * 9,
-    "wrong": [NO_KEY] * 9,
-    "expired": ["UNAUTHENTICATED/API_KEY_EXPIRED"] * 9,
-    "user_a": [OK, OK, OK, OK, DENIED, DENIED, DENIED, DENIED, DENIED],
-    "admin_a": [OK, OK, OK, OK, OK, OK, OK, OK, DENIED],
-    "user_b": [OK, OK, OK, NOT_FOUND, DENIED, DENIED, DENIED, DENIED, DENIED],
-    "admin_b": [OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, OK, DENIED],
-    "operator": [OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, OK, OK],  # its own tenant "ops" holds no "mine"
+    None: [NO_KEY] * 10,
+    "wrong": [NO_KEY] * 10,
+    "expired": ["UNAUTHENTICATED/API_KEY_EXPIRED"] * 10,
+    "user_a": [OK, OK, OK, OK, OK, DENIED, DENIED, DENIED, DENIED, DENIED],
+    "admin_a": [OK, OK, OK, OK, OK, OK, OK, OK, OK, DENIED],
+    "user_b": [OK, OK, OK, OK, NOT_FOUND, DENIED, DENIED, DENIED, DENIED, DENIED],
+    "admin_b": [OK, OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, OK, DENIED],
+    "operator": [OK, OK, OK, OK, NOT_FOUND, OK, OK, NOT_FOUND, OK, OK],  # its own tenant "ops" holds no "mine"
 }
 
 

@@ -69,6 +69,14 @@ generate_requests = st.builds(
     stop=st.lists(text, max_size=3),
     stop_token_ids=st.lists(int32, max_size=5),
     return_logprobs=st.booleans(),
+    presence_penalty=floats,
+    frequency_penalty=floats,
+    min_p=floats,
+    logit_bias=st.dictionaries(st.integers(-5, 1000), floats, max_size=4),
+    min_tokens=st.one_of(st.integers(-3, N), int32),
+    top_logprobs=st.integers(-3, 25),
+    tools_json=st.one_of(st.just(""), text, st.just('[{"type": "function", "function": {"name": "f"}}]')),
+    chat_template_kwargs_json=st.one_of(st.just(""), text, st.just('{"enable_thinking": false}'), st.just('{"tools": 1}')),
 )
 REQUESTS = {
     "/loramux.v1.Loramux/Generate": generate_requests,
@@ -84,6 +92,11 @@ REQUESTS = {
         overwrite=st.booleans(),
     ),
     "/loramux.v1.Loramux/GetServerInfo": st.just(loramux_service_pb2.GetServerInfoRequest()),
+    "/loramux.v1.Loramux/Tokenize": st.builds(
+        generation_pb2.TokenizeRequest, prompt=st.one_of(st.just(""), text),
+        messages=st.lists(st.builds(generation_pb2.ChatMessage, role=text, content=text, extra_json=text), max_size=3),
+        tools_json=text, chat_template_kwargs_json=text,
+    ),
     "/google.longrunning.Operations/GetOperation": st.builds(operations_pb2.GetOperationRequest, name=text),
     "/google.longrunning.Operations/ListOperations": st.builds(
         operations_pb2.ListOperationsRequest, name=text, page_size=int32, page_token=text, filter=text

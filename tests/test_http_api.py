@@ -232,3 +232,24 @@ def test_generation_controls_through_both_front_doors(assets, server, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="qv-r4", prompt="fox", max_tokens=2, logit_bias={"999999": 1})
     assert e.value.param == "logit_bias"
+
+
+def test_tokenize_counts_what_generation_would_feed(assets, server, client):
+    import loramux.client as lc
+
+    long_prompt = " ".join(PROMPTS * 40)
+    headers = {"Authorization": f"Bearer {server.keys['other']}"}  # a user's role is enough
+    r = httpx.post(server.base_url.removesuffix("/v1") + "/tokenize", json={"prompt": long_prompt}, headers=headers)
+    expected = assets.tokenizer(long_prompt)["input_ids"]
+    assert r.status_code == 200 and r.json()["tokens"] == expected and r.json()["count"] == len(expected)
+    assert r.json()["max_model_len"] == server.engine.base.max_sequence_length < len(expected)  # counted, not refused
+    messages = [{"role": "user", "content": "the quick brown"}]
+    r = httpx.post(server.base_url.removesuffix("/v1") + "/tokenize", json={"messages": messages}, headers=headers)
+    chat = client.chat.completions.create(model="qv-r4", messages=messages, max_tokens=1, temperature=0)
+    assert r.json()["count"] == chat.usage.prompt_tokens
+    with lc.Client(server.target, api_key=server.keys["other"], timeout=60) as grpc_client:
+        tokens = grpc_client.tokenize(messages=messages)
+        assert tokens.token_ids == r.json()["tokens"] and tokens.max_context == r.json()["max_model_len"]
+        with pytest.raises(lc.InvalidArgument) as e:
+            grpc_client.tokenize()
+        assert e.value.reason == "PROMPT_REQUIRED"

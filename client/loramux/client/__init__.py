@@ -29,6 +29,7 @@ from loramux.client.types import (
     ServerInfo,
     StreamChunk,
     Timings,
+    Tokens,
     Usage,
 )
 
@@ -36,5 +37,5 @@ __all__ = [
     "Aborted", "AdapterInfo", "AlreadyExists", "AsyncClient", "AsyncMergeHandle", "Cancelled", "Client", "DeadlineExceeded",
     "FailedPrecondition", "GenerateResult", "InternalError", "InvalidArgument", "LoramuxError", "MergeHandle",
     "MergeProgress", "MergeResult", "NotFound", "PermissionDenied", "ResourceExhausted", "ServerInfo", "StreamChunk",
-    "Timings", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
+    "Timings", "Tokens", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
 ]

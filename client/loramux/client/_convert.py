@@ -89,6 +89,17 @@ def generate_request(
     return request
 
 
+def tokenize_request(
+    prompt: str | None = None,
+    messages: Iterable[Message] | None = None,
+    tools: Sequence[Mapping] | None = None,
+    chat_template_kwargs: Mapping | None = None,
+) -> generation_pb2.TokenizeRequest:
+    full = generate_request(prompt=prompt, messages=messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
+    return generation_pb2.TokenizeRequest(prompt=full.prompt, messages=full.messages, tools_json=full.tools_json,
+                                          chat_template_kwargs_json=full.chat_template_kwargs_json)
+
+
 def _timings(t: generation_pb2.Timings) -> types.Timings:
     return types.Timings(
         queue_wait_s=t.queue_wait.ToNanoseconds() / 1e9,

@@ -201,6 +201,13 @@ class AsyncClient:
         return operation
 
     @_translated
+    @_translated
+    async def tokenize(self, *, timeout: float | None = None, **kwargs) -> types.Tokens:
+        """The token ids of prompt= or messages= (with tools=, chat_template_kwargs=), as
+        generate would feed them, and the most tokens one request may hold."""
+        response = await self._stub.Tokenize(_convert.tokenize_request(**kwargs), timeout=self._deadline(timeout))
+        return types.Tokens(list(response.token_ids), response.max_context)
+
     async def server_info(self, *, timeout: float | None = None) -> types.ServerInfo:
         response = await self._stub.GetServerInfo(loramux_service_pb2.GetServerInfoRequest(), timeout=self._deadline(timeout))
         return _convert.server_info(response)

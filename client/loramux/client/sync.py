@@ -210,6 +210,13 @@ class Client:
         return operation
 
     @_translated
+    @_translated
+    def tokenize(self, *, timeout: float | None = None, **kwargs) -> types.Tokens:
+        """The token ids of prompt= or messages= (with tools=, chat_template_kwargs=), as
+        generate would feed them, and the most tokens one request may hold."""
+        response = self._stub.Tokenize(_convert.tokenize_request(**kwargs), timeout=self._deadline(timeout))
+        return types.Tokens(list(response.token_ids), response.max_context)
+
     def server_info(self, *, timeout: float | None = None) -> types.ServerInfo:
         response = self._stub.GetServerInfo(loramux_service_pb2.GetServerInfoRequest(), timeout=self._deadline(timeout))
         return _convert.server_info(response)

@@ -31,6 +31,16 @@ class GenerateResult:
 
 
 @dataclasses.dataclass(frozen=True)
+class Tokens:
+    token_ids: list[int]
+    max_context: int  # the most tokens one request may hold, prompt and output
+
+    @property
+    def count(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
 class StreamChunk:
     text: str
     token_ids: list[int]

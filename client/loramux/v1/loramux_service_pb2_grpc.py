@@ -81,6 +81,11 @@ class LoramuxStub:
                 request_serializer=loramux_dot_v1_dot_loramux__service__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=loramux_dot_v1_dot_loramux__service__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/loramux.v1.Loramux/Tokenize',
+                request_serializer=loramux_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=loramux_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
 
 
 class LoramuxServicer:
@@ -140,6 +145,14 @@ class LoramuxServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """The token ids a prompt (or chat messages, rendered with the template and the generation
+        prompt, as Generate renders them) becomes, without generating: for counting tokens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LoramuxServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -182,6 +195,11 @@ def add_LoramuxServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=loramux_dot_v1_dot_loramux__service__pb2.GetServerInfoRequest.FromString,
                     response_serializer=loramux_dot_v1_dot_loramux__service__pb2.ServerInfo.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=loramux_dot_v1_dot_generation__pb2.TokenizeRequest.FromString,
+                    response_serializer=loramux_dot_v1_dot_generation__pb2.TokenizeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -403,6 +421,33 @@ class Loramux:
             '/loramux.v1.Loramux/GetServerInfo',
             loramux_dot_v1_dot_loramux__service__pb2.GetServerInfoRequest.SerializeToString,
             loramux_dot_v1_dot_loramux__service__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loramux.v1.Loramux/Tokenize',
+            loramux_dot_v1_dot_generation__pb2.TokenizeRequest.SerializeToString,
+            loramux_dot_v1_dot_generation__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -52,6 +52,10 @@ class LoramuxStub:
     the google.longrunning.Operations service served beside this one.
     """
     GetServerInfo: _grpc.UnaryUnaryMultiCallable[_loramux_service_pb2.GetServerInfoRequest, _loramux_service_pb2.ServerInfo]
+    Tokenize: _grpc.UnaryUnaryMultiCallable[_generation_pb2.TokenizeRequest, _generation_pb2.TokenizeResponse]
+    """The token ids a prompt (or chat messages, rendered with the template and the generation
+    prompt, as Generate renders them) becomes, without generating: for counting tokens.
+    """
 
 @_typing.type_check_only
 class LoramuxAsyncStub(LoramuxStub):
@@ -73,6 +77,10 @@ class LoramuxAsyncStub(LoramuxStub):
     the google.longrunning.Operations service served beside this one.
     """
     GetServerInfo: _aio.UnaryUnaryMultiCallable[_loramux_service_pb2.GetServerInfoRequest, _loramux_service_pb2.ServerInfo]  # type: ignore[assignment]
+    Tokenize: _aio.UnaryUnaryMultiCallable[_generation_pb2.TokenizeRequest, _generation_pb2.TokenizeResponse]  # type: ignore[assignment]
+    """The token ids a prompt (or chat messages, rendered with the template and the generation
+    prompt, as Generate renders them) becomes, without generating: for counting tokens.
+    """
 
 class LoramuxServicer(metaclass=_abc_1.ABCMeta):
     """Serves one base causal language model with many tenants' LoRA adapters.
@@ -139,5 +147,15 @@ class LoramuxServicer(metaclass=_abc_1.ABCMeta):
         request: _loramux_service_pb2.GetServerInfoRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_loramux_service_pb2.ServerInfo, _abc.Awaitable[_loramux_service_pb2.ServerInfo]]: ...
+
+    @_abc_1.abstractmethod
+    def Tokenize(
+        self,
+        request: _generation_pb2.TokenizeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_generation_pb2.TokenizeResponse, _abc.Awaitable[_generation_pb2.TokenizeResponse]]:
+        """The token ids a prompt (or chat messages, rendered with the template and the generation
+        prompt, as Generate renders them) becomes, without generating: for counting tokens.
+        """
 
 def add_LoramuxServicer_to_server(servicer: LoramuxServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -206,3 +206,52 @@ def _run_threads(fn, n: int) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+def http_closed_loop(base_url: str, reqs: list[Req], concurrency: int, api_key: str = "none") -> list[Record]:
+    """`grpc_closed_loop` through the OpenAI-compatible HTTP API with the official `openai`
+    client: each request streamed as server-sent events (one event per decoded token)."""
+    import openai
+
+    records: list[Record | None] = [None] * len(reqs)
+    next_index = iter(range(len(reqs)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+    with openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600) as client:
+
+        def worker():
+            while True:
+                with lock:
+                    i = next(next_index, None)
+                if i is None:
+                    return
+                req = reqs[i]
+                record = Record(time.monotonic(), [])
+                try:
+                    stream = client.completions.create(model=req.adapter, prompt=req.prompt, max_tokens=req.output_tokens,
+                                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
+                    for chunk in stream:
+                        if chunk.choices and chunk.choices[0].finish_reason is None:
+                            record.token_times.append(time.monotonic())
+                except BaseException as e:
+                    errors.append(e)
+                    return
+                records[i] = record
+
+        _run_threads(worker, concurrency)
+    if errors:
+        raise errors[0]
+    return records
+
+
+def http_load(base_url: str, reqs: list[Req], concurrency: int) -> tuple[list[Record], float]:
+    """`http_closed_loop` in a load-generator process, with its CPU seconds (as `grpc_load`)."""
+    import resource
+
+    def cpu() -> float:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        return usage.ru_utime + usage.ru_stime
+
+    before = cpu()
+    records = http_closed_loop(base_url, reqs, concurrency)
+    return records, round(cpu() - before, 3)

@@ -25,7 +25,7 @@ from loramux.server.merging.combine import Combination
 from loramux.server.engine.compiled_step import CompiledDecode
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.graph_step import GraphDecode
-from loramux.server.engine.inputs import GenerateInput
+from loramux.server.engine.inputs import GenerateInput, prompt_ids, request_context
 from loramux.server.engine.request import (
     ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent,
 )
@@ -130,6 +130,12 @@ class Facade:
 
     def cancel(self, generation: Generation) -> None:
         self._engine.cancel(generation.request)
+
+    def tokenize(self, inp: GenerateInput) -> tuple[list[int], int]:
+        """The prompt's (or messages') token ids as Generate would feed them, however long, and
+        the most tokens one request may hold (blocking: the tokenizer runs here)."""
+        engine = self._engine
+        return prompt_ids(inp, engine.base, engine.settings, check_length=False), request_context(engine.base, engine.settings)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text (special tokens as empty text), as logprobs name tokens."""

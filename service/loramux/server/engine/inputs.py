@@ -65,9 +65,10 @@ class GenerateInput:
     top_logprobs: int = 0
 
 
-def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[int]:
+def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings, check_length: bool = True) -> list[int]:
     """The prompt's token ids. Text is bounded in bytes before it is tokenized, so the time a
-    request can spend in the tokenizer is bounded too."""
+    request can spend in the tokenizer is bounded too. `check_length`: refuse a prompt longer
+    than a request may hold (Tokenize counts it instead)."""
     given = [name for name, present in (
         ("prompt", bool(inp.prompt)),
         ("prompt_token_ids", bool(inp.prompt_token_ids)),
@@ -91,7 +92,8 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[
             max_prompt_bytes=settings.max_prompt_bytes,
         )
     if inp.prompt_token_ids:
-        _check_length(len(inp.prompt_token_ids), "prompt_token_ids", base, settings)
+        if check_length:
+            _check_length(len(inp.prompt_token_ids), "prompt_token_ids", base, settings)
         ids = list(inp.prompt_token_ids)
         bad = [t for t in ids if not 0 <= t < base.vocab_size]
         if bad:
@@ -118,7 +120,8 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings) -> list[
         ids = tokenizer(inp.prompt)["input_ids"]
     if not ids:
         raise InvalidRequest("the prompt encodes to no tokens", field=given[0], reason="PROMPT_EMPTY")
-    _check_length(len(ids), given[0], base, settings)
+    if check_length:
+        _check_length(len(ids), given[0], base, settings)
     return ids
 
 

@@ -66,6 +66,16 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
     )
 
 
+def tokenize_input(req: generation_pb2.TokenizeRequest) -> GenerateInput:
+    return GenerateInput(
+        prompt=req.prompt,
+        messages=[(m.role, m.content) for m in req.messages],
+        message_extras=[_json(m.extra_json, f"messages[{i}].extra_json", dict) for i, m in enumerate(req.messages)],
+        tools=_json(req.tools_json, "tools_json", list),
+        chat_template_kwargs=_json(req.chat_template_kwargs_json, "chat_template_kwargs_json", dict),
+    )
+
+
 def _json(text: str, field: str, kind: type):
     """A JSON field of the request (empty: an empty `kind`)."""
     if not text:

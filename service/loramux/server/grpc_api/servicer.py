@@ -264,5 +264,10 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         return convert.operation(op)
 
     @maps_errors
+    async def Tokenize(self, request, context):
+        ids, context_tokens = await _blocking(self._pools.admission, self.facade.tokenize, convert.tokenize_input(request))
+        return generation_pb2.TokenizeResponse(token_ids=ids, max_context=context_tokens)
+
+    @maps_errors
     async def GetServerInfo(self, request, context):
         return convert.server_info(await _blocking(self._pools.adapters, self.facade.server_info))

@@ -5,6 +5,7 @@ and converts back; errors leave through `errors.error_response`, the one mapping
   adapters, or the served base model; `stream: true` answers as server-sent events ending
   with `data: [DONE]` (`stream_options.include_usage` adds a last chunk with the usage);
 - `GET /v1/models`, `GET /v1/models/{id}`: the base model and the caller's adapters;
+- `POST /tokenize` (vLLM's): the token ids a prompt or chat messages become, and the context;
 - `GET /health` (liveness: the process answers), `GET /ready` (the engine makes progress and
   the server is not draining): for probes and routers.
 
@@ -35,7 +36,7 @@ from starlette.routing import Route
 from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, Generation, Mailbox, TokenEvent
 from loramux.server.errors import InvalidRequest, LoramuxError, ShuttingDown
 from loramux.server.http_api.errors import error_response, status_of
-from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, parse
+from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse
 from loramux.server.tenancy.auth import Authenticator, caller
 
 access_log = logging.getLogger("loramux.access")
@@ -59,6 +60,7 @@ class HttpFrontDoor:
             Route("/v1/completions", self._endpoint("Generate", self.completions), methods=["POST"]),
             Route("/v1/chat/completions", self._endpoint("Generate", self.chat_completions), methods=["POST"]),
             Route("/v1/models", self._endpoint("ListAdapters", self.models), methods=["GET"]),
+            Route("/tokenize", self._endpoint("Tokenize", self.tokenize), methods=["POST"]),
             Route("/v1/models/{model:path}", self._endpoint("ListAdapters", self.model), methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
@@ -280,6 +282,11 @@ class HttpFrontDoor:
             at += len(text)
         return {"tokens": texts, "token_logprobs": values,
                 "top_logprobs": [dict(top) for top in tops] if alternatives else None, "text_offset": offsets}
+
+    async def tokenize(self, request: Request) -> Response:
+        body = parse(TokenizeRequest, await self._body(request))
+        ids, context_tokens = await self._blocking(self._pools.admission, self.facade.tokenize, body.to_input())
+        return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": context_tokens})
 
     # -- models and probes ----------------------------------------------------------------
 

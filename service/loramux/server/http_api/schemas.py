@@ -158,6 +158,24 @@ class ChatCompletionRequest(_Common):
                              top_logprobs=self.top_logprobs or 0, **sampling)
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's /tokenize: a prompt, or chat messages rendered as /v1/chat/completions renders them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = Field(default=None, max_length=256)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    tools: list[dict[str, Any]] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def to_input(self) -> GenerateInput:
+        messages = self.messages or []
+        return GenerateInput(prompt=self.prompt or "", messages=[(m.role, m.text(i)) for i, m in enumerate(messages)],
+                             message_extras=[m.extras() for m in messages], tools=list(self.tools or []),
+                             chat_template_kwargs=dict(self.chat_template_kwargs or {}))
+
+
 def parse(model: type[BaseModel], body: bytes) -> Any:
     """The body as `model`, or InvalidRequest naming the first field at fault."""
     try:

@@ -3,7 +3,7 @@
 A call carries `authorization: Bearer <key>`; the key names a tenant and a role
 (`server/keys.py`). Roles, each allowed what the one before it is:
 
-- user: Generate, GenerateStream, GetAdapter, ListAdapters;
+- user: Generate, GenerateStream, Tokenize, GetAdapter, ListAdapters;
 - admin: also LoadAdapter, UnloadAdapter, Merge and the Operations service;
 - operator: also GetServerInfo, and any tenant's data: an operator's call acts for the tenant
   named in `x-loramux-tenant` (its own key's tenant without one).
@@ -48,6 +48,7 @@ METHOD_ROLES = {
     "CancelOperation": "admin",
     "DeleteOperation": "admin",
     "GetServerInfo": "operator",
+    "Tokenize": "user",
 }
 caller: contextvars.ContextVar[Identity] = contextvars.ContextVar("loramux_caller")
 
