@@ -105,3 +105,14 @@ def test_quick_inference_options_benchmark_runs_every_configuration_and_agrees_w
             # Greedy fp32: the same tokens as the eager server (the peft oracle's, tested elsewhere).
             assert row["sequences_equal"] == f"{5 * 6}/{5 * 6}", config
     assert "| h128-l2 | compile+static |" in (tmp_path / "inference_options.md").read_text()
+
+
+def test_quick_front_doors_benchmark_measures_both_doors_round_by_round(tmp_path):
+    from loramux.bench.front_doors import main as doors_main
+
+    assert doors_main(["--quick", "--out", str(tmp_path)]) == 0
+    (cell,) = json.loads((tmp_path / "front_doors.json").read_text())["cells"]
+    for door in ("grpc", "http"):
+        assert len(cell[door]["tokens_per_s"]) == 1 and cell[door]["tokens_per_s"][0] > 0
+    assert cell["http_over_grpc_tokens_per_s"]["median"] > 0
+    assert "| h128-l2 | http |" in (tmp_path / "front_doors.md").read_text()
