@@ -253,3 +253,31 @@ def test_tokenize_counts_what_generation_would_feed(assets, server, client):
         with pytest.raises(lc.InvalidArgument) as e:
             grpc_client.tokenize()
         assert e.value.reason == "PROMPT_REQUIRED"
+
+
+def test_hostile_bodies_are_bounded_and_specific(server, monkeypatch):
+    import socket
+
+    from loramux.server.http_api import routes
+
+    url = server.base_url + "/completions"
+    headers = {"Authorization": f"Bearer {server.keys['default']}"}
+    # a million logit_bias entries: refused by count (the body itself is within the size bound)
+    body = {"model": "qv-r4", "prompt": "fox", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(1_000_000)}}
+    r = httpx.post(url, json=body, headers=headers, timeout=60)
+    assert r.status_code in (400, 413) and r.json()["error"]["param"] in ("logit_bias", None)
+    r = httpx.post(url, json={"model": "qv-r4", "prompt": "fox", "max_tokens": 1, "n": 2}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(url, json={"model": "qv-r4", "prompt": [[1, 2], [3]], "max_tokens": 1}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(url, json={"model": "qv-r4", "prompt": [10**12], "max_tokens": 1}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_token_ids"
+    # a body that trickles in: answered 408 once its time is up, the server serving others meanwhile
+    monkeypatch.setattr(routes, "BODY_TIMEOUT_S", 0.5)
+    port = server.running.http_port
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as slow:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + server.keys["default"].encode()
+                     + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200  # others are served
+        answer = slow.recv(4096).decode()
+    assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer

@@ -29,7 +29,7 @@ STATUS = {
     Kind.UNAVAILABLE: 503,
     Kind.DEADLINE_EXCEEDED: 504,
 }
-TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 408: "invalid_request_error",
          404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
          429: "rate_limit_error", 499: "invalid_request_error"}
 OPENAI_CODES = {"ADAPTER_NOT_FOUND": "model_not_found", "PROMPT_TOO_LONG": "context_length_exceeded"}
@@ -38,6 +38,8 @@ OPENAI_CODES = {"ADAPTER_NOT_FOUND": "model_not_found", "PROMPT_TOO_LONG": "cont
 def status_of(error: LoramuxError) -> int:
     if error.reason == "REQUEST_TOO_LARGE":
         return 413
+    if error.reason == "REQUEST_TIMEOUT":
+        return 408
     return STATUS[error.kind]
 
 

@@ -40,6 +40,8 @@ from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionReq
 from loramux.server.tenancy.auth import Authenticator, caller
 
 access_log = logging.getLogger("loramux.access")
+PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread, not the event loop
+BODY_TIMEOUT_S = 30.0  # a request's whole body must arrive within this (a slow sender holds a connection, not the server)
 FINISH = {"length": "length", "stop_token": "stop", "stop_sequence": "stop"}
 
 
@@ -120,12 +122,28 @@ class HttpFrontDoor:
             raise InvalidRequest(f"the request body is {declared} bytes, more than {self.max_body_bytes}",
                                  reason="REQUEST_TOO_LARGE")
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                raise InvalidRequest(f"the request body is more than {self.max_body_bytes} bytes", reason="REQUEST_TOO_LARGE")
-            chunks.append(chunk)
+
+        async def read() -> None:
+            nonlocal size
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > self.max_body_bytes:
+                    raise InvalidRequest(f"the request body is more than {self.max_body_bytes} bytes",
+                                         reason="REQUEST_TOO_LARGE")
+                chunks.append(chunk)
+
+        try:
+            await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise InvalidRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", reason="REQUEST_TIMEOUT") from None
         return b"".join(chunks)
+
+    async def _parsed(self, request: Request, model):
+        """The body as `model`; a large one parsed off the event loop (in the caller's turn)."""
+        body = await self._body(request)
+        if len(body) <= PARSE_ON_LOOP_BYTES:
+            return parse(model, body)
+        return await self._blocking(self._pools.admission, parse, model, body)
 
     def _adapter_of(self, model: str) -> str:
         """The adapter `model` names ("" for the base model)."""
@@ -197,12 +215,12 @@ class HttpFrontDoor:
     # -- generation -----------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        body = parse(CompletionRequest, await self._body(request))
+        body = await self._parsed(request, CompletionRequest)
         inp = body.to_input(self._adapter_of(body.model))
         return await self._answer(request, body, inp, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = parse(ChatCompletionRequest, await self._body(request))
+        body = await self._parsed(request, ChatCompletionRequest)
         inp = body.to_input(self._adapter_of(body.model), self.default_max_tokens)
         return await self._answer(request, body, inp, chat=True)
 
@@ -284,7 +302,7 @@ class HttpFrontDoor:
                 "top_logprobs": [dict(top) for top in tops] if alternatives else None, "text_offset": offsets}
 
     async def tokenize(self, request: Request) -> Response:
-        body = parse(TokenizeRequest, await self._body(request))
+        body = await self._parsed(request, TokenizeRequest)
         ids, context_tokens = await self._blocking(self._pools.admission, self.facade.tokenize, body.to_input())
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": context_tokens})
 
