@@ -122,7 +122,7 @@ def test_errors_are_openai_error_objects_with_the_right_status(server, client):
     assert e.value.param == "temperature"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="qv-r4", prompt="fox", max_tokens=10**9)
-    assert e.value.param == "max_new_tokens"
+    assert e.value.param == "max_tokens"  # the engine's max_new_tokens, named as the request names it
 
 
 def test_malformed_and_oversized_bodies_are_refused_cleanly(server):
@@ -271,7 +271,11 @@ def test_hostile_bodies_are_bounded_and_specific(server, monkeypatch):
     r = httpx.post(url, json={"model": "qv-r4", "prompt": [[1, 2], [3]], "max_tokens": 1}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = httpx.post(url, json={"model": "qv-r4", "prompt": [10**12], "max_tokens": 1}, headers=headers)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_token_ids"
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    r = httpx.post(url, json={"model": "qv-r4", "prompt": "fox", "max_tokens": 1, "logit_bias": {"\u00b2": 1}}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias"  # a digit to isdigit(), not to int()
+    r = httpx.post(url, json={"model": "qv-r4", "prompt": "fox", "max_tokens": 0}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     # a body that trickles in: answered 408 once its time is up, the server serving others meanwhile
     monkeypatch.setattr(routes, "BODY_TIMEOUT_S", 0.5)
     port = server.running.http_port
@@ -281,3 +285,16 @@ def test_hostile_bodies_are_bounded_and_specific(server, monkeypatch):
         assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200  # others are served
         answer = slow.recv(4096).decode()
     assert answer.startswith("HTTP/1.1 408") and "request_timeout" in answer
+
+
+def test_a_client_that_disconnects_before_a_whole_answer_frees_its_row(server):
+    import socket
+
+    engine = server.engine
+    body = json.dumps({"model": "qv-r4", "prompt": "fox", "max_tokens": 4000, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", server.running.http_port), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + server.keys["default"].encode()
+                  + b"\r\nContent-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                  + body)
+        eventually(lambda: engine.stats().running == 1)
+    eventually(lambda: engine.stats().running == 0)  # not streamed: freed all the same

@@ -33,6 +33,9 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
          404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
          429: "rate_limit_error", 499: "invalid_request_error"}
 OPENAI_CODES = {"ADAPTER_NOT_FOUND": "model_not_found", "PROMPT_TOO_LONG": "context_length_exceeded"}
+# The engine's field names as the OpenAI request names them.
+OPENAI_PARAMS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt", "return_logprobs": "logprobs",
+                 "adapter_id": "model"}
 
 
 def status_of(error: LoramuxError) -> int:
@@ -52,7 +55,8 @@ def error_response(error: BaseException) -> JSONResponse:
     if not isinstance(error, LoramuxError):
         error = InternalError.logged(error)
     status = status_of(error)
-    body = error_body(status, error.message, OPENAI_CODES.get(error.reason, error.reason.lower()), error.field)
+    param = OPENAI_PARAMS.get(error.field, error.field) if error.field else None
+    body = error_body(status, error.message, OPENAI_CODES.get(error.reason, error.reason.lower()), param)
     headers = {}
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))

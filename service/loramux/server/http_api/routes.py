@@ -29,12 +29,12 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, Generation, Mailbox, TokenEvent
-from loramux.server.errors import InvalidRequest, LoramuxError, ShuttingDown
+from loramux.server.errors import Cancelled, InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.server.http_api.errors import error_response, status_of
 from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse
 from loramux.server.tenancy.auth import Authenticator, caller
@@ -134,6 +134,8 @@ class HttpFrontDoor:
 
         try:
             await asyncio.wait_for(read(), BODY_TIMEOUT_S)
+        except ClientDisconnect:
+            raise Cancelled("the client went away while sending its request") from None
         except asyncio.TimeoutError:
             raise InvalidRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", reason="REQUEST_TIMEOUT") from None
         return b"".join(chunks)
@@ -204,12 +206,11 @@ class HttpFrontDoor:
         watch = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if work not in done:
-                work.cancel()
-                self.facade.cancel(generation)
-                raise asyncio.CancelledError("the client disconnected")
+            if work not in done:  # the request is cancelled as `work` ends (its events' finally)
+                raise Cancelled("the client went away before the answer was ready")
             return work.result()
         finally:
+            work.cancel()
             watch.cancel()
 
     # -- generation -----------------------------------------------------------------------
@@ -277,9 +278,12 @@ class HttpFrontDoor:
                 yield chunk(choice)
                 if reason is not None and usage:
                     yield chunk(None, usage=_usage(event))
-        except LoramuxError as e:  # after the first byte the status is sent: the error is the last event
-            body = json.loads(error_response(e).body)
-            body["error"]["status"] = status_of(e)
+        except Exception as e:  # noqa: BLE001 - after the first byte the status is sent: the error is the last event
+            error = e if isinstance(e, LoramuxError) else InternalError.logged(e)
+            body = json.loads(error_response(error).body)
+            body["error"]["status"] = status_of(error)
+            span.set_attribute("error.type", error.reason)
+            span.set_status(trace.Status(trace.StatusCode.ERROR, f"in stream: {error.reason}"))
             yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 

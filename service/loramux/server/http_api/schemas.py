@@ -40,7 +40,7 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str = Field(min_length=1, max_length=256)
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -66,7 +66,7 @@ class _Common(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not key.lstrip("-").isdigit() or len(key) > 12:
+            if not (key.isascii() and key.lstrip("-").isdecimal()) or len(key) > 12:
                 raise InvalidRequest(f"logit_bias keys must be token ids, got {key[:40]!r}", field="logit_bias",
                                      reason="INVALID_PARAMETER")
             bias[int(key)] = value
@@ -135,7 +135,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None

@@ -9,6 +9,7 @@ finishes what runs, then uvicorn closes its connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 
@@ -17,6 +18,7 @@ import uvicorn
 from loramux.server.errors import InvalidSettings
 
 log = logging.getLogger(__name__)
+GRACEFUL_S = 2  # at shutdown, connections still open after this (a stream nobody reads) are closed
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -38,6 +40,15 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server without its signal handlers: `loramux serve` owns SIGTERM and SIGINT
+    (they drain both front doors in order), and uvicorn would replace and later reset them."""
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        yield
+
+
 class HttpServer:
     """uvicorn serving `app` on an already bound socket, as a task of the running loop."""
 
@@ -47,8 +58,9 @@ class HttpServer:
         config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, server_header=False,
                                 timeout_keep_alive=30, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
                                 ssl_ca_certs=tls_client_ca, ssl_cert_reqs=2 if tls_client_ca else 0,
-                                h11_max_incomplete_event_size=64 * 1024)
-        self._server = uvicorn.Server(config)
+                                h11_max_incomplete_event_size=64 * 1024,
+                                timeout_graceful_shutdown=GRACEFUL_S)
+        self._server = _Server(config)
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
