@@ -298,3 +298,15 @@ def test_a_client_that_disconnects_before_a_whole_answer_frees_its_row(server):
                   + body)
         eventually(lambda: engine.stats().running == 1)
     eventually(lambda: engine.stats().running == 0)  # not streamed: freed all the same
+
+
+def test_streamed_logprobs_offsets_run_on_across_chunks(client):
+    chunks = list(client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=0,
+                                            stream=True, extra_body={"top_k": -1}))  # -1: vLLM's "off", accepted
+    seen = ""
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs is not None:
+            assert c.choices[0].logprobs.text_offset[0] == len(seen)
+        if c.choices:
+            seen += c.choices[0].text
+    assert seen

@@ -138,9 +138,14 @@ class Facade:
         return prompt_ids(inp, engine.base, engine.settings, check_length=False), request_context(engine.base, engine.settings)
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token's own text (special tokens as empty text), as logprobs name tokens."""
-        decode = self._engine.base.decode_text
-        return [decode([i]) for i in ids]
+        """Each token's own text, as logprobs name tokens: the token turned into text alone
+        (a SentencePiece token keeps its leading space, which decoding it alone would drop)."""
+        tokenizer = self._engine.base.tokenizer
+        try:
+            return [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(ids)]
+        except Exception:  # noqa: BLE001 - a tokenizer without the conversion: decode each token
+            decode = self._engine.base.decode_text
+            return [decode([i]) for i in ids]
 
     def healthy(self) -> bool:
         """Whether the engine makes progress (alive, no pass stalled past engine_stall_s)."""

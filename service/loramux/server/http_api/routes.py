@@ -259,6 +259,7 @@ class HttpFrontDoor:
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
         try:
+            offset = 0  # characters of text before this chunk's first token (logprobs' text_offset)
             if chat:
                 yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                              "finish_reason": None})
@@ -270,7 +271,8 @@ class HttpFrontDoor:
                 if not event.text and not tokens and reason is None:
                     continue
                 choice = {"index": 0, "finish_reason": reason,
-                          "logprobs": self._logprobs(tokens, values, alternatives, chat) if logprobs and tokens else None}
+                          "logprobs": self._logprobs(tokens, values, alternatives, chat, offset) if logprobs and tokens else None}
+                offset += len(event.text)
                 if chat:
                     choice["delta"] = {"content": event.text} if event.text or reason is None else {}
                 else:
@@ -287,7 +289,7 @@ class HttpFrontDoor:
             yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
 
-    def _logprobs(self, tokens: list[int], values: list[float], alternatives: list, chat: bool) -> dict:
+    def _logprobs(self, tokens: list[int], values: list[float], alternatives: list, chat: bool, offset: int = 0) -> dict:
         """OpenAI's logprobs object: each chosen token's text and log-probability, and with
         top_logprobs its most likely alternatives (the model's own scores, before sampling's
         adjustments)."""
@@ -298,7 +300,7 @@ class HttpFrontDoor:
             return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()),
                                  "top_logprobs": [{"token": a, "logprob": w, "bytes": list(a.encode())} for a, w in top]}
                                 for t, v, top in zip(texts, values, tops)]}
-        offsets, at = [], 0
+        offsets, at = [], offset
         for text in texts:
             offsets.append(at)
             at += len(text)

@@ -79,7 +79,7 @@ class _Common(BaseModel):
             max_new_tokens=default_max_tokens if self.max_tokens is None else self.max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=self.top_k or 0,
+            top_k=0 if self.top_k in (None, -1) else self.top_k,  # -1: vLLM's "off"
             repetition_penalty=self.repetition_penalty or 0.0,
             seed=self.seed,
             stop=stop,
