@@ -266,6 +266,9 @@ def test_hostile_bodies_are_bounded_and_specific(server, monkeypatch):
     body = {"model": "qv-r4", "prompt": "fox", "max_tokens": 1, "logit_bias": {str(i): 1 for i in range(1_000_000)}}
     r = httpx.post(url, json=body, headers=headers, timeout=60)
     assert r.status_code in (400, 413) and r.json()["error"]["param"] in ("logit_bias", None)
+    chat = {"model": "qv-r4", "messages": [{"role": "user", "content": "x"}] * 5000, "max_tokens": 1}
+    r = httpx.post(server.base_url + "/chat/completions", json=chat, headers=headers, timeout=60)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"  # bounded as it is parsed
     r = httpx.post(url, json={"model": "qv-r4", "prompt": "fox", "max_tokens": 1, "n": 2}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
     r = httpx.post(url, json={"model": "qv-r4", "prompt": [[1, 2], [3]], "max_tokens": 1}, headers=headers)

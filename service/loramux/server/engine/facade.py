@@ -25,7 +25,15 @@ from loramux.server.merging.combine import Combination
 from loramux.server.engine.compiled_step import CompiledDecode
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.graph_step import GraphDecode
-from loramux.server.engine.inputs import GenerateInput, prompt_ids, request_context
+from loramux.server.engine.inputs import (
+    MAX_LOGIT_BIAS,
+    MAX_MESSAGES,
+    MAX_STOP_SEQUENCES,
+    MAX_STOP_TOKEN_IDS,
+    GenerateInput,
+    prompt_ids,
+    request_context,
+)
 from loramux.server.engine.request import (
     ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent,
 )
@@ -38,6 +46,8 @@ REMOTE_OPERATION_POLL_S = 0.25  # waiting on another replica's operation: how of
 __all__ = [
     "AdapterInfo", "Combination", "ErrorEvent", "Event", "Facade", "FinishEvent", "FinishReason", "GenerateInput",
     "Generation", "MergeJob", "MergeResult", "Operation", "ServerInfo", "Tier", "Timings", "TokenEvent",
+    # The bounds a request's lists are checked against (a front door may refuse longer ones while parsing).
+    "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_STOP_SEQUENCES", "MAX_STOP_TOKEN_IDS",
 ]
 
 

@@ -16,11 +16,12 @@ from typing import Any
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from loramux.server.engine.facade import GenerateInput
+from loramux.server.engine.facade import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, GenerateInput
 from loramux.server.errors import InvalidRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions
 MAX_PROMPT_IDS = 1 << 20
+MAX_TOOLS = 256  # tool definitions in one request
 
 # Parameters of OpenAI's API not implemented yet, and the value that means "not used".
 NOT_YET = {
@@ -46,13 +47,15 @@ class _Common(BaseModel):
     top_k: int | None = None
     repetition_penalty: float | None = None
     seed: int | None = Field(default=None, ge=-(1 << 63), lt=1 << 64)
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    # Lists are bounded where they are parsed, so that a body of a million entries is refused
+    # before it costs the server more than reading it.
+    stop: str | list[str] | None = Field(default=None, max_length=MAX_STOP_SEQUENCES)
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     min_p: float | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     min_tokens: int | None = Field(default=None, ge=0)
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -134,11 +137,11 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(_Common):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tools: list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -165,8 +168,8 @@ class TokenizeRequest(BaseModel):
 
     model: str | None = Field(default=None, max_length=256)
     prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    tools: list[dict[str, Any]] | None = None
+    messages: list[ChatMessage] | None = Field(default=None, max_length=MAX_MESSAGES)
+    tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     chat_template_kwargs: dict[str, Any] | None = None
 
     def to_input(self) -> GenerateInput:
