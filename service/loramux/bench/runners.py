@@ -6,6 +6,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -78,6 +79,34 @@ def engine_poisson(engine: Engine, reqs: list[Req], arrivals: list[float]) -> li
     return [_check(sink.get(timeout=600)) for _ in reqs]
 
 
+def _closed_loop(reqs: list[Req], concurrency: int, one: Callable[[int, Req, Record], None]) -> list[Record]:
+    """`concurrency` client threads, each sending its next request when its last one finished;
+    `one(i, req, record)` sends request i and appends each token's arrival to the record."""
+    records: list[Record | None] = [None] * len(reqs)
+    next_index = iter(range(len(reqs)))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def worker():
+        while True:
+            with lock:
+                i = next(next_index, None)
+            if i is None:
+                return
+            record = Record(time.monotonic(), [])
+            try:
+                one(i, reqs[i], record)
+            except BaseException as e:
+                errors.append(e)
+                return
+            records[i] = record
+
+    _run_threads(worker, concurrency)
+    if errors:
+        raise errors[0]
+    return records
+
+
 def grpc_closed_loop(
     target: str, reqs: list[Req], concurrency: int, tracer_provider=None, use_adapter: bool = True, sampling: dict | None = None,
     api_key: str | None = None,
@@ -86,37 +115,16 @@ def grpc_closed_loop(
     one finished. `sampling`: temperature, top_p, top_k for every request (seeded by index)."""
     import loramux.client as lc
 
-    records: list[Record | None] = [None] * len(reqs)
-    next_index = iter(range(len(reqs)))
-    lock = threading.Lock()
-    errors: list[BaseException] = []
     with lc.Client(target, timeout=600, tracer_provider=tracer_provider, api_key=api_key) as client:
 
-        def worker():
-            while True:
-                with lock:
-                    i = next(next_index, None)
-                if i is None:
-                    return
-                req = reqs[i]
-                record = Record(time.monotonic(), [])
-                extra = dict(sampling, seed=i) if sampling else {}
-                try:
-                    for chunk in client.generate_stream(
-                        adapter_id=req.adapter if use_adapter else "", prompt_token_ids=req.prompt,
-                        max_new_tokens=req.output_tokens, ignore_eos=True, **extra,
-                    ):
-                        now = time.monotonic()
-                        record.token_times += [now] * len(chunk.token_ids)
-                except BaseException as e:
-                    errors.append(e)
-                    return
-                records[i] = record
+        def one(i: int, req: Req, record: Record) -> None:
+            extra = dict(sampling, seed=i) if sampling else {}
+            for chunk in client.generate_stream(adapter_id=req.adapter if use_adapter else "", prompt_token_ids=req.prompt,
+                                                max_new_tokens=req.output_tokens, ignore_eos=True, **extra):
+                now = time.monotonic()
+                record.token_times += [now] * len(chunk.token_ids)
 
-        _run_threads(worker, concurrency)
-    if errors:
-        raise errors[0]
-    return records
+        return _closed_loop(reqs, concurrency, one)
 
 
 def grpc_load(target: str, reqs: list[Req], concurrency: int, **kwargs) -> tuple[list[Record], float]:
@@ -213,35 +221,16 @@ def http_closed_loop(base_url: str, reqs: list[Req], concurrency: int, api_key: 
     client: each request streamed as server-sent events (one event per decoded token)."""
     import openai
 
-    records: list[Record | None] = [None] * len(reqs)
-    next_index = iter(range(len(reqs)))
-    lock = threading.Lock()
-    errors: list[BaseException] = []
     with openai.OpenAI(base_url=base_url, api_key=api_key, max_retries=0, timeout=600) as client:
 
-        def worker():
-            while True:
-                with lock:
-                    i = next(next_index, None)
-                if i is None:
-                    return
-                req = reqs[i]
-                record = Record(time.monotonic(), [])
-                try:
-                    stream = client.completions.create(model=req.adapter, prompt=req.prompt, max_tokens=req.output_tokens,
-                                                       temperature=0, stream=True, extra_body={"ignore_eos": True})
-                    for chunk in stream:
-                        if chunk.choices and chunk.choices[0].finish_reason is None:
-                            record.token_times.append(time.monotonic())
-                except BaseException as e:
-                    errors.append(e)
-                    return
-                records[i] = record
+        def one(i: int, req: Req, record: Record) -> None:
+            stream = client.completions.create(model=req.adapter, prompt=req.prompt, max_tokens=req.output_tokens,
+                                               temperature=0, stream=True, extra_body={"ignore_eos": True})
+            for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason is None:
+                    record.token_times.append(time.monotonic())
 
-        _run_threads(worker, concurrency)
-    if errors:
-        raise errors[0]
-    return records
+        return _closed_loop(reqs, concurrency, one)
 
 
 def http_load(base_url: str, reqs: list[Req], concurrency: int) -> tuple[list[Record], float]:

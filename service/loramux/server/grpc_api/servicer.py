@@ -27,9 +27,10 @@ from opentelemetry import trace
 
 from loramux.server.grpc_api import convert
 from loramux.server.tenancy.auth import Authenticator, caller
+from loramux.server.front_door.generation import events as generation_events
 from loramux.server.front_door.pools import Pools, blocking as _blocking
 from loramux.server.grpc_api.status import abort, code_of
-from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, Mailbox, TokenEvent
+from loramux.server.engine.facade import Event, Facade, FinishEvent, Mailbox, TokenEvent
 from loramux.server.errors import InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2_grpc
 
@@ -194,26 +195,8 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         generation = await _blocking(self._pools.admission, self.facade.generate, tenant, inp, emit,
                                      deadline, trace_context=otel_context.get_current())
         span.set_attribute("gen_ai.request.max_tokens", generation.max_new_tokens)
-        finished = False
-        try:
-            while True:
-                event = await events.get()
-                if isinstance(event, ErrorEvent):
-                    finished = True
-                    raise event.error
-                finished = isinstance(event, FinishEvent)
-                if finished:
-                    span.set_attributes({
-                        "gen_ai.usage.input_tokens": event.prompt_tokens,
-                        "gen_ai.usage.output_tokens": event.completion_tokens,
-                        "gen_ai.response.finish_reasons": (event.finish_reason.value,),
-                    })
-                yield event
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.facade.cancel(generation)
+        async for event in generation_events(self.facade, generation, events, span):
+            yield event
 
     @maps_errors
     async def Generate(self, request, context):

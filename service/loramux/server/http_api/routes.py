@@ -33,8 +33,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, Generation, Mailbox, TokenEvent
+from loramux.server.engine.facade import Event, Facade, FinishEvent, Generation, Mailbox, TokenEvent
 from loramux.server.errors import Cancelled, InternalError, InvalidRequest, LoramuxError, ShuttingDown
+from loramux.server.front_door.generation import events as generation_events
 from loramux.server.http_api.errors import error_response, status_of
 from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse
 from loramux.server.tenancy.auth import Authenticator, caller
@@ -172,30 +173,10 @@ class HttpFrontDoor:
         span.set_attribute("gen_ai.request.max_tokens", generation.max_new_tokens)
         return generation, events
 
-    async def _events(self, generation: Generation, events: asyncio.Queue, span) -> AsyncIterator[Event]:
-        """The generation's events until it finishes; raises its error. If the consumer stops
-        early (the client went away), the request is cancelled. `span`: the request's (a
+    def _events(self, generation: Generation, events: asyncio.Queue, span) -> AsyncIterator[Event]:
+        """The generation's events (`front_door/generation.py`); `span`: the request's (a
         stream runs after its endpoint returned, outside the span's context)."""
-        finished = False
-        try:
-            while True:
-                event = await events.get()
-                if isinstance(event, ErrorEvent):
-                    finished = True
-                    raise event.error
-                finished = isinstance(event, FinishEvent)
-                if finished:
-                    span.set_attributes({
-                        "gen_ai.usage.input_tokens": event.prompt_tokens,
-                        "gen_ai.usage.output_tokens": event.completion_tokens,
-                        "gen_ai.response.finish_reasons": (event.finish_reason.value,),
-                    })
-                yield event
-                if finished:
-                    return
-        finally:
-            if not finished:
-                self.facade.cancel(generation)
+        return generation_events(self.facade, generation, events, span)
 
     async def _collect(self, request: Request, generation: Generation, events: asyncio.Queue, span):
         """Every event of a non-streamed request, cancelling it if the client disconnects."""
