@@ -54,7 +54,7 @@ class Settings:
     dtype, half the adapter memory under bfloat16/float16, further from float32."""
     lora_kernel: str = "torch"
     """How the LoRA path runs. torch: two GEMMs over the batch's adapters side by side, each
-    row's columns masked (three operators per layer). triton: two Triton kernels per layer
+    row's columns masked (four operators per layer). triton: two Triton kernels per layer
     for the whole batch, each row reading only its own adapter's columns (CUDA; not with
     compile). Which is faster on a GPU is measured by scripts/gpu/ before it becomes the default."""
     device: str = "auto"

@@ -110,7 +110,7 @@ class GraphDecode:
             return self._eager(input_ids, positions, inputs, plan)
         self._load(input_ids, positions, n, rows, widths)
         if lora:
-            self._route(plan, rows)
+            self._route(plan)
         key = (*bucket, self.base.bank.routing.buffers if lora else 0)
         graph = self._graphs.get(key)
         if graph is None:
@@ -135,7 +135,7 @@ class GraphDecode:
         seen = self._span[None, :width] <= self._positions[:rows]  # [rows, width]: a row's own positions
         self._masks[width][:rows].copy_(self.pool.step_mask(seen))
 
-    def _route(self, plan: RoutingPlan, rows: int) -> None:
+    def _route(self, plan: RoutingPlan) -> None:
         """Each layer's runs for the plan's rows into the buffers, when the plan (or a slot's
         weights, or a buffer's place) changed since they were written."""
         routing = self.base.bank.routing

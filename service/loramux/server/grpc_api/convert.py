@@ -43,10 +43,7 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
         adapter_id=req.adapter_id,
         prompt=req.prompt,
         prompt_token_ids=list(req.prompt_token_ids),
-        messages=[(m.role, m.content) for m in req.messages],
-        message_extras=[_json(m.extra_json, f"messages[{i}].extra_json", dict) for i, m in enumerate(req.messages)],
-        tools=_json(req.tools_json, "tools_json", list),
-        chat_template_kwargs=_json(req.chat_template_kwargs_json, "chat_template_kwargs_json", dict),
+        **_chat_fields(req),
         max_new_tokens=req.max_new_tokens,
         temperature=req.temperature,
         top_p=req.top_p,
@@ -67,8 +64,12 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
 
 
 def tokenize_input(req: generation_pb2.TokenizeRequest) -> GenerateInput:
-    return GenerateInput(
-        prompt=req.prompt,
+    return GenerateInput(prompt=req.prompt, **_chat_fields(req))
+
+
+def _chat_fields(req: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequest) -> dict:
+    """The chat fields both requests carry, their JSON parsed and checked."""
+    return dict(
         messages=[(m.role, m.content) for m in req.messages],
         message_extras=[_json(m.extra_json, f"messages[{i}].extra_json", dict) for i, m in enumerate(req.messages)],
         tools=_json(req.tools_json, "tools_json", list),

@@ -119,7 +119,7 @@ class HttpFrontDoor:
 
     async def _body(self, request: Request) -> bytes:
         declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > self.max_body_bytes:
+        if declared is not None and declared.isascii() and declared.isdecimal() and int(declared) > self.max_body_bytes:
             raise InvalidRequest(f"the request body is {declared} bytes, more than {self.max_body_bytes}",
                                  reason="REQUEST_TOO_LARGE")
         chunks, size = [], 0
