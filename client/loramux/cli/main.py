@@ -53,6 +53,12 @@ def _client_parsers(sub) -> None:
                      help="added to a token's logit, in [-100, 100] (repeatable)")
     gen.add_argument("--seed", type=int)
     gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
+    shape = gen.add_mutually_exclusive_group()
+    shape.add_argument("--json", action="store_true", help="the answer is a JSON object")
+    shape.add_argument("--json-schema", metavar="FILE", help="the answer follows the JSON Schema in FILE")
+    shape.add_argument("--regex", help="the answer matches this regex")
+    shape.add_argument("--grammar", metavar="FILE", help="the answer follows the Lark grammar in FILE")
+    shape.add_argument("--choice", action="append", metavar="TEXT", help="the answer is one of these (repeatable)")
     gen.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
 
     merge = sub.add_parser("merge", help="merge an adapter (or a weighted combination) into the base and write a checkpoint")
@@ -194,6 +200,16 @@ def _logit_bias(pairs: list[str]) -> dict[int, float]:
     return bias
 
 
+def _read_text(path: str | None, flag: str) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: {flag} {path}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}") from None
+
+
 def _generate(client, args) -> int:
     kwargs = dict(
         adapter_id=args.adapter,
@@ -209,6 +225,11 @@ def _generate(client, args) -> int:
         logit_bias=_logit_bias(args.logit_bias),
         seed=args.seed,
         stop=args.stop,
+        json_object=args.json,
+        json_schema=_read_text(args.json_schema, "--json-schema"),
+        regex=args.regex,
+        grammar=_read_text(args.grammar, "--grammar"),
+        choice=args.choice,
     )
     if args.prompt is not None:
         kwargs["prompt"] = args.prompt

@@ -53,6 +53,11 @@ def generate_request(
     top_logprobs: int = 0,
     tools: Sequence[Mapping] | None = None,
     chat_template_kwargs: Mapping | None = None,
+    json_object: bool = False,
+    json_schema: Mapping | str | None = None,
+    regex: str | None = None,
+    grammar: str | None = None,
+    choice: Sequence[str] | None = None,
 ) -> generation_pb2.GenerateRequest:
     request = generation_pb2.GenerateRequest(
         adapter_id=adapter_id,
@@ -86,6 +91,19 @@ def generate_request(
             request.messages.add(role=role, content=content)
     if seed is not None:
         request.seed = seed
+    structured = {name: value for name, value in (("json_object", json_object or None), ("json_schema", json_schema),
+                                                  ("regex", regex), ("grammar", grammar), ("choice", choice))
+                  if value is not None}
+    if len(structured) > 1:
+        raise ValueError(f"at most one of json_object, json_schema, regex, grammar and choice, got {', '.join(structured)}")
+    for name, value in structured.items():
+        so = request.structured_output
+        if name == "choice":
+            so.choice.choices.extend(value)
+        elif name == "json_schema":
+            so.json_schema = value if isinstance(value, str) else json.dumps(dict(value))
+        else:
+            setattr(so, name, value)
     return request
 
 

@@ -131,7 +131,8 @@ class Client:
         and adapter_id= (empty: the base model) plus sampling parameters
         (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
         stop_token_ids, return_logprobs, ignore_eos, presence_penalty, frequency_penalty, min_p,
-        logit_bias, min_tokens, top_logprobs)."""
+        logit_bias, min_tokens, top_logprobs), and at most one structured output: json_object=True,
+        json_schema= (a dict or JSON text), regex=, grammar= (Lark) or choice= (strings)."""
         response = self._stub.Generate(_convert.generate_request(**kwargs), timeout=self._deadline(timeout))
         return _convert.generate_result(response)
 

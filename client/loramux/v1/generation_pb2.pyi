@@ -30,7 +30,7 @@ class _FinishReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_FinishRe
     FINISH_REASON_LENGTH: _FinishReason.ValueType  # 1
     """max_new_tokens, or the model's context length, was reached."""
     FINISH_REASON_STOP_TOKEN: _FinishReason.ValueType  # 2
-    """The EOS token or one of stop_token_ids was generated."""
+    """The EOS token or one of stop_token_ids was generated, or a structured answer is complete."""
     FINISH_REASON_STOP_SEQUENCE: _FinishReason.ValueType  # 3
     """One of the stop strings appeared in the text."""
 
@@ -40,7 +40,7 @@ FINISH_REASON_UNSPECIFIED: FinishReason.ValueType  # 0
 FINISH_REASON_LENGTH: FinishReason.ValueType  # 1
 """max_new_tokens, or the model's context length, was reached."""
 FINISH_REASON_STOP_TOKEN: FinishReason.ValueType  # 2
-"""The EOS token or one of stop_token_ids was generated."""
+"""The EOS token or one of stop_token_ids was generated, or a structured answer is complete."""
 FINISH_REASON_STOP_SEQUENCE: FinishReason.ValueType  # 3
 """One of the stop strings appeared in the text."""
 Global___FinishReason: _TypeAlias = FinishReason  # noqa: Y015
@@ -124,6 +124,7 @@ class GenerateRequest(_message.Message):
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     TOOLS_JSON_FIELD_NUMBER: _builtins.int
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _builtins.int
+    STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     """The adapter to apply; empty means the base model alone."""
     prompt: _builtins.str
@@ -187,6 +188,10 @@ class GenerateRequest(_message.Message):
     def logit_bias(self) -> _containers.ScalarMap[_builtins.int, _builtins.float]:
         """Added to the logits of these token ids before choosing, in [-100, 100] (at most 1024)."""
 
+    @_builtins.property
+    def structured_output(self) -> Global___StructuredOutput:
+        """Hold the answer to a JSON schema, a regex, a grammar or a list of choices (unset: free text)."""
+
     def __init__(
         self,
         *,
@@ -212,16 +217,83 @@ class GenerateRequest(_message.Message):
         top_logprobs: _builtins.int = ...,
         tools_json: _builtins.str = ...,
         chat_template_kwargs_json: _builtins.str = ...,
+        structured_output: Global___StructuredOutput | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "structured_output", b"structured_output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adapter_id", b"adapter_id", "chat_template_kwargs_json", b"chat_template_kwargs_json", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "min_p", b"min_p", "min_tokens", b"min_tokens", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "repetition_penalty", b"repetition_penalty", "return_logprobs", b"return_logprobs", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "temperature", b"temperature", "tools_json", b"tools_json", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adapter_id", b"adapter_id", "chat_template_kwargs_json", b"chat_template_kwargs_json", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "min_p", b"min_p", "min_tokens", b"min_tokens", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "repetition_penalty", b"repetition_penalty", "return_logprobs", b"return_logprobs", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "structured_output", b"structured_output", "temperature", b"temperature", "tools_json", b"tools_json", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
+
+@_typing.final
+class StructuredOutput(_message.Message):
+    """What the answer must be. Tokens that would break it are never chosen; the answer ends
+    (FINISH_REASON_STOP_TOKEN) as soon as it is complete, or at max_new_tokens (then it may be
+    cut short). Compiled before the request is queued: a constraint that does not compile is
+    INVALID_ARGUMENT (INVALID_GRAMMAR, GRAMMAR_TOO_LARGE, GRAMMAR_TOO_COMPLEX). At most 128 KiB.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JSON_OBJECT_FIELD_NUMBER: _builtins.int
+    JSON_SCHEMA_FIELD_NUMBER: _builtins.int
+    REGEX_FIELD_NUMBER: _builtins.int
+    GRAMMAR_FIELD_NUMBER: _builtins.int
+    CHOICE_FIELD_NUMBER: _builtins.int
+    json_object: _builtins.bool
+    """Any JSON object (OpenAI's json_object)."""
+    json_schema: _builtins.str
+    """A JSON Schema, as JSON text."""
+    regex: _builtins.str
+    """A regular expression the whole answer matches (Rust regex syntax)."""
+    grammar: _builtins.str
+    """A context-free grammar in Lark syntax (llguidance's dialect; `start` is the root)."""
+    @_builtins.property
+    def choice(self) -> Global___Choices:
+        """Exactly one of these strings."""
+
+    def __init__(
+        self,
+        *,
+        json_object: _builtins.bool = ...,
+        json_schema: _builtins.str = ...,
+        regex: _builtins.str = ...,
+        grammar: _builtins.str = ...,
+        choice: Global___Choices | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choice", b"choice", "grammar", b"grammar", "json_object", b"json_object", "json_schema", b"json_schema", "kind", b"kind", "regex", b"regex"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_kind: _TypeAlias = _typing.Literal["json_object", "json_schema", "regex", "grammar", "choice"]  # noqa: Y015
+    _WhichOneofArgType_kind: _TypeAlias = _typing.Literal["kind", b"kind"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_kind) -> _WhichOneofReturnType_kind | None: ...
+
+Global___StructuredOutput: _TypeAlias = StructuredOutput  # noqa: Y015
+
+@_typing.final
+class Choices(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHOICES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def choices(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        choices: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["choices", b"choices"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Choices: _TypeAlias = Choices  # noqa: Y015
 
 @_typing.final
 class TokenizeRequest(_message.Message):

@@ -184,6 +184,14 @@ class NonFiniteOutput(LoramuxError):
     reason = "NON_FINITE_LOGITS"
 
 
+class GrammarFailed(LoramuxError):
+    """A request's structured-output constraint failed while its answer was being generated
+    (the grammar ran past its per-token work limit, or allowed no token)."""
+
+    kind = Kind.INVALID_ARGUMENT
+    reason = "GRAMMAR_FAILED"
+
+
 class Interrupted(LoramuxError):
     """Work that a restart cut short (a merge running when the server stopped)."""
 

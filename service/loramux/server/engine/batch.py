@@ -34,7 +34,7 @@ from loramux.server.engine.request import (
     TokenEvent,
 )
 from loramux.server.engine.sampling import BatchParams, choose_tokens, new_generator
-from loramux.server.errors import Cancelled, DeadlineExceeded, LoramuxError, NonFiniteOutput
+from loramux.server.errors import Cancelled, DeadlineExceeded, GrammarFailed, LoramuxError, NonFiniteOutput
 
 log = logging.getLogger(__name__)
 
@@ -166,10 +166,11 @@ class Batch:
             counts = torch.cat([mine, theirs])
         plan = self.base.bank.plan([row.request.adapter_uid for row in rows], self.base.device)
         params = _batch_params(rows, self.base.device)
+        constrained = [i for i, row in enumerate(rows) if row.request.grammar is not None]
         commit = self.kv.join(other.kv, other.positions)
         commit()
         self.positions, self.tokens, self.rows, self._plan, self._params = positions, tokens, rows, plan, params
-        self.seen, self.counts = seen, counts
+        self.seen, self.counts, self._constrained = seen, counts, constrained
 
     def fail(self, error: LoramuxError) -> list[Row]:
         """End every row with `error` (rows already ended keep their outcome); returns all rows."""
@@ -194,8 +195,13 @@ class Batch:
         """Per-composition state: the rows' adapter routing and sampling parameters."""
         self._plan = self.base.bank.plan([row.request.adapter_uid for row in self.rows], self.base.device)
         self._params = _batch_params(self.rows, self.base.device)
+        self._constrained = [i for i, row in enumerate(self.rows) if row.request.grammar is not None]
 
     def _forward(self, input_ids: torch.Tensor) -> None:
+        # Structured-output rows' masks are computed on llguidance's threads while the model runs.
+        constrained = [i for i in self._constrained if not self.rows[i].done]
+        grammars = [self.rows[i].request.grammar for i in constrained]
+        pending = grammars[0].grammars.start_masks([g.matcher for g in grammars]) if grammars else None
         inputs = self.kv.model_inputs(self.positions)
         if self.decode is not None and input_ids.shape[1] == 1:
             logits = self.decode(input_ids, self.positions, inputs, self._plan)
@@ -217,7 +223,19 @@ class Batch:
         generated = None
         if self._params.min_length is not None:  # how far each row is from its min_tokens
             generated = torch.tensor([row.generated for row in rows], dtype=torch.long, device=logits.device)
-        tokens, logprobs, bad, top = choose_tokens(logits, self._params, self.seen, self.counts, generated)
+        allowed = None
+        if pending is not None:
+            mask = grammars[0].grammars.allowed(pending, logits.device)  # [k, V]
+            allowed = (torch.tensor(constrained, dtype=torch.long, device=logits.device), mask)
+            stuck = (~mask.any(dim=-1)).tolist()
+            for j, (i, grammar) in enumerate(zip(constrained, grammars)):
+                why = grammar.failed() or ("it allows no token here" if stuck[j] else None)
+                if why is not None:  # this row alone fails; its token below is not used
+                    rows[i].done = True
+                    rows[i].request.emit(ErrorEvent(GrammarFailed(
+                        f"the request's structured output failed after {rows[i].generated} tokens: {why}",
+                        generated=rows[i].generated)))
+        tokens, logprobs, bad, top = choose_tokens(logits, self._params, self.seen, self.counts, generated, allowed)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
         if self.counts is not None:
@@ -227,6 +245,8 @@ class Batch:
         top_list = list(zip(top[1].tolist(), top[0].tolist())) if top is not None else None  # per row: (ids, logprobs)
         now = time.monotonic()
         for i in bad:  # this row alone fails; filter() drops it after the pass
+            if rows[i].done:
+                continue
             rows[i].done = True
             rows[i].request.emit(ErrorEvent(NonFiniteOutput(
                 "the model's scores for this request became NaN or infinite (the adapter's weights or the "
@@ -287,11 +307,21 @@ def _advance(row: Row, token: int, logprob: float | None, now: float,
     request.timeline.generated = row.generated
     if params.keeps_history:
         row.generated_ids.append(token)
+    grammar = request.grammar
+    complete = False
+    if grammar is not None and token not in row.stop_tokens:
+        if not grammar.consume(token):  # the mask allowed it, so only a failing grammar refuses it
+            row.done = True
+            request.emit(ErrorEvent(GrammarFailed(
+                f"the request's structured output refused the token it allowed ({grammar.failed() or 'no reason given'})",
+                generated=row.generated)))
+            return
+        complete = grammar.complete()
     text = row.detokenizer.add(token)
     reason = None
     if row.detokenizer.stopped:
         reason = FinishReason.STOP_SEQUENCE
-    elif token in row.stop_tokens:
+    elif token in row.stop_tokens or complete:  # a complete structured answer ends as its EOS would
         reason = FinishReason.STOP_TOKEN
     elif row.generated >= params.max_new_tokens:
         reason = FinishReason.LENGTH

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +33,7 @@ from loramux.server.engine.inputs import GenerateInput, prompt_ids, request_cont
 from loramux.server.engine.merges import Merges
 from loramux.server.engine.registry_sync import RegistrySync
 from loramux.server.engine.request_telemetry import request_ended
+from loramux.server.engine.structured import COMPILE_TIMEOUT_S, Grammars
 from loramux.server.engine.request import ErrorEvent, Event, GenerationRequest, TokenEvent
 from loramux.server.engine.worker import IDLE_POLL_S, EngineStats, Worker
 from loramux.server.errors import DeadlineExceeded, InvalidRequest, LoramuxError, ShuttingDown
@@ -117,6 +119,8 @@ class Engine:
         self.restore_report = None  # what start-up brought back from the state directory (app.build_engine)
         self.sync = RegistrySync(self)  # follows the shared registrations (started after the restore)
         self.usage = RequestUsage()
+        self._grammars: Grammars | None = None  # structured output (made at start, or at first use)
+        self._grammars_lock = threading.Lock()
         self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
         self.telemetry.observe_lora(self.worker.adapters_in_use, settings.adapter_slots, self.adapter_memory_bytes)
 
@@ -135,7 +139,15 @@ class Engine:
 
     def start(self) -> Engine:
         self.worker.start()
+        self.grammars()  # the tokenizer's structured-output state is built in the background from now
         return self
+
+    def grammars(self) -> Grammars:
+        with self._grammars_lock:
+            if self._grammars is None:
+                base = self.base
+                self._grammars = Grammars(base.tokenizer, base.vocab_size, base.eos_token_ids)
+            return self._grammars
 
     def drain(self, grace_s: float) -> bool:
         """Shut down step one: refuse new work, let what is queued or running finish for up to
@@ -216,6 +228,15 @@ class Engine:
                 reason="REQUEST_TOO_LARGE",
                 max_batch_tokens=self.settings.max_batch_tokens,
             )
+        grammar = None
+        if inp.constraint is not None:  # compiled (or found compiled) before anything is queued
+            wait = COMPILE_TIMEOUT_S if deadline is None else max(0.0, min(COMPILE_TIMEOUT_S, deadline - time.monotonic()))
+            try:
+                grammar = self.grammars().matcher(inp.constraint, wait)
+            except InvalidRequest as e:
+                if e.reason == "GRAMMAR_TOO_COMPLEX" and wait < COMPILE_TIMEOUT_S:  # the caller's deadline cut it short
+                    raise DeadlineExceeded("the deadline passed while the structured output was being compiled") from None
+                raise
         telemetry, usage = self.telemetry, self.usage
 
         def emit_last_after_telemetry(event: Event) -> None:
@@ -233,6 +254,7 @@ class Engine:
             emit=emit_last_after_telemetry,
             deadline=deadline,
             trace_context=trace_context,
+            grammar=grammar,
         )
         if record is not None:
             request.timeline.tier_found = self.cache.tier(record.uid)

@@ -37,6 +37,8 @@ from loramux.server.engine.inputs import (
 from loramux.server.engine.request import (
     ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent,
 )
+from loramux.server.engine.structured import KINDS as STRUCTURED_OUTPUT_KINDS
+from loramux.server.engine.structured import Constraint
 from loramux.server.merging.merge import MergeJob, MergeResult
 from loramux.server.store.operations import Operation
 from loramux.server.tiers import Tier
@@ -44,10 +46,10 @@ from loramux.server.tiers import Tier
 REMOTE_OPERATION_POLL_S = 0.25  # waiting on another replica's operation: how often its record is read
 
 __all__ = [
-    "AdapterInfo", "Combination", "ErrorEvent", "Event", "Facade", "FinishEvent", "FinishReason", "GenerateInput",
+    "AdapterInfo", "Combination", "Constraint", "ErrorEvent", "Event", "Facade", "FinishEvent", "FinishReason", "GenerateInput",
     "Generation", "MergeJob", "MergeResult", "Operation", "ServerInfo", "Tier", "Timings", "TokenEvent",
     # The bounds a request's lists are checked against (a front door may refuse longer ones while parsing).
-    "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_STOP_SEQUENCES", "MAX_STOP_TOKEN_IDS",
+    "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_STOP_SEQUENCES", "MAX_STOP_TOKEN_IDS", "STRUCTURED_OUTPUT_KINDS",
 ]
 
 

@@ -9,6 +9,7 @@ import struct
 from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.kv_cache import static_row_tokens
 from loramux.server.engine.request import SamplingParams
+from loramux.server.engine.structured import Constraint
 from loramux.server.errors import InvalidRequest, NoChatTemplate, PromptTooLong
 from loramux.server.settings import Settings
 
@@ -63,6 +64,7 @@ class GenerateInput:
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0
     top_logprobs: int = 0
+    constraint: Constraint | None = None  # structured output: the answer is held to it
 
 
 def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings, check_length: bool = True) -> list[int]:

@@ -113,6 +113,7 @@ class GenerationRequest:
     trace_context: object = None  # the caller's OpenTelemetry context (spans are its children)
     arrival_step: int = 0  # the engine's decode step count when it was queued
     timeline: Timeline = dataclasses.field(default_factory=Timeline)
+    grammar: object = None  # structured output: its structured.RowGrammar (compiled before it was queued)
 
     @property
     def prompt_tokens(self) -> int:

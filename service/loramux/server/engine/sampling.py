@@ -1,7 +1,7 @@
 """Turn a batch's next-token logits into tokens, all rows at once, each with its own parameters.
 
 The order follows transformers' generate, with vLLM's additions where vLLM applies them:
-logit bias, the minimum length (EOS and stop tokens masked), repetition, presence and
+a structured-output row's mask (tokens that would break its constraint), logit bias, the minimum length (EOS and stop tokens masked), repetition, presence and
 frequency penalties, then (sampled rows) temperature, top-k, top-p, min-p and sampling, or
 argmax for greedy rows. Log-probabilities (and the top alternatives) are the model's own,
 before any of these, as OpenAI and vLLM return them. Every step is one
@@ -139,8 +139,10 @@ def choose_tokens(
     seen: torch.Tensor | None,  # [n, V] bool, needed when a row has a repetition penalty
     counts: torch.Tensor | None = None,  # [n, V] float32 output token counts, with presence/frequency penalties
     generated: torch.Tensor | None = None,  # [n] tokens generated so far, with min_tokens
+    allowed: tuple[torch.Tensor, torch.Tensor] | None = None,  # structured output: (rows [k], allowed tokens [k, V] bool)
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[int], tuple[torch.Tensor, torch.Tensor] | None]:
-    """Returns next tokens [n], the model's logprobs of them [n] if any row asked, the rows
+    """Returns next tokens [n], the model's logprobs of them [n] if any row asked (before any
+    constraint's mask, as the model gave them), the rows
     whose scores were not finite (their tokens are meaningless: those rows must end), and the
     top alternatives `(logprobs [n, k], ids [n, k])` when a row asked for k. A bad row never
     stops the others from getting their tokens."""
@@ -150,6 +152,9 @@ def choose_tokens(
         logits = logits.masked_fill(~finite[:, None], 0.0)  # any token will do for rows that end
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.want_logprobs else None
     top = raw_logprobs.topk(batch.top_logprobs, dim=-1) if batch.top_logprobs else None
+    if allowed is not None:  # tokens that would break a row's constraint cannot be chosen
+        rows, mask = allowed
+        logits = logits.index_put((rows,), logits.index_select(0, rows).masked_fill(~mask, float("-inf")))
     if batch.all_greedy_plain:
         tokens = logits.argmax(dim=-1)
     else:

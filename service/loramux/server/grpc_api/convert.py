@@ -12,7 +12,7 @@ from google.longrunning import operations_pb2
 
 from loramux.server.grpc_api.status import to_status
 from loramux.server.engine.facade import (
-    AdapterInfo, Combination, FinishReason, GenerateInput, MergeJob, MergeResult, Operation, ServerInfo, Tier, Timings,
+    AdapterInfo, Combination, Constraint, FinishReason, GenerateInput, MergeJob, MergeResult, Operation, ServerInfo, Tier, Timings,
 )
 from loramux.server.errors import InvalidRequest
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2
@@ -60,7 +60,20 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
         logit_bias=dict(req.logit_bias),
         min_tokens=req.min_tokens,
         top_logprobs=req.top_logprobs,
+        constraint=_constraint(req),
     )
+
+
+def _constraint(req: generation_pb2.GenerateRequest) -> Constraint | None:
+    if not req.HasField("structured_output"):
+        return None
+    so = req.structured_output
+    kind = so.WhichOneof("kind")
+    if kind is None or (kind == "json_object" and not so.json_object):
+        return None
+    if kind == "choice":
+        return Constraint("choice", json.dumps(list(so.choice.choices)))
+    return Constraint(kind, "" if kind == "json_object" else getattr(so, kind))
 
 
 def tokenize_input(req: generation_pb2.TokenizeRequest) -> GenerateInput:

@@ -35,7 +35,7 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permis
 OPENAI_CODES = {"ADAPTER_NOT_FOUND": "model_not_found", "PROMPT_TOO_LONG": "context_length_exceeded"}
 # The engine's field names as the OpenAI request names them.
 OPENAI_PARAMS = {"max_new_tokens": "max_tokens", "prompt_token_ids": "prompt", "return_logprobs": "logprobs",
-                 "adapter_id": "model"}
+                 "adapter_id": "model", "structured_output": "response_format"}
 
 
 def status_of(error: LoramuxError) -> int:

@@ -11,12 +11,15 @@ for); unknown fields are ignored, as clients and routers add their own.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
-from loramux.server.engine.facade import MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, GenerateInput
+from loramux.server.engine.facade import (
+    MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, Constraint, GenerateInput,
+)
 from loramux.server.errors import InvalidRequest
 
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's, for /v1/completions
@@ -26,15 +29,29 @@ MAX_TOOLS = 256  # tool definitions in one request
 # Parameters of OpenAI's API not implemented yet, and the value that means "not used".
 NOT_YET = {
     "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
-    "response_format": (None, {"type": "text"}),
     "functions": (None, []), "function_call": (None, "none"),
-    "guided_json": (None,), "guided_regex": (None,), "guided_grammar": (None,), "guided_choice": (None,),
+    "structured_outputs": (None,), "guided_decoding_backend": (None,),
     "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, True, False),
 }
 
 
 class StreamOptions(BaseModel):
     include_usage: bool = False
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str | None = Field(default=None, max_length=256)
+    schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: text (free), json_object, or json_schema."""
+
+    type: str
+    json_schema: JsonSchemaFormat | None = None
 
 
 class _Common(BaseModel):
@@ -60,6 +77,38 @@ class _Common(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    # Structured output: OpenAI's response_format, or vLLM's guided_* (at most one of them).
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_grammar: str | None = None
+    guided_choice: list[str] | None = Field(default=None, max_length=1024)
+
+    def _constraint(self) -> Constraint | None:
+        asked = {name: value for name, value in (
+            ("response_format", self.response_format if self.response_format and self.response_format.type != "text" else None),
+            ("guided_json", self.guided_json), ("guided_regex", self.guided_regex),
+            ("guided_grammar", self.guided_grammar), ("guided_choice", self.guided_choice)) if value is not None}
+        if len(asked) > 1:
+            raise InvalidRequest(f"at most one of {', '.join(asked)} may be set", field=list(asked)[1],
+                                 reason="INVALID_PARAMETER")
+        if not asked:
+            return None
+        name, value = next(iter(asked.items()))
+        if name == "response_format":
+            if value.type == "json_object":
+                return Constraint("json_object")
+            if value.type != "json_schema":
+                raise InvalidRequest(f"response_format.type must be text, json_object or json_schema, got {value.type[:40]!r}",
+                                     field="response_format", reason="INVALID_PARAMETER")
+            if value.json_schema is None or value.json_schema.schema_ is None:
+                raise InvalidRequest("response_format json_schema needs json_schema.schema", field="response_format",
+                                     reason="INVALID_PARAMETER")
+            return Constraint("json_schema", _dumps(value.json_schema.schema_))
+        if name == "guided_json":
+            return Constraint("json_schema", value if isinstance(value, str) else _dumps(value))
+        kind = {"guided_regex": "regex", "guided_grammar": "grammar"}.get(name)
+        return Constraint(kind, value) if kind else Constraint("choice", _dumps(value))
 
     def _sampling(self, default_max_tokens: int) -> dict[str, Any]:
         for name, unused in NOT_YET.items():
@@ -88,6 +137,7 @@ class _Common(BaseModel):
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            constraint=self._constraint(),
         )
 
 
@@ -177,6 +227,14 @@ class TokenizeRequest(BaseModel):
         return GenerateInput(prompt=self.prompt or "", messages=[(m.role, m.text(i)) for i, m in enumerate(messages)],
                              message_extras=[m.extras() for m in messages], tools=list(self.tools or []),
                              chat_template_kwargs=dict(self.chat_template_kwargs or {}))
+
+
+def _dumps(value) -> str:
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError, RecursionError):
+        raise InvalidRequest("the structured output's schema nests too deeply", field="response_format",
+                             reason="INVALID_GRAMMAR") from None
 
 
 def parse(model: type[BaseModel], body: bytes) -> Any:

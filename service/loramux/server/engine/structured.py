@@ -1,0 +1,262 @@
+"""Structured output: a row's answer held to a JSON schema, a regex, a grammar or a list of
+choices, by masking the tokens that would break it (llguidance).
+
+Chosen by measurement (`scripts/grammar_libraries.py`, docs/benchmarks.md): llguidance
+compiles lazily (under a millisecond for the schemas people send, where xgrammar spends
+5-13 ms and outlines-core 20-100 ms), bounds the work of every compile and every mask step
+with its own fuel limits (xgrammar spent 2.5 s on a 300-deep schema and over 20 s on a
+50,000-rule grammar; outlines-core over 20 s on a 20,000-value enum), speaks JSON Schema,
+regexes and Lark grammars, and installs as one 8 MB wheel with no dependencies (xgrammar
+requires torch, transformers and Triton). Its masks cost 10-30 µs per row per token on one
+CPU at a 32,000-token vocabulary.
+
+- `Constraint`: what a request asked for (kind and text), bounded in size;
+- `Grammars`: per server, the tokenizer's llguidance state (built once, in the background),
+  compiling on its own threads (deep grammars recurse deeply: the threads have large stacks)
+  with a time limit, and a cache of compiled constraints (a request gets its own copy of
+  the matcher, sharing the compiled lexer);
+- `masks` / `allowed`: a batch's masks, computed in parallel by llguidance's threads while
+  the forward pass runs, then applied to the logits as one tensor operation.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import queue
+import threading
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+
+import torch
+
+from loramux.server.errors import InvalidRequest, QueueFull
+
+KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
+MAX_SPEC_BYTES = 128 * 1024  # a schema, regex or grammar's text (a 128 KiB grammar compiles in well under a second)
+MAX_CHOICES = 1024
+COMPILE_TIMEOUT_S = 10.0  # a request waits this long for its constraint to compile (its own, or others' before it)
+COMPILE_THREADS = 2
+COMPILE_QUEUE = 64  # constraints waiting for a compile thread; more are refused as busy
+COMPILE_STACK_BYTES = 256 << 20  # address space only: a 50,000-rule chain recurses past 8 MiB
+CACHE_ENTRIES = 256
+# JSON is written compactly, as json.dumps writes it: free whitespace lets a model pad its
+# answer with newlines until max_tokens, which is the commonest failure of JSON modes.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """`kind`: one of KINDS; `spec`: the JSON schema (JSON text), the regex, the Lark grammar
+    or the choices (a JSON array of strings); empty for json_object."""
+
+    kind: str
+    spec: str = ""
+
+    def check(self) -> None:
+        if self.kind not in KINDS:
+            raise _invalid(f"the structured output kind must be one of {', '.join(KINDS)}, got {self.kind[:40]!r}")
+        size = len(self.spec.encode())
+        if size > MAX_SPEC_BYTES:
+            raise _invalid(f"the {self.kind} is {size} bytes, more than the {MAX_SPEC_BYTES} this server compiles",
+                           reason="GRAMMAR_TOO_LARGE")
+        if self.kind != "json_object" and not self.spec:
+            raise _invalid(f"{self.kind} needs its text")
+
+    def grammar(self) -> str:
+        """The llguidance grammar (its JSON form), or InvalidRequest when the text is malformed."""
+        import llguidance
+
+        matcher = llguidance.LLMatcher
+        if self.kind == "json_object":
+            return matcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
+        if self.kind == "json_schema":
+            schema = _json(self.spec, "json_schema")
+            if not isinstance(schema, (dict, bool)):
+                raise _invalid("json_schema must be a JSON object (a JSON Schema)")
+            return matcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+        if self.kind == "regex":
+            return matcher.grammar_from_regex(self.spec)
+        if self.kind == "grammar":
+            return matcher.grammar_from_lark(self.spec)
+        choices = _json(self.spec, "choice")
+        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
+            raise _invalid("choice must be a non-empty list of non-empty strings")
+        if len(choices) > MAX_CHOICES:
+            raise _invalid(f"choice holds {len(choices)} strings, more than {MAX_CHOICES}")
+        return matcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
+
+
+def _json(text: str, what: str):
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise _invalid(f"{what} is not valid JSON ({str(e)[:120]})") from None
+
+
+def _invalid(message: str, reason: str = "INVALID_GRAMMAR") -> InvalidRequest:
+    return InvalidRequest(message, field="structured_output", reason=reason)
+
+
+class _Compiler:
+    """A few threads with large stacks, fed from a bounded queue."""
+
+    def __init__(self, threads: int, stack_bytes: int, capacity: int):
+        self._jobs: queue.Queue = queue.Queue(capacity)
+        previous = threading.stack_size(stack_bytes)
+        try:
+            for i in range(threads):
+                threading.Thread(target=self._work, name=f"loramux-grammar-{i}", daemon=True).start()
+        finally:
+            threading.stack_size(previous)
+
+    def submit(self, fn) -> Future:
+        future: Future = Future()
+        try:
+            self._jobs.put_nowait((fn, future))
+        except queue.Full:
+            raise QueueFull("too many structured-output constraints are compiling; retry shortly",
+                             reason="GRAMMAR_QUEUE_FULL", retry_after_s=1.0) from None
+        return future
+
+    def _work(self) -> None:
+        while True:
+            fn, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except BaseException as e:  # noqa: BLE001 - handed to the waiting request
+                future.set_exception(e)
+
+
+class Grammars:
+    """Per server: compile constraints for the served tokenizer and give each request its matcher."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: frozenset[int]):
+        self.vocab_size = vocab_size
+        self._words = (vocab_size + 31) // 32
+        self._compiler = _compiler()
+        self._cache: collections.OrderedDict[Constraint, Future] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._executor = None  # llguidance's mask threads, made with the tokenizer
+        # Building the tokenizer's state reads every token (about 2 s at 32,000): started now, waited for by the first request.
+        self._tokenizer: Future = self._compiler.submit(lambda: self._build_tokenizer(tokenizer, eos_ids))
+
+    def _build_tokenizer(self, tokenizer, eos_ids: frozenset[int]):
+        import llguidance
+        import llguidance.hf
+
+        try:
+            state = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=sorted(eos_ids) or None)
+        except Exception as e:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
+            raise InvalidRequest(f"structured output is not available for this model's tokenizer ({type(e).__name__}: "
+                                 f"{str(e)[:160]})", field="structured_output", reason="STRUCTURED_OUTPUT_UNAVAILABLE") from None
+        self._executor = llguidance.LLExecutor(max(1, min(8, torch.get_num_threads())))
+        return state
+
+    def matcher(self, constraint: Constraint, timeout_s: float = COMPILE_TIMEOUT_S) -> RowGrammar:
+        """A fresh matcher for one request (blocking: waits for the compile, at most `timeout_s`).
+        InvalidRequest when the constraint does not compile, or takes too long."""
+        constraint.check()
+        with self._lock:
+            future = self._cache.get(constraint)
+            if future is not None:
+                self._cache.move_to_end(constraint)
+            else:
+                future = self._compiler.submit(lambda: self._compile(constraint))
+                self._cache[constraint] = future
+                while len(self._cache) > CACHE_ENTRIES:
+                    self._cache.popitem(last=False)
+        try:
+            pristine = future.result(timeout_s)
+        except FutureTimeout:
+            raise _invalid(f"the {constraint.kind} did not compile within {timeout_s:g} s", reason="GRAMMAR_TOO_COMPLEX") from None
+        except InvalidRequest:
+            raise
+        except Exception as e:  # noqa: BLE001 - a library error is the constraint's
+            with self._lock:
+                self._cache.pop(constraint, None)
+            raise _invalid(f"the {constraint.kind} could not be compiled ({type(e).__name__}: {str(e)[:200]})") from None
+        return RowGrammar(self, pristine.deep_copy())
+
+    def _compile(self, constraint: Constraint):
+        import llguidance
+
+        state = self._tokenizer.result()
+        grammar = constraint.grammar()
+        limits = llguidance.LLParserLimits(verbose_errors=False)  # errors quote the grammar, never the server's state
+        matcher = llguidance.LLMatcher(state, grammar, log_level=0, limits=limits)
+        if matcher.is_error():
+            raise _invalid(f"the {constraint.kind} could not be compiled: {_first_line(matcher.get_error())}")
+        return matcher
+
+    # -- per step (engine thread) -----------------------------------------------------------
+
+    def start_masks(self, matchers: list) -> tuple[torch.Tensor, Future]:
+        """Start computing the masks of `matchers` (one per constrained row, in order) on
+        llguidance's threads; returns the bitmask [k, words] int32 (filled once the future is
+        done) and the future. The caller runs its forward pass meanwhile."""
+        bitmask = torch.zeros((len(matchers), self._words), dtype=torch.int32)
+        executor = self._executor
+        pairs = [(m, i) for i, m in enumerate(matchers)]
+
+        def fill() -> None:
+            executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), self._words * 4, len(matchers))
+        return bitmask, _mask_thread().submit(fill)
+
+    def allowed(self, pending: tuple[torch.Tensor, Future], device: torch.device) -> torch.Tensor:
+        """The finished masks as booleans [k, vocab_size] on `device`."""
+        bitmask, future = pending
+        future.result()
+        words = bitmask.to(device)
+        bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
+        return bits.reshape(len(words), -1)[:, : self.vocab_size].bool()
+
+
+@dataclasses.dataclass(eq=False)
+class RowGrammar:
+    """One request's constraint as it generates: its own matcher, and the server's Grammars."""
+
+    grammars: Grammars
+    matcher: object  # llguidance.LLMatcher
+
+    def failed(self) -> str | None:
+        """Why the matcher stopped working (its work limit, say), or None."""
+        return _first_line(self.matcher.get_error()) if self.matcher.is_error() else None
+
+    def consume(self, token: int) -> bool:
+        """Take the row's chosen token; False when the grammar refuses it (the row must end)."""
+        return bool(self.matcher.consume_token(token))
+
+    def complete(self) -> bool:
+        """Whether the answer is complete: nothing but the end may follow."""
+        return bool(self.matcher.is_stopped())
+
+
+_MASK_THREAD: list = []
+_COMPILER: list = []
+_MASK_LOCK = threading.Lock()
+
+
+def _compiler() -> _Compiler:
+    """The process's compile threads (shared by every engine in it)."""
+    with _MASK_LOCK:
+        if not _COMPILER:
+            _COMPILER.append(_Compiler(COMPILE_THREADS, COMPILE_STACK_BYTES, COMPILE_QUEUE))
+        return _COMPILER[0]
+
+
+def _mask_thread():
+    """One thread that waits on llguidance's mask computation (which drops the GIL), so that
+    the engine thread runs the forward pass at the same time."""
+    with _MASK_LOCK:
+        if not _MASK_THREAD:
+            from concurrent.futures import ThreadPoolExecutor
+            _MASK_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="loramux-masks"))
+        return _MASK_THREAD[0]
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0][:300]

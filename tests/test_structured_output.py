@@ -1,0 +1,250 @@
+"""Structured output: each row's answer held to its own JSON schema, regex, grammar or choices,
+in mixed batches with different adapters, equal token for token to peft's greedy decoding
+under the same llguidance mask; through gRPC, the SDK and the OpenAI client; hostile
+constraints refused or bounded, one request's constraint harming no other."""
+
+import concurrent.futures as cf
+import json
+import time
+
+import grpc
+import jsonschema
+import llguidance
+import llguidance.hf
+import openai
+import pytest
+import torch
+
+from conftest import ADAPTERS, PROMPTS
+from loramux.client import Client
+from loramux.client.errors import LoramuxError as ClientError
+from loramux.server.app import BackgroundServer
+from loramux.server.engine.structured import COMPILE_QUEUE, MAX_SPEC_BYTES, Constraint
+from loramux.server.engine.inputs import GenerateInput
+
+N = 24
+COMPACT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}  # as docs/api.md says
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "maximum": 150}},
+          "required": ["name", "age"], "additionalProperties": False}
+FLAGS = {"type": "object", "properties": {"ok": {"type": "boolean"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]},
+                                                                              "maxItems": 3}},
+         "required": ["ok", "tags"], "additionalProperties": False}
+CONSTRAINTS = {
+    "person": Constraint("json_schema", json.dumps(PERSON)),
+    "flags": Constraint("json_schema", json.dumps(FLAGS)),
+    "object": Constraint("json_object"),
+    "date": Constraint("regex", r"20[0-9]{2}-(0[1-9]|1[0-2])-[0-3][0-9]"),
+    "sum": Constraint("grammar", 'start: NUM ("+" NUM)*\nNUM: /[1-9][0-9]{0,2}/'),
+    "yesno": Constraint("choice", json.dumps(["yes", "no", "not sure"])),
+}
+
+
+def oracle_grammar(c: Constraint) -> str:
+    M = llguidance.LLMatcher
+    if c.kind == "json_schema":
+        return M.grammar_from_json_schema(c.spec, defaults=COMPACT)
+    if c.kind == "json_object":
+        return M.grammar_from_json_schema({"type": "object"}, defaults=COMPACT)
+    if c.kind == "regex":
+        return M.grammar_from_regex(c.spec)
+    if c.kind == "grammar":
+        return M.grammar_from_lark(c.spec)
+    return M.grammar_from_lark("start: " + " | ".join(json.dumps(x) for x in json.loads(c.spec)))
+
+
+@pytest.fixture(scope="module")
+def ll_tokenizer(assets):
+    return llguidance.hf.from_tokenizer(assets.tokenizer, n_vocab=len(assets.tokenizer))
+
+
+def constrained_oracle(assets, ll_tokenizer, adapter, prompt, c: Constraint, n: int) -> list[int]:
+    """peft's model, greedy, one token at a time, with llguidance's mask: written here
+    independently of loramux's engine."""
+    model = assets.peft_model(adapter)
+    matcher = llguidance.LLMatcher(ll_tokenizer, oracle_grammar(c), log_level=0)
+    assert not matcher.is_error(), matcher.get_error()
+    ids = assets.tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = []
+    eos = assets.tokenizer.eos_token_id
+    with torch.no_grad():
+        for _ in range(n):
+            logits = model(input_ids=ids).logits[0, -1].float()
+            bits = torch.frombuffer(bytearray(matcher.compute_bitmask()), dtype=torch.uint8)
+            allowed = ((bits[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: logits.shape[0]].bool()
+            token = int(logits.masked_fill(~allowed, float("-inf")).argmax())
+            out.append(token)
+            if token == eos:
+                break
+            assert matcher.consume_token(token)
+            if matcher.is_stopped():
+                break
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(assets):
+    with BackgroundServer(assets.settings(http_port=0, adapter_slots=5, max_batch_size=16, batch_window_ms=50)) as srv:
+        for name in ADAPTERS:
+            srv.engine.load_adapter("default", name, name)
+        yield srv
+
+
+def test_every_kind_in_one_mixed_batch_equals_peft_under_the_same_mask(assets, server, ll_tokenizer):
+    adapters = [None, *ADAPTERS]
+    jobs = [(adapters[i % len(adapters)], PROMPTS[i % len(PROMPTS)], name) for i, name in enumerate(CONSTRAINTS)]
+    jobs += [(a, PROMPTS[1], "person") for a in adapters]  # one schema, every adapter
+    jobs.append((None, PROMPTS[0], None))  # and a free row
+    engine = server.engine
+
+    def run(job):
+        adapter, prompt, name = job
+        inp = GenerateInput(adapter_id=adapter or "", prompt=prompt, max_new_tokens=N,
+                            constraint=CONSTRAINTS[name] if name else None)
+        return engine.generate("default", inp, 120)
+
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        results = list(pool.map(run, jobs))
+    for (adapter, prompt, name), result in zip(jobs, results):
+        if name is None:
+            assert result["token_ids"] == assets.oracle(adapter, prompt, N)
+            continue
+        expected = constrained_oracle(assets, ll_tokenizer, adapter, prompt, CONSTRAINTS[name], N)
+        assert result["token_ids"] == expected, (adapter, name)
+        complete = len(expected) < N or expected[-1] == assets.tokenizer.eos_token_id
+        assert result["finish"].finish_reason.value == ("stop_token" if complete else "length"), (adapter, name)
+        text = result["text"]
+        if complete and name in ("person", "flags"):
+            jsonschema.validate(json.loads(text), PERSON if name == "person" else FLAGS)
+        if complete and name == "yesno":
+            assert text in ("yes", "no", "not sure")
+    # The masks changed something: unconstrained, the model does not write these answers.
+    assert any(r["token_ids"] != assets.oracle(a, p, N) for (a, p, n), r in zip(jobs, results) if n)
+
+
+def test_the_openai_client_gets_schema_valid_json_for_every_adapter_in_a_mixed_batch(assets, server):
+    base = server.engine.settings.public_model_name
+    url = f"http://127.0.0.1:{server.running.http_port}/v1"
+    schemas = [PERSON, FLAGS]
+    with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120) as client:
+        jobs = [(model, schemas[i % 2]) for i, model in enumerate([base, *ADAPTERS] * 2)]
+
+        def ask(job):
+            model, schema = job
+            return client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "the quick brown"}], max_tokens=64, temperature=0,
+                response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}})
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:
+            answers = list(pool.map(ask, jobs))
+        for (model, schema), answer in zip(jobs, answers):
+            choice = answer.choices[0]
+            assert choice.finish_reason == "stop", (model, choice.message.content)
+            jsonschema.validate(json.loads(choice.message.content), schema)
+        # Streamed, the same answer; vLLM's guided_* extensions too.
+        streamed = client.chat.completions.create(
+            model="qv-r4", messages=[{"role": "user", "content": "the quick brown"}], max_tokens=64, temperature=0,
+            stream=True, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": PERSON}})
+        whole = ask(("qv-r4", PERSON)).choices[0].message.content
+        assert "".join(c.choices[0].delta.content or "" for c in streamed) == whole
+        choice = client.completions.create(model=base, prompt="fox", max_tokens=8, temperature=0,
+                                           extra_body={"guided_choice": ["red fox", "blue fox"]})
+        assert choice.choices[0].text in ("red fox", "blue fox") and choice.choices[0].finish_reason == "stop"
+        date = client.completions.create(model="all-r16", prompt="fox", max_tokens=16, temperature=0.8, seed=3,
+                                         extra_body={"guided_regex": "[0-9]{4}-[0-9]{2}"})
+        assert len(date.choices[0].text) == 7 and date.choices[0].text[4] == "-"
+
+
+def test_the_sdk_sends_each_kind(server):
+    with Client(server.target, timeout=60) as client:
+        person = client.generate(prompt="fox", json_schema=PERSON, max_new_tokens=64)
+        jsonschema.validate(json.loads(person.text), PERSON)
+        assert client.generate(prompt="fox", choice=["alpha", "beta"], max_new_tokens=8).text in ("alpha", "beta")
+        assert json.loads(client.generate(prompt="fox", json_object=True, max_new_tokens=64).text) is not None
+        with pytest.raises(ValueError, match="at most one"):
+            client.generate(prompt="fox", regex="a", choice=["b"])
+
+
+@pytest.mark.parametrize("constraint, reason", [
+    (Constraint("json_schema", '{"type": "objectx"}'), "INVALID_GRAMMAR"),
+    (Constraint("json_schema", "{not json"), "INVALID_GRAMMAR"),
+    (Constraint("json_schema", "[1, 2]"), "INVALID_GRAMMAR"),
+    (Constraint("regex", "(unclosed"), "INVALID_GRAMMAR"),
+    (Constraint("grammar", "start: undefined_rule"), "INVALID_GRAMMAR"),
+    (Constraint("choice", "[]"), "INVALID_GRAMMAR"),
+    (Constraint("choice", '["a", 3]'), "INVALID_GRAMMAR"),
+    (Constraint("regex", "a" * (MAX_SPEC_BYTES + 1)), "GRAMMAR_TOO_LARGE"),
+    (Constraint("grammar", "start: " + "(" * 5000 + '"a"' + ")" * 5000), "INVALID_GRAMMAR"),
+    (Constraint("json_schema", "[" * 100_000 + "]" * 100_000), "GRAMMAR_TOO_LARGE"),
+])
+def test_a_bad_constraint_is_refused_before_anything_is_queued(server, constraint, reason):
+    from loramux.server.errors import InvalidRequest
+
+    before = server.engine.stats().steps
+    with pytest.raises(InvalidRequest) as caught:
+        server.engine.generate("default", GenerateInput(prompt="fox", max_new_tokens=4, constraint=constraint), 60)
+    assert caught.value.reason == reason and caught.value.field == "structured_output", caught.value.message
+    assert server.engine.stats().steps == before
+
+
+def test_grpc_and_http_name_the_refusal(server):
+    with Client(server.target, timeout=60) as client:
+        with pytest.raises(ClientError) as caught:
+            client.generate(prompt="fox", json_schema='{"type": "objectx"}')
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT and caught.value.reason == "INVALID_GRAMMAR"
+    url = f"http://127.0.0.1:{server.running.http_port}/v1"
+    with openai.OpenAI(base_url=url, api_key="none", max_retries=0) as client:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.completions.create(model="qv-r4", prompt="fox", extra_body={"guided_regex": "(unclosed"})
+        assert bad.value.body["code"] == "invalid_grammar" and bad.value.body["param"] == "response_format"
+        with pytest.raises(openai.BadRequestError) as both:
+            client.completions.create(model="qv-r4", prompt="fox",
+                                      extra_body={"response_format": {"type": "json_object"}, "guided_regex": "a"})
+        assert both.value.body["code"] == "invalid_parameter" and "at most one" in both.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as kind:
+            client.chat.completions.create(model="qv-r4", messages=[{"role": "user", "content": "fox"}],
+                                           response_format={"type": "xml"})
+        assert kind.value.body["param"] == "response_format"
+
+
+def test_hostile_constraints_are_bounded_and_harm_no_other_request(assets, server):
+    """Each within the size limit, each compiled off the engine thread while a free request
+    decodes: a recursive $ref, a 12,000-value enum, a grammar of 4,000 chained rules (deep
+    recursion: the compile threads' large stacks), regexes whose automata explode."""
+    chain = "start: r0\n" + "".join(f'r{i}: "x{i}" | r{i + 1}\n' for i in range(4000)) + 'r4000: "end"\n'
+    enum = {"enum": [f"v{i}" for i in range(12_000)]}
+    assert len(chain) < MAX_SPEC_BYTES and len(json.dumps(enum)) < MAX_SPEC_BYTES
+    hostile = [
+        Constraint("json_schema", json.dumps({"$defs": {"n": {"type": "object", "properties": {
+            "c": {"type": "array", "items": {"$ref": "#/$defs/n"}}}, "required": ["c"]}}, "$ref": "#/$defs/n"})),
+        Constraint("json_schema", json.dumps(enum)),
+        Constraint("grammar", chain),
+        Constraint("regex", "(a|aa){0,1000}b"),
+        Constraint("regex", ".{0,3000}x.{0,3000}"),
+    ]
+    engine = server.engine
+    free = GenerateInput(prompt=PROMPTS[0], max_new_tokens=N)
+    with cf.ThreadPoolExecutor(len(hostile) + 1) as pool:
+        bystander = pool.submit(engine.generate, "default", free, 120)
+        started = time.monotonic()
+        outcomes = []
+        for c in hostile:
+            outcomes.append(pool.submit(engine.generate, "default", GenerateInput(prompt="fox", max_new_tokens=16,
+                                                                                  constraint=c), 120))
+        for future in outcomes:
+            try:
+                result = future.result()
+                assert result["finish"].finish_reason.value in ("stop_token", "length")
+            except Exception as e:  # noqa: BLE001 - a refusal must be the request's own, named
+                assert getattr(e, "reason", "") in ("GRAMMAR_FAILED", "GRAMMAR_TOO_COMPLEX", "INVALID_GRAMMAR"), e
+        assert bystander.result()["token_ids"] == assets.oracle(None, PROMPTS[0], N)
+    assert time.monotonic() - started < 60
+
+
+def test_compiled_constraints_are_cached_and_the_compile_queue_is_bounded(server):
+    grammars = server.engine.grammars()
+    c = Constraint("regex", "[a-f]{3}-cached")
+    server.engine.generate("default", GenerateInput(prompt="fox", max_new_tokens=4, constraint=c), 60)
+    future = grammars._cache[c]
+    server.engine.generate("default", GenerateInput(prompt="fox", max_new_tokens=4, constraint=c), 60)
+    assert grammars._cache[c] is future  # compiled once
+    assert COMPILE_QUEUE >= 16
