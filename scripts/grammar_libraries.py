@@ -25,7 +25,6 @@ import json
 import multiprocessing as mp
 import statistics
 import sys
-import sysconfig
 import tempfile
 import time
 from pathlib import Path
@@ -281,20 +280,9 @@ def _byte_level_decoder() -> dict[str, int]:
 
 def build_tokenizer(vocab: int, out: Path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "service"))
-    from loramux.demo.assets import build_tokenizer as build
+    from loramux.bench.assets import code_tokenizer
 
-    stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts, size = [], 0
-    for path in sorted(stdlib.rglob("*.py")):
-        if size > 40_000_000:
-            break
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (UnicodeDecodeError, OSError):
-            continue
-        texts.append(text)
-        size += len(text)
-    return build(out, texts, vocab_size=vocab, max_length=4096)
+    return code_tokenizer(out, vocab)
 
 
 def walk(lib: Lib, compiled, answer: str) -> tuple[list[float], bool]:

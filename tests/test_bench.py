@@ -116,3 +116,15 @@ def test_quick_front_doors_benchmark_measures_both_doors_round_by_round(tmp_path
         assert len(cell[door]["tokens_per_s"]) == 1 and cell[door]["tokens_per_s"][0] > 0
     assert cell["http_over_grpc_tokens_per_s"]["median"] > 0
     assert "| h128-l2 | http |" in (tmp_path / "front_doors.md").read_text()
+
+
+def test_quick_generation_controls_benchmark_prices_each_control_against_free_decoding(tmp_path):
+    from loramux.bench.generation_controls import main as controls_main, variants
+
+    assert controls_main(["--quick", "--out", str(tmp_path)]) == 0
+    (cell,) = json.loads((tmp_path / "generation_controls.json").read_text())["cells"]
+    assert set(cell["ms_per_step"]) == set(variants(None, None))
+    assert all(len(costs) == 1 and costs[0] > 0 for costs in cell["ms_per_step"].values())
+    assert set(cell["over_free"]) == set(cell["ms_per_step"]) - {"free"}
+    assert cell["mask_us_per_row"]["schema"] > 0 and cell["mask_us_per_row"]["regex"] > 0
+    assert "| h128-l2 | schema, every row |" in (tmp_path / "generation_controls.md").read_text()

@@ -248,3 +248,42 @@ def test_compiled_constraints_are_cached_and_the_compile_queue_is_bounded(server
     server.engine.generate("default", GenerateInput(prompt="fox", max_new_tokens=4, constraint=c), 60)
     assert grammars._cache[c] is future  # compiled once
     assert COMPILE_QUEUE >= 16
+
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string", "maxLength": 10}}, "required": ["city"],
+    "additionalProperties": False}}}
+TIME = {"type": "function", "function": {"name": "time", "parameters": {
+    "type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"], "additionalProperties": False}}}
+
+
+def test_a_forced_tool_call_comes_back_as_tool_calls_whole_and_streamed(server):
+    url = f"http://127.0.0.1:{server.running.http_port}/v1"
+    messages = [{"role": "user", "content": "the quick brown"}]
+    with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120) as client:
+        named = client.chat.completions.create(model="qv-r4", messages=messages, max_tokens=64, temperature=0,
+                                               tools=[WEATHER, TIME], tool_choice={"type": "function",
+                                                                                   "function": {"name": "time"}})
+        choice = named.choices[0]
+        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        (call,) = choice.message.tool_calls
+        assert call.type == "function" and call.function.name == "time" and call.id.startswith("call_")
+        assert json.loads(call.function.arguments)["zone"] in ("utc", "cet")
+        required = client.chat.completions.create(model="all-r16", messages=messages, max_tokens=200, temperature=0,
+                                                  tools=[WEATHER, TIME], tool_choice="required")
+        calls = required.choices[0].message.tool_calls
+        assert required.choices[0].finish_reason == "tool_calls" and calls
+        for c in calls:
+            jsonschema.validate(json.loads(c.function.arguments), (WEATHER if c.function.name == "weather" else TIME)
+                                ["function"]["parameters"])
+        chunks = list(client.chat.completions.create(model="qv-r4", messages=messages, max_tokens=64, temperature=0,
+                                                     tools=[WEATHER, TIME], stream=True,
+                                                     tool_choice={"type": "function", "function": {"name": "time"}}))
+        deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        assert len(deltas) == 1 and deltas[0][0].function.arguments == call.function.arguments
+        assert chunks[-1].choices[0].finish_reason == "tool_calls"
+        for bad, why in ([{"type": "function", "function": {"name": "nope"}}, "not in tools"], ["required", "tools is empty"]):
+            with pytest.raises(openai.BadRequestError) as caught:
+                client.chat.completions.create(model="qv-r4", messages=messages, tool_choice=bad,
+                                               tools=[WEATHER] if why != "tools is empty" else openai.NOT_GIVEN)
+            assert why in caught.value.body["message"] and caught.value.body["param"] == "tool_choice"

@@ -76,6 +76,25 @@ def text_workload(work: Path, requests: int, probes: int) -> tuple[object, list[
     return tokenizer, prompts, [f"the lazy dog number {i} jumps" for i in range(probes)]
 
 
+def code_tokenizer(directory: Path, vocab_size: int = 32_000):
+    """A byte-level BPE tokenizer of `vocab_size` tokens trained on this Python's standard
+    library sources (about 40 MB; seconds): a vocabulary of a real model's size, for costs
+    that grow with it (structured output's masks)."""
+    import sysconfig
+
+    texts, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if size > 40_000_000:
+            break
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        texts.append(text)
+        size += len(text)
+    return build_tokenizer(directory, texts, vocab_size=vocab_size, max_length=4096)
+
+
 def build_with_adapters(case: ModelShape, tokenizer, work: Path) -> tuple[Path, list[str]]:
     """`case` built under `work`, with one adapter per MIXED_RANKS under work/adapters; returns
     the model's directory and the adapters' names (their sources too)."""

@@ -18,6 +18,7 @@ its row is freed at the next step, as a gRPC cancel does.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import json
 import logging
@@ -212,9 +213,11 @@ class HttpFrontDoor:
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
+        forced = body.forced_tool() if chat else None  # a forced tool call: the answer is its JSON
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            stream = self._stream(generation, events, span, ident, created, body.model, chat, usage, inp.return_logprobs)
+            stream = self._stream(generation, events, span, ident, created, body.model, chat, usage, inp.return_logprobs,
+                                  forced)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         collected = await self._collect(request, generation, events, span)
         tokens = [t for e in collected if isinstance(e, TokenEvent) for t in e.token_ids]
@@ -224,14 +227,21 @@ class HttpFrontDoor:
         finish: FinishEvent = collected[-1]
         choice = {"index": 0, "finish_reason": FINISH[finish.finish_reason.value],
                   "logprobs": self._logprobs(tokens, logprobs, alternatives, chat) if inp.return_logprobs else None}
-        if chat:
+        calls = _tool_calls(forced, text) if forced is not None else None
+        if calls:
+            choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+            choice["finish_reason"] = "tool_calls"
+        elif chat:
             choice["message"] = {"role": "assistant", "content": text}
         else:
             choice["text"] = text
         return JSONResponse({"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice],
                              "usage": _usage(finish)})
 
-    async def _stream(self, generation, events, span, ident, created, model, chat, usage, logprobs) -> AsyncIterator[bytes]:
+    async def _stream(self, generation, events, span, ident, created, model, chat, usage, logprobs,
+                      forced: str | None = None) -> AsyncIterator[bytes]:
+        """`forced`: a forced tool call's answer is held back and sent as one `tool_calls`
+        delta when it is complete."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choice: dict | None, **extra) -> bytes:
@@ -239,6 +249,7 @@ class HttpFrontDoor:
                        "choices": [choice] if choice is not None else [], **extra}
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
+        held: list[str] = []
         try:
             offset = 0  # characters of text before this chunk's first token (logprobs' text_offset)
             if chat:
@@ -251,6 +262,18 @@ class HttpFrontDoor:
                 alternatives = event.top_logprobs if isinstance(event, TokenEvent) else []
                 if not event.text and not tokens and reason is None:
                     continue
+                if forced is not None:
+                    held.append(event.text)
+                    if reason is None:
+                        continue
+                    calls = _tool_calls(forced, "".join(held))
+                    if calls:
+                        yield chunk({"index": 0, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},
+                                     "logprobs": None, "finish_reason": "tool_calls"})
+                        if usage:
+                            yield chunk(None, usage=_usage(event))
+                        continue
+                    event = dataclasses.replace(event, text="".join(held))  # cut short: the text as it is
                 choice = {"index": 0, "finish_reason": reason,
                           "logprobs": self._logprobs(tokens, values, alternatives, chat, offset) if logprobs and tokens else None}
                 offset += len(event.text)
@@ -323,6 +346,20 @@ class HttpFrontDoor:
         if self.draining or not self.facade.healthy():
             return JSONResponse({"status": "unavailable"}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+
+def _tool_calls(forced: str, text: str) -> list[dict] | None:
+    """A forced call's answer as OpenAI's tool_calls (None when it was cut short: not JSON)."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if forced:
+        calls = [(forced, text)]
+    else:
+        calls = [(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in value]
+    return [{"id": "call_" + uuid.uuid4().hex[:24], "type": "function", "function": {"name": name, "arguments": arguments}}
+            for name, arguments in calls]
 
 
 async def _ending(body: AsyncIterator[bytes], done: Callable[[], None]) -> AsyncIterator[bytes]:

@@ -201,14 +201,60 @@ class ChatCompletionRequest(_Common):
         sampling = self._sampling(default_max_tokens)
         if self.max_completion_tokens is not None:
             sampling["max_new_tokens"] = self.max_completion_tokens
-        if self.tool_choice not in (None, "auto", "none"):  # a forced call needs structured output
-            raise InvalidRequest("tool_choice other than auto or none is not supported by this server yet",
-                                 field="tool_choice", reason="UNSUPPORTED_PARAMETER")
+        forced = self.forced_tool()
+        if forced is not None:  # the answer is held to the call's JSON (structured output)
+            if sampling["constraint"] is not None:
+                raise InvalidRequest("a forced tool_choice cannot be combined with another structured output",
+                                     field="tool_choice", reason="INVALID_PARAMETER")
+            sampling["constraint"] = Constraint("json_schema", _dumps(self._call_schema(forced)))
         messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
         return GenerateInput(adapter_id=adapter_id, messages=messages, message_extras=[m.extras() for m in self.messages],
                              tools=list(self.tools or []) if self.tool_choice != "none" else [],
                              chat_template_kwargs=dict(self.chat_template_kwargs or {}), return_logprobs=self.logprobs,
                              top_logprobs=self.top_logprobs or 0, **sampling)
+
+    def forced_tool(self) -> str | None:
+        """With `tool_choice` "required": "" (any of the tools, one call or more); naming a
+        function: its name; else (auto, none, absent) None: the model answers freely."""
+        choice = self.tool_choice
+        if choice in (None, "auto", "none"):
+            return None
+        if not self.tools:
+            raise InvalidRequest("tool_choice forces a tool call, but tools is empty", field="tool_choice",
+                                 reason="INVALID_PARAMETER")
+        if choice == "required":
+            return ""
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        if not isinstance(name, str) or not name:
+            raise InvalidRequest('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
+                                 '{"name": ...}}', field="tool_choice", reason="INVALID_PARAMETER")
+        if name not in self._tool_parameters():
+            raise InvalidRequest(f"tool_choice names {name[:64]!r}, which is not in tools", field="tool_choice",
+                                 reason="INVALID_PARAMETER")
+        return name
+
+    def _tool_parameters(self) -> dict[str, Any]:
+        """Each function tool's name and its parameters' schema (any object when it gives none)."""
+        found = {}
+        for i, tool in enumerate(self.tools or []):
+            function = tool.get("function") if isinstance(tool, dict) and tool.get("type", "function") == "function" else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+                raise InvalidRequest(f"tools[{i}] is not a function tool with a name", field=f"tools[{i}]",
+                                     reason="INVALID_PARAMETER")
+            parameters = function.get("parameters")
+            found[function["name"]] = parameters if isinstance(parameters, (dict, bool)) else {"type": "object"}
+        return found
+
+    def _call_schema(self, forced: str) -> Any:
+        """The JSON the model writes for a forced call: the named function's arguments, or
+        (required) a list of calls `[{"name", "parameters"}]`, as vLLM does."""
+        parameters = self._tool_parameters()
+        if forced:
+            return parameters[forced]
+        return {"type": "array", "minItems": 1, "items": {"anyOf": [
+            {"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+             "required": ["name", "parameters"], "additionalProperties": False}
+            for name, schema in parameters.items()]}}
 
 
 class TokenizeRequest(BaseModel):
