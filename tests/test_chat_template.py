@@ -70,9 +70,11 @@ def test_chat_fields_through_http_and_grpc(assets):
                                                 max_tokens=3, temperature=0,
                                                 extra_body={"chat_template_kwargs": {"enable_thinking": False}})
         assert answer.usage.completion_tokens == 3
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model=base, messages=messages[:1], tools=TOOLS, tool_choice="required", max_tokens=2)
-        assert e.value.param == "tool_choice" and e.value.code == "unsupported_parameter"
+        # A forced call cut short by max_tokens is the text so far (test_structured_output.py has whole ones).
+        cut = client.chat.completions.create(model=base, messages=messages[:1], tools=TOOLS, tool_choice="required",
+                                             max_tokens=2, temperature=0)
+        assert cut.choices[0].finish_reason == "length" and cut.choices[0].message.tool_calls is None
+        assert cut.choices[0].message.content.startswith("[")
         with pytest.raises(openai.BadRequestError) as e:
             client.chat.completions.create(model=base, messages=messages[:1], max_tokens=2,
                                            extra_body={"chat_template_kwargs": {"tokenize": True}})

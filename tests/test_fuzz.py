@@ -77,6 +77,15 @@ generate_requests = st.builds(
     top_logprobs=st.integers(-3, 25),
     tools_json=st.one_of(st.just(""), text, st.just('[{"type": "function", "function": {"name": "f"}}]')),
     chat_template_kwargs_json=st.one_of(st.just(""), text, st.just('{"enable_thinking": false}'), st.just('{"tools": 1}')),
+    structured_output=st.one_of(
+        st.none(),
+        st.builds(generation_pb2.StructuredOutput, json_object=st.booleans()),
+        st.builds(generation_pb2.StructuredOutput, json_schema=st.one_of(text, st.sampled_from(
+            ['{"type": "object"}', '{"type": "objectx"}', '{"$ref": "#"}', '[', '{"enum": []}']))),
+        st.builds(generation_pb2.StructuredOutput, regex=st.one_of(text, st.just("(a|aa){0,500}b"))),
+        st.builds(generation_pb2.StructuredOutput, grammar=st.one_of(text, st.just('start: "x" start | "y"'))),
+        st.builds(generation_pb2.StructuredOutput, choice=st.builds(generation_pb2.Choices, choices=st.lists(text, max_size=3))),
+    ),
 )
 REQUESTS = {
     "/loramux.v1.Loramux/Generate": generate_requests,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
+import logging
 import queue
 import threading
 from concurrent.futures import Future
@@ -33,6 +34,7 @@ import torch
 
 from loramux.server.errors import InvalidRequest, QueueFull
 
+log = logging.getLogger(__name__)
 KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
 MAX_SPEC_BYTES = 128 * 1024  # a schema, regex or grammar's text (a 128 KiB grammar compiles in well under a second)
 MAX_CHOICES = 1024
@@ -40,7 +42,8 @@ COMPILE_TIMEOUT_S = 10.0  # a request waits this long for its constraint to comp
 COMPILE_THREADS = 2
 COMPILE_QUEUE = 64  # constraints waiting for a compile thread; more are refused as busy
 COMPILE_STACK_BYTES = 256 << 20  # address space only: a 50,000-rule chain recurses past 8 MiB
-CACHE_ENTRIES = 256
+CACHE_ENTRIES = 64  # compiled constraints kept (each at most LEXER_STATES states of 1-2 kB as it is used)
+LEXER_STATES = 50_000  # llguidance's default is 250,000: about 500 MB for one hostile grammar
 # JSON is written compactly, as json.dumps writes it: free whitespace lets a model pad its
 # answer with newlines until max_tokens, which is the commonest failure of JSON modes.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -104,12 +107,25 @@ class _Compiler:
 
     def __init__(self, threads: int, stack_bytes: int, capacity: int):
         self._jobs: queue.Queue = queue.Queue(capacity)
-        previous = threading.stack_size(stack_bytes)
-        try:
-            for i in range(threads):
-                threading.Thread(target=self._work, name=f"loramux-grammar-{i}", daemon=True).start()
-        finally:
-            threading.stack_size(previous)
+        for i in range(threads):
+            self._start(f"loramux-grammar-{i}", stack_bytes)
+
+    def _start(self, name: str, stack_bytes: int) -> None:
+        """A worker with a `stack_bytes` stack, or smaller ones where the address space is
+        limited (ulimit -v): then the size limit on constraints is what keeps recursion in bounds."""
+        for size in (stack_bytes, stack_bytes // 4, 0):
+            previous = threading.stack_size(size)
+            try:
+                threading.Thread(target=self._work, name=name, daemon=True).start()
+                if size != stack_bytes:
+                    log.warning("structured output: compile thread %s runs with a %s stack", name,
+                                f"{size >> 20} MiB" if size else "default")
+                return
+            except (RuntimeError, MemoryError, ValueError):
+                continue
+            finally:
+                threading.stack_size(previous)
+        raise RuntimeError("could not start a structured-output compile thread")
 
     def submit(self, fn) -> Future:
         future: Future = Future()
@@ -186,7 +202,7 @@ class Grammars:
 
         state = self._tokenizer.result()
         grammar = constraint.grammar()
-        limits = llguidance.LLParserLimits(verbose_errors=False)  # errors quote the grammar, never the server's state
+        limits = llguidance.LLParserLimits(verbose_errors=False, max_lexer_states=LEXER_STATES)  # errors quote the grammar, never the server's state
         matcher = llguidance.LLMatcher(state, grammar, log_level=0, limits=limits)
         if matcher.is_error():
             raise _invalid(f"the {constraint.kind} could not be compiled: {_first_line(matcher.get_error())}")
