@@ -1,5 +1,6 @@
 """The `loramux` command against a real server."""
 
+import json
 import subprocess
 import sys
 
@@ -89,6 +90,17 @@ def test_client_commands(assets, tmp_path, capsys):
                   "--logit-bias", "17=100", "--min-tokens", "3", "--presence-penalty", "0.5", *t]
         assert main(forced) == 0
         assert capsys.readouterr().out.rstrip("\n") == assets.tokenizer.decode([17] * 3, skip_special_tokens=True)
+        assert main(["generate", "--prompt", "fox", "--max-new-tokens", "8", "--choice", "red fox", "--choice", "blue",
+                     "-n", "2", "--temperature", "1", "--seed", "3", *t]) == 0
+        out = capsys.readouterr().out.splitlines()
+        assert out[0].startswith("--- completion 0 (stop_token)") and out[1] in ("red fox", "blue")
+        assert out[2].startswith("--- completion 1 (stop_token)") and out[3] in ("red fox", "blue")
+        schema = tmp_path / "schema.json"
+        schema.write_text('{"type": "object", "properties": {"a": {"type": "boolean"}}, "required": ["a"], '
+                          '"additionalProperties": false}')
+        assert main(["generate", "--prompt", "fox", "--max-new-tokens", "16", "--json-schema", str(schema), "--no-stream",
+                     *t]) == 0
+        assert json.loads(capsys.readouterr().out) in ({"a": True}, {"a": False})
         assert main(["merge", "qv-r4", "out", *t]) == 0
         assert "4 tensors merged" in capsys.readouterr().out
         assert main(["adapters", "show", "missing", *t]) == 1

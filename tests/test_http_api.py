@@ -115,8 +115,8 @@ def test_errors_are_openai_error_objects_with_the_right_status(server, client):
         bad.models.list()
     assert e.value.status_code == 401 and e.value.type == "authentication_error"
     with pytest.raises(openai.BadRequestError) as e:
-        client.completions.create(model="qv-r4", prompt="fox", max_tokens=2, n=3)
-    assert e.value.code == "unsupported_parameter" and e.value.param == "n"
+        client.completions.create(model="qv-r4", prompt="fox", max_tokens=2, n=17)  # n at its limit + 1
+    assert e.value.code == "invalid_parameter" and e.value.param == "n"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="qv-r4", prompt="fox", max_tokens=2, temperature=-1)
     assert e.value.param == "temperature"
@@ -269,8 +269,8 @@ def test_hostile_bodies_are_bounded_and_specific(server, monkeypatch):
     chat = {"model": "qv-r4", "messages": [{"role": "user", "content": "x"}] * 5000, "max_tokens": 1}
     r = httpx.post(server.base_url + "/chat/completions", json=chat, headers=headers, timeout=60)
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"  # bounded as it is parsed
-    r = httpx.post(url, json={"model": "qv-r4", "prompt": "fox", "max_tokens": 1, "n": 2}, headers=headers)
-    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = httpx.post(url, json={"model": "qv-r4", "prompt": "fox", "max_tokens": 1, "best_of": 2}, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
     r = httpx.post(url, json={"model": "qv-r4", "prompt": [[1, 2], [3]], "max_tokens": 1}, headers=headers)
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     r = httpx.post(url, json={"model": "qv-r4", "prompt": [10**12], "max_tokens": 1}, headers=headers)
@@ -317,3 +317,30 @@ def test_streamed_logprobs_offsets_run_on_across_chunks(client):
         if c.choices:
             seen += c.choices[0].text
     assert seen
+
+
+def test_n_completions_share_one_prefill_and_each_equals_its_seed_alone(assets, server, client):
+    """n=4: one prefill of the prompt, four rows; completion i samples as a request with
+    seed + i alone would; greedy ones are the peft oracle's; streamed, each index's text
+    equals its whole one; usage counts the prompt once."""
+    engine = server.engine
+    before = engine.stats().prefills
+    many = client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=N, temperature=1.0, seed=11, n=4)
+    assert engine.stats().prefills - before == 1
+    assert [c.index for c in many.choices] == [0, 1, 2, 3]
+    alone_tokens = 0
+    for i, choice in enumerate(many.choices):
+        alone = client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=N, temperature=1.0, seed=11 + i)
+        assert (choice.text, choice.finish_reason) == (alone.choices[0].text, alone.choices[0].finish_reason), i
+        alone_tokens += alone.usage.completion_tokens
+    assert len({c.text for c in many.choices}) > 1
+    assert many.usage.prompt_tokens == len(assets.tokenizer(PROMPTS[0])["input_ids"])
+    assert many.usage.completion_tokens == alone_tokens
+    greedy = client.chat.completions.create(model="all-r16", messages=[{"role": "user", "content": PROMPTS[1]}],
+                                            max_tokens=N, temperature=0, n=3)
+    assert len({c.message.content for c in greedy.choices}) == 1
+    chunks = list(client.completions.create(model="qv-r4", prompt=PROMPTS[0], max_tokens=N, temperature=1.0, seed=11, n=4,
+                                            stream=True, stream_options={"include_usage": True}))
+    for i, choice in enumerate(many.choices):
+        assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == choice.text
+    assert chunks[-1].usage.completion_tokens == many.usage.completion_tokens

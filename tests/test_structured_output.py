@@ -287,3 +287,33 @@ def test_a_forced_tool_call_comes_back_as_tool_calls_whole_and_streamed(server):
                 client.chat.completions.create(model="qv-r4", messages=messages, tool_choice=bad,
                                                tools=[WEATHER] if why != "tools is empty" else openai.NOT_GIVEN)
             assert why in caught.value.body["message"] and caught.value.body["param"] == "tool_choice"
+
+
+def test_n_through_grpc_and_the_sdk_shares_one_prefill(assets, server):
+    """gRPC n=3: one prefill; completion i equals a request with seed + i alone; streamed
+    chunks carry their completion's index; n out of range is refused before anything runs;
+    n with structured output gives each completion its own matcher."""
+    engine = server.engine
+    with Client(server.target, timeout=60) as client:
+        before = engine.stats().prefills
+        many = client.generate(adapter_id="pattern", prompt=PROMPTS[2], max_new_tokens=N, temperature=0.9, seed=7, n=3)
+        assert engine.stats().prefills - before == 1
+        assert [c.index for c in many.completions] == [0, 1, 2] and many.text == many.completions[0].text
+        for i, completion in enumerate(many.completions):
+            alone = client.generate(adapter_id="pattern", prompt=PROMPTS[2], max_new_tokens=N, temperature=0.9, seed=7 + i)
+            assert (completion.token_ids, completion.finish_reason) == (alone.token_ids, alone.finish_reason), i
+        assert many.usage.completion_tokens == sum(len(c.token_ids) for c in many.completions)
+        chunks = list(client.generate_stream(adapter_id="pattern", prompt=PROMPTS[2], max_new_tokens=N, temperature=0.9,
+                                             seed=7, n=3))
+        for completion in many.completions:
+            ids = [t for c in chunks if c.index == completion.index for t in c.token_ids]
+            assert ids == completion.token_ids
+        assert sum(1 for c in chunks if c.finish_reason) == 3
+        for bad in (17, -1, 2**31 - 1):
+            before = engine.stats().prefills
+            with pytest.raises(ClientError) as caught:
+                client.generate(prompt="fox", n=bad)
+            assert caught.value.reason == "INVALID_SAMPLING_PARAMETER" and engine.stats().prefills == before
+        shaped = client.generate(prompt="fox", choice=["red", "green", "blue"], temperature=1.0, seed=1, n=4,
+                                 max_new_tokens=8)
+        assert all(c.text in ("red", "green", "blue") and c.finish_reason == "stop_token" for c in shaped.completions)

@@ -60,6 +60,8 @@ def _client_parsers(sub) -> None:
     shape.add_argument("--grammar", metavar="FILE", help="the answer follows the Lark grammar in FILE")
     shape.add_argument("--choice", action="append", metavar="TEXT", help="the answer is one of these (repeatable)")
     gen.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
+    gen.add_argument("-n", type=int, default=0, metavar="N",
+                     help="N completions of the prompt, sharing its prefill (printed whole, one after another)")
 
     merge = sub.add_parser("merge", help="merge an adapter (or a weighted combination) into the base and write a checkpoint")
     merge.add_argument("adapter_id", nargs="?", default="", help="the adapter (leave out with --combine)")
@@ -237,7 +239,15 @@ def _generate(client, args) -> int:
         kwargs["prompt_token_ids"] = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
     else:
         kwargs["messages"] = [tuple(m.split(":", 1)) if ":" in m else ("user", m) for m in args.message]
-    if args.no_stream:
+    if args.n > 1:
+        kwargs["n"] = args.n
+        result = client.generate(**kwargs)
+        for completion in result.completions:
+            print(f"--- completion {completion.index} ({completion.finish_reason}) ---")
+            print(completion.text)
+        usage, finish = result.usage, ", ".join(c.finish_reason for c in result.completions)
+    elif args.no_stream:
+        kwargs["n"] = args.n
         result = client.generate(**kwargs)
         print(result.text)
         usage, finish = result.usage, result.finish_reason

@@ -23,6 +23,7 @@ from loramux.client.errors import (
 from loramux.client.sync import Client, MergeHandle
 from loramux.client.types import (
     AdapterInfo,
+    Completion,
     GenerateResult,
     MergeProgress,
     MergeResult,
@@ -34,7 +35,7 @@ from loramux.client.types import (
 )
 
 __all__ = [
-    "Aborted", "AdapterInfo", "AlreadyExists", "AsyncClient", "AsyncMergeHandle", "Cancelled", "Client", "DeadlineExceeded",
+    "Aborted", "AdapterInfo", "AlreadyExists", "AsyncClient", "AsyncMergeHandle", "Cancelled", "Client", "Completion", "DeadlineExceeded",
     "FailedPrecondition", "GenerateResult", "InternalError", "InvalidArgument", "LoramuxError", "MergeHandle",
     "MergeProgress", "MergeResult", "NotFound", "PermissionDenied", "ResourceExhausted", "ServerInfo", "StreamChunk",
     "Timings", "Tokens", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",

@@ -58,8 +58,10 @@ def generate_request(
     regex: str | None = None,
     grammar: str | None = None,
     choice: Sequence[str] | None = None,
+    n: int = 0,
 ) -> generation_pb2.GenerateRequest:
     request = generation_pb2.GenerateRequest(
+        n=n,
         adapter_id=adapter_id,
         prompt=prompt or "",
         prompt_token_ids=list(prompt_token_ids or ()),
@@ -135,6 +137,10 @@ def generate_result(r: generation_pb2.GenerateResponse) -> types.GenerateResult:
         usage=types.Usage(r.usage.prompt_tokens, r.usage.completion_tokens),
         timings=_timings(r.timings),
         top_logprobs=_alternatives(r.top_logprobs),
+        completions=[types.Completion(index=c.index, text=c.text, token_ids=list(c.token_ids), logprobs=list(c.logprobs),
+                                      finish_reason=_FINISH.get(c.finish_reason, "unspecified"),
+                                      usage=types.Usage(c.usage.prompt_tokens, c.usage.completion_tokens),
+                                      top_logprobs=_alternatives(c.top_logprobs)) for c in r.completions],
     )
 
 
@@ -152,6 +158,7 @@ def stream_chunk(c: generation_pb2.GenerateStreamResponse) -> types.StreamChunk:
         usage=types.Usage(c.usage.prompt_tokens, c.usage.completion_tokens) if last else None,
         timings=_timings(c.timings) if last else None,
         top_logprobs=_alternatives(c.top_logprobs),
+        index=c.index,
     )
 
 

@@ -132,7 +132,9 @@ class Client:
         (max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, stop,
         stop_token_ids, return_logprobs, ignore_eos, presence_penalty, frequency_penalty, min_p,
         logit_bias, min_tokens, top_logprobs), and at most one structured output: json_object=True,
-        json_schema= (a dict or JSON text), regex=, grammar= (Lark) or choice= (strings)."""
+        json_schema= (a dict or JSON text), regex=, grammar= (Lark) or choice= (strings); n= for
+        several completions of the prompt (the result's `completions`; streamed, each chunk's
+        `index`)."""
         response = self._stub.Generate(_convert.generate_request(**kwargs), timeout=self._deadline(timeout))
         return _convert.generate_result(response)
 

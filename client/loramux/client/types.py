@@ -20,14 +20,28 @@ class Timings:
 
 
 @dataclasses.dataclass(frozen=True)
+class Completion:
+    """One of the n completions of a request (n=)."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str
+    usage: Usage
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
 class GenerateResult:
     text: str
     token_ids: list[int]
     logprobs: list[float]
     finish_reason: str  # "length", "stop_token" or "stop_sequence"
-    usage: Usage
+    usage: Usage  # with n > 1: the prompt once and every completion's tokens
     timings: Timings
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token, with top_logprobs=
+    completions: list[Completion] = dataclasses.field(default_factory=list)  # with n > 1: all of them (the fields above are the first's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +63,7 @@ class StreamChunk:
     usage: Usage | None
     timings: Timings | None
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token, with top_logprobs=
+    index: int = 0  # with n > 1: which completion (their chunks interleave)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -106,25 +106,38 @@ class Batch:
     @classmethod
     @torch.inference_mode()
     def prefill(cls, base: BaseModel, rows: list[Row]) -> Batch:
-        """Run the rows' prompts (none of them done) and pick their first tokens."""
+        """Run the rows' prompts (none of them done) and pick their first tokens. Rows of one
+        group (the `n` completions of one request) run their prompt once: its keys, values
+        and scores are copied to each of them, which then sample on their own."""
+        leaders, index = _groups(rows)
         device = base.device
-        longest = max(len(r.request.prompt_ids) for r in rows)
-        input_ids = torch.full((len(rows), longest), base.pad_token_id, dtype=torch.long, device=device)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long, device=device)  # [n, seq]
-        for i, row in enumerate(rows):
+        longest = max(len(r.request.prompt_ids) for r in leaders)
+        input_ids = torch.full((len(leaders), longest), base.pad_token_id, dtype=torch.long, device=device)
+        mask = torch.zeros((len(leaders), longest), dtype=torch.long, device=device)  # [n, seq]
+        for i, row in enumerate(leaders):
             n = len(row.request.prompt_ids)
             input_ids[i, longest - n:] = torch.tensor(row.request.prompt_ids, dtype=torch.long, device=device)
             mask[i, longest - n:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kv = PaddedKv(new_dynamic_cache(base.model.config), mask)
-        batch = cls(base, rows, kv, None, positions, _seen_mask(base, rows), _output_counts(base, rows))
-        batch._forward(input_ids)
+        batch = cls(base, leaders, kv, None, positions)
+        logits = batch._logits(input_ids)
+        if len(leaders) < len(rows):  # each group's rows get their leader's cache, positions and scores
+            batch.kv.select(index, positions)
+            at = torch.tensor(index, dtype=torch.long, device=device)
+            batch.positions, logits = batch.positions[at], logits[at.to(logits.device)]
+            batch.rows = rows
+            batch._route()
+        batch.seen, batch.counts = _seen_mask(base, rows), _output_counts(base, rows)
+        batch._choose(logits, batch._start_masks())
         return batch
 
     @torch.inference_mode()
     def step(self) -> None:
-        """Decode one token for every row."""
-        self._forward(self.tokens[:, None])
+        """Decode one token for every row (structured-output rows' masks are computed on
+        llguidance's threads while the model runs)."""
+        pending = self._start_masks()
+        self._choose(self._logits(self.tokens[:, None]), pending)
 
     @torch.inference_mode()
     def filter(self) -> list[Row]:
@@ -197,11 +210,15 @@ class Batch:
         self._params = _batch_params(self.rows, self.base.device)
         self._constrained = [i for i, row in enumerate(self.rows) if row.request.grammar is not None]
 
-    def _forward(self, input_ids: torch.Tensor) -> None:
-        # Structured-output rows' masks are computed on llguidance's threads while the model runs.
+    def _start_masks(self):
         constrained = [i for i in self._constrained if not self.rows[i].done]
+        if not constrained:
+            return None
         grammars = [self.rows[i].request.grammar for i in constrained]
-        pending = grammars[0].grammars.start_masks([g.matcher for g in grammars]) if grammars else None
+        return constrained, grammars, grammars[0].grammars.start_masks([g.matcher for g in grammars])
+
+    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The model's scores for each row's next token, [n, vocab] float32."""
         inputs = self.kv.model_inputs(self.positions)
         if self.decode is not None and input_ids.shape[1] == 1:
             logits = self.decode(input_ids, self.positions, inputs, self._plan)
@@ -218,14 +235,18 @@ class Batch:
             finally:
                 self.base.bank.route(None)
             logits = out.logits
-        logits = logits[:, -1, :].float().to(self.base.device)  # [n, vocab] (from the last layer's device)
+        return logits[:, -1, :].float().to(self.base.device)  # (from the last layer's device)
+
+    def _choose(self, logits: torch.Tensor, pending) -> None:
+        """Pick every row's token from `logits`, emit it, and advance the rows and the cache."""
         rows = self.rows
         generated = None
         if self._params.min_length is not None:  # how far each row is from its min_tokens
             generated = torch.tensor([row.generated for row in rows], dtype=torch.long, device=logits.device)
         allowed = None
         if pending is not None:
-            mask = grammars[0].grammars.allowed(pending, logits.device)  # [k, V]
+            constrained, grammars, started = pending
+            mask = grammars[0].grammars.allowed(started, logits.device)  # [k, V]
             allowed = (torch.tensor(constrained, dtype=torch.long, device=logits.device), mask)
             stuck = (~mask.any(dim=-1)).tolist()
             for j, (i, grammar) in enumerate(zip(constrained, grammars)):
@@ -260,6 +281,24 @@ class Batch:
         self.tokens = tokens
         self.kv.advance(self.positions)
         self.positions = self.positions[:, -1:] + 1
+
+
+def _groups(rows: list[Row]) -> tuple[list[Row], list[int]]:
+    """The rows whose prompts are run (one per group of `n` completions, and every row not in
+    a group), and for each row the index of its group's run."""
+    leaders: list[Row] = []
+    index: list[int] = []
+    seen: dict[int, int] = {}
+    for row in rows:
+        group = row.request.group
+        if group is not None and id(group) in seen:
+            index.append(seen[id(group)])
+            continue
+        if group is not None:
+            seen[id(group)] = len(leaders)
+        index.append(len(leaders))
+        leaders.append(row)
+    return leaders, index
 
 
 def _batch_params(rows: list[Row], device: torch.device) -> BatchParams:

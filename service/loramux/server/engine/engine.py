@@ -29,7 +29,7 @@ from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.model.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.adapter_admin import AdapterAdmin
-from loramux.server.engine.inputs import GenerateInput, prompt_ids, request_context, sampling_params
+from loramux.server.engine.inputs import MAX_COMPLETIONS, GenerateInput, prompt_ids, request_context, sampling_params
 from loramux.server.engine.merges import Merges
 from loramux.server.engine.registry_sync import RegistrySync
 from loramux.server.engine.request_telemetry import request_ended
@@ -211,8 +211,27 @@ class Engine:
         `trace_context` (an OpenTelemetry context) is the parent of the request's engine spans.
         `record`: the adapter the caller's name resolved to (facade.py resolves it once); else
         it is looked up here."""
+        return self.submit_many(tenant, inp, [emit], deadline, trace_context, record)[0]
+
+    def submit_many(
+        self,
+        tenant: str,
+        inp: GenerateInput,
+        emits: list[Callable[[Event], None]],
+        deadline: float | None = None,
+        trace_context: object = None,
+        record: AdapterRecord | None = None,
+    ) -> list[GenerationRequest]:
+        """`len(emits)` completions of one prompt (OpenAI's `n`), checked and tokenized once
+        and queued together: admitted in one pass, they share one prefill of the prompt.
+        Completion i samples with `seed + i` when a seed is set. Each counts as a request
+        in the tenant's quotas; if one cannot be queued, none runs (those queued are
+        cancelled) and its error is raised."""
         if self.worker.draining:
             raise ShuttingDown("the server is shutting down")
+        if not 1 <= len(emits) <= MAX_COMPLETIONS:
+            raise InvalidRequest(f"n must be in 1..{MAX_COMPLETIONS}, got {len(emits)}", field="n",
+                                 reason="INVALID_SAMPLING_PARAMETER")
         if record is None and inp.adapter_id:
             record = self.registry.get(tenant, inp.adapter_id)
         ids = prompt_ids(inp, self.base, self.settings)
@@ -228,15 +247,43 @@ class Engine:
                 reason="REQUEST_TOO_LARGE",
                 max_batch_tokens=self.settings.max_batch_tokens,
             )
-        grammar = None
+        grammars = [None] * len(emits)
         if inp.constraint is not None:  # compiled (or found compiled) before anything is queued
             wait = COMPILE_TIMEOUT_S if deadline is None else max(0.0, min(COMPILE_TIMEOUT_S, deadline - time.monotonic()))
             try:
-                grammar = self.grammars().matcher(inp.constraint, wait)
+                grammars = [self.grammars().matcher(inp.constraint, wait) for _ in emits]  # compiled once, then cached
             except InvalidRequest as e:
                 if e.reason == "GRAMMAR_TOO_COMPLEX" and wait < COMPILE_TIMEOUT_S:  # the caller's deadline cut it short
                     raise DeadlineExceeded("the deadline passed while the structured output was being compiled") from None
                 raise
+        if deadline is not None and time.monotonic() > deadline:  # tokenizing took the caller's time
+            raise DeadlineExceeded("the deadline passed while the prompt was being tokenized")
+        group = object() if len(emits) > 1 else None
+        requests = [self._request(tenant, inp, ids, params if params.seed is None or i == 0
+                                  else dataclasses.replace(params, seed=(params.seed + i) % (1 << 64)),
+                                  emit, deadline, trace_context, record, grammar, group)
+                    for i, (emit, grammar) in enumerate(zip(emits, grammars))]
+        quotas = self.quotas(tenant)
+        queued: list[GenerationRequest] = []
+        try:
+            for request in requests:
+                self.usage.begin(tenant, quotas, len(ids) + params.max_new_tokens, self.worker.scheduler.retry_hint_s)
+                try:
+                    self.worker.enqueue(request, quotas.queued)
+                except BaseException:
+                    self.usage.end(tenant)
+                    raise
+                queued.append(request)
+        except BaseException:
+            for request in queued:  # all or none: the engine ends them (and their quota) at its next pass
+                self.cancel(request)
+            raise
+        if record is not None:
+            self.telemetry.adapter_lookup(requests[0].timeline.tier_found)
+        return requests
+
+    def _request(self, tenant: str, inp: GenerateInput, ids: list[int], params, emit, deadline, trace_context, record,
+                 grammar, group) -> GenerationRequest:
         telemetry, usage = self.telemetry, self.usage
 
         def emit_last_after_telemetry(event: Event) -> None:
@@ -255,20 +302,10 @@ class Engine:
             deadline=deadline,
             trace_context=trace_context,
             grammar=grammar,
+            group=group,
         )
         if record is not None:
             request.timeline.tier_found = self.cache.tier(record.uid)
-        if deadline is not None and time.monotonic() > deadline:  # tokenizing took the caller's time
-            raise DeadlineExceeded("the deadline passed while the prompt was being tokenized")
-        quotas = self.quotas(tenant)
-        usage.begin(tenant, quotas, len(ids) + params.max_new_tokens, self.worker.scheduler.retry_hint_s)
-        try:
-            self.worker.enqueue(request, quotas.queued)
-        except BaseException:
-            usage.end(tenant)
-            raise
-        if record is not None:
-            telemetry.adapter_lookup(request.timeline.tier_found)
         return request
 
     def stats(self) -> EngineStats:

@@ -26,6 +26,7 @@ from loramux.server.engine.compiled_step import CompiledDecode
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.graph_step import GraphDecode
 from loramux.server.engine.inputs import (
+    MAX_COMPLETIONS,
     MAX_LOGIT_BIAS,
     MAX_MESSAGES,
     MAX_STOP_SEQUENCES,
@@ -49,7 +50,7 @@ __all__ = [
     "AdapterInfo", "Combination", "Constraint", "ErrorEvent", "Event", "Facade", "FinishEvent", "FinishReason", "GenerateInput",
     "Generation", "MergeJob", "MergeResult", "Operation", "ServerInfo", "Tier", "Timings", "TokenEvent",
     # The bounds a request's lists are checked against (a front door may refuse longer ones while parsing).
-    "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_STOP_SEQUENCES", "MAX_STOP_TOKEN_IDS", "STRUCTURED_OUTPUT_KINDS",
+    "MAX_COMPLETIONS", "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_STOP_SEQUENCES", "MAX_STOP_TOKEN_IDS", "STRUCTURED_OUTPUT_KINDS",
 ]
 
 
@@ -139,6 +140,16 @@ class Facade:
         record = engine.find_adapter(tenant, inp.adapter_id) if inp.adapter_id else None
         request = engine.submit(tenant, inp, emit, deadline, trace_context=trace_context, record=record)
         return Generation(request, self.model, request.params.max_new_tokens)
+
+    def generate_many(self, tenant: str, inp: GenerateInput, emits: list[Callable[[Event], None]],
+                      deadline: float | None = None, trace_context: object = None) -> list[Generation]:
+        """`len(emits)` completions of one prompt (OpenAI's `n`, at most MAX_COMPLETIONS): one
+        check, one tokenization, one prefill of the prompt when they are admitted together;
+        completion i samples with seed + i. Events of completion i arrive through emits[i]."""
+        engine = self._engine
+        record = engine.find_adapter(tenant, inp.adapter_id) if inp.adapter_id else None
+        requests = engine.submit_many(tenant, inp, emits, deadline, trace_context=trace_context, record=record)
+        return [Generation(request, self.model, request.params.max_new_tokens) for request in requests]
 
     def cancel(self, generation: Generation) -> None:
         self._engine.cancel(generation.request)

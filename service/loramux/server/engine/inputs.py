@@ -25,6 +25,7 @@ PRESENCE_FREQUENCY_RANGE = (-2.0, 2.0)  # OpenAI's
 LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 MAX_LOGIT_BIAS = 1024  # tokens a request may bias (OpenAI allows 300)
 MAX_TOP_LOGPROBS = 20  # OpenAI's
+MAX_COMPLETIONS = 16  # `n`: completions of one prompt in one request (each is a row)
 # What a chat template is called with by loramux itself: a request's kwargs may not replace them.
 RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "add_generation_prompt",
                                     "tokenize", "return_dict", "return_tensors", "chat_template", "continue_final_message",

@@ -114,6 +114,7 @@ class GenerationRequest:
     arrival_step: int = 0  # the engine's decode step count when it was queued
     timeline: Timeline = dataclasses.field(default_factory=Timeline)
     grammar: object = None  # structured output: its structured.RowGrammar (compiled before it was queued)
+    group: object = None  # the `n` completions of one request share this (and their prompt's prefill)
 
     @property
     def prompt_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""A generation's events as a front door consumes them, written once for both doors."""
+"""A generation's events as a front door consumes them, written once for both doors: one
+completion's (`events`), or a request's n completions' merged as they come (`merged`)."""
 
 from __future__ import annotations
 
@@ -32,3 +33,39 @@ async def events(facade: Facade, generation: Generation, queue: asyncio.Queue, s
     finally:
         if not finished:
             facade.cancel(generation)
+
+
+async def merged(facade: Facade, runs: list[tuple[Generation, asyncio.Queue]], span) -> AsyncIterator[tuple[int, Event]]:
+    """Every completion's events as they come, tagged with its index; the first error is
+    raised, and every completion still running is then cancelled (as one whose consumer
+    stops early is). With n > 1 the span's usage and finish reasons are all of theirs."""
+    if len(runs) == 1:  # the common case, without tasks
+        generation, queue = runs[0]
+        async for event in events(facade, generation, queue, span):
+            yield 0, event
+        return
+    inbox: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation, queue: asyncio.Queue) -> None:
+        try:
+            async for event in events(facade, generation, queue, span):
+                inbox.put_nowait((index, event, None))
+        except Exception as e:  # noqa: BLE001 - handed to the consumer
+            inbox.put_nowait((index, None, e))
+
+    tasks = [asyncio.ensure_future(pump(i, g, q)) for i, (g, q) in enumerate(runs)]
+    finishes: list[FinishEvent] = []
+    try:
+        while len(finishes) < len(runs):
+            index, event, error = await inbox.get()
+            if error is not None:
+                raise error
+            if isinstance(event, FinishEvent):
+                finishes.append(event)
+            yield index, event
+        span.set_attributes({"gen_ai.usage.output_tokens": sum(f.completion_tokens for f in finishes),
+                             "gen_ai.response.finish_reasons": tuple(f.finish_reason.value for f in finishes)})
+    finally:
+        for task in tasks:  # a completion still running is cancelled (its events' finally)
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

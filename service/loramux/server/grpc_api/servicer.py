@@ -27,10 +27,10 @@ from opentelemetry import trace
 
 from loramux.server.grpc_api import convert
 from loramux.server.tenancy.auth import Authenticator, caller
-from loramux.server.front_door.generation import events as generation_events
+from loramux.server.front_door.generation import merged as merged_events
 from loramux.server.front_door.pools import Pools, blocking as _blocking
 from loramux.server.grpc_api.status import abort, code_of
-from loramux.server.engine.facade import Event, Facade, FinishEvent, Mailbox, TokenEvent
+from loramux.server.engine.facade import MAX_COMPLETIONS, Event, Facade, FinishEvent, Mailbox, TokenEvent
 from loramux.server.errors import InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2_grpc
 
@@ -148,8 +148,18 @@ def _deadline(context) -> float | None:
     return time.monotonic() + remaining if remaining is not None else None
 
 
+def _completions(request: generation_pb2.GenerateRequest) -> int:
+    """The request's n (0: one), checked before anything is made for it."""
+    n = request.n or 1
+    if not 1 <= n <= MAX_COMPLETIONS:
+        raise InvalidRequest(f"n must be in 0..{MAX_COMPLETIONS} (0 or 1: one completion), got {n}", field="n",
+                             reason="INVALID_SAMPLING_PARAMETER")
+    return n
+
+
 def _add_event(message, event: TokenEvent | FinishEvent) -> None:
-    """Add an engine event to a GenerateResponse or GenerateStreamResponse (same field names)."""
+    """Add an engine event to a GenerateResponse, Completion or GenerateStreamResponse (the
+    same field names; a Completion has no timings)."""
     if isinstance(event, TokenEvent):
         message.token_ids.extend(event.token_ids)
         message.logprobs.extend(event.logprobs)
@@ -158,7 +168,8 @@ def _add_event(message, event: TokenEvent | FinishEvent) -> None:
     else:
         message.finish_reason = convert.finish_reason(event.finish_reason)
         message.usage.CopyFrom(convert.usage(event.prompt_tokens, event.completion_tokens))
-        message.timings.CopyFrom(convert.timings(event.timings))
+        if not isinstance(message, generation_pb2.Completion):
+            message.timings.CopyFrom(convert.timings(event.timings))
 
 
 class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
@@ -169,16 +180,14 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         self._mailbox: Mailbox | None = None  # made on the event loop's first call
         self.draining = False  # set at shutdown: new calls get UNAVAILABLE / SHUTTING_DOWN
 
-    async def _events(self, request: generation_pb2.GenerateRequest, context) -> AsyncIterator[Event]:
-        """Submit to the engine and yield its events; a caller that goes away cancels the row."""
+    async def _events(self, request: generation_pb2.GenerateRequest, context) -> AsyncIterator[tuple[int, Event]]:
+        """Submit to the engine and yield its events, tagged with their completion's index (n);
+        a caller that goes away cancels the rows."""
         if self._mailbox is None:
             self._mailbox = Mailbox(asyncio.get_running_loop())
         post = self._mailbox.post
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def emit(event: Event) -> None:  # engine thread
-            post(events, event)
-
+        n = _completions(request)
+        queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in range(n)]
         deadline = _deadline(context)
         inp = convert.generate_input(request)
         tenant = tenant_of(context)
@@ -187,31 +196,52 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             "gen_ai.operation.name": "text_completion",
             "gen_ai.request.model": self.facade.model,
             "gen_ai.request.temperature": inp.temperature,
+            "gen_ai.request.choice.count": n,
             "loramux.adapter.id": inp.adapter_id,
             "loramux.tenant": tenant,
         })
         if self.facade.must_read(tenant, inp.adapter_id):  # a slow read: on the adapter pool, not admission's
             await _blocking(self._pools.adapters, self.facade.resolve, tenant, inp.adapter_id)
-        generation = await _blocking(self._pools.admission, self.facade.generate, tenant, inp, emit,
-                                     deadline, trace_context=otel_context.get_current())
-        span.set_attribute("gen_ai.request.max_tokens", generation.max_new_tokens)
-        async for event in generation_events(self.facade, generation, events, span):
-            yield event
+        emits = [functools.partial(post, queue) for queue in queues]  # called on the engine thread
+        generations = await _blocking(self._pools.admission, self.facade.generate_many, tenant, inp, emits,
+                                      deadline, trace_context=otel_context.get_current())
+        span.set_attribute("gen_ai.request.max_tokens", generations[0].max_new_tokens)
+        async for tagged in merged_events(self.facade, list(zip(generations, queues)), span):
+            yield tagged
 
     @maps_errors
     async def Generate(self, request, context):
-        response = generation_pb2.GenerateResponse()
-        text = []
-        async for event in self._events(request, context):
-            text.append(event.text)
-            _add_event(response, event)
-        response.text = "".join(text)
-        return response
+        if _completions(request) == 1:
+            response = generation_pb2.GenerateResponse()
+            text = []
+            async for _, event in self._events(request, context):
+                text.append(event.text)
+                _add_event(response, event)
+            response.text = "".join(text)
+            return response
+        completions = [generation_pb2.Completion(index=i) for i in range(request.n)]
+        texts: list[list[str]] = [[] for _ in completions]
+        first_timings = None
+        for_usage = []
+        async for index, event in self._events(request, context):
+            texts[index].append(event.text)
+            _add_event(completions[index], event)
+            if isinstance(event, FinishEvent):
+                for_usage.append(event)
+                if index == 0:
+                    first_timings = convert.timings(event.timings)
+        for completion, text in zip(completions, texts):
+            completion.text = "".join(text)
+        first = completions[0]
+        return generation_pb2.GenerateResponse(
+            text=first.text, token_ids=first.token_ids, logprobs=first.logprobs, finish_reason=first.finish_reason,
+            top_logprobs=first.top_logprobs, timings=first_timings, completions=completions,
+            usage=convert.usage(for_usage[0].prompt_tokens, sum(f.completion_tokens for f in for_usage)))
 
     @maps_errors
     async def GenerateStream(self, request, context):
-        async for event in self._events(request, context):
-            chunk = generation_pb2.GenerateStreamResponse(text=event.text)
+        async for index, event in self._events(request, context):
+            chunk = generation_pb2.GenerateStreamResponse(text=event.text, index=index)
             _add_event(chunk, event)
             yield chunk
 

@@ -36,7 +36,7 @@ from starlette.routing import Route
 
 from loramux.server.engine.facade import Event, Facade, FinishEvent, Generation, Mailbox, TokenEvent
 from loramux.server.errors import Cancelled, InternalError, InvalidRequest, LoramuxError, ShuttingDown
-from loramux.server.front_door.generation import events as generation_events
+from loramux.server.front_door.generation import merged as merged_events
 from loramux.server.http_api.errors import error_response, status_of
 from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse
 from loramux.server.tenancy.auth import Authenticator, caller
@@ -153,11 +153,12 @@ class HttpFrontDoor:
         """The adapter `model` names ("" for the base model)."""
         return "" if model in (self.facade.model, self.facade.public_model) else model
 
-    async def _run(self, request: Request, inp) -> tuple[Generation, asyncio.Queue]:
+    async def _run(self, request: Request, inp, n: int) -> list[tuple[Generation, asyncio.Queue]]:
+        """Queue the request's `n` completions; each with the queue its events arrive on."""
         if self._mailbox is None:
             self._mailbox = Mailbox(asyncio.get_running_loop())
         post = self._mailbox.post
-        events: asyncio.Queue[Event] = asyncio.Queue()
+        queues: list[asyncio.Queue[Event]] = [asyncio.Queue() for _ in range(n)]
         tenant = caller.get().tenant
         if self.facade.must_read(tenant, inp.adapter_id):
             await self._blocking(self._pools.adapters, self.facade.resolve, tenant, inp.adapter_id)
@@ -166,29 +167,30 @@ class HttpFrontDoor:
             "gen_ai.operation.name": "chat" if inp.messages else "text_completion",
             "gen_ai.request.model": self.facade.model,
             "gen_ai.request.temperature": inp.temperature,
+            "gen_ai.request.choice.count": n,
             "loramux.adapter.id": inp.adapter_id,
             "loramux.tenant": tenant,
         })
-        generation = await self._blocking(self._pools.admission, self.facade.generate, tenant, inp,
-                                          lambda event: post(events, event), trace_context=otel_context.get_current())
-        span.set_attribute("gen_ai.request.max_tokens", generation.max_new_tokens)
-        return generation, events
+        emits = [functools.partial(post, queue) for queue in queues]
+        generations = await self._blocking(self._pools.admission, self.facade.generate_many, tenant, inp, emits,
+                                           trace_context=otel_context.get_current())
+        span.set_attribute("gen_ai.request.max_tokens", generations[0].max_new_tokens)
+        return list(zip(generations, queues))
 
-    def _events(self, generation: Generation, events: asyncio.Queue, span) -> AsyncIterator[Event]:
-        """The generation's events (`front_door/generation.py`); `span`: the request's (a
-        stream runs after its endpoint returned, outside the span's context)."""
-        return generation_events(self.facade, generation, events, span)
-
-    async def _collect(self, request: Request, generation: Generation, events: asyncio.Queue, span):
-        """Every event of a non-streamed request, cancelling it if the client disconnects."""
+    async def _collect(self, request: Request, runs, span) -> list[list[Event]]:
+        """Every event of a non-streamed request, per completion, cancelling it if the
+        client disconnects."""
         async def gather():
-            return [event async for event in self._events(generation, events, span)]
+            per_choice: list[list[Event]] = [[] for _ in runs]
+            async for index, event in merged_events(self.facade, runs, span):
+                per_choice[index].append(event)
+            return per_choice
 
         work = asyncio.ensure_future(gather())
         watch = asyncio.ensure_future(_disconnected(request))
         try:
             done, _ = await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
-            if work not in done:  # the request is cancelled as `work` ends (its events' finally)
+            if work not in done:  # the completions are cancelled as `work` ends (its events' finally)
                 raise Cancelled("the client went away before the answer was ready")
             return work.result()
         finally:
@@ -208,7 +210,7 @@ class HttpFrontDoor:
         return await self._answer(request, body, inp, chat=True)
 
     async def _answer(self, request: Request, body, inp, chat: bool) -> Response:
-        generation, events = await self._run(request, inp)
+        runs = await self._run(request, inp, body.n or 1)
         span = trace.get_current_span()
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -216,32 +218,35 @@ class HttpFrontDoor:
         forced = body.forced_tool() if chat else None  # a forced tool call: the answer is its JSON
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            stream = self._stream(generation, events, span, ident, created, body.model, chat, usage, inp.return_logprobs,
-                                  forced)
+            stream = self._stream(runs, span, ident, created, body.model, chat, usage, inp.return_logprobs, forced)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        collected = await self._collect(request, generation, events, span)
-        tokens = [t for e in collected if isinstance(e, TokenEvent) for t in e.token_ids]
-        logprobs = [lp for e in collected if isinstance(e, TokenEvent) for lp in e.logprobs]
-        alternatives = [a for e in collected if isinstance(e, TokenEvent) for a in e.top_logprobs]
-        text = "".join(e.text for e in collected)
-        finish: FinishEvent = collected[-1]
-        choice = {"index": 0, "finish_reason": FINISH[finish.finish_reason.value],
-                  "logprobs": self._logprobs(tokens, logprobs, alternatives, chat) if inp.return_logprobs else None}
-        calls = _tool_calls(forced, text) if forced is not None else None
-        if calls:
-            choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
-            choice["finish_reason"] = "tool_calls"
-        elif chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        return JSONResponse({"id": ident, "object": kind, "created": created, "model": body.model, "choices": [choice],
-                             "usage": _usage(finish)})
+        choices, finishes = [], []
+        for index, collected in enumerate(await self._collect(request, runs, span)):
+            tokens = [t for e in collected if isinstance(e, TokenEvent) for t in e.token_ids]
+            logprobs = [lp for e in collected if isinstance(e, TokenEvent) for lp in e.logprobs]
+            alternatives = [a for e in collected if isinstance(e, TokenEvent) for a in e.top_logprobs]
+            text = "".join(e.text for e in collected)
+            finish: FinishEvent = collected[-1]
+            finishes.append(finish)
+            choice = {"index": index, "finish_reason": FINISH[finish.finish_reason.value],
+                      "logprobs": self._logprobs(tokens, logprobs, alternatives, chat) if inp.return_logprobs else None}
+            calls = _tool_calls(forced, text) if forced is not None else None
+            if calls:
+                choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
+                choice["finish_reason"] = "tool_calls"
+            elif chat:
+                choice["message"] = {"role": "assistant", "content": text}
+            else:
+                choice["text"] = text
+            choices.append(choice)
+        return JSONResponse({"id": ident, "object": kind, "created": created, "model": body.model, "choices": choices,
+                             "usage": _usage(finishes)})
 
-    async def _stream(self, generation, events, span, ident, created, model, chat, usage, logprobs,
+    async def _stream(self, runs, span, ident, created, model, chat, usage, logprobs,
                       forced: str | None = None) -> AsyncIterator[bytes]:
-        """`forced`: a forced tool call's answer is held back and sent as one `tool_calls`
-        delta when it is complete."""
+        """Chunks of every completion as they come (each names its `index`); `forced`: a
+        forced tool call's answer is held back and sent as one `tool_calls` delta when it is
+        complete. With `include_usage`, one last chunk holds the usage of them all."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choice: dict | None, **extra) -> bytes:
@@ -249,41 +254,44 @@ class HttpFrontDoor:
                        "choices": [choice] if choice is not None else [], **extra}
             return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
-        held: list[str] = []
+        held: list[list[str]] = [[] for _ in runs]
+        offsets = [0] * len(runs)  # characters of text before a chunk's first token (logprobs' text_offset)
+        finishes: list[FinishEvent] = []
         try:
-            offset = 0  # characters of text before this chunk's first token (logprobs' text_offset)
             if chat:
-                yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None})
-            async for event in self._events(generation, events, span):
+                for index in range(len(runs)):
+                    yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                 "finish_reason": None})
+            async for index, event in merged_events(self.facade, runs, span):
                 reason = FINISH[event.finish_reason.value] if isinstance(event, FinishEvent) else None
+                if reason is not None:
+                    finishes.append(event)
                 tokens = event.token_ids if isinstance(event, TokenEvent) else []
                 values = event.logprobs if isinstance(event, TokenEvent) else []
                 alternatives = event.top_logprobs if isinstance(event, TokenEvent) else []
                 if not event.text and not tokens and reason is None:
                     continue
                 if forced is not None:
-                    held.append(event.text)
+                    held[index].append(event.text)
                     if reason is None:
                         continue
-                    calls = _tool_calls(forced, "".join(held))
+                    calls = _tool_calls(forced, "".join(held[index]))
                     if calls:
-                        yield chunk({"index": 0, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},
+                        yield chunk({"index": index, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},
                                      "logprobs": None, "finish_reason": "tool_calls"})
-                        if usage:
-                            yield chunk(None, usage=_usage(event))
                         continue
-                    event = dataclasses.replace(event, text="".join(held))  # cut short: the text as it is
-                choice = {"index": 0, "finish_reason": reason,
-                          "logprobs": self._logprobs(tokens, values, alternatives, chat, offset) if logprobs and tokens else None}
-                offset += len(event.text)
+                    event = dataclasses.replace(event, text="".join(held[index]))  # cut short: the text as it is
+                choice = {"index": index, "finish_reason": reason,
+                          "logprobs": (self._logprobs(tokens, values, alternatives, chat, offsets[index])
+                                       if logprobs and tokens else None)}
+                offsets[index] += len(event.text)
                 if chat:
                     choice["delta"] = {"content": event.text} if event.text or reason is None else {}
                 else:
                     choice["text"] = event.text
                 yield chunk(choice)
-                if reason is not None and usage:
-                    yield chunk(None, usage=_usage(event))
+            if usage:
+                yield chunk(None, usage=_usage(finishes))
         except Exception as e:  # noqa: BLE001 - after the first byte the status is sent: the error is the last event
             error = e if isinstance(e, LoramuxError) else InternalError.logged(e)
             body = json.loads(error_response(error).body)
@@ -371,9 +379,11 @@ async def _ending(body: AsyncIterator[bytes], done: Callable[[], None]) -> Async
         done()
 
 
-def _usage(finish: FinishEvent) -> dict:
-    return {"prompt_tokens": finish.prompt_tokens, "completion_tokens": finish.completion_tokens,
-            "total_tokens": finish.prompt_tokens + finish.completion_tokens}
+def _usage(finishes: list[FinishEvent]) -> dict:
+    """The prompt once (its completions share it), and every completion's tokens."""
+    prompt = finishes[0].prompt_tokens if finishes else 0
+    completion = sum(f.completion_tokens for f in finishes)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 async def _disconnected(request: Request) -> None:

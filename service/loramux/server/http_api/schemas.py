@@ -18,7 +18,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field
 
 from loramux.server.engine.facade import (
-    MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, Constraint, GenerateInput,
+    MAX_COMPLETIONS, MAX_LOGIT_BIAS, MAX_MESSAGES, MAX_STOP_SEQUENCES, MAX_STOP_TOKEN_IDS, Constraint, GenerateInput,
 )
 from loramux.server.errors import InvalidRequest
 
@@ -28,7 +28,7 @@ MAX_TOOLS = 256  # tool definitions in one request
 
 # Parameters of OpenAI's API not implemented yet, and the value that means "not used".
 NOT_YET = {
-    "n": (None, 1), "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
     "functions": (None, []), "function_call": (None, "none"),
     "structured_outputs": (None,), "guided_decoding_backend": (None,),
     "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, True, False),
@@ -74,6 +74,7 @@ class _Common(BaseModel):
     min_p: float | None = None
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     min_tokens: int | None = Field(default=None, ge=0)
+    n: int | None = Field(default=None, ge=1, le=MAX_COMPLETIONS)  # completions of the prompt, sharing its prefill
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
