@@ -344,3 +344,49 @@ def test_n_completions_share_one_prefill_and_each_equals_its_seed_alone(assets, 
     for i, choice in enumerate(many.choices):
         assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == choice.text
     assert chunks[-1].usage.completion_tokens == many.usage.completion_tokens
+
+
+def test_echo_and_prompt_logprobs_are_peft_s_scores_of_the_prompt(assets, server, client, monkeypatch):
+    """echo with logprobs (lm-evaluation-harness's loglikelihood call): the prompt's tokens
+    come first, the first unscored, each other with peft's log-probability of it given the
+    tokens before; vLLM's prompt_logprobs gives the same with ranks, through HTTP and gRPC."""
+    import torch
+    import loramux.client as lc
+
+    ids = assets.tokenizer(PROMPTS[3])["input_ids"]
+    with torch.no_grad():
+        logits = assets.peft_model("rslora-r8")(input_ids=torch.tensor([ids])).logits[0].float()
+    expected = torch.log_softmax(logits[:-1], -1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+    ranks = (torch.log_softmax(logits[:-1], -1) > expected[:, None]).sum(-1) + 1
+    answer = client.completions.create(model="rslora-r8", prompt=PROMPTS[3], max_tokens=2, temperature=0, echo=True,
+                                       logprobs=2)
+    choice = answer.choices[0]
+    alone = client.completions.create(model="rslora-r8", prompt=PROMPTS[3], max_tokens=2, temperature=0)
+    assert choice.text == PROMPTS[3] + alone.choices[0].text
+    lp = choice.logprobs
+    assert len(lp.tokens) == len(ids) + 2 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert torch.allclose(torch.tensor(lp.token_logprobs[1:len(ids)]), expected, atol=1e-4)
+    assert all(1 <= len(t) <= 2 for t in lp.top_logprobs[1:])  # keyed by text: two byte tokens may both be "\ufffd"
+    assert lp.text_offset == sorted(lp.text_offset)
+    chat = client.chat.completions.create(model="rslora-r8", messages=[{"role": "user", "content": "fox"}], max_tokens=1,
+                                          extra_body={"prompt_logprobs": 1})
+    assert chat.choices[0].model_extra["prompt_logprobs"][0] is None
+    scored = client.completions.create(model="rslora-r8", prompt=PROMPTS[3], max_tokens=1, extra_body={"prompt_logprobs": 0})
+    prompt_lps = scored.choices[0].model_extra["prompt_logprobs"]
+    assert prompt_lps[0] is None and len(prompt_lps) == len(ids)
+    for i, entry in enumerate(prompt_lps[1:]):
+        mine = entry[str(ids[i + 1])]
+        assert abs(mine["logprob"] - expected[i].item()) < 1e-4 and mine["rank"] == ranks[i].item()
+    streamed = list(client.completions.create(model="rslora-r8", prompt=PROMPTS[3], max_tokens=2, temperature=0, echo=True,
+                                              logprobs=2, stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == choice.text
+    with lc.Client(server.target, api_key=server.keys["default"], timeout=60) as grpc_client:
+        result = grpc_client.generate(adapter_id="rslora-r8", prompt=PROMPTS[3], max_new_tokens=1, prompt_logprobs=3, n=2,
+                                      temperature=1.0, seed=1)
+    with pytest.raises(openai.BadRequestError) as e:
+        monkeypatch.setattr("loramux.server.engine.engine.PROMPT_LOGPROBS_BYTES", 4 * 400 * 3)
+        client.completions.create(model="rslora-r8", prompt=PROMPTS[3], max_tokens=1, echo=True, logprobs=0)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "prompt_logprobs"
+    assert result.prompt.token_ids == ids and result.prompt.ranks == ranks.tolist()
+    assert torch.allclose(torch.tensor(result.prompt.logprobs), expected, atol=1e-4)
+    assert [len(a) for a in result.prompt.top_logprobs] == [3] * (len(ids) - 1) and len(result.completions) == 2

@@ -27,6 +27,7 @@ from loramux.client.types import (
     GenerateResult,
     MergeProgress,
     MergeResult,
+    PromptScores,
     ServerInfo,
     StreamChunk,
     Timings,
@@ -37,6 +38,6 @@ from loramux.client.types import (
 __all__ = [
     "Aborted", "AdapterInfo", "AlreadyExists", "AsyncClient", "AsyncMergeHandle", "Cancelled", "Client", "Completion", "DeadlineExceeded",
     "FailedPrecondition", "GenerateResult", "InternalError", "InvalidArgument", "LoramuxError", "MergeHandle",
-    "MergeProgress", "MergeResult", "NotFound", "PermissionDenied", "ResourceExhausted", "ServerInfo", "StreamChunk",
+    "MergeProgress", "MergeResult", "NotFound", "PromptScores", "PermissionDenied", "ResourceExhausted", "ServerInfo", "StreamChunk",
     "Timings", "Tokens", "Unauthenticated", "Unavailable", "Unimplemented", "Usage",
 ]

@@ -59,6 +59,7 @@ def generate_request(
     grammar: str | None = None,
     choice: Sequence[str] | None = None,
     n: int = 0,
+    prompt_logprobs: int | None = None,
 ) -> generation_pb2.GenerateRequest:
     request = generation_pb2.GenerateRequest(
         n=n,
@@ -93,6 +94,8 @@ def generate_request(
             request.messages.add(role=role, content=content)
     if seed is not None:
         request.seed = seed
+    if prompt_logprobs is not None:
+        request.prompt_logprobs = prompt_logprobs
     structured = {name: value for name, value in (("json_object", json_object or None), ("json_schema", json_schema),
                                                   ("regex", regex), ("grammar", grammar), ("choice", choice))
                   if value is not None}
@@ -141,7 +144,15 @@ def generate_result(r: generation_pb2.GenerateResponse) -> types.GenerateResult:
                                       finish_reason=_FINISH.get(c.finish_reason, "unspecified"),
                                       usage=types.Usage(c.usage.prompt_tokens, c.usage.completion_tokens),
                                       top_logprobs=_alternatives(c.top_logprobs)) for c in r.completions],
+        prompt=_prompt(r),
     )
+
+
+def _prompt(r) -> types.PromptScores | None:
+    if not r.prompt_token_ids:
+        return None
+    return types.PromptScores(token_ids=list(r.prompt_token_ids), logprobs=list(r.prompt_logprobs),
+                              ranks=list(r.prompt_ranks), top_logprobs=_alternatives(r.prompt_top_logprobs))
 
 
 def _alternatives(entries) -> list[list[tuple[int, float]]]:
@@ -159,6 +170,7 @@ def stream_chunk(c: generation_pb2.GenerateStreamResponse) -> types.StreamChunk:
         timings=_timings(c.timings) if last else None,
         top_logprobs=_alternatives(c.top_logprobs),
         index=c.index,
+        prompt=_prompt(c),
     )
 
 

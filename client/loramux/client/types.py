@@ -20,6 +20,17 @@ class Timings:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptScores:
+    """The prompt's tokens as the model scored them (prompt_logprobs=): from the second token
+    on, each one's log-probability, rank (1: the most likely) and alternatives."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
 class Completion:
     """One of the n completions of a request (n=)."""
 
@@ -42,6 +53,7 @@ class GenerateResult:
     timings: Timings
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token, with top_logprobs=
     completions: list[Completion] = dataclasses.field(default_factory=list)  # with n > 1: all of them (the fields above are the first's)
+    prompt: PromptScores | None = None  # with prompt_logprobs=
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +76,7 @@ class StreamChunk:
     timings: Timings | None
     top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)  # per token, with top_logprobs=
     index: int = 0  # with n > 1: which completion (their chunks interleave)
+    prompt: PromptScores | None = None  # with prompt_logprobs=: on a first chunk of its own
 
 
 @dataclasses.dataclass(frozen=True)

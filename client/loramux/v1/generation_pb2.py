@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloramux/v1/generation.proto\x12\nloramux.v1\x1a\x1egoogle/protobuf/duration.proto\"@\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x12\n\nextra_json\x18\x03 \x01(\t\"\xab\x05\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\r\n\x05top_k\x18\x08 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x11\n\x04seed\x18\n \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x17\n\x0freturn_logprobs\x18\r \x01(\x08\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.loramux.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x13 \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x14 \x01(\x05\x12\x12\n\ntools_json\x18\x15 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x16 \x01(\t\x12\x37\n\x11structured_output\x18\x17 \x01(\x0b\x32\x1c.loramux.v1.StructuredOutput\x12\t\n\x01n\x18\x18 \x01(\x05\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seed\"\x93\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x13.loramux.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x83\x01\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\x12\n\ntools_json\x18\x03 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x04 \x01(\t\":\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x9a\x01\n\x07Timings\x12-\n\nqueue_wait\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x9a\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.loramux.v1.Timings\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.loramux.v1.TopLogprobs\x12+\n\x0b\x63ompletions\x18\x08 \x03(\x0b\x32\x16.loramux.v1.Completion\"\xd0\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.loramux.v1.TopLogprobs\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.loramux.v1.Usage\"\x82\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.loramux.v1.Timings\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.loramux.v1.TopLogprobs\x12\r\n\x05index\x18\x08 \x01(\x05*\x86\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloramux/v1/generation.proto\x12\nloramux.v1\x1a\x1egoogle/protobuf/duration.proto\"@\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\x12\x12\n\nextra_json\x18\x03 \x01(\t\"\xdd\x05\n\x0fGenerateRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x03 \x03(\x05\x12)\n\x08messages\x18\x04 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\x16\n\x0emax_new_tokens\x18\x05 \x01(\x05\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\r\n\x05top_k\x18\x08 \x01(\x05\x12\x1a\n\x12repetition_penalty\x18\t \x01(\x02\x12\x11\n\x04seed\x18\n \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x05\x12\x17\n\x0freturn_logprobs\x18\r \x01(\x08\x12\x12\n\nignore_eos\x18\x0e \x01(\x08\x12\x18\n\x10presence_penalty\x18\x0f \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x10 \x01(\x02\x12\r\n\x05min_p\x18\x11 \x01(\x02\x12>\n\nlogit_bias\x18\x12 \x03(\x0b\x32*.loramux.v1.GenerateRequest.LogitBiasEntry\x12\x12\n\nmin_tokens\x18\x13 \x01(\x05\x12\x14\n\x0ctop_logprobs\x18\x14 \x01(\x05\x12\x12\n\ntools_json\x18\x15 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x16 \x01(\t\x12\x37\n\x11structured_output\x18\x17 \x01(\x0b\x32\x1c.loramux.v1.StructuredOutput\x12\t\n\x01n\x18\x18 \x01(\x05\x12\x1c\n\x0fprompt_logprobs\x18\x19 \x01(\x05H\x01\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\x07\n\x05_seedB\x12\n\x10_prompt_logprobs\"\x93\x01\n\x10StructuredOutput\x12\x15\n\x0bjson_object\x18\x01 \x01(\x08H\x00\x12\x15\n\x0bjson_schema\x18\x02 \x01(\tH\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12\x11\n\x07grammar\x18\x04 \x01(\tH\x00\x12%\n\x06\x63hoice\x18\x05 \x01(\x0b\x32\x13.loramux.v1.ChoicesH\x00\x42\x06\n\x04kind\"\x1a\n\x07\x43hoices\x12\x0f\n\x07\x63hoices\x18\x01 \x03(\t\"\x83\x01\n\x0fTokenizeRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12)\n\x08messages\x18\x02 \x03(\x0b\x32\x17.loramux.v1.ChatMessage\x12\x12\n\ntools_json\x18\x03 \x01(\t\x12!\n\x19\x63hat_template_kwargs_json\x18\x04 \x01(\t\":\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x13\n\x0bmax_context\x18\x02 \x01(\x05\"2\n\x0bTopLogprobs\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\"\x9a\x01\n\x07Timings\x12-\n\nqueue_wait\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x36\n\x13time_to_first_token\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12(\n\x05total\x18\x03 \x01(\x0b\x32\x19.google.protobuf.Duration\"\x99\x03\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.loramux.v1.Timings\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.loramux.v1.TopLogprobs\x12+\n\x0b\x63ompletions\x18\x08 \x03(\x0b\x32\x16.loramux.v1.Completion\x12\x18\n\x10prompt_token_ids\x18\t \x03(\x05\x12\x17\n\x0fprompt_logprobs\x18\n \x03(\x02\x12\x14\n\x0cprompt_ranks\x18\x0b \x03(\x05\x12\x34\n\x13prompt_top_logprobs\x18\x0c \x03(\x0b\x32\x17.loramux.v1.TopLogprobs\"\xd0\x01\n\nCompletion\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x10\n\x08logprobs\x18\x04 \x03(\x02\x12/\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12-\n\x0ctop_logprobs\x18\x06 \x03(\x0b\x32\x17.loramux.v1.TopLogprobs\x12 \n\x05usage\x18\x07 \x01(\x0b\x32\x11.loramux.v1.Usage\"\x81\x03\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x10\n\x08logprobs\x18\x03 \x03(\x02\x12/\n\rfinish_reason\x18\x04 \x01(\x0e\x32\x18.loramux.v1.FinishReason\x12 \n\x05usage\x18\x05 \x01(\x0b\x32\x11.loramux.v1.Usage\x12$\n\x07timings\x18\x06 \x01(\x0b\x32\x13.loramux.v1.Timings\x12-\n\x0ctop_logprobs\x18\x07 \x03(\x0b\x32\x17.loramux.v1.TopLogprobs\x12\r\n\x05index\x18\x08 \x01(\x05\x12\x18\n\x10prompt_token_ids\x18\t \x03(\x05\x12\x17\n\x0fprompt_logprobs\x18\n \x03(\x02\x12\x14\n\x0cprompt_ranks\x18\x0b \x03(\x05\x12\x34\n\x13prompt_top_logprobs\x18\x0c \x03(\x0b\x32\x17.loramux.v1.TopLogprobs*\x86\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1c\n\x18\x46INISH_REASON_STOP_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,32 +34,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._loaded_options = None
   _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2225
-  _globals['_FINISHREASON']._serialized_end=2359
+  _globals['_FINISHREASON']._serialized_start=2529
+  _globals['_FINISHREASON']._serialized_end=2663
   _globals['_CHATMESSAGE']._serialized_start=75
   _globals['_CHATMESSAGE']._serialized_end=139
   _globals['_GENERATEREQUEST']._serialized_start=142
-  _globals['_GENERATEREQUEST']._serialized_end=825
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=768
-  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=816
-  _globals['_STRUCTUREDOUTPUT']._serialized_start=828
-  _globals['_STRUCTUREDOUTPUT']._serialized_end=975
-  _globals['_CHOICES']._serialized_start=977
-  _globals['_CHOICES']._serialized_end=1003
-  _globals['_TOKENIZEREQUEST']._serialized_start=1006
-  _globals['_TOKENIZEREQUEST']._serialized_end=1137
-  _globals['_TOKENIZERESPONSE']._serialized_start=1139
-  _globals['_TOKENIZERESPONSE']._serialized_end=1197
-  _globals['_TOPLOGPROBS']._serialized_start=1199
-  _globals['_TOPLOGPROBS']._serialized_end=1249
-  _globals['_USAGE']._serialized_start=1251
-  _globals['_USAGE']._serialized_end=1308
-  _globals['_TIMINGS']._serialized_start=1311
-  _globals['_TIMINGS']._serialized_end=1465
-  _globals['_GENERATERESPONSE']._serialized_start=1468
-  _globals['_GENERATERESPONSE']._serialized_end=1750
-  _globals['_COMPLETION']._serialized_start=1753
-  _globals['_COMPLETION']._serialized_end=1961
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1964
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2222
+  _globals['_GENERATEREQUEST']._serialized_end=875
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_start=798
+  _globals['_GENERATEREQUEST_LOGITBIASENTRY']._serialized_end=846
+  _globals['_STRUCTUREDOUTPUT']._serialized_start=878
+  _globals['_STRUCTUREDOUTPUT']._serialized_end=1025
+  _globals['_CHOICES']._serialized_start=1027
+  _globals['_CHOICES']._serialized_end=1053
+  _globals['_TOKENIZEREQUEST']._serialized_start=1056
+  _globals['_TOKENIZEREQUEST']._serialized_end=1187
+  _globals['_TOKENIZERESPONSE']._serialized_start=1189
+  _globals['_TOKENIZERESPONSE']._serialized_end=1247
+  _globals['_TOPLOGPROBS']._serialized_start=1249
+  _globals['_TOPLOGPROBS']._serialized_end=1299
+  _globals['_USAGE']._serialized_start=1301
+  _globals['_USAGE']._serialized_end=1358
+  _globals['_TIMINGS']._serialized_start=1361
+  _globals['_TIMINGS']._serialized_end=1515
+  _globals['_GENERATERESPONSE']._serialized_start=1518
+  _globals['_GENERATERESPONSE']._serialized_end=1927
+  _globals['_COMPLETION']._serialized_start=1930
+  _globals['_COMPLETION']._serialized_end=2138
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=2141
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=2526
 # @@protoc_insertion_point(module_scope)

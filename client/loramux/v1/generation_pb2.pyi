@@ -126,6 +126,7 @@ class GenerateRequest(_message.Message):
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _builtins.int
     STRUCTURED_OUTPUT_FIELD_NUMBER: _builtins.int
     N_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
     adapter_id: _builtins.str
     """The adapter to apply; empty means the base model alone."""
     prompt: _builtins.str
@@ -172,6 +173,12 @@ class GenerateRequest(_message.Message):
     one prefill of the prompt (when admitted together, as they are queued together) and
     each samples on its own: completion i with seed + i when seed is set. Each counts as a
     request in the tenant's quotas; if one cannot be queued, none runs.
+    """
+    prompt_logprobs: _builtins.int
+    """Score the prompt: each prompt token's log-probability and rank given the tokens before it
+    (from the second token on), with this many most likely alternatives (0-20); unset: off.
+    The prompt is prefilled on its own (its scores at every position are kept), and may hold
+    at most 256 MiB / (4 bytes x the vocabulary) tokens (PROMPT_TOO_LONG).
     """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
@@ -226,13 +233,19 @@ class GenerateRequest(_message.Message):
         chat_template_kwargs_json: _builtins.str = ...,
         structured_output: Global___StructuredOutput | None = ...,
         n: _builtins.int = ...,
+        prompt_logprobs: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "seed", b"seed", "structured_output", b"structured_output"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_prompt_logprobs", b"_prompt_logprobs", "_seed", b"_seed", "prompt_logprobs", b"prompt_logprobs", "seed", b"seed", "structured_output", b"structured_output"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_seed", b"_seed", "adapter_id", b"adapter_id", "chat_template_kwargs_json", b"chat_template_kwargs_json", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "min_p", b"min_p", "min_tokens", b"min_tokens", "n", b"n", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "prompt_token_ids", b"prompt_token_ids", "repetition_penalty", b"repetition_penalty", "return_logprobs", b"return_logprobs", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "structured_output", b"structured_output", "temperature", b"temperature", "tools_json", b"tools_json", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_prompt_logprobs", b"_prompt_logprobs", "_seed", b"_seed", "adapter_id", b"adapter_id", "chat_template_kwargs_json", b"chat_template_kwargs_json", "frequency_penalty", b"frequency_penalty", "ignore_eos", b"ignore_eos", "logit_bias", b"logit_bias", "max_new_tokens", b"max_new_tokens", "messages", b"messages", "min_p", b"min_p", "min_tokens", b"min_tokens", "n", b"n", "presence_penalty", b"presence_penalty", "prompt", b"prompt", "prompt_logprobs", b"prompt_logprobs", "prompt_token_ids", b"prompt_token_ids", "repetition_penalty", b"repetition_penalty", "return_logprobs", b"return_logprobs", "seed", b"seed", "stop", b"stop", "stop_token_ids", b"stop_token_ids", "structured_output", b"structured_output", "temperature", b"temperature", "tools_json", b"tools_json", "top_k", b"top_k", "top_logprobs", b"top_logprobs", "top_p", b"top_p"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__prompt_logprobs: _TypeAlias = _typing.Literal["prompt_logprobs"]  # noqa: Y015
+    _WhichOneofArgType__prompt_logprobs: _TypeAlias = _typing.Literal["_prompt_logprobs", b"_prompt_logprobs"]  # noqa: Y015
     _WhichOneofReturnType__seed: _TypeAlias = _typing.Literal["seed"]  # noqa: Y015
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__prompt_logprobs) -> _WhichOneofReturnType__prompt_logprobs | None: ...
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
 
 Global___GenerateRequest: _TypeAlias = GenerateRequest  # noqa: Y015
@@ -454,6 +467,10 @@ class GenerateResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     COMPLETIONS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PROMPT_RANKS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """The generated text (stop sequence excluded, special tokens skipped)."""
     finish_reason: Global___FinishReason.ValueType
@@ -479,6 +496,18 @@ class GenerateResponse(_message.Message):
         (timings too), and usage counts the prompt once and every completion's tokens.
         """
 
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With prompt_logprobs: the prompt's tokens, and from the second on each one's
+        log-probability, rank (1: the most likely) and alternatives.
+        """
+
+    @_builtins.property
+    def prompt_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def prompt_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def prompt_top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprobs]: ...
     def __init__(
         self,
         *,
@@ -490,10 +519,14 @@ class GenerateResponse(_message.Message):
         timings: Global___Timings | None = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprobs] | None = ...,
         completions: _abc.Iterable[Global___Completion] | None = ...,
+        prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        prompt_logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        prompt_ranks: _abc.Iterable[_builtins.int] | None = ...,
+        prompt_top_logprobs: _abc.Iterable[Global___TopLogprobs] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completions", b"completions", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "text", b"text", "timings", b"timings", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["completions", b"completions", "finish_reason", b"finish_reason", "logprobs", b"logprobs", "prompt_logprobs", b"prompt_logprobs", "prompt_ranks", b"prompt_ranks", "prompt_token_ids", b"prompt_token_ids", "prompt_top_logprobs", b"prompt_top_logprobs", "text", b"text", "timings", b"timings", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -558,6 +591,10 @@ class GenerateStreamResponse(_message.Message):
     TIMINGS_FIELD_NUMBER: _builtins.int
     TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     INDEX_FIELD_NUMBER: _builtins.int
+    PROMPT_TOKEN_IDS_FIELD_NUMBER: _builtins.int
+    PROMPT_LOGPROBS_FIELD_NUMBER: _builtins.int
+    PROMPT_RANKS_FIELD_NUMBER: _builtins.int
+    PROMPT_TOP_LOGPROBS_FIELD_NUMBER: _builtins.int
     text: _builtins.str
     """Text added by these tokens (held back while it could still be a stop sequence's start)."""
     finish_reason: Global___FinishReason.ValueType
@@ -578,6 +615,16 @@ class GenerateStreamResponse(_message.Message):
     def timings(self) -> Global___Timings: ...
     @_builtins.property
     def top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprobs]: ...
+    @_builtins.property
+    def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """With prompt_logprobs: on a first chunk of its own (no text or tokens), as in GenerateResponse."""
+
+    @_builtins.property
+    def prompt_logprobs(self) -> _containers.RepeatedScalarFieldContainer[_builtins.float]: ...
+    @_builtins.property
+    def prompt_ranks(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
+    @_builtins.property
+    def prompt_top_logprobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___TopLogprobs]: ...
     def __init__(
         self,
         *,
@@ -589,10 +636,14 @@ class GenerateStreamResponse(_message.Message):
         timings: Global___Timings | None = ...,
         top_logprobs: _abc.Iterable[Global___TopLogprobs] | None = ...,
         index: _builtins.int = ...,
+        prompt_token_ids: _abc.Iterable[_builtins.int] | None = ...,
+        prompt_logprobs: _abc.Iterable[_builtins.float] | None = ...,
+        prompt_ranks: _abc.Iterable[_builtins.int] | None = ...,
+        prompt_top_logprobs: _abc.Iterable[Global___TopLogprobs] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["timings", b"timings", "usage", b"usage"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "text", b"text", "timings", b"timings", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["finish_reason", b"finish_reason", "index", b"index", "logprobs", b"logprobs", "prompt_logprobs", b"prompt_logprobs", "prompt_ranks", b"prompt_ranks", "prompt_token_ids", b"prompt_token_ids", "prompt_top_logprobs", b"prompt_top_logprobs", "text", b"text", "timings", b"timings", "token_ids", b"token_ids", "top_logprobs", b"top_logprobs", "usage", b"usage"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -30,6 +30,7 @@ from loramux.server.engine.request import (
     FinishEvent,
     FinishReason,
     GenerationRequest,
+    PromptEvent,
     Timings,
     TokenEvent,
 )
@@ -105,11 +106,15 @@ class Batch:
 
     @classmethod
     @torch.inference_mode()
-    def prefill(cls, base: BaseModel, rows: list[Row]) -> Batch:
+    def prefill(cls, base: BaseModel, rows: list[Row], prompt_logprobs: bool = False) -> Batch:
         """Run the rows' prompts (none of them done) and pick their first tokens. Rows of one
         group (the `n` completions of one request) run their prompt once: its keys, values
-        and scores are copied to each of them, which then sample on their own."""
+        and scores are copied to each of them, which then sample on their own.
+        `prompt_logprobs`: the rows are one request's (one prompt): every position's scores
+        are kept, and its PromptEvent is sent to each row before its first token."""
         leaders, index = _groups(rows)
+        if prompt_logprobs and len(leaders) != 1:
+            raise ValueError("prompt logprobs are computed for one prompt per prefill")
         device = base.device
         longest = max(len(r.request.prompt_ids) for r in leaders)
         input_ids = torch.full((len(leaders), longest), base.pad_token_id, dtype=torch.long, device=device)
@@ -121,7 +126,12 @@ class Batch:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         kv = PaddedKv(new_dynamic_cache(base.model.config), mask)
         batch = cls(base, leaders, kv, None, positions)
-        logits = batch._logits(input_ids)
+        logits = batch._logits(input_ids, every_position=prompt_logprobs)
+        if prompt_logprobs:
+            event = _prompt_event(logits[0], leaders[0].request.prompt_ids, leaders[0].request.params.prompt_logprobs)
+            for row in rows:
+                row.request.emit(event)
+            logits = logits[:, -1]
         if len(leaders) < len(rows):  # each group's rows get their leader's cache, positions and scores
             batch.kv.select(index, positions)
             at = torch.tensor(index, dtype=torch.long, device=device)
@@ -217,8 +227,9 @@ class Batch:
         grammars = [self.rows[i].request.grammar for i in constrained]
         return constrained, grammars, grammars[0].grammars.start_masks([g.matcher for g in grammars])
 
-    def _logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The model's scores for each row's next token, [n, vocab] float32."""
+    def _logits(self, input_ids: torch.Tensor, every_position: bool = False) -> torch.Tensor:
+        """The model's scores for each row's next token, [n, vocab] float32 (every_position:
+        at every position, [n, seq, vocab])."""
         inputs = self.kv.model_inputs(self.positions)
         if self.decode is not None and input_ids.shape[1] == 1:
             logits = self.decode(input_ids, self.positions, inputs, self._plan)
@@ -229,12 +240,14 @@ class Batch:
                     input_ids=input_ids,
                     position_ids=self.positions,
                     use_cache=True,
-                    logits_to_keep=1,
+                    logits_to_keep=0 if every_position else 1,
                     **inputs,
                 )
             finally:
                 self.base.bank.route(None)
             logits = out.logits
+        if every_position:
+            return logits.float().to(self.base.device)
         return logits[:, -1, :].float().to(self.base.device)  # (from the last layer's device)
 
     def _choose(self, logits: torch.Tensor, pending) -> None:
@@ -281,6 +294,20 @@ class Batch:
         self.tokens = tokens
         self.kv.advance(self.positions)
         self.positions = self.positions[:, -1:] + 1
+
+
+def _prompt_event(logits: torch.Tensor, prompt: list[int], top: int) -> PromptEvent:
+    """logits [seq, V] over one prompt -> each prompt token's logprob (from the second on),
+    its rank, and the `top` most likely alternatives at its position."""
+    scores = torch.log_softmax(logits[:-1], dim=-1)  # [seq - 1, V]: position i scores token i + 1
+    ids = torch.tensor(prompt[1:], dtype=torch.long, device=scores.device)[:, None]
+    chosen = scores.gather(1, ids)  # [seq - 1, 1]
+    ranks = (scores > chosen).sum(dim=-1) + 1
+    alternatives = []
+    if top:
+        values, indices = scores.topk(top, dim=-1)
+        alternatives = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
+    return PromptEvent(list(prompt), chosen[:, 0].tolist(), ranks.tolist(), alternatives)
 
 
 def _groups(rows: list[Row]) -> tuple[list[Row], list[int]]:

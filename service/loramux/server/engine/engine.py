@@ -29,12 +29,12 @@ from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.model.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.adapter_admin import AdapterAdmin
-from loramux.server.engine.inputs import MAX_COMPLETIONS, GenerateInput, prompt_ids, request_context, sampling_params
+from loramux.server.engine.inputs import MAX_COMPLETIONS, PROMPT_LOGPROBS_BYTES, GenerateInput, prompt_ids, request_context, sampling_params
 from loramux.server.engine.merges import Merges
 from loramux.server.engine.registry_sync import RegistrySync
 from loramux.server.engine.request_telemetry import request_ended
 from loramux.server.engine.structured import COMPILE_TIMEOUT_S, Grammars
-from loramux.server.engine.request import ErrorEvent, Event, GenerationRequest, TokenEvent
+from loramux.server.engine.request import ErrorEvent, Event, FinishEvent, GenerationRequest, PromptEvent, TokenEvent
 from loramux.server.engine.worker import IDLE_POLL_S, EngineStats, Worker
 from loramux.server.errors import DeadlineExceeded, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.server.merging.merge import MERGE_RESULTS
@@ -247,6 +247,11 @@ class Engine:
                 reason="REQUEST_TOO_LARGE",
                 max_batch_tokens=self.settings.max_batch_tokens,
             )
+        if params.prompt_logprobs is not None and len(ids) * self.base.vocab_size * 4 > PROMPT_LOGPROBS_BYTES:
+            most = PROMPT_LOGPROBS_BYTES // (self.base.vocab_size * 4)
+            raise InvalidRequest(f"prompt logprobs are computed for prompts of at most {most} tokens with this model's "
+                                 f"vocabulary; this prompt has {len(ids)}", field="prompt_logprobs",
+                                 reason="PROMPT_TOO_LONG", prompt_tokens=len(ids), max_prompt_tokens=most)
         grammars = [None] * len(emits)
         if inp.constraint is not None:  # compiled (or found compiled) before anything is queued
             wait = COMPILE_TIMEOUT_S if deadline is None else max(0.0, min(COMPILE_TIMEOUT_S, deadline - time.monotonic()))
@@ -287,7 +292,7 @@ class Engine:
         telemetry, usage = self.telemetry, self.usage
 
         def emit_last_after_telemetry(event: Event) -> None:
-            if not isinstance(event, TokenEvent):
+            if isinstance(event, (FinishEvent, ErrorEvent)):  # the request's last event
                 usage.end(tenant)  # the request leaves the tenant's quota of requests in flight
                 request_ended(telemetry, request, event)
             emit(event)
@@ -323,16 +328,21 @@ class Engine:
         token_ids: list[int] = []
         logprobs: list[float] = []
         text = []
+        prompt = None
         while True:
             event = events.get()
             if isinstance(event, ErrorEvent):
                 raise event.error
+            if isinstance(event, PromptEvent):
+                prompt = event
+                continue
             text.append(event.text)
             if isinstance(event, TokenEvent):
                 token_ids += event.token_ids
                 logprobs += event.logprobs
             else:
-                return {"text": "".join(text), "token_ids": token_ids, "logprobs": logprobs, "finish": event}
+                return {"text": "".join(text), "token_ids": token_ids, "logprobs": logprobs, "finish": event,
+                        "prompt": prompt}
 
     # -- adapters (AdapterAdmin does the work) -------------------------------------------
 

@@ -36,7 +36,7 @@ from loramux.server.engine.inputs import (
     request_context,
 )
 from loramux.server.engine.request import (
-    ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, Timings, TokenEvent,
+    ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, PromptEvent, Timings, TokenEvent,
 )
 from loramux.server.engine.structured import KINDS as STRUCTURED_OUTPUT_KINDS
 from loramux.server.engine.structured import Constraint
@@ -48,7 +48,7 @@ REMOTE_OPERATION_POLL_S = 0.25  # waiting on another replica's operation: how of
 
 __all__ = [
     "AdapterInfo", "Combination", "Constraint", "ErrorEvent", "Event", "Facade", "FinishEvent", "FinishReason", "GenerateInput",
-    "Generation", "MergeJob", "MergeResult", "Operation", "ServerInfo", "Tier", "Timings", "TokenEvent",
+    "Generation", "MergeJob", "MergeResult", "Operation", "PromptEvent", "ServerInfo", "Tier", "Timings", "TokenEvent",
     # The bounds a request's lists are checked against (a front door may refuse longer ones while parsing).
     "MAX_COMPLETIONS", "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_STOP_SEQUENCES", "MAX_STOP_TOKEN_IDS", "STRUCTURED_OUTPUT_KINDS",
 ]
@@ -169,6 +169,10 @@ class Facade:
         except Exception:  # noqa: BLE001 - a tokenizer without the conversion: decode each token
             decode = self._engine.base.decode_text
             return [decode([i]) for i in ids]
+
+    def decode(self, ids: list[int]) -> str:
+        """Token ids as text, special tokens skipped (as generated text is)."""
+        return self._engine.base.decode_text(ids)
 
     def healthy(self) -> bool:
         """Whether the engine makes progress (alive, no pass stalled past engine_stall_s)."""

@@ -26,6 +26,7 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 MAX_LOGIT_BIAS = 1024  # tokens a request may bias (OpenAI allows 300)
 MAX_TOP_LOGPROBS = 20  # OpenAI's
 MAX_COMPLETIONS = 16  # `n`: completions of one prompt in one request (each is a row)
+PROMPT_LOGPROBS_BYTES = 256 << 20  # prompt logprobs: the prompt's scores (tokens x vocabulary, float32) at most this
 # What a chat template is called with by loramux itself: a request's kwargs may not replace them.
 RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "add_generation_prompt",
                                     "tokenize", "return_dict", "return_tensors", "chat_template", "continue_final_message",
@@ -66,6 +67,7 @@ class GenerateInput:
     min_tokens: int = 0
     top_logprobs: int = 0
     constraint: Constraint | None = None  # structured output: the answer is held to it
+    prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and its k most likely alternatives
 
 
 def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings, check_length: bool = True) -> list[int]:
@@ -225,6 +227,8 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
         raise bad("min_tokens", f"must be in 0..{settings.max_new_tokens_limit}, got {inp.min_tokens}")
     if not 0 <= inp.top_logprobs <= MAX_TOP_LOGPROBS:
         raise bad("top_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}, got {inp.top_logprobs}")
+    if inp.prompt_logprobs is not None and not 0 <= inp.prompt_logprobs <= MAX_TOP_LOGPROBS:
+        raise bad("prompt_logprobs", f"must be in 0..{MAX_TOP_LOGPROBS}, got {inp.prompt_logprobs}")
     if len(inp.stop_token_ids) > MAX_STOP_TOKEN_IDS:
         raise bad("stop_token_ids", f"may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(inp.stop_token_ids)}")
     out_of_range = [t for t in inp.stop_token_ids if not 0 <= t < base.vocab_size]
@@ -247,4 +251,5 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
         logit_bias=tuple(sorted(inp.logit_bias.items())),
         min_tokens=inp.min_tokens,
         top_logprobs=inp.top_logprobs,
+        prompt_logprobs=inp.prompt_logprobs,
     )

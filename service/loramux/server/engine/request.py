@@ -35,6 +35,7 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
     min_tokens: int = 0  # EOS and stop_token_ids cannot end the row before this many tokens
     top_logprobs: int = 0  # the most likely alternatives returned per token (with their logprobs)
+    prompt_logprobs: int | None = None  # None: off; k >= 0: each prompt token's logprob (and its k most likely alternatives)
 
     @property
     def greedy(self) -> bool:
@@ -69,6 +70,19 @@ class TokenEvent:
 
 
 @dataclasses.dataclass(frozen=True)
+class PromptEvent:
+    """The prompt's tokens as the model scored them (with prompt_logprobs), sent before the
+    first TokenEvent. The first token has no score (nothing precedes it): the lists below
+    start at the second, each with the rank of the token among the vocabulary (1: the most
+    likely)."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]
+    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
 class FinishEvent:
     text: str  # text not yet sent in a TokenEvent
     finish_reason: FinishReason
@@ -82,7 +96,7 @@ class ErrorEvent:
     error: LoramuxError
 
 
-Event = TokenEvent | FinishEvent | ErrorEvent
+Event = PromptEvent | TokenEvent | FinishEvent | ErrorEvent
 
 
 @dataclasses.dataclass

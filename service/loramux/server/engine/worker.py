@@ -272,7 +272,13 @@ class Worker:
             for row in live:
                 row.request.timeline.prefill_start_ns = started_ns
                 row.request.timeline.prefill_rows = len(live)
-            fresh = Batch.prefill(self.base, live)
+            fresh = None
+            for part, scored in _prefills(live):  # a request with prompt logprobs is prefilled on its own
+                prefilled = Batch.prefill(self.base, part, prompt_logprobs=scored)
+                if fresh is None:
+                    fresh = prefilled
+                else:
+                    fresh.concatenate(prefilled)
             # The first tokens were emitted inside prefill; the end stamp only orders the spans.
             ended_ns = time.time_ns()
             for row in live:
@@ -373,3 +379,16 @@ class Worker:
                 future.set_result(fn())
             except BaseException as e:
                 future.set_exception(e)
+
+
+def _prefills(rows: list[Row]) -> list[tuple[list[Row], bool]]:
+    """The admitted rows' prefills: those without prompt logprobs together, and each request
+    with them (its n rows) apart, since its prefill keeps every position's scores."""
+    plain = [row for row in rows if row.request.params.prompt_logprobs is None]
+    parts: list[tuple[list[Row], bool]] = [(plain, False)] if plain else []
+    groups: dict[int, list[Row]] = {}
+    for row in rows:
+        if row.request.params.prompt_logprobs is not None:
+            key = id(row.request.group) if row.request.group is not None else id(row)
+            groups.setdefault(key, []).append(row)
+    return parts + [(group, True) for group in groups.values()]

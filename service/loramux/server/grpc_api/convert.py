@@ -61,6 +61,7 @@ def generate_input(req: generation_pb2.GenerateRequest) -> GenerateInput:
         min_tokens=req.min_tokens,
         top_logprobs=req.top_logprobs,
         constraint=_constraint(req),
+        prompt_logprobs=req.prompt_logprobs if req.HasField("prompt_logprobs") else None,
     )
 
 

@@ -30,7 +30,7 @@ from loramux.server.tenancy.auth import Authenticator, caller
 from loramux.server.front_door.generation import merged as merged_events
 from loramux.server.front_door.pools import Pools, blocking as _blocking
 from loramux.server.grpc_api.status import abort, code_of
-from loramux.server.engine.facade import MAX_COMPLETIONS, Event, Facade, FinishEvent, Mailbox, TokenEvent
+from loramux.server.engine.facade import MAX_COMPLETIONS, Event, Facade, FinishEvent, Mailbox, PromptEvent, TokenEvent
 from loramux.server.errors import InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2_grpc
 
@@ -160,7 +160,15 @@ def _completions(request: generation_pb2.GenerateRequest) -> int:
 def _add_event(message, event: TokenEvent | FinishEvent) -> None:
     """Add an engine event to a GenerateResponse, Completion or GenerateStreamResponse (the
     same field names; a Completion has no timings)."""
-    if isinstance(event, TokenEvent):
+    if isinstance(event, PromptEvent):
+        if isinstance(message, generation_pb2.Completion):
+            return  # the prompt's scores are the response's, once
+        message.prompt_token_ids.extend(event.token_ids)
+        message.prompt_logprobs.extend(event.logprobs)
+        message.prompt_ranks.extend(event.ranks)
+        for alternatives in event.top_logprobs:
+            message.prompt_top_logprobs.add(token_ids=[t for t, _ in alternatives], logprobs=[v for _, v in alternatives])
+    elif isinstance(event, TokenEvent):
         message.token_ids.extend(event.token_ids)
         message.logprobs.extend(event.logprobs)
         for alternatives in event.top_logprobs:
@@ -215,7 +223,8 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
             response = generation_pb2.GenerateResponse()
             text = []
             async for _, event in self._events(request, context):
-                text.append(event.text)
+                if not isinstance(event, PromptEvent):
+                    text.append(event.text)
                 _add_event(response, event)
             response.text = "".join(text)
             return response
@@ -223,7 +232,11 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         texts: list[list[str]] = [[] for _ in completions]
         first_timings = None
         for_usage = []
+        prompt = None
         async for index, event in self._events(request, context):
+            if isinstance(event, PromptEvent):
+                prompt = event  # the same for every completion
+                continue
             texts[index].append(event.text)
             _add_event(completions[index], event)
             if isinstance(event, FinishEvent):
@@ -233,15 +246,18 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         for completion, text in zip(completions, texts):
             completion.text = "".join(text)
         first = completions[0]
-        return generation_pb2.GenerateResponse(
+        response = generation_pb2.GenerateResponse(
             text=first.text, token_ids=first.token_ids, logprobs=first.logprobs, finish_reason=first.finish_reason,
             top_logprobs=first.top_logprobs, timings=first_timings, completions=completions,
             usage=convert.usage(for_usage[0].prompt_tokens, sum(f.completion_tokens for f in for_usage)))
+        if prompt is not None:
+            _add_event(response, prompt)
+        return response
 
     @maps_errors
     async def GenerateStream(self, request, context):
         async for index, event in self._events(request, context):
-            chunk = generation_pb2.GenerateStreamResponse(text=event.text, index=index)
+            chunk = generation_pb2.GenerateStreamResponse(text=getattr(event, "text", ""), index=index)
             _add_event(chunk, event)
             yield chunk
 

@@ -34,7 +34,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from loramux.server.engine.facade import Event, Facade, FinishEvent, Generation, Mailbox, TokenEvent
+from loramux.server.engine.facade import Event, Facade, FinishEvent, Generation, Mailbox, PromptEvent, TokenEvent
 from loramux.server.errors import Cancelled, InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.server.front_door.generation import merged as merged_events
 from loramux.server.http_api.errors import error_response, status_of
@@ -216,20 +216,29 @@ class HttpFrontDoor:
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"
         forced = body.forced_tool() if chat else None  # a forced tool call: the answer is its JSON
+        echo = None if chat or not body.echo else (inp.prompt or self.facade.decode(inp.prompt_token_ids))
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            stream = self._stream(runs, span, ident, created, body.model, chat, usage, inp.return_logprobs, forced)
+            stream = self._stream(runs, span, ident, created, body.model, chat, usage, inp, forced, echo)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices, finishes = [], []
         for index, collected in enumerate(await self._collect(request, runs, span)):
+            prompt = next((e for e in collected if isinstance(e, PromptEvent)), None)
+            collected = [e for e in collected if not isinstance(e, PromptEvent)]
             tokens = [t for e in collected if isinstance(e, TokenEvent) for t in e.token_ids]
             logprobs = [lp for e in collected if isinstance(e, TokenEvent) for lp in e.logprobs]
             alternatives = [a for e in collected if isinstance(e, TokenEvent) for a in e.top_logprobs]
-            text = "".join(e.text for e in collected)
+            text = (echo or "") + "".join(e.text for e in collected)
             finish: FinishEvent = collected[-1]
             finishes.append(finish)
-            choice = {"index": index, "finish_reason": FINISH[finish.finish_reason.value],
-                      "logprobs": self._logprobs(tokens, logprobs, alternatives, chat) if inp.return_logprobs else None}
+            scored = None
+            if inp.return_logprobs:
+                scored = self._logprobs(tokens, logprobs, alternatives, chat)
+                if echo is not None and prompt is not None:
+                    scored = self._echoed(prompt, inp.top_logprobs, tokens, logprobs, alternatives)
+            choice = {"index": index, "finish_reason": FINISH[finish.finish_reason.value], "logprobs": scored}
+            if inp.prompt_logprobs is not None and prompt is not None:
+                choice["prompt_logprobs"] = self._prompt_logprobs(prompt)
             calls = _tool_calls(forced, text) if forced is not None else None
             if calls:
                 choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
@@ -242,11 +251,13 @@ class HttpFrontDoor:
         return JSONResponse({"id": ident, "object": kind, "created": created, "model": body.model, "choices": choices,
                              "usage": _usage(finishes)})
 
-    async def _stream(self, runs, span, ident, created, model, chat, usage, logprobs,
-                      forced: str | None = None) -> AsyncIterator[bytes]:
+    async def _stream(self, runs, span, ident, created, model, chat, usage, inp, forced: str | None = None,
+                      echo: str | None = None) -> AsyncIterator[bytes]:
         """Chunks of every completion as they come (each names its `index`); `forced`: a
         forced tool call's answer is held back and sent as one `tool_calls` delta when it is
-        complete. With `include_usage`, one last chunk holds the usage of them all."""
+        complete. With `include_usage`, one last chunk holds the usage of them all. `echo`:
+        the prompt's text, sent first (with its scores when logprobs are asked)."""
+        logprobs = inp.return_logprobs
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(choice: dict | None, **extra) -> bytes:
@@ -262,7 +273,24 @@ class HttpFrontDoor:
                 for index in range(len(runs)):
                     yield chunk({"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                  "finish_reason": None})
+            elif echo is not None and inp.prompt_logprobs is None:  # no scores to wait for
+                for index in range(len(runs)):
+                    offsets[index] = len(echo)
+                    yield chunk({"index": index, "text": echo, "logprobs": None, "finish_reason": None})
             async for index, event in merged_events(self.facade, runs, span):
+                if isinstance(event, PromptEvent):
+                    first: dict = {"index": index, "logprobs": None, "finish_reason": None}
+                    if inp.prompt_logprobs is not None:
+                        first["prompt_logprobs"] = self._prompt_logprobs(event)
+                    if chat:
+                        first["delta"] = {}
+                    else:
+                        first["text"] = echo or ""
+                        if echo is not None and logprobs:
+                            first["logprobs"] = self._echoed(event, inp.top_logprobs, [], [], [])
+                            offsets[index] = sum(len(t) for t in first["logprobs"]["tokens"])
+                    yield chunk(first)
+                    continue
                 reason = FINISH[event.finish_reason.value] if isinstance(event, FinishEvent) else None
                 if reason is not None:
                     finishes.append(event)
@@ -300,6 +328,40 @@ class HttpFrontDoor:
             span.set_status(trace.Status(trace.StatusCode.ERROR, f"in stream: {error.reason}"))
             yield b"data: " + json.dumps(body, separators=(",", ":")).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
+
+    def _echoed(self, prompt: PromptEvent, top: int, tokens: list[int], values: list[float], alternatives: list) -> dict:
+        """A completion's logprobs object with the echoed prompt's tokens first (the first has
+        no score: null, as OpenAI gives it)."""
+        texts = self.facade.token_texts(prompt.token_ids)
+        offsets, at = [], 0
+        for text in texts:
+            offsets.append(at)
+            at += len(text)
+        tops = None
+        if top:
+            tops = [None] + [dict(zip(self.facade.token_texts([t for t, _ in a]), [v for _, v in a]))
+                             for a in prompt.top_logprobs]
+        prompt_part = {"tokens": texts, "token_logprobs": [None, *prompt.logprobs], "top_logprobs": tops,
+                       "text_offset": offsets}
+        if not tokens:
+            return prompt_part
+        answer = self._logprobs(tokens, values, alternatives, False, at)
+        return {key: (prompt_part[key] + answer[key]) if prompt_part[key] is not None and answer[key] is not None else None
+                for key in prompt_part}
+
+    def _prompt_logprobs(self, prompt: PromptEvent) -> list:
+        """vLLM's `prompt_logprobs`: null for the first token, then per token a map from token
+        id to its logprob, rank and text: the prompt's token and its most likely alternatives."""
+        out: list = [None]
+        texts = self.facade.token_texts(prompt.token_ids[1:])
+        for i, (token, value, rank) in enumerate(zip(prompt.token_ids[1:], prompt.logprobs, prompt.ranks)):
+            entry = {str(token): {"logprob": value, "rank": rank, "decoded_token": texts[i]}}
+            alternatives = prompt.top_logprobs[i] if i < len(prompt.top_logprobs) else []
+            for place, text, (alt, alt_value) in zip(range(1, len(alternatives) + 1),
+                                                     self.facade.token_texts([a for a, _ in alternatives]), alternatives):
+                entry.setdefault(str(alt), {"logprob": alt_value, "rank": place, "decoded_token": text})
+            out.append(entry)
+        return out
 
     def _logprobs(self, tokens: list[int], values: list[float], alternatives: list, chat: bool, offset: int = 0) -> dict:
         """OpenAI's logprobs object: each chosen token's text and log-probability, and with

@@ -28,10 +28,10 @@ MAX_TOOLS = 256  # tool definitions in one request
 
 # Parameters of OpenAI's API not implemented yet, and the value that means "not used".
 NOT_YET = {
-    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),
+    "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),  # echo: completions only
     "functions": (None, []), "function_call": (None, "none"),
     "structured_outputs": (None,), "guided_decoding_backend": (None,),
-    "prompt_logprobs": (None, 0), "parallel_tool_calls": (None, True, False),
+    "parallel_tool_calls": (None, True, False),
 }
 
 
@@ -75,6 +75,7 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = Field(default=None, max_length=MAX_LOGIT_BIAS)
     min_tokens: int | None = Field(default=None, ge=0)
     n: int | None = Field(default=None, ge=1, le=MAX_COMPLETIONS)  # completions of the prompt, sharing its prefill
+    prompt_logprobs: int | None = Field(default=None, ge=0, le=20)  # vLLM's: the prompt's tokens scored
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -139,12 +140,14 @@ class _Common(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
             constraint=self._constraint(),
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 
 class CompletionRequest(_Common):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = Field(default=None, ge=0, le=20)
+    echo: bool = False  # the prompt before the answer (with logprobs: the prompt's tokens scored too)
 
     def to_input(self, adapter_id: str) -> GenerateInput:
         prompt = self.prompt
@@ -158,9 +161,11 @@ class CompletionRequest(_Common):
             raise InvalidRequest(f"prompt holds more than {MAX_PROMPT_IDS} token ids", field="prompt", reason="PROMPT_TOO_LONG")
         if not text and not ids:
             raise InvalidRequest("prompt is empty", field="prompt", reason="PROMPT_REQUIRED")
+        sampling = self._sampling(COMPLETION_DEFAULT_MAX_TOKENS)
+        if self.echo and self.logprobs is not None:  # the echoed prompt's tokens come with theirs
+            sampling["prompt_logprobs"] = max(sampling["prompt_logprobs"] or 0, self.logprobs)
         return GenerateInput(adapter_id=adapter_id, prompt=text, prompt_token_ids=ids,
-                             return_logprobs=self.logprobs is not None, top_logprobs=self.logprobs or 0,
-                             **self._sampling(COMPLETION_DEFAULT_MAX_TOKENS))
+                             return_logprobs=self.logprobs is not None, top_logprobs=self.logprobs or 0, **sampling)
 
 
 class ChatMessage(BaseModel):
