@@ -91,3 +91,75 @@ def test_chat_fields_through_http_and_grpc(assets):
             with grpc.insecure_channel(srv.target) as channel, pytest.raises(grpc.RpcError) as e:
                 loramux_service_pb2_grpc.LoramuxStub(channel).Generate(request, timeout=30)
             assert e.value.code() is grpc.StatusCode.INVALID_ARGUMENT and "tools_json" in e.value.details()
+
+
+ADAPTER_TEMPLATE = "{% for m in messages %}[{{ m['role'] }}|{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}[bot|{% endif %}"
+
+
+def test_an_adapter_s_own_chat_template_renders_its_requests(assets, tmp_path):
+    """chat_template.jinja (or tokenizer_config.json's chat_template) in an adapter's
+    directory: its requests' messages are rendered with it, the base's and other adapters'
+    are not; Tokenize says so; a template that does not compile, a huge or non-UTF-8 file, a
+    FIFO or a link out of the root refuse the load with ADAPTER_CHAT_TEMPLATE_INVALID."""
+    import json
+    import os
+
+    import openai
+
+    import loramux.client as lc
+    from loramux.server.app import BackgroundServer
+    from loramux.server.errors import LoramuxError
+
+    own = assets.copy_adapter("qv-r4", "with-template")
+    (own / "chat_template.jinja").write_text(ADAPTER_TEMPLATE)
+    named = assets.copy_adapter("mlp-r2", "with-config-template")
+    (named / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "tool_use", "template": "x"}, {"name": "default", "template": ADAPTER_TEMPLATE}]}))
+    messages = [{"role": "user", "content": "the quick brown"}]
+    ours = assets.tokenizer.apply_chat_template(messages, chat_template=ADAPTER_TEMPLATE, add_generation_prompt=True,
+                                                tokenize=False)
+    assert ours == "[user|the quick brown][bot|"
+    ids = assets.tokenizer(ours, add_special_tokens=False)["input_ids"]
+    base_ids = assets.tokenizer(assets.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                                add_special_tokens=False)["input_ids"]
+    assert ids != base_ids
+    bad = {
+        "syntax": ("chat_template.jinja", "{% for m in messages %}"),
+        "binary": ("chat_template.jinja", b"\xff\xfe"),
+        "huge": ("chat_template.jinja", "x" * (256 * 1024 + 1)),
+        "not-json": ("tokenizer_config.json", "{"),
+        "not-a-string": ("tokenizer_config.json", '{"chat_template": 3}'),
+    }
+    for name, (file, content) in bad.items():
+        directory = assets.copy_adapter("qv-r4", f"bad-template-{name}")
+        path = directory / file
+        path.write_bytes(content) if isinstance(content, bytes) else path.write_text(content)
+    fifo = assets.copy_adapter("qv-r4", "bad-template-fifo")
+    os.mkfifo(fifo / "chat_template.jinja")
+    outside = assets.copy_adapter("qv-r4", "bad-template-link")
+    (tmp_path / "elsewhere.jinja").write_text(ADAPTER_TEMPLATE)
+    (outside / "chat_template.jinja").symlink_to(tmp_path / "elsewhere.jinja")
+    with BackgroundServer(assets.settings(http_port=0)) as srv:
+        for name in ("qv-r4", "with-template", "with-config-template"):
+            srv.engine.load_adapter("default", name, name)
+        for name in [*(f"bad-template-{n}" for n in bad), "bad-template-fifo"]:
+            with pytest.raises(LoramuxError) as e:
+                srv.engine.load_adapter("default", name, name)
+            assert e.value.reason == "ADAPTER_CHAT_TEMPLATE_INVALID", (name, e.value.message)
+        with pytest.raises(LoramuxError) as e:
+            srv.engine.load_adapter("default", "bad-template-link", "bad-template-link")
+        assert e.value.reason == "SOURCE_OUTSIDE_ROOT"
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{srv.running.http_port}/v1", api_key="x", max_retries=0)
+        for model in ("with-template", "with-config-template"):
+            answer = client.chat.completions.create(model=model, messages=messages, max_tokens=4, temperature=0)
+            alone = client.completions.create(model=model, prompt=list(ids), max_tokens=4, temperature=0)
+            assert answer.choices[0].message.content == alone.choices[0].text
+            assert answer.usage.prompt_tokens == len(ids)
+        plain = client.chat.completions.create(model="qv-r4", messages=messages, max_tokens=4, temperature=0)
+        assert plain.usage.prompt_tokens == len(base_ids)
+        with lc.Client(srv.target, timeout=60) as grpc_client:
+            assert grpc_client.tokenize(messages=messages, adapter_id="with-template").token_ids == ids
+            assert grpc_client.tokenize(messages=messages).token_ids == base_ids
+        url = f"http://127.0.0.1:{srv.running.http_port}/tokenize"
+        import httpx2 as httpx
+        assert httpx.post(url, json={"model": "with-config-template", "messages": messages}).json()["tokens"] == ids

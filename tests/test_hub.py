@@ -152,3 +152,17 @@ def test_an_adapter_repo_larger_than_any_adapter_is_refused_before_its_files_are
         assert not any("resolve" in r and "acme/huge" in r for r in hub.requests[before:])  # no file was fetched
         assert not any((tmp_path / "cache").rglob("adapter_model.safetensors"))
         assert c.load_adapter("qv", source="hf://acme/qv", revision="v1").revision  # the usual path still fetches
+
+
+def test_a_hub_adapter_brings_its_chat_template(assets, hub, tmp_path):
+    hub, _ = hub
+    templated = tmp_path / "templated"
+    shutil.copytree(assets.adapters / "qv-r4", templated)
+    (templated / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}", "model_max_length": 8}))
+    hub.add("acme/templated", templated)
+    settings = assets.settings(hub_endpoint=hub.endpoint, hub_cache_dir=tmp_path / "cache")
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as c:
+        c.load_adapter("t", source="hf://acme/templated")
+        expected = assets.tokenizer("<<fox>>", add_special_tokens=False)["input_ids"]
+        assert c.tokenize(messages=[("user", "fox")], adapter_id="t").token_ids == expected

@@ -500,3 +500,19 @@ def test_an_unknown_name_is_not_looked_up_again_at_once(assets, tmp_path):
             assert tokens(c, "nobody") == assets.oracle("qv-r4", PROMPTS[1], N)
     finally:
         server.stop()
+
+
+def test_an_object_store_adapter_brings_its_chat_template(assets, s3, tmp_path):
+    endpoint, client = s3
+    template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    upload(client, assets.adapters / "qv-r4", "templated/qv-r4")
+    client.put_object(Bucket=BUCKET, Key="templated/qv-r4/chat_template.jinja", Body=template.encode())
+    server, = start(assets, 1, object_roots=(f"s3://{BUCKET}/templated",), object_endpoint_url=endpoint,
+                    object_cache_dir=tmp_path / "objects")
+    try:
+        with lc.Client(server.target, timeout=60) as c:
+            c.load_adapter("t", source=f"s3://{BUCKET}/templated/qv-r4")
+            expected = assets.tokenizer("<<fox>>", add_special_tokens=False)["input_ids"]
+            assert c.tokenize(messages=[("user", "fox")], adapter_id="t").token_ids == expected
+    finally:
+        server.stop()

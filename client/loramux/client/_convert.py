@@ -117,10 +117,11 @@ def tokenize_request(
     messages: Iterable[Message] | None = None,
     tools: Sequence[Mapping] | None = None,
     chat_template_kwargs: Mapping | None = None,
+    adapter_id: str = "",
 ) -> generation_pb2.TokenizeRequest:
     full = generate_request(prompt=prompt, messages=messages, tools=tools, chat_template_kwargs=chat_template_kwargs)
     return generation_pb2.TokenizeRequest(prompt=full.prompt, messages=full.messages, tools_json=full.tools_json,
-                                          chat_template_kwargs_json=full.chat_template_kwargs_json)
+                                          chat_template_kwargs_json=full.chat_template_kwargs_json, adapter_id=adapter_id)
 
 
 def _timings(t: generation_pb2.Timings) -> types.Timings:

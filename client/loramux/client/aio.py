@@ -203,8 +203,9 @@ class AsyncClient:
     @_translated
     @_translated
     async def tokenize(self, *, timeout: float | None = None, **kwargs) -> types.Tokens:
-        """The token ids of prompt= or messages= (with tools=, chat_template_kwargs=), as
-        generate would feed them, and the most tokens one request may hold."""
+        """The token ids of prompt= or messages= (with tools=, chat_template_kwargs=; with
+        adapter_id=, its own chat template when it ships one), as generate would feed them,
+        and the most tokens one request may hold."""
         response = await self._stub.Tokenize(_convert.tokenize_request(**kwargs), timeout=self._deadline(timeout))
         return types.Tokens(list(response.token_ids), response.max_context)
 

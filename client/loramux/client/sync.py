@@ -215,8 +215,9 @@ class Client:
     @_translated
     @_translated
     def tokenize(self, *, timeout: float | None = None, **kwargs) -> types.Tokens:
-        """The token ids of prompt= or messages= (with tools=, chat_template_kwargs=), as
-        generate would feed them, and the most tokens one request may hold."""
+        """The token ids of prompt= or messages= (with tools=, chat_template_kwargs=; with
+        adapter_id=, its own chat template when it ships one), as generate would feed them,
+        and the most tokens one request may hold."""
         response = self._stub.Tokenize(_convert.tokenize_request(**kwargs), timeout=self._deadline(timeout))
         return types.Tokens(list(response.token_ids), response.max_context)
 

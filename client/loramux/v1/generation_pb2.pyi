@@ -186,8 +186,9 @@ class GenerateRequest(_message.Message):
 
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]:
-        """The prompt as chat messages, rendered with the tokenizer's chat template
-        (with the generation prompt appended).
+        """The prompt as chat messages, rendered with the adapter's own chat template when its
+        directory ships one (chat_template.jinja, or tokenizer_config.json's chat_template), else
+        the tokenizer's (with the generation prompt appended).
         """
 
     @_builtins.property
@@ -326,9 +327,14 @@ class TokenizeRequest(_message.Message):
     MESSAGES_FIELD_NUMBER: _builtins.int
     TOOLS_JSON_FIELD_NUMBER: _builtins.int
     CHAT_TEMPLATE_KWARGS_JSON_FIELD_NUMBER: _builtins.int
+    ADAPTER_ID_FIELD_NUMBER: _builtins.int
     prompt: _builtins.str
     tools_json: _builtins.str
     chat_template_kwargs_json: _builtins.str
+    adapter_id: _builtins.str
+    """Messages are rendered with this adapter's own chat template when it ships one
+    (empty: the tokenizer's).
+    """
     @_builtins.property
     def messages(self) -> _containers.RepeatedCompositeFieldContainer[Global___ChatMessage]: ...
     def __init__(
@@ -338,10 +344,11 @@ class TokenizeRequest(_message.Message):
         messages: _abc.Iterable[Global___ChatMessage] | None = ...,
         tools_json: _builtins.str = ...,
         chat_template_kwargs_json: _builtins.str = ...,
+        adapter_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chat_template_kwargs_json", b"chat_template_kwargs_json", "messages", b"messages", "prompt", b"prompt", "tools_json", b"tools_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_id", b"adapter_id", "chat_template_kwargs_json", b"chat_template_kwargs_json", "messages", b"messages", "prompt", b"prompt", "tools_json", b"tools_json"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 
 from loramux.server.adapters.adapter_config import MAX_CONFIG_BYTES
+from loramux.server.adapters.chat_template import MAX_SOURCE_BYTES as MAX_TEMPLATE_SOURCE_BYTES
 from loramux.server.adapters.checkpoint import MAX_HEADER_BYTES
 from loramux.server.errors import InvalidSettings
 from loramux.server.lora.slot_bank import SlotBank
@@ -45,7 +46,7 @@ class AdapterBudget:
         return cls(
             max_rank=settings.max_lora_rank,
             max_adapter_bytes=largest,
-            max_download_bytes=STORED_WIDTH_FACTOR * largest + MAX_HEADER_BYTES + MAX_CONFIG_BYTES,
+            max_download_bytes=STORED_WIDTH_FACTOR * largest + MAX_HEADER_BYTES + MAX_CONFIG_BYTES + MAX_TEMPLATE_SOURCE_BYTES,
             accelerator_bytes=accelerator,
             max_pinned_bytes=accelerator - largest,
         )

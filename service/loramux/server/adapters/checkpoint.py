@@ -30,6 +30,7 @@ from loramux.server.adapters.adapter_config import (
     parse_config,
     view_of,
 )
+from loramux.server.adapters.chat_template import read_chat_template
 from loramux.server.lora.dequantize import dequantized  # the served weight, whatever quantization holds it
 from loramux.server.lora.weights import AdapterWeights, ModuleLora
 if TYPE_CHECKING:
@@ -83,6 +84,7 @@ class AdapterSpec:
     content_hash: str  # "sha256:<hex>" over config and weights files
     size_bytes: int  # in the LoRA dtype
     module_ranks: Mapping[str, int]
+    chat_template: str | None = None  # the adapter's own (chat_template.py), used for its requests' messages
 
 
 def read_checkpoint(
@@ -92,7 +94,7 @@ def read_checkpoint(
     (default: the LoRA dtype). Every file read must resolve inside `root` (default: the
     directory itself), so a symlink at any level cannot lead elsewhere."""
     root = root or directory
-    config_raw = _read_bounded(_checked_file(directory / CONFIG_FILE, root, "ADAPTER_CONFIG_INVALID"), MAX_CONFIG_BYTES)
+    config_raw = read_bounded(checked_file(directory / CONFIG_FILE, root, "ADAPTER_CONFIG_INVALID"), MAX_CONFIG_BYTES)
     config = parse_config(config_raw)
     _check_supported(config)
     view = view_of(config)
@@ -158,11 +160,12 @@ def read_checkpoint(
         size_bytes=sum(lora.rank * sum(base.slot_shapes[n]) for n, lora in modules.items())
         * torch.tensor([], dtype=base.lora_dtype).element_size(),
         module_ranks=module_ranks,
+        chat_template=read_chat_template(directory, root),
     )
     return spec, weights
 
 
-def _checked_file(path: Path, root: Path, missing_reason: str) -> Path:
+def checked_file(path: Path, root: Path, missing_reason: str) -> Path:
     """`path` resolved (symlinks at every level), inside `root`, a regular file; else refused.
     Messages name the file, never a server path."""
     try:
@@ -182,14 +185,14 @@ def _checked_file(path: Path, root: Path, missing_reason: str) -> Path:
     return resolved
 
 
-def _read_bounded(path: Path, limit: int) -> bytes:
+def read_bounded(path: Path, limit: int, reason: str = "ADAPTER_CONFIG_INVALID") -> bytes:
     try:
         with path.open("rb") as f:
             data = f.read(limit + 1)
     except OSError as e:
-        raise AdapterInvalid(f"cannot read {path.name}: {e.strerror}", reason="ADAPTER_CONFIG_INVALID") from None
+        raise AdapterInvalid(f"cannot read {path.name}: {e.strerror}", reason=reason) from None
     if len(data) > limit:
-        raise AdapterInvalid(f"{path.name} is larger than {limit} bytes", reason="ADAPTER_CONFIG_INVALID")
+        raise AdapterInvalid(f"{path.name} is larger than {limit} bytes", reason=reason)
     return data
 
 
@@ -243,7 +246,7 @@ def _same_model(named: str, served: str) -> bool:
 def _weights_path(directory: Path, root: Path, allow_pickle: bool) -> tuple[Path, str]:
     """(the weights file resolved, its name in the adapter directory)."""
     if (directory / SAFETENSORS_FILE).exists() or (directory / SAFETENSORS_FILE).is_symlink():
-        return _checked_file(directory / SAFETENSORS_FILE, root, "ADAPTER_WEIGHTS_MISSING"), SAFETENSORS_FILE
+        return checked_file(directory / SAFETENSORS_FILE, root, "ADAPTER_WEIGHTS_MISSING"), SAFETENSORS_FILE
     if (directory / PICKLE_FILE).exists() or (directory / PICKLE_FILE).is_symlink():
         if not allow_pickle:
             raise AdapterIncompatible(
@@ -251,7 +254,7 @@ def _weights_path(directory: Path, root: Path, allow_pickle: bool) -> tuple[Path
                 "with --allow-pickle-weights. Convert it to safetensors instead.",
                 reason="ADAPTER_PICKLE_REFUSED",
             )
-        return _checked_file(directory / PICKLE_FILE, root, "ADAPTER_WEIGHTS_MISSING"), PICKLE_FILE
+        return checked_file(directory / PICKLE_FILE, root, "ADAPTER_WEIGHTS_MISSING"), PICKLE_FILE
     raise AdapterInvalid(f"no {SAFETENSORS_FILE} in the adapter directory", reason="ADAPTER_WEIGHTS_MISSING")
 
 

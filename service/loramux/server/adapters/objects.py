@@ -20,6 +20,7 @@ import threading
 import uuid
 from pathlib import Path
 
+from loramux.server.adapters.chat_template import FILES as CHAT_TEMPLATE_FILES
 from loramux.server.errors import AdapterInvalid, InvalidRequest, SourceNotFound, SourceOutsideRoot, SourceUnavailable
 from loramux.server.settings import Settings
 from loramux.server.tenancy.source_allowance import is_object_url  # noqa: F401 (re-exported)
@@ -102,7 +103,7 @@ class ObjectStores:
         protocol, path = url.split("://", 1)
         fs = self.filesystem(protocol)
         listing = self._list(fs, url, path)
-        names = [CONFIG_FILE] + [next(n for n in WEIGHT_FILES if n in listing)]
+        names = [CONFIG_FILE] + [next(n for n in WEIGHT_FILES if n in listing)] + [n for n in CHAT_TEMPLATE_FILES if n in listing]
         total = sum(int(listing[n].get("size") or 0) for n in names)
         if total > self._max_bytes:
             raise AdapterInvalid(
@@ -154,6 +155,18 @@ class ObjectStores:
                 listing[name] = entry
             if name != CONFIG_FILE and name in listing:
                 break  # the safetensors file is enough: the pickle one is not looked at
+        for name in CHAT_TEMPLATE_FILES:  # the adapter's own chat template, when it ships one
+            try:
+                entry = fs.info(f"{path}/{name}")
+            except FileNotFoundError:
+                continue
+            except Exception as e:  # noqa: BLE001 - network, credentials, throttling
+                raise SourceUnavailable(
+                    f"{url!r} could not be read ({type(e).__name__}: {str(e)[:200]}); retry later", field="source",
+                    retry_after_s=5.0,
+                ) from e
+            if entry.get("type") == "file":
+                listing[name] = entry
         if CONFIG_FILE not in listing or not any(n in listing for n in WEIGHT_FILES):
             raise SourceNotFound(
                 f"no adapter at {url!r} ({CONFIG_FILE} and {' or '.join(WEIGHT_FILES)} are needed)",

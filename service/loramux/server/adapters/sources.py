@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from loramux.server.adapters.chat_template import FILES as CHAT_TEMPLATE_FILES
 from loramux.server.adapters.objects import ObjectStores, check_object_url, is_object_url
 from loramux.server.errors import InvalidRequest, SourceNotFound, SourceOutsideRoot
 from loramux.server.hub import HUB_PREFIX, fetch_snapshot
@@ -27,7 +28,7 @@ from loramux.server.settings import Settings
 from loramux.server.tenancy.source_allowance import ANYWHERE, SourceAllowance  # noqa: F401 (re-exported)
 
 MERGED_PREFIX = "merged://"
-ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]
+ADAPTER_FILES = ["adapter_config.json", "adapter_model.safetensors", "adapter_model.bin"]  # and the chat template's, if any
 MAX_PATH_CHARS = 1024
 MAX_COMPONENT_CHARS = 255
 MAX_REVISION_CHARS = 256
@@ -141,6 +142,6 @@ def _resolve_local(source: str, roots: tuple[Path, ...]) -> tuple[Path, Path]:
 
 
 def _resolve_hub(repo_id: str, revision: str | None, settings: Settings, max_bytes: int | None) -> ResolvedSource:
-    directory = fetch_snapshot(repo_id, revision, settings, ADAPTER_FILES, max_bytes=max_bytes)
+    directory = fetch_snapshot(repo_id, revision, settings, ADAPTER_FILES + list(CHAT_TEMPLATE_FILES), max_bytes=max_bytes)
     # Snapshot files are links into the repository's blobs/: the repository folder is the root.
     return ResolvedSource(directory, directory.parent.parent, directory.name)

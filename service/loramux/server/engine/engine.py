@@ -234,7 +234,7 @@ class Engine:
                                  reason="INVALID_SAMPLING_PARAMETER")
         if record is None and inp.adapter_id:
             record = self.registry.get(tenant, inp.adapter_id)
-        ids = prompt_ids(inp, self.base, self.settings)
+        ids = prompt_ids(inp, self.base, self.settings, chat_template=record.spec.chat_template if record else None)
         params = sampling_params(inp, self.base, self.settings)
         room = request_context(self.base, self.settings) - len(ids)
         if params.max_new_tokens > room:  # the context length (the model's, or a static KV row's) caps the output

@@ -154,11 +154,15 @@ class Facade:
     def cancel(self, generation: Generation) -> None:
         self._engine.cancel(generation.request)
 
-    def tokenize(self, inp: GenerateInput) -> tuple[list[int], int]:
-        """The prompt's (or messages') token ids as Generate would feed them, however long, and
-        the most tokens one request may hold (blocking: the tokenizer runs here)."""
+    def tokenize(self, tenant: str, inp: GenerateInput) -> tuple[list[int], int]:
+        """The prompt's (or messages') token ids as Generate would feed them (with the chat
+        template of `inp.adapter_id` when it ships one), however long, and the most tokens one
+        request may hold (blocking: the tokenizer runs here)."""
         engine = self._engine
-        return prompt_ids(inp, engine.base, engine.settings, check_length=False), request_context(engine.base, engine.settings)
+        record = engine.find_adapter(tenant, inp.adapter_id) if inp.adapter_id else None
+        ids = prompt_ids(inp, engine.base, engine.settings, check_length=False,
+                         chat_template=record.spec.chat_template if record else None)
+        return ids, request_context(engine.base, engine.settings)
 
     def token_texts(self, ids: list[int]) -> list[str]:
         """Each token's own text, as logprobs name tokens: the token turned into text alone

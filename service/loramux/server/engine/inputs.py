@@ -70,10 +70,12 @@ class GenerateInput:
     prompt_logprobs: int | None = None  # None: off; k: each prompt token's logprob and its k most likely alternatives
 
 
-def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings, check_length: bool = True) -> list[int]:
+def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings, check_length: bool = True,
+               chat_template: str | None = None) -> list[int]:
     """The prompt's token ids. Text is bounded in bytes before it is tokenized, so the time a
     request can spend in the tokenizer is bounded too. `check_length`: refuse a prompt longer
-    than a request may hold (Tokenize counts it instead)."""
+    than a request may hold (Tokenize counts it instead). `chat_template`: the adapter's own,
+    used for messages instead of the tokenizer's."""
     given = [name for name, present in (
         ("prompt", bool(inp.prompt)),
         ("prompt_token_ids", bool(inp.prompt_token_ids)),
@@ -108,7 +110,7 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings, check_le
                 reason="TOKEN_ID_OUT_OF_RANGE",
             )
     elif inp.messages:
-        if not getattr(tokenizer, "chat_template", None):
+        if not chat_template and not getattr(tokenizer, "chat_template", None):
             raise NoChatTemplate("the served tokenizer has no chat template; send prompt or prompt_token_ids", field="messages")
         if len(inp.messages) > MAX_MESSAGES:
             raise InvalidRequest(f"messages holds {len(inp.messages)} messages, more than {MAX_MESSAGES}", field="messages", reason="TOO_MANY_MESSAGES")
@@ -119,7 +121,7 @@ def prompt_ids(inp: GenerateInput, base: BaseModel, settings: Settings, check_le
                 raise InvalidRequest(
                     f"messages[{i}].role is longer than {MAX_ROLE_CHARS} characters", field=f"messages[{i}].role", reason="MESSAGE_ROLE_INVALID"
                 )
-        rendered = render_chat(tokenizer, inp)
+        rendered = render_chat(tokenizer, inp, chat_template)
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     else:
         ids = tokenizer(inp.prompt)["input_ids"]
@@ -141,9 +143,9 @@ def _json_bytes(value) -> int:
         raise InvalidRequest("a chat field is not plain JSON data", field="messages", reason="INVALID_PARAMETER") from None
 
 
-def render_chat(tokenizer, inp: GenerateInput) -> str:
-    """The messages through the tokenizer's chat template, with the request's tools and
-    template variables. A template that fails on this input is the request's error, naming
+def render_chat(tokenizer, inp: GenerateInput, chat_template: str | None = None) -> str:
+    """The messages through the tokenizer's chat template (or `chat_template`, the adapter's
+    own), with the request's tools and template variables. A template that fails on this input is the request's error, naming
     the template (INVALID_ARGUMENT / CHAT_TEMPLATE_FAILED), never INTERNAL."""
     reserved = sorted(RESERVED_TEMPLATE_ARGS & set(inp.chat_template_kwargs))
     if reserved:
@@ -155,13 +157,14 @@ def render_chat(tokenizer, inp: GenerateInput) -> str:
         chat.append({**extra, "role": role, "content": content})
     try:
         return tokenizer.apply_chat_template(chat, tools=inp.tools or None, add_generation_prompt=True, tokenize=False,
-                                             **inp.chat_template_kwargs)
+                                             chat_template=chat_template, **inp.chat_template_kwargs)
     except RecursionError:
         raise InvalidRequest("the chat template recursed too deeply on these messages", field="messages",
                              reason="CHAT_TEMPLATE_FAILED") from None
     except Exception as e:  # noqa: BLE001 - jinja's errors, and templates' own raise_exception
         message = str(e).splitlines()[0][:300] if str(e) else type(e).__name__
-        raise InvalidRequest(f"the tokenizer's chat template failed on these messages ({type(e).__name__}: {message})",
+        whose = "the adapter's chat template" if chat_template else "the tokenizer's chat template"
+        raise InvalidRequest(f"{whose} failed on these messages ({type(e).__name__}: {message})",
                              field="messages", reason="CHAT_TEMPLATE_FAILED") from None
 
 

@@ -78,7 +78,7 @@ def _constraint(req: generation_pb2.GenerateRequest) -> Constraint | None:
 
 
 def tokenize_input(req: generation_pb2.TokenizeRequest) -> GenerateInput:
-    return GenerateInput(prompt=req.prompt, **_chat_fields(req))
+    return GenerateInput(adapter_id=req.adapter_id, prompt=req.prompt, **_chat_fields(req))
 
 
 def _chat_fields(req: generation_pb2.GenerateRequest | generation_pb2.TokenizeRequest) -> dict:

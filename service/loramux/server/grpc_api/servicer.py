@@ -294,7 +294,8 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
 
     @maps_errors
     async def Tokenize(self, request, context):
-        ids, context_tokens = await _blocking(self._pools.admission, self.facade.tokenize, convert.tokenize_input(request))
+        ids, context_tokens = await _blocking(self._pools.admission, self.facade.tokenize, tenant_of(context),
+                                              convert.tokenize_input(request))
         return generation_pb2.TokenizeResponse(token_ids=ids, max_context=context_tokens)
 
     @maps_errors

@@ -383,7 +383,8 @@ class HttpFrontDoor:
 
     async def tokenize(self, request: Request) -> Response:
         body = await self._parsed(request, TokenizeRequest)
-        ids, context_tokens = await self._blocking(self._pools.admission, self.facade.tokenize, body.to_input())
+        inp = body.to_input(self._adapter_of(body.model) if body.model else "")
+        ids, context_tokens = await self._blocking(self._pools.admission, self.facade.tokenize, caller.get().tenant, inp)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": context_tokens})
 
     # -- models and probes ----------------------------------------------------------------

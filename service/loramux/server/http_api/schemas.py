@@ -274,9 +274,10 @@ class TokenizeRequest(BaseModel):
     tools: list[dict[str, Any]] | None = Field(default=None, max_length=MAX_TOOLS)
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def to_input(self) -> GenerateInput:
+    def to_input(self, adapter_id: str = "") -> GenerateInput:
+        """`adapter_id`: whose chat template renders the messages (its own, when it ships one)."""
         messages = self.messages or []
-        return GenerateInput(prompt=self.prompt or "", messages=[(m.role, m.text(i)) for i, m in enumerate(messages)],
+        return GenerateInput(adapter_id=adapter_id, prompt=self.prompt or "", messages=[(m.role, m.text(i)) for i, m in enumerate(messages)],
                              message_extras=[m.extras() for m in messages], tools=list(self.tools or []),
                              chat_template_kwargs=dict(self.chat_template_kwargs or {}))
 
