@@ -344,6 +344,12 @@ def test_n_completions_share_one_prefill_and_each_equals_its_seed_alone(assets, 
     for i, choice in enumerate(many.choices):
         assert "".join(c.choices[0].text for c in chunks if c.choices and c.choices[0].index == i) == choice.text
     assert chunks[-1].usage.completion_tokens == many.usage.completion_tokens
+    # n at its limit, beside another caller's request: 16 rows, and the other's answer is peft's
+    with cf.ThreadPoolExecutor(2) as pool:
+        wide = pool.submit(client.completions.create, model="qv-r4", prompt="fox", max_tokens=2, temperature=1.0, n=16)
+        other = pool.submit(client.completions.create, model="all-r16", prompt=PROMPTS[1], max_tokens=N, temperature=0)
+        assert [c.index for c in wide.result().choices] == list(range(16))
+        assert other.result().choices[0].text == text_of(assets, assets.oracle("all-r16", PROMPTS[1], N))
 
 
 def test_echo_and_prompt_logprobs_are_peft_s_scores_of_the_prompt(assets, server, client, monkeypatch):

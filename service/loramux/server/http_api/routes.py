@@ -443,10 +443,12 @@ async def _ending(body: AsyncIterator[bytes], done: Callable[[], None]) -> Async
 
 
 def _usage(finishes: list[FinishEvent]) -> dict:
-    """The prompt once (its completions share it), and every completion's tokens."""
+    """The prompt once (its completions share it), and every completion's tokens. No prompt
+    token is served from a cache (loramux keeps no prefix cache): cached_tokens is 0."""
     prompt = finishes[0].prompt_tokens if finishes else 0
     completion = sum(f.completion_tokens for f in finishes)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def _disconnected(request: Request) -> None:
