@@ -310,3 +310,52 @@ def test_a_keys_file_cut_short_emptied_or_gone_never_locks_keys_out(tmp_path):
     path.write_text(yaml.safe_dump({"keys": entries[:2], "expected_keys": 2}))
     append_key(path, "team-new", "user")
     assert yaml.safe_load(path.read_text())["expected_keys"] == 3 and len(KeyStore(path)) == 3
+
+
+def test_cli_lists_revokes_and_rotates_keys_and_an_operator_names_its_tenant(keyed, capsys, monkeypatch):
+    import json
+
+    server, keys, keys_file = keyed
+    store = server.running.servicer.auth.keys
+    f = str(keys_file)
+    assert cli(["keys", "list", "--keys-file", f, "-o", "json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert {"a-user", "oncall", "old"} <= {e["name"] for e in listed}
+    assert all(set(e) == {"id", "name", "tenant", "role", "expires"} and len(e["id"]) == 12 for e in listed)
+    assert next(e for e in listed if e["name"] == "old")["expires"] == "2020-01-01T00:00:00+00:00"
+    assert keys["user_a"] not in keys_file.read_text()  # only hashes, also after the CLI wrote the file
+
+    assert cli(["keys", "create", "--tenant", "team-a", "--role", "admin", "--name", "rotating", "--keys-file", f]) == 0
+    captured = capsys.readouterr()
+    old = captured.out.strip()
+    assert "added an admin key for tenant 'team-a'" in captured.err
+    assert cli(["keys", "rotate", "rotating", "--keys-file", f]) == 0
+    new = capsys.readouterr().out.strip()
+    store.check()
+    assert outcome(server.target, old, RPCS["ListAdapters"]) == OK  # for a day yet
+    assert outcome(server.target, new, RPCS["ListAdapters"]) == OK
+    assert cli(["keys", "revoke", "rotating", "--keys-file", f]) == 2  # two keys are named so now
+    assert "2 keys match 'rotating'" in capsys.readouterr().err
+    assert cli(["keys", "list", "--keys-file", f, "-o", "json"]) == 0
+    rotated = [e for e in json.loads(capsys.readouterr().out) if e["name"] == "rotating"]
+    old_entry = next(e for e in rotated if e["expires"] is not None)
+    assert cli(["keys", "revoke", old_entry["id"], "--keys-file", f]) == 0
+    store.check()
+    assert outcome(server.target, old, RPCS["ListAdapters"]) == NO_KEY
+    assert outcome(server.target, new, RPCS["ListAdapters"]) == OK
+    assert cli(["keys", "rotate", "rotating", "--old-expires-in", "0", "--keys-file", f]) == 0
+    newest = capsys.readouterr().out.strip()
+    store.check()
+    assert outcome(server.target, new, RPCS["ListAdapters"]) == "UNAUTHENTICATED/API_KEY_EXPIRED"
+    assert outcome(server.target, newest, RPCS["ListAdapters"]) == OK
+
+    # an operator acts for the tenant it names, by flag or by LORAMUX_TENANT
+    assert cli(["adapters", "list", "--target", server.target, "--api-key", keys["operator"], "--tenant", "team-b",
+                "-o", "json"]) == 0
+    assert [a["adapter_id"] for a in json.loads(capsys.readouterr().out)] == ["theirs"]
+    monkeypatch.setenv("LORAMUX_TENANT", "team-a")
+    assert cli(["--api-key", keys["operator"], "--target", server.target, "-o", "json", "adapters", "list"]) == 0
+    assert [a["adapter_id"] for a in json.loads(capsys.readouterr().out)] == ["mine"]
+    assert cli(["adapters", "list", "--target", server.target, "--api-key", keys["user_a"], "--tenant", "team-b"]) == 1
+    mine = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # (the server logs too)
+    assert mine == ["error: PERMISSION_DENIED: only an operator may act for another tenant"]

@@ -103,6 +103,19 @@ def test_client_commands(assets, tmp_path, capsys):
         assert json.loads(capsys.readouterr().out) in ({"a": True}, {"a": False})
         assert main(["merge", "qv-r4", "out", *t]) == 0
         assert "4 tensors merged" in capsys.readouterr().out
+        assert main(["merge", "qv-r4", "out2", "--no-wait", *t]) == 0
+        name = capsys.readouterr().out.strip()
+        assert main(["operations", "wait", name, "-o", "json", *t]) == 0
+        assert json.loads(capsys.readouterr().out)["merged_tensors"] == 4
+        assert main(["operations", "list", "-o", "json", *t]) == 0
+        ops = json.loads(capsys.readouterr().out)
+        assert len(ops) == 2 and all(op["done"] and op["phase"] == "done" and op["error"] == "" for op in ops)
+        assert main(["operations", "show", name, *t]) == 0
+        shown = capsys.readouterr().out
+        assert f"operation: {name}" in shown and "merged_tensors: 4" in shown
+        assert main(["operations", "delete", name, *t]) == 0
+        assert main(["operations", "show", name, *t]) == 1
+        assert "OPERATION_NOT_FOUND" in capsys.readouterr().err
         assert main(["adapters", "show", "missing", *t]) == 1
         assert "NOT_FOUND: ADAPTER_NOT_FOUND" in capsys.readouterr().err
         assert main(["adapters", "unload", "qv-r4", *t]) == 0
@@ -111,3 +124,67 @@ def test_client_commands(assets, tmp_path, capsys):
 def test_console_script_is_installed():
     out = subprocess.run([sys.executable, "-m", "loramux.cli.main", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "serve" in out.stdout
+
+
+def test_global_flags_anywhere_the_target_variable_and_version(assets, monkeypatch, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("loramux ")
+    with BackgroundServer(assets.settings()) as srv:
+        srv.engine.load_adapter("default", "qv-r4", "qv-r4")
+        assert main(["--target", srv.target, "-o", "json", "adapters", "list"]) == 0
+        before = json.loads(capsys.readouterr().out)
+        assert main(["adapters", "list", "--target", srv.target, "-o", "json"]) == 0
+        assert json.loads(capsys.readouterr().out) == before and before[0]["adapter_id"] == "qv-r4"
+        monkeypatch.setenv("LORAMUX_TARGET", srv.target)
+        assert main(["-o", "yaml", "adapters", "show", "qv-r4"]) == 0
+        import yaml
+        shown = yaml.safe_load(capsys.readouterr().out)
+        assert shown["target_modules"] == ["q_proj", "v_proj"] and shown["last_used"] is None
+        assert shown["load_time"].endswith("+00:00")  # a time with its zone
+        # a flag after the command wins over one before it
+        assert main(["--target", "127.0.0.1:1", "--timeout", "2", "info", "--target", srv.target, "-o", "json"]) == 0
+        assert json.loads(capsys.readouterr().out)["max_batch_size"] == srv.engine.settings.max_batch_size
+        assert main(["adapters", "show", "qv-r4"]) == 0
+        text = capsys.readouterr().out
+        assert "target_modules: q_proj, v_proj" in text and "last_used: -" in text and "['" not in text
+        assert main(["-o", "json", "generate", "--prompt", "fox", "--max-new-tokens", "4", "--top-logprobs", "2",
+                     "--prompt-logprobs", "1", "--adapter", "qv-r4"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["token_ids"] == assets.oracle("qv-r4", "fox", 4)
+        assert len(result["top_logprobs"]) == len(result["token_ids"]) and result["prompt"]["token_ids"]
+
+
+def test_messages_roles_errors_said_once_and_ctrl_c(assets, monkeypatch, capsys):
+    from loramux.cli import main as cli_main
+
+    assert cli_main._message("Translate: hi") == ("user", "Translate: hi")
+    assert cli_main._message("system: be brief") == ("system", "be brief")
+    assert cli_main._message("no colon") == ("user", "no colon")
+    with BackgroundServer(assets.settings()) as srv:
+        capsys.readouterr()  # the server's start-up
+        assert main(["adapters", "show", "missing", "--target", srv.target]) == 1
+        err = capsys.readouterr().err.splitlines()
+        assert len(err) == 1 and err[0].startswith("error: NOT_FOUND: ADAPTER_NOT_FOUND: "), err
+
+        def interrupted(client, args):
+            raise KeyboardInterrupt
+        monkeypatch.setitem(cli_main._CLIENT_COMMANDS, "info", interrupted)
+        assert main(["info", "--target", srv.target]) == 130
+        assert capsys.readouterr().err == "interrupted\n"
+
+
+def test_shell_completion_is_made_from_the_parser(capsys, tmp_path):
+    assert main(["completion", "bash"]) == 0
+    script = capsys.readouterr().out
+    path = tmp_path / "loramux.bash"
+    path.write_text(script)
+    probe = (f"source {path}; COMP_WORDS=(loramux adapters ''); COMP_CWORD=2; _loramux; echo \"${{COMPREPLY[@]}}\"; "
+             "COMP_WORDS=(loramux --target x operations w); COMP_CWORD=4; _loramux; echo \"${COMPREPLY[@]}\"; "
+             "COMP_WORDS=(loramux generate --js); COMP_CWORD=2; _loramux; echo \"${COMPREPLY[@]}\"")
+    out = subprocess.run(["bash", "-c", probe], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].split() == ["list", "load", "show", "unload", "--help"]
+    assert out[1].split() == ["wait"]
+    assert sorted(out[2].split()) == ["--json", "--json-schema"]
+    assert main(["completion", "zsh"]) == 0
+    assert capsys.readouterr().out.startswith("autoload -U +X bashcompinit && bashcompinit\n")

@@ -1,192 +1,146 @@
-"""`loramux`: serve, manage adapters, generate, merge, and run the demo.
+"""`loramux`: serve, manage adapters and operations, generate, merge, manage API keys, and run
+the demo.
 
-Client commands talk to a running server (--target); `serve` and `demo` need the server
-extra (`pip install 'loramux[server]'`).
+Client commands talk to a running server (`--target`, else LORAMUX_TARGET, else
+127.0.0.1:50051); connection and output flags go before or after the command (parser.py).
+Read commands print text for people, or one JSON or YAML document with `-o json` / `-o yaml`.
+`serve` and `demo` need the server extra (`pip install 'loramux[server]'`). Exit codes: 0
+done, 1 the server refused (its error on one line, with the fields at fault), 2 bad usage or
+local files, 130 interrupted (Ctrl-C; a merge being waited for is cancelled too).
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import datetime
+import json
 import sys
 import time
 
-DEFAULT_TARGET = "127.0.0.1:50051"
-
-
-def _serve_parser(sub) -> None:
-    # Its flags are made from the server's Settings (loramux.server.serve_command): `main` hands
-    # `serve` and everything after it over, so the client commands never import the server.
-    sub.add_parser("serve", help="serve a base model with LoRA adapters over gRPC (needs the server extra)",
-                   add_help=False)
-
-
-def _client_parsers(sub) -> None:
-    adapters = sub.add_parser("adapters", help="load, unload, list and show adapters").add_subparsers(dest="action", required=True)
-    load = adapters.add_parser("load", help="load an adapter")
-    load.add_argument("adapter_id")
-    load.add_argument("--source", required=True, help="directory under an adapter root, hf://<repo_id>, or s3://bucket/path under an object root")
-    load.add_argument("--revision", default="")
-    load.add_argument("--pin", action="store_true", help="keep it on the accelerator, never evicted")
-    load.add_argument("--warm", action="store_true", help="bring it onto the accelerator now")
-    load.add_argument("--replace", action="store_true", help="replace an adapter of that id from another source")
-    adapters.add_parser("unload", help="unload an adapter").add_argument("adapter_id")
-    adapters.add_parser("list", help="list adapters")
-    adapters.add_parser("show", help="show one adapter").add_argument("adapter_id")
-
-    gen = sub.add_parser("generate", help="generate text, streamed to the terminal")
-    gen.add_argument("--adapter", default="", help="adapter id (default: the base model)")
-    src = gen.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt")
-    src.add_argument("--prompt-token-ids", help="comma-separated token ids")
-    src.add_argument("--message", action="append", metavar="ROLE:CONTENT", help="a chat message (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=0)
-    gen.add_argument("--temperature", type=float, default=0.0)
-    gen.add_argument("--top-p", type=float, default=0.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--repetition-penalty", type=float, default=0.0)
-    gen.add_argument("--presence-penalty", type=float, default=0.0, help="in [-2, 2], on tokens already in the output")
-    gen.add_argument("--frequency-penalty", type=float, default=0.0, help="in [-2, 2], per occurrence in the output")
-    gen.add_argument("--min-p", type=float, default=0.0, help="sampling drops tokens below min-p x the most likely one")
-    gen.add_argument("--min-tokens", type=int, default=0, help="EOS and stop tokens cannot end generation before this")
-    gen.add_argument("--logit-bias", action="append", default=[], metavar="TOKEN_ID=BIAS",
-                     help="added to a token's logit, in [-100, 100] (repeatable)")
-    gen.add_argument("--seed", type=int)
-    gen.add_argument("--stop", action="append", default=[], help="stop sequence (repeatable)")
-    shape = gen.add_mutually_exclusive_group()
-    shape.add_argument("--json", action="store_true", help="the answer is a JSON object")
-    shape.add_argument("--json-schema", metavar="FILE", help="the answer follows the JSON Schema in FILE")
-    shape.add_argument("--regex", help="the answer matches this regex")
-    shape.add_argument("--grammar", metavar="FILE", help="the answer follows the Lark grammar in FILE")
-    shape.add_argument("--choice", action="append", metavar="TEXT", help="the answer is one of these (repeatable)")
-    gen.add_argument("--no-stream", action="store_true", help="wait for the whole answer")
-    gen.add_argument("-n", type=int, default=0, metavar="N",
-                     help="N completions of the prompt, sharing its prefill (printed whole, one after another)")
-
-    merge = sub.add_parser("merge", help="merge an adapter (or a weighted combination) into the base and write a checkpoint")
-    merge.add_argument("adapter_id", nargs="?", default="", help="the adapter (leave out with --combine)")
-    merge.add_argument("output_dir", help="directory under the server's merge root")
-    merge.add_argument("--combine", metavar="ID:WEIGHT,...", help="a weighted combination instead of one adapter, e.g. a:0.5,b:0.5")
-    merge.add_argument("--method", default="svd", help="combination method (peft's: linear, cat, svd, ties, ties_svd, "
-                       "dare_linear, dare_ties, dare_linear_svd, dare_ties_svd, magnitude_prune, magnitude_prune_svd)")
-    merge.add_argument("--density", type=float, default=0.0, help="ties, dare and magnitude_prune: the fraction kept")
-    merge.add_argument("--svd-rank", type=int, default=0, help="svd methods: the new rank (default: the largest input rank)")
-    merge.add_argument("--svd-clamp", type=float, default=0.0, help="svd methods: clamp the factors at this quantile")
-    merge.add_argument("--majority-sign-method", default="total", choices=["total", "frequency"])
-    merge.add_argument("--seed", type=int, default=0, help="dare methods: the seed of their random pruning")
-    merge.add_argument("--adapter-only", action="store_true", help="write a LoRA adapter, not a merged model")
-    merge.add_argument("--register-as", default="", help="with --adapter-only: register the written adapter under this id")
-    merge.add_argument("--overwrite", action="store_true")
-    merge.add_argument("--max-shard-mib", type=int, default=0, help="output shards at most this large (default: the server's)")
-    merge.add_argument("--verify", action="store_true",
-                       help="compare the merged model's logits with base + adapter before it is moved into place")
-
-    sub.add_parser("info", help="show what the server serves")
-
-    for p in (gen, merge, sub.choices["info"], *adapters.choices.values()):
-        p.add_argument("--target", default=DEFAULT_TARGET, help=f"server address (default {DEFAULT_TARGET})")
-        p.add_argument("--timeout", type=float, default=600.0, help="deadline per call, seconds")
-        p.add_argument("--api-key", help="API key sent with every call (default: the LORAMUX_API_KEY environment variable)")
-        p.add_argument("--no-affinity", action="store_true",
-                       help="with a dns:/ipv4: target naming several replicas: do not route each adapter to one replica")
-        p.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's roots")
-        p.add_argument("--tls-ca", metavar="PEM", help="connect with TLS, trusting this CA bundle")
-        p.add_argument("--tls-cert", metavar="PEM", help="client certificate, for servers that require one (with --tls-key)")
-        p.add_argument("--tls-key", metavar="PEM", help="the client certificate's private key")
-
-    keys = sub.add_parser("keys", help="manage the server's API keys file").add_subparsers(dest="action", required=True)
-    create = keys.add_parser("create", help="make a key, print it once and add its hash to the keys file")
-    create.add_argument("--tenant", required=True)
-    create.add_argument("--role", required=True, choices=["user", "admin", "operator"])
-    create.add_argument("--keys-file", default="loramux-keys.yaml", metavar="PATH",
-                        help="the file `loramux serve --auth-keys-file` reads (default: ./loramux-keys.yaml; created if missing)")
-    create.add_argument("--name", default="", help="a label for the key (shown in the file)")
-    create.add_argument("--expires", metavar="TIME", help="ISO 8601 time after which the key stops working")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="loramux", description="Multi-tenant LoRA adapter inference server.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _serve_parser(sub)
-    _client_parsers(sub)
-    demo = sub.add_parser("demo", help="build a tiny model and adapters locally and tour the server")
-    demo.add_argument("--cache-dir", help="where the demo's model and adapters are built (default ./.demo)")
-    demo.add_argument("--rebuild", action="store_true", help="build the assets again")
-    return parser
+from loramux.cli.output import emit, fields, note, table
+from loramux.cli.parser import ROLES, build_parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        note("interrupted")
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["serve"]:
         try:
             from loramux.server.serve_command import run
         except ImportError as e:
-            print(f"error: serve needs the server extra: pip install 'loramux[server]' ({e})", file=sys.stderr)
+            note(f"error: serve needs the server extra: pip install 'loramux[server]' ({e})")
             return 2
         return run(argv[1:])
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command == "demo":
         from loramux.demo.tour import run_demo
 
         return run_demo(args.cache_dir, rebuild=args.rebuild)
     if args.command == "keys":
         return _keys(args)
+    if args.command == "completion":
+        from loramux.cli.completion import script
+
+        print(script(parser, args.shell))
+        return 0
     from loramux.client import Client, LoramuxError
 
     try:
-        tls_files = _tls_files(args)
-        client = Client(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls,
-                        affinity=False if args.no_affinity else None, **tls_files)
+        client = Client(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls, tenant=args.tenant,
+                        affinity=False if args.no_affinity else None, **_tls_files(args))
     except (OSError, ValueError) as e:  # a PEM file that cannot be read, a certificate without its key
-        print(f"error: {e}", file=sys.stderr)
+        note(f"error: {e}")
         return 2
     try:
         with client:
             return _CLIENT_COMMANDS[args.command](client, args)
     except LoramuxError as e:
-        print(f"error: {e}", file=sys.stderr)
+        note(f"error: {e}")
         for field, description in e.field_violations:
-            print(f"  {field}: {description}", file=sys.stderr)
+            if description not in e.message:  # the message usually says it already
+                note(f"  {field}: {description}")
         return 1
 
 
 def _tls_files(args) -> dict:
     def read(path):
-        return open(path, "rb").read() if path else None
+        if not path:
+            return None
+        with open(path, "rb") as f:
+            return f.read()
 
     return {"root_certificates": read(args.tls_ca), "certificate_chain": read(args.tls_cert), "private_key": read(args.tls_key)}
 
 
+# -- keys (the local keys file) -----------------------------------------------------------------
+
 def _keys(args) -> int:
     from loramux.server.errors import InvalidSettings
-    from loramux.server.tenancy.keys import append_key
+    from loramux.server.tenancy import keys
 
     try:
-        key = append_key(args.keys_file, args.tenant, args.role, args.name, args.expires)
+        if args.action == "create":
+            key = keys.append_key(args.keys_file, args.tenant, args.role, args.name, args.expires)
+            print(key)
+            article = "an" if args.role[0] in "aeiou" else "a"
+            note(f"added {article} {args.role} key for tenant {args.tenant!r} to {args.keys_file}; "
+                 "the key above is shown only now")
+        elif args.action == "list":
+            entries = keys.list_keys(args.keys_file)
+            emit(entries, args.output, lambda rows: table(("ID", "NAME", "TENANT", "ROLE", "EXPIRES"), [
+                (e["id"], e["name"], e["tenant"], e["role"], e["expires"]) for e in rows]))
+        elif args.action == "revoke":
+            gone = keys.revoke_key(args.keys_file, args.key)
+            note(f"revoked key {gone['name'] or gone['id']} (tenant {gone['tenant']!r}, role {gone['role']}); "
+                 "the server stops accepting it when it reloads the file")
+        else:  # rotate
+            until = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=args.old_expires_in)
+            key, old = keys.rotate_key(args.keys_file, args.key, until.isoformat(timespec="seconds"))
+            print(key)
+            note(f"the new key above (shown only now) replaces key {old['name'] or old['id']}, which keeps working "
+                 f"until {old['expires']}")
     except InvalidSettings as e:
-        print(f"error: {e.message}", file=sys.stderr)
+        note(f"error: {e.message}")
         return 2
-    print(key)
-    print(f"added a {args.role} key for tenant {args.tenant!r} to {args.keys_file}; the key above is shown only now",
-          file=sys.stderr)
+    except FileNotFoundError:
+        note(f"error: no keys file at {args.keys_file}")
+        return 2
     return 0
 
+
+# -- client commands ----------------------------------------------------------------------------
 
 def _adapters(client, args) -> int:
     if args.action == "load":
-        info = client.load_adapter(
-            args.adapter_id, source=args.source, revision=args.revision, pin=args.pin, warm=args.warm, replace=args.replace
-        )
-        _show(info)
+        info = client.load_adapter(args.adapter_id, source=args.source, revision=args.revision, pin=args.pin,
+                                   warm=args.warm, replace=args.replace)
+        emit(info, args.output)
     elif args.action == "unload":
         client.unload_adapter(args.adapter_id)
-        print(f"unloaded {args.adapter_id}")
+        emit({"unloaded": args.adapter_id}, args.output, lambda d: print(f"unloaded {args.adapter_id}"))
     elif args.action == "show":
-        _show(client.get_adapter(args.adapter_id))
+        emit(client.get_adapter(args.adapter_id), args.output)
     else:
-        rows = [(a.adapter_id, str(a.rank), a.tier, "yes" if a.pinned else "", str(a.use_count), a.source) for a in client.list_adapters()]
-        _table(("ADAPTER", "RANK", "TIER", "PINNED", "USES", "SOURCE"), rows)
+        emit(client.list_adapters(), args.output, lambda adapters: table(
+            ("ADAPTER", "RANK", "TIER", "PINNED", "USES", "SOURCE"),
+            [(a.adapter_id, a.rank, a.tier, "yes" if a.pinned else "", a.use_count, a.source) for a in adapters]))
     return 0
+
+
+def _message(text: str) -> tuple[str, str]:
+    """`ROLE:CONTENT` when ROLE is a chat role; anything else is the user's whole message
+    ("Translate: hi" is a user message, not one from a role named Translate)."""
+    role, sep, content = text.partition(":")
+    if sep and role.strip().lower() in ROLES:
+        return role.strip().lower(), content.lstrip()
+    return "user", text
 
 
 def _logit_bias(pairs: list[str]) -> dict[int, float]:
@@ -194,11 +148,11 @@ def _logit_bias(pairs: list[str]) -> dict[int, float]:
     for pair in pairs:
         token, sep, value = pair.partition("=")
         try:
+            if not sep:
+                raise ValueError
             bias[int(token)] = float(value)
         except ValueError:
             raise SystemExit(f"error: --logit-bias {pair}: expected TOKEN_ID=BIAS, e.g. 17=-100") from None
-        if not sep:
-            raise SystemExit(f"error: --logit-bias {pair}: expected TOKEN_ID=BIAS, e.g. 17=-100")
     return bias
 
 
@@ -212,52 +166,70 @@ def _read_text(path: str | None, flag: str) -> str | None:
         raise SystemExit(f"error: {flag} {path}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}") from None
 
 
+def _json_arg(text: str | None, flag: str, kind: type):
+    if text is None:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise SystemExit(f"error: {flag}: not JSON ({e})") from None
+    if not isinstance(value, kind):
+        raise SystemExit(f"error: {flag}: expected a JSON {'array' if kind is list else 'object'}")
+    return value
+
+
 def _generate(client, args) -> int:
     kwargs = dict(
-        adapter_id=args.adapter,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty,
-        min_p=args.min_p,
-        min_tokens=args.min_tokens,
-        logit_bias=_logit_bias(args.logit_bias),
-        seed=args.seed,
-        stop=args.stop,
-        json_object=args.json,
-        json_schema=_read_text(args.json_schema, "--json-schema"),
-        regex=args.regex,
-        grammar=_read_text(args.grammar, "--grammar"),
-        choice=args.choice,
+        adapter_id=args.adapter, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+        top_k=args.top_k, repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, min_p=args.min_p, min_tokens=args.min_tokens,
+        logit_bias=_logit_bias(args.logit_bias), seed=args.seed, stop=args.stop, stop_token_ids=args.stop_token_id,
+        ignore_eos=args.ignore_eos, return_logprobs=args.logprobs, top_logprobs=args.top_logprobs,
+        prompt_logprobs=args.prompt_logprobs, json_object=args.json,
+        json_schema=_read_text(args.json_schema, "--json-schema"), regex=args.regex,
+        grammar=_read_text(args.grammar, "--grammar"), choice=args.choice, n=args.n,
+        tools=_json_arg(_read_text(args.tools, "--tools"), "--tools", list),
+        chat_template_kwargs=_json_arg(args.chat_template_kwargs, "--chat-template-kwargs", dict),
     )
     if args.prompt is not None:
         kwargs["prompt"] = args.prompt
     elif args.prompt_token_ids is not None:
-        kwargs["prompt_token_ids"] = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
+        try:
+            kwargs["prompt_token_ids"] = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
+        except ValueError:
+            raise SystemExit("error: --prompt-token-ids takes integers separated by commas, e.g. 1,2,3") from None
     else:
-        kwargs["messages"] = [tuple(m.split(":", 1)) if ":" in m else ("user", m) for m in args.message]
-    if args.n > 1:
-        kwargs["n"] = args.n
+        kwargs["messages"] = [_message(m) for m in args.message]
+    whole = args.no_stream or args.n > 1 or args.output != "text" or args.top_logprobs or args.logprobs \
+        or args.prompt_logprobs is not None
+    if whole:
         result = client.generate(**kwargs)
-        for completion in result.completions:
-            print(f"--- completion {completion.index} ({completion.finish_reason}) ---")
-            print(completion.text)
-        usage, finish = result.usage, ", ".join(c.finish_reason for c in result.completions)
-    elif args.no_stream:
-        kwargs["n"] = args.n
-        result = client.generate(**kwargs)
-        print(result.text)
-        usage, finish = result.usage, result.finish_reason
+        if args.output != "text":
+            emit(result, args.output)
+            return 0
+        if args.n > 1:
+            for completion in result.completions:
+                print(f"--- completion {completion.index} ({completion.finish_reason}) ---")
+                print(completion.text)
+        else:
+            print(result.text)
+        if args.logprobs or args.top_logprobs:
+            rows = []
+            for i, token in enumerate(result.token_ids):
+                value = result.logprobs[i] if i < len(result.logprobs) else None
+                alternatives = result.top_logprobs[i] if i < len(result.top_logprobs) else []
+                rows.append((token, "" if value is None else f"{value:.4f}", [f"{a}:{v:.3f}" for a, v in alternatives]))
+            table(("TOKEN", "LOGPROB", "ALTERNATIVES"), rows)
+        usage = result.usage
+        finish = ", ".join(c.finish_reason for c in result.completions) if result.completions else result.finish_reason
     else:
+        usage = finish = None
         for chunk in client.generate_stream(**kwargs):
             print(chunk.text, end="", flush=True)
             if chunk.finish_reason:
                 usage, finish = chunk.usage, chunk.finish_reason
         print()
-    print(f"[{finish}; {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens]", file=sys.stderr)
+    note(f"[{finish}; {usage.prompt_tokens} prompt + {usage.completion_tokens} generated tokens]")
     return 0
 
 
@@ -268,54 +240,81 @@ def _merge(client, args) -> int:
         try:
             adapters = [(item.rsplit(":", 1)[0], float(item.rsplit(":", 1)[1])) for item in args.combine.split(",")]
         except (IndexError, ValueError):
-            print("--combine takes ID:WEIGHT pairs separated by commas, e.g. a:0.5,b:0.5", file=sys.stderr)
+            note("error: --combine takes ID:WEIGHT pairs separated by commas, e.g. a:0.5,b:0.5")
             return 2
         handle = client.combine(adapters, args.output_dir, method=args.method, density=args.density, svd_rank=args.svd_rank,
                                 svd_clamp=args.svd_clamp, majority_sign_method=args.majority_sign_method, seed=args.seed,
                                 **common)
     else:
         handle = client.merge(args.adapter_id, args.output_dir, **common)
+    if args.no_wait:
+        emit({"operation": handle.name}, args.output, lambda d: print(handle.name))
+        return 0
+    return _wait(handle, args, progress=args.output == "text")
+
+
+def _wait(handle, args, progress: bool) -> int:
+    """Follow a merge to its end (a progress bar on stderr), then show its result. Ctrl-C
+    cancels it on the server too."""
     try:
         while True:
             p = handle.progress()
-            filled = int(p.percent / 5)
-            print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {p.percent:5.1f}% {p.bytes_done / 2**20:,.0f}/"
-                  f"{p.bytes_total / 2**20:,.0f} MiB {p.tensors_done}/{p.tensors_total} tensors {p.phase:<15}",
-                  end="", file=sys.stderr, flush=True)
+            if progress:
+                filled = int(p.percent / 5)
+                print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {p.percent:5.1f}% {p.bytes_done / 2**20:,.0f}/"
+                      f"{p.bytes_total / 2**20:,.0f} MiB {p.tensors_done}/{p.tensors_total} tensors {p.phase:<15}",
+                      end="", file=sys.stderr, flush=True)
             if p.done:
                 break
             time.sleep(0.2)
-    except KeyboardInterrupt:  # Ctrl-C cancels the merge on the server too
+    except KeyboardInterrupt:
         handle.cancel()
-        print(f"\ncancelled {handle.name}", file=sys.stderr)
+        note(f"\ncancelled {handle.name}")
         return 130
-    print(file=sys.stderr)
+    if progress:
+        note("")
     result = handle.result()
-    print(f"wrote {result.output_path} ({len(result.files)} files, {result.size_bytes} bytes, {result.merged_tensors} tensors merged)")
-    if args.register_as:
-        print(f"registered as {args.register_as}")
-    if result.max_logit_difference is not None:
-        print(f"verified: largest logit difference from base + adapter {result.max_logit_difference:.3g}")
+
+    def text(r) -> None:
+        print(f"wrote {r.output_path} ({len(r.files)} files, {r.size_bytes} bytes, {r.merged_tensors} tensors merged)")
+        if getattr(args, "register_as", ""):
+            print(f"registered as {args.register_as}")
+        if r.max_logit_difference is not None:
+            print(f"verified: largest logit difference from base + adapter {r.max_logit_difference:.3g}")
+    emit(result, args.output, text)
+    return 0
+
+
+def _operations(client, args) -> int:
+    if args.action == "list":
+        emit(client.list_operations(), args.output, lambda ops: table(
+            ("OPERATION", "PHASE", "PERCENT", "DONE", "ERROR"),
+            [(p.operation, p.phase, f"{p.percent:.0f}%", p.done, p.error) for p in ops]))
+        return 0
+    handle = client.operation(args.name)
+    if args.action == "show":
+        progress = handle.progress()
+        result = handle.result() if progress.done and not progress.error else None
+        emit({"progress": progress, "result": result}, args.output,
+             lambda d: (fields(progress), fields(result) if result is not None else None))
+    elif args.action == "wait":
+        return _wait(handle, args, progress=args.output == "text")
+    elif args.action == "cancel":
+        handle.cancel()
+        emit({"cancelled": args.name}, args.output, lambda d: print(f"cancelling {args.name}"))
+    else:
+        handle.delete()
+        emit({"deleted": args.name}, args.output, lambda d: print(f"deleted {args.name}"))
     return 0
 
 
 def _info(client, args) -> int:
-    _show(client.server_info())
+    emit(client.server_info(), args.output)
     return 0
 
 
-def _show(obj) -> None:
-    for field in dataclasses.fields(obj):
-        print(f"{field.name}: {getattr(obj, field.name)}")
-
-
-def _table(header: tuple[str, ...], rows: list[tuple[str, ...]]) -> None:
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    for row in [header, *rows]:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
-
-
-_CLIENT_COMMANDS = {"adapters": _adapters, "generate": _generate, "merge": _merge, "info": _info}
+_CLIENT_COMMANDS = {"adapters": _adapters, "generate": _generate, "merge": _merge, "operations": _operations,
+                    "info": _info}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,3 +24,16 @@ def key_header(api_key: str):
     """The header function for `_headers` interceptors: the same header on every call."""
     header = ("authorization", f"Bearer {api_key}")
     return lambda request: header
+
+
+def resolve_tenant(tenant: str | None) -> str | None:
+    """The tenant an operator acts for (`x-loramux-tenant`): given, or LORAMUX_TENANT; None: the key's own."""
+    import os
+
+    return tenant if tenant is not None else (os.environ.get("LORAMUX_TENANT") or None)
+
+
+def tenant_header(tenant: str):
+    """The header function for `_headers` interceptors: the operator's chosen tenant on every call."""
+    header = ("x-loramux-tenant", tenant)
+    return lambda request: header

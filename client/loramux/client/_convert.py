@@ -216,7 +216,15 @@ def merge_progress(op: operations_pb2.Operation) -> types.MergeProgress:
         done=op.done,
         bytes_done=meta.bytes_done,
         bytes_total=meta.bytes_total,
+        error=_operation_error(op),
     )
+
+
+def _operation_error(op: operations_pb2.Operation) -> str:
+    if not op.HasField("error"):
+        return ""
+    code = next((c for c in grpc.StatusCode if c.value[0] == op.error.code), grpc.StatusCode.UNKNOWN)
+    return f"{code.name}: {op.error.message}"
 
 
 def merge_result(op: operations_pb2.Operation) -> types.MergeResult:

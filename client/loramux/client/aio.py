@@ -9,7 +9,7 @@ import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from loramux.client import _convert, _core, types
-from loramux.client._auth import key_header, resolve_api_key
+from loramux.client._auth import key_header, resolve_api_key, resolve_tenant, tenant_header
 from loramux.client._headers import HeaderStub, aio_header_interceptors
 from loramux.client._routing import AffinityRouter, channel_options, wants_affinity
 from loramux.client.errors import from_rpc_error
@@ -82,20 +82,24 @@ class AsyncClient:
         tracer_provider=None,
         api_key: str | None = None,
         affinity: bool | None = None,
+        tenant: str | None = None,
     ):
         """`api_key`: sent as `authorization: Bearer <key>` on every call (default: the
         LORAMUX_API_KEY environment variable), on a `channel` given too, as the blocking
-        Client does."""
+        Client does; `tenant` as the blocking Client's (`x-loramux-tenant`, LORAMUX_TENANT)."""
         from opentelemetry.instrumentation.grpc import aio_client_interceptors
 
         self._router = None  # the affinity router, when affinity is on
         api_key = resolve_api_key(api_key)
+        tenant = resolve_tenant(tenant)
         given = channel is not None
         if channel is None:
             creds = _convert.channel_credentials(tls, root_certificates, private_key, certificate_chain)
             interceptors = list(aio_client_interceptors(tracer_provider=tracer_provider))
             if api_key:
                 interceptors = aio_header_interceptors(key_header(api_key)) + interceptors
+            if tenant:
+                interceptors = aio_header_interceptors(tenant_header(tenant)) + interceptors
             if wants_affinity(target) if affinity is None else affinity:  # as the blocking Client
                 options = channel_options(options)
                 self._router = AffinityRouter(api_key)
@@ -109,9 +113,10 @@ class AsyncClient:
         self.timeout = timeout
         self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)
         self._operations = operations_pb2_grpc.OperationsStub(channel)
-        if given and api_key:  # a channel made elsewhere takes no interceptor: the key rides on each call
-            header = key_header(api_key)(None)
-            self._stub, self._operations = HeaderStub(self._stub, header), HeaderStub(self._operations, header)
+        for wanted, header_for in ((api_key, key_header), (tenant, tenant_header)):
+            if given and wanted:  # a channel made elsewhere takes no interceptor: the header rides on each call
+                header = header_for(wanted)(None)
+                self._stub, self._operations = HeaderStub(self._stub, header), HeaderStub(self._operations, header)
 
     @property
     def _stubs(self) -> dict[str, object]:
@@ -143,6 +148,23 @@ class AsyncClient:
             raise from_rpc_error(e) from None
         finally:
             call.cancel()
+
+    @_translated
+    async def list_operations(self, *, timeout: float | None = None) -> list[types.MergeProgress]:
+        found, token = [], ""
+        while True:
+            page = await self._operations.ListOperations(
+                operations_pb2.ListOperationsRequest(page_size=1000, page_token=token), timeout=self._deadline(timeout))
+            found += [_convert.merge_progress(op) for op in page.operations]
+            token = page.next_page_token
+            if not token:
+                return found
+
+    @_translated
+    async def operation(self, name: str, *, timeout: float | None = None) -> AsyncMergeHandle:
+        op = await self._operations.GetOperation(operations_pb2.GetOperationRequest(name=name),
+                                                 timeout=self._deadline(timeout))
+        return AsyncMergeHandle(self, op)
 
     @_translated
     async def load_adapter(

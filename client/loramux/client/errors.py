@@ -30,7 +30,8 @@ class LoramuxError(Exception):
         retry_after: float | None = None,
         quota_violations=(),
     ):
-        super().__init__(f"{code.name}: {reason + ': ' if reason else ''}{message}")
+        shown = reason if reason and reason != code.name else ""  # "UNAUTHENTICATED: UNAUTHENTICATED: ..." says it twice
+        super().__init__(f"{code.name}: {shown + ': ' if shown else ''}{message}")
         self.code = code
         self.message = message
         self.reason = reason

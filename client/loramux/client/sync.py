@@ -9,7 +9,7 @@ import grpc
 from google.longrunning import operations_pb2, operations_pb2_grpc
 
 from loramux.client import _convert, _core, types
-from loramux.client._auth import key_header, resolve_api_key
+from loramux.client._auth import key_header, resolve_api_key, resolve_tenant, tenant_header
 from loramux.client._headers import HeaderInterceptor
 from loramux.client._routing import AffinityRouter, channel_options, wants_affinity
 from loramux.client.errors import from_rpc_error
@@ -83,9 +83,12 @@ class Client:
         tracer_provider=None,
         api_key: str | None = None,
         affinity: bool | None = None,
+        tenant: str | None = None,
     ):
         """`api_key`: sent as `authorization: Bearer <key>` on every call (default: the
-        LORAMUX_API_KEY environment variable; none for a server run with auth=none).
+        LORAMUX_API_KEY environment variable; none for a server run with `--auth none`).
+        `tenant`: an operator key acts for this tenant (`x-loramux-tenant`; default: the
+        LORAMUX_TENANT environment variable; none: the key's own tenant).
         `affinity`: route each adapter's requests to one replica with gRPC's ring_hash
         (`_routing.py`); default on for `dns:`/`ipv4:`/`ipv6:` targets, which can name several."""
         from opentelemetry.instrumentation.grpc import client_interceptor
@@ -104,6 +107,9 @@ class Client:
             channel = grpc.intercept_channel(channel, HeaderInterceptor(self._router.header_for))
         if api_key:
             channel = grpc.intercept_channel(channel, HeaderInterceptor(key_header(api_key)))
+        tenant = resolve_tenant(tenant)
+        if tenant:
+            channel = grpc.intercept_channel(channel, HeaderInterceptor(tenant_header(tenant)))
         channel = intercept_channel(channel, client_interceptor(tracer_provider=tracer_provider))
         self.timeout = timeout
         self._stub = loramux_service_pb2_grpc.LoramuxStub(channel)
@@ -154,6 +160,24 @@ class Client:
                 call.cancel()
             else:
                 call.close()
+
+    @_translated
+    def list_operations(self, *, timeout: float | None = None) -> list[types.MergeProgress]:
+        """The caller's tenant's operations (merges), running and finished, by name."""
+        found, token = [], ""
+        while True:
+            page = self._operations.ListOperations(operations_pb2.ListOperationsRequest(page_size=1000, page_token=token),
+                                                   timeout=self._deadline(timeout))
+            found += [_convert.merge_progress(op) for op in page.operations]
+            token = page.next_page_token
+            if not token:
+                return found
+
+    @_translated
+    def operation(self, name: str, *, timeout: float | None = None) -> MergeHandle:
+        """A handle on an operation by name (its progress, result, cancel and delete)."""
+        op = self._operations.GetOperation(operations_pb2.GetOperationRequest(name=name), timeout=self._deadline(timeout))
+        return MergeHandle(self, op)
 
     @_translated
     def load_adapter(

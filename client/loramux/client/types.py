@@ -100,13 +100,14 @@ class AdapterInfo:
 @dataclasses.dataclass(frozen=True)
 class MergeProgress:
     operation: str
-    phase: str  # "queued", "merging", "writing_config", "done"
+    phase: str  # "queued", "merging", "writing_config", "writing", "verifying", "registering", "done"
     tensors_done: int
     tensors_total: int
     percent: float  # of the bytes
     done: bool
     bytes_done: int = 0
     bytes_total: int = 0
+    error: str = ""  # a failed (or cancelled) operation's "CODE: message"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -494,19 +494,87 @@ def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str 
     """Make a new key for `tenant` with `role`, add its hash to the keys file (created if
     missing; YAML, or JSON for a .json file), and return the key: it is shown only once."""
     path = Path(path)
-    entries_data: dict = {"keys": []}
-    if path.exists():
-        _read(path)  # refuse to append to a file that does not parse
-        entries_data = yaml.safe_load(path.read_text(encoding="utf-8")) or {"keys": []}
+    data = _editable(path)
     key = new_key()
     entry = {"name": name, "tenant": tenant, "role": role, "sha256": hash_key(key)}
     if expires:
         entry["expires"] = expires
-    entries_data["keys"].append(entry)
-    if entries_data.get("expected_keys") is not None:
-        entries_data["expected_keys"] = len(entries_data["keys"])
-    text = json.dumps(entries_data, indent=2, default=str) + "\n" if path.suffix == ".json" else yaml.safe_dump(entries_data, sort_keys=False)
-    parse_keys_file(text, path)  # the new entry is valid (tenant, role, expiry)
+    data["keys"].append(entry)
+    _write(path, data)
+    return key
+
+
+def list_keys(path: Path) -> list[dict]:
+    """The file's keys as an operator may see them: name, tenant, role, expiry and `id` (the
+    first 12 hex digits of the key's hash, which names it to revoke and rotate); never a key."""
+    _read(Path(path))  # a file that does not parse is refused, as the server would
+    return [{"id": str(item.get("sha256", ""))[:12], "name": item.get("name", ""), "tenant": item.get("tenant"),
+             "role": item.get("role"), "expires": _iso(item.get("expires"))}
+            for item in _editable(Path(path))["keys"] if isinstance(item, dict)]
+
+
+def revoke_key(path: Path, which: str) -> dict:
+    """Remove the key named `which` (its name, or its id: a prefix of its hash); returns what
+    was removed (as list_keys shows it). The server stops accepting it at its next reload."""
+    path = Path(path)
+    data = _editable(path)
+    index = _find(data, which, path)
+    removed = data["keys"].pop(index)
+    _write(path, data)
+    return {"id": str(removed.get("sha256", ""))[:12], "name": removed.get("name", ""), "tenant": removed.get("tenant"),
+            "role": removed.get("role"), "expires": _iso(removed.get("expires"))}
+
+
+def rotate_key(path: Path, which: str, old_expires: str) -> tuple[str, dict]:
+    """A new key with the tenant, role and name of the key `which` names; that key now expires
+    at `old_expires` (ISO 8601), so callers have until then to switch. Returns the new key
+    (shown only once) and the old key's entry as list_keys shows it."""
+    path = Path(path)
+    data = _editable(path)
+    old = data["keys"][_find(data, which, path)]
+    old["expires"] = old_expires
+    key = new_key()
+    data["keys"].append({"name": old.get("name", ""), "tenant": old.get("tenant"), "role": old.get("role"),
+                         "sha256": hash_key(key)})
+    _write(path, data)
+    return key, {"id": str(old.get("sha256", ""))[:12], "name": old.get("name", ""), "tenant": old.get("tenant"),
+                 "role": old.get("role"), "expires": _iso(old_expires)}
+
+
+def _find(data: dict, which: str, path: Path) -> int:
+    matches = [i for i, item in enumerate(data["keys"]) if isinstance(item, dict) and which
+               and (item.get("name") == which or str(item.get("sha256", "")).startswith(which.lower()))]
+    if not matches:
+        raise _bad(path, f"no key is named {which!r} (give a key's name, or its id from `loramux keys list`)")
+    if len(matches) > 1:
+        raise _bad(path, f"{len(matches)} keys match {which!r}: give the id of one (`loramux keys list`)")
+    return matches[0]
+
+
+def _iso(value) -> str | None:
+    """An expiry as ISO 8601 with its zone (UTC when the file gives none)."""
+    if value is None:
+        return None
+    moment = datetime.datetime.fromtimestamp(_expiry(value, Path("keys"), "expires"), datetime.timezone.utc)
+    return moment.isoformat()
+
+
+def _editable(path: Path) -> dict:
+    """The file's data to change (refusing a file that does not parse), or an empty one."""
+    if not path.exists():
+        return {"keys": []}
+    _read(path)
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    data.setdefault("keys", [])
+    return data
+
+
+def _write(path: Path, data: dict) -> None:
+    """Write the keys file whole, atomically, readable by its owner only; checked first."""
+    if data.get("expected_keys") is not None:
+        data["expected_keys"] = len(data["keys"])
+    text = json.dumps(data, indent=2, default=str) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
+    parse_keys_file(text, path)  # every entry is valid (tenant, role, expiry)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=path.parent)
     try:
@@ -517,7 +585,6 @@ def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return key
 
 
 if __name__ == "__main__":
