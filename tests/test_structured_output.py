@@ -149,6 +149,9 @@ def test_the_openai_client_gets_schema_valid_json_for_every_adapter_in_a_mixed_b
         choice = client.completions.create(model=base, prompt="fox", max_tokens=8, temperature=0,
                                            extra_body={"guided_choice": ["red fox", "blue fox"]})
         assert choice.choices[0].text in ("red fox", "blue fox") and choice.choices[0].finish_reason == "stop"
+        newer = client.completions.create(model=base, prompt="fox", max_tokens=8, temperature=0,
+                                          extra_body={"structured_outputs": {"choice": ["red fox", "blue fox"]}})
+        assert newer.choices[0].text == choice.choices[0].text  # vLLM's newer name, the same constraint
         date = client.completions.create(model="all-r16", prompt="fox", max_tokens=16, temperature=0.8, seed=3,
                                          extra_body={"guided_regex": "[0-9]{4}-[0-9]{2}"})
         assert len(date.choices[0].text) == 7 and date.choices[0].text[4] == "-"

@@ -30,7 +30,7 @@ MAX_TOOLS = 256  # tool definitions in one request
 NOT_YET = {
     "best_of": (None, 1), "echo": (None, False), "suffix": (None, ""),  # echo: completions only
     "functions": (None, []), "function_call": (None, "none"),
-    "structured_outputs": (None,), "guided_decoding_backend": (None,),
+    "guided_decoding_backend": (None,),
     "parallel_tool_calls": (None, True, False),
 }
 
@@ -45,6 +45,18 @@ class JsonSchemaFormat(BaseModel):
     name: str | None = Field(default=None, max_length=256)
     schema_: dict[str, Any] | bool | None = Field(default=None, alias="schema")
     strict: bool | None = None
+
+
+class StructuredOutputs(BaseModel):
+    """vLLM's structured_outputs object (its newer name for the guided_* fields): one of them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    grammar: str | None = None
+    choice: list[str] | None = Field(default=None, max_length=1024)
+    json_object: bool | None = None
 
 
 class ResponseFormat(BaseModel):
@@ -85,9 +97,14 @@ class _Common(BaseModel):
     guided_regex: str | None = None
     guided_grammar: str | None = None
     guided_choice: list[str] | None = Field(default=None, max_length=1024)
+    structured_outputs: StructuredOutputs | None = None
 
     def _constraint(self) -> Constraint | None:
+        vllm = self.structured_outputs or StructuredOutputs()
         asked = {name: value for name, value in (
+            ("structured_outputs.json", vllm.json_), ("structured_outputs.regex", vllm.regex),
+            ("structured_outputs.grammar", vllm.grammar), ("structured_outputs.choice", vllm.choice),
+            ("structured_outputs.json_object", True if vllm.json_object else None),
             ("response_format", self.response_format if self.response_format and self.response_format.type != "text" else None),
             ("guided_json", self.guided_json), ("guided_regex", self.guided_regex),
             ("guided_grammar", self.guided_grammar), ("guided_choice", self.guided_choice)) if value is not None}
@@ -97,6 +114,10 @@ class _Common(BaseModel):
         if not asked:
             return None
         name, value = next(iter(asked.items()))
+        name = {"structured_outputs.json": "guided_json", "structured_outputs.regex": "guided_regex",
+                "structured_outputs.grammar": "guided_grammar", "structured_outputs.choice": "guided_choice"}.get(name, name)
+        if name == "structured_outputs.json_object":
+            return Constraint("json_object")
         if name == "response_format":
             if value.type == "json_object":
                 return Constraint("json_object")
