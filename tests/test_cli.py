@@ -60,17 +60,17 @@ def test_serve_defaults_are_the_settings_defaults(monkeypatch):
 
 def test_bad_settings_exit_2(assets, capsys):
     assert main(["serve", "--model", str(assets.base), "--adapter-slots", "0"]) == 2
-    assert "--adapter-slots: adapter_slots: must be >= 1, got 0" in capsys.readouterr().err
+    assert "error: --adapter-slots: must be >= 1, got 0" in capsys.readouterr().err  # the flag named once
 
 
 def test_telemetry_flags_fall_back_to_otel_variables(assets, capsys, monkeypatch):
     monkeypatch.setenv("OTEL_TRACES_EXPORTER", "zipkin")
     assert main(["serve", "--model", str(assets.base)]) == 2
-    assert "--otel-traces-exporter: traces_exporters: 'zipkin' is not one of otlp, console" in capsys.readouterr().err
+    assert "error: --otel-traces-exporter: 'zipkin' is not one of otlp, console" in capsys.readouterr().err
     # A flag wins over the variable.
     assert main(["serve", "--model", str(assets.base), "--auth", "none", "--otel-traces-exporter", "none",
                  "--metrics-port", "70000"]) == 2
-    assert "metrics_port: 70000 is not a TCP port" in capsys.readouterr().err
+    assert "error: --metrics-port: 70000 is not a TCP port" in capsys.readouterr().err
 
 
 def test_client_commands(assets, tmp_path, capsys):

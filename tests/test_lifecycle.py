@@ -203,3 +203,58 @@ def test_sigterm_lets_a_stream_finish_and_exits_zero(assets, tmp_path):
     assert tokens == assets.oracle(None, PROMPTS[3], 60)[: len(tokens)]
     assert server.proc.wait(30) == 0
     server.log.close()
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_serve_prints_only_its_own_lines(assets, tmp_path, log_format):
+    """A start-up and shutdown at default flags: every line on stderr is one of loramux's log
+    records (as JSON with --log-format json), stdout holds the one announcement; no library's
+    warnings, native-library probes, progress bars or teardown reports (torchao, bitsandbytes,
+    torch, transformers and Triton are all installed here)."""
+    import json
+    import re
+
+    err = tmp_path / "stderr"
+    cmd = [sys.executable, "-m", "loramux.cli.main", "serve", "--model", str(assets.base), "--port", "0", "--auth", "none",
+           "--log-format", log_format, "--http-port", "0"]
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        announcement = proc.stdout.readline()
+        with lc.Client(f"127.0.0.1:{json.loads(announcement)['port'] if log_format == 'json' else announcement.split(':')[-1].strip()}",
+                       timeout=60) as c:
+            assert len(c.generate(prompt=PROMPTS[0], max_new_tokens=2).token_ids) == 2
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and rest == ""
+    lines = err.read_text().splitlines()
+    assert lines, "the server logs its start-up"
+    if log_format == "json":
+        assert json.loads(announcement)["message"].startswith("loramux listening on 127.0.0.1:")
+        records = [json.loads(line) for line in lines]  # every line is JSON
+        assert all(r["logger"].startswith("loramux") for r in records), lines
+    else:
+        assert announcement.startswith("loramux listening on 127.0.0.1:")
+        own = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) loramux[.\w]*: ")
+        assert all(own.match(line) for line in lines), [line for line in lines if not own.match(line)][:5]
+
+
+def test_a_base_install_without_the_quant_and_s3_extras_serves(assets, tmp_path):
+    """torchao, bitsandbytes and s3fs made unimportable, as in an install without the extras:
+    the server starts and answers; asking for int8 quantization fails at start-up naming the
+    extra to install."""
+    absent = ("import sys\nfor name in ('torchao', 'bitsandbytes', 's3fs'):\n    sys.modules[name] = None\n"
+              "from loramux.cli.main import main\nsys.exit(main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-c", absent, "serve", "--model", str(assets.base), "--port", "0", "--auth", "none"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("loramux listening on"), proc.stderr.read()[-2000:] if not line else line
+        with lc.Client(line.strip().split()[-1], timeout=60) as c:
+            assert c.generate(prompt=PROMPTS[0], max_new_tokens=3).token_ids == assets.oracle(None, PROMPTS[0], 3)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    refused = subprocess.run([*cmd, "--quantization", "int8"], capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1] == ("error: --quantization: 'int8' needs torchao, which is not "
+                                                       "installed: install the quant extra: pip install 'loramux[quant]'")

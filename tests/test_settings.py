@@ -34,7 +34,7 @@ def test_per_tenant_queue_has_no_fixed_bound_by_default():
 def test_api_keys_are_the_default_and_need_a_keys_file(tmp_path):
     with pytest.raises(InvalidSettings) as e:
         Settings(model="m")
-    assert e.value.field == "auth_keys_file" and "auth=none" in e.value.message
+    assert e.value.field == "auth_keys_file" and "--auth none" in e.value.message
     s = Settings(model="m", auth_keys_file=tmp_path / "keys.yaml")
     assert s.auth == "keys" and s.auth_keys_file == (tmp_path / "keys.yaml").resolve()
 
@@ -44,3 +44,23 @@ def test_compile_is_refused_with_what_does_not_trace_into_one_graph(other):
     with pytest.raises(InvalidSettings) as e:
         Settings(model="m", auth="none", compile=True, **other)
     assert e.value.field == "compile"
+
+
+def test_an_option_whose_extra_is_missing_fails_at_start_up_naming_it(monkeypatch):
+    import importlib.util
+
+    from loramux.server.settings import check_installed
+
+    real = importlib.util.find_spec
+    absent = {"torchao", "bitsandbytes", "s3fs"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in absent else real(name, *a))
+    check_installed(Settings(model="m", auth="none"))  # the defaults need no extra
+    for settings, field, extra in [
+        (Settings(model="m", auth="none", quantization="int8"), "quantization", "quant"),
+        (Settings(model="m", auth="none", quantization="bnb-4bit"), "quantization", "quant"),
+        (Settings(model="m", auth="none", object_roots=("s3://b/adapters",)), "object_roots", "s3"),
+        (Settings(model="m", auth="none", registry="s3://b/registry"), "registry", "s3"),
+    ]:
+        with pytest.raises(InvalidSettings) as e:
+            check_installed(settings)
+        assert e.value.field == field and f"pip install 'loramux[{extra}]'" in e.value.message

@@ -7,6 +7,7 @@ tests use); `serve` is `loramux serve`: it runs until SIGINT/SIGTERM and then dr
 from __future__ import annotations
 
 import asyncio
+import json
 import dataclasses
 import gc
 import logging
@@ -32,7 +33,7 @@ from loramux.server.engine.engine import Engine
 from loramux.server.engine.facade import Facade
 from loramux.server.engine.restore import restore_state
 from loramux.server.errors import InvalidSettings
-from loramux.server.settings import Settings
+from loramux.server.settings import Settings, check_installed
 from loramux.server.telemetry.providers import build_telemetry
 from loramux.server.telemetry.signals import Telemetry
 from loramux.v1 import loramux_service_pb2
@@ -308,7 +309,9 @@ def settle_garbage_collector() -> None:
     gc.freeze()
 
 
-async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
+async def serve(settings: Settings, ready: asyncio.Event | None = None, log_format: str = "text") -> None:
+    """Serve until SIGINT or SIGTERM. `log_format` json: the stdout announcement is JSON too."""
+    check_installed(settings)  # an option whose extra is not installed stops start-up at once
     auth = Authenticator(settings)  # a bad keys file stops start-up before the model loads
     try:
         tls_credentials(settings)  # so does a bad certificate,
@@ -333,7 +336,11 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before announcing: a SIGTERM right after drains
         loop.add_signal_handler(sig, stop.set)
-    print(f"loramux listening on {settings.host}:{running.port}", flush=True)
+    announcement = f"loramux listening on {settings.host}:{running.port}"  # on stdout: scripts wait for it
+    if log_format == "json":  # every line JSON
+        announcement = json.dumps({"message": announcement, "host": settings.host, "port": running.port,
+                                   "http_port": running.http_port})
+    print(announcement, flush=True)
     if ready is not None:
         ready.set()
     await stop.wait()

@@ -87,7 +87,10 @@ def _hub_errors(repo_id: str, revision: str | None, settings: Settings, field: s
     except LoramuxError:
         raise
     except HFValidationError as e:
-        raise InvalidRequest(f"{repo_id!r} is not a Hub repo id: {e}", field=field, reason="SOURCE_INVALID") from e
+        if repo_id.startswith(("/", ".", "~")) or "\\" in repo_id or repo_id.count("/") > 1:  # meant as a path
+            raise SourceNotFound(f"no such directory: {repo_id!r}", field=field) from None
+        raise InvalidRequest(f"{repo_id!r} is neither a directory nor a Hub repo id ({e})", field=field,
+                             reason="SOURCE_INVALID") from e
     except LocalEntryNotFoundError as e:
         if e.__cause__ is not None:  # online, the Hub could not be reached or failed, and nothing is cached
             raise _unavailable(repo_id, e.__cause__, field) from e

@@ -108,7 +108,9 @@ def serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def bad_setting(e: InvalidSettings) -> int:
-    print(f"error: {flag_of(e.field)}: {e.message}", file=sys.stderr)
+    """One line naming the flag once (a message that starts with the field's name drops it)."""
+    message = e.message.removeprefix(f"{e.field}: ") if e.field else e.message
+    print(f"error: {flag_of(e.field)}: {message}" if e.field else f"error: {message}", file=sys.stderr)
     return 2
 
 
@@ -121,12 +123,30 @@ def run(argv: list[str]) -> int:
         return bad_setting(e)
     import asyncio
 
-    from loramux.server.app import serve
-    from loramux.server.telemetry.logs import configure_logging
+    from loramux.server.telemetry.logs import configure_logging, quiet_libraries, quiet_progress_bars
 
     configure_logging(args.log_level, args.log_format)
+    quiet_libraries(args.log_level)  # before torch, transformers and peft are imported
+    from loramux.server.app import serve
+
+    quiet_progress_bars()
     try:
-        asyncio.run(serve(settings))
+        asyncio.run(serve(settings, log_format=args.log_format))
     except InvalidSettings as e:  # found at start-up (a keys file that does not parse, a port in use)
         return bad_setting(e)
+    _exit_quietly(0)
     return 0
+
+
+def _exit_quietly(code: int) -> None:
+    """After a clean shutdown (telemetry flushed, threads stopped), end the process without the
+    interpreter's teardown when Triton was imported (by torchao, or --lora-kernel triton): its
+    bindings report "leaked" objects at teardown, dozens of lines that are not this server's."""
+    if "triton" not in sys.modules:
+        return
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -24,8 +24,8 @@ SCHEDULING = ("continuous", "static")
 AUTH_MODES = ("keys", "none")
 EXPORTERS = ("otlp", "console")
 OTLP_PROTOCOLS = ("grpc", "http/protobuf")
-# Object storage through fsspec: s3 (s3fs, installed with the server); gs and az need gcsfs
-# or adlfs installed beside it.
+# Object storage through fsspec: s3 (s3fs, the s3 extra); gs and az need gcsfs or adlfs
+# installed beside it.
 OBJECT_PROTOCOLS = ("s3", "gs", "az")
 _REPLICA_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.")
 ALL_LINEAR = "all-linear"  # peft's shorthand: every Linear (and Conv1D) layer but the output layer
@@ -337,7 +337,7 @@ class Settings:
             raise bad("auth", f"{self.auth!r} is not one of {', '.join(AUTH_MODES)}")
         if self.auth == "keys" and self.auth_keys_file is None:
             raise bad("auth_keys_file", "a keys file is required to serve with API keys (create one with `loramux keys "
-                      "create`); auth=none serves without credentials, for development only")
+                      "create`); --auth none serves without credentials, for development only")
         if self.auth_keys_file is not None:
             object.__setattr__(self, "auth_keys_file", Path(self.auth_keys_file).expanduser().resolve())
         if (self.tls_cert is None) != (self.tls_key is None):
@@ -404,3 +404,31 @@ class Settings:
             return self.model_name
         local = Path(self.model).expanduser()
         return local.name if local.is_absolute() or local.exists() else self.model
+
+
+# Options whose packages come in an extra (pip install 'loramux[<extra>]'), and the modules they need.
+EXTRA_PACKAGES = {"quant": ("torchao", "bitsandbytes"), "s3": ("s3fs",)}
+
+
+def check_installed(settings: Settings) -> None:
+    """Refuse at start-up, naming the extra to install, an option whose package is missing
+    (rather than failing at the first request that needs it)."""
+    import importlib.util
+
+    wanted = []  # (field, module, what to install)
+    if settings.quantization == "int8":
+        wanted.append(("quantization", "torchao", "the quant extra: pip install 'loramux[quant]'"))
+    elif settings.quantization.startswith("bnb-"):
+        wanted.append(("quantization", "bitsandbytes", "the quant extra: pip install 'loramux[quant]'"))
+    for field, urls in (("object_roots", settings.object_roots), ("registry", (settings.registry or "",))):
+        for url in urls:
+            if url.startswith("s3://"):
+                wanted.append((field, "s3fs", "the s3 extra: pip install 'loramux[s3]'"))
+            elif url.startswith("gs://"):
+                wanted.append((field, "gcsfs", "the gcsfs package"))
+            elif url.startswith("az://"):
+                wanted.append((field, "adlfs", "the adlfs package"))
+    for field, module, install in wanted:
+        if importlib.util.find_spec(module) is None:
+            raise InvalidSettings(f"{getattr(settings, field)!r} needs {module}, which is not installed: install {install}",
+                                  field=field)

@@ -27,7 +27,7 @@ from loramux.server.tenancy.source_allowance import is_object_url  # noqa: F401 
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
-_PACKAGES = {"s3": "s3fs", "gs": "gcsfs", "az": "adlfs"}
+_PACKAGES = {"s3": "s3fs (the s3 extra: pip install 'loramux[s3]')", "gs": "gcsfs", "az": "adlfs"}
 _CHUNK = 8 << 20
 
 

@@ -125,7 +125,7 @@ class Merges:
             claims = self._claims.get(target, 0)
             if claims and not job.overwrite:
                 raise MergeOutputExists(
-                    "another merge to this output_dir is queued or running; set overwrite to replace its output after it",
+                    "another merge to this output_dir is queued or running; merge with overwrite (CLI: --overwrite) to replace its output after it",
                     field="output_dir",
                 )
             self._check_room(tenant, tenant_root, target, estimate, quotas)

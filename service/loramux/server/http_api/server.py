@@ -55,6 +55,9 @@ class HttpServer:
     def __init__(self, app, sock: socket.socket, tls_cert=None, tls_key=None, tls_client_ca=None):
         self.sock = sock
         self.port = sock.getsockname()[1]
+        # uvicorn's own lines ("Started server process", ...) say what loramux's already do: its
+        # warnings and errors still show; the access log is loramux's (routes.py).
+        logging.getLogger("uvicorn.error").setLevel(max(logging.WARNING, logging.getLogger("uvicorn.error").level))
         config = uvicorn.Config(app, lifespan="off", log_config=None, access_log=False, server_header=False,
                                 timeout_keep_alive=30, ssl_certfile=tls_cert, ssl_keyfile=tls_key,
                                 ssl_ca_certs=tls_client_ca, ssl_cert_reqs=2 if tls_client_ca else 0,

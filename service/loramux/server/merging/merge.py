@@ -134,7 +134,7 @@ def check_replaceable(target: Path, output_dir: str, overwrite: bool) -> None:
         return
     shown = output_dir if len(output_dir) <= 80 else output_dir[:77] + "..."
     if not overwrite:
-        raise MergeOutputExists(f"{shown!r} exists and is not empty; set overwrite to replace it", field="output_dir")
+        raise MergeOutputExists(f"{shown!r} exists and is not empty; merge with overwrite (CLI: --overwrite) to replace it", field="output_dir")
     if target.is_symlink() or not target.is_dir() or not (target / MERGE_INFO_FILE).is_file():
         raise MergeOutputForeign(
             f"{shown!r} is not the output of a previous merge (it has no {MERGE_INFO_FILE}); overwrite replaces only "

@@ -200,8 +200,8 @@ def _bnb_config(method: str, dtype: torch.dtype):
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
     except ImportError as e:
-        raise InvalidSettings(f"quantization {method} needs bitsandbytes (installed with the server extra)",
-                              field="quantization") from e
+        raise InvalidSettings(f"quantization {method} needs bitsandbytes: install the quant extra "
+                              "(pip install 'loramux[quant]')", field="quantization") from e
     if method == "bnb-8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
@@ -214,7 +214,7 @@ def quantize_linears(model: nn.Module, method: str) -> None:
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
     except ImportError as e:
-        raise InvalidSettings("quantization int8 needs torchao (installed with the server extra)",
+        raise InvalidSettings("quantization int8 needs torchao: install the quant extra (pip install 'loramux[quant]')",
                               field="quantization") from e
     output = model.get_output_embeddings()
     quantize_(model, Int8WeightOnlyConfig(), filter_fn=lambda m, fqn: type(m) is nn.Linear and m is not output)

@@ -49,3 +49,38 @@ def configure_logging(level: str, fmt: str) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+
+
+# Libraries that talk at import or while loading: torchao (its optional native kernels, when
+# it is installed, imported by transformers), torch's pytree deprecations (torchao's enums),
+# bitsandbytes and the kernels hub (its CPU kernels' trust check), transformers' advisories.
+# Their warnings are about their own internals, not about this server: shown at --log-level
+# debug only. Errors still show.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "bitsandbytes", "kernels", "transformers",
+                 "transformers.modeling_utils", "peft", "huggingface_hub", "accelerate", "py.warnings")
+
+
+def quiet_libraries(level: str) -> None:
+    """Before the model libraries are imported: their chatter (warnings, native-library
+    probes, progress bars) goes through logging, at ERROR unless `level` is debug; Python
+    warnings become log records (so `--log-format json` keeps every line JSON)."""
+    import os
+    import warnings
+
+    debug = level.lower() == "debug"
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "debug" if debug else "error")
+    logging.captureWarnings(True)
+    if not debug:
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for name in NOISY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def quiet_progress_bars() -> None:
+    """transformers' own progress bars ("Loading weights"), once it is imported."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()

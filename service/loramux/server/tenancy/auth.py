@@ -61,7 +61,7 @@ class Authenticator:
             self.keys.watch()
         self._open = Identity(settings.default_tenant, "operator", "auth=none")
         if self.keys is None:
-            log.warning("auth=none: every caller is an operator of any tenant, with no credentials; for development only")
+            log.warning("--auth none: every caller is an operator of any tenant, with no credentials; for development only")
         else:
             log.info("API keys from %s: %d keys", settings.auth_keys_file, len(self.keys))
 
