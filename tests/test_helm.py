@@ -99,6 +99,7 @@ def test_lint_render_and_validate(values, tmp_path):
     ("autoscaling.metric=memory", "at '/autoscaling/metric'"),
     ("server.kvCache=paged", "at '/server/kvCache'"),
     ("server.kvCacheTokens=1", "at '/server/kvCacheTokens'"),
+    ("tls.enabled=true", "at '/tls/secretName'"),  # TLS without its certificate's Secret
 ])
 def test_values_schema_refuses(setting, message):
     result = helm("template", "r1", str(CHART), "--set", setting, check=False)
@@ -181,3 +182,68 @@ def test_the_values_reference_in_the_docs_is_generated_from_the_schema():
                 yield path + name
             yield from undescribed(child, f"{path}{name}.")
     assert list(undescribed(schema)) == []
+
+
+@pytest.mark.parametrize("mode", ["defaults", "tls+key", "mtls+key"])
+def test_the_helm_test_pods_command_passes_against_a_server_on_loopback(assets, tmp_path, mode):
+    """The rendered test pod's script and environment, run here against a real server with
+    the same security: on the chart's defaults (keys, none given to the test: health only),
+    with TLS and a key, and with mutual TLS and a key. Paths the pod mounts are mapped to
+    files here; everything else is the rendered pod's."""
+    import os
+
+    from loramux.server.app import BackgroundServer
+    from loramux.server.tenancy.keys import append_key
+    from test_tls import issue, make_ca, pem
+
+    ca = make_ca("chart test CA")
+    files = {"ca.crt": pem(ca[1])}
+    files["server.key"], files["server.crt"] = issue(ca, "localhost", server=True)
+    files["client.key"], files["client.crt"] = issue(ca, "chart-test", server=False)
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    keys_file = tmp_path / "keys.yaml"
+    key = append_key(keys_file, "default", "user", "helm-test")
+    values = []
+    settings = dict(auth="keys", auth_keys_file=keys_file)
+    if mode != "defaults":
+        values += ["--set", "tls.enabled=true", "--set", "tls.secretName=server-tls", "--set", "testKeySecret=test-key"]
+        settings.update(tls_cert=tmp_path / "server.crt", tls_key=tmp_path / "server.key", health_port=0)
+    if mode == "mtls+key":
+        values += ["--set", "tls.clientCaSecretName=client-ca", "--set", "testClientCertSecret=test-client"]
+        settings.update(tls_client_ca=tmp_path / "ca.crt")
+    pod = next(d for d in render(*values) if d["kind"] == "Pod")
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][:2] == ["python", "-c"]
+    mounted = {"/etc/loramux/tls/": tmp_path / "server-", "/etc/loramux/client-tls/": tmp_path / "client-"}
+    if mode != "defaults":
+        (tmp_path / "server-ca.crt").write_bytes(files["ca.crt"])
+        (tmp_path / "client-tls.crt").write_bytes(files["client.crt"])
+        (tmp_path / "client-tls.key").write_bytes(files["client.key"])
+    with BackgroundServer(assets.settings(**settings)) as srv:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("LORAMUX_")}
+        for item in container["env"]:
+            value = item.get("value")
+            if "valueFrom" in item:  # the Secret's entry
+                assert item["valueFrom"]["secretKeyRef"] == {"name": "test-key", "key": "api-key"}
+                value = key
+            elif item["name"] in ("LORAMUX_TARGET", "LORAMUX_HEALTH_TARGET"):
+                port = int(value.rsplit(":", 1)[1])
+                assert value.startswith("r1-loramux:")
+                here = srv.running.health_port if port == 8081 else srv.running.port
+                value = f"localhost:{here}"
+            for prefix, local in mounted.items():
+                if value.startswith(prefix):
+                    value = f"{local}{value[len(prefix):]}"
+            env[item["name"]] = value
+        command = [sys.executable, *container["command"][1:]]  # the image's `python` is the one loramux is installed in
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    out = done.stdout.splitlines()
+    assert out[0] == "health: SERVING"
+    if mode == "defaults":
+        assert out[1] == "no testKeySecret: Generate not tried (it needs an API key)"
+    else:
+        expected = assets.oracle(None, "Hello", 4)
+        reason = "stop_token" if expected[-1] == assets.tokenizer.eos_token_id else "length"
+        assert out[1] == f"generate: {len(expected)} tokens ({reason})"
