@@ -54,7 +54,8 @@ def test_lint_render_and_validate(values, tmp_path):
                          "Secret/r1-loramux-keys", "Service/r1-loramux", "Service/r1-loramux-headless",
                          "ServiceAccount/r1-loramux"]
     else:
-        assert kinds == ["ConfigMap/r1-loramux", "Deployment/r1-loramux", "HorizontalPodAutoscaler/r1-loramux",
+        assert kinds == ["ConfigMap/r1-loramux", "ConfigMap/r1-loramux-dashboard", "Deployment/r1-loramux",
+                         "HorizontalPodAutoscaler/r1-loramux",
                          "NetworkPolicy/r1-loramux",
                          "Pod/r1-loramux-test", "PodDisruptionBudget/r1-loramux", "Service/r1-loramux",
                          "Service/r1-loramux-headless", "ServiceAccount/r1-loramux", "ServiceMonitor/r1-loramux"]

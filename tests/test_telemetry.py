@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -33,6 +34,7 @@ from loramux.server.app import BackgroundServer
 from loramux.server.telemetry.logs import JsonFormatter
 from loramux.server.telemetry.providers import build_telemetry
 
+ROOT = Path(__file__).resolve().parents[1]
 N = 6
 SERVICE = "/loramux.v1.Loramux/"
 
@@ -88,12 +90,14 @@ def check_generate_tree(assets, spans, method, token_ids, tier):
     children = {s.name: s for s in spans if s.parent is not None and s.parent.span_id == server.context.span_id}
     assert set(children) == ENGINE_SPANS
     a = server.attributes
-    assert a["gen_ai.request.model"] == str(assets.base) and a["gen_ai.request.max_tokens"] == N
+    assert a["gen_ai.request.model"] == "pattern" and a["gen_ai.request.max_tokens"] == N  # the model the caller named
+    assert a["loramux.base_model"] == assets.base.name  # a name, never the server's path
     assert a["gen_ai.request.temperature"] == 0.0 and a["loramux.adapter.id"] == "pattern"
     assert a["loramux.tenant"] == "default" and a["rpc.grpc.status_code"] == 0
     assert a["gen_ai.usage.input_tokens"] == len(assets.tokenizer(PROMPTS[0])["input_ids"])
     assert a["gen_ai.usage.output_tokens"] == len(token_ids)
-    assert a["gen_ai.response.finish_reasons"] == ("length",) or a["gen_ai.response.finish_reasons"] == ("stop_token",)
+    expected = "stop" if token_ids[-1] == assets.tokenizer.eos_token_id else "length"  # the standard values
+    assert a["gen_ai.response.finish_reasons"] == (expected,)
     resolve = children["loramux.adapter.resolve"]
     assert resolve.attributes["loramux.adapter.tier"] == tier
     assert ("loramux.adapter.load_ms" in resolve.attributes) == (tier != "accelerator")
@@ -478,3 +482,57 @@ def test_per_adapter_requests_keep_the_busiest_and_fold_the_rest_into_other():
     assert sum(v for k, v in points.items() if dict(k)["state"] == "running") == 40
     assert sum(v for k, v in points.items() if dict(k)["state"] == "waiting") == 24
     assert points[(("adapter", "other"), ("state", "running"))] == 40 - (ADAPTER_REQUESTS_TOP - 1)
+
+
+def test_genai_and_vllm_series_and_the_dashboard_reads_only_series_the_server_exports(assets, tmp_path):
+    """GenAI semantic-convention histograms by operation, model (the adapter) and tenant; the
+    prompt-token counter for chargeback; the KV cache gauge; vLLM's names as sums of them; and
+    every series the chart's Grafana dashboard queries is one this server exports."""
+    import json
+    import re
+
+    settings = assets.settings(metrics_port=0, http_port=0, adapter_slots=1)
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as client:
+        client.load_adapter("qv", source="qv-r4")
+        client.load_adapter("mlp", source="mlp-r2")
+        answers = [client.generate(prompt=PROMPTS[0], adapter_id="qv", max_new_tokens=N),
+                   client.generate(prompt=PROMPTS[1], adapter_id="qv", max_new_tokens=N),
+                   client.generate(messages=[("user", "hi")], max_new_tokens=N)]
+        client.tokenize(prompt="x")
+        with pytest.raises(lc.InvalidArgument):
+            client.generate(prompt="x", temperature=-1)
+        with pytest.raises(lc.InvalidArgument):  # one slot: the other adapter evicts qv (it is refused after)
+            client.generate(prompt="x", adapter_id="mlp", max_new_tokens=1, top_p=2)
+        client.generate(prompt="x", adapter_id="mlp", max_new_tokens=1)
+        urllib.request.urlopen(f"http://127.0.0.1:{server.running.http_port}/v1/models", timeout=10).read()
+        got = scrape(server.telemetry.metrics_port)
+    qv = (("gen_ai_operation_name", "text_completion"), ("gen_ai_request_model", "qv"), ("tenant", "default"))
+    base = (("gen_ai_operation_name", "chat"), ("gen_ai_request_model", assets.base.name), ("tenant", "default"))
+    assert got[("gen_ai_server_time_to_first_token_seconds_count", qv)] == 2
+    assert got[("gen_ai_server_time_to_first_token_seconds_count", base)] == 1
+    assert got[("gen_ai_server_time_per_output_token_seconds_count", qv)] == 2
+    assert got[("gen_ai_server_request_duration_seconds_count", qv)] == 2
+    out = sum(len(a.token_ids) for a in answers[:2])
+    assert got[("gen_ai_client_token_usage_sum", (*qv[:2], ("gen_ai_token_type", "output"), qv[2]))] == out
+    prompts = sum(a.usage.prompt_tokens for a in answers) + len(assets.tokenizer("x")["input_ids"])
+    assert got[("loramux_generate_prompt_tokens_total", (("tenant", "default"),))] == prompts
+    assert got[("vllm:prompt_tokens_total", ())] == prompts
+    assert got[("vllm:generation_tokens_total", ())] == sum(len(a.token_ids) for a in answers) + 1
+    assert got[("vllm:time_to_first_token_seconds_count", (("model_name", "qv"),))] == 2
+    assert got[("vllm:e2e_request_latency_seconds_count", (("model_name", assets.base.name),))] == 1
+    reasons = {a.finish_reason for a in answers[:2]}
+    assert sum(v for (name, labels), v in got.items() if name == "vllm:request_success_total"
+               and ("model_name", "qv") in labels) == 2 and reasons <= {"length", "stop_token"}
+    assert got[("loramux_kv_cache_usage", ())] == 0.0 == got[("vllm:kv_cache_usage_perc", ())]
+    assert got[("vllm:num_requests_running", ())] == got[("loramux_batch_size", ())] == 0
+
+    exported = {name for name, _ in got} | {re.sub(r"_(bucket|count|sum)$", "", name) for name, _ in got}
+    dashboard = json.loads((ROOT / "helm" / "loramux" / "dashboards" / "loramux.json").read_text())
+    assert dashboard["uid"] == "loramux-overview" and isinstance(dashboard["schemaVersion"], int)
+    queried = set()
+    for panel in dashboard["panels"]:
+        assert {"type", "title", "gridPos", "id"} <= set(panel) and set(panel["gridPos"]) == {"h", "w", "x", "y"}
+        assert panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+        for target in panel.get("targets", []):
+            queried |= set(re.findall(r"\b((?:loramux|gen_ai|vllm:)[a-z_:]*)\{", target["expr"]))
+    assert len(queried) >= 12 and queried <= exported, queried - exported

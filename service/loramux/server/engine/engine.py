@@ -121,7 +121,7 @@ class Engine:
         self.usage = RequestUsage()
         self._grammars: Grammars | None = None  # structured output (made at start, or at first use)
         self._grammars_lock = threading.Lock()
-        self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count)
+        self.telemetry.observe(self.stats, self.cache.usage, self.cache.pinned_count, self.kv_usage)
         self.telemetry.observe_lora(self.worker.adapters_in_use, settings.adapter_slots, self.adapter_memory_bytes)
 
     @property
@@ -308,10 +308,20 @@ class Engine:
             trace_context=trace_context,
             grammar=grammar,
             group=group,
+            model=inp.adapter_id or self.settings.public_model_name,
+            operation="chat" if inp.messages else "text_completion",
         )
         if record is not None:
             request.timeline.tier_found = self.cache.tier(record.uid)
         return request
+
+    def kv_usage(self) -> float:
+        """The KV cache's share in use, 0 to 1: a static cache's rows taken, or the running
+        batch's padded positions (rows x width) over --max-batch-tokens."""
+        stats = self.worker.stats()
+        if self.kv_pool is not None:
+            return stats.running / max(1, self.settings.max_batch_size)
+        return min(1.0, stats.running * stats.kv_length / max(1, self.settings.max_batch_tokens))
 
     def stats(self) -> EngineStats:
         return self.worker.stats()

@@ -16,6 +16,11 @@ class FinishReason(enum.Enum):
     STOP_TOKEN = "stop_token"
     STOP_SEQUENCE = "stop_sequence"
 
+    @property
+    def openai(self) -> str:
+        """The standard value (OpenAI's API, the GenAI conventions): stop or length."""
+        return "length" if self is FinishReason.LENGTH else "stop"
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -129,6 +134,8 @@ class GenerationRequest:
     timeline: Timeline = dataclasses.field(default_factory=Timeline)
     grammar: object = None  # structured output: its structured.RowGrammar (compiled before it was queued)
     group: object = None  # the `n` completions of one request share this (and their prompt's prefill)
+    model: str = ""  # the model the caller named: an adapter's id, or the base model's public name (metrics)
+    operation: str = "text_completion"  # or "chat" (GenAI conventions' gen_ai.operation.name)
 
     @property
     def prompt_tokens(self) -> int:

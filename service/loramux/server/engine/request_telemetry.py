@@ -18,9 +18,12 @@ def request_ended(telemetry: Telemetry, request: GenerationRequest, event: Event
     """Metrics and the request's engine spans, when its last event is about to be sent."""
     now_ns = time.time_ns()
     if isinstance(event, FinishEvent):
-        labels = {"tenant": telemetry.tenant_label(request.tenant)}
-        telemetry.tokens.add(event.completion_tokens, labels)
-        telemetry.ttft.record(event.timings.time_to_first_token_s, labels)
+        telemetry.generation_finished(request.tenant, request.model, request.operation, event.finish_reason.openai,
+                                      event.prompt_tokens, event.completion_tokens, event.timings.time_to_first_token_s,
+                                      event.timings.total_s)
+    elif isinstance(event, ErrorEvent):
+        telemetry.generation_failed(request.tenant, request.model, request.operation, event.error.reason,
+                                    time.monotonic() - request.arrival)
     if not telemetry.tracing:
         return
     t = request.timeline
@@ -40,7 +43,7 @@ def request_ended(telemetry: Telemetry, request: GenerationRequest, event: Event
     if t.prefill_end_ns:
         attrs = {"gen_ai.usage.output_tokens": t.generated}
         if isinstance(event, FinishEvent):
-            attrs["gen_ai.response.finish_reasons"] = (event.finish_reason.value,)
+            attrs["gen_ai.response.finish_reasons"] = (event.finish_reason.openai,)
         spans.append(("loramux.decode", t.prefill_end_ns, now_ns, attrs))
     for i, (name, start_ns, end_ns, attrs) in enumerate(spans):
         span = telemetry.tracer.start_span(name, context=ctx, start_time=start_ns, attributes=attrs)

@@ -25,7 +25,7 @@ async def events(facade: Facade, generation: Generation, queue: asyncio.Queue, s
                 span.set_attributes({
                     "gen_ai.usage.input_tokens": event.prompt_tokens,
                     "gen_ai.usage.output_tokens": event.completion_tokens,
-                    "gen_ai.response.finish_reasons": (event.finish_reason.value,),
+                    "gen_ai.response.finish_reasons": (event.finish_reason.openai,),
                 })
             yield event
             if finished:
@@ -64,7 +64,7 @@ async def merged(facade: Facade, runs: list[tuple[Generation, asyncio.Queue]], s
                 finishes.append(event)
             yield index, event
         span.set_attributes({"gen_ai.usage.output_tokens": sum(f.completion_tokens for f in finishes),
-                             "gen_ai.response.finish_reasons": tuple(f.finish_reason.value for f in finishes)})
+                             "gen_ai.response.finish_reasons": tuple(f.finish_reason.openai for f in finishes)})
     finally:
         for task in tasks:  # a completion still running is cancelled (its events' finally)
             task.cancel()

@@ -202,7 +202,8 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         span = trace.get_current_span()
         span.set_attributes({
             "gen_ai.operation.name": "text_completion",
-            "gen_ai.request.model": self.facade.model,
+            "gen_ai.request.model": inp.adapter_id or self.facade.public_model,  # the model the caller named
+            "loramux.base_model": self.facade.public_model,
             "gen_ai.request.temperature": inp.temperature,
             "gen_ai.request.choice.count": n,
             "loramux.adapter.id": inp.adapter_id,

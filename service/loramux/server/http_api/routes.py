@@ -44,7 +44,6 @@ from loramux.server.tenancy.auth import Authenticator, caller
 access_log = logging.getLogger("loramux.access")
 PARSE_ON_LOOP_BYTES = 64 * 1024  # larger bodies are parsed on a worker thread, not the event loop
 BODY_TIMEOUT_S = 30.0  # a request's whole body must arrive within this (a slow sender holds a connection, not the server)
-FINISH = {"length": "length", "stop_token": "stop", "stop_sequence": "stop"}
 
 
 class HttpFrontDoor:
@@ -165,7 +164,8 @@ class HttpFrontDoor:
         span = trace.get_current_span()
         span.set_attributes({
             "gen_ai.operation.name": "chat" if inp.messages else "text_completion",
-            "gen_ai.request.model": self.facade.model,
+            "gen_ai.request.model": inp.adapter_id or self.facade.public_model,  # the model the caller named
+            "loramux.base_model": self.facade.public_model,
             "gen_ai.request.temperature": inp.temperature,
             "gen_ai.request.choice.count": n,
             "loramux.adapter.id": inp.adapter_id,
@@ -236,7 +236,7 @@ class HttpFrontDoor:
                 scored = self._logprobs(tokens, logprobs, alternatives, chat)
                 if echo is not None and prompt is not None:
                     scored = self._echoed(prompt, inp.top_logprobs, tokens, logprobs, alternatives)
-            choice = {"index": index, "finish_reason": FINISH[finish.finish_reason.value], "logprobs": scored}
+            choice = {"index": index, "finish_reason": finish.finish_reason.openai, "logprobs": scored}
             if inp.prompt_logprobs is not None and prompt is not None:
                 choice["prompt_logprobs"] = self._prompt_logprobs(prompt)
             calls = _tool_calls(forced, text) if forced is not None else None
@@ -291,7 +291,7 @@ class HttpFrontDoor:
                             offsets[index] = sum(len(t) for t in first["logprobs"]["tokens"])
                     yield chunk(first)
                     continue
-                reason = FINISH[event.finish_reason.value] if isinstance(event, FinishEvent) else None
+                reason = event.finish_reason.openai if isinstance(event, FinishEvent) else None
                 if reason is not None:
                     finishes.append(event)
                 tokens = event.token_ids if isinstance(event, TokenEvent) else []

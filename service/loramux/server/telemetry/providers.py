@@ -37,12 +37,17 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=()) -
     readers = list(metric_readers)
     if settings.metrics_port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import start_http_server
+        from prometheus_client import CollectorRegistry, start_http_server
 
-        readers.append(PrometheusMetricReader())
+        from loramux.server.telemetry.vllm_names import VllmNames
+
+        own = CollectorRegistry(auto_describe=True)  # this server's series alone (not the process-wide registry)
+        readers.append(PrometheusMetricReader(registry=own))
+        served = CollectorRegistry(auto_describe=False)
+        served.register(VllmNames(own))  # loramux's series, then vLLM's names for the ones dashboards read
         address = settings.metrics_host
         try:
-            http_server, thread = start_http_server(settings.metrics_port, addr=address)
+            http_server, thread = start_http_server(settings.metrics_port, addr=address, registry=served)
         except OSError as e:
             raise InvalidSettings(f"cannot listen on {address}:{settings.metrics_port} ({e.strerror or e}): the port is in "
                                   "use by another process, or the address is not this host's", field="metrics_port") from None

@@ -26,6 +26,11 @@ LATENCY_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 TIERS = (Tier.ACCELERATOR, Tier.HOST, Tier.DISK)
 
 
+# Seconds; per-token latency, from 0.1 ms to 2.5 s.
+TOKEN_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
+                 0.75, 1.0, 2.5]
+TOKEN_COUNT_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
+MODEL_LABELS_MAX = 64  # distinct gen_ai.request.model values (adapters) with series of their own; later ones: other
 LORA_INFO_MAX = 32  # adapters listed per label of lora_requests_info at most
 ADAPTER_REQUESTS_TOP = 16  # adapters with series of their own in loramux_adapter_requests
 
@@ -67,12 +72,29 @@ class Telemetry:
         self.read_duration = histogram("loramux.adapter.read.duration",
                                        "Resolving, fetching and validating a registration's files (source: local, hub or object)")
         self.merge_duration = histogram("loramux.merge.duration", "Merging an adapter into a checkpoint")
+        self.prompt_tokens = m.create_counter("loramux.generate.prompt_tokens", unit="{token}",
+                                              description="Prompt tokens of finished requests (chargeback, by tenant)")
+        self.requests = m.create_counter("loramux.generate.requests", unit="{request}",
+                                         description="Generations finished, by model and finish reason (stop, length)")
+        # OpenTelemetry's GenAI semantic conventions (gen_ai.*), by operation, requested model
+        # (an adapter's id, or the base model's name) and tenant.
+        self.gen_ttft = histogram("gen_ai.server.time_to_first_token", "Time to generate the first token")
+        self.gen_tpot = m.create_histogram("gen_ai.server.time_per_output_token", unit="s",
+                                           description="Time per output token after the first (decode)",
+                                           explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
+        self.gen_duration = histogram("gen_ai.server.request.duration", "Generation request duration, end to end")
+        self.token_usage = m.create_histogram("gen_ai.client.token.usage", unit="{token}",
+                                              description="Tokens per request, by gen_ai.token.type (input, output)",
+                                              explicit_bucket_boundaries_advisory=TOKEN_COUNT_BUCKETS)
+        self._models: set[str] = set()
         self._meter = m
 
     # -- set-up -------------------------------------------------------------------------
 
-    def observe(self, stats: Callable[[], object], usage: Callable[[], dict], pinned: Callable[[], int]) -> None:
-        """Gauges read when metrics are collected: engine stats (queue, rows) and cache usage per tier."""
+    def observe(self, stats: Callable[[], object], usage: Callable[[], dict], pinned: Callable[[], int],
+                kv_usage: Callable[[], float] = lambda: 0.0) -> None:
+        """Gauges read when metrics are collected: engine stats (queue, rows), the KV cache's
+        use and cache usage per tier."""
         m = self._meter
 
         def gauge(name: str, unit: str, description: str, read: Callable[[], list]) -> None:
@@ -88,6 +110,8 @@ class Telemetry:
               lambda: [metrics.Observation(b, {"tier": t.value}) for t, (_, b) in usage().items()])
         gauge("loramux.adapter.pinned", "{adapter}", "Adapters pinned in slots",
               lambda: [metrics.Observation(pinned())])
+        gauge("loramux.kv_cache.usage", "1", "The KV cache's share in use, 0 to 1 (static: rows taken; dynamic: "
+              "the running batch's padded positions over --max-batch-tokens)", lambda: [metrics.Observation(kv_usage())])
 
     def observe_lora(self, in_use: Callable[[], tuple[Counter[str], Counter[str]]], slots: int, memory_bytes: int) -> None:
         """Signals for routers: capacity; running and waiting requests of the busiest adapters
@@ -129,6 +153,38 @@ class Telemetry:
             close()
 
     # -- events from the engine ---------------------------------------------------------
+
+    def model_label(self, name: str) -> str:
+        """`name` as a metric label: the first MODEL_LABELS_MAX distinct names keep their own
+        series, later ones share `other` (adapters are unbounded; series must not be)."""
+        if name in self._models:
+            return name
+        if len(self._models) < MODEL_LABELS_MAX:
+            self._models.add(name)
+            return name
+        return "other"
+
+    def generation_finished(self, tenant: str, model: str, operation: str, finish_reason: str, prompt_tokens: int,
+                            output_tokens: int, ttft_s: float, total_s: float) -> None:
+        """A generation's metrics: loramux's, and the GenAI conventions' (vLLM's names are
+        made from these at the Prometheus endpoint: providers.py)."""
+        tenant = self.tenant_label(tenant)
+        model = self.model_label(model)
+        self.tokens.add(output_tokens, {"tenant": tenant})
+        self.prompt_tokens.add(prompt_tokens, {"tenant": tenant})
+        self.ttft.record(ttft_s, {"tenant": tenant})
+        self.requests.add(1, {"gen_ai.request.model": model, "finish_reason": finish_reason})
+        attrs = {"gen_ai.operation.name": operation, "gen_ai.request.model": model, "tenant": tenant}
+        self.gen_ttft.record(ttft_s, attrs)
+        if output_tokens > 1:
+            self.gen_tpot.record((total_s - ttft_s) / (output_tokens - 1), attrs)
+        self.gen_duration.record(total_s, attrs)
+        self.token_usage.record(prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
+        self.token_usage.record(output_tokens, {**attrs, "gen_ai.token.type": "output"})
+
+    def generation_failed(self, tenant: str, model: str, operation: str, error_type: str, total_s: float) -> None:
+        self.gen_duration.record(total_s, {"gen_ai.operation.name": operation, "gen_ai.request.model": self.model_label(model),
+                                           "tenant": self.tenant_label(tenant), "error.type": error_type})
 
     def adapter_lookup(self, found: Tier) -> None:
         """A request's adapter was found in `found`: a miss in every faster tier, a hit there."""
