@@ -248,3 +248,38 @@ def test_the_helm_test_pods_command_passes_against_a_server_on_loopback(assets, 
         expected = assets.oracle(None, "Hello", 4)
         reason = "stop_token" if expected[-1] == assets.tokenizer.eos_token_id else "length"
         assert out[1] == f"generate: {len(expected)} tokens ({reason})"
+
+
+def test_the_images_install_the_suites_versions_and_can_compile(tmp_path):
+    """No image is built here (no container builder runs without a daemon): the Dockerfiles
+    install torch, then `.[all]` under docker/constraints.txt (the versions this suite passed
+    with, scripts/constraints.py), which must satisfy pyproject.toml and resolve together, as a
+    build would (pip's dry run); they carry a C compiler and point Triton's and inductor's
+    caches at /tmp, which the chart mounts writable under a read-only root."""
+    import re
+
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "constraints.py"), "--check"], capture_output=True,
+                           text=True)
+    assert check.returncode == 0, check.stderr
+    pins = dict(line.split("==") for line in (ROOT / "docker" / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    dry = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--quiet", "--report",
+                          str(tmp_path / "report.json"), "-c", str(ROOT / "docker" / "constraints.txt"),
+                          "torch==2.13.0", f"{ROOT}[all]"], capture_output=True, text=True, timeout=600)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    import json
+
+    from packaging.utils import canonicalize_name
+
+    resolved = {canonicalize_name(item["metadata"]["name"]): item["metadata"]["version"]
+                for item in json.loads((tmp_path / "report.json").read_text())["install"]}
+    assert {name: resolved.get(canonicalize_name(name)) for name in pins} == pins  # every pin, as pinned
+    for dockerfile in (ROOT / "docker" / "Dockerfile", ROOT / "docker" / "Dockerfile.cpu"):
+        text = dockerfile.read_text()
+        assert "pip install -c docker/constraints.txt '.[all]'" in text and "COPY docker/constraints.txt" in text
+        assert re.search(r"apt-get install .*\bgcc=", text) and "TRITON_CACHE_DIR=/tmp/triton" in text
+        assert "TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor" in text and "HOME=/tmp" in text
+    pod = pod_template(render())["spec"]
+    container = pod["containers"][0]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
