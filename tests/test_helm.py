@@ -85,6 +85,8 @@ def test_lint_render_and_validate(values, tmp_path):
         assert container["readinessProbe"]["grpc"] == container["livenessProbe"]["grpc"] == {"port": 8081}
         assert {"name": "health", "containerPort": 8081, "protocol": "TCP"} in container["ports"]
         assert container["envFrom"] == [{"secretRef": {"name": "object-store-credentials"}}]
+        assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf-token", "key": "token"}}} in container["env"]
+        assert {"name": "HF_HUB_ETAG_TIMEOUT", "value": "30"} in container["env"]
     else:
         assert container["readinessProbe"]["grpc"] == {"port": 50051}
         assert "--health-port" not in next(d for d in docs if d["kind"] == "ConfigMap")["data"]["serve.args"]

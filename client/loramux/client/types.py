@@ -100,7 +100,7 @@ class AdapterInfo:
 @dataclasses.dataclass(frozen=True)
 class MergeProgress:
     operation: str
-    phase: str  # "queued", "merging", "writing_config", "writing", "verifying", "registering", "done"
+    phase: str  # "queued", "merging", "writing_config", "verifying", "registering", "done"
     tensors_done: int
     tensors_total: int
     percent: float  # of the bytes
