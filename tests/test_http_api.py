@@ -367,6 +367,7 @@ def test_echo_and_prompt_logprobs_are_peft_s_scores_of_the_prompt(assets, server
     answer = client.completions.create(model="rslora-r8", prompt=PROMPTS[3], max_tokens=2, temperature=0, echo=True,
                                        logprobs=2)
     choice = answer.choices[0]
+    assert "prompt_logprobs" not in (choice.model_extra or {})  # echo's scores are in logprobs, as OpenAI's
     alone = client.completions.create(model="rslora-r8", prompt=PROMPTS[3], max_tokens=2, temperature=0)
     assert choice.text == PROMPTS[3] + alone.choices[0].text
     lp = choice.logprobs

@@ -320,3 +320,67 @@ def test_n_through_grpc_and_the_sdk_shares_one_prefill(assets, server):
         shaped = client.generate(prompt="fox", choice=["red", "green", "blue"], temperature=1.0, seed=1, n=4,
                                  max_new_tokens=8)
         assert all(c.text in ("red", "green", "blue") and c.finish_reason == "stop_token" for c in shaped.completions)
+
+
+def test_a_required_tool_call_resolves_each_tools_own_definitions(server):
+    """Tools whose parameters reference their own $defs (as pydantic writes schemas): the
+    required call's combined schema keeps them resolvable; two tools defining one name
+    differently are refused by name."""
+    url = f"http://127.0.0.1:{server.running.http_port}/v1"
+    city = {"type": "function", "function": {"name": "weather", "parameters": {
+        "type": "object", "properties": {"place": {"$ref": "#/$defs/Place"}}, "required": ["place"],
+        "additionalProperties": False,
+        "$defs": {"Place": {"type": "object", "properties": {"city": {"enum": ["Paris", "Oslo"]}}, "required": ["city"],
+                            "additionalProperties": False}}}}}
+    clash = {"type": "function", "function": {"name": "other", "parameters": {
+        "type": "object", "properties": {"p": {"$ref": "#/$defs/Place"}}, "$defs": {"Place": {"type": "string"}}}}}
+    with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120) as client:
+        answer = client.chat.completions.create(model="qv-r4", messages=[{"role": "user", "content": "fox"}],
+                                                max_tokens=200, temperature=0, tools=[city], tool_choice="required")
+        assert answer.choices[0].finish_reason == "tool_calls", answer.choices[0].message.content
+        for call in answer.choices[0].message.tool_calls:
+            assert json.loads(call.function.arguments)["place"]["city"] in ("Paris", "Oslo")
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="qv-r4", messages=[{"role": "user", "content": "fox"}], max_tokens=4,
+                                           tools=[city, clash], tool_choice="required")
+        assert "$defs/Place differently" in e.value.body["message"]
+
+
+def test_a_failing_batch_mask_falls_back_row_by_row(server):
+    """llguidance's batch mask call failing (any reason) does not end the batch: each row's
+    mask is computed on its own and the answers still keep their constraints."""
+    grammars = server.engine.grammars()
+
+    class Broken:
+        def unsafe_compute_mask_ptr(self, *args):
+            raise RuntimeError("the executor broke")
+    real = grammars._executor
+    grammars._executor = Broken()
+    try:
+        inp = GenerateInput(prompt="fox", max_new_tokens=8, constraint=Constraint("choice", '["left", "right"]'))
+        assert server.engine.generate("default", inp, 60)["text"] in ("left", "right")
+    finally:
+        grammars._executor = real
+
+
+def test_a_prefill_that_fails_ends_only_its_own_requests(assets, server, monkeypatch):
+    """A request whose own prefill fails (its prompt's scores, say) fails alone: a plain
+    request admitted in the same pass gets peft's tokens."""
+    from loramux.server.engine.batch import Batch
+    from loramux.server.errors import LoramuxError
+
+    real = Batch.prefill.__func__
+
+    def failing(cls, base, rows, prompt_logprobs=False):
+        if prompt_logprobs:
+            raise RuntimeError("out of memory for the prompt's scores")
+        return real(cls, base, rows, prompt_logprobs)
+    monkeypatch.setattr(Batch, "prefill", classmethod(failing))
+    engine = server.engine
+    with cf.ThreadPoolExecutor(2) as pool:
+        scored = pool.submit(engine.generate, "default", GenerateInput(prompt=PROMPTS[0], max_new_tokens=4, prompt_logprobs=0), 60)
+        plain = pool.submit(engine.generate, "default", GenerateInput(prompt=PROMPTS[1], max_new_tokens=N), 60)
+        assert plain.result()["token_ids"] == assets.oracle(None, PROMPTS[1], N)
+        with pytest.raises(LoramuxError) as e:
+            scored.result()
+    assert e.value.reason == "INTERNAL"

@@ -178,7 +178,7 @@ class GenerateRequest(_message.Message):
     """Score the prompt: each prompt token's log-probability and rank given the tokens before it
     (from the second token on), with this many most likely alternatives (0-20); unset: off.
     The prompt is prefilled on its own (its scores at every position are kept), and may hold
-    at most 256 MiB / (4 bytes x the vocabulary) tokens (PROMPT_TOO_LONG).
+    at most 1 GiB / (the model dtype's bytes x the vocabulary) tokens (PROMPT_TOO_LONG).
     """
     @_builtins.property
     def prompt_token_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:

@@ -131,7 +131,7 @@ class Batch:
             event = _prompt_event(logits[0], leaders[0].request.prompt_ids, leaders[0].request.params.prompt_logprobs)
             for row in rows:
                 row.request.emit(event)
-            logits = logits[:, -1]
+            logits = logits[:, -1].float().to(device)
         if len(leaders) < len(rows):  # each group's rows get their leader's cache, positions and scores
             batch.kv.select(index, positions)
             at = torch.tensor(index, dtype=torch.long, device=device)
@@ -246,8 +246,8 @@ class Batch:
             finally:
                 self.base.bank.route(None)
             logits = out.logits
-        if every_position:
-            return logits.float().to(self.base.device)
+        if every_position:  # in the model's dtype: the scores are made from it a chunk at a time
+            return logits
         return logits[:, -1, :].float().to(self.base.device)  # (from the last layer's device)
 
     def _choose(self, logits: torch.Tensor, pending) -> None:
@@ -296,18 +296,27 @@ class Batch:
         self.positions = self.positions[:, -1:] + 1
 
 
+PROMPT_CHUNK = 256  # prompt positions scored at once (their float32 log-probabilities: chunk x vocabulary)
+
+
 def _prompt_event(logits: torch.Tensor, prompt: list[int], top: int) -> PromptEvent:
-    """logits [seq, V] over one prompt -> each prompt token's logprob (from the second on),
-    its rank, and the `top` most likely alternatives at its position."""
-    scores = torch.log_softmax(logits[:-1], dim=-1)  # [seq - 1, V]: position i scores token i + 1
-    ids = torch.tensor(prompt[1:], dtype=torch.long, device=scores.device)[:, None]
-    chosen = scores.gather(1, ids)  # [seq - 1, 1]
-    ranks = (scores > chosen).sum(dim=-1) + 1
-    alternatives = []
-    if top:
-        values, indices = scores.topk(top, dim=-1)
-        alternatives = [list(zip(i, v)) for i, v in zip(indices.tolist(), values.tolist())]
-    return PromptEvent(list(prompt), chosen[:, 0].tolist(), ranks.tolist(), alternatives)
+    """logits [seq, V] over one prompt, in the model's dtype -> each prompt token's logprob
+    (from the second on), its rank, and the `top` most likely alternatives at its position;
+    PROMPT_CHUNK positions at a time, so that only one chunk is ever held in float32."""
+    ids = torch.tensor(prompt[1:], dtype=torch.long, device=logits.device)
+    values: list[float] = []
+    ranks: list[int] = []
+    alternatives: list[list[tuple[int, float]]] = []
+    for start in range(0, len(prompt) - 1, PROMPT_CHUNK):
+        end = min(start + PROMPT_CHUNK, len(prompt) - 1)
+        scores = torch.log_softmax(logits[start:end].float(), dim=-1)  # position i scores token i + 1
+        chosen = scores.gather(1, ids[start:end, None])
+        values += chosen[:, 0].tolist()
+        ranks += ((scores > chosen).sum(dim=-1) + 1).tolist()
+        if top:
+            best, where = scores.topk(top, dim=-1)
+            alternatives += [list(zip(i, v)) for i, v in zip(where.tolist(), best.tolist())]
+    return PromptEvent(list(prompt), values, ranks, alternatives)
 
 
 def _groups(rows: list[Row]) -> tuple[list[Row], list[int]]:

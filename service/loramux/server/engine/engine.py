@@ -22,6 +22,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+import torch
+
 from loramux.server.adapters.cache import Tier, TieredAdapterCache
 from loramux.server.adapters.objects import ObjectStores
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
@@ -247,40 +249,43 @@ class Engine:
                 reason="REQUEST_TOO_LARGE",
                 max_batch_tokens=self.settings.max_batch_tokens,
             )
-        if params.prompt_logprobs is not None and len(ids) * self.base.vocab_size * 4 > PROMPT_LOGPROBS_BYTES:
-            most = PROMPT_LOGPROBS_BYTES // (self.base.vocab_size * 4)
+        width = torch.tensor([], dtype=self.base.dtype).element_size()  # the prompt's scores are held in the model's dtype
+        if params.prompt_logprobs is not None and len(ids) * self.base.vocab_size * width > PROMPT_LOGPROBS_BYTES:
+            most = PROMPT_LOGPROBS_BYTES // (self.base.vocab_size * width)
             raise InvalidRequest(f"prompt logprobs are computed for prompts of at most {most} tokens with this model's "
                                  f"vocabulary; this prompt has {len(ids)}", field="prompt_logprobs",
                                  reason="PROMPT_TOO_LONG", prompt_tokens=len(ids), max_prompt_tokens=most)
-        grammars = [None] * len(emits)
-        if inp.constraint is not None:  # compiled (or found compiled) before anything is queued
-            wait = COMPILE_TIMEOUT_S if deadline is None else max(0.0, min(COMPILE_TIMEOUT_S, deadline - time.monotonic()))
-            try:
-                grammars = [self.grammars().matcher(inp.constraint, wait) for _ in emits]  # compiled once, then cached
-            except InvalidRequest as e:
-                if e.reason == "GRAMMAR_TOO_COMPLEX" and wait < COMPILE_TIMEOUT_S:  # the caller's deadline cut it short
-                    raise DeadlineExceeded("the deadline passed while the structured output was being compiled") from None
-                raise
-        if deadline is not None and time.monotonic() > deadline:  # tokenizing took the caller's time
-            raise DeadlineExceeded("the deadline passed while the prompt was being tokenized")
-        group = object() if len(emits) > 1 else None
-        requests = [self._request(tenant, inp, ids, params if params.seed is None or i == 0
-                                  else dataclasses.replace(params, seed=(params.seed + i) % (1 << 64)),
-                                  emit, deadline, trace_context, record, grammar, group)
-                    for i, (emit, grammar) in enumerate(zip(emits, grammars))]
+        # The tenant's quotas are taken first: a tenant over them spends no compile time.
         quotas = self.quotas(tenant)
+        begun: list[int] = []
         queued: list[GenerationRequest] = []
         try:
-            for request in requests:
+            for _ in emits:
                 self.usage.begin(tenant, quotas, len(ids) + params.max_new_tokens, self.worker.scheduler.retry_hint_s)
+                begun.append(1)
+            grammars = [None] * len(emits)
+            if inp.constraint is not None:  # compiled (or found compiled) before anything is queued
+                wait = COMPILE_TIMEOUT_S if deadline is None else max(0.0, min(COMPILE_TIMEOUT_S, deadline - time.monotonic()))
                 try:
-                    self.worker.enqueue(request, quotas.queued)
-                except BaseException:
-                    self.usage.end(tenant)
+                    grammars = [self.grammars().matcher(inp.constraint, wait) for _ in emits]  # compiled once, then cached
+                except InvalidRequest as e:
+                    if e.reason == "GRAMMAR_TOO_COMPLEX" and wait < COMPILE_TIMEOUT_S:  # the caller's deadline cut it short
+                        raise DeadlineExceeded("the deadline passed while the structured output was being compiled") from None
                     raise
+            if deadline is not None and time.monotonic() > deadline:  # tokenizing took the caller's time
+                raise DeadlineExceeded("the deadline passed while the prompt was being tokenized")
+            group = object() if len(emits) > 1 else None
+            requests = [self._request(tenant, inp, ids, params if params.seed is None or i == 0
+                                      else dataclasses.replace(params, seed=(params.seed + i) % (1 << 64)),
+                                      emit, deadline, trace_context, record, grammar, group, counts_prompt=i == 0)
+                        for i, (emit, grammar) in enumerate(zip(emits, grammars))]
+            for request in requests:
+                self.worker.enqueue(request, quotas.queued)
                 queued.append(request)
         except BaseException:
-            for request in queued:  # all or none: the engine ends them (and their quota) at its next pass
+            for _ in range(len(begun) - len(queued)):  # those queued end their quota with their cancellation
+                self.usage.end(tenant)
+            for request in queued:  # all or none: the engine ends them at its next pass
                 self.cancel(request)
             raise
         if record is not None:
@@ -288,7 +293,7 @@ class Engine:
         return requests
 
     def _request(self, tenant: str, inp: GenerateInput, ids: list[int], params, emit, deadline, trace_context, record,
-                 grammar, group) -> GenerationRequest:
+                 grammar, group, counts_prompt: bool = True) -> GenerationRequest:
         telemetry, usage = self.telemetry, self.usage
 
         def emit_last_after_telemetry(event: Event) -> None:
@@ -310,6 +315,7 @@ class Engine:
             group=group,
             model=inp.adapter_id or self.settings.public_model_name,
             operation="chat" if inp.messages else "text_completion",
+            counts_prompt=counts_prompt,
         )
         if record is not None:
             request.timeline.tier_found = self.cache.tier(record.uid)

@@ -26,7 +26,7 @@ LOGIT_BIAS_RANGE = (-100.0, 100.0)  # OpenAI's
 MAX_LOGIT_BIAS = 1024  # tokens a request may bias (OpenAI allows 300)
 MAX_TOP_LOGPROBS = 20  # OpenAI's
 MAX_COMPLETIONS = 16  # `n`: completions of one prompt in one request (each is a row)
-PROMPT_LOGPROBS_BYTES = 256 << 20  # prompt logprobs: the prompt's scores (tokens x vocabulary, float32) at most this
+PROMPT_LOGPROBS_BYTES = 1 << 30  # prompt logprobs: the prompt's scores (tokens x vocabulary, in the model's dtype) at most this
 # What a chat template is called with by loramux itself: a request's kwargs may not replace them.
 RESERVED_TEMPLATE_ARGS = frozenset({"conversation", "messages", "tools", "documents", "add_generation_prompt",
                                     "tokenize", "return_dict", "return_tensors", "chat_template", "continue_final_message",

@@ -136,6 +136,7 @@ class GenerationRequest:
     group: object = None  # the `n` completions of one request share this (and their prompt's prefill)
     model: str = ""  # the model the caller named: an adapter's id, or the base model's public name (metrics)
     operation: str = "text_completion"  # or "chat" (GenAI conventions' gen_ai.operation.name)
+    counts_prompt: bool = True  # its prompt tokens are counted in metrics (once per group of n)
 
     @property
     def prompt_tokens(self) -> int:

@@ -19,8 +19,8 @@ def request_ended(telemetry: Telemetry, request: GenerationRequest, event: Event
     now_ns = time.time_ns()
     if isinstance(event, FinishEvent):
         telemetry.generation_finished(request.tenant, request.model, request.operation, event.finish_reason.openai,
-                                      event.prompt_tokens, event.completion_tokens, event.timings.time_to_first_token_s,
-                                      event.timings.total_s)
+                                      event.prompt_tokens if request.counts_prompt else 0, event.completion_tokens,
+                                      event.timings.time_to_first_token_s, event.timings.total_s)
     elif isinstance(event, ErrorEvent):
         telemetry.generation_failed(request.tenant, request.model, request.operation, event.error.reason,
                                     time.monotonic() - request.arrival)

@@ -13,8 +13,8 @@ CPU at a 32,000-token vocabulary.
 - `Constraint`: what a request asked for (kind and text), bounded in size;
 - `Grammars`: per server, the tokenizer's llguidance state (built once, in the background),
   compiling on its own threads (deep grammars recurse deeply: the threads have large stacks)
-  with a time limit, and a cache of compiled constraints (a request gets its own copy of
-  the matcher, sharing the compiled lexer);
+  with a time limit, and a cache of compiled constraints (each row gets its own copy of the
+  compiled matcher, which builds its lexer's states as it goes, at most LEXER_STATES);
 - `masks` / `allowed`: a batch's masks, computed in parallel by llguidance's threads while
   the forward pass runs, then applied to the logits as one tensor operation.
 """
@@ -43,7 +43,7 @@ COMPILE_THREADS = 2
 COMPILE_QUEUE = 64  # constraints waiting for a compile thread; more are refused as busy
 COMPILE_STACK_BYTES = 256 << 20  # address space only: a 50,000-rule chain recurses past 8 MiB
 CACHE_ENTRIES = 64  # compiled constraints kept (each at most LEXER_STATES states of 1-2 kB as it is used)
-LEXER_STATES = 50_000  # llguidance's default is 250,000: about 500 MB for one hostile grammar
+LEXER_STATES = 20_000  # per row (llguidance: 1-2 kB each, default 250,000): at most ~40 MB per constrained row
 # JSON is written compactly, as json.dumps writes it: free whitespace lets a model pad its
 # answer with newlines until max_tokens, which is the commonest failure of JSON modes.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -188,6 +188,9 @@ class Grammars:
         try:
             pristine = future.result(timeout_s)
         except FutureTimeout:
+            if not future.running():  # still waiting behind other compiles: not this constraint's fault
+                raise QueueFull("structured-output constraints are compiling for other requests; retry shortly",
+                                reason="GRAMMAR_QUEUE_FULL", retry_after_s=1.0) from None
             raise _invalid(f"the {constraint.kind} did not compile within {timeout_s:g} s", reason="GRAMMAR_TOO_COMPLEX") from None
         except InvalidRequest:
             raise
@@ -210,22 +213,34 @@ class Grammars:
 
     # -- per step (engine thread) -----------------------------------------------------------
 
-    def start_masks(self, matchers: list) -> tuple[torch.Tensor, Future]:
+    def start_masks(self, matchers: list) -> tuple[torch.Tensor, Future, list]:
         """Start computing the masks of `matchers` (one per constrained row, in order) on
         llguidance's threads; returns the bitmask [k, words] int32 (filled once the future is
-        done) and the future. The caller runs its forward pass meanwhile."""
+        done), the future and the matchers. The caller runs its forward pass meanwhile."""
         bitmask = torch.zeros((len(matchers), self._words), dtype=torch.int32)
         executor = self._executor
         pairs = [(m, i) for i, m in enumerate(matchers)]
 
         def fill() -> None:
             executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), self._words * 4, len(matchers))
-        return bitmask, _mask_thread().submit(fill)
+        return bitmask, _mask_thread().submit(fill), matchers
 
-    def allowed(self, pending: tuple[torch.Tensor, Future], device: torch.device) -> torch.Tensor:
-        """The finished masks as booleans [k, vocab_size] on `device`."""
-        bitmask, future = pending
-        future.result()
+    def allowed(self, pending: tuple[torch.Tensor, Future, list], device: torch.device) -> torch.Tensor:
+        """The finished masks as booleans [k, vocab_size] on `device`. Should the batch's
+        computation fail, each row's mask is computed on its own, and a row whose matcher
+        still fails allows no token (it alone ends, GRAMMAR_FAILED): never the whole batch."""
+        bitmask, future, matchers = pending
+        try:
+            future.result()
+        except Exception:  # noqa: BLE001 - one matcher's failure must not end the other rows
+            log.exception("structured output: computing a batch's masks failed; computing them row by row")
+            import llguidance.torch
+
+            for i, matcher in enumerate(matchers):
+                try:
+                    llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+                except Exception:  # noqa: BLE001 - this row's constraint is broken: it allows nothing
+                    bitmask[i] = 0
         words = bitmask.to(device)
         bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
         return bits.reshape(len(words), -1)[:, : self.vocab_size].bool()

@@ -274,11 +274,17 @@ class Worker:
                 row.request.timeline.prefill_rows = len(live)
             fresh = None
             for part, scored in _prefills(live):  # a request with prompt logprobs is prefilled on its own
-                prefilled = Batch.prefill(self.base, part, prompt_logprobs=scored)
-                if fresh is None:
-                    fresh = prefilled
-                else:
-                    fresh.concatenate(prefilled)
+                try:
+                    prefilled = Batch.prefill(self.base, part, prompt_logprobs=scored)
+                    if fresh is None:
+                        fresh = prefilled
+                    else:
+                        fresh.concatenate(prefilled)
+                except Exception as e:  # this part's requests alone fail (a long prompt's scores out of memory, say)
+                    for row in Batch.abandon(part, as_domain_error(e, f"prefilling {len(part)} request(s) failed")):
+                        self._row_done(row)
+            if fresh is None:
+                return
             # The first tokens were emitted inside prefill; the end stamp only orders the spans.
             ended_ns = time.time_ns()
             for row in live:

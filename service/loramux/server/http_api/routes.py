@@ -219,7 +219,8 @@ class HttpFrontDoor:
         echo = None if chat or not body.echo else (inp.prompt or self.facade.decode(inp.prompt_token_ids))
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
-            stream = self._stream(runs, span, ident, created, body.model, chat, usage, inp, forced, echo)
+            stream = self._stream(runs, span, ident, created, body.model, chat, usage, inp, forced, echo,
+                                  body.prompt_logprobs is not None)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         choices, finishes = [], []
         for index, collected in enumerate(await self._collect(request, runs, span)):
@@ -237,7 +238,7 @@ class HttpFrontDoor:
                 if echo is not None and prompt is not None:
                     scored = self._echoed(prompt, inp.top_logprobs, tokens, logprobs, alternatives)
             choice = {"index": index, "finish_reason": finish.finish_reason.openai, "logprobs": scored}
-            if inp.prompt_logprobs is not None and prompt is not None:
+            if body.prompt_logprobs is not None and prompt is not None:  # asked for (not only echo's scores)
                 choice["prompt_logprobs"] = self._prompt_logprobs(prompt)
             calls = _tool_calls(forced, text) if forced is not None else None
             if calls:
@@ -252,7 +253,7 @@ class HttpFrontDoor:
                              "usage": _usage(finishes)})
 
     async def _stream(self, runs, span, ident, created, model, chat, usage, inp, forced: str | None = None,
-                      echo: str | None = None) -> AsyncIterator[bytes]:
+                      echo: str | None = None, prompt_logprobs: bool = False) -> AsyncIterator[bytes]:
         """Chunks of every completion as they come (each names its `index`); `forced`: a
         forced tool call's answer is held back and sent as one `tool_calls` delta when it is
         complete. With `include_usage`, one last chunk holds the usage of them all. `echo`:
@@ -280,7 +281,7 @@ class HttpFrontDoor:
             async for index, event in merged_events(self.facade, runs, span):
                 if isinstance(event, PromptEvent):
                     first: dict = {"index": index, "logprobs": None, "finish_reason": None}
-                    if inp.prompt_logprobs is not None:
+                    if prompt_logprobs:
                         first["prompt_logprobs"] = self._prompt_logprobs(event)
                     if chat:
                         first["delta"] = {}

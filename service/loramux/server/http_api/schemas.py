@@ -278,10 +278,22 @@ class ChatCompletionRequest(_Common):
         parameters = self._tool_parameters()
         if forced:
             return parameters[forced]
-        return {"type": "array", "minItems": 1, "items": {"anyOf": [
-            {"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
-             "required": ["name", "parameters"], "additionalProperties": False}
-            for name, schema in parameters.items()]}}
+        # Each tool's definitions move to the root, where its "#/$defs/..." references resolve.
+        definitions: dict[str, dict] = {"$defs": {}, "definitions": {}}
+        calls = []
+        for name, schema in parameters.items():
+            if isinstance(schema, dict):
+                schema = dict(schema)
+                for key in ("$defs", "definitions"):
+                    for def_name, definition in (schema.pop(key, None) or {}).items():
+                        if definitions[key].setdefault(def_name, definition) != definition:
+                            raise InvalidRequest(f"tools define {key}/{def_name[:64]} differently; a required tool call "
+                                                 "needs one meaning per name", field="tools", reason="INVALID_PARAMETER")
+            calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+                          "required": ["name", "parameters"], "additionalProperties": False})
+        combined = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
+        combined.update({key: value for key, value in definitions.items() if value})
+        return combined
 
 
 class TokenizeRequest(BaseModel):

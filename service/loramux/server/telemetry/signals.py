@@ -179,7 +179,8 @@ class Telemetry:
         if output_tokens > 1:
             self.gen_tpot.record((total_s - ttft_s) / (output_tokens - 1), attrs)
         self.gen_duration.record(total_s, attrs)
-        self.token_usage.record(prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
+        if prompt_tokens:  # (one of a request's n completions counts its shared prompt)
+            self.token_usage.record(prompt_tokens, {**attrs, "gen_ai.token.type": "input"})
         self.token_usage.record(output_tokens, {**attrs, "gen_ai.token.type": "output"})
 
     def generation_failed(self, tenant: str, model: str, operation: str, error_type: str, total_s: float) -> None:
