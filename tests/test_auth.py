@@ -359,3 +359,44 @@ def test_cli_lists_revokes_and_rotates_keys_and_an_operator_names_its_tenant(key
     assert cli(["adapters", "list", "--target", server.target, "--api-key", keys["user_a"], "--tenant", "team-b"]) == 1
     mine = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]  # (the server logs too)
     assert mine == ["error: PERMISSION_DENIED: only an operator may act for another tenant"]
+
+
+def test_keys_file_edits_apply_keep_the_files_mode_and_never_revive_a_key(tmp_path):
+    """Revoking the last key (or half of them) applies at the next reload: the file says it
+    expects fewer keys. A rotation never moves an expiry later. An edit keeps the file's mode
+    (the server's user may read it through its group) and writes through a symlink. An id as
+    `keys list` shows it matches whatever case the file holds."""
+    import datetime
+    import stat
+
+    from loramux.server.errors import Unauthenticated
+    from loramux.server.tenancy.keys import KeyStore, list_keys, revoke_key, rotate_key
+
+    real = tmp_path / "real-keys.yaml"
+    only = append_key(real, "t1", "user", "only")
+    real.chmod(0o640)
+    link = tmp_path / "keys.yaml"
+    link.symlink_to(real)
+    store = KeyStore(link)
+    assert store.identify(only).tenant == "t1"
+    revoke_key(link, "only")
+    assert store.check()
+    with pytest.raises(Unauthenticated):
+        store.identify(only)
+    assert link.is_symlink() and stat.S_IMODE(real.stat().st_mode) == 0o640
+
+    soon = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(minutes=5)).isoformat(timespec="seconds")
+    expiring = append_key(real, "t1", "admin", "expiring", expires=soon)
+    append_key(real, "t1", "user", "expired", expires="2020-01-01T00:00:00Z")
+    _, old = rotate_key(link, "expiring", "2999-01-01T00:00:00+00:00")  # later than it was: kept
+    assert old["expires"] == soon.replace("Z", "+00:00")
+    _, old = rotate_key(link, "expired", "2999-01-01T00:00:00+00:00")
+    assert old["expires"] == "2020-01-01T00:00:00+00:00"
+    assert store.check() and store.identify(expiring).role == "admin"
+    with pytest.raises(Unauthenticated) as e:
+        store.identify(only)
+    data = yaml.safe_load(real.read_text())
+    data["keys"][0]["sha256"] = data["keys"][0]["sha256"].upper()
+    real.write_text(yaml.safe_dump(data, sort_keys=False))
+    shown = list_keys(link)[0]
+    assert revoke_key(link, shown["id"])["name"] == shown["name"]

@@ -188,3 +188,17 @@ def test_shell_completion_is_made_from_the_parser(capsys, tmp_path):
     assert sorted(out[2].split()) == ["--json", "--json-schema"]
     assert main(["completion", "zsh"]) == 0
     assert capsys.readouterr().out.startswith("autoload -U +X bashcompinit && bashcompinit\n")
+
+
+def test_local_mistakes_exit_2_with_one_line(tmp_path, capsys):
+    assert main(["generate", "--prompt", "x", "--json-schema", str(tmp_path / "missing.json")]) == 2
+    assert capsys.readouterr().err == f"error: --json-schema {tmp_path / 'missing.json'}: No such file or directory\n"
+    assert main(["generate", "--prompt", "x", "--logit-bias", "x"]) == 2
+    assert capsys.readouterr().err == "error: --logit-bias x: expected TOKEN_ID=BIAS, e.g. 17=-100\n"
+    assert main(["--target", "127.0.0.1:1", "serve"]) == 2
+    assert "takes its own flags after it" in capsys.readouterr().err
+    keys = tmp_path / "keys.yaml"
+    assert main(["keys", "create", "--tenant", "t", "--role", "user", "--name", "k", "--keys-file", str(keys)]) == 0
+    capsys.readouterr()
+    assert main(["-o", "json", "keys", "list", "--keys-file", str(keys)]) == 0  # -o before the command, here too
+    assert json.loads(capsys.readouterr().out)[0]["name"] == "k"

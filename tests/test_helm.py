@@ -62,6 +62,8 @@ def test_lint_render_and_validate(values, tmp_path):
         monitor = next(d for d in docs if d["kind"] == "ServiceMonitor")
         assert monitor["spec"]["endpoints"] == [{"port": "metrics", "path": "/metrics", "interval": "30s"}]
         policy = next(d for d in docs if d["kind"] == "NetworkPolicy")["spec"]["ingress"]
+        assert {"podSelector": {"matchLabels": {"app.kubernetes.io/instance": "r1",
+                                                "app.kubernetes.io/component": "helm-test"}}} in policy[0]["from"]
         assert policy[1] == {"ports": [{"port": 9464, "protocol": "TCP"}],  # the metrics port: the scraper only
                              "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}]}
         hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
@@ -232,7 +234,8 @@ def test_the_helm_test_pods_command_passes_against_a_server_on_loopback(assets, 
                 value = key
             elif item["name"] in ("LORAMUX_TARGET", "LORAMUX_HEALTH_TARGET"):
                 port = int(value.rsplit(":", 1)[1])
-                assert value.startswith("r1-loramux:")
+                tls_name = mode != "defaults" and item["name"] == "LORAMUX_TARGET"  # the Service's full DNS name
+                assert value.startswith("r1-loramux.default.svc:" if tls_name else "r1-loramux:"), value
                 here = srv.running.health_port if port == 8081 else srv.running.port
                 value = f"localhost:{here}"
             for prefix, local in mounted.items():

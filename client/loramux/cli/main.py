@@ -20,10 +20,17 @@ from loramux.cli.output import emit, fields, note, table
 from loramux.cli.parser import ROLES, build_parser
 
 
+class UsageError(Exception):
+    """A bad flag value or local file: one line, exit 2."""
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
         return _main(argv)
+    except UsageError as e:
+        note(f"error: {e}")
+        return 2
     except KeyboardInterrupt:
         note("interrupted")
         return 130
@@ -39,6 +46,8 @@ def _main(argv: list[str]) -> int:
         return run(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "serve":  # reached only with flags before it, which serve does not take
+        raise UsageError("`serve` takes its own flags after it: loramux serve --model ... (see loramux serve --help)")
     if args.command == "demo":
         from loramux.demo.tour import run_demo
 
@@ -56,8 +65,7 @@ def _main(argv: list[str]) -> int:
         client = Client(args.target, timeout=args.timeout, api_key=args.api_key, tls=args.tls, tenant=args.tenant,
                         affinity=False if args.no_affinity else None, **_tls_files(args))
     except (OSError, ValueError) as e:  # a PEM file that cannot be read, a certificate without its key
-        note(f"error: {e}")
-        return 2
+        raise UsageError(str(e)) from None
     try:
         with client:
             return _CLIENT_COMMANDS[args.command](client, args)
@@ -152,7 +160,7 @@ def _logit_bias(pairs: list[str]) -> dict[int, float]:
                 raise ValueError
             bias[int(token)] = float(value)
         except ValueError:
-            raise SystemExit(f"error: --logit-bias {pair}: expected TOKEN_ID=BIAS, e.g. 17=-100") from None
+            raise UsageError(f"--logit-bias {pair}: expected TOKEN_ID=BIAS, e.g. 17=-100") from None
     return bias
 
 
@@ -163,7 +171,7 @@ def _read_text(path: str | None, flag: str) -> str | None:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except (OSError, UnicodeDecodeError) as e:
-        raise SystemExit(f"error: {flag} {path}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}") from None
+        raise UsageError(f"{flag} {path}: {e.strerror if isinstance(e, OSError) else 'not UTF-8 text'}") from None
 
 
 def _json_arg(text: str | None, flag: str, kind: type):
@@ -172,9 +180,9 @@ def _json_arg(text: str | None, flag: str, kind: type):
     try:
         value = json.loads(text)
     except ValueError as e:
-        raise SystemExit(f"error: {flag}: not JSON ({e})") from None
+        raise UsageError(f"{flag}: not JSON ({e})") from None
     if not isinstance(value, kind):
-        raise SystemExit(f"error: {flag}: expected a JSON {'array' if kind is list else 'object'}")
+        raise UsageError(f"{flag}: expected a JSON {'array' if kind is list else 'object'}")
     return value
 
 
@@ -197,7 +205,7 @@ def _generate(client, args) -> int:
         try:
             kwargs["prompt_token_ids"] = [int(t) for t in args.prompt_token_ids.split(",") if t.strip()]
         except ValueError:
-            raise SystemExit("error: --prompt-token-ids takes integers separated by commas, e.g. 1,2,3") from None
+            raise UsageError("--prompt-token-ids takes integers separated by commas, e.g. 1,2,3") from None
     else:
         kwargs["messages"] = [_message(m) for m in args.message]
     whole = args.no_stream or args.n > 1 or args.output != "text" or args.top_logprobs or args.logprobs \
@@ -250,12 +258,13 @@ def _merge(client, args) -> int:
     if args.no_wait:
         emit({"operation": handle.name}, args.output, lambda d: print(handle.name))
         return 0
-    return _wait(handle, args, progress=args.output == "text")
+    return _wait(handle, args, progress=args.output == "text", cancel_on_interrupt=True)
 
 
-def _wait(handle, args, progress: bool) -> int:
+def _wait(handle, args, progress: bool, cancel_on_interrupt: bool = False) -> int:
     """Follow a merge to its end (a progress bar on stderr), then show its result. Ctrl-C
-    cancels it on the server too."""
+    cancels it on the server too when this command started it (`merge`); `operations wait`
+    only stops watching."""
     try:
         while True:
             p = handle.progress()
@@ -268,6 +277,8 @@ def _wait(handle, args, progress: bool) -> int:
                 break
             time.sleep(0.2)
     except KeyboardInterrupt:
+        if not cancel_on_interrupt:
+            raise
         handle.cancel()
         note(f"\ncancelled {handle.name}")
         return 130

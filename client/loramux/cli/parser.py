@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--name", default="", help="a label for the key (shown in the file; names it to revoke or rotate)")
     create.add_argument("--expires", metavar="TIME", help="ISO 8601 time after which the key stops working")
     listing = keys.add_parser("list", help="the file's keys (names, tenants, roles, expiry; never a key)")
-    listing.add_argument("-o", "--output", choices=OUTPUTS, default="text")
+    listing.add_argument("-o", "--output", choices=OUTPUTS, default=argparse.SUPPRESS)
     revoke = keys.add_parser("revoke", help="remove a key (by name or id); the server stops accepting it at its next reload")
     revoke.add_argument("key", metavar="NAME_OR_ID")
     rotate = keys.add_parser("rotate", help="a new key in place of one (same tenant, role and name); the old one expires later")

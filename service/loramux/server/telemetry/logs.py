@@ -51,13 +51,13 @@ def configure_logging(level: str, fmt: str) -> None:
     root.setLevel(level.upper())
 
 
-# Libraries that talk at import or while loading: torchao (its optional native kernels, when
-# it is installed, imported by transformers), torch's pytree deprecations (torchao's enums),
-# bitsandbytes and the kernels hub (its CPU kernels' trust check), transformers' advisories.
-# Their warnings are about their own internals, not about this server: shown at --log-level
-# debug only. Errors still show.
-NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "bitsandbytes", "kernels", "transformers",
-                 "transformers.modeling_utils", "peft", "huggingface_hub", "accelerate", "py.warnings")
+# Libraries that talk at import: torchao (its optional native kernels, when it is installed,
+# imported by transformers), torch's pytree deprecations (torchao's enums), bitsandbytes and
+# the kernels hub (its CPU kernels' trust check). Their warnings are about their own
+# internals, not about this server: shown at --log-level debug only. Errors still show.
+NOISY_LOGGERS = ("torchao", "torch.utils._pytree", "torch._dynamo", "bitsandbytes", "kernels", "py.warnings")
+# transformers and peft keep their warnings (weights missing or newly initialised, keys that do
+# not match: a model that loaded wrongly must say so); their advisories and progress bars go.
 
 
 def quiet_libraries(level: str) -> None:
@@ -70,7 +70,7 @@ def quiet_libraries(level: str) -> None:
     debug = level.lower() == "debug"
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "debug" if debug else "error")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "debug" if debug else "warning")
     logging.captureWarnings(True)
     if not debug:
         warnings.simplefilter("ignore", FutureWarning)

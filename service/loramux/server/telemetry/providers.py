@@ -42,6 +42,10 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=()) -
         from loramux.server.telemetry.vllm_names import VllmNames
 
         own = CollectorRegistry(auto_describe=True)  # this server's series alone (not the process-wide registry)
+        from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):  # process_*, python_* as before
+            collector(registry=own)
         readers.append(PrometheusMetricReader(registry=own))
         served = CollectorRegistry(auto_describe=False)
         served.register(VllmNames(own))  # loramux's series, then vLLM's names for the ones dashboards read

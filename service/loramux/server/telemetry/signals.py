@@ -30,7 +30,7 @@ TIERS = (Tier.ACCELERATOR, Tier.HOST, Tier.DISK)
 TOKEN_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5,
                  0.75, 1.0, 2.5]
 TOKEN_COUNT_BUCKETS = [1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576]
-MODEL_LABELS_MAX = 64  # distinct gen_ai.request.model values (adapters) with series of their own; later ones: other
+MODEL_LABELS_PER_TENANT = 16  # each tenant's adapters with series of their own (first come); later ones: other
 LORA_INFO_MAX = 32  # adapters listed per label of lora_requests_info at most
 ADAPTER_REQUESTS_TOP = 16  # adapters with series of their own in loramux_adapter_requests
 
@@ -86,7 +86,7 @@ class Telemetry:
         self.token_usage = m.create_histogram("gen_ai.client.token.usage", unit="{token}",
                                               description="Tokens per request, by gen_ai.token.type (input, output)",
                                               explicit_bucket_boundaries_advisory=TOKEN_COUNT_BUCKETS)
-        self._models: set[str] = set()
+        self._models: dict[str, set[str]] = {}  # tenant label -> its models with series of their own
         self._meter = m
 
     # -- set-up -------------------------------------------------------------------------
@@ -154,13 +154,15 @@ class Telemetry:
 
     # -- events from the engine ---------------------------------------------------------
 
-    def model_label(self, name: str) -> str:
-        """`name` as a metric label: the first MODEL_LABELS_MAX distinct names keep their own
-        series, later ones share `other` (adapters are unbounded; series must not be)."""
-        if name in self._models:
+    def model_label(self, tenant: str, name: str) -> str:
+        """`name` as a metric label: each tenant's first MODEL_LABELS_PER_TENANT distinct names
+        keep their own series, its later ones share `other` (adapters are unbounded; series must
+        not be, and no tenant can use up another's). `tenant` is the tenant's label."""
+        mine = self._models.setdefault(tenant, set())
+        if name in mine:
             return name
-        if len(self._models) < MODEL_LABELS_MAX:
-            self._models.add(name)
+        if len(mine) < MODEL_LABELS_PER_TENANT:
+            mine.add(name)
             return name
         return "other"
 
@@ -169,7 +171,7 @@ class Telemetry:
         """A generation's metrics: loramux's, and the GenAI conventions' (vLLM's names are
         made from these at the Prometheus endpoint: providers.py)."""
         tenant = self.tenant_label(tenant)
-        model = self.model_label(model)
+        model = self.model_label(tenant, model)
         self.tokens.add(output_tokens, {"tenant": tenant})
         self.prompt_tokens.add(prompt_tokens, {"tenant": tenant})
         self.ttft.record(ttft_s, {"tenant": tenant})
@@ -184,8 +186,9 @@ class Telemetry:
         self.token_usage.record(output_tokens, {**attrs, "gen_ai.token.type": "output"})
 
     def generation_failed(self, tenant: str, model: str, operation: str, error_type: str, total_s: float) -> None:
-        self.gen_duration.record(total_s, {"gen_ai.operation.name": operation, "gen_ai.request.model": self.model_label(model),
-                                           "tenant": self.tenant_label(tenant), "error.type": error_type})
+        tenant = self.tenant_label(tenant)
+        self.gen_duration.record(total_s, {"gen_ai.operation.name": operation, "gen_ai.request.model": self.model_label(tenant, model),
+                                           "tenant": tenant, "error.type": error_type})
 
     def adapter_lookup(self, found: Tier) -> None:
         """A request's adapter was found in `found`: a miss in every faster tier, a hit there."""

@@ -520,6 +520,9 @@ def revoke_key(path: Path, which: str) -> dict:
     data = _editable(path)
     index = _find(data, which, path)
     removed = data["keys"].pop(index)
+    # Said outright: the server refuses a reload that drops half its keys or more unless the
+    # file expects it (a truncated file must not lock everyone out), and a revocation must apply.
+    data["expected_keys"] = len(data["keys"])
     _write(path, data)
     return {"id": str(removed.get("sha256", ""))[:12], "name": removed.get("name", ""), "tenant": removed.get("tenant"),
             "role": removed.get("role"), "expires": _iso(removed.get("expires"))}
@@ -532,18 +535,19 @@ def rotate_key(path: Path, which: str, old_expires: str) -> tuple[str, dict]:
     path = Path(path)
     data = _editable(path)
     old = data["keys"][_find(data, which, path)]
-    old["expires"] = old_expires
+    if old.get("expires") is None or _expiry(old_expires, path, "expires") < _expiry(old["expires"], path, "expires"):
+        old["expires"] = old_expires  # never later than it already was: a rotation cannot revive a key
     key = new_key()
     data["keys"].append({"name": old.get("name", ""), "tenant": old.get("tenant"), "role": old.get("role"),
                          "sha256": hash_key(key)})
     _write(path, data)
     return key, {"id": str(old.get("sha256", ""))[:12], "name": old.get("name", ""), "tenant": old.get("tenant"),
-                 "role": old.get("role"), "expires": _iso(old_expires)}
+                 "role": old.get("role"), "expires": _iso(old["expires"])}
 
 
 def _find(data: dict, which: str, path: Path) -> int:
     matches = [i for i, item in enumerate(data["keys"]) if isinstance(item, dict) and which
-               and (item.get("name") == which or str(item.get("sha256", "")).startswith(which.lower()))]
+               and (item.get("name") == which or str(item.get("sha256", "")).lower().startswith(which.lower()))]
     if not matches:
         raise _bad(path, f"no key is named {which!r} (give a key's name, or its id from `loramux keys list`)")
     if len(matches) > 1:
@@ -575,12 +579,22 @@ def _write(path: Path, data: dict) -> None:
         data["expected_keys"] = len(data["keys"])
     text = json.dumps(data, indent=2, default=str) + "\n" if path.suffix == ".json" else yaml.safe_dump(data, sort_keys=False)
     parse_keys_file(text, path)  # every entry is valid (tenant, role, expiry)
+    path = path.resolve()  # a symlinked keys file: the file it points at is the one replaced
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        before = path.stat()  # the server reads it as it is: keep its mode and owner
+    except FileNotFoundError:
+        before = None
     fd, tmp = tempfile.mkstemp(prefix=".keys-", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o600)
+        os.chmod(tmp, stat.S_IMODE(before.st_mode) if before else 0o600)
+        if before is not None and hasattr(os, "chown"):
+            try:
+                os.chown(tmp, before.st_uid, before.st_gid)
+            except PermissionError:  # not ours to give away: it stays the writer's
+                pass
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
