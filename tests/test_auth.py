@@ -393,7 +393,7 @@ def test_keys_file_edits_apply_keep_the_files_mode_and_never_revive_a_key(tmp_pa
     _, old = rotate_key(link, "expired", "2999-01-01T00:00:00+00:00")
     assert old["expires"] == "2020-01-01T00:00:00+00:00"
     assert store.check() and store.identify(expiring).role == "admin"
-    with pytest.raises(Unauthenticated) as e:
+    with pytest.raises(Unauthenticated):
         store.identify(only)
     data = yaml.safe_load(real.read_text())
     data["keys"][0]["sha256"] = data["keys"][0]["sha256"].upper()

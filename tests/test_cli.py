@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from loramux.cli.main import build_parser, main
+from loramux.cli.main import main
 from loramux.server.app import BackgroundServer
 
 COMMANDS = [["serve"], ["adapters"], ["adapters", "load"], ["adapters", "unload"], ["adapters", "list"],
