@@ -141,11 +141,12 @@ class ObjectStores:
         of the prefix: that could hold any number of objects)."""
         fs.invalidate_cache(path)  # a changed object must be seen as changed
         listing = {}
-        for name in (CONFIG_FILE, *WEIGHT_FILES):
+
+        def look(name: str) -> None:
             try:
                 entry = fs.info(f"{path}/{name}")
             except FileNotFoundError:
-                continue
+                return
             except Exception as e:  # network, credentials, throttling
                 raise SourceUnavailable(
                     f"{url!r} could not be read ({type(e).__name__}: {str(e)[:200]}); retry later", field="source",
@@ -153,20 +154,13 @@ class ObjectStores:
                 ) from e
             if entry.get("type") == "file":
                 listing[name] = entry
+
+        for name in (CONFIG_FILE, *WEIGHT_FILES):
+            look(name)
             if name != CONFIG_FILE and name in listing:
                 break  # the safetensors file is enough: the pickle one is not looked at
         for name in CHAT_TEMPLATE_FILES:  # the adapter's own chat template, when it ships one
-            try:
-                entry = fs.info(f"{path}/{name}")
-            except FileNotFoundError:
-                continue
-            except Exception as e:  # noqa: BLE001 - network, credentials, throttling
-                raise SourceUnavailable(
-                    f"{url!r} could not be read ({type(e).__name__}: {str(e)[:200]}); retry later", field="source",
-                    retry_after_s=5.0,
-                ) from e
-            if entry.get("type") == "file":
-                listing[name] = entry
+            look(name)
         if CONFIG_FILE not in listing or not any(n in listing for n in WEIGHT_FILES):
             raise SourceNotFound(
                 f"no adapter at {url!r} ({CONFIG_FILE} and {' or '.join(WEIGHT_FILES)} are needed)",
