@@ -161,9 +161,12 @@ class Grammars:
         self._tokenizer: Future = self._compiler.submit(lambda: self._build_tokenizer(tokenizer, eos_ids))
 
     def _build_tokenizer(self, tokenizer, eos_ids: frozenset[int]):
-        import llguidance
-        import llguidance.hf
-
+        try:
+            import llguidance
+            import llguidance.hf
+        except ImportError as e:  # a server installed without its dependencies
+            raise InvalidRequest(f"structured output needs llguidance, which is not installed ({e})",
+                                 field="structured_output", reason="STRUCTURED_OUTPUT_UNAVAILABLE") from None
         try:
             state = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=sorted(eos_ids) or None)
         except Exception as e:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
