@@ -375,6 +375,7 @@ def test_echo_and_prompt_logprobs_are_peft_s_scores_of_the_prompt(assets, server
     assert torch.allclose(torch.tensor(lp.token_logprobs[1:len(ids)]), expected, atol=1e-4)
     assert all(1 <= len(t) <= 2 for t in lp.top_logprobs[1:])  # keyed by text: two byte tokens may both be "\ufffd"
     assert lp.text_offset == sorted(lp.text_offset)
+    assert lp.text_offset[:2] == [0, 0] and lp.text_offset[len(ids)] == len(PROMPTS[3])  # BOS takes no text
     chat = client.chat.completions.create(model="rslora-r8", messages=[{"role": "user", "content": "fox"}], max_tokens=1,
                                           extra_body={"prompt_logprobs": 1})
     assert chat.choices[0].model_extra["prompt_logprobs"][0] is None

@@ -346,21 +346,54 @@ def test_a_required_tool_call_resolves_each_tools_own_definitions(server):
         assert "$defs/Place differently" in e.value.body["message"]
 
 
-def test_a_failing_batch_mask_falls_back_row_by_row(server):
-    """llguidance's batch mask call failing (any reason) does not end the batch: each row's
-    mask is computed on its own and the answers still keep their constraints."""
-    grammars = server.engine.grammars()
+def test_a_row_whose_masks_are_too_slow_ends_alone(assets, server, monkeypatch):
+    """Every row of a batch waits for its constrained rows' masks: a row whose masks stay over
+    the per-token budget for three steps ends (GRAMMAR_FAILED, saying why) while a plain
+    request in the same batch gets peft's tokens. (The budget is set to nothing here: the tiny
+    vocabulary makes every mask fast.)"""
+    import loramux.server.engine.structured as structured
+    from loramux.server.errors import LoramuxError
 
-    class Broken:
-        def unsafe_compute_mask_ptr(self, *args):
-            raise RuntimeError("the executor broke")
-    real = grammars._executor
-    grammars._executor = Broken()
-    try:
-        inp = GenerateInput(prompt="fox", max_new_tokens=8, constraint=Constraint("choice", '["left", "right"]'))
-        assert server.engine.generate("default", inp, 60)["text"] in ("left", "right")
-    finally:
-        grammars._executor = real
+    monkeypatch.setattr(structured, "MASK_STEP_BUDGET_S", 0.0)
+    engine = server.engine
+    with cf.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(engine.generate, "default", GenerateInput(prompt="fox", max_new_tokens=16, ignore_eos=True,
+                                                                     constraint=Constraint("regex", "[a-z ]{1,200}")), 60)
+        plain = pool.submit(engine.generate, "default", GenerateInput(prompt=PROMPTS[1], max_new_tokens=N), 60)
+        assert plain.result()["token_ids"] == assets.oracle(None, PROMPTS[1], N)
+        with pytest.raises(LoramuxError) as e:
+            slow.result()
+    assert e.value.reason == "GRAMMAR_FAILED" and "ms per token" in e.value.message
+    assert e.value.metadata["generated"] == "2"  # its third mask was the third over budget
+
+
+def test_the_attackers_tool_and_schema_shapes_are_answered_by_name(server):
+    """Malformed tool_choice and $defs are 400s (not 500s); `#` references inside a tool's
+    parameters still mean that tool's schema under tool_choice required; a schema of `true`
+    is any JSON."""
+    url = f"http://127.0.0.1:{server.running.http_port}/v1"
+    messages = [{"role": "user", "content": "fox"}]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"k": {"anyOf": [{"enum": [0, 1]}, {"$ref": "#/properties/k"}]}},
+        "required": ["k"], "additionalProperties": False}}}
+    with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120) as client:
+        for choice in ({"type": "function", "function": "f"}, {"type": "function", "function": ["f"]},
+                       {"type": "function", "function": None}):
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="qv-r4", messages=messages, tools=[tool], tool_choice=choice)
+            assert e.value.body["param"] == "tool_choice"
+        for defs in (["x"], "abc", 5):
+            bad = {"type": "function", "function": {"name": "g", "parameters": {"type": "object", "$defs": defs}}}
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="qv-r4", messages=messages, tools=[bad], tool_choice="required")
+            assert e.value.body["param"] == "tools"
+        answer = client.chat.completions.create(model="qv-r4", messages=messages, tools=[tool], tool_choice="required",
+                                                max_tokens=200, temperature=0)
+        for call in answer.choices[0].message.tool_calls or []:
+            assert json.loads(call.function.arguments)["k"] in (0, 1)
+        anything = client.completions.create(model="qv-r4", prompt="fox", max_tokens=24, temperature=0,
+                                             extra_body={"guided_json": True})
+        assert anything.choices[0].finish_reason in ("stop", "length")
 
 
 def test_a_prefill_that_fails_ends_only_its_own_requests(assets, server, monkeypatch):

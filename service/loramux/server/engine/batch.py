@@ -260,10 +260,11 @@ class Batch:
         if pending is not None:
             constrained, grammars, started = pending
             mask = grammars[0].grammars.allowed(started, logits.device)  # [k, V]
+            seconds = started[2]
             allowed = (torch.tensor(constrained, dtype=torch.long, device=logits.device), mask)
             stuck = (~mask.any(dim=-1)).tolist()
             for j, (i, grammar) in enumerate(zip(constrained, grammars)):
-                why = grammar.failed() or ("it allows no token here" if stuck[j] else None)
+                why = grammar.failed(seconds[j]) or ("it allows no token here" if stuck[j] else None)
                 if why is not None:  # this row alone fails; its token below is not used
                     rows[i].done = True
                     rows[i].request.emit(ErrorEvent(GrammarFailed(

@@ -174,6 +174,11 @@ class Facade:
             decode = self._engine.base.decode_text
             return [decode([i]) for i in ids]
 
+    @property
+    def special_token_ids(self) -> frozenset[int]:
+        """The tokenizer's special tokens (BOS, EOS, ...): no text of their own in an answer."""
+        return frozenset(self._engine.base.tokenizer.all_special_ids)
+
     def decode(self, ids: list[int]) -> str:
         """Token ids as text, special tokens skipped (as generated text is)."""
         return self._engine.base.decode_text(ids)

@@ -15,8 +15,9 @@ CPU at a 32,000-token vocabulary.
   compiling on its own threads (deep grammars recurse deeply: the threads have large stacks)
   with a time limit, and a cache of compiled constraints (each row gets its own copy of the
   compiled matcher, which builds its lexer's states as it goes, at most LEXER_STATES);
-- `masks` / `allowed`: a batch's masks, computed in parallel by llguidance's threads while
-  the forward pass runs, then applied to the logits as one tensor operation.
+- `start_masks` / `allowed`: a batch's masks, computed on a helper thread while the forward
+  pass runs, each row timed (a row whose masks stay over MASK_STEP_BUDGET_S ends alone:
+  every row of the batch waits for them), then applied to the logits as one tensor operation.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 
@@ -42,6 +44,8 @@ COMPILE_TIMEOUT_S = 10.0  # a request waits this long for its constraint to comp
 COMPILE_THREADS = 2
 COMPILE_QUEUE = 64  # constraints waiting for a compile thread; more are refused as busy
 COMPILE_STACK_BYTES = 256 << 20  # address space only: a 50,000-rule chain recurses past 8 MiB
+MASK_STEP_BUDGET_S = 0.005  # one row's mask per token: 10-30 us for ordinary constraints at a 32,000-token vocabulary
+MASK_SLOW_STEPS = 3  # steps in a row over the budget end the row (the first mask also builds the lexer)
 CACHE_ENTRIES = 64  # compiled constraints kept (each at most LEXER_STATES states of 1-2 kB as it is used)
 LEXER_STATES = 20_000  # per row (llguidance: 1-2 kB each, default 250,000): at most ~40 MB per constrained row
 # JSON is written compactly, as json.dumps writes it: free whitespace lets a model pad its
@@ -76,8 +80,10 @@ class Constraint:
             return matcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
         if self.kind == "json_schema":
             schema = _json(self.spec, "json_schema")
-            if not isinstance(schema, (dict, bool)):
-                raise _invalid("json_schema must be a JSON object (a JSON Schema)")
+            if schema is True:  # JSON Schema's "anything": any JSON value
+                schema = {}
+            if schema is False or not isinstance(schema, dict):
+                raise _invalid("json_schema must be a JSON Schema: an object, or true (false allows nothing)")
             return matcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
         if self.kind == "regex":
             return matcher.grammar_from_regex(self.spec)
@@ -156,7 +162,6 @@ class Grammars:
         self._compiler = _compiler()
         self._cache: collections.OrderedDict[Constraint, Future] = collections.OrderedDict()
         self._lock = threading.Lock()
-        self._executor = None  # llguidance's mask threads, made with the tokenizer
         # Building the tokenizer's state reads every token (about 2 s at 32,000): started now, waited for by the first request.
         self._tokenizer: Future = self._compiler.submit(lambda: self._build_tokenizer(tokenizer, eos_ids))
 
@@ -172,7 +177,6 @@ class Grammars:
         except Exception as e:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
             raise InvalidRequest(f"structured output is not available for this model's tokenizer ({type(e).__name__}: "
                                  f"{str(e)[:160]})", field="structured_output", reason="STRUCTURED_OUTPUT_UNAVAILABLE") from None
-        self._executor = llguidance.LLExecutor(max(1, min(8, torch.get_num_threads())))
         return state
 
     def matcher(self, constraint: Constraint, timeout_s: float = COMPILE_TIMEOUT_S) -> RowGrammar:
@@ -216,34 +220,32 @@ class Grammars:
 
     # -- per step (engine thread) -----------------------------------------------------------
 
-    def start_masks(self, matchers: list) -> tuple[torch.Tensor, Future, list]:
-        """Start computing the masks of `matchers` (one per constrained row, in order) on
-        llguidance's threads; returns the bitmask [k, words] int32 (filled once the future is
-        done), the future and the matchers. The caller runs its forward pass meanwhile."""
+    def start_masks(self, matchers: list) -> tuple[torch.Tensor, Future, list[float]]:
+        """Start computing the masks of `matchers` (one per constrained row, in order) on the
+        mask thread (llguidance drops the GIL while it works); returns the bitmask [k, words]
+        int32 (filled once the future is done), the future, and each row's seconds (set by
+        then). The caller runs its forward pass meanwhile. A matcher that raises gets an
+        empty mask: its row alone ends."""
         bitmask = torch.zeros((len(matchers), self._words), dtype=torch.int32)
-        executor = self._executor
-        pairs = [(m, i) for i, m in enumerate(matchers)]
+        seconds = [0.0] * len(matchers)
+        size = self._words * 4
 
         def fill() -> None:
-            executor.unsafe_compute_mask_ptr(pairs, bitmask.data_ptr(), self._words * 4, len(matchers))
-        return bitmask, _mask_thread().submit(fill), matchers
-
-    def allowed(self, pending: tuple[torch.Tensor, Future, list], device: torch.device) -> torch.Tensor:
-        """The finished masks as booleans [k, vocab_size] on `device`. Should the batch's
-        computation fail, each row's mask is computed on its own, and a row whose matcher
-        still fails allows no token (it alone ends, GRAMMAR_FAILED): never the whole batch."""
-        bitmask, future, matchers = pending
-        try:
-            future.result()
-        except Exception:  # noqa: BLE001 - one matcher's failure must not end the other rows
-            log.exception("structured output: computing a batch's masks failed; computing them row by row")
-            import llguidance.torch
-
+            base = bitmask.data_ptr()
             for i, matcher in enumerate(matchers):
+                started = time.perf_counter()
                 try:
-                    llguidance.torch.fill_next_token_bitmask(matcher, bitmask, i)
+                    matcher.unsafe_compute_mask_ptr(base + i * size, size)
                 except Exception:  # noqa: BLE001 - this row's constraint is broken: it allows nothing
+                    log.exception("structured output: a row's mask could not be computed")
                     bitmask[i] = 0
+                seconds[i] = time.perf_counter() - started
+        return bitmask, _mask_thread().submit(fill), seconds
+
+    def allowed(self, pending: tuple[torch.Tensor, Future, list[float]], device: torch.device) -> torch.Tensor:
+        """The finished masks as booleans [k, vocab_size] on `device`."""
+        bitmask, future, _ = pending
+        future.result()
         words = bitmask.to(device)
         bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
         return bits.reshape(len(words), -1)[:, : self.vocab_size].bool()
@@ -255,10 +257,19 @@ class RowGrammar:
 
     grammars: Grammars
     matcher: object  # llguidance.LLMatcher
+    slow_steps: int = 0  # consecutive steps whose mask took more than MASK_STEP_BUDGET_S
 
-    def failed(self) -> str | None:
-        """Why the matcher stopped working (its work limit, say), or None."""
-        return _first_line(self.matcher.get_error()) if self.matcher.is_error() else None
+    def failed(self, seconds: float = 0.0) -> str | None:
+        """Why the row must end: its matcher stopped working (its work limit, say), or its
+        masks cost more than MASK_STEP_BUDGET_S for MASK_SLOW_STEPS steps in a row (every
+        row of the batch waits for them); else None."""
+        if self.matcher.is_error():
+            return _first_line(self.matcher.get_error())
+        self.slow_steps = self.slow_steps + 1 if seconds > MASK_STEP_BUDGET_S else 0
+        if self.slow_steps >= MASK_SLOW_STEPS:
+            return (f"its masks took {1000 * seconds:.1f} ms per token, more than the {1000 * MASK_STEP_BUDGET_S:g} ms "
+                    "this server allows (every row of the batch waits for them)")
+        return None
 
     def consume(self, token: int) -> bool:
         """Take the row's chosen token; False when the grammar refuses it (the row must end)."""

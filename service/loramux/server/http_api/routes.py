@@ -334,10 +334,12 @@ class HttpFrontDoor:
         """A completion's logprobs object with the echoed prompt's tokens first (the first has
         no score: null, as OpenAI gives it)."""
         texts = self.facade.token_texts(prompt.token_ids)
+        special = self.facade.special_token_ids  # (a BOS token is listed, but is not in the echoed text)
         offsets, at = [], 0
-        for text in texts:
+        for token, text in zip(prompt.token_ids, texts):
             offsets.append(at)
-            at += len(text)
+            if token not in special:
+                at += len(text)
         tops = None
         if top:
             tops = [None] + [dict(zip(self.facade.token_texts([t for t, _ in a]), [v for _, v in a]))

@@ -52,7 +52,7 @@ class StructuredOutputs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    json_: dict[str, Any] | bool | str | None = Field(default=None, alias="json")
     regex: str | None = None
     grammar: str | None = None
     choice: list[str] | None = Field(default=None, max_length=1024)
@@ -93,7 +93,7 @@ class _Common(BaseModel):
     user: str | None = None
     # Structured output: OpenAI's response_format, or vLLM's guided_* (at most one of them).
     response_format: ResponseFormat | None = None
-    guided_json: dict[str, Any] | str | None = None
+    guided_json: dict[str, Any] | bool | str | None = None
     guided_regex: str | None = None
     guided_grammar: str | None = None
     guided_choice: list[str] | None = Field(default=None, max_length=1024)
@@ -251,7 +251,8 @@ class ChatCompletionRequest(_Common):
                                  reason="INVALID_PARAMETER")
         if choice == "required":
             return ""
-        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        function = choice.get("function") if isinstance(choice, dict) else None
+        name = function.get("name") if isinstance(function, dict) else None
         if not isinstance(name, str) or not name:
             raise InvalidRequest('tool_choice must be "auto", "none", "required" or {"type": "function", "function": '
                                  '{"name": ...}}', field="tool_choice", reason="INVALID_PARAMETER")
@@ -278,22 +279,48 @@ class ChatCompletionRequest(_Common):
         parameters = self._tool_parameters()
         if forced:
             return parameters[forced]
-        # Each tool's definitions move to the root, where its "#/$defs/..." references resolve.
+        # Each tool's schema is nested in the combined one: its definitions move to the root,
+        # where its "#/$defs/..." references resolve, and its other "#..." references are
+        # rebased onto where it now lies.
         definitions: dict[str, dict] = {"$defs": {}, "definitions": {}}
         calls = []
-        for name, schema in parameters.items():
+        for i, (name, schema) in enumerate(parameters.items()):
             if isinstance(schema, dict):
                 schema = dict(schema)
                 for key in ("$defs", "definitions"):
-                    for def_name, definition in (schema.pop(key, None) or {}).items():
+                    found = schema.pop(key, None) or {}
+                    if not isinstance(found, dict):
+                        raise InvalidRequest(f"tools: {name[:64]}'s {key} must be an object of schemas", field="tools",
+                                             reason="INVALID_PARAMETER")
+                    for def_name, definition in found.items():
                         if definitions[key].setdefault(def_name, definition) != definition:
                             raise InvalidRequest(f"tools define {key}/{def_name[:64]} differently; a required tool call "
                                                  "needs one meaning per name", field="tools", reason="INVALID_PARAMETER")
+                schema = _rebased(schema, f"#/items/anyOf/{i}/properties/parameters")
             calls.append({"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
                           "required": ["name", "parameters"], "additionalProperties": False})
         combined = {"type": "array", "minItems": 1, "items": {"anyOf": calls}}
         combined.update({key: value for key, value in definitions.items() if value})
         return combined
+
+
+def _rebased(schema, prefix: str, depth: int = 0):
+    """`schema` with its "#..." references (but those into hoisted definitions) pointing under
+    `prefix`, where it now lies inside a larger schema."""
+    if depth > 64:
+        raise InvalidRequest("a tool's parameters nest too deeply", field="tools", reason="INVALID_PARAMETER")
+    if isinstance(schema, list):
+        return [_rebased(item, prefix, depth + 1) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and value.startswith("#") \
+                and not value.startswith(("#/$defs/", "#/definitions/")):
+            out[key] = prefix + value[1:]
+        else:
+            out[key] = _rebased(value, prefix, depth + 1)
+    return out
 
 
 class TokenizeRequest(BaseModel):
