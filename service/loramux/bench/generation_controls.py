@@ -18,7 +18,7 @@ decode steps (prefills excluded), and its ratio to `free` is taken round by roun
 
 The masks' floor: llguidance's time to fill one row's mask on one thread, replaying a
 constrained row's tokens through a fresh matcher; the engine computes the rows' masks on
-llguidance's threads while the forward pass runs, so a step can hide them entirely.
+a helper thread while the forward pass runs, so a step can hide them entirely.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ class Batch:
     @torch.inference_mode()
     def step(self) -> None:
         """Decode one token for every row (structured-output rows' masks are computed on
-        llguidance's threads while the model runs)."""
+        a helper thread while the model runs)."""
         pending = self._start_masks()
         self._choose(self._logits(self.tokens[:, None]), pending)
 
