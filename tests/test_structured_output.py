@@ -198,7 +198,15 @@ def test_grpc_and_http_name_the_refusal(server):
     with openai.OpenAI(base_url=url, api_key="none", max_retries=0) as client:
         with pytest.raises(openai.BadRequestError) as bad:
             client.completions.create(model="qv-r4", prompt="fox", extra_body={"guided_regex": "(unclosed"})
-        assert bad.value.body["code"] == "invalid_grammar" and bad.value.body["param"] == "response_format"
+        assert bad.value.body["code"] == "invalid_grammar" and bad.value.body["param"] == "guided_regex"  # as it was named
+        with pytest.raises(openai.BadRequestError) as schema:
+            client.chat.completions.create(model="qv-r4", messages=[{"role": "user", "content": "fox"}],
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "x", "schema": {"type": "objectx"}}})
+        assert schema.value.body["param"] == "response_format"
+        with pytest.raises(openai.BadRequestError) as newer:
+            client.completions.create(model="qv-r4", prompt="fox", extra_body={"structured_outputs": {"regex": "(x"}})
+        assert newer.value.body["param"] == "structured_outputs"
         with pytest.raises(openai.BadRequestError) as both:
             client.completions.create(model="qv-r4", prompt="fox",
                                       extra_body={"response_format": {"type": "json_object"}, "guided_regex": "a"})

@@ -38,7 +38,7 @@ from loramux.server.engine.facade import Event, Facade, FinishEvent, Generation,
 from loramux.server.errors import Cancelled, InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.server.front_door.generation import merged as merged_events
 from loramux.server.http_api.errors import error_response, status_of
-from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, parse
+from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, constraint_param, parse
 from loramux.server.tenancy.auth import Authenticator, caller
 
 access_log = logging.getLogger("loramux.access")
@@ -210,7 +210,12 @@ class HttpFrontDoor:
         return await self._answer(request, body, inp, chat=True)
 
     async def _answer(self, request: Request, body, inp, chat: bool) -> Response:
-        runs = await self._run(request, inp, body.n or 1)
+        try:
+            runs = await self._run(request, inp, body.n or 1)
+        except InvalidRequest as e:
+            if e.field == "structured_output":  # named as this request named it
+                e.field = constraint_param(body)
+            raise
         span = trace.get_current_span()
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())

@@ -68,6 +68,8 @@ class ResponseFormat(BaseModel):
 
 class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
+    # The request field a structured-output error is about (the engine knows only "structured_output").
+    _constraint_param: str = pydantic.PrivateAttr(default="response_format")
 
     model: str = Field(min_length=1, max_length=256)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -114,6 +116,7 @@ class _Common(BaseModel):
         if not asked:
             return None
         name, value = next(iter(asked.items()))
+        self._constraint_param = name.split(".")[0] if name.startswith("structured_outputs") else name
         name = {"structured_outputs.json": "guided_json", "structured_outputs.regex": "guided_regex",
                 "structured_outputs.grammar": "guided_grammar", "structured_outputs.choice": "guided_choice"}.get(name, name)
         if name == "structured_outputs.json_object":
@@ -234,6 +237,7 @@ class ChatCompletionRequest(_Common):
                 raise InvalidRequest("a forced tool_choice cannot be combined with another structured output",
                                      field="tool_choice", reason="INVALID_PARAMETER")
             sampling["constraint"] = Constraint("json_schema", _dumps(self._call_schema(forced)))
+            self._constraint_param = "tools"
         messages = [(m.role, m.text(i)) for i, m in enumerate(self.messages)]
         return GenerateInput(adapter_id=adapter_id, messages=messages, message_extras=[m.extras() for m in self.messages],
                              tools=list(self.tools or []) if self.tool_choice != "none" else [],
@@ -362,3 +366,8 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
                                  reason="MALFORMED_REQUEST") from None
         raise InvalidRequest(f"{where or 'body'}: {first.get('msg', 'invalid')}", field=where or None,
                              reason="INVALID_PARAMETER") from None
+
+
+def constraint_param(body) -> str:
+    """The request field a structured-output error names (response_format, guided_regex, ...)."""
+    return getattr(body, "_constraint_param", "response_format")
