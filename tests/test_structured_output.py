@@ -15,11 +15,11 @@ import openai
 import pytest
 import torch
 
-from conftest import ADAPTERS, PROMPTS
+from conftest import ADAPTERS, PROMPTS, eventually
 from loramux.client import Client
 from loramux.client.errors import LoramuxError as ClientError
 from loramux.server.app import BackgroundServer
-from loramux.server.engine.structured import COMPILE_QUEUE, MAX_SPEC_BYTES, Constraint
+from loramux.server.engine.structured import COMPILE_STACK_BYTES, MAX_SPEC_BYTES, Constraint
 from loramux.server.engine.inputs import GenerateInput
 
 N = 24
@@ -258,7 +258,22 @@ def test_compiled_constraints_are_cached_and_the_compile_queue_is_bounded(server
     future = grammars._cache[c]
     server.engine.generate("default", GenerateInput(prompt="fox", max_new_tokens=4, constraint=c), 60)
     assert grammars._cache[c] is future  # compiled once
-    assert COMPILE_QUEUE >= 16
+    # A compiler whose one thread is busy and whose queue is full refuses more, retryably.
+    import threading
+
+    from loramux.server.engine.structured import _Compiler
+    from loramux.server.errors import QueueFull
+
+    gate = threading.Event()
+    compiler = _Compiler(threads=1, stack_bytes=COMPILE_STACK_BYTES, capacity=2)
+    running = compiler.submit(gate.wait)
+    eventually(lambda: running.running())  # taken by the thread: the queue is empty again
+    waiting = [compiler.submit(lambda: "later") for _ in range(2)]
+    with pytest.raises(QueueFull) as e:
+        compiler.submit(lambda: "too many")
+    assert e.value.reason == "GRAMMAR_QUEUE_FULL" and e.value.retry_after_s == 1.0
+    gate.set()
+    assert [w.result(10) for w in waiting] == ["later", "later"]
 
 
 WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {

@@ -406,10 +406,6 @@ class Settings:
         return local.name if local.is_absolute() or local.exists() else self.model
 
 
-# Options whose packages come in an extra (pip install 'loramux[<extra>]'), and the modules they need.
-EXTRA_PACKAGES = {"quant": ("torchao", "bitsandbytes"), "s3": ("s3fs",)}
-
-
 def check_installed(settings: Settings) -> None:
     """Refuse at start-up, naming the extra to install, an option whose package is missing
     (rather than failing at the first request that needs it)."""

@@ -38,7 +38,6 @@ from loramux.server.engine.inputs import (
 from loramux.server.engine.request import (
     ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, PromptEvent, Timings, TokenEvent,
 )
-from loramux.server.engine.structured import KINDS as STRUCTURED_OUTPUT_KINDS
 from loramux.server.engine.structured import Constraint
 from loramux.server.merging.merge import MergeJob, MergeResult
 from loramux.server.store.operations import Operation
@@ -50,7 +49,7 @@ __all__ = [
     "AdapterInfo", "Combination", "Constraint", "ErrorEvent", "Event", "Facade", "FinishEvent", "FinishReason", "GenerateInput",
     "Generation", "MergeJob", "MergeResult", "Operation", "PromptEvent", "ServerInfo", "Tier", "Timings", "TokenEvent",
     # The bounds a request's lists are checked against (a front door may refuse longer ones while parsing).
-    "MAX_COMPLETIONS", "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_STOP_SEQUENCES", "MAX_STOP_TOKEN_IDS", "STRUCTURED_OUTPUT_KINDS",
+    "MAX_COMPLETIONS", "MAX_LOGIT_BIAS", "MAX_MESSAGES", "MAX_STOP_SEQUENCES", "MAX_STOP_TOKEN_IDS",
 ]
 
 

@@ -6,7 +6,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, Generation
+from loramux.server.engine.facade import ErrorEvent, Event, Facade, FinishEvent, GenerateInput, Generation
+
+
+def request_attributes(facade: Facade, inp: GenerateInput, tenant: str, n: int) -> dict:
+    """A generation call's span attributes, the same on both doors (GenAI conventions: the
+    model is the one the caller named, an adapter or the base)."""
+    return {
+        "gen_ai.operation.name": "chat" if inp.messages else "text_completion",
+        "gen_ai.request.model": inp.adapter_id or facade.public_model,
+        "loramux.base_model": facade.public_model,
+        "gen_ai.request.temperature": inp.temperature,
+        "gen_ai.request.choice.count": n,
+        "loramux.adapter.id": inp.adapter_id,
+        "loramux.tenant": tenant,
+    }
 
 
 async def events(facade: Facade, generation: Generation, queue: asyncio.Queue, span) -> AsyncIterator[Event]:

@@ -28,6 +28,7 @@ from opentelemetry import trace
 from loramux.server.grpc_api import convert
 from loramux.server.tenancy.auth import Authenticator, caller
 from loramux.server.front_door.generation import merged as merged_events
+from loramux.server.front_door.generation import request_attributes
 from loramux.server.front_door.pools import Pools, blocking as _blocking
 from loramux.server.grpc_api.status import abort, code_of
 from loramux.server.engine.facade import MAX_COMPLETIONS, Event, Facade, FinishEvent, Mailbox, PromptEvent, TokenEvent
@@ -200,15 +201,7 @@ class LoramuxServicer(loramux_service_pb2_grpc.LoramuxServicer):
         inp = convert.generate_input(request)
         tenant = tenant_of(context)
         span = trace.get_current_span()
-        span.set_attributes({
-            "gen_ai.operation.name": "text_completion",
-            "gen_ai.request.model": inp.adapter_id or self.facade.public_model,  # the model the caller named
-            "loramux.base_model": self.facade.public_model,
-            "gen_ai.request.temperature": inp.temperature,
-            "gen_ai.request.choice.count": n,
-            "loramux.adapter.id": inp.adapter_id,
-            "loramux.tenant": tenant,
-        })
+        span.set_attributes(request_attributes(self.facade, inp, tenant, n))
         if self.facade.must_read(tenant, inp.adapter_id):  # a slow read: on the adapter pool, not admission's
             await _blocking(self._pools.adapters, self.facade.resolve, tenant, inp.adapter_id)
         emits = [functools.partial(post, queue) for queue in queues]  # called on the engine thread

@@ -37,6 +37,7 @@ from starlette.routing import Route
 from loramux.server.engine.facade import Event, Facade, FinishEvent, Generation, Mailbox, PromptEvent, TokenEvent
 from loramux.server.errors import Cancelled, InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.server.front_door.generation import merged as merged_events
+from loramux.server.front_door.generation import request_attributes
 from loramux.server.http_api.errors import error_response, status_of
 from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, constraint_param, parse
 from loramux.server.tenancy.auth import Authenticator, caller
@@ -162,15 +163,7 @@ class HttpFrontDoor:
         if self.facade.must_read(tenant, inp.adapter_id):
             await self._blocking(self._pools.adapters, self.facade.resolve, tenant, inp.adapter_id)
         span = trace.get_current_span()
-        span.set_attributes({
-            "gen_ai.operation.name": "chat" if inp.messages else "text_completion",
-            "gen_ai.request.model": inp.adapter_id or self.facade.public_model,  # the model the caller named
-            "loramux.base_model": self.facade.public_model,
-            "gen_ai.request.temperature": inp.temperature,
-            "gen_ai.request.choice.count": n,
-            "loramux.adapter.id": inp.adapter_id,
-            "loramux.tenant": tenant,
-        })
+        span.set_attributes(request_attributes(self.facade, inp, tenant, n))
         emits = [functools.partial(post, queue) for queue in queues]
         generations = await self._blocking(self._pools.admission, self.facade.generate_many, tenant, inp, emits,
                                            trace_context=otel_context.get_current())
@@ -227,8 +220,20 @@ class HttpFrontDoor:
             stream = self._stream(runs, span, ident, created, body.model, chat, usage, inp, forced, echo,
                                   body.prompt_logprobs is not None)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        per_choice = await self._collect(request, runs, span)
+        build = functools.partial(self._choices, per_choice, inp, chat, echo, forced, body.prompt_logprobs is not None)
+        if inp.return_logprobs or inp.prompt_logprobs is not None:  # a token's text per score: off the event loop
+            choices, finishes = await self._blocking(self._pools.admission, build)
+        else:
+            choices, finishes = build()
+        return JSONResponse({"id": ident, "object": kind, "created": created, "model": body.model, "choices": choices,
+                             "usage": _usage(finishes)})
+
+    def _choices(self, per_choice: list[list[Event]], inp, chat: bool, echo: str | None, forced: str | None,
+                 prompt_logprobs: bool) -> tuple[list[dict], list[FinishEvent]]:
+        """The response's choices from each completion's events, and their finish events."""
         choices, finishes = [], []
-        for index, collected in enumerate(await self._collect(request, runs, span)):
+        for index, collected in enumerate(per_choice):
             prompt = next((e for e in collected if isinstance(e, PromptEvent)), None)
             collected = [e for e in collected if not isinstance(e, PromptEvent)]
             tokens = [t for e in collected if isinstance(e, TokenEvent) for t in e.token_ids]
@@ -243,7 +248,7 @@ class HttpFrontDoor:
                 if echo is not None and prompt is not None:
                     scored = self._echoed(prompt, inp.top_logprobs, tokens, logprobs, alternatives)
             choice = {"index": index, "finish_reason": finish.finish_reason.openai, "logprobs": scored}
-            if body.prompt_logprobs is not None and prompt is not None:  # asked for (not only echo's scores)
+            if prompt_logprobs and prompt is not None:  # asked for (not only echo's scores)
                 choice["prompt_logprobs"] = self._prompt_logprobs(prompt)
             calls = _tool_calls(forced, text) if forced is not None else None
             if calls:
@@ -254,8 +259,7 @@ class HttpFrontDoor:
             else:
                 choice["text"] = text
             choices.append(choice)
-        return JSONResponse({"id": ident, "object": kind, "created": created, "model": body.model, "choices": choices,
-                             "usage": _usage(finishes)})
+        return choices, finishes
 
     async def _stream(self, runs, span, ident, created, model, chat, usage, inp, forced: str | None = None,
                       echo: str | None = None, prompt_logprobs: bool = False) -> AsyncIterator[bytes]:
@@ -284,17 +288,18 @@ class HttpFrontDoor:
                     offsets[index] = len(echo)
                     yield chunk({"index": index, "text": echo, "logprobs": None, "finish_reason": None})
             async for index, event in merged_events(self.facade, runs, span):
-                if isinstance(event, PromptEvent):
+                if isinstance(event, PromptEvent):  # its texts (a prompt's worth) are made off the event loop
                     first: dict = {"index": index, "logprobs": None, "finish_reason": None}
                     if prompt_logprobs:
-                        first["prompt_logprobs"] = self._prompt_logprobs(event)
+                        first["prompt_logprobs"] = await self._blocking(self._pools.admission, self._prompt_logprobs, event)
                     if chat:
                         first["delta"] = {}
                     else:
                         first["text"] = echo or ""
                         if echo is not None and logprobs:
-                            first["logprobs"] = self._echoed(event, inp.top_logprobs, [], [], [])
-                            offsets[index] = sum(len(t) for t in first["logprobs"]["tokens"])
+                            first["logprobs"] = await self._blocking(self._pools.admission, self._echoed, event,
+                                                                     inp.top_logprobs, [], [], [])
+                            offsets[index] = len(echo)
                     yield chunk(first)
                     continue
                 reason = event.finish_reason.openai if isinstance(event, FinishEvent) else None
