@@ -62,6 +62,8 @@ def test_replayed_steps_equal_peft_through_joins_leaves_and_compositions(assets,
     for (adapter, prompt, n), tokens in zip(jobs, results):
         assert tokens == assets.oracle(adapter or None, prompt, n), (adapter, prompt, n)
     assert decode.replays > 0 and decode.eager_steps == 0
+    groups = graph_engine.base.bank.siblings  # q/k/v and gate/up share one shrink launch in the step too
+    assert groups and all(g.enabled and g.shared > 0 for g in groups)
     captured = list(decode.capture_log)
     assert len(captured) == decode.captured
     # A bucket is captured again only when a decode buffer it reads has moved (grown).

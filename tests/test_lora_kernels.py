@@ -18,6 +18,7 @@ from loramux.server.engine.inputs import GenerateInput  # noqa: E402
 from loramux.server.errors import InvalidSettings  # noqa: E402
 from loramux.server.lora import triton_kernels  # noqa: E402
 from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear  # noqa: E402
+from loramux.server.lora.weights import AdapterWeights, ModuleLora  # noqa: E402
 from loramux.server.model.base_model import load_base_model  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not triton_kernels.triton.knobs.runtime.interpret,
@@ -37,7 +38,7 @@ def reference(y, x, a, b, first, rank, scale, tokens_per_row):
 
 @pytest.mark.parametrize("y_dtype, w_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
                                               (torch.float16, torch.float32), (torch.bfloat16, torch.bfloat16)])
-@pytest.mark.parametrize("tokens_per_row", [1, 3])
+@pytest.mark.parametrize("tokens_per_row", [1, 3, 37])  # a decode step; prefills of one tile and of three
 def test_kernels_add_each_tokens_own_adapter(y_dtype, w_dtype, tokens_per_row):
     gen = torch.Generator().manual_seed(7)
     columns, in_f, out_f = 44, 70, 130  # neither width a multiple of the blocks
@@ -60,6 +61,30 @@ def test_kernels_add_each_tokens_own_adapter(y_dtype, w_dtype, tokens_per_row):
         assert ((got.double() - exact.double()).abs() <= ulp).all()
     base_rows = slice(4 * tokens_per_row, 5 * tokens_per_row)
     assert torch.equal(got[base_rows], y[base_rows])  # a row without an adapter is left as it was
+
+
+@pytest.mark.parametrize("tokens_per_row", [1, 21])
+def test_one_shrink_launch_for_siblings_equals_a_launch_each(tokens_per_row):
+    """Three layers' buffers and runs in one launch: each part is exactly its own launch's."""
+    gen = torch.Generator().manual_seed(11)
+    in_f, rows = 70, 4
+    x = torch.randn(rows * tokens_per_row, in_f, generator=gen)
+    layers_ = []
+    for columns, ranks in ((30, [8, 0, 30, 4]), (12, [2, 12, 0, 0]), (50, [16, 16, 5, 24])):
+        a = torch.randn(columns, in_f, generator=gen)
+        rank = torch.tensor(ranks, dtype=torch.int32)
+        first = torch.tensor([0 if r == columns else (i * 3) % max(1, columns - r) for i, r in enumerate(ranks)],
+                             dtype=torch.int32)
+        layers_.append((a, first, rank))
+    width = 30
+    together = triton_kernels.shrink(x, *[[part[i] for part in layers_] for i in range(3)], width, tokens_per_row)
+    for s_, (a, first, rank) in enumerate(layers_):
+        alone = triton_kernels.shrink(x, [a], [first], [rank], width, tokens_per_row)[0]
+        for t in range(x.shape[0]):
+            r = int(rank[t // tokens_per_row])
+            assert torch.equal(together[s_, t, :r], alone[t, :r])
+            f = int(first[t // tokens_per_row])
+            torch.testing.assert_close(alone[t, :r].double(), a[f:f + r].double() @ x[t].double(), rtol=1e-5, atol=1e-5)
 
 
 def layers(kernel_slots=3, rank=4, bias=True):
@@ -125,10 +150,12 @@ def test_engine_with_triton_kernels_equals_peft(assets):
             futures = [pool.submit(engine.generate, "default", GenerateInput(adapter_id=a, prompt=p, max_new_tokens=6), 120)
                        for a, p in jobs]
             results = [f.result()["token_ids"] for f in futures]
+        groups = engine.base.bank.siblings
     finally:
         engine.stop()
     for (adapter, prompt), tokens in zip(jobs, results):
         assert tokens == assets.oracle(adapter or None, prompt, 6), (adapter, prompt)
+    assert groups and all(g.enabled and g.shared > 0 for g in groups)  # q/k/v and gate/up shared their shrinks
 
 
 def test_triton_kernels_are_refused_where_they_cannot_run(assets):
@@ -157,3 +184,81 @@ def test_a_prefill_places_its_adapters_without_moving_the_running_ones():
     layer(torch.randn(1, 4, 6, generator=gen))
     segments = layer.buffer_layout().segments
     assert {s: segments[s] for s in (0, 1)} == running and segments[2][0] == 6  # appended after them
+
+
+def llama_bank(kernel="triton"):
+    """A two-layer Llama whose seven projections are slot layers, three adapters filled."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from loramux.server.lora.slot_bank import SlotBank
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=2, vocab_size=64)
+    model = LlamaForCausalLM(config).eval()
+    bank = SlotBank(model, ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"), 3, 8,
+                    kernel=kernel)
+    gen = torch.Generator().manual_seed(2)
+    for uid, (rank, targets) in enumerate(((8, ("q", "k", "v", "gate", "up")), (4, ("k", "down", "up")),
+                                           (2, ("q", "v", "o", "gate")))):
+        bank.place(uid, AdapterWeights(modules={
+            name: ModuleLora(a=torch.randn(rank, layer.in_features, generator=gen) * 0.3,
+                             b=torch.randn(layer.out_features, rank, generator=gen) * 0.3, scale=0.5 + uid)
+            for name, layer in bank.layers.items() if name.rsplit(".", 1)[-1].split("_")[0] in targets}))
+    return model, bank
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_siblings_share_one_shrink_and_serve_what_separate_layers_serve(tokens):
+    """q/k/v and gate/up take their parts of one launch (three shared parts per decoder layer),
+    and the model's output equals the torch path's."""
+    outs = {}
+    for kernel in ("torch", "triton"):
+        model, bank = llama_bank(kernel)
+        ids = torch.randint(0, 64, (4, tokens), generator=torch.Generator().manual_seed(4))
+        plan_ = bank.plan([0, 1, None, 2], torch.device("cpu"))
+        bank.route(plan_, tokens)
+        with torch.inference_mode():
+            outs[kernel] = model(input_ids=ids, use_cache=False).logits
+        bank.route(None)
+        assert [len(g.layers) for g in bank.siblings] == [3, 3, 2, 2]  # q/k/v per layer, then gate/up
+        # (the torch path's masked GEMMs have no launch to share)
+        assert [g.shared for g in bank.siblings] == ([2, 2, 1, 1] if kernel == "triton" else [0, 0, 0, 0])
+        assert all(g.enabled for g in bank.siblings)
+    torch.testing.assert_close(outs["triton"], outs["torch"], rtol=1e-5, atol=1e-5)
+
+
+class _ChangesItsInput(nn.Module):
+    """A module that changes the shared input in place between its siblings' calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.q_proj, self.k_proj = nn.Linear(6, 5), nn.Linear(6, 5)
+
+    def forward(self, x):
+        q = self.q_proj(x)
+        x.mul_(2)
+        return q, self.k_proj(x)
+
+
+@pytest.mark.parametrize("mode", ["inference", "no_grad"])
+def test_a_model_that_changes_the_shared_input_is_not_served_a_stale_shrink(mode):
+    from loramux.server.lora.slot_bank import SlotBank
+
+    results = {}
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        module = _ChangesItsInput()
+        bank = SlotBank(module, ("q_proj", "k_proj"), 2, 4, kernel=kernel)
+        bank.place(0, AdapterWeights(modules={name: ModuleLora(a=torch.randn(4, 6), b=torch.randn(5, 4), scale=1.5)
+                                              for name in bank.layers}))
+        bank.route(bank.plan([0, None], torch.device("cpu")), 1)
+        context = torch.inference_mode() if mode == "inference" else torch.no_grad()
+        with context:
+            results[kernel] = module(torch.randn(2, 1, 6, generator=torch.Generator().manual_seed(1)))
+        if kernel == "triton":
+            group, = bank.siblings
+            assert group.shared == 0
+            assert group.enabled == (mode == "no_grad")  # versions tell it apart; inference tensors need the check
+    for got, want in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -14,6 +14,10 @@ default), saved in bfloat16 and served as the server loads it (`load_base_model`
 medians over interleaved steps, the spread over rounds, CUDA kernels per step (torch.profiler),
 and the bytes each step must read (weights; adapters once each) over the device's bandwidth.
 The graph-replayed mixed step is checked against the eager one (largest logit difference).
+Then a prefill (`--prefill-rows` prompts of `--prefill-tokens` tokens, what a time to first
+token is made of): plain, base, and every row its own adapter through the torch kernel (one
+pair of GEMMs per adapter per layer) and through the Triton kernels (tiles per row, q/k/v and
+gate/up shrinks in one launch each), with its largest logit difference from the torch path.
 
     python scripts/gpu/step.py --out step.json                 # on the GPU
     TRITON_INTERPRET=1 python scripts/gpu/step.py --device cpu --hidden 64 --intermediate 172 \\
@@ -221,6 +225,52 @@ def measure(args, model_dir: Path, result: dict, write) -> None:
         log(json.dumps({k: cell[k] for k in ("steps", "ratios")}))
         write()
         bank.route(None)
+    measure_prefill(args, base, plain, device, result, write)
+
+
+def measure_prefill(args, base, plain, device, result: dict, write) -> None:
+    """A batch of prompts prefilled at once: plain, base, and mixed through each kernel."""
+    bank, rows, tokens = base.bank, args.prefill_rows, args.prefill_tokens
+    log(f"prefill: {rows} rows x {tokens} tokens")
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, plain.config.vocab_size, (rows, tokens), generator=gen).to(device)
+    plan = bank.plan([uid % bank.num_slots for uid in range(rows)], device)
+    cell: dict = {"rows": rows, "tokens": tokens, "steps": {}, "kernels": {}}
+    result["prefill"] = cell
+
+    def run(model, p=None):
+        def go():
+            bank.route(p, tokens)
+            try:
+                return model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+            finally:
+                bank.route(None)
+        return go
+
+    groups = {"torch": {"plain prefill": run(plain), "base prefill": run(base.model),
+                        "mixed torch prefill": run(base.model, plan)}}
+    if args.triton:
+        groups["triton"] = {"base prefill": run(base.model), "mixed triton prefill": run(base.model, plan)}
+    logits = {}
+    for kernel, kinds in groups.items():
+        set_kernel(bank, kernel)
+        for fn in kinds.values():
+            fn()
+        sync(device)
+        logits[kernel] = list(kinds.values())[-1]().float()
+        cell["kernels"].update({kind: cuda_kernels(fn, device) for kind, fn in kinds.items()})
+        for kind, value in timed(kinds, max(3, args.reps // 3), args.rounds, device).items():
+            cell["steps"][f"{kind} ({kernel} group)" if kind in cell["steps"] else kind] = value
+        write()
+    set_kernel(bank, "torch")
+    ms = {k: v["ms"] for k, v in cell["steps"].items()}
+    cell["ratios"] = {"mixed torch / base": round(ms["mixed torch prefill"] / ms["base prefill"], 3),
+                      "base / plain": round(ms["base prefill"] / ms["plain prefill"], 3)}
+    if "triton" in logits:
+        cell["ratios"]["mixed triton / base"] = round(ms["mixed triton prefill"] / ms["base prefill"], 3)
+        cell["triton_vs_torch_max_logit_diff"] = float((logits["triton"] - logits["torch"]).abs().max())
+    log(json.dumps({k: cell[k] for k in ("steps", "ratios")}))
+    write()
 
 
 def main() -> int:
@@ -235,6 +285,8 @@ def main() -> int:
     p.add_argument("--rows", default="16,64")
     p.add_argument("--reps", type=int, default=30)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--prefill-rows", type=int, default=16)
+    p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--no-triton", dest="triton", action="store_false")
     p.add_argument("--out", required=True)
     args = p.parse_args()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from loramux.server.lora.siblings import group_siblings
 from loramux.server.lora.weights import AdapterWeights, ModuleLora
 from loramux.server.lora.slot_linear import LoraRouting, RoutingPlan, SlotLinear, is_conv1d
 from loramux.server.settings import ALL_LINEAR
@@ -52,6 +53,7 @@ class SlotBank:
             self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"the model has no Linear layer named any of {sorted(target_modules)}")
+        self.siblings = group_siblings(self.layers)  # q/k/v and gate/up: one shrink launch each (triton kernel)
         self._uids: list[int | None] = [None] * num_slots  # slot -> adapter uid
         self._slot_of: dict[int, int] = {}  # adapter uid -> slot
         self._bytes: dict[int, int] = {}  # adapter uid -> its bytes here (true size)

@@ -50,6 +50,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from loramux.server.lora.siblings import Siblings
+
 
 MIN_COLUMNS = 2  # decode buffer columns a compiled step reads at least
 
@@ -114,6 +116,16 @@ class _DecodeView:
 
 
 @dataclasses.dataclass(frozen=True)
+class KernelRuns:
+    """What the Triton kernels read for one layer in one pass (triton_kernels.py)."""
+
+    first: torch.Tensor  # [rows] int32: each row's first decode-buffer column
+    rank: torch.Tensor  # [rows] int32: each row's adapter rank here, 0 for none
+    scale: torch.Tensor  # [rows] float32: each row's adapter scale
+    max_rank: int  # the width of the shrink's result
+
+
+@dataclasses.dataclass(frozen=True)
 class BufferLayout:
     """A copy of a layer's decode-buffer bookkeeping, for tests and diagnostics."""
 
@@ -166,11 +178,13 @@ class SlotLinear(nn.Module):
         [in, out]; peft's fan_in_fan_out: the adapter's A and B are shaped as for a Linear, so
         the LoRA path is the same). `dtype`: the LoRA path's (Settings.lora_dtype, float32
         by default, or the serving dtype, which a quantized base layer's weight does not tell).
-        `kernel`: torch (the masked GEMMs) or triton (triton_kernels.py, two launches per pass)."""
+        `kernel`: torch (the masked GEMMs) or triton (triton_kernels.py: a shrink and an
+        expansion per pass, the shrink shared with the layer's siblings, siblings.py)."""
         super().__init__()
         self.base_layer = base_layer
         self.kernel = kernel
         self.index = 0  # this layer's place among the bank's layers (GraphRouting's rows)
+        self.siblings: Siblings | None = None  # layers called on the same input, shrunk in one launch (siblings.py)
         self.routing = routing
         self.num_slots = num_slots
         w = base_layer.weight
@@ -251,13 +265,9 @@ class SlotLinear(nn.Module):
             view = self._step_view(plan, compact=x.shape[1] == 1)
             if view is None:
                 return result
-            if view.dora is None:  # (a batch with a DoRA adapter takes the torch path)
-                from loramux.server.lora.triton_kernels import lora_add_
-
-                result = result.contiguous()
-                lora_add_(result.view(-1, self._out), xd.reshape(-1, self._in), self._a_rows, self._b_cat,
-                          view.first, view.rank, view.scale.view(-1), view.max_rank, x.shape[1])
-                return result
+            runs = self.kernel_runs(x.shape[1] == 1, view)
+            if runs is not None:  # (a batch with a DoRA adapter takes the torch path)
+                return self._kernel_add(result, x, xd, runs, x.shape[1])
         if x.shape[1] > 1:
             # Prefill: each adapter's weights meet only its own rows' tokens.
             for slot, rows in plan.groups:  # groups hold disjoint rows: a group's rows are still the base output
@@ -295,12 +305,45 @@ class SlotLinear(nn.Module):
             return result
         if x.numel() != graph.runs.shape[-1] * self._in:  # one token per row, rows in order (as _by_rows checks)
             raise RuntimeError(f"a slot layer got input {list(x.shape)} in a graph of {graph.runs.shape[-1]} rows")
-        from loramux.server.lora.triton_kernels import lora_add_
+        return self._kernel_add(result, x, x.to(self._dtype), self.kernel_runs(True), 1)
 
-        runs = graph.runs[self.index]
-        flat = result.view(-1, self._out)  # (a fresh Linear output: contiguous)
-        lora_add_(flat, x.reshape(-1, self._in).to(self._dtype), self._a_rows, self._b_cat, runs[0], runs[1],
-                  graph.scales[self.index], graph.max_rank, 1)
+    # -- the Triton kernels (eager and in graphs) ------------------------------------------
+
+    def kernel_runs(self, decode: bool, view: _DecodeView | None = None) -> KernelRuns | None:
+        """What the kernels read for this layer in the pass being run: each row's run of
+        buffer columns and scale. None: no row has an adapter here, or a DoRA adapter's row
+        does (the torch path serves that batch). `view`: this pass's decode view, when the
+        caller has it (a sibling asks without counting the buffer's waste a second time)."""
+        graph = self.routing.graph
+        if graph is not None:
+            if not graph.lora:
+                return None
+            runs = graph.runs[self.index]
+            return KernelRuns(runs[0], runs[1], graph.scales[self.index], graph.max_rank)
+        if view is None:
+            view = self._decode_view(self.routing.plan, compact=decode)
+        if view is None or view.dora is not None or view.first is None:
+            return None
+        return KernelRuns(view.first, view.rank, view.scale.view(-1), view.max_rank)
+
+    def _kernel_add(self, result: torch.Tensor, x: torch.Tensor, xd: torch.Tensor, runs: KernelRuns,
+                    tokens_per_row: int) -> torch.Tensor:
+        """result + each token's LoRA delta through the kernels: the shrink (one launch with
+        this layer's siblings, or its part of theirs) and the expansion, added in place."""
+        from loramux.server.lora import triton_kernels
+
+        result = result.contiguous()  # (a fresh Linear output already is)
+        flat = xd.reshape(-1, self._in)
+        if flat.stride(-1) != 1:
+            flat = flat.contiguous()
+        with triton_kernels.on_device(result.device):
+            if self.siblings is not None:
+                h = self.siblings.shrunk(self, x, flat, runs, tokens_per_row)
+            else:
+                h = triton_kernels.shrink(flat, [self._a_rows], [runs.first], [runs.rank], runs.max_rank,
+                                          tokens_per_row)[0]
+            triton_kernels.expand_add_(result.view(-1, self._out), h, self._b_cat, runs.first, runs.rank, runs.scale,
+                                       tokens_per_row)
         return result
 
     def runs(self, plan: RoutingPlan) -> list[tuple[int, int, float]]:

@@ -1,0 +1,141 @@
+"""Sibling layers: the projections a model calls on one input (q/k/v; gate/up), whose LoRA
+shrinks run as one launch (`--lora-kernel triton`).
+
+A decoder layer calls q_proj, k_proj and v_proj on the same hidden states, and gate_proj and
+up_proj on the same input. With the Triton kernels, the first of a group to run (whichever it
+is) shrinks the input for every sibling that has an adapter in the pass, in one launch over the
+siblings' own buffers and runs; each sibling then finds its part and only expands. Five
+shrink launches per decoder layer become two.
+
+Little is assumed about the model's calls: a sibling takes the held result only when its
+input is the very input the shrink read (the same memory, shape, strides and, outside
+inference mode, version: an in-place change bumps it) in the same routing state (the same plan
+or graph, slot weights and buffer layout), and its own runs are the ones used. The held input,
+plan and runs are referenced while held, so no other tensor can take their memory meanwhile.
+Otherwise it shrinks alone. Inference tensors carry no version, so the first `CHECKS` parts
+each group hands out (outside a CUDA graph capture) are also computed alone and compared: a
+model that changes the shared input in place between its siblings' calls (none in
+transformers does) has its group turned off, with a warning, before it can serve a wrong
+token. Groups are formed by name (`SIBLING_NAMES`) under one parent, with equal input width,
+LoRA dtype and device; a model that names its projections otherwise runs each alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from loramux.server.lora.slot_linear import KernelRuns, SlotLinear
+
+log = logging.getLogger(__name__)
+
+# Short names of layers models call on one input, per group.
+SIBLING_NAMES = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+CHECKS = 4  # parts per group checked against a shrink of their own before they are trusted
+
+
+@dataclasses.dataclass(eq=False)
+class _Held:
+    key: tuple  # the input's memory, shape, strides, dtype and version, and the routing state
+    held: tuple  # the objects the key names, referenced while held (input, plan, graph)
+    runs: dict[int, tuple[int, int, int]]  # layer position -> (first's and rank's memory, width) used
+    h: torch.Tensor  # [included, tokens, width] float32
+    part: dict[int, int]  # layer position -> its part of h
+    left: set[int]  # positions that have not taken their part yet
+
+
+class Siblings:
+    def __init__(self, layers: list[SlotLinear]):
+        self.layers = layers
+        self._held: _Held | None = None
+        self.shared = 0  # shrinks served from a sibling's launch (diagnostics, tests)
+        self.checks_left = CHECKS
+        self.enabled = True  # False: a check found the shared input changed between calls
+
+    @staticmethod
+    def _key(x: torch.Tensor, tokens_per_row: int, layer: SlotLinear) -> tuple[tuple, tuple]:
+        routing = layer.routing
+        version = -1 if x.is_inference() else x._version
+        key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, version, tokens_per_row,
+               id(routing.plan), id(routing.graph), routing.generation, routing.layout, routing.buffers)
+        return key, (x, routing.plan, routing.graph)
+
+    def shrunk(self, layer: SlotLinear, x: torch.Tensor, xd: torch.Tensor, runs: KernelRuns,
+               tokens_per_row: int) -> torch.Tensor:
+        """h [tokens, width] float32 for `layer` (its `runs` in this pass) over x [tokens, in]
+        (`xd`: x in the LoRA dtype, tokens flattened): the part a sibling's launch made for it,
+        or one launch now for it and every sibling with an adapter in the pass."""
+        from loramux.server.lora.triton_kernels import shrink
+
+        if not self.enabled:
+            return shrink(xd, [layer._a_rows], [runs.first], [runs.rank], runs.max_rank, tokens_per_row)[0]
+        pos = self.layers.index(layer)
+        mine = (runs.first.data_ptr(), runs.rank.data_ptr(), runs.max_rank)
+        got = self._held
+        if got is not None and got.key == self._key(x, tokens_per_row, layer)[0] and pos in got.left and got.runs[pos] == mine:
+            got.left.discard(pos)
+            if not got.left:
+                self._held = None
+            part = got.h[got.part[pos]]
+            if self.checks_left and not _capturing(xd):
+                self.checks_left -= 1
+                alone = shrink(xd, [layer._a_rows], [runs.first], [runs.rank], runs.max_rank, tokens_per_row)[0]
+                if not _agree(part, alone, runs.rank, tokens_per_row):
+                    self.enabled, self._held = False, None
+                    log.warning("LoRA shrinks of %d layers sharing an input no longer share a launch: the model "
+                                "changed their input between their calls", len(self.layers))
+                    return alone
+            self.shared += 1
+            return part
+        included: list[tuple[int, SlotLinear, KernelRuns]] = []
+        for i, sibling in enumerate(self.layers):
+            theirs = runs if sibling is layer else sibling.kernel_runs(tokens_per_row == 1)
+            if theirs is not None:
+                included.append((i, sibling, theirs))
+        key, held = self._key(x, tokens_per_row, layer)  # (after the siblings' adapters were placed)
+        width = max(r.max_rank for _, _, r in included)
+        h = shrink(xd, [s._a_rows for _, s, _ in included], [r.first for _, _, r in included],
+                   [r.rank for _, _, r in included], width, tokens_per_row)
+        part = {i: n for n, (i, _, _) in enumerate(included)}
+        left = set(part) - {pos}
+        refs = tuple(r.first for _, _, r in included) + tuple(r.rank for _, _, r in included)
+        self._held = _Held(key, held + refs, {i: (r.first.data_ptr(), r.rank.data_ptr(), r.max_rank)
+                                              for i, _, r in included}, h, part, left) if left else None
+        return h[part[pos]]
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _agree(part: torch.Tensor, alone: torch.Tensor, rank: torch.Tensor, tokens_per_row: int) -> bool:
+    """Whether a held part equals a shrink of its own within each row's rank (float32
+    rounding apart: on a GPU, the two launches' tiles may sum in another order)."""
+    width = alone.shape[1]
+    rows_rank = rank.to(torch.long).repeat_interleave(tokens_per_row)  # [tokens]
+    within = torch.arange(width, device=alone.device)[None, :] < rows_rank[:, None]
+    a, b = part[:, :width][within], alone[within]
+    return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True))
+
+
+def group_siblings(layers: dict[str, SlotLinear]) -> list[Siblings]:
+    """Give each layer of a sibling group its `siblings` (under one parent, with equal input
+    width, LoRA dtype and device); returns the groups. Only the Triton kernels use them."""
+    groups = []
+    for names in SIBLING_NAMES:
+        by_parent: dict[tuple, list[SlotLinear]] = {}
+        for name, layer in layers.items():
+            parent, _, short = name.rpartition(".")
+            if short in names:
+                by_parent.setdefault((parent, layer.in_features, layer._dtype, layer._device), []).append(layer)
+        for members in by_parent.values():
+            if len(members) > 1:
+                group = Siblings(members)
+                for member in members:
+                    member.siblings = group
+                groups.append(group)
+    return groups
