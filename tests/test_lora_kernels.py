@@ -262,3 +262,41 @@ def test_a_model_that_changes_the_shared_input_is_not_served_a_stale_shrink(mode
             assert group.enabled == (mode == "no_grad")  # versions tell it apart; inference tensors need the check
     for got, want in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _serve(settings, jobs, n):
+    engine = Engine(settings, load_base_model(settings)).start()
+    try:
+        for name in {a for a, _ in jobs if a}:
+            engine.load_adapter("default", name, name)
+        with cf.ThreadPoolExecutor(len(jobs)) as pool:  # mixed batches
+            futures = [pool.submit(engine.generate, "default", GenerateInput(adapter_id=a, prompt=p, max_new_tokens=n),
+                                   120) for a, p in jobs]
+            return [f.result()["token_ids"] for f in futures], engine.base.bank
+    finally:
+        engine.stop()
+
+
+def test_dora_rows_beside_kernel_rows_equal_peft(assets):
+    """A batch with a DoRA adapter takes the torch path on the layers it targets; its siblings
+    without one still run the kernels (and share nothing with the DoRA layers)."""
+    from loramux.demo.assets import make_adapter
+
+    name = "dora-kernels"
+    if not (assets.adapters / name).exists():
+        make_adapter(assets.base, assets.adapters / name, use_dora=True, r=4, alpha=8,
+                     target_modules=("q_proj", "v_proj", "up_proj"), seed=31)
+    jobs = [(a, p) for p in PROMPTS[:2] for a in (name, "all-r16", "rslora-r8", "")]
+    got, _ = _serve(assets.settings(lora_kernel="triton", adapter_slots=4, max_batch_size=8, batch_window_ms=50),
+                    jobs, 6)
+    for (adapter, prompt), tokens in zip(jobs, got):
+        assert tokens == assets.oracle(adapter or None, prompt, 6), (adapter, prompt)
+
+
+def test_an_int8_base_with_the_kernels_serves_what_the_torch_path_serves(assets):
+    """The kernels add to whatever the base layer returns: with torchao's int8 Linears the
+    tokens are the torch path's on the same quantized base."""
+    jobs = [(a, p) for p in PROMPTS[:2] for a in ("all-r16", "pattern", "")]
+    got = {kernel: _serve(assets.settings(quantization="int8", lora_kernel=kernel, adapter_slots=4, max_batch_size=8),
+                          jobs, 6)[0] for kernel in ("torch", "triton")}
+    assert got["triton"] == got["torch"]

@@ -8,6 +8,16 @@ official `openai` client for HTTP, loramux's client for gRPC). Rounds alternate 
 two doors after an untimed pass through each; the ratios are taken round by round (paired):
 output tokens/s HTTP / gRPC, and p99 time to first token HTTP / gRPC. The load generator's
 CPU seconds are reported beside (both doors share this machine's cores with it).
+
+A third "door" is the engine called in the server's own process with no front door at all
+(`runners.engine_closed_loop`: the same requests, 16 clients woken once per request). Beside
+each door, the engine thread's time per decode step (forward pass, sampling and emitting the
+step's events: `EngineStats.decode_seconds` over `steps`, during that door's rounds): what a
+front door's work in the engine's process (its event loop, protobuf or JSON, sockets, all
+under one GIL) takes from the step, and so what running the engine in a process of its own
+could give back at most. What such an engine would pay instead is measured beside it: the
+engine thread's time to hand one step's events (`CLIENTS` token events) to another process,
+pickled as one message on a pipe that a reader process drains (`shipping_us_per_step`).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
             text_reqs = [Req(names[i % len(names)], p, OUTPUT_TOKENS) for i, p in enumerate(prompts)]
             settings = Settings(model=str(base), adapter_roots=(work / "adapters",), auth="none", port=0, http_port=0)
             with BackgroundServer(settings) as server, lc.Client(server.target, timeout=600) as client:
+                engine = server.engine
                 for name in names:
                     client.load_adapter(name, source=name)
                 url = f"http://127.0.0.1:{server.running.http_port}/v1"
@@ -52,16 +63,23 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
                     "grpc": lambda rs: load.submit(runners.grpc_load, server.target, rs, CLIENTS).result(),
                     # the same prompts as text: the server tokenizes them (as it does the ids' prompt once)
                     "http": lambda rs: load.submit(runners.http_load, url, rs, CLIENTS).result(),
+                    # the same tenant's adapters (resident across rounds whichever door runs)
+                    "engine": lambda rs: (runners.engine_closed_loop(engine, rs, CLIENTS, True,
+                                                                     settings.default_tenant), 0.0),
                 }
-                workloads = {"grpc": reqs, "http": text_reqs}
+                workloads = {"grpc": reqs, "http": text_reqs, "engine": reqs}
                 for door, call in doors.items():  # untimed: first-pass effects
                     call(workloads[door][:CLIENTS])
                 cell: dict = {"model": case.name, **{door: {"tokens_per_s": [], "ttft_p99_ms": [], "ttft_p50_ms": [],
-                                                            "load_cpu_s": []} for door in doors}}
+                                                            "load_cpu_s": [], "step_ms": []} for door in doors}}
                 for r in range(rounds):
                     order = list(doors) if r % 2 == 0 else list(reversed(doors))
                     for door in order:
+                        before = engine.stats()
                         records, cpu_s = doors[door](workloads[door])
+                        after = engine.stats()
+                        cell[door]["step_ms"].append(round(1000 * (after.decode_seconds - before.decode_seconds)
+                                                           / max(1, after.steps - before.steps), 3))
                         s = summarize(records)
                         cell[door]["tokens_per_s"].append(s["output_tokens_per_s"])
                         cell[door]["ttft_p99_ms"].append(s["ttft_p99_ms"])
@@ -72,10 +90,46 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
                 cell["http_over_grpc_tokens_per_s"] = {"median": round(statistics.median(speed), 3),
                                                        "worst": round(min(speed), 3)}
                 cell["http_over_grpc_ttft_p99"] = {"median": round(statistics.median(ttft), 3), "worst": round(max(ttft), 3)}
+                for door in ("grpc", "http"):  # what the door's work in the process costs the engine's step
+                    steps = [d / e for d, e in zip(cell[door]["step_ms"], cell["engine"]["step_ms"])]
+                    cell[f"{door}_over_engine_step_ms"] = {"median": round(statistics.median(steps), 3),
+                                                           "worst": round(max(steps), 3)}
                 cells.append(cell)
     finally:
         load.shutdown()
-    return {"rounds": rounds, "requests": requests, "clients": CLIENTS, "output_tokens": OUTPUT_TOKENS, "cells": cells}
+    return {"rounds": rounds, "requests": requests, "clients": CLIENTS, "output_tokens": OUTPUT_TOKENS, "cells": cells,
+            "shipping_us_per_step": shipping_us_per_step(CLIENTS)}
+
+
+def _drain(conn) -> None:
+    while conn.recv() is not None:
+        pass
+
+
+def shipping_us_per_step(rows: int, steps: int = 3000) -> float:
+    """The sender's median time (us) to pickle one step's `rows` token events and write them to
+    a pipe whose other end another process reads: what an engine in a process of its own
+    would pay per step to reach the front doors."""
+    import pickle
+    import time
+
+    from loramux.server.engine.request import TokenEvent
+
+    ctx = multiprocessing.get_context("spawn")
+    ours, theirs = ctx.Pipe()
+    reader = ctx.Process(target=_drain, args=(theirs,), daemon=True)
+    reader.start()
+    try:
+        times = []
+        for step in range(steps):
+            events = [(row, TokenEvent([1000 + step % 7000], [], " word")) for row in range(rows)]
+            started = time.perf_counter()
+            ours.send_bytes(pickle.dumps(events, protocol=pickle.HIGHEST_PROTOCOL))
+            times.append(time.perf_counter() - started)
+        ours.send(None)
+    finally:
+        reader.join(10)
+    return round(statistics.median(times) * 1e6, 1)
 
 
 def markdown(results: dict) -> str:
@@ -83,19 +137,25 @@ def markdown(results: dict) -> str:
         f"# HTTP (OpenAI API, SSE) against gRPC streaming: {results['rounds']} rounds of {results['requests']} requests, "
         f"{results['clients']} clients, {results['output_tokens']} tokens each, greedy, adapters mixed, default flags",
         "",
-        "| model | door | tokens/s (rounds) | p50 TTFT ms | p99 TTFT ms (rounds) | load generator CPU s |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| model | door | tokens/s (rounds) | p50 TTFT ms | p99 TTFT ms (rounds) | engine ms per step (rounds) | "
+        "load generator CPU s |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in results["cells"]:
-        for door in ("grpc", "http"):
+        for door in ("engine", "grpc", "http"):
             r = c[door]
             lines.append(f"| {c['model']} | {door} | {r['tokens_per_s']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
-                         f"{r['load_cpu_s']} |")
+                         f"{r['step_ms']} | {r['load_cpu_s']} |")
     lines.append("")
     for c in results["cells"]:
         s, t = c["http_over_grpc_tokens_per_s"], c["http_over_grpc_ttft_p99"]
+        g, h = c["grpc_over_engine_step_ms"], c["http_over_engine_step_ms"]
         lines.append(f"- {c['model']}: HTTP / gRPC tokens/s median {s['median']} (worst {s['worst']}); "
-                     f"p99 TTFT HTTP / gRPC median {t['median']} (worst {t['worst']})")
+                     f"p99 TTFT HTTP / gRPC median {t['median']} (worst {t['worst']}); engine step with the "
+                     f"gRPC door / alone median {g['median']} (worst {g['worst']}), HTTP / alone {h['median']} "
+                     f"(worst {h['worst']})")
+    lines.append(f"- handing one step's {results['clients']} token events to another process (pickle, pipe): "
+                 f"{results['shipping_us_per_step']} us on the engine thread")
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,8 @@ from loramux.server.engine.inputs import GenerateInput
 from loramux.server.engine.request import ErrorEvent, TokenEvent
 
 
-def _engine_call(engine: Engine, req: Req, use_adapter: bool, arrival: float, sink: queue.Queue) -> Record:
+def _engine_call(engine: Engine, req: Req, use_adapter: bool, arrival: float, sink: queue.Queue,
+                 tenant: str = "bench") -> Record:
     """Submit one request; its Record is complete when `sink` gets it."""
     record = Record(arrival, [])
 
@@ -30,7 +31,7 @@ def _engine_call(engine: Engine, req: Req, use_adapter: bool, arrival: float, si
 
     inp = GenerateInput(adapter_id=req.adapter if use_adapter else "", prompt_token_ids=req.prompt,
                         max_new_tokens=req.output_tokens)
-    engine.submit("bench", inp, emit)
+    engine.submit(tenant, inp, emit)
     return record
 
 
@@ -40,7 +41,8 @@ def _check(result):
     return result
 
 
-def engine_closed_loop(engine: Engine, reqs: list[Req], concurrency: int, use_adapter: bool) -> list[Record]:
+def engine_closed_loop(engine: Engine, reqs: list[Req], concurrency: int, use_adapter: bool,
+                       tenant: str = "bench") -> list[Record]:
     """`concurrency` clients, each sending its next request when the last one finished."""
     records: list[Record | None] = [None] * len(reqs)
     next_index = iter(range(len(reqs)))
@@ -55,7 +57,7 @@ def engine_closed_loop(engine: Engine, reqs: list[Req], concurrency: int, use_ad
             if i is None:
                 return
             try:
-                _engine_call(engine, reqs[i], use_adapter, time.monotonic(), sink)
+                _engine_call(engine, reqs[i], use_adapter, time.monotonic(), sink, tenant)
                 records[i] = _check(sink.get(timeout=600))
             except BaseException as e:
                 errors.append(e)
