@@ -300,3 +300,27 @@ def test_an_int8_base_with_the_kernels_serves_what_the_torch_path_serves(assets)
     got = {kernel: _serve(assets.settings(quantization="int8", lora_kernel=kernel, adapter_slots=4, max_batch_size=8),
                           jobs, 6)[0] for kernel in ("torch", "triton")}
     assert got["triton"] == got["torch"]
+
+
+@pytest.mark.parametrize("arch", [90, 80])  # H100/H200, A100
+def test_the_kernels_compile_for_the_gpus_they_serve(arch, tmp_path):
+    """Lowered to PTX and assembled by Triton's own ptxas for the architecture, here without a
+    GPU (tests/compile_kernels.py): every kernel, for float32 LoRA weights on bfloat16, float16
+    and float32 models, and bfloat16 weights (--lora-dtype serving). The interpreter checks the
+    arithmetic; this checks what only a compiler sees (types, `tl.dot` operands, the siblings'
+    pointer selection, shared memory within a streaming multiprocessor's)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here, not found in a cache
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, str(Path(__file__).with_name("compile_kernels.py")), str(arch)],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    compiled = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    kernels = {"_shrink_kernel", "_shrink_tiles_kernel", "_expand_add_kernel", "_expand_tiles_kernel"}
+    assert len(compiled) == 16 and {c["kernel"] for c in compiled} == kernels
+    assert all(c["cubin_bytes"] > 0 and c["shared"] <= 48 * 1024 for c in compiled)

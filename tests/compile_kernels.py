@@ -1,0 +1,56 @@
+"""Compiles the Triton LoRA kernels ahead of time for NVIDIA GPUs, on a machine without one:
+Triton lowers them to PTX and its bundled ptxas assembles them for the architecture named,
+which catches what the interpreter does not (types, layouts, `tl.dot` shapes, resources).
+Run as a program with TRITON_INTERPRET unset (the kernels must be JIT functions); prints one
+JSON line per kernel and case."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from loramux.server.lora import triton_kernels as tk
+
+POINTERS = ("a0_ptr", "a1_ptr", "a2_ptr")
+RUNS = ("f0_ptr", "f1_ptr", "f2_ptr", "r0_ptr", "r1_ptr", "r2_ptr")
+
+
+def cases(x: str, w: str, y: str):
+    """(kernel, signature, constexprs) for activations `x`, LoRA weights `w`, base output `y`."""
+    shrink = {"x_ptr": f"*{x}", **{p: f"*{w}" for p in POINTERS}, **{p: "*i32" for p in RUNS}, "h_ptr": "*fp32",
+              "in_features": "i32", "tokens": "i32", "tokens_per_row": "i32"}
+    expand = {"y_ptr": f"*{y}", "h_ptr": "*fp32", "b_ptr": f"*{w}", "first_ptr": "*i32", "rank_ptr": "*i32",
+              "scale_ptr": "*fp32", "out_features": "i32", "tokens_per_row": "i32"}
+    yield (tk._shrink_kernel, {**shrink, "h_width": "i32", "stride_x": "i32", "stride_a": "i32"},
+           {"BLOCK_R": 16, "BLOCK_K": tk.BLOCK_IN})
+    yield (tk._shrink_tiles_kernel, {**shrink, "tiles_per_row": "i32", "h_width": "i32", "stride_x": "i32",
+                                     "stride_a": "i32"},
+           {"BLOCK_T": tk.BLOCK_T, "BLOCK_R": tk.BLOCK_R_TILE, "BLOCK_K": tk.BLOCK_IN})
+    yield (tk._expand_add_kernel, {**expand, "h_width": "i32", "stride_y": "i32", "stride_b": "i32"},
+           {"BLOCK_R": 64, "BLOCK_N": tk.BLOCK_OUT})
+    yield (tk._expand_tiles_kernel, {**expand, "tiles_per_row": "i32", "h_width": "i32", "stride_y": "i32",
+                                     "stride_b": "i32"},
+           {"BLOCK_T": tk.BLOCK_T, "BLOCK_R": tk.BLOCK_R_TILE, "BLOCK_N": tk.BLOCK_OUT})
+
+
+def main() -> int:
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    target = GPUTarget("cuda", arch, 32)
+    # (activations, LoRA weights, base output): --lora-dtype float32 on bf16/fp16/fp32 models, and serving.
+    for x, w, y in (("fp32", "fp32", "bf16"), ("fp32", "fp32", "fp16"), ("fp32", "fp32", "fp32"),
+                    ("bf16", "bf16", "bf16")):
+        for kernel, signature, constexprs in cases(x, w, y):
+            signature = {**signature, **{name: "constexpr" for name in constexprs}}
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+            print(json.dumps({"kernel": kernel.fn.__name__, "arch": arch, "dtypes": [x, w, y],
+                              "cubin_bytes": len(compiled.asm["cubin"]), "shared": compiled.metadata.shared}),
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
