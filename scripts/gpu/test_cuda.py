@@ -119,10 +119,10 @@ def test_triton_kernels_and_cuda_graphs_serve_what_the_eager_server_serves(asset
             if decode is not None:
                 assert decode.replays > 0 and decode.eager_steps == 0
                 # The second round's compositions differ, its buckets are the first round's:
-                # nothing new is captured unless a decode buffer grew (it then says so in the log).
+                # nothing new is captured (the rows' slots are data, the slot tables change in place).
                 print(f"captured before round 1: {captured[0]}, before round 2: {captured[1]}, after: {decode.captured}; "
                       f"keys {decode.capture_log}")
-                assert decode.captured == captured[1] or len({k[3] for k in decode.capture_log}) > 1
+                assert decode.captured == captured[1]
         finally:
             eng.stop()
 

@@ -12,10 +12,11 @@ before each replay:
   behind every real row's mask; a later join overwrites them). The extra positions are
   masked for every row, so the result is the unpadded step's.
 - **The KV cache** is the static pool (`--kv-cache static`): its rows never move in memory.
-- **LoRA** runs as the Triton kernels (`--lora-kernel triton`), which read each row's first
-  column, rank and scale per layer from two buffers (`LoraRouting.graph`); those are written
-  from the host once per batch composition, one copy, not per step. A layer's decode buffer
-  moving (it grew) makes the graphs that read it stale: they are captured again.
+- **LoRA** runs as the Triton kernels (`--lora-kernel triton`), which read each row's slot
+  from one buffer (`LoraRouting.graph`), written from the host once per batch composition,
+  and each adapter through its layer's slot tables (addresses, ranks and scales, changed in
+  place when a slot is filled or cleared). Loading, evicting and replacing adapters and
+  changing compositions change values only: a bucket is captured once.
 - A graph is captured the first time its (rows, width, with or without LoRA) bucket is met, on
   the engine thread, and kept; all graphs share one memory pool.
 
@@ -84,15 +85,14 @@ class GraphDecode:
         self._positions = torch.zeros((rows, 1), dtype=torch.long, device=device)
         self._span = torch.arange(width, device=device)
         self._masks = {w: pool.step_mask(torch.zeros((rows, w), dtype=torch.bool, device=device)) for w in self.widths}
-        self._runs = torch.zeros((len(bank.layers), 2, rows), dtype=torch.int32, device=device)
-        self._scales = torch.zeros((len(bank.layers), rows), dtype=torch.float32, device=device)
-        self._routed: tuple | None = None  # (plan, generation, layout) whose runs _runs holds
+        self._slots = torch.full((rows,), bank.base_slot, dtype=torch.long, device=device)
+        self._routed: RoutingPlan | None = None  # the plan whose rows' slots _slots holds
         self._dora: tuple | None = None  # (plan, generation, whether it has a DoRA adapter)
-        self._graphs: dict[tuple[int, int, bool, int], tuple[object, torch.Tensor]] = {}
+        self._graphs: dict[tuple[int, int, bool], tuple[object, torch.Tensor]] = {}
         self._failed: set[tuple[int, int, bool]] = set()  # buckets whose capture failed: eager from then on
         self._pool_handle = torch.cuda.graph_pool_handle() if capture is Capture.CUDA else None
         self.captured = 0  # graphs captured so far
-        self.capture_log: list[tuple[int, int, bool, int]] = []  # every capture's key, in order
+        self.capture_log: list[tuple[int, int, bool]] = []  # every capture's key, in order
         self.replays = 0
         self.eager_steps = 0
 
@@ -111,10 +111,9 @@ class GraphDecode:
         self._load(input_ids, positions, n, rows, widths)
         if lora:
             self._route(plan)
-        key = (*bucket, self.base.bank.routing.buffers if lora else 0)
-        graph = self._graphs.get(key)
+        graph = self._graphs.get(bucket)
         if graph is None:
-            graph = self._capture(key)
+            graph = self._capture(bucket)
             if graph is None:
                 return self._eager(input_ids, positions, inputs, plan)
         replay, logits = graph
@@ -136,15 +135,13 @@ class GraphDecode:
         self._masks[width][:rows].copy_(self.pool.step_mask(seen))
 
     def _route(self, plan: RoutingPlan) -> None:
-        """Each layer's runs for the plan's rows into the buffers, when the plan (or a slot's
-        weights, or a buffer's place) changed since they were written."""
-        routing = self.base.bank.routing
-        if self._routed is not None and self._routed[0] is plan and self._routed[1:] == (routing.generation, routing.layout):
+        """The plan's rows' slots into the buffer (padding rows: the base slot), when the plan
+        changed since they were written (a slot's weights are the tables' business)."""
+        if self._routed is plan:
             return
-        runs, scales = self.base.bank.graph_runs(plan, self._runs.shape[2])  # (may move columns: layout read after)
-        self._runs.copy_(runs)
-        self._scales.copy_(scales)
-        self._routed = (plan, routing.generation, routing.layout)
+        self._slots[: plan.rows].copy_(plan.row_slots)
+        self._slots[plan.rows:].fill_(self.base.bank.base_slot)
+        self._routed = plan
 
     def _has_dora(self, plan: RoutingPlan) -> bool:
         generation = self.base.bank.routing.generation
@@ -158,7 +155,7 @@ class GraphDecode:
         cache = RowCache(self.pool)
         cache.lengths = self._positions[:rows, 0]
         cache.mask = self._masks[width][:rows]
-        routing = GraphRouting(self._runs[:, :, :rows], self._scales[:, :rows], bank.max_rank, lora)
+        routing = GraphRouting(self._slots[:rows], bank.max_rank, lora)
         ids, positions = self._ids[:rows], self._positions[:rows]
 
         def step() -> torch.Tensor:
@@ -170,8 +167,8 @@ class GraphDecode:
                 bank.routing.graph = None
         return step
 
-    def _capture(self, key: tuple[int, int, bool, int]):
-        rows, width, lora, buffers = key
+    def _capture(self, key: tuple[int, int, bool]):
+        rows, width, lora = key
         step = self._step(rows, width, lora)
         started = time.monotonic()
         try:
@@ -185,9 +182,6 @@ class GraphDecode:
                         rows, width, " with LoRA" if lora else "", type(e).__name__, e)
             self._failed.add((rows, width, lora))
             return None
-        if lora:  # graphs over a buffer that has since moved are stale
-            for stale in [k for k in self._graphs if k[2] and k[3] != buffers]:
-                del self._graphs[stale]
         self._graphs[key] = graph
         self.captured += 1
         self.capture_log.append(key)

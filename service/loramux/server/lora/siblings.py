@@ -4,13 +4,13 @@ shrinks run as one launch (`--lora-kernel triton`).
 A decoder layer calls q_proj, k_proj and v_proj on the same hidden states, and gate_proj and
 up_proj on the same input. With the Triton kernels, the first of a group to run (whichever it
 is) shrinks the input for every sibling that has an adapter in the pass, in one launch over the
-siblings' own buffers and runs; each sibling then finds its part and only expands. Five
+siblings' own slot tables; each sibling then finds its part and only expands. Five
 shrink launches per decoder layer become two.
 
 Little is assumed about the model's calls: a sibling takes the held result only when its
 input is the very input the shrink read (the same memory, shape, strides and, outside
 inference mode, version: an in-place change bumps it) in the same routing state (the same plan
-or graph, slot weights and buffer layout), and its own runs are the ones used. The held input,
+or graph and slot weights), and its rows' slots and width are the ones used. The held input,
 plan and runs are referenced while held, so no other tensor can take their memory meanwhile.
 Otherwise it shrinks alone. Inference tensors carry no version, so the first `CHECKS` parts
 each group hands out (outside a CUDA graph capture) are also computed alone and compared: a
@@ -42,7 +42,7 @@ CHECKS = 4  # parts per group checked against a shrink of their own before they 
 class _Held:
     key: tuple  # the input's memory, shape, strides, dtype and version, and the routing state
     held: tuple  # the objects the key names, referenced while held (input, plan, graph)
-    runs: dict[int, tuple[int, int, int]]  # layer position -> (first's and rank's memory, width) used
+    runs: dict[int, tuple[int, int]]  # layer position -> (its row slots' memory, width) used
     h: torch.Tensor  # [included, tokens, width] float32
     part: dict[int, int]  # layer position -> its part of h
     left: set[int]  # positions that have not taken their part yet
@@ -61,7 +61,7 @@ class Siblings:
         routing = layer.routing
         version = -1 if x.is_inference() else x._version
         key = (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, x.device, version, tokens_per_row,
-               id(routing.plan), id(routing.graph), routing.generation, routing.layout, routing.buffers)
+               id(routing.plan), id(routing.graph), routing.generation)
         return key, (x, routing.plan, routing.graph)
 
     def shrunk(self, layer: SlotLinear, x: torch.Tensor, xd: torch.Tensor, runs: KernelRuns,
@@ -72,9 +72,9 @@ class Siblings:
         from loramux.server.lora.triton_kernels import shrink
 
         if not self.enabled:
-            return shrink(xd, [layer._a_rows], [runs.first], [runs.rank], runs.max_rank, tokens_per_row)[0]
+            return shrink(xd, [layer.tables], runs.slots, runs.max_rank, tokens_per_row)[0]
         pos = self.layers.index(layer)
-        mine = (runs.first.data_ptr(), runs.rank.data_ptr(), runs.max_rank)
+        mine = (runs.slots.data_ptr(), runs.max_rank)
         got = self._held
         if got is not None and got.key == self._key(x, tokens_per_row, layer)[0] and pos in got.left and got.runs[pos] == mine:
             got.left.discard(pos)
@@ -83,8 +83,8 @@ class Siblings:
             part = got.h[got.part[pos]]
             if self.checks_left and not _capturing(xd):
                 self.checks_left -= 1
-                alone = shrink(xd, [layer._a_rows], [runs.first], [runs.rank], runs.max_rank, tokens_per_row)[0]
-                if not _agree(part, alone, runs.rank, tokens_per_row):
+                alone = shrink(xd, [layer.tables], runs.slots, runs.max_rank, tokens_per_row)[0]
+                if not _agree(part, alone, layer.tables.rank[runs.slots], tokens_per_row):
                     self.enabled, self._held = False, None
                     log.warning("LoRA shrinks of %d layers sharing an input no longer share a launch: the model "
                                 "changed their input between their calls", len(self.layers))
@@ -93,18 +93,17 @@ class Siblings:
             return part
         included: list[tuple[int, SlotLinear, KernelRuns]] = []
         for i, sibling in enumerate(self.layers):
-            theirs = runs if sibling is layer else sibling.kernel_runs(tokens_per_row == 1)
-            if theirs is not None:
+            theirs = runs if sibling is layer else sibling.kernel_runs()
+            if theirs is not None and theirs.slots.data_ptr() == runs.slots.data_ptr():  # (one slots tensor per launch)
                 included.append((i, sibling, theirs))
-        key, held = self._key(x, tokens_per_row, layer)  # (after the siblings' adapters were placed)
+        key, held = self._key(x, tokens_per_row, layer)
         width = max(r.max_rank for _, _, r in included)
-        h = shrink(xd, [s._a_rows for _, s, _ in included], [r.first for _, _, r in included],
-                   [r.rank for _, _, r in included], width, tokens_per_row)
+        h = shrink(xd, [s.tables for _, s, _ in included], runs.slots, width, tokens_per_row)
         part = {i: n for n, (i, _, _) in enumerate(included)}
         left = set(part) - {pos}
-        refs = tuple(r.first for _, _, r in included) + tuple(r.rank for _, _, r in included)
-        self._held = _Held(key, held + refs, {i: (r.first.data_ptr(), r.rank.data_ptr(), r.max_rank)
-                                              for i, _, r in included}, h, part, left) if left else None
+        refs = tuple(r.slots for _, _, r in included)
+        self._held = _Held(key, held + refs, {i: (r.slots.data_ptr(), r.max_rank) for i, _, r in included},
+                           h, part, left) if left else None
         return h[part[pos]]
 
 

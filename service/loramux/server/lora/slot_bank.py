@@ -169,19 +169,6 @@ class SlotBank:
             adapter_bytes=sum(self._bytes[self._uids[slot]] for slot in groups),
         )
 
-    def graph_runs(self, plan: RoutingPlan, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For a decode step meant for a CUDA graph of `rows` rows (rows past the plan's have no
-        adapter): every layer's first column and rank per row `[layers, 2, rows]` int32 and
-        scale per row `[layers, rows]` float32, on the host, the adapters placed first."""
-        runs = torch.zeros((len(self.layers), 2, rows), dtype=torch.int32)
-        scales = torch.zeros((len(self.layers), rows), dtype=torch.float32)
-        for i, layer in enumerate(self.layers.values()):
-            per_row = layer.runs(plan)
-            runs[i, 0, : len(per_row)] = torch.tensor([f for f, _, _ in per_row], dtype=torch.int32)
-            runs[i, 1, : len(per_row)] = torch.tensor([r for _, r, _ in per_row], dtype=torch.int32)
-            scales[i, : len(per_row)] = torch.tensor([sc for _, _, sc in per_row], dtype=torch.float32)
-        return runs, scales
-
     def has_dora(self, plan: RoutingPlan) -> bool:
         """Whether any adapter of the plan is a DoRA one (on any layer)."""
         slots = {slot for slot, _ in plan.groups}

@@ -41,6 +41,11 @@ What a pass computes depends only on the batch:
   row groups instead, so each row's tokens meet only their own adapter's weights (the
   concatenation would multiply every token by every adapter's A).
 
+That is the torch path (`--lora-kernel torch`). The Triton kernels (triton_kernels.py) need no
+decode buffer: each layer's slot tables (`SlotTables`: every slot's A^T and B^T address, rank
+and scale, made once and changed in place by `fill` and `clear`) let a kernel find a row's
+adapter where its slot holds it, so a batch is routed by its rows' slots alone and nothing is
+copied when rows join or leave.
 """
 
 from __future__ import annotations
@@ -85,17 +90,15 @@ class LoraRouting:
         self.compiled = False  # a compiled decode step runs: every layer takes its tensors from `static_inputs`
         self.tokens: int | None = None  # the pass's tokens per row (SlotBank.route); None: not known
         self.graph: GraphRouting | None = None  # a decode step for CUDA graphs runs: layers read only its buffers
-        self.buffers = 0  # bumped whenever a layer's decode buffer moves (a captured graph holds its address)
-        self.layout = 0  # bumped whenever adapters' columns move within a decode buffer (a rebuild)
 
 
 @dataclasses.dataclass
 class GraphRouting:
-    """What every slot layer reads in a decode step meant for a CUDA graph (engine/graph_step.py):
-    device buffers whose values change between replays, never their addresses or shapes."""
+    """What every slot layer reads in a decode step meant for a CUDA graph (engine/graph_step.py),
+    beside its slot tables: a device buffer whose values change between replays, never its
+    address or shape."""
 
-    runs: torch.Tensor  # [layers, 2, rows] int32: per layer (SlotLinear.index), each row's first buffer column and rank (0: none)
-    scales: torch.Tensor  # [layers, rows] float32: each row's adapter scale per layer
+    slots: torch.Tensor  # [rows] int64: each row's slot (padding rows: the base slot)
     max_rank: int  # the widest rank a row may have (the bank's max_rank): fixed for every capture
     lora: bool  # False: no row has an adapter (the base step: no LoRA launch at all)
 
@@ -104,25 +107,32 @@ class GraphRouting:
 class _DecodeView:
     """One layer's view of one plan for decode steps: which buffer columns each row uses."""
 
-    hide: torch.Tensor | None  # [rows, 1, used] bool  True where the column is not the row's adapter's (torch kernel)
+    hide: torch.Tensor  # [rows, 1, used] bool  True where the column is not the row's adapter's
     scale: torch.Tensor  # [rows, 1, 1] float32  each row's adapter scale (0 for rows without one here)
     used: int  # buffer columns in play
     live: int  # of those, the columns of this plan's adapters
     slots: list[int]  # this plan's adapter slots that this layer serves
     dora: torch.Tensor | None = None  # [rows, 1, out] float32: DoRA scales per row (ones for others); None: no DoRA row
-    first: torch.Tensor | None = None  # [rows] int32: each row's first buffer column (triton kernel)
-    rank: torch.Tensor | None = None  # [rows] int32: each row's adapter rank here, 0 for none (triton kernel)
-    max_rank: int = 0  # the largest of `rank`
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelRuns:
-    """What the Triton kernels read for one layer in one pass (triton_kernels.py)."""
+    """What the Triton kernels read for one layer in one pass, beside its slot tables."""
 
-    first: torch.Tensor  # [rows] int32: each row's first decode-buffer column
-    rank: torch.Tensor  # [rows] int32: each row's adapter rank here, 0 for none
-    scale: torch.Tensor  # [rows] float32: each row's adapter scale
-    max_rank: int  # the width of the shrink's result
+    slots: torch.Tensor  # [rows] int64: each row's slot (the base slot: no adapter)
+    max_rank: int  # the widest rank a row may have here: the width of the shrink's result
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotTables:
+    """One layer's adapters as the Triton kernels find them, by slot (the last: no adapter).
+    The tensors are made once; filling or clearing a slot changes their values only."""
+
+    a: torch.Tensor  # [slots + 1] int64: the address of each slot's A^T [in, r], contiguous (0: empty)
+    b: torch.Tensor  # [slots + 1] int64: the address of each slot's B^T [r, out], contiguous
+    rank: torch.Tensor  # [slots + 1] int32: each slot's rank in this layer (0: nothing to add)
+    scale: torch.Tensor  # [slots + 1] float32
+    weights: torch.Tensor  # an empty tensor of the adapters' dtype (the kernels' pointer type)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +229,12 @@ class SlotLinear(nn.Module):
         self._wasted = 0  # buffer columns steps have read for no row since the last rebuild
         self._static: tuple[torch.Tensor, ...] | None = None  # what a compiled step reads (static_inputs)
         self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
+        # Where the Triton kernels find each slot's adapter (made once; fill/clear set values).
+        self.tables = SlotTables(torch.zeros(num_slots + 1, dtype=torch.int64, device=w.device),
+                                 torch.zeros(num_slots + 1, dtype=torch.int64, device=w.device),
+                                 torch.zeros(num_slots + 1, dtype=torch.int32, device=w.device), self._scale_t,
+                                 torch.empty(0, dtype=self._dtype, device=self._device))
+        self._kernel_plan: tuple | None = None  # (plan, generation, KernelRuns | None) of the latest pass
         if not _hooked(base_layer):
             self._base_forward = base_layer.forward  # (an instance attribute: no module call per step)
 
@@ -259,15 +275,9 @@ class SlotLinear(nn.Module):
         plan = self.routing.plan
         result = self._base_forward(x)
         xd = x.to(self._dtype)
-        if self.kernel == "triton":
-            # A prefill's plan names only the joining rows' adapters: placing them must not
-            # compact away the running batch's (its next step would copy them all back).
-            view = self._step_view(plan, compact=x.shape[1] == 1)
-            if view is None:
-                return result
-            runs = self.kernel_runs(x.shape[1] == 1, view)
-            if runs is not None:  # (a batch with a DoRA adapter takes the torch path)
-                return self._kernel_add(result, x, xd, runs, x.shape[1])
+        if self.kernel == "triton" and not self._dora_rows(plan):  # (a DoRA adapter's batch takes the torch path)
+            runs = self.kernel_runs()
+            return result if runs is None else self._kernel_add(result, x, xd, runs, x.shape[1])
         if x.shape[1] > 1:
             # Prefill: each adapter's weights meet only its own rows' tokens.
             for slot, rows in plan.groups:  # groups hold disjoint rows: a group's rows are still the base output
@@ -296,35 +306,39 @@ class SlotLinear(nn.Module):
     # -- the decode step for CUDA graphs ------------------------------------------------
 
     def _graph_forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, 1, in]
-        """A decode step that reads nothing but device buffers (`LoraRouting.graph`), so that
-        a CUDA graph captured once replays it for any batch of its shape: the rows' runs of
-        columns and scales are values in those buffers, set before each replay."""
+        """A decode step that reads nothing but device buffers (`LoraRouting.graph`: each
+        row's slot; the slot tables), so that a CUDA graph captured once replays it for any
+        batch of its shape and any adapters in the slots: those are values in the buffers."""
         graph = self.routing.graph
         result = self._base_forward(x)
         if not graph.lora:
             return result
-        if x.numel() != graph.runs.shape[-1] * self._in:  # one token per row, rows in order (as _by_rows checks)
-            raise RuntimeError(f"a slot layer got input {list(x.shape)} in a graph of {graph.runs.shape[-1]} rows")
-        return self._kernel_add(result, x, x.to(self._dtype), self.kernel_runs(True), 1)
+        if x.numel() != graph.slots.shape[0] * self._in:  # one token per row, rows in order (as _by_rows checks)
+            raise RuntimeError(f"a slot layer got input {list(x.shape)} in a graph of {graph.slots.shape[0]} rows")
+        return self._kernel_add(result, x, x.to(self._dtype), self.kernel_runs(), 1)
 
     # -- the Triton kernels (eager and in graphs) ------------------------------------------
 
-    def kernel_runs(self, decode: bool, view: _DecodeView | None = None) -> KernelRuns | None:
-        """What the kernels read for this layer in the pass being run: each row's run of
-        buffer columns and scale. None: no row has an adapter here, or a DoRA adapter's row
-        does (the torch path serves that batch). `view`: this pass's decode view, when the
-        caller has it (a sibling asks without counting the buffer's waste a second time)."""
+    def kernel_runs(self) -> KernelRuns | None:
+        """What the kernels read for this layer in the pass being run: each row's slot (its
+        adapter through the slot tables) and the widest rank among them. None: no row has an
+        adapter here, or a DoRA adapter's row does (the torch path serves that batch)."""
         graph = self.routing.graph
         if graph is not None:
-            if not graph.lora:
-                return None
-            runs = graph.runs[self.index]
-            return KernelRuns(runs[0], runs[1], graph.scales[self.index], graph.max_rank)
-        if view is None:
-            view = self._decode_view(self.routing.plan, compact=decode)
-        if view is None or view.dora is not None or view.first is None:
-            return None
-        return KernelRuns(view.first, view.rank, view.scale.view(-1), view.max_rank)
+            return KernelRuns(graph.slots, graph.max_rank) if graph.lora else None
+        plan, generation = self.routing.plan, self.routing.generation
+        held = self._kernel_plan
+        if held is None or held[0] is not plan or held[1] != generation:
+            widest = max((self.ranks[slot] for slot, _ in plan.groups), default=0)
+            runs = None
+            if widest and not self._dora_rows(plan):
+                runs = KernelRuns(plan.row_slots.to(self._device), widest)  # (placed across devices: this layer's)
+            self._kernel_plan = held = (plan, generation, runs)
+        return held[2]
+
+    def _dora_rows(self, plan: RoutingPlan) -> bool:
+        """Whether a row of the plan has a DoRA adapter on this layer."""
+        return bool(self.dora) and any(slot in self.dora for slot, _ in plan.groups)
 
     def _kernel_add(self, result: torch.Tensor, x: torch.Tensor, xd: torch.Tensor, runs: KernelRuns,
                     tokens_per_row: int) -> torch.Tensor:
@@ -340,20 +354,9 @@ class SlotLinear(nn.Module):
             if self.siblings is not None:
                 h = self.siblings.shrunk(self, x, flat, runs, tokens_per_row)
             else:
-                h = triton_kernels.shrink(flat, [self._a_rows], [runs.first], [runs.rank], runs.max_rank,
-                                          tokens_per_row)[0]
-            triton_kernels.expand_add_(result.view(-1, self._out), h, self._b_cat, runs.first, runs.rank, runs.scale,
-                                       tokens_per_row)
+                h = triton_kernels.shrink(flat, [self.tables], runs.slots, runs.max_rank, tokens_per_row)[0]
+            triton_kernels.expand_add_(result.view(-1, self._out), h, self.tables, runs.slots, tokens_per_row)
         return result
-
-    def runs(self, plan: RoutingPlan) -> list[tuple[int, int, float]]:
-        """Each row's (first buffer column, rank, scale) in this layer, its adapters placed in
-        the decode buffer first; (0, 0, 0.0) for rows whose adapter does not target it."""
-        used = [slot for slot, _ in plan.groups if self.ranks[slot] > 0]
-        if used:
-            self._place(used)
-        return [(self._segments[s][0], self.ranks[s], self.scales[s]) if self.ranks[s] else (0, 0, 0.0)
-                for s in plan.slots]
 
     # -- the compiled decode step ---------------------------------------------------------
 
@@ -401,7 +404,7 @@ class SlotLinear(nn.Module):
         """The plan's decode view for one step, counting the buffer columns the step reads for
         no row, and rebuilding the buffer once that waste has cost a rebuild's copy."""
         view = self._decode_view(plan, compact)
-        if view is not None and view.hide is not None and view.used > view.live:  # (the triton kernel reads no dead column)
+        if view is not None and view.used > view.live:
             self._wasted += view.used - view.live
             if self._wasted >= view.live:
                 self._place(view.slots, rebuild=True)
@@ -422,7 +425,6 @@ class SlotLinear(nn.Module):
         a = self._a_rows.new_zeros((columns, self._a_rows.shape[1]))
         b = self._b_cat.new_zeros((columns, self._b_cat.shape[1]))
         col_slot = self._col_slot.new_full((columns,), -1)
-        self.routing.buffers += 1  # the buffer moves: graphs that read the old one are stale
         a[: self._columns] = self._a_rows[: self._columns]
         b[: self._columns] = self._b_cat[: self._columns]
         col_slot[: self._columns] = self._col_slot[: self._columns]
@@ -450,15 +452,9 @@ class SlotLinear(nn.Module):
                 dora = torch.stack([self.dora.get(s, ones) for s in plan.slots]).unsqueeze(1)
             row_slots = plan.row_slots.to(self._device)  # placed across devices (--device-map): this layer's
             scale = self._scale_t.index_select(0, row_slots).view(-1, 1, 1)
-            view = _DecodeView(None, scale, self._columns, sum(self.ranks[s] for s in used), used, dora)
-            if self.kernel == "triton":  # each row's run of columns
-                runs = self.runs(plan)
-                view.first = torch.tensor([f for f, _, _ in runs], dtype=torch.int32, device=self._device)
-                view.rank = torch.tensor([r for _, r, _ in runs], dtype=torch.int32, device=self._device)
-                view.max_rank = max(r for _, r, _ in runs)
-            if self.kernel != "triton" or dora is not None:
-                # One tensor op, however many adapters: a column belongs to a row when their slots agree.
-                view.hide = (row_slots[:, None] != self._col_slot[None, : self._columns]).unsqueeze(1)
+            # One tensor op, however many adapters: a column belongs to a row when their slots agree.
+            hide = (row_slots[:, None] != self._col_slot[None, : self._columns]).unsqueeze(1)
+            view = _DecodeView(hide, scale, self._columns, sum(self.ranks[s] for s in used), used, dora)
             key = (plan, self.routing.generation, self._epoch)
         self._view = (*key, view)
         return view
@@ -477,7 +473,6 @@ class SlotLinear(nn.Module):
             self._segments, self._columns, self._wasted = {}, 0, 0
             self._col_slot.fill_(-1)
             self._epoch += 1  # views of other plans point at columns that moved
-            self.routing.layout += 1
             missing = list(slots)
         need = self._columns + sum(self.ranks[s] for s in missing)
         if need > self._a_rows.shape[0]:
@@ -506,11 +501,17 @@ class SlotLinear(nn.Module):
         self.ranks[slot] = a.shape[0]
         self.scales[slot] = float(scale)  # (clear() above bumped the slot's version)
         self._scale_t[slot] = float(scale)
+        self.tables.a[slot] = self.a_t[slot].data_ptr()
+        self.tables.b[slot] = self.b_t[slot].data_ptr()
+        self.tables.rank[slot] = a.shape[0]
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         """Let go of the slot's weights (their memory goes back to the allocator)."""
         self.routing.generation += 1
+        self.tables.rank[slot] = 0  # (before the weights go: the kernels never follow an address of rank 0)
+        self.tables.a[slot] = 0
+        self.tables.b[slot] = 0
         self.a_t.pop(slot, None)
         self.b_t.pop(slot, None)
         self.dora.pop(slot, None)
