@@ -21,16 +21,17 @@ SIBLINGS = ("a0_ptr", "a1_ptr", "a2_ptr", "r0_ptr", "r1_ptr", "r2_ptr")
 def cases(x: str, w: str, y: str):
     """(kernel, signature, constexprs) for activations `x`, LoRA weights `w`, base output `y`."""
     tables = {"slots_ptr": "*i64", "w_ptr": f"*{w}"}
-    shrink = {"x_ptr": f"*{x}", **{p: "*i64" if p[0] == "a" else "*i32" for p in SIBLINGS}, **tables, "h_ptr": "*fp32",
+    shrink = {"x_ptr": f"*{x}", **{p: "*i64" for p in SIBLINGS}, **tables, "h_ptr": "*fp32",
               "in_features": "i32", "tokens": "i32", "tokens_per_row": "i32"}
-    expand = {"y_ptr": f"*{y}", "h_ptr": "*fp32", "b_tab": "*i64", "rank_tab": "*i32", "scale_tab": "*fp32", **tables,
+    expand = {"y_ptr": f"*{y}", "h_ptr": "*fp32", "b_tab": "*i64", "rank_tab": "*i64", "scale_tab": "*fp32", **tables,
               "out_features": "i32", "tokens_per_row": "i32"}
-    yield (tk._shrink_kernel, {**shrink, "h_width": "i32", "stride_x": "i32"},
-           {"BLOCK_R": 16, "BLOCK_K": tk.BLOCK_IN})
+    for block_r in (16, tk.MAX_BLOCK_R):  # (decode programs: ranks up to 16, and wider ranks in blocks)
+        yield (tk._shrink_kernel, {**shrink, "h_width": "i32", "stride_x": "i32"},
+               {"BLOCK_R": block_r, "BLOCK_K": tk.BLOCK_IN})
+        yield (tk._expand_add_kernel, {**expand, "h_width": "i32", "stride_y": "i32"},
+               {"BLOCK_R": block_r, "BLOCK_N": tk.BLOCK_OUT})
     yield (tk._shrink_tiles_kernel, {**shrink, "tiles_per_row": "i32", "h_width": "i32", "stride_x": "i32"},
            {"BLOCK_T": tk.BLOCK_T, "BLOCK_R": tk.BLOCK_R_TILE, "BLOCK_K": tk.BLOCK_IN})
-    yield (tk._expand_add_kernel, {**expand, "h_width": "i32", "stride_y": "i32"},
-           {"BLOCK_R": 64, "BLOCK_N": tk.BLOCK_OUT})
     yield (tk._expand_tiles_kernel, {**expand, "tiles_per_row": "i32", "h_width": "i32", "stride_y": "i32"},
            {"BLOCK_T": tk.BLOCK_T, "BLOCK_R": tk.BLOCK_R_TILE, "BLOCK_N": tk.BLOCK_OUT})
 

@@ -165,6 +165,7 @@ class GraphDecode:
                                        use_cache=True, logits_to_keep=1).logits
             finally:
                 bank.routing.graph = None
+                bank.release_siblings()
         return step
 
     def _capture(self, key: tuple[int, int, bool]):

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -64,15 +65,21 @@ class Siblings:
                id(routing.plan), id(routing.graph), routing.generation)
         return key, (x, routing.plan, routing.graph)
 
-    def shrunk(self, layer: SlotLinear, x: torch.Tensor, xd: torch.Tensor, runs: KernelRuns,
+    def release(self) -> None:
+        """Let go of a held launch (at the end of a pass: a sibling the model did not call
+        must not keep the input and the launch's result alive)."""
+        self._held = None
+
+    def shrunk(self, layer: SlotLinear, x: torch.Tensor, flat: Callable[[], torch.Tensor], runs: KernelRuns,
                tokens_per_row: int) -> torch.Tensor:
-        """h [tokens, width] float32 for `layer` (its `runs` in this pass) over x [tokens, in]
-        (`xd`: x in the LoRA dtype, tokens flattened): the part a sibling's launch made for it,
-        or one launch now for it and every sibling with an adapter in the pass."""
+        """h [tokens, width] float32 for `layer` (its `runs` in this pass) over x: the part a
+        sibling's launch made for it, or one launch now for it and every sibling with an
+        adapter in the pass. `flat()`: x in the LoRA dtype, tokens flattened (made only when a
+        launch runs)."""
         from loramux.server.lora.triton_kernels import shrink
 
         if not self.enabled:
-            return shrink(xd, [layer.tables], runs.slots, runs.max_rank, tokens_per_row)[0]
+            return shrink(flat(), [layer.tables], runs.slots, runs.max_rank, tokens_per_row)[0]
         pos = self.layers.index(layer)
         mine = (runs.slots.data_ptr(), runs.max_rank)
         got = self._held
@@ -81,9 +88,10 @@ class Siblings:
             if not got.left:
                 self._held = None
             part = got.h[got.part[pos]]
-            if self.checks_left and not _capturing(xd):
+            if self.checks_left and not _capturing(x):
                 self.checks_left -= 1
-                alone = shrink(xd, [layer.tables], runs.slots, runs.max_rank, tokens_per_row)[0]
+                # The same kernel at the same width: each program does exactly what it did in the launch.
+                alone = shrink(flat(), [layer.tables], runs.slots, part.shape[-1], tokens_per_row)[0]
                 if not _agree(part, alone, layer.tables.rank[runs.slots], tokens_per_row):
                     self.enabled, self._held = False, None
                     log.warning("LoRA shrinks of %d layers sharing an input no longer share a launch: the model "
@@ -98,7 +106,7 @@ class Siblings:
                 included.append((i, sibling, theirs))
         key, held = self._key(x, tokens_per_row, layer)
         width = max(r.max_rank for _, _, r in included)
-        h = shrink(xd, [s.tables for _, s, _ in included], runs.slots, width, tokens_per_row)
+        h = shrink(flat(), [s.tables for _, s, _ in included], runs.slots, width, tokens_per_row)
         part = {i: n for n, (i, _, _) in enumerate(included)}
         left = set(part) - {pos}
         refs = tuple(r.slots for _, _, r in included)
@@ -112,13 +120,10 @@ def _capturing(x: torch.Tensor) -> bool:
 
 
 def _agree(part: torch.Tensor, alone: torch.Tensor, rank: torch.Tensor, tokens_per_row: int) -> bool:
-    """Whether a held part equals a shrink of its own within each row's rank (float32
-    rounding apart: on a GPU, the two launches' tiles may sum in another order)."""
-    width = alone.shape[1]
+    """Whether a held part equals a shrink of its own, bit for bit, within each row's rank."""
     rows_rank = rank.to(torch.long).repeat_interleave(tokens_per_row)  # [tokens]
-    within = torch.arange(width, device=alone.device)[None, :] < rows_rank[:, None]
-    a, b = part[:, :width][within], alone[within]
-    return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6, equal_nan=True))
+    within = torch.arange(alone.shape[1], device=alone.device)[None, :] < rows_rank[:, None]
+    return bool(torch.equal(part[within].nan_to_num(), alone[within].nan_to_num()))
 
 
 def group_siblings(layers: dict[str, SlotLinear]) -> list[Siblings]:

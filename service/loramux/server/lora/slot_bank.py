@@ -49,7 +49,6 @@ class SlotBank:
             parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
             layer = SlotLinear(model.get_submodule(name), num_slots, self.routing, dtype, kernel)
             setattr(parent, name.rsplit(".", 1)[-1], layer)
-            layer.index = len(self.layers)
             self.layers[name] = layer
         if not self.layers:
             raise ValueError(f"the model has no Linear layer named any of {sorted(target_modules)}")
@@ -100,6 +99,9 @@ class SlotBank:
         """Put adapter `uid` in a free slot (the cache has made room); returns the slot."""
         if uid in self._slot_of:
             raise ValueError(f"adapter uid {uid} is already in slot {self._slot_of[uid]}")
+        widest = max((lora.rank for lora in weights.modules.values()), default=0)
+        if widest > self.max_rank:  # (checkpoints are refused above it; the kernels' results are this wide)
+            raise ValueError(f"adapter uid {uid} has rank {widest}, above the bank's {self.max_rank}")
         slot = self._uids.index(None)  # ValueError when full: the cache must make room first
         for name, layer in self.layers.items():
             lora = weights.modules.get(name)
@@ -179,5 +181,11 @@ class SlotBank:
         `tokens` tokens long (a prefill's padded prompt length, 1 for a decode step)."""
         self.routing.plan = plan
         self.routing.tokens = tokens
+        self.release_siblings()
+
+    def release_siblings(self) -> None:
+        """Drop every sibling group's held launch (a pass has ended or begins)."""
+        for group in self.siblings:
+            group.release()
 
 

@@ -130,7 +130,7 @@ class SlotTables:
 
     a: torch.Tensor  # [slots + 1] int64: the address of each slot's A^T [in, r], contiguous (0: empty)
     b: torch.Tensor  # [slots + 1] int64: the address of each slot's B^T [r, out], contiguous
-    rank: torch.Tensor  # [slots + 1] int32: each slot's rank in this layer (0: nothing to add)
+    rank: torch.Tensor  # [slots + 1] int64: each slot's rank in this layer (0: nothing to add)
     scale: torch.Tensor  # [slots + 1] float32
     weights: torch.Tensor  # an empty tensor of the adapters' dtype (the kernels' pointer type)
 
@@ -193,7 +193,6 @@ class SlotLinear(nn.Module):
         super().__init__()
         self.base_layer = base_layer
         self.kernel = kernel
-        self.index = 0  # this layer's place among the bank's layers (GraphRouting's rows)
         self.siblings: Siblings | None = None  # layers called on the same input, shrunk in one launch (siblings.py)
         self.routing = routing
         self.num_slots = num_slots
@@ -229,10 +228,11 @@ class SlotLinear(nn.Module):
         self._wasted = 0  # buffer columns steps have read for no row since the last rebuild
         self._static: tuple[torch.Tensor, ...] | None = None  # what a compiled step reads (static_inputs)
         self._scale_t = torch.zeros(num_slots + 1, dtype=torch.float32, device=w.device)  # [S+1] the scales, float32
-        # Where the Triton kernels find each slot's adapter (made once; fill/clear set values).
-        self.tables = SlotTables(torch.zeros(num_slots + 1, dtype=torch.int64, device=w.device),
-                                 torch.zeros(num_slots + 1, dtype=torch.int64, device=w.device),
-                                 torch.zeros(num_slots + 1, dtype=torch.int32, device=w.device), self._scale_t,
+        # Where the Triton kernels find each slot's adapter (made once; fill/clear set a slot's
+        # column in one copy). An entry changes only for a slot no row of a queued pass uses
+        # (the cache fills and empties slots between passes, and on the model's stream).
+        self._entries = torch.zeros((3, num_slots + 1), dtype=torch.int64, device=w.device)  # A^T, B^T addresses; rank
+        self.tables = SlotTables(self._entries[0], self._entries[1], self._entries[2], self._scale_t,
                                  torch.empty(0, dtype=self._dtype, device=self._device))
         self._kernel_plan: tuple | None = None  # (plan, generation, KernelRuns | None) of the latest pass
         if not _hooked(base_layer):
@@ -274,10 +274,10 @@ class SlotLinear(nn.Module):
     def _forward_rows(self, x: torch.Tensor) -> torch.Tensor:  # x: [rows, seq, in]
         plan = self.routing.plan
         result = self._base_forward(x)
-        xd = x.to(self._dtype)
         if self.kernel == "triton" and not self._dora_rows(plan):  # (a DoRA adapter's batch takes the torch path)
             runs = self.kernel_runs()
-            return result if runs is None else self._kernel_add(result, x, xd, runs, x.shape[1])
+            return result if runs is None else self._kernel_add(result, x, runs, x.shape[1])
+        xd = x.to(self._dtype)
         if x.shape[1] > 1:
             # Prefill: each adapter's weights meet only its own rows' tokens.
             for slot, rows in plan.groups:  # groups hold disjoint rows: a group's rows are still the base output
@@ -315,7 +315,7 @@ class SlotLinear(nn.Module):
             return result
         if x.numel() != graph.slots.shape[0] * self._in:  # one token per row, rows in order (as _by_rows checks)
             raise RuntimeError(f"a slot layer got input {list(x.shape)} in a graph of {graph.slots.shape[0]} rows")
-        return self._kernel_add(result, x, x.to(self._dtype), self.kernel_runs(), 1)
+        return self._kernel_add(result, x, self.kernel_runs(), 1)
 
     # -- the Triton kernels (eager and in graphs) ------------------------------------------
 
@@ -340,21 +340,22 @@ class SlotLinear(nn.Module):
         """Whether a row of the plan has a DoRA adapter on this layer."""
         return bool(self.dora) and any(slot in self.dora for slot, _ in plan.groups)
 
-    def _kernel_add(self, result: torch.Tensor, x: torch.Tensor, xd: torch.Tensor, runs: KernelRuns,
-                    tokens_per_row: int) -> torch.Tensor:
+    def _kernel_add(self, result: torch.Tensor, x: torch.Tensor, runs: KernelRuns, tokens_per_row: int) -> torch.Tensor:
         """result + each token's LoRA delta through the kernels: the shrink (one launch with
         this layer's siblings, or its part of theirs) and the expansion, added in place."""
         from loramux.server.lora import triton_kernels
 
         result = result.contiguous()  # (a fresh Linear output already is)
-        flat = xd.reshape(-1, self._in)
-        if flat.stride(-1) != 1:
-            flat = flat.contiguous()
+
+        def flat() -> torch.Tensor:
+            rows = x.to(self._dtype).reshape(-1, self._in)
+            return rows if rows.stride(-1) == 1 else rows.contiguous()
+
         with triton_kernels.on_device(result.device):
             if self.siblings is not None:
                 h = self.siblings.shrunk(self, x, flat, runs, tokens_per_row)
             else:
-                h = triton_kernels.shrink(flat, [self.tables], runs.slots, runs.max_rank, tokens_per_row)[0]
+                h = triton_kernels.shrink(flat(), [self.tables], runs.slots, runs.max_rank, tokens_per_row)[0]
             triton_kernels.expand_add_(result.view(-1, self._out), h, self.tables, runs.slots, tokens_per_row)
         return result
 
@@ -501,17 +502,13 @@ class SlotLinear(nn.Module):
         self.ranks[slot] = a.shape[0]
         self.scales[slot] = float(scale)  # (clear() above bumped the slot's version)
         self._scale_t[slot] = float(scale)
-        self.tables.a[slot] = self.a_t[slot].data_ptr()
-        self.tables.b[slot] = self.b_t[slot].data_ptr()
-        self.tables.rank[slot] = a.shape[0]
+        self._entries[:, slot] = torch.tensor([self.a_t[slot].data_ptr(), self.b_t[slot].data_ptr(), a.shape[0]])
 
     @torch.no_grad()
     def clear(self, slot: int) -> None:
         """Let go of the slot's weights (their memory goes back to the allocator)."""
         self.routing.generation += 1
-        self.tables.rank[slot] = 0  # (before the weights go: the kernels never follow an address of rank 0)
-        self.tables.a[slot] = 0
-        self.tables.b[slot] = 0
+        self._entries[:, slot] = 0  # (before the weights go: the kernels never follow an address of rank 0)
         self.a_t.pop(slot, None)
         self.b_t.pop(slot, None)
         self.dora.pop(slot, None)

@@ -45,6 +45,7 @@ from loramux.server.lora.slot_linear import SlotTables
 
 BLOCK_IN = 64  # input features per shrink iteration
 BLOCK_OUT = 64  # output features per expand program
+MAX_BLOCK_R = 32  # rank columns per decode program (larger ranks: more programs, or a loop)
 BLOCK_T = 16  # tokens of one row per prefill tile (tl.dot's operands are at least 16 wide)
 BLOCK_R_TILE = 16  # rank columns per prefill tile iteration
 MAX_SIBLINGS = 3  # layers one shrink launch serves
@@ -66,14 +67,15 @@ def _sibling(s, p0, p1, p2):
 def _shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, r0_ptr, r1_ptr, r2_ptr, slots_ptr, w_ptr, h_ptr,
                    in_features, tokens, tokens_per_row, h_width, stride_x,
                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h for one token and BLOCK_R of its adapter's rank columns."""
     token = tl.program_id(0).to(tl.int64)  # (offsets in 64 bits: tokens x width passes 2^31 in long prefills)
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)
     slot = tl.load(slots_ptr + token // tokens_per_row)
     rank = tl.load(_sibling(s, r0_ptr, r1_ptr, r2_ptr) + slot)
-    r = tl.arange(0, BLOCK_R)
+    r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     in_rank = r < rank
     acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    if rank > 0:
+    if tl.program_id(2) * BLOCK_R < rank:
         a_ptr = tl.load(_sibling(s, a0_ptr, a1_ptr, a2_ptr) + slot).to(tl.pointer_type(w_ptr.dtype.element_ty))
         for k0 in range(0, in_features, BLOCK_K):
             k = k0 + tl.arange(0, BLOCK_K)
@@ -82,7 +84,7 @@ def _shrink_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, r0_ptr, r1_ptr, r2_ptr, slots_
             a = tl.load(a_ptr + k[None, :].to(tl.int64) * rank + r[:, None], mask=in_rank[:, None] & in_k[None, :],
                         other=0.0).to(tl.float32)
             acc += tl.sum(a * x[None, :], axis=1)
-    tl.store(h_ptr + (s * tokens + token) * h_width + r, acc, mask=r < h_width)
+        tl.store(h_ptr + (s * tokens + token) * h_width + r, acc, mask=in_rank & (r < h_width))
 
 
 @triton.jit
@@ -95,14 +97,17 @@ def _expand_add_kernel(y_ptr, h_ptr, b_tab, rank_tab, scale_tab, slots_ptr, w_pt
     if rank > 0:  # a row without an adapter here keeps its base output untouched
         b_ptr = tl.load(b_tab + slot).to(tl.pointer_type(w_ptr.dtype.element_ty))
         scale = tl.load(scale_tab + slot)
-        r = tl.arange(0, BLOCK_R)
-        in_rank = r < rank
         n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         in_n = n < out_features
-        h = tl.load(h_ptr + token * h_width + r, mask=in_rank, other=0.0)
-        b = tl.load(b_ptr + r[:, None].to(tl.int64) * out_features + n[None, :], mask=in_rank[:, None] & in_n[None, :],
-                    other=0.0).to(tl.float32)
-        delta = tl.sum(b * h[:, None], axis=0) * scale
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            r = r0 + tl.arange(0, BLOCK_R)
+            in_rank = (r < rank) & (r < h_width)
+            h = tl.load(h_ptr + token * h_width + r, mask=in_rank, other=0.0)
+            b = tl.load(b_ptr + r[:, None].to(tl.int64) * out_features + n[None, :],
+                        mask=in_rank[:, None] & in_n[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(b * h[:, None], axis=0)
+        delta = acc * scale
         y = tl.load(y_ptr + token * stride_y + n, mask=in_n, other=0.0)
         out = y.to(tl.float32) + delta
         tl.store(y_ptr + token * stride_y + n, out.to(y.dtype), mask=in_n)
@@ -114,7 +119,7 @@ def _shrink_tiles_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, r0_ptr, r1_ptr, r2_ptr, 
                          BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """h for BLOCK_T tokens of one row and BLOCK_R of its adapter's rank columns."""
     tile = tl.program_id(0).to(tl.int64)
-    s = tl.program_id(1)
+    s = tl.program_id(1).to(tl.int64)
     r0 = tl.program_id(2) * BLOCK_R
     row = tile // tiles_per_row
     slot = tl.load(slots_ptr + row)
@@ -136,7 +141,7 @@ def _shrink_tiles_kernel(x_ptr, a0_ptr, a1_ptr, a2_ptr, r0_ptr, r1_ptr, r2_ptr, 
                         other=0.0).to(tl.float32)  # [BLOCK_K, BLOCK_R]: a block of A^T
             acc = tl.dot(x, a, acc, input_precision="ieee")
         tl.store(h_ptr + (s * tokens + token)[:, None] * h_width + r[None, :], acc,
-                 mask=in_t[:, None] & (r < h_width)[None, :])
+                 mask=in_t[:, None] & (in_rank & (r < h_width))[None, :])
 
 
 @triton.jit
@@ -160,7 +165,7 @@ def _expand_tiles_kernel(y_ptr, h_ptr, b_tab, rank_tab, scale_tab, slots_ptr, w_
         acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
         for r0 in range(0, rank, BLOCK_R):
             r = r0 + tl.arange(0, BLOCK_R)
-            in_rank = r < rank
+            in_rank = (r < rank) & (r < h_width)
             h = tl.load(h_ptr + token[:, None] * h_width + r[None, :], mask=in_t[:, None] & in_rank[None, :], other=0.0)
             b = tl.load(b_ptr + r[:, None].to(tl.int64) * out_features + n[None, :],
                         mask=in_rank[:, None] & in_n[None, :], other=0.0).to(tl.float32)
@@ -173,7 +178,7 @@ def _expand_tiles_kernel(y_ptr, h_ptr, b_tab, rank_tab, scale_tab, slots_ptr, w_
 
 
 def _block_rank(max_rank: int) -> int:
-    return max(16, triton.next_power_of_2(max(max_rank, 1)))
+    return min(MAX_BLOCK_R, max(16, triton.next_power_of_2(max(max_rank, 1))))
 
 
 def _padded(parts: Sequence) -> list:
@@ -197,8 +202,10 @@ def shrink(x: torch.Tensor, tables: Sequence[SlotTables], slots: torch.Tensor, m
         return h
     a, r = _padded([t.a for t in tables]), _padded([t.rank for t in tables])
     if tokens_per_row == 1:
-        _shrink_kernel[(tokens, siblings)](x, *a, *r, slots, tables[0].weights, h, in_features, tokens, tokens_per_row,
-                                           max_rank, x.stride(0), BLOCK_R=_block_rank(max_rank), BLOCK_K=BLOCK_IN)
+        block_r = _block_rank(max_rank)
+        grid = (tokens, siblings, triton.cdiv(max_rank, block_r))
+        _shrink_kernel[grid](x, *a, *r, slots, tables[0].weights, h, in_features, tokens, tokens_per_row, max_rank,
+                             x.stride(0), BLOCK_R=block_r, BLOCK_K=BLOCK_IN)
     else:
         tiles = triton.cdiv(tokens_per_row, BLOCK_T)
         grid = ((tokens // tokens_per_row) * tiles, siblings, triton.cdiv(max_rank, BLOCK_R_TILE))
