@@ -142,6 +142,6 @@ class ServerInfo:
     compiled: bool = False  # the decode step runs as a compiled graph
     compiled_graphs: int = 0  # graphs start-up compiled
     lora_dtype: str = ""  # the LoRA path's dtype ("float32", or the serving dtype)
-    lora_kernel: str = "torch"  # "torch" (masked GEMMs) or "triton" (two kernels per layer)
+    lora_kernel: str = "torch"  # "torch" (masked GEMMs) or "triton" (Triton kernels, each row its own adapter)
     cuda_graphs: bool = False  # the decode step replays CUDA graphs
     cuda_graphs_captured: int = 0  # graphs captured so far

@@ -54,9 +54,10 @@ class Settings:
     dtype, half the adapter memory under bfloat16/float16, further from float32."""
     lora_kernel: str = "torch"
     """How the LoRA path runs. torch: two GEMMs over the batch's adapters side by side, each
-    row's columns masked (four operators per layer). triton: two Triton kernels per layer
-    for the whole batch, each row reading only its own adapter's columns (CUDA; not with
-    compile). Which is faster on a GPU is measured by scripts/gpu/ before it becomes the default."""
+    row's columns masked (four operators per layer). triton: Triton kernels for the whole
+    batch (a shrink and an expansion per layer, q/k/v and gate/up sharing one shrink), each
+    row reading only its own adapter where its slot holds it (CUDA; not with compile). Which
+    is faster on a GPU is measured by scripts/gpu/ before it becomes the default."""
     device: str = "auto"
     """cpu, cuda, cuda:N or auto (cuda when available)."""
     device_map: str | None = None
