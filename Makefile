@@ -24,10 +24,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# The full-size fuzzing, churn and shared-store fault runs (the suite runs a small version of the same tests).
+# The full-size fuzzing, churn, shared-store fault and LoRA-kernel shape runs (the suite runs a small version of the same tests).
 fuzz: $(STAMP)
 	LORAMUX_FUZZ_EXAMPLES=3000 LORAMUX_CHURN_S=60 LORAMUX_STORE_FAULTS=2000 LORAMUX_STORE_RESTARTS=3 \
-		$(PY) -m pytest -q tests/test_fuzz.py tests/test_hostile_adapters.py tests/test_store_faults.py
+		LORAMUX_KERNEL_CASES=400 $(PY) -m pytest -q tests/test_fuzz.py tests/test_hostile_adapters.py tests/test_store_faults.py \
+		tests/test_lora_kernels.py::test_random_shapes_ranks_and_siblings_equal_the_float64_reference
 
 # Tiny random models of 27 transformers architectures served at default flags (and with the
 # static cache) against peft; every case equal to peft or refused cleanly (about 2 minutes).

@@ -47,7 +47,7 @@ def reference(y, x, held, slots, tokens_per_row, magnitude=False):
         slot = int(slots[t // tokens_per_row])
         if slot < len(held):
             a, b, scale = held[slot]
-            out[t] += (f(x[t]) @ f(a)) @ f(b) * abs(scale)
+            out[t] += (f(x[t]) @ f(a)) @ f(b) * (abs(scale) if magnitude else scale)
     return out
 
 
@@ -354,3 +354,39 @@ def test_the_kernels_compile_for_the_gpus_they_serve(arch, tmp_path):
     kernels = {"_shrink_kernel", "_shrink_tiles_kernel", "_expand_add_kernel", "_expand_tiles_kernel"}
     assert len(compiled) == 4 * 6 and {c["kernel"] for c in compiled} == kernels
     assert all(c["cubin_bytes"] > 0 and c["shared"] <= 48 * 1024 for c in compiled)
+
+
+KERNEL_CASES = int(os.environ.get("LORAMUX_KERNEL_CASES", "12"))  # `make fuzz` runs many more
+
+
+def test_random_shapes_ranks_and_siblings_equal_the_float64_reference():
+    """Random widths (not multiples of any block), ranks from 1 to 70, rows of several slots
+    (some empty), decode steps and prompts of 2 to 40 tokens, one to three sibling layers in
+    one launch, float32 or bfloat16 weights: every token's delta is its own adapter's."""
+    rng = torch.Generator().manual_seed(2026)
+
+    def pick(lo, hi):
+        return int(torch.randint(lo, hi + 1, (1,), generator=rng))
+
+    for case in range(KERNEL_CASES):
+        in_f, rows, slots_n = pick(1, 150), pick(1, 7), pick(1, 4)
+        tokens_per_row = 1 if case % 2 == 0 else pick(2, 40)
+        w_dtype = torch.bfloat16 if case % 3 == 2 else torch.float32
+        siblings = pick(1, 3)
+        layers_ = []
+        for _ in range(siblings):
+            out_f = pick(1, 150)
+            adapters = random_adapters(rng, in_f, out_f, [(pick(1, 70), float(torch.rand(1, generator=rng)) * 4 - 2)
+                                                          for _ in range(slots_n)])
+            layers_.append((out_f, *tables_of(adapters, w_dtype)))
+        slots = torch.randint(0, slots_n + 1, (rows,), generator=rng)  # slots_n: the empty slot
+        x = torch.randn(rows * tokens_per_row, in_f, generator=rng)
+        width = max(int(t.rank.max()) for _, t, _ in layers_)
+        h = triton_kernels.shrink(x, [t for _, t, _ in layers_], slots, width, tokens_per_row)
+        for s_, (out_f, tables, held) in enumerate(layers_):
+            y = torch.randn(x.shape[0], out_f, generator=rng)
+            got = triton_kernels.expand_add_(y.clone(), h[s_], tables, slots, tokens_per_row)
+            want = reference(y, x, held, slots, tokens_per_row)
+            scale = reference(y, x, held, slots, tokens_per_row, magnitude=True)
+            bound = 4 * (in_f + width) * torch.finfo(torch.float32).eps * scale + 1e-6
+            assert ((got.double() - want).abs() <= bound).all(), (case, in_f, out_f, rows, tokens_per_row, siblings)
