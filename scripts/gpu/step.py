@@ -8,8 +8,9 @@ default), saved in bfloat16 and served as the server loads it (`load_base_model`
   graph-captured engine can reach);
 - loramux base-only: eager, and through GraphDecode (`--cuda-graphs`);
 - loramux with every row its own rank-16 adapter on all seven projections: the torch kernel
-  eager (the default), the Triton kernels eager (`--lora-kernel triton`), and the Triton
-  kernels through GraphDecode;
+  eager (the default), the Triton kernels eager (`--lora-kernel triton`; also with q/k/v and
+  gate/up shrinking alone, what their shared launch saves), and the Triton kernels through
+  GraphDecode;
 
 medians over interleaved steps, the spread over rounds, CUDA kernels per step (torch.profiler),
 and the bytes each step must read (weights; adapters once each) over the device's bandwidth.
@@ -132,6 +133,19 @@ def timed(kinds: dict, reps: int, rounds: int, device) -> dict:
             for k, v in per_round.items()}
 
 
+def alone(bank, fn):
+    """`fn` with every layer shrinking on its own (q/k/v and gate/up not sharing a launch)."""
+    def run():
+        for group in bank.siblings:
+            group.enabled = False
+        try:
+            return fn()
+        finally:
+            for group in bank.siblings:
+                group.enabled = True
+    return run
+
+
 def set_kernel(bank, kernel: str) -> None:
     for layer in bank.layers.values():
         layer.kernel = kernel
@@ -186,7 +200,8 @@ def measure(args, model_dir: Path, result: dict, write) -> None:
                             "mixed torch eager": loramux_eager(plan)}}
         if args.triton:
             groups["triton"] = {"plain eager": groups["torch"]["plain eager"], "base eager": loramux_eager(None),
-                                "mixed triton eager": loramux_eager(plan)}
+                                "mixed triton eager": loramux_eager(plan),
+                                "mixed triton eager, no shared shrinks": alone(bank, loramux_eager(plan))}
         if device.type == "cuda":
             graphs = GraphDecode(base, ours.pool, Capture.CUDA)
             groups["graphs"] = {"plain graph": graph_of(lambda: theirs.eager(plain), device),
@@ -213,6 +228,7 @@ def measure(args, model_dir: Path, result: dict, write) -> None:
                   "mixed torch eager / base eager": ms["mixed torch eager"] / ms["base eager"]}
         if "mixed triton eager" in ms:
             ratios["mixed triton eager / base eager"] = ms["mixed triton eager"] / ms["base eager"]
+            ratios["shared shrinks / alone"] = ms["mixed triton eager"] / ms["mixed triton eager, no shared shrinks"]
         if "base graph" in ms:
             ratios["base graph / plain graph"] = ms["base graph"] / ms["plain graph"]
         if "mixed triton graph" in ms:
