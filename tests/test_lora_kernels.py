@@ -390,3 +390,53 @@ def test_random_shapes_ranks_and_siblings_equal_the_float64_reference():
             scale = reference(y, x, held, slots, tokens_per_row, magnitude=True)
             bound = 4 * (in_f + width) * torch.finfo(torch.float32).eps * scale + 1e-6
             assert ((got.double() - want).abs() <= bound).all(), (case, in_f, out_f, rows, tokens_per_row, siblings)
+
+
+class _Counted:
+    """A Triton kernel whose launches are counted (it still runs)."""
+
+    def __init__(self, kernel, counts: dict, name: str):
+        self.kernel, self.counts, self.name = kernel, counts, name
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            self.counts[self.name] = self.counts.get(self.name, 0) + 1
+            return launch(*args, **kwargs)
+        return run
+
+
+@pytest.mark.parametrize("tokens", [1, 6])
+def test_launches_per_layer_are_eleven_whatever_the_number_of_adapters(tokens, monkeypatch):
+    """With all seven projections targeted, a pass launches per decoder layer five shrinks'
+    worth in two (q/k/v, gate/up) plus o and down, and seven expansions: 11, for one adapter
+    in the batch as for three distinct ones (the claim the docs make for decode and prefill)."""
+    counts: dict[str, int] = {}
+    for name in ("_shrink_kernel", "_shrink_tiles_kernel", "_expand_add_kernel", "_expand_tiles_kernel"):
+        monkeypatch.setattr(triton_kernels, name, _Counted(getattr(triton_kernels, name), counts, name))
+    model, bank = llama_bank("triton")
+    layers_ = model.config.num_hidden_layers
+    for layer in bank.layers.values():  # every projection targeted by every adapter
+        for slot in range(3):
+            if not layer.ranks[slot]:
+                layer.fill(slot, torch.randn(2, layer.in_features), torch.randn(layer.out_features, 2), 1.0)
+
+    def run(uids):
+        bank.route(bank.plan(uids, torch.device("cpu")), tokens)
+        with torch.inference_mode():
+            model(input_ids=torch.randint(0, 64, (4, tokens)), use_cache=False)
+        bank.route(None)
+
+    for _ in range(4):  # the groups' first parts are checked against launches of their own (extra launches)
+        run([0, 1, None, 2])
+    assert all(g.checks_left == 0 for g in bank.siblings)
+    per_batch = {}
+    for uids in ([0, 0, 0, 0], [0, 1, None, 2]):
+        counts.clear()
+        run(uids)
+        per_batch[tuple(uids)] = dict(counts)
+    shrink, expand = ("_shrink_kernel", "_expand_add_kernel") if tokens == 1 else ("_shrink_tiles_kernel",
+                                                                                   "_expand_tiles_kernel")
+    for launched in per_batch.values():
+        assert launched == {shrink: 4 * layers_, expand: 7 * layers_}
