@@ -10,9 +10,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the LoRA kernels run on the CP
 import concurrent.futures as cf  # noqa: E402
 
 import pytest  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from conftest import ADAPTERS, PROMPTS  # noqa: E402
+from host_syncs import HostSyncs  # noqa: E402
 from loramux.server.engine.engine import Engine  # noqa: E402
 from loramux.server.engine.facade import Facade  # noqa: E402
 from loramux.server.engine.graph_step import Capture, GraphDecode, row_buckets, width_buckets  # noqa: E402
@@ -97,24 +97,6 @@ def test_cuda_graphs_need_their_settings(assets):
     assert e.value.field == "cuda_graphs" and "CUDA" in str(e.value)
 
 
-class _HostSyncs(TorchDispatchMode):
-    """Records operators whose result the host must wait for (a value read back, or an output
-    shape that depends on the data): none may run inside a step meant for a CUDA graph."""
-
-    SYNCING = ("_local_scalar_dense", "item", "nonzero", "masked_select", "unique", "_unique", "bincount",
-               "repeat_interleave", "equal", "is_nonzero")
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[str] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.__name__.split(".")[0]
-        if any(name == s or name.startswith(s + "_") for s in self.SYNCING):
-            self.seen.append(func.__name__)
-        return func(*args, **(kwargs or {}))
-
-
 def test_a_replayed_step_makes_no_host_synchronisation(assets, graph_engine):
     """What a capture records must not read a value back: checked on the CPU by watching every
     operator of each captured bucket's step (with and without LoRA) through the dispatcher.
@@ -131,7 +113,7 @@ def test_a_replayed_step_makes_no_host_synchronisation(assets, graph_engine):
     def watch():
         seen = {}
         for rows, width, lora in buckets:
-            with _HostSyncs() as mode:
+            with HostSyncs() as mode:
                 decode._step(rows, width, lora)()
             seen[(rows, width, lora)] = mode.seen
         return seen

@@ -1,5 +1,7 @@
 """The batched sampler against transformers' own logits processors, row by row, in mixed batches."""
 
+import dataclasses
+
 import pytest
 import torch
 from transformers.generation.logits_process import (
@@ -63,7 +65,7 @@ def test_distributions_and_greedy_tokens_equal_transformers(seed):
         assert torch.allclose(ours[j], expected, atol=1e-6), i
         assert torch.equal(ours[j] > 0, expected > 0), i  # the same tokens are possible
     tokens, _, bad, _ = choose_tokens(logits, batch, seen)
-    assert bad == []
+    assert not bad.any()
     for i in batch.greedy:
         assert tokens[i] == hf_scores(logits[i], seen_ids[i], ROWS[i]).argmax(), i
     for i in batch.sampled:
@@ -102,7 +104,7 @@ def test_non_finite_rows_are_reported_and_the_others_sampled():
     logits[4] = float("-inf")
     batch = BatchParams(ROWS, [new_generator(p, CPU) for p in ROWS], CPU)
     tokens, logprobs, bad, _ = choose_tokens(logits, batch, seen)
-    assert bad == [2, 4] and logprobs is None
+    assert bad.nonzero()[:, 0].tolist() == [2, 4] and logprobs is None
     assert tokens[0] == logits[0].argmax()
 
 
@@ -173,3 +175,25 @@ def test_top_logprobs_are_the_models_own_most_likely_tokens():
     assert ids.shape == (3, 5) and torch.equal(values, raw.topk(5, -1).values) and torch.equal(ids, raw.topk(5, -1).indices)
     assert tokens.tolist() == [0, 0, 0]  # chosen from the biased scores; logprobs are the model's own
     assert torch.equal(logprobs, raw[:, 0])
+
+
+def test_choosing_tokens_never_waits_for_the_device():
+    """Greedy and sampled rows, penalties, top-k/top-p/min-p, logprobs and alternatives, a row
+    with non-finite scores: no operator reads a value back or makes a data-dependent shape
+    (on a GPU each would stall the step's queue); the caller reads the step back once."""
+    from host_syncs import HostSyncs
+
+    logits, _, seen = make(3)
+    logits[1] = float("nan")
+    params = [dataclasses.replace(p, top_logprobs=3, return_logprobs=True) for p in ROWS]
+    params[0] = dataclasses.replace(params[0], presence_penalty=0.5, frequency_penalty=0.3, min_p=0.05)
+    batch = BatchParams(params, [new_generator(p, CPU) for p in params], CPU)
+    counts = torch.zeros_like(logits)
+    with HostSyncs() as watch:
+        tokens, logprobs, bad, top = choose_tokens(logits, batch, seen, counts)
+    assert watch.seen == []
+    assert bad.tolist() == [i == 1 for i in range(len(params))]
+    assert batch.sampled and batch.greedy and logprobs is not None and top is not None
+    with HostSyncs() as watch:  # (the watch sees what it is meant to)
+        bool(bad.any())
+    assert watch.seen

@@ -255,7 +255,7 @@ class Batch:
         rows = self.rows
         generated = None
         if self._params.min_length is not None:  # how far each row is from its min_tokens
-            generated = torch.tensor([row.generated for row in rows], dtype=torch.long, device=logits.device)
+            generated = _on_device([row.generated for row in rows], logits.device)
         allowed = None
         if pending is not None:
             constrained, grammars, started = pending
@@ -275,11 +275,11 @@ class Batch:
             self.seen.scatter_(1, tokens[:, None], True)
         if self.counts is not None:
             self.counts.scatter_add_(1, tokens[:, None], torch.ones((len(rows), 1), device=self.counts.device))
-        token_list = tokens.tolist()
+        token_list, bad_list = torch.stack([tokens, bad.to(tokens.dtype)]).tolist()  # the step's one wait for the device
         logprob_list = logprobs.tolist() if logprobs is not None else None
         top_list = list(zip(top[1].tolist(), top[0].tolist())) if top is not None else None  # per row: (ids, logprobs)
         now = time.monotonic()
-        for i in bad:  # this row alone fails; filter() drops it after the pass
+        for i in (i for i, failed in enumerate(bad_list) if failed):  # this row alone fails; filter() drops it after the pass
             if rows[i].done:
                 continue
             rows[i].done = True
@@ -298,6 +298,14 @@ class Batch:
 
 
 PROMPT_CHUNK = 256  # prompt positions scored at once (their float32 log-probabilities: chunk x vocabulary)
+
+
+def _on_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as an int64 tensor on `device`, copied without waiting for the device's queue (a
+    copy from pageable host memory to a GPU waits for the stream first; from pinned, it does not)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=torch.long, device=device)
+    return torch.tensor(values, dtype=torch.long, pin_memory=True).to(device, non_blocking=True)
 
 
 def _prompt_event(logits: torch.Tensor, prompt: list[int], top: int) -> PromptEvent:

@@ -11,6 +11,10 @@ whatever else shares its batch.
 
 Sampling draws one uniform number per row and takes the token where the row's cumulative
 probability reaches it (inverse CDF): the same distribution as `torch.multinomial`.
+
+Nothing here waits for the device: no value is read back and no shape depends on the data
+(rows whose scores are not finite come back as a mask, not a list), so on a GPU every
+operator queues behind the forward pass and the step's one read-back is its caller's.
 """
 
 from __future__ import annotations
@@ -68,6 +72,8 @@ class BatchParams:
             self.sampled_index = torch.tensor(self.sampled, dtype=torch.long, device=device)  # [m]
             self.temperature = torch.tensor([p.temperature for p in chosen], dtype=torch.float32, device=device)[:, None]
             self.top_k = [p.top_k for p in chosen]  # 0: off
+            vocab_ks = [k if k > 0 else 1 << 62 for k in self.top_k]  # (clamped to the vocabulary when used)
+            self.top_k_column = torch.tensor(vocab_ks, dtype=torch.long, device=device)[:, None]  # [m, 1]
             # [m, 1]; a row without top-p gets infinity, so that rounding in the cumulative sum never drops a token
             self.top_p = torch.tensor([p.top_p if p.top_p < 1.0 else float("inf") for p in chosen], device=device)[:, None]
             self.any_top_p = any(p.top_p < 1.0 for p in chosen)
@@ -88,10 +94,12 @@ def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: 
     return torch.where(seen, penalised, logits)
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: torch.Tensor, any_top_p: bool) -> torch.Tensor:
+def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: torch.Tensor, any_top_p: bool,
+                       top_k_column: torch.Tensor | None = None) -> torch.Tensor:
     """logits [m, V] (already divided by temperature): tokens outside each row's top k, or outside
     its nucleus, get -inf. Ties with the k-th value are kept, as transformers' TopKLogitsWarper does;
-    at least one token is always kept."""
+    at least one token is always kept. `top_k_column`: top_k as a [m, 1] tensor on the device
+    (BatchParams makes it once per composition; None: made here)."""
     vocab = logits.shape[-1]
     ks = [k if 0 < k < vocab else vocab for k in top_k]
     if any_top_p:
@@ -99,7 +107,9 @@ def filter_top_k_top_p(logits: torch.Tensor, top_k: list[int], top_p: torch.Tens
     else:
         ordered, order = torch.topk(logits, max(ks), dim=-1)  # only as far as the largest k
     if any(k < vocab for k in ks):
-        kth = ordered.gather(1, torch.tensor(ks, device=logits.device)[:, None] - 1)  # [m, 1]
+        if top_k_column is None:
+            top_k_column = torch.tensor(ks, device=logits.device)[:, None]
+        kth = ordered.gather(1, top_k_column.clamp(max=min(vocab, ordered.shape[-1])) - 1)  # [m, 1]
         ordered = ordered.masked_fill(ordered < kth, float("-inf"))
     if any_top_p:
         probs = ordered.softmax(-1)
@@ -140,16 +150,13 @@ def choose_tokens(
     counts: torch.Tensor | None = None,  # [n, V] float32 output token counts, with presence/frequency penalties
     generated: torch.Tensor | None = None,  # [n] tokens generated so far, with min_tokens
     allowed: tuple[torch.Tensor, torch.Tensor] | None = None,  # structured output: (rows [k], allowed tokens [k, V] bool)
-) -> tuple[torch.Tensor, torch.Tensor | None, list[int], tuple[torch.Tensor, torch.Tensor] | None]:
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Returns next tokens [n], the model's logprobs of them [n] if any row asked (before any
-    constraint's mask, as the model gave them), the rows
-    whose scores were not finite (their tokens are meaningless: those rows must end), and the
-    top alternatives `(logprobs [n, k], ids [n, k])` when a row asked for k. A bad row never
-    stops the others from getting their tokens."""
-    finite = torch.isfinite(logits).all(dim=-1)  # [n]
-    bad = [] if bool(finite.all()) else (~finite).nonzero()[:, 0].tolist()
-    if bad:
-        logits = logits.masked_fill(~finite[:, None], 0.0)  # any token will do for rows that end
+    constraint's mask, as the model gave them), which rows' scores were not finite ([n] bool:
+    their tokens are meaningless, those rows must end), and the top alternatives
+    `(logprobs [n, k], ids [n, k])` when a row asked for k. Every operation is row by row, so
+    a bad row never stops the others from getting their tokens, and nothing is read back."""
+    bad = ~torch.isfinite(logits).all(dim=-1)  # [n]
     raw_logprobs = torch.log_softmax(logits, dim=-1) if batch.want_logprobs else None
     top = raw_logprobs.topk(batch.top_logprobs, dim=-1) if batch.top_logprobs else None
     if allowed is not None:  # tokens that would break a row's constraint cannot be chosen
@@ -161,9 +168,9 @@ def choose_tokens(
         scores = adjust(logits, batch, seen, counts, generated)
         tokens = scores.argmax(dim=-1)  # right for greedy rows; sampled rows are overwritten below
         if batch.sampled:
-            sampled, more_bad = _sample(scores.index_select(0, batch.sampled_index), batch)
+            sampled, unusable = _sample(scores.index_select(0, batch.sampled_index), batch)
             tokens = tokens.index_copy(0, batch.sampled_index, sampled)
-            bad = sorted(set(bad) | {batch.sampled[j] for j in more_bad})
+            bad = bad.index_copy(0, batch.sampled_index, bad.index_select(0, batch.sampled_index) | unusable)
     logprobs = raw_logprobs.gather(1, tokens[:, None])[:, 0] if raw_logprobs is not None else None
     return tokens, logprobs, bad, (tuple(top) if top is not None else None)
 
@@ -172,27 +179,26 @@ def distribution(scores: torch.Tensor, batch: BatchParams) -> torch.Tensor:
     """scores [m, V] of the sampled rows (penalised) -> the probabilities they sample from [m, V]."""
     scores = scores / batch.temperature
     if batch.any_top_k or batch.any_top_p:
-        scores = filter_top_k_top_p(scores, batch.top_k, batch.top_p, batch.any_top_p)
+        scores = filter_top_k_top_p(scores, batch.top_k, batch.top_p, batch.any_top_p, batch.top_k_column)
     probs = scores.softmax(-1)
     if batch.min_p is not None:  # drop tokens below min_p x the row's most likely one (0: keeps all)
         probs = probs.masked_fill(probs < batch.min_p * probs.max(dim=-1, keepdim=True).values, 0.0)
     return probs
 
 
-def _sample(scores: torch.Tensor, batch: BatchParams) -> tuple[torch.Tensor, list[int]]:
-    """scores [m, V] of the sampled rows -> tokens [m], and the rows (of m) whose distribution is unusable."""
+def _sample(scores: torch.Tensor, batch: BatchParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [m, V] of the sampled rows -> tokens [m], and which rows (of m) have an unusable
+    distribution ([m] bool)."""
     probs = distribution(scores, batch)  # [m, V]
     cdf = probs.cumsum(-1)
     total = cdf[:, -1]
     usable = torch.isfinite(total) & (total > 0)
     # One uniform number per row, from the row's own generator (reproducible per seed).
     draws = torch.stack([torch.rand((), generator=batch.generators[i], device=scores.device) for i in batch.sampled])
-    target = (draws * total.clamp(min=0)).unsqueeze(1)  # [m, 1]
+    # Kept below the total, so the first position whose cumulative probability exceeds it is
+    # one where the probability rose: a token of non-zero probability, even when rounding
+    # puts the draw at the very end (a cumulative sum of non-negative values never falls).
+    top = torch.nextafter(total, torch.zeros_like(total)).clamp(min=0)
+    target = torch.minimum(draws * total.clamp(min=0), top).unsqueeze(1)  # [m, 1]
     tokens = torch.searchsorted(cdf.contiguous(), target, right=True)[:, 0].clamp(max=scores.shape[-1] - 1)
-    # A token of zero probability can only be hit by rounding at the very end: step back to the last possible one.
-    hit_zero = probs.gather(1, tokens[:, None])[:, 0] == 0
-    if bool(hit_zero.any()):
-        last_possible = (probs > 0).cumsum(-1).argmax(-1)
-        tokens = torch.where(hit_zero, last_possible, tokens)
-    bad = [] if bool(usable.all()) else (~usable).nonzero()[:, 0].tolist()
-    return tokens, bad
+    return tokens, ~usable
