@@ -134,6 +134,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if $s.cudaGraphs }}
 - --cuda-graphs
 {{- end }}
+{{- if not $s.overlapSteps }}
+- --no-overlap-steps
+{{- end }}
 - --max-prefill-tokens
 - {{ $s.maxPrefillTokens | int64 | quote }}
 - --batch-window-ms

@@ -85,6 +85,12 @@ class Settings:
     """Replay the decode step as CUDA graphs, one per bucket of rows and KV width, captured as
     buckets are first met; adapters and compositions are buffer values, never a new capture.
     Needs a CUDA device, kv_cache static and lora_kernel triton."""
+    overlap_steps: bool = True
+    """On a CUDA device, queue each decode step before handing on the previous step's tokens,
+    so the host's work per row (stop conditions, detokenizing, events) runs while the device
+    computes the next step; a finished row costs one step it does not use. Not yet measured
+    on a GPU. Off: one step at a time. The CPU always runs one step at a time (the model runs
+    on the engine thread there: nothing would overlap)."""
     host: str = "127.0.0.1"
     """Address the gRPC port listens on (0.0.0.0: every interface)."""
     port: int = 50051

@@ -6,7 +6,8 @@ This follows the batch design of text-generation-inference's Python CausalLM:
   and picks each row's first token;
 - `concatenate` joins a freshly prefilled batch to the running one (the KV cache decides
   how: kv_cache.py, padded or static rows);
-- `step` decodes one token for every row;
+- `step` decodes one token for every row; or, on a GPU, `launch` queues a step and returns
+  what it chose, to be handed on by `emit_step` while the next step runs (worker.py);
 - `filter` drops finished, cancelled and expired rows.
 
 Between forward passes the batch holds, per row, the token chosen last (not yet in the KV
@@ -139,7 +140,7 @@ class Batch:
             batch.rows = rows
             batch._route()
         batch.seen, batch.counts = _seen_mask(base, rows), _output_counts(base, rows)
-        batch._choose(logits, batch._start_masks())
+        emit_step(batch._pick(logits, batch._start_masks()))
         return batch
 
     @torch.inference_mode()
@@ -147,7 +148,20 @@ class Batch:
         """Decode one token for every row (structured-output rows' masks are computed on
         a helper thread while the model runs)."""
         pending = self._start_masks()
-        self._choose(self._logits(self.tokens[:, None]), pending)
+        emit_step(self._pick(self._logits(self.tokens[:, None]), pending))
+
+    @torch.inference_mode()
+    def launch(self, lag: int) -> StepOutput:
+        """Queue one decode step for every row and return what it chose, still on the device
+        (copied to the host as the device gets to it): the rows advance on the device, and
+        `emit_step` hands the tokens on later, while the next step runs. `lag`: 1 when the
+        previous step's tokens are not handed on yet (the rows' counts are one behind).
+        Only for batches without structured-output rows (`can_launch`): their next masks
+        need this step's tokens on the host first."""
+        return self._pick(self._logits(self.tokens[:, None]), None, lag=lag, copy=True)
+
+    def can_launch(self) -> bool:
+        return not self._constrained
 
     @torch.inference_mode()
     def filter(self) -> list[Row]:
@@ -250,12 +264,14 @@ class Batch:
             return logits
         return logits[:, -1, :].float().to(self.base.device)  # (from the last layer's device)
 
-    def _choose(self, logits: torch.Tensor, pending) -> None:
-        """Pick every row's token from `logits`, emit it, and advance the rows and the cache."""
+    def _pick(self, logits: torch.Tensor, pending, lag: int = 0, copy: bool = False) -> StepOutput:
+        """Pick every row's token from `logits` and advance the batch and the cache on the
+        device; the returned output is handed on by `emit_step`. `copy`: start copying the
+        output to the host now, without waiting for it."""
         rows = self.rows
         generated = None
         if self._params.min_length is not None:  # how far each row is from its min_tokens
-            generated = _on_device([row.generated for row in rows], logits.device)
+            generated = _on_device([row.generated + lag for row in rows], logits.device)
         allowed = None
         if pending is not None:
             constrained, grammars, started = pending
@@ -275,26 +291,64 @@ class Batch:
             self.seen.scatter_(1, tokens[:, None], True)
         if self.counts is not None:
             self.counts.scatter_add_(1, tokens[:, None], torch.ones((len(rows), 1), device=self.counts.device))
-        token_list, bad_list = torch.stack([tokens, bad.to(tokens.dtype)]).tolist()  # the step's one wait for the device
-        logprob_list = logprobs.tolist() if logprobs is not None else None
-        top_list = list(zip(top[1].tolist(), top[0].tolist())) if top is not None else None  # per row: (ids, logprobs)
-        now = time.monotonic()
-        for i in (i for i, failed in enumerate(bad_list) if failed):  # this row alone fails; filter() drops it after the pass
-            if rows[i].done:
-                continue
-            rows[i].done = True
-            rows[i].request.emit(ErrorEvent(NonFiniteOutput(
-                "the model's scores for this request became NaN or infinite (the adapter's weights or the "
-                "sampling parameters overflow the serving dtype)",
-                generated=rows[i].generated,
-            )))
-        for i, row in enumerate(rows):
-            if not row.done:
-                _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now,
-                         top_list[i] if top_list else None)
         self.tokens = tokens
         self.kv.advance(self.positions)
         self.positions = self.positions[:, -1:] + 1
+        chosen = torch.stack([tokens, bad.to(tokens.dtype)])  # [2, n]
+        parts = [chosen] + ([logprobs] if logprobs is not None else []) + (list(top) if top is not None else [])
+        out = StepOutput(list(rows), parts, logprobs is not None, top is not None)
+        if copy:
+            out.start_copy()
+        return out
+
+
+@dataclasses.dataclass(eq=False)
+class StepOutput:
+    """What one step chose, per row of the batch as it was: [tokens; non-finite flags], then
+    the logprobs and the top alternatives (logprobs, ids) when some row asked for them."""
+
+    rows: list[Row]
+    parts: list[torch.Tensor]
+    has_logprobs: bool
+    has_top: bool
+    _copied: torch.cuda.Event | None = None
+
+    def start_copy(self) -> None:
+        """Copy the parts to pinned host memory behind the work that makes them (CUDA: the
+        host goes on; `host_lists` waits for the copy alone, not for later steps)."""
+        if not self.parts[0].is_cuda:
+            return
+        self.parts = [part.to("cpu", non_blocking=True) for part in self.parts]  # (pinned by the caching host allocator)
+        self._copied = torch.cuda.Event()
+        self._copied.record()
+
+    def host_lists(self) -> list[list]:
+        if self._copied is not None:
+            self._copied.synchronize()
+        return [part.tolist() for part in self.parts]  # (the step's one wait for the device, when not copied)
+
+
+def emit_step(out: StepOutput) -> None:
+    """Hand on one step's tokens: each row's event, its stop conditions, its end."""
+    lists = out.host_lists()
+    (token_list, bad_list), rest = lists[0], lists[1:]
+    logprob_list = rest.pop(0) if out.has_logprobs else None
+    top_list = list(zip(rest[1], rest[0])) if out.has_top else None  # per row: (ids, logprobs)
+    rows = out.rows
+    now = time.monotonic()
+    for i in (i for i, failed in enumerate(bad_list) if failed):  # this row alone fails; filter() drops it after the pass
+        if rows[i].done:
+            continue
+        rows[i].done = True
+        rows[i].request.emit(ErrorEvent(NonFiniteOutput(
+            "the model's scores for this request became NaN or infinite (the adapter's weights or the "
+            "sampling parameters overflow the serving dtype)",
+            generated=rows[i].generated,
+        )))
+    for i, row in enumerate(rows):
+        if not row.done:  # (a row that ended since the step was queued: its token is not used)
+            _advance(row, token_list[i], logprob_list[i] if logprob_list else None, now,
+                     top_list[i] if top_list else None)
 
 
 PROMPT_CHUNK = 256  # prompt positions scored at once (their float32 log-probabilities: chunk x vocabulary)

@@ -17,6 +17,7 @@ shares with other threads is guarded by its condition `cond`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 import time
 from collections import Counter, deque
@@ -27,7 +28,7 @@ import torch
 
 from loramux.server.adapters.registry import AdapterRegistry
 from loramux.server.model.base_model import BaseModel
-from loramux.server.engine.batch import Batch, Row, ended_early, new_row
+from loramux.server.engine.batch import Batch, Row, StepOutput, emit_step, ended_early, new_row
 from loramux.server.engine.compiled_step import CompiledDecode
 from loramux.server.engine.graph_step import GraphDecode
 from loramux.server.engine.failures import as_domain_error
@@ -36,6 +37,8 @@ from loramux.server.engine.request import ErrorEvent, GenerationRequest
 from loramux.server.engine.scheduler import KvBudget, Scheduler
 from loramux.server.errors import InternalError, InvalidSettings, LoramuxError, ShuttingDown
 from loramux.server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 UNBOUNDED = 1 << 62
 IDLE_POLL_S = 0.02  # while requests wait for an adapter read or a slot and nothing runs
@@ -64,6 +67,13 @@ class Worker:
         self.scheduler = Scheduler(settings, self.cache, registry.current_uid, io, self.wake)
         self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
         self._running: Batch | None = None
+        # --overlap-steps: on a GPU a decode step is queued before the previous step's tokens are handed on, so
+        # the host's work per row (stop conditions, detokenizing, events) runs while the device
+        # computes the next step (off the step's critical path). On the CPU the model runs on
+        # this thread, so there is nothing to overlap and the tokens would go out a step late.
+        self.overlap = settings.overlap_steps and base.device.type == "cuda"
+        self._pending: StepOutput | None = None  # a queued step whose tokens are not handed on yet
+        self.launched = 0  # steps queued ahead of the previous one's tokens (diagnostics, tests)
         self._steps = 0
         self._prefills = 0
         self._adapter_bytes_read = 0
@@ -218,6 +228,7 @@ class Worker:
             self._end_all(admitted, self.cut)
             return
         if admitted:
+            self._hand_on()  # (a join changes the batch: the step in flight goes out first)
             self._join(admitted)
         elif self._running is not None:
             try:
@@ -227,7 +238,14 @@ class Worker:
                     self._steps += 1
                     self._adapter_bytes_read += self._running.adapter_bytes
                 started = time.perf_counter()
-                self._running.step()
+                if self.overlap and self._running.can_launch():
+                    queued = self._running.launch(lag=1 if self._pending is not None else 0)
+                    self.launched += 1
+                    self._hand_on()  # the previous step's tokens, while this one runs
+                    self._pending = queued
+                else:
+                    self._hand_on()
+                    self._running.step()
                 self._decode_seconds += time.perf_counter() - started
             except Exception as e:  # the forward pass is shared: every running row is concerned
                 self._fail_running(as_domain_error(e, "decode step failed"))
@@ -240,9 +258,16 @@ class Worker:
             for row in gone:
                 self._row_done(row)
             if not self._running:
+                self._hand_on()  # (rows it holds have left: their tokens are not used)
                 with self.cond:
                     self._running = None
 
+    def _hand_on(self) -> None:
+        """Hand on the tokens of the step in flight, if any (its rows that ended since it was
+        queued are skipped)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            emit_step(pending)
     def _end_all(self, admitted: list[GenerationRequest], error: LoramuxError) -> None:
         """Answer every admitted, waiting and running request with `error` (at shutdown)."""
         self._abandon(admitted, [], error)
@@ -313,6 +338,10 @@ class Worker:
                     self.cache.release(request.adapter_uid)
 
     def _fail_running(self, error: LoramuxError) -> None:
+        try:
+            self._hand_on()  # a step queued before the failure chose valid tokens: they go out first
+        except Exception:  # noqa: BLE001 - its rows are failed below either way
+            log.exception("handing on the last queued step failed")
         if self._running is not None:
             for row in self._running.fail(error):
                 self._row_done(row)
