@@ -14,7 +14,8 @@
 #   4. the front doors against the engine alone: the engine thread's time per step with the
 #      gRPC and HTTP doors in its process, against none (whether the engine wants a process
 #      of its own)                                                                    (~1 min)
-# FULL=1 adds the matrix with --lora-kernel triton --cuda-graphs, compile with both KV caches,
+# FULL=1 adds the matrix with --lora-kernel triton --cuda-graphs, the matrix with
+# --no-overlap-steps (what queuing each step ahead gives, against step 3), compile with both KV caches,
 # quantization (needs torchao and bitsandbytes) and the other benchmarks, which do not fit.
 # Results go to $OUT (the device tool's folder) or ./gpu-results.
 #
@@ -57,6 +58,8 @@ note "front_doors exit $?: $(tail -1 "$out/front_doors.md" 2>/dev/null)"
 if [[ "${FULL:-0}" == 1 ]]; then
     python3 -m loramux.bench.matrix --models 2048 --checkpoint-dtype bfloat16 --set lora_kernel=triton \
         --set kv_cache=static --set cuda_graphs=true --out "$out/matrix-graphs" > "$out/matrix-graphs.log" 2>&1
+    python3 -m loramux.bench.matrix --models 2048 --checkpoint-dtype bfloat16 --set overlap_steps=false \
+        --out "$out/matrix-no-overlap" > "$out/matrix-no-overlap.log" 2>&1
     python3 -m pytest -q -s -p no:cacheprovider scripts/gpu/test_cuda.py -k "quantized or compiled or two_gpus" \
         > "$out/gpu-full-tests.log" 2>&1
     python3 -m loramux.bench --device cuda --dtype bfloat16 --out "$out" > "$out/bench.log" 2>&1
