@@ -1,7 +1,8 @@
 """Queuing the next decode step before handing on the last one's tokens (worker.overlap, on
 by default on a GPU): forced on here, it serves exactly what the step-by-step engine serves,
-through joins, leaves, sampling, penalties, min_tokens, logprobs, stop strings, `n`,
-structured output (which falls back to step by step), cancellations and deadlines."""
+through joins, leaves, sampling, penalties, min_tokens (whose counts run one behind while a
+step is in flight), logprobs, stop strings, `n`, structured output (which falls back to step
+by step) and cancellations; no event follows a request's last."""
 
 from __future__ import annotations
 
@@ -58,8 +59,10 @@ def outcome(engine, inp: GenerateInput, n: int = 1):
 
     engine.submit_many("default", inp, [emit_to(i) for i in range(n)], None)
     assert done.wait(120)
+    engine.call_on_engine(lambda: None).result(60)  # a pass boundary: a step in flight has been handed on
     summary = []
     for completion in events:
+        assert sum(isinstance(e, (FinishEvent, ErrorEvent)) for e in completion) == 1  # the last, and only one
         tokens = [(e.token_ids, e.logprobs, e.text, e.top_logprobs) for e in completion if isinstance(e, TokenEvent)]
         last = completion[-1]
         end = (last.finish_reason, last.text, last.completion_tokens) if isinstance(last, FinishEvent) else \
@@ -80,6 +83,12 @@ REQUESTS = [
     GenerateInput(prompt=PROMPTS[3], max_new_tokens=8, temperature=0.8, seed=3, return_logprobs=True),
     GenerateInput(adapter_id="pattern", prompt=PROMPTS[2], max_new_tokens=9, constraint=Constraint(
         "regex", "(fox|dog)( (fox|dog)){0,6}")),
+    # Token 40 is always the most likely and ends the row, but not before 5 tokens: a min_tokens
+    # count one off (while a step is in flight) would end it a token early or late.
+    GenerateInput(adapter_id="rslora-r8", prompt=PROMPTS[0], max_new_tokens=12, logit_bias={40: 100.0},
+                  stop_token_ids=[40], min_tokens=5),
+    GenerateInput(prompt=PROMPTS[1], max_new_tokens=12, logit_bias={40: 100.0}, stop_token_ids=[40], min_tokens=3,
+                  temperature=0.7, seed=2),
 ]
 
 
@@ -100,6 +109,8 @@ def test_overlapped_steps_serve_what_steps_one_by_one_serve(both):
         results[overlap].append(outcome(engine, REQUESTS[12], 3))
     assert results[True] == results[False]
     assert both[True].worker.launched > 0 and both[False].worker.launched == 0
+    for overlap in (False, True):  # the min_tokens rows: 5 and 3 tokens before the stop token
+        assert [r[0][1][2] for r in results[overlap][-5:-3]] == [6, 4]
 
 
 def test_overlapped_greedy_tokens_equal_peft(assets, both):
@@ -128,6 +139,8 @@ def test_a_cancelled_row_ends_alone_and_the_others_go_on(assets, both):
     assert first_token.wait(60)
     engine.cancel(request)
     assert other.result(120)["token_ids"] == assets.oracle("all-r16", PROMPTS[1], 8)
+    engine.call_on_engine(lambda: None).result(60)  # a pass boundary: a step in flight has been handed on
     ends = [e for e in events if isinstance(e, (ErrorEvent, FinishEvent))]
-    assert len(ends) == 1 and isinstance(ends[0], ErrorEvent) and ends[0].error.reason == "CANCELLED"
+    assert len(ends) == 1 and ends[0] is events[-1]
+    assert isinstance(ends[0], ErrorEvent) and ends[0].error.reason == "CANCELLED"
     assert sum(len(e.token_ids) for e in events if isinstance(e, TokenEvent)) < 200

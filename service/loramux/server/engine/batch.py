@@ -325,7 +325,7 @@ class StepOutput:
     def host_lists(self) -> list[list]:
         if self._copied is not None:
             self._copied.synchronize()
-        return [part.tolist() for part in self.parts]  # (the step's one wait for the device, when not copied)
+        return [part.tolist() for part in self.parts]  # (not copied ahead: the first waits for the device)
 
 
 def emit_step(out: StepOutput) -> None:

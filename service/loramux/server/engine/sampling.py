@@ -195,10 +195,12 @@ def _sample(scores: torch.Tensor, batch: BatchParams) -> tuple[torch.Tensor, tor
     usable = torch.isfinite(total) & (total > 0)
     # One uniform number per row, from the row's own generator (reproducible per seed).
     draws = torch.stack([torch.rand((), generator=batch.generators[i], device=scores.device) for i in batch.sampled])
-    # Kept below the total, so the first position whose cumulative probability exceeds it is
-    # one where the probability rose: a token of non-zero probability, even when rounding
-    # puts the draw at the very end (a cumulative sum of non-negative values never falls).
-    top = torch.nextafter(total, torch.zeros_like(total)).clamp(min=0)
-    target = torch.minimum(draws * total.clamp(min=0), top).unsqueeze(1)  # [m, 1]
+    target = (draws * total.clamp(min=0)).unsqueeze(1)  # [m, 1]
     tokens = torch.searchsorted(cdf.contiguous(), target, right=True)[:, 0].clamp(max=scores.shape[-1] - 1)
-    return tokens, ~usable
+    # A token of zero probability can only be hit by rounding (at the very end, or where a
+    # GPU's parallel scan makes the cumulative sum rise over one): the last possible token
+    # instead, chosen for every row without asking which rows need it (no read-back).
+    hit_zero = probs.gather(1, tokens[:, None])[:, 0] == 0
+    positions = torch.arange(probs.shape[-1], device=probs.device)
+    last_possible = torch.where(probs > 0, positions, -1).amax(dim=-1).clamp(min=0)
+    return torch.where(hit_zero, last_possible, tokens), ~usable

@@ -54,7 +54,7 @@ class EngineStats:
     steps: int  # decode steps started so far (counted before a step emits its tokens)
     prefills: int  # prefill passes run so far
     adapter_bytes_read: int  # adapter weights read by the decode steps so far (each distinct adapter once a step)
-    decode_seconds: float = 0.0  # time spent in decode steps so far (forward pass and sampling)
+    decode_seconds: float = 0.0  # time spent in decode passes so far (forward pass, sampling, handing on tokens)
 
 
 class Worker:
@@ -228,7 +228,10 @@ class Worker:
             self._end_all(admitted, self.cut)
             return
         if admitted:
-            self._hand_on()  # (a join changes the batch: the step in flight goes out first)
+            try:
+                self._hand_on()  # (a join changes the batch: the step in flight goes out first)
+            except Exception as e:  # its rows are the running batch's: they fail, the admitted join on
+                self._fail_running(as_domain_error(e, "handing on a decode step failed"))
             self._join(admitted)
         elif self._running is not None:
             try:
@@ -258,7 +261,7 @@ class Worker:
             for row in gone:
                 self._row_done(row)
             if not self._running:
-                self._hand_on()  # (rows it holds have left: their tokens are not used)
+                self._pending = None  # (every row it holds has left: none of its tokens is used)
                 with self.cond:
                     self._running = None
 
@@ -268,6 +271,7 @@ class Worker:
         pending, self._pending = self._pending, None
         if pending is not None:
             emit_step(pending)
+
     def _end_all(self, admitted: list[GenerationRequest], error: LoramuxError) -> None:
         """Answer every admitted, waiting and running request with `error` (at shutdown)."""
         self._abandon(admitted, [], error)
