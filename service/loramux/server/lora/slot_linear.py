@@ -74,6 +74,15 @@ class RoutingPlan:
     def __post_init__(self) -> None:
         if self.row_slots is None:
             self.row_slots = torch.tensor(self.slots, dtype=torch.long, device=self.device)
+        self._row_slots_on: dict[torch.device, torch.Tensor] = {self.row_slots.device: self.row_slots}
+
+    def row_slots_on(self, device: torch.device) -> torch.Tensor:
+        """`row_slots` on `device`, copied once per device (layers placed across devices by
+        --device-map share the copy, so siblings there still share one shrink launch)."""
+        held = self._row_slots_on.get(device)
+        if held is None:
+            held = self._row_slots_on[device] = self.row_slots.to(device)
+        return held
 
     @property
     def rows(self) -> int:
@@ -332,7 +341,7 @@ class SlotLinear(nn.Module):
             widest = max((self.ranks[slot] for slot, _ in plan.groups), default=0)
             runs = None
             if widest and not self._dora_rows(plan):
-                runs = KernelRuns(plan.row_slots.to(self._device), widest)  # (placed across devices: this layer's)
+                runs = KernelRuns(plan.row_slots_on(self._device), widest)  # (placed across devices: this layer's)
             self._kernel_plan = held = (plan, generation, runs)
         return held[2]
 
@@ -451,7 +460,7 @@ class SlotLinear(nn.Module):
             if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
                 ones = torch.ones(self.out_features, dtype=torch.float32, device=self._device)
                 dora = torch.stack([self.dora.get(s, ones) for s in plan.slots]).unsqueeze(1)
-            row_slots = plan.row_slots.to(self._device)  # placed across devices (--device-map): this layer's
+            row_slots = plan.row_slots_on(self._device)  # placed across devices (--device-map): this layer's
             scale = self._scale_t.index_select(0, row_slots).view(-1, 1, 1)
             # One tensor op, however many adapters: a column belongs to a row when their slots agree.
             hide = (row_slots[:, None] != self._col_slot[None, : self._columns]).unsqueeze(1)
