@@ -38,6 +38,12 @@ def tables_of(adapters, w_dtype):
     return tables, held  # (the tables hold addresses: the tensors must stay alive)
 
 
+def lora_add_(y, x, tables, slots, max_rank, tokens_per_row):
+    """y [tokens, out] += each token's LoRA delta: one layer's shrink and expansion."""
+    h = triton_kernels.shrink(x.contiguous(), [tables], slots, max_rank, tokens_per_row)
+    return triton_kernels.expand_add_(y, h[0], tables, slots, tokens_per_row)
+
+
 def reference(y, x, held, slots, tokens_per_row, magnitude=False):
     """Each token's delta in float64 from its own adapter, added to y (`magnitude`: the same
     over absolute values, the scale of the rounding a float32 sum of those terms may carry)."""
@@ -66,7 +72,7 @@ def test_kernels_add_each_tokens_own_adapter(y_dtype, w_dtype, tokens_per_row):
     tokens = len(slots) * tokens_per_row
     x = torch.randn(tokens, in_f, generator=gen).to(y_dtype)
     y = (torch.randn(tokens, out_f, generator=gen) * 10).to(y_dtype)
-    got = triton_kernels.lora_add_(y.clone(), x, tables, slots, 40, tokens_per_row)
+    got = lora_add_(y.clone(), x, tables, slots, 40, tokens_per_row)
     want = reference(y, x, held, slots, tokens_per_row)
     assert got.dtype == y_dtype
     if y_dtype == torch.float32:

@@ -410,10 +410,10 @@ class SlotLinear(nn.Module):
         return BufferLayout(dict(self._segments), self._columns, self._wasted,
                             self._view[3] if self._view is not None else None)
 
-    def _step_view(self, plan: RoutingPlan, compact: bool = True) -> _DecodeView | None:
+    def _step_view(self, plan: RoutingPlan) -> _DecodeView | None:
         """The plan's decode view for one step, counting the buffer columns the step reads for
         no row, and rebuilding the buffer once that waste has cost a rebuild's copy."""
-        view = self._decode_view(plan, compact)
+        view = self._decode_view(plan)
         if view is not None and view.used > view.live:
             self._wasted += view.used - view.live
             if self._wasted >= view.live:
@@ -448,14 +448,14 @@ class SlotLinear(nn.Module):
         plain = base if bias is None else base - bias
         return (scale - 1) * plain.to(scale.dtype) + scale * delta.to(scale.dtype)
 
-    def _decode_view(self, plan: RoutingPlan, compact: bool = True) -> _DecodeView | None:
+    def _decode_view(self, plan: RoutingPlan) -> _DecodeView | None:
         key = (plan, self.routing.generation, self._epoch)
         if self._view is not None and self._view[0] is plan and self._view[1:3] == key[1:]:
             return self._view[3]
         used = [slot for slot, _ in plan.groups if self.ranks[slot] > 0]
         view = None
         if used:
-            self._place(used, compact=compact)
+            self._place(used)
             dora = None
             if any(s in self.dora for s in used):  # per row: its adapter's DoRA scale, or ones
                 ones = torch.ones(self.out_features, dtype=torch.float32, device=self._device)
@@ -470,7 +470,7 @@ class SlotLinear(nn.Module):
         return view
 
     @torch.no_grad()
-    def _place(self, slots: list[int], rebuild: bool = False, compact: bool = True) -> None:
+    def _place(self, slots: list[int], rebuild: bool = False) -> None:
         """Make every slot's current weights present in the decode buffer, copying only those
         that are missing or stale; rebuild from `slots` alone when asked, or when columns no
         batch uses would outnumber the live ones."""
@@ -479,7 +479,7 @@ class SlotLinear(nn.Module):
             return
         live_columns = sum(self.ranks[s] for s in slots)
         current = sum(r for s, (_, r, v) in self._segments.items() if s in set(slots) and v == self._versions[s])
-        if rebuild or (compact and self._columns - current > live_columns):
+        if rebuild or self._columns - current > live_columns:
             self._segments, self._columns, self._wasted = {}, 0, 0
             self._col_slot.fill_(-1)
             self._epoch += 1  # views of other plans point at columns that moved

@@ -242,16 +242,6 @@ def on_device(device: torch.device):
     return contextlib.nullcontext()
 
 
-def lora_add_(y: torch.Tensor, x: torch.Tensor, tables: SlotTables, slots: torch.Tensor, max_rank: int,
-              tokens_per_row: int) -> torch.Tensor:
-    """y [tokens, out] (the base output, contiguous rows) += each token's LoRA delta, two launches."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    with on_device(y.device):
-        h = shrink(x, [tables], slots, max_rank, tokens_per_row)
-        return expand_add_(y, h[0], tables, slots, tokens_per_row)
-
-
 def available(device: torch.device) -> str | None:
     """None when the kernels can run on `device`; else why not."""
     if device.type == "cuda":
