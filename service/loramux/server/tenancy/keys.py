@@ -507,10 +507,7 @@ def append_key(path: Path, tenant: str, role: str, name: str = "", expires: str 
 def list_keys(path: Path) -> list[dict]:
     """The file's keys as an operator may see them: name, tenant, role, expiry and `id` (the
     first 12 hex digits of the key's hash, which names it to revoke and rotate); never a key."""
-    _read(Path(path))  # a file that does not parse is refused, as the server would
-    return [{"id": str(item.get("sha256", ""))[:12], "name": item.get("name", ""), "tenant": item.get("tenant"),
-             "role": item.get("role"), "expires": _iso(item.get("expires"))}
-            for item in _editable(Path(path))["keys"] if isinstance(item, dict)]
+    return [_listed(item) for item in _editable(Path(path), missing_ok=False)["keys"] if isinstance(item, dict)]
 
 
 def revoke_key(path: Path, which: str) -> dict:
@@ -524,8 +521,7 @@ def revoke_key(path: Path, which: str) -> dict:
     # file expects it (a truncated file must not lock everyone out), and a revocation must apply.
     data["expected_keys"] = len(data["keys"])
     _write(path, data)
-    return {"id": str(removed.get("sha256", ""))[:12], "name": removed.get("name", ""), "tenant": removed.get("tenant"),
-            "role": removed.get("role"), "expires": _iso(removed.get("expires"))}
+    return _listed(removed)
 
 
 def rotate_key(path: Path, which: str, old_expires: str) -> tuple[str, dict]:
@@ -541,8 +537,7 @@ def rotate_key(path: Path, which: str, old_expires: str) -> tuple[str, dict]:
     data["keys"].append({"name": old.get("name", ""), "tenant": old.get("tenant"), "role": old.get("role"),
                          "sha256": hash_key(key)})
     _write(path, data)
-    return key, {"id": str(old.get("sha256", ""))[:12], "name": old.get("name", ""), "tenant": old.get("tenant"),
-                 "role": old.get("role"), "expires": _iso(old["expires"])}
+    return key, _listed(old)
 
 
 def _find(data: dict, which: str, path: Path) -> int:
@@ -555,6 +550,13 @@ def _find(data: dict, which: str, path: Path) -> int:
     return matches[0]
 
 
+def _listed(entry: dict) -> dict:
+    """A key's entry as an operator may see it: its id (the first 12 hex digits of its hash),
+    name, tenant, role and expiry; never the key."""
+    return {"id": str(entry.get("sha256", ""))[:12], "name": entry.get("name", ""), "tenant": entry.get("tenant"),
+            "role": entry.get("role"), "expires": _iso(entry.get("expires"))}
+
+
 def _iso(value) -> str | None:
     """An expiry as ISO 8601 with its zone (UTC when the file gives none)."""
     if value is None:
@@ -563,14 +565,14 @@ def _iso(value) -> str | None:
     return moment.isoformat()
 
 
-def _editable(path: Path) -> dict:
-    """The file's data to change (refusing a file that does not parse), or an empty one."""
-    if not path.exists():
+def _editable(path: Path, missing_ok: bool = True) -> dict:
+    """The file's data to change, read once as the server reads it (bounded, a regular file,
+    refused when it does not parse); an empty file's when it is missing and `missing_ok`."""
+    if missing_ok and not path.exists() and not path.is_symlink():
         return {"keys": []}
-    _read(path)
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    data.setdefault("keys", [])
-    return data
+    text, _ = _read_text(path)
+    parse_keys_file(text, path)
+    return _load(text, path)
 
 
 def _write(path: Path, data: dict) -> None:
