@@ -25,6 +25,7 @@ FLOORS = [
     {"model", "merging"},  # the served base model; merging into its files
     {"telemetry"},
     {"engine"},
+    {"engine_process"},  # --engine-process: the engine served from its own process, and the facade that calls it
     {"front_door"},  # what the front doors share: per-tenant pools for blocking engine calls
     {"grpc_api", "http_api"},  # the gRPC front door; the OpenAI-compatible HTTP one
     {"app"},  # building and running the server

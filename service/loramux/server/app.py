@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import json
 import dataclasses
-import gc
 import logging
 import signal
 
@@ -27,11 +26,11 @@ from loramux.server.grpc_api.servicer import LoramuxServicer, Malformed
 from loramux.server.http_api.routes import HttpFrontDoor
 from loramux.server.http_api.server import HttpServer
 from loramux.server.http_api.server import bind as bind_http
-from loramux.server.model.base_model import load_base_model
 from loramux.server.cpu_threads import in_own_thread
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.facade import Facade
-from loramux.server.engine.restore import restore_state
+from loramux.server.engine.startup import build_engine
+from loramux.server.engine_process.client import EngineProcess
 from loramux.server.errors import InvalidSettings
 from loramux.server.settings import Settings, check_installed
 from loramux.server.telemetry.providers import build_telemetry
@@ -50,7 +49,7 @@ _MIN_RECEIVE_BYTES = 4 * 1024 * 1024
 class RunningServer:
     server: grpc.aio.Server
     port: int
-    engine: Engine
+    engine: Engine | EngineProcess  # the engine, or the handle on its own process (--engine-process)
     health: health.aio.HealthServicer
     servicer: LoramuxServicer
     pools: Pools
@@ -119,7 +118,7 @@ def _lenient_handlers(service, servicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
-async def _watch_health(engine: Engine, health_servicer: health.aio.HealthServicer) -> None:
+async def _watch_health(engine: Engine | EngineProcess, health_servicer: health.aio.HealthServicer) -> None:
     """NOT_SERVING while the engine cannot make progress (its thread died, or one pass has run
     longer than engine_stall_s); SERVING again once it does."""
     serving = True
@@ -135,7 +134,7 @@ async def _watch_health(engine: Engine, health_servicer: health.aio.HealthServic
 
 
 async def create_server(
-    engine: Engine, host: str | None = None, port: int | None = None, auth: Authenticator | None = None
+    engine: Engine | EngineProcess, host: str | None = None, port: int | None = None, auth: Authenticator | None = None
 ) -> RunningServer:
     """`auth`: the credential checks (default: built from the settings; a bad keys file raises)."""
     settings = engine.settings
@@ -161,7 +160,7 @@ async def create_server(
     )
     pools = Pools()
     auth = auth or Authenticator(settings)
-    servicer = LoramuxServicer(Facade(engine), pools, auth)
+    servicer = LoramuxServicer(engine.facade if isinstance(engine, EngineProcess) else Facade(engine), pools, auth)
     server.add_generic_rpc_handlers((
         _lenient_handlers(loramux_service_pb2.DESCRIPTOR.services_by_name["Loramux"], servicer),
         _lenient_handlers(operations_pb2.DESCRIPTOR.services_by_name["Operations"], OperationsServicer(servicer.facade, servicer)),
@@ -291,25 +290,28 @@ def connection_age_options(settings: Settings) -> list[tuple[str, int]]:
 _CONNECTION_AGE_GRACE_MS = 60_000
 
 
-def build_engine(settings: Settings, telemetry: Telemetry, base=None, auth: Authenticator | None = None) -> Engine:
-    """Load the model, start the engine and restore what the state directory kept (checked
-    against the keys file's per-tenant sources: the engine is built with `auth` as its tenancy)."""
-    engine = Engine(settings, base or load_base_model(settings), telemetry, tenancy=auth or Authenticator(settings)).start()
-    engine.restore_report = restore_state(engine)
-    settle_garbage_collector()
-    return engine
+def build_server_telemetry(settings: Settings, log_level: str = "INFO",
+                           log_format: str = "text") -> tuple[Telemetry, EngineProcess | None]:
+    """The server's telemetry and, with --engine-process, the engine's process (not started
+    yet): the telemetry is then the front doors' process's, and reads the engine's series from
+    its process at each scrape."""
+    process = EngineProcess(settings, log_level, log_format) if settings.engine_process else None
+    return build_telemetry(settings, engine_series=process.metrics if process is not None else None), process
 
 
-def settle_garbage_collector() -> None:
-    """Move everything start-up made (the model, torch's and transformers' modules: millions of
-    objects) out of the collector's sight. A full collection walks every object it tracks while
-    holding the interpreter lock: with them in view, a burst of small allocations (a large keys
-    file reloaded, a long listing) set one off that stalled every call for 0.4-0.6 s."""
-    gc.collect()
-    gc.freeze()
+def start_engine(settings: Settings, telemetry: Telemetry, auth: Authenticator, process: EngineProcess | None = None,
+                 base=None) -> Engine | EngineProcess:
+    """The engine, started: in this process, or in `process` (--engine-process)."""
+    if process is None:
+        return in_own_thread(build_engine, settings, telemetry, base, auth)
+    if base is not None:
+        raise ValueError("an engine in its own process loads its model itself")
+    telemetry.tenant_label = auth.tenant_label  # the calls' metrics label tenants as the engine's do
+    return process.start(telemetry)
 
 
-async def serve(settings: Settings, ready: asyncio.Event | None = None, log_format: str = "text") -> None:
+async def serve(settings: Settings, ready: asyncio.Event | None = None, log_format: str = "text",
+                log_level: str = "INFO") -> None:
     """Serve until SIGINT or SIGTERM. `log_format` json: the stdout announcement is JSON too."""
     check_installed(settings)  # an option whose extra is not installed stops start-up at once
     auth = Authenticator(settings)  # a bad keys file stops start-up before the model loads
@@ -317,14 +319,19 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_form
         tls_credentials(settings)  # so does a bad certificate,
         for field in ("port", "health_port", "http_port"):  # or a port in use (checked again when bound)
             probe_port(settings.host, getattr(settings, field), field)
-        telemetry = build_telemetry(settings)  # or the metrics port in use
+        telemetry, process = build_server_telemetry(settings, log_level, log_format)  # or the metrics port in use
     except BaseException:
         auth.close()
         raise
     if telemetry.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host, telemetry.metrics_port)
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, in_own_thread, build_engine, settings, telemetry, None, auth)
+    try:
+        engine = await loop.run_in_executor(None, start_engine, settings, telemetry, auth, process)
+    except BaseException:
+        auth.close()
+        telemetry.shutdown()
+        raise
     try:
         running = await create_server(engine, auth=auth)
     except BaseException:  # taken meanwhile: leave nothing running behind the error
@@ -361,9 +368,14 @@ class BackgroundServer:
         import threading
 
         self._own_telemetry = telemetry is None
-        self.telemetry = telemetry or build_telemetry(settings)
+        process = None
+        if telemetry is None:
+            self.telemetry, process = build_server_telemetry(settings)
+        else:
+            self.telemetry = telemetry
+            process = EngineProcess(settings) if settings.engine_process else None
         auth = Authenticator(settings)  # one for the restore's source checks and for the calls
-        self.engine = in_own_thread(build_engine, settings, self.telemetry, base, auth)
+        self.engine = start_engine(settings, self.telemetry, auth, process, base)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loramux-grpc", daemon=True)
         self._thread.start()

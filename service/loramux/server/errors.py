@@ -60,6 +60,18 @@ class LoramuxError(Exception):
             self.reason = reason
         self.metadata = shown_metadata(metadata)
 
+    def __reduce__(self):
+        """Pickled whole (kind, reason, field, metadata), whatever the subclass's constructor
+        takes: errors cross from an engine process of its own to the front doors'."""
+        return (_restored, (type(self), self.args, dict(self.__dict__)))
+
+
+def _restored(cls: type[LoramuxError], args: tuple, state: dict) -> LoramuxError:
+    error = cls.__new__(cls, *args)
+    error.args = args
+    error.__dict__.update(state)
+    return error
+
 
 def shown_metadata(metadata: dict) -> dict[str, str]:
     """Error metadata as callers see it: every value a string of at most MAX_METADATA_CHARS."""
@@ -288,6 +300,14 @@ class QuotaExceeded(LoramuxError):
 class ShuttingDown(LoramuxError):
     kind = Kind.UNAVAILABLE
     reason = "SHUTTING_DOWN"
+
+
+class EngineExited(LoramuxError):
+    """The engine's own process (--engine-process) ended while the call waited on it: the
+    server stops answering as ready, and its orchestrator restarts it."""
+
+    kind = Kind.UNAVAILABLE
+    reason = "ENGINE_EXITED"
 
 
 class OutOfMemory(LoramuxError):

@@ -91,6 +91,12 @@ class Settings:
     computes the next step; a finished row costs one step it does not use. Not yet measured
     on a GPU. Off: one step at a time. The CPU always runs one step at a time (the model runs
     on the engine thread there: nothing would overlap)."""
+    engine_process: bool = False
+    """Run the engine (the model, its thread, adapters, merges) in a process of its own, as
+    vLLM's engine core does: the front doors, authentication and the calls' telemetry stay in
+    the server's process, and each engine step's events cross to it as one message. The
+    engine's step then shares no interpreter lock with the front doors' work (measured on 2
+    CPUs in docs/benchmarks.md). Costs a second Python process (and its tokenizer)."""
     host: str = "127.0.0.1"
     """Address the gRPC port listens on (0.0.0.0: every interface)."""
     port: int = 50051

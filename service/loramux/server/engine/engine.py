@@ -118,7 +118,7 @@ class Engine:
         )
         self.merges = Merges(settings, base, self.registry, self.operations, self.telemetry, quotas=self.quotas,
                              register=self.adapters.load)
-        self.restore_report = None  # what start-up brought back from the state directory (app.build_engine)
+        self.restore_report = None  # what start-up brought back from the state directory (engine/startup.py)
         self.sync = RegistrySync(self)  # follows the shared registrations (started after the restore)
         self.usage = RequestUsage()
         self._grammars: Grammars | None = None  # structured output (made at start, or at first use)

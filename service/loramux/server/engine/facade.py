@@ -164,14 +164,8 @@ class Facade:
         return ids, request_context(engine.base, engine.settings)
 
     def token_texts(self, ids: list[int]) -> list[str]:
-        """Each token's own text, as logprobs name tokens: the token turned into text alone
-        (a SentencePiece token keeps its leading space, which decoding it alone would drop)."""
-        tokenizer = self._engine.base.tokenizer
-        try:
-            return [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(ids)]
-        except Exception:  # noqa: BLE001 - a tokenizer without the conversion: decode each token
-            decode = self._engine.base.decode_text
-            return [decode([i]) for i in ids]
+        """Each token's own text, as logprobs name tokens (never blocks: no engine call)."""
+        return token_texts(self._engine.base.tokenizer, self._engine.base.decode_text, ids)
 
     @property
     def special_token_ids(self) -> frozenset[int]:
@@ -271,6 +265,15 @@ class Facade:
             cuda_graphs=isinstance(decode, GraphDecode),
             cuda_graphs_captured=decode.captured if isinstance(decode, GraphDecode) else 0,
         )
+
+
+def token_texts(tokenizer, decode: Callable[[list[int]], str], ids: list[int]) -> list[str]:
+    """Each token's own text: the token turned into text alone (a SentencePiece token keeps its
+    leading space, which decoding it alone would drop)."""
+    try:
+        return [tokenizer.convert_tokens_to_string([t]) for t in tokenizer.convert_ids_to_tokens(ids)]
+    except Exception:  # noqa: BLE001 - a tokenizer without the conversion: decode each token
+        return [decode([i]) for i in ids]
 
 
 class Mailbox:

@@ -8,16 +8,27 @@ at import.
 
 from __future__ import annotations
 
+import logging
 import sys
+from collections.abc import Callable
 from importlib import metadata
 
 from loramux.server.errors import InvalidSettings
 from loramux.server.settings import Settings
 from loramux.server.telemetry.signals import Telemetry
 
+log = logging.getLogger(__name__)
 
-def build_telemetry(settings: Settings, span_processors=(), metric_readers=()) -> Telemetry:
-    """Providers for the settings' exporters, plus any processors/readers given (tests)."""
+
+def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), role: str = "server",
+                    engine_series: Callable[[], str] | None = None) -> Telemetry:
+    """Providers for the settings' exporters, plus any processors/readers given (tests).
+
+    `role`: "server" (the whole server in one process, or the front doors' process of a server
+    whose engine runs in its own) or "engine" (that engine process). An engine process serves
+    no metrics endpoint: its Prometheus series are read through `Telemetry.scrape` and served by
+    the front doors' process, which passes `engine_series` (the engine's exposition text, read
+    at each scrape) and serves them with its own."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -35,18 +46,27 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=()) -
         closers.append(tracer_provider.shutdown)
 
     readers = list(metric_readers)
+    scrape = None
     if settings.metrics_port is not None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector
+
+        own = CollectorRegistry(auto_describe=True)  # this server's series alone (not the process-wide registry)
+        if role == "engine":  # its process's memory and CPU, named apart from the front doors' process's
+            ProcessCollector(namespace="loramux_engine", registry=own)
+            readers.append(PrometheusMetricReader(registry=own))
+            scrape = _exposition(own)
+        else:
+            for collector in (ProcessCollector, PlatformCollector, GCCollector):  # process_*, python_* as before
+                collector(registry=own)
+            readers.append(PrometheusMetricReader(registry=own))
+            if engine_series is not None:
+                own.register(EngineSeries(engine_series))
+    if settings.metrics_port is not None and role != "engine":
+        from prometheus_client import start_http_server
 
         from loramux.server.telemetry.vllm_names import VllmNames
 
-        own = CollectorRegistry(auto_describe=True)  # this server's series alone (not the process-wide registry)
-        from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
-
-        for collector in (ProcessCollector, PlatformCollector, GCCollector):  # process_*, python_* as before
-            collector(registry=own)
-        readers.append(PrometheusMetricReader(registry=own))
         served = CollectorRegistry(auto_describe=False)
         served.register(VllmNames(own))  # loramux's series, then vLLM's names for the ones dashboards read
         address = settings.metrics_host
@@ -73,7 +93,37 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=()) -
     if readers:
         meter_provider = MeterProvider(resource=resource, metric_readers=readers)
         closers.insert(0, meter_provider.shutdown)
-    return Telemetry(tracer_provider, meter_provider, tuple(closers), metrics_port)
+    telemetry = Telemetry(tracer_provider, meter_provider, tuple(closers), metrics_port)
+    telemetry.scrape = scrape
+    return telemetry
+
+
+def _exposition(registry) -> Callable[[], str]:
+    from prometheus_client import generate_latest
+
+    return lambda: generate_latest(registry).decode()
+
+
+class EngineSeries:
+    """A collector: the engine process's series, read from its exposition text at each scrape.
+    An engine that does not answer (it exited, or is stuck past the read's time limit) leaves
+    them out of that scrape; the front doors' own series are still served."""
+
+    def __init__(self, read: Callable[[], str]):
+        self._read = read
+
+    def describe(self):
+        return []  # nothing is read when it is registered (the engine may not run yet)
+
+    def collect(self):
+        from prometheus_client.parser import text_string_to_metric_families
+
+        try:
+            text = self._read()
+        except Exception:  # noqa: BLE001 - the scrape goes on without them
+            log.warning("the engine process's metrics could not be read for this scrape", exc_info=True)
+            return
+        yield from text_string_to_metric_families(text)
 
 
 def _span_exporter(name: str, settings: Settings):

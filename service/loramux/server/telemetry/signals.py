@@ -44,6 +44,8 @@ class Telemetry:
         metrics_port: int | None = None,
     ):
         self.metrics_port = metrics_port  # the Prometheus endpoint's port, when it runs
+        # An engine process's Prometheus series as exposition text (its front doors' process serves them).
+        self.scrape: Callable[[], str] | None = None
         self.tracer_provider = tracer_provider or trace.NoOpTracerProvider()
         self.meter_provider = meter_provider or metrics.NoOpMeterProvider()
         self.tracing = tracer_provider is not None

@@ -54,13 +54,17 @@ caller: contextvars.ContextVar[Identity] = contextvars.ContextVar("loramux_calle
 
 
 class Authenticator:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, announce: bool = True):
+        """`announce`: log the mode and the keys' count (an engine process of its own, whose
+        server's process announced them, does not)."""
         self._settings = settings
         self.keys = KeyStore(settings.auth_keys_file) if settings.auth == "keys" else None
         if self.keys is not None:
             self.keys.watch()
         self._open = Identity(settings.default_tenant, "operator", "auth=none")
-        if self.keys is None:
+        if not announce:
+            pass
+        elif self.keys is None:
             log.warning("--auth none: every caller is an operator of any tenant, with no credentials; for development only")
         else:
             log.info("API keys from %s: %d keys", settings.auth_keys_file, len(self.keys))

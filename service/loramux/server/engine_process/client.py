@@ -1,0 +1,428 @@
+"""The front doors' side of an engine in its own process (`--engine-process`).
+
+`EngineProcess` starts the engine's process (`host.py`, spawned: a fresh interpreter that
+loads the model), and is what the server's lifecycle calls (drain, stop, health).
+`RemoteFacade` is the facade the front doors call: the same methods, in the same terms, each
+a message to the engine's process and its answer; what needs only the tokenizer (token
+texts, decoding) is answered here, without a round trip. Events of generations come back
+one message per engine step and are handed to each generation's `emit` on the reader thread.
+
+If the engine's process ends (a crash, the kernel's OOM killer), every call waiting on it
+fails with ENGINE_EXITED, every generation under way gets that error as its last event, and
+`healthy()` turns false (readiness fails; the orchestrator restarts the server).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+
+from loramux.server.engine.facade import (
+    REMOTE_OPERATION_POLL_S, AdapterInfo, ErrorEvent, Event, FinishEvent, GenerateInput, Generation, MergeJob,
+    Operation, ServerInfo, token_texts,
+)
+from loramux.server.errors import EngineExited, InternalError, LoramuxError
+from loramux.server.settings import Settings
+from loramux.server.telemetry.signals import Telemetry
+
+log = logging.getLogger(__name__)
+
+START_TIMEOUT_S = 24 * 3600.0  # loading a model may take long (a Hub download); a process that dies is seen at once
+HEALTH_STALE_S = 5.0  # no health message for this long: the engine's process is stuck (or its pipe is)
+STOP_TIMEOUT_S = 30.0
+METRICS_TIMEOUT_S = 5.0
+
+
+class EngineProcess:
+    """An engine in a process of its own: start it, call it, stop it."""
+
+    def __init__(self, settings: Settings, log_level: str = "INFO", log_format: str = "text"):
+        self.settings = settings
+        self.telemetry: Telemetry | None = None  # the front doors' (set by start)
+        self.pid: int | None = None
+        self.restored = 0  # registrations the engine brought back from the state directory
+        self._log = (log_level, log_format)
+        self._process = None
+        self._conn = None
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self._calls: dict[int, Future] = {}
+        self._emits: dict[int, Callable[[Event], None]] = {}
+        self._watches: dict[int, tuple[Operation, Callable[[], None]]] = {}
+        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._health = (False, 0.0)  # the engine's last word on its health, and when it came
+        self._gone: LoramuxError | None = None  # set once the engine's process has ended
+        self._stopping = False
+        self._reaping = threading.Lock()  # one thread waits for the process at a time (a second's waitpid would fail)
+        self.facade: RemoteFacade | None = None
+
+    def start(self, telemetry: Telemetry) -> EngineProcess:
+        """Spawn the engine's process and wait until it serves (or raise its start-up error)."""
+        from loramux.server.engine_process.entry import main
+
+        self.telemetry = telemetry
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no inherited threads or CUDA state
+        here, there = context.Pipe(duplex=True)
+        self._process = context.Process(target=main, args=(self.settings, there, *self._log), name="loramux-engine",
+                                        daemon=False)
+        self._process.start()
+        there.close()  # only the child holds its end: its exit is an EOF here
+        self._conn = here
+        facts = self._wait_ready(here)
+        self.pid, self.restored = facts["pid"], facts["restored"]
+        self._health = (True, time.monotonic())
+        self.facade = RemoteFacade(self, telemetry, _load_tokenizer(facts["model_dir"]))
+        threading.Thread(target=self._read_loop, name="loramux-engine-read", daemon=True).start()
+        threading.Thread(target=self._send_loop, name="loramux-engine-write", daemon=True).start()
+        log.info("engine process %d serving", self.pid)
+        return self
+
+    def _wait_ready(self, conn) -> dict:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not conn.poll(0.5):
+            if self._process.exitcode is not None or time.monotonic() > deadline:
+                break
+        try:
+            kind, value = conn.recv() if conn.poll(0) else ("exited", None)
+        except EOFError:
+            kind, value = "exited", None
+        if kind == "ready":
+            return value
+        if kind == "failed":
+            self._wait_exit(10)
+            raise value
+        if self._wait_exit(5) is None:
+            self._process.kill()
+        raise InternalError.logged(RuntimeError(f"the engine process exited during start-up "
+                                                f"(exit code {self._wait_exit(5)})"))
+
+    # -- what the server's lifecycle calls -------------------------------------------------------
+
+    def healthy(self, stall_s: float | None = None) -> bool:
+        """Whether the engine makes progress: its process runs, and its last health message (at
+        most HEALTH_STALE_S old) said so (it checks its own stalls, engine_stall_s)."""
+        ok, when = self._health
+        return self._gone is None and ok and time.monotonic() - when < HEALTH_STALE_S
+
+    def drain(self, grace_s: float) -> bool:
+        if self._gone is not None:
+            return False
+        try:
+            return self.call("drain", grace_s)
+        except EngineExited:
+            return False
+
+    def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
+        """Stop the engine (the rows running finish, what waits fails with SHUTTING_DOWN) and
+        wait for its process to end; one that does not end in `timeout` is killed."""
+        if self._process is None:
+            return
+        self._stopping = True
+        if self._gone is None:
+            try:
+                self._ask(lambda call_id: ("stop", call_id), timeout)
+            except (LoramuxError, TimeoutError):
+                pass
+        with self._reaping:
+            self._process.join(timeout)
+            if self._process.exitcode is None:
+                log.warning("the engine process did not end within %.0fs: killed", timeout)
+                self._process.kill()
+                self._process.join(5)
+        self._closed(EngineExited("the engine process has stopped"))
+        self._conn.close()
+
+    def metrics(self) -> str:
+        """The engine's Prometheus series (exposition text): empty until it serves."""
+        if self.facade is None or self._gone is not None:
+            return ""
+        return self.call("metrics", timeout=METRICS_TIMEOUT_S)
+
+    # -- the pipe --------------------------------------------------------------------------------
+
+    def call(self, name: str, *args, timeout: float | None = None, **kwargs):
+        """Run `name` in the engine's process and return its answer (or raise its error)."""
+        return self._ask(lambda call_id: ("call", call_id, name, args, kwargs), timeout)
+
+    def _ask(self, message: Callable[[int], tuple], timeout: float | None):
+        future: Future = Future()
+        with self._lock:
+            if self._gone is not None:
+                raise self._gone
+            call_id = next(self._ids)
+            self._calls[call_id] = future
+        self._out.put(message(call_id))
+        try:
+            return future.result(timeout)
+        except TimeoutError:
+            with self._lock:
+                self._calls.pop(call_id, None)
+            raise
+
+    def send(self, message: tuple) -> None:
+        """Queue a message that wants no answer (never blocks the caller)."""
+        self._out.put(message)
+
+    def new_ids(self, emits: list[Callable[[Event], None]]) -> list[int]:
+        """Ids for generations whose events go to `emits` (kept until their last event)."""
+        with self._lock:
+            if self._gone is not None:
+                raise self._gone
+            gids = [next(self._ids) for _ in emits]
+            self._emits.update(zip(gids, emits))
+        return gids
+
+    def drop_ids(self, gids: list[int]) -> None:
+        with self._lock:
+            for gid in gids:
+                self._emits.pop(gid, None)
+
+    def watch(self, operation: Operation, callback: Callable[[], None]) -> None:
+        with self._lock:
+            gone = self._gone is not None
+            if not gone:
+                key = next(self._ids)
+                self._watches[key] = (operation, callback)
+        if gone:
+            callback()
+            return
+        self._out.put(("watch", key, operation.tenant, operation.name))
+
+    def _send_loop(self) -> None:
+        while True:
+            message = self._out.get()
+            if message is None:
+                return
+            try:
+                self._conn.send(message)
+            except (OSError, ValueError):  # the engine's process is gone: the reader fails what waits
+                if message[0] == "call":
+                    self._answer(message[1], False, EngineExited("the engine process has exited"))
+            except Exception as e:  # noqa: BLE001 - an argument that does not pickle
+                if message[0] == "call":
+                    self._answer(message[1], False, InternalError.logged(e, "an engine call could not be sent"))
+
+    def _read_loop(self) -> None:
+        conn = self._conn
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # noqa: BLE001 - a message that does not unpickle: logged, the rest go on
+                log.exception("a message from the engine process could not be read")
+                continue
+            kind = message[0]
+            if kind == "events":
+                self._deliver(message[1])
+            elif kind == "result":
+                self._answer(*message[1:4])
+            elif kind == "health":
+                self._health = (message[1], time.monotonic())
+            elif kind == "done":
+                self._done(message[1], message[2])
+        code = self._wait_exit(1)
+        if self._gone is None and not self._stopping:
+            log.error("the engine process exited (exit code %s): calls and generations under way fail", code)
+        self._closed(EngineExited(f"the engine process exited (exit code {code})" if code is not None
+                                  else "the engine process has exited"))
+
+    def _wait_exit(self, timeout: float) -> int | None:
+        """The process's exit code once it has ended (None if it runs past `timeout`)."""
+        with self._reaping:
+            self._process.join(timeout)
+            return self._process.exitcode
+
+    def _deliver(self, batch: list) -> None:
+        emits = self._emits
+        for gid, event in batch:
+            last = isinstance(event, (FinishEvent, ErrorEvent))
+            emit = emits.pop(gid, None) if last else emits.get(gid)
+            if emit is None:
+                continue
+            try:
+                emit(event)
+            except Exception:  # noqa: BLE001 - one consumer's failure is not the others'
+                log.exception("delivering an engine event failed")
+
+    def _answer(self, call_id: int, ok: bool, value) -> None:
+        with self._lock:
+            future = self._calls.pop(call_id, None)
+        if future is None:
+            return
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
+
+    def _done(self, key: int, final: Operation | None) -> None:
+        with self._lock:
+            watched = self._watches.pop(key, None)
+        if watched is None:
+            return
+        operation, callback = watched
+        if final is not None:  # the waiter's copy takes the engine's final state
+            operation.__dict__.update(final.__dict__)
+        callback()
+
+    def _closed(self, error: LoramuxError) -> None:
+        """The engine's process is gone: fail what waits on it, once."""
+        with self._lock:
+            if self._gone is not None:
+                return
+            self._gone = error
+            calls, self._calls = self._calls, {}
+            emits, self._emits = self._emits, {}
+            watches, self._watches = self._watches, {}
+        self._out.put(None)
+        for future in calls.values():
+            future.set_exception(error)
+        for emit in emits.values():
+            try:
+                emit(ErrorEvent(error))
+            except Exception:  # noqa: BLE001
+                log.exception("delivering an engine event failed")
+        for _, callback in watches.values():
+            callback()
+
+
+class RemoteRequest:
+    """A generation's handle in the front doors' process (`Generation.request`)."""
+
+    __slots__ = ("gid",)
+
+    def __init__(self, gid: int):
+        self.gid = gid
+
+
+class RemoteFacade:
+    """`engine.facade.Facade`'s methods, answered by an engine in its own process."""
+
+    def __init__(self, engine: EngineProcess, telemetry: Telemetry, tokenizer):
+        from loramux.server.model.base_model import fast_decoder
+
+        settings = engine.settings
+        self._engine = engine
+        self._tokenizer = tokenizer
+        self._decode = fast_decoder(tokenizer)
+        self.special_token_ids = frozenset(tokenizer.all_special_ids)
+        self.telemetry = telemetry
+        self.model = settings.served_model_name
+        self.public_model = settings.public_model_name
+        self.started = time.time()
+        self._shared = settings.state_dir is not None
+
+    # -- generation ------------------------------------------------------------------------
+
+    def must_read(self, tenant: str, adapter_id: str) -> bool:
+        """With a shared store, any named adapter may need a read first: `resolve` (a call to
+        the engine, on the adapter pool) finds out, so this never blocks."""
+        return bool(adapter_id) and self._shared
+
+    def resolve(self, tenant: str, adapter_id: str) -> None:
+        if adapter_id:
+            self._engine.call("resolve", tenant, adapter_id)
+
+    def generate(self, tenant: str, inp: GenerateInput, emit: Callable[[Event], None], deadline: float | None = None,
+                 trace_context: object = None) -> Generation:
+        return self._generate(tenant, inp, [emit], deadline, trace_context, many=False)[0]
+
+    def generate_many(self, tenant: str, inp: GenerateInput, emits: list[Callable[[Event], None]],
+                      deadline: float | None = None, trace_context: object = None) -> list[Generation]:
+        return self._generate(tenant, inp, emits, deadline, trace_context, many=True)
+
+    def _generate(self, tenant, inp, emits, deadline, trace_context, many: bool) -> list[Generation]:
+        gids = self._engine.new_ids(emits)
+        try:
+            limits = self._engine.call("generate", gids, tenant, inp, deadline, _carrier(trace_context), many)
+        except BaseException:
+            self._engine.drop_ids(gids)
+            raise
+        return [Generation(RemoteRequest(gid), self.model, limit) for gid, limit in zip(gids, limits)]
+
+    def cancel(self, generation: Generation) -> None:
+        self._engine.send(("cancel", generation.request.gid))
+
+    def tokenize(self, tenant: str, inp: GenerateInput) -> tuple[list[int], int]:
+        return self._engine.call("tokenize", tenant, inp)
+
+    def token_texts(self, ids: list[int]) -> list[str]:
+        return token_texts(self._tokenizer, self._decode, ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self._decode(ids)
+
+    def healthy(self) -> bool:
+        return self._engine.healthy()
+
+    # -- adapters ----------------------------------------------------------------------------
+
+    def load_adapter(self, tenant: str, adapter_id: str, source: str, revision: str = "", pin: bool = False,
+                     warm: bool = False, replace: bool = False, deadline: float | None = None) -> AdapterInfo:
+        return self._engine.call("load_adapter", tenant, adapter_id, source, revision=revision, pin=pin, warm=warm,
+                                 replace=replace, deadline=deadline)
+
+    def unload_adapter(self, tenant: str, adapter_id: str) -> None:
+        self._engine.call("unload_adapter", tenant, adapter_id)
+
+    def get_adapter(self, tenant: str, adapter_id: str) -> AdapterInfo:
+        return self._engine.call("get_adapter", tenant, adapter_id)
+
+    def list_adapters(self, tenant: str) -> list[AdapterInfo]:
+        return self._engine.call("list_adapters", tenant)
+
+    # -- merges and operations -------------------------------------------------------------
+
+    def merge(self, tenant: str, job: MergeJob, trace_context: object = None) -> Operation:
+        return self._engine.call("merge", tenant, job, _carrier(trace_context))
+
+    def get_operation(self, tenant: str, name: str) -> Operation:
+        return self._engine.call("get_operation", tenant, name)
+
+    def list_operations(self, tenant: str, after: str, size: int) -> tuple[list[Operation], bool]:
+        return self._engine.call("list_operations", tenant, after, size)
+
+    def cancel_operation(self, tenant: str, name: str) -> None:
+        self._engine.call("cancel_operation", tenant, name)
+
+    def delete_operation(self, tenant: str, name: str) -> None:
+        self._engine.call("delete_operation", tenant, name)
+
+    def poll_interval(self, operation: Operation) -> float | None:
+        return REMOTE_OPERATION_POLL_S if operation.foreign else None
+
+    def on_operation_done(self, operation: Operation, callback: Callable[[], None]) -> None:
+        """`callback` once `operation` ends, with `operation` updated to its final state
+        (never blocks: the engine's process is asked, and answers when it ends)."""
+        if operation.done:
+            callback()
+            return
+        self._engine.watch(operation, callback)
+
+    # -- the server ----------------------------------------------------------------------------
+
+    def server_info(self) -> ServerInfo:
+        return self._engine.call("server_info")
+
+
+def _carrier(trace_context: object) -> dict | None:
+    """The caller's trace context as W3C headers (what crosses to the engine's process)."""
+    if trace_context is None:
+        return None
+    from opentelemetry.propagate import inject
+
+    carrier: dict = {}
+    inject(carrier, context=trace_context)
+    return carrier or None
+
+
+def _load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)

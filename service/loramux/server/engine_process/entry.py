@@ -1,0 +1,60 @@
+"""The engine process's entry point (`--engine-process`): spawned by `client.EngineProcess`,
+it quiets the libraries before they are imported, loads the model, starts the engine and
+serves it (`host.Host`) until the front doors' process stops it or goes away.
+
+The front doors' process owns the lifecycle: this process ignores SIGINT and SIGTERM (a
+terminal's Ctrl-C, or a service manager that signals every process of the server, reach it
+too; the front doors' process drains first, then stops it). It ends when told to, or when
+its pipe closes because the front doors' process is gone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from loramux.server.settings import Settings
+
+
+def main(settings: Settings, conn, log_level: str, log_format: str) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    from loramux.server.telemetry.logs import configure_logging, quiet_libraries, quiet_progress_bars
+
+    configure_logging(log_level, log_format)
+    quiet_libraries(log_level)  # before torch, transformers and peft are imported
+    quiet_progress_bars()
+    from loramux.server.cpu_threads import in_own_thread
+    from loramux.server.engine.startup import build_engine
+    from loramux.server.engine_process.host import Host
+    from loramux.server.errors import InternalError, LoramuxError
+    from loramux.server.telemetry.providers import build_telemetry
+    from loramux.server.tenancy.auth import Authenticator
+
+    telemetry = build_telemetry(settings, role="engine")
+    auth = Authenticator(settings, announce=False)  # the engine's tenancy (quotas, sources, labels), reloaded with the keys file
+    try:
+        engine = in_own_thread(build_engine, settings, telemetry, None, auth)
+    except BaseException as e:  # noqa: BLE001 - reported to the front doors' process, which raises it
+        error = e if isinstance(e, LoramuxError) else InternalError.logged(e, "the engine process could not start")
+        conn.send(("failed", error))
+        telemetry.shutdown()
+        auth.close()
+        _exit(0)
+    report = engine.restore_report
+    conn.send(("ready", {"pid": os.getpid(), "model_dir": str(engine.base.directory),
+                         "restored": len(report.restored) if report is not None else 0}))
+    Host(engine, conn, telemetry).serve()
+    auth.close()
+    _exit(0)
+
+
+def _exit(code: int) -> None:
+    """End without the interpreter's teardown (Triton's bindings report leaks there), after
+    flushing what was written."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
