@@ -114,13 +114,16 @@ def test_quick_front_doors_benchmark_measures_both_doors_round_by_round(tmp_path
     results = json.loads((tmp_path / "front_doors.json").read_text())
     (cell,) = results["cells"]
     assert results["shipping_us_per_step"] > 0
-    for door in ("grpc", "http", "engine"):
+    for door in ("grpc", "http", "engine", "grpc_split", "http_split"):
         assert len(cell[door]["tokens_per_s"]) == 1 and cell[door]["tokens_per_s"][0] > 0
         assert len(cell[door]["step_ms"]) == 1 and cell[door]["step_ms"][0] > 0
     assert cell["http_over_grpc_tokens_per_s"]["median"] > 0
     assert cell["grpc_over_engine_step_ms"]["median"] > 0 and cell["http_over_engine_step_ms"]["median"] > 0
+    for door in ("grpc", "http"):  # the engine in its own process, its step time read from there
+        assert cell[f"{door}_split_over_engine_step_ms"]["median"] > 0
+        assert cell[f"{door}_split_over_in_process_tokens_per_s"]["median"] > 0
     report = (tmp_path / "front_doors.md").read_text()
-    assert "| h128-l2 | http |" in report and "| h128-l2 | engine |" in report
+    assert "| h128-l2 | http |" in report and "| h128-l2 | engine |" in report and "| h128-l2 | grpc_split |" in report
 
 
 def test_quick_generation_controls_benchmark_prices_each_control_against_free_decoding(tmp_path):

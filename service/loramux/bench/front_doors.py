@@ -18,10 +18,15 @@ under one GIL) takes from the step, and so what running the engine in a process 
 could give back at most. What such an engine would pay instead is measured beside it: the
 engine thread's time to hand one step's events (`CLIENTS` token events) to another process,
 pickled as one message on a pipe that a reader process drains (`shipping_us_per_step`).
+
+The same two doors are measured on a second server whose engine runs in its own process
+(`--engine-process`: "grpc_split", "http_split"), with its engine's step time read from that
+process; its ratios to the doors of the engine in the doors' process are paired by round.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import statistics
 import sys
@@ -54,11 +59,15 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
             reqs = [Req(names[i % len(names)], tokenizer(p)["input_ids"], OUTPUT_TOKENS) for i, p in enumerate(prompts)]
             text_reqs = [Req(names[i % len(names)], p, OUTPUT_TOKENS) for i, p in enumerate(prompts)]
             settings = Settings(model=str(base), adapter_roots=(work / "adapters",), auth="none", port=0, http_port=0)
-            with BackgroundServer(settings) as server, lc.Client(server.target, timeout=600) as client:
+            split = dataclasses.replace(settings, engine_process=True)
+            with (BackgroundServer(settings) as server, BackgroundServer(split) as split_server,
+                  lc.Client(server.target, timeout=600) as client, lc.Client(split_server.target, timeout=600) as other):
                 engine = server.engine
                 for name in names:
                     client.load_adapter(name, source=name)
+                    other.load_adapter(name, source=name)
                 url = f"http://127.0.0.1:{server.running.http_port}/v1"
+                split_url = f"http://127.0.0.1:{split_server.running.http_port}/v1"
                 doors = {
                     "grpc": lambda rs: load.submit(runners.grpc_load, server.target, rs, CLIENTS).result(),
                     # the same prompts as text: the server tokenizes them (as it does the ids' prompt once)
@@ -66,8 +75,12 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
                     # the same tenant's adapters (resident across rounds whichever door runs)
                     "engine": lambda rs: (runners.engine_closed_loop(engine, rs, CLIENTS, True,
                                                                      settings.default_tenant), 0.0),
+                    # the same doors of a server whose engine runs in its own process (--engine-process)
+                    "grpc_split": lambda rs: load.submit(runners.grpc_load, split_server.target, rs, CLIENTS).result(),
+                    "http_split": lambda rs: load.submit(runners.http_load, split_url, rs, CLIENTS).result(),
                 }
-                workloads = {"grpc": reqs, "http": text_reqs, "engine": reqs}
+                engines = {"grpc_split": split_server.engine, "http_split": split_server.engine}
+                workloads = {"grpc": reqs, "http": text_reqs, "engine": reqs, "grpc_split": reqs, "http_split": text_reqs}
                 for door, call in doors.items():  # untimed: first-pass effects
                     call(workloads[door][:CLIENTS])
                 cell: dict = {"model": case.name, **{door: {"tokens_per_s": [], "ttft_p99_ms": [], "ttft_p50_ms": [],
@@ -75,9 +88,10 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
                 for r in range(rounds):
                     order = list(doors) if r % 2 == 0 else list(reversed(doors))
                     for door in order:
-                        before = engine.stats()
+                        stats = engines.get(door, engine).stats
+                        before = stats()
                         records, cpu_s = doors[door](workloads[door])
-                        after = engine.stats()
+                        after = stats()
                         cell[door]["step_ms"].append(round(1000 * (after.decode_seconds - before.decode_seconds)
                                                            / max(1, after.steps - before.steps), 3))
                         s = summarize(records)
@@ -90,10 +104,17 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
                 cell["http_over_grpc_tokens_per_s"] = {"median": round(statistics.median(speed), 3),
                                                        "worst": round(min(speed), 3)}
                 cell["http_over_grpc_ttft_p99"] = {"median": round(statistics.median(ttft), 3), "worst": round(max(ttft), 3)}
-                for door in ("grpc", "http"):  # what the door's work in the process costs the engine's step
+                for door in ("grpc", "http", "grpc_split", "http_split"):  # what the door's work costs the engine's step
                     steps = [d / e for d, e in zip(cell[door]["step_ms"], cell["engine"]["step_ms"])]
                     cell[f"{door}_over_engine_step_ms"] = {"median": round(statistics.median(steps), 3),
                                                            "worst": round(max(steps), 3)}
+                for door in ("grpc", "http"):  # the engine in its own process against in the doors' process, paired
+                    speed = [x / y for x, y in zip(cell[f"{door}_split"]["tokens_per_s"], cell[door]["tokens_per_s"])]
+                    ttft = [x / y for x, y in zip(cell[f"{door}_split"]["ttft_p99_ms"], cell[door]["ttft_p99_ms"])]
+                    cell[f"{door}_split_over_in_process_tokens_per_s"] = {"median": round(statistics.median(speed), 3),
+                                                                          "worst": round(min(speed), 3)}
+                    cell[f"{door}_split_over_in_process_ttft_p99"] = {"median": round(statistics.median(ttft), 3),
+                                                                      "worst": round(max(ttft), 3)}
                 cells.append(cell)
     finally:
         load.shutdown()
@@ -142,7 +163,7 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in results["cells"]:
-        for door in ("engine", "grpc", "http"):
+        for door in ("engine", "grpc", "http", "grpc_split", "http_split"):
             r = c[door]
             lines.append(f"| {c['model']} | {door} | {r['tokens_per_s']} | {r['ttft_p50_ms']} | {r['ttft_p99_ms']} | "
                          f"{r['step_ms']} | {r['load_cpu_s']} |")
@@ -154,6 +175,13 @@ def markdown(results: dict) -> str:
                      f"p99 TTFT HTTP / gRPC median {t['median']} (worst {t['worst']}); engine step with the "
                      f"gRPC door / alone median {g['median']} (worst {g['worst']}), HTTP / alone {h['median']} "
                      f"(worst {h['worst']})")
+    for c in results["cells"]:
+        for door in ("grpc", "http"):
+            t, p = c[f"{door}_split_over_in_process_tokens_per_s"], c[f"{door}_split_over_in_process_ttft_p99"]
+            g = c[f"{door}_split_over_engine_step_ms"]
+            lines.append(f"- {c['model']}, {door} with the engine in its own process / in the doors' process: tokens/s "
+                         f"median {t['median']} (worst {t['worst']}); p99 TTFT median {p['median']} (worst {p['worst']}); "
+                         f"its engine step / the engine alone median {g['median']} (worst {g['worst']})")
     lines.append(f"- handing one step's {results['clients']} token events to another process (pickle, pipe): "
                  f"{results['shipping_us_per_step']} us on the engine thread")
     return "\n".join(lines) + "\n"

@@ -138,6 +138,10 @@ class EngineProcess:
         self._closed(EngineExited("the engine process has stopped"))
         self._conn.close()
 
+    def stats(self):
+        """The engine's counters (`EngineStats`: queue, rows, steps, decode time), from its process."""
+        return self.call("stats")
+
     def metrics(self) -> str:
         """The engine's Prometheus series (exposition text): empty until it serves."""
         if self.facade is None or self._gone is not None:

@@ -30,12 +30,12 @@ from loramux.server.errors import InternalError, LoramuxError
 log = logging.getLogger(__name__)
 
 HEALTH_PERIOD_S = 0.5
-CALL_THREADS = 16  # facade calls run at once (a load waiting for a slot holds one)
+CALL_THREADS = 32  # calls run at once: more than the front doors' pools ever send together (their turns are taken there)
 # The facade's methods the front doors' process may call, and the engine's own.
 CALLS = frozenset({
     "resolve", "generate", "tokenize", "load_adapter", "unload_adapter", "get_adapter", "list_adapters",
     "merge", "get_operation", "list_operations", "cancel_operation", "delete_operation", "server_info",
-    "drain", "metrics",
+    "drain", "metrics", "stats",
 })
 
 
@@ -123,6 +123,10 @@ class Host:
 
     def _drain(self, grace_s: float) -> bool:
         return self._engine.drain(grace_s)
+
+    def _stats(self):
+        """The engine's counters (queue, rows, steps, decode time): benchmarks read them."""
+        return self._engine.stats()
 
     def _metrics(self) -> str:
         scrape = self._telemetry.scrape
