@@ -12,8 +12,8 @@
 #   3. the matrix at h2048 with bfloat16 checkpoints (so --dtype auto serves bfloat16), at
 #      the server's defaults                                                          (~3 min)
 #   4. the front doors against the engine alone: the engine thread's time per step with the
-#      gRPC and HTTP doors in its process, against none (whether the engine wants a process
-#      of its own)                                                                    (~1 min)
+#      gRPC and HTTP doors in its process, against none, and both doors of a server whose
+#      engine runs in its own process (--engine-process: its default on a GPU)       (~1.5 min)
 # FULL=1 adds the matrix with --lora-kernel triton --cuda-graphs, the matrix with
 # --no-overlap-steps (what queuing each step ahead gives, against step 3), compile with both KV caches,
 # quantization (needs torchao and bitsandbytes) and the other benchmarks, which do not fit.
@@ -47,12 +47,12 @@ timeout 130 python3 -m pytest -q -s -p no:cacheprovider -k "not quantized and no
 note "test_cuda.py exit $?: $(tail -1 "$out/gpu-tests.log")"
 
 note "3. matrix h2048, bfloat16 checkpoints, default flags"
-timeout 210 python3 -m loramux.bench.matrix --models 2048 --checkpoint-dtype bfloat16 --out "$out/matrix" \
+timeout 200 python3 -m loramux.bench.matrix --models 2048 --checkpoint-dtype bfloat16 --out "$out/matrix" \
     > "$out/matrix.log" 2>&1
 note "matrix exit $?"
 
 note "4. front doors against the engine alone"
-timeout 90 python3 -m loramux.bench.front_doors --out "$out" > "$out/front-doors.log" 2>&1
+timeout 100 python3 -m loramux.bench.front_doors --out "$out" > "$out/front-doors.log" 2>&1
 note "front_doors exit $?: $(tail -1 "$out/front_doors.md" 2>/dev/null)"
 
 if [[ "${FULL:-0}" == 1 ]]; then

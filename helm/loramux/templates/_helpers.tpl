@@ -137,6 +137,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if not $s.overlapSteps }}
 - --no-overlap-steps
 {{- end }}
+{{- if $s.engineProcess }}
+- --engine-process
+{{- end }}
 - --max-prefill-tokens
 - {{ $s.maxPrefillTokens | int64 | quote }}
 - --batch-window-ms
