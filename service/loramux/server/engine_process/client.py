@@ -55,7 +55,8 @@ class EngineProcess:
         self._calls: dict[int, Future] = {}
         self._emits: dict[int, Callable[[Event], None]] = {}
         self._watches: dict[int, tuple[Operation, Callable[[], None]]] = {}
-        self._out: queue.SimpleQueue = queue.SimpleQueue()
+        self._out: queue.SimpleQueue = queue.SimpleQueue()  # messages the event loop sends (never waiting on the pipe)
+        self._send_lock = threading.Lock()
         self._health = (False, 0.0)  # the engine's last word on its health, and when it came
         self._gone: LoramuxError | None = None  # set once the engine's process has ended
         self._stopping = False
@@ -161,7 +162,7 @@ class EngineProcess:
                 raise self._gone
             call_id = next(self._ids)
             self._calls[call_id] = future
-        self._out.put(message(call_id))
+        self._send(message(call_id))  # from the caller's thread (a front door's pool): no hand-over to another
         try:
             return future.result(timeout)
         except TimeoutError:
@@ -170,8 +171,21 @@ class EngineProcess:
             raise
 
     def send(self, message: tuple) -> None:
-        """Queue a message that wants no answer (never blocks the caller)."""
+        """Queue a message that wants no answer (never blocks the caller: the event loop's)."""
         self._out.put(message)
+
+    def _send(self, message: tuple) -> None:
+        """Write one message (any thread; one writer at a time). A call that cannot be sent
+        is answered with its error."""
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError):  # the engine's process is gone: the reader fails what waits
+            if message[0] in ("call", "stop"):
+                self._answer(message[1], False, EngineExited("the engine process has exited"))
+        except Exception as e:  # noqa: BLE001 - an argument that does not pickle
+            if message[0] in ("call", "stop"):
+                self._answer(message[1], False, InternalError.logged(e, "an engine call could not be sent"))
 
     def new_ids(self, emits: list[Callable[[Event], None]]) -> list[int]:
         """Ids for generations whose events go to `emits` (kept until their last event)."""
@@ -199,18 +213,12 @@ class EngineProcess:
         self._out.put(("watch", key, operation.tenant, operation.name))
 
     def _send_loop(self) -> None:
+        """Writes what the event loop queued (cancellations, watches), so that it never waits on the pipe."""
         while True:
             message = self._out.get()
             if message is None:
                 return
-            try:
-                self._conn.send(message)
-            except (OSError, ValueError):  # the engine's process is gone: the reader fails what waits
-                if message[0] == "call":
-                    self._answer(message[1], False, EngineExited("the engine process has exited"))
-            except Exception as e:  # noqa: BLE001 - an argument that does not pickle
-                if message[0] == "call":
-                    self._answer(message[1], False, InternalError.logged(e, "an engine call could not be sent"))
+            self._send(message)
 
     def _read_loop(self) -> None:
         conn = self._conn

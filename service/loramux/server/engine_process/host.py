@@ -45,7 +45,8 @@ class Host:
         self._facade = Facade(engine)
         self._conn = conn
         self._telemetry = telemetry
-        self._out: queue.SimpleQueue = queue.SimpleQueue()  # messages, or the outbox's flush
+        self._out: queue.SimpleQueue = queue.SimpleQueue()  # the sender's: messages, or the outbox's flush
+        self._send_lock = threading.Lock()
         self._events: list = []
         self._events_lock = threading.Lock()
         self._generations: dict[int, object] = {}  # gid -> its Generation, until its last event
@@ -94,11 +95,12 @@ class Host:
                 raise InternalError.logged(ValueError(f"no engine call {name!r}"))
             value = getattr(self, f"_{name}", None)
             value = value(*args, **kwargs) if value is not None else getattr(self._facade, name)(*args, **kwargs)
-            self._out.put(("result", call_id, True, value))
+            answer = ("result", call_id, True, value)
         except LoramuxError as e:
-            self._out.put(("result", call_id, False, e))
+            answer = ("result", call_id, False, e)
         except Exception as e:  # noqa: BLE001 - the caller gets INTERNAL with a correlation id
-            self._out.put(("result", call_id, False, InternalError.logged(e, f"engine call {name} failed")))
+            answer = ("result", call_id, False, InternalError.logged(e, f"engine call {name} failed"))
+        self._send(answer)  # from this thread: no hand-over to the sender
 
     def _generate(self, gids: list[int], tenant: str, inp, deadline: float | None, carrier: dict | None,
                   many: bool) -> list[int]:
@@ -173,20 +175,27 @@ class Host:
         return ("events", batch)
 
     def _send_loop(self) -> None:
+        """Writes what the engine thread and the callbacks queued (events, health, operations
+        done), so that the engine thread never waits on the pipe."""
         while True:
             item = self._out.get()
             if item is None:
                 return
-            message = item() if callable(item) else item
-            try:
-                self._conn.send(message)
-            except (OSError, ValueError):  # the pipe is closed: the reader sees it too
+            if not self._send(item() if callable(item) else item):
                 return
-            except Exception:  # noqa: BLE001 - a value that does not pickle: its caller gets INTERNAL
-                log.exception("an engine message could not be sent")
-                if message[0] == "result":
-                    self._out.put(("result", message[1], False, InternalError.logged(
-                        TypeError("an engine answer could not be sent"), "engine answer not picklable")))
+
+    def _send(self, message: tuple) -> bool:
+        """Write one message (any thread; one writer at a time); False once the pipe is closed."""
+        try:
+            with self._send_lock:
+                self._conn.send(message)
+        except (OSError, ValueError):  # the pipe is closed: the reader sees it too
+            return False
+        except Exception as e:  # noqa: BLE001 - a value that does not pickle: its caller gets INTERNAL
+            log.exception("an engine message could not be sent")
+            if message[0] == "result":
+                return self._send(("result", message[1], False, InternalError.logged(e, "an engine answer could not be sent")))
+        return True
 
     def _health_loop(self) -> None:
         stall_s = self._engine.settings.engine_stall_s
