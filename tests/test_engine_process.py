@@ -126,6 +126,8 @@ def test_generate_equals_peft_through_the_engine_process(assets, server, client)
         assert "".join(c.text for c in chunks) == result.text
     tokens = client.tokenize(prompt=PROMPTS[3])
     assert tokens.token_ids == assets.tokenizer(PROMPTS[3])["input_ids"]
+    info = client.server_info()
+    assert (info.engine_process, info.adapter_slots, info.lora_kernel) == (True, 3, "torch")
 
 
 def test_mixed_concurrent_requests_and_n_completions_equal_peft(assets, server, client):

@@ -223,7 +223,7 @@ def test_health_reflection_and_server_info(client, server):
     info = client.server_info()
     assert (info.device, info.dtype, info.adapter_slots, info.max_lora_rank) == ("cpu", "float32", 3, 16)
     assert info.target_modules == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
-    assert info.max_sequence_length == 256 and "torch" in info.versions
+    assert info.max_sequence_length == 256 and "torch" in info.versions and info.engine_process is False
 
 
 def test_async_client(assets, server):

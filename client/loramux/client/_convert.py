@@ -266,6 +266,7 @@ def server_info(i: loramux_service_pb2.ServerInfo) -> types.ServerInfo:
         lora_kernel=i.lora_kernel or "torch",
         cuda_graphs=i.cuda_graphs,
         cuda_graphs_captured=i.cuda_graphs_captured,
+        engine_process=i.engine_process,
     )
 
 

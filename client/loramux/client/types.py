@@ -145,3 +145,4 @@ class ServerInfo:
     lora_kernel: str = "torch"  # "torch" (masked GEMMs) or "triton" (Triton kernels, each row its own adapter)
     cuda_graphs: bool = False  # the decode step replays CUDA graphs
     cuda_graphs_captured: int = 0  # graphs captured so far
+    engine_process: bool = False  # the engine runs in a process of its own (--engine-process)

@@ -332,6 +332,7 @@ class ServerInfo(_message.Message):
     LORA_KERNEL_FIELD_NUMBER: _builtins.int
     CUDA_GRAPHS_FIELD_NUMBER: _builtins.int
     CUDA_GRAPHS_CAPTURED_FIELD_NUMBER: _builtins.int
+    ENGINE_PROCESS_FIELD_NUMBER: _builtins.int
     model_id: _builtins.str
     model_revision: _builtins.str
     dtype: _builtins.str
@@ -378,6 +379,8 @@ class ServerInfo(_message.Message):
     far (one per bucket of rows and KV width met, with and without adapters).
     """
     cuda_graphs_captured: _builtins.int
+    engine_process: _builtins.bool
+    """Whether the engine runs in a process of its own (--engine-process), apart from the front doors."""
     @_builtins.property
     def target_modules(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Base modules that adapters may target (short names)."""
@@ -412,10 +415,11 @@ class ServerInfo(_message.Message):
         lora_kernel: _builtins.str = ...,
         cuda_graphs: _builtins.bool = ...,
         cuda_graphs_captured: _builtins.int = ...,
+        engine_process: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_memory_bytes", b"adapter_memory_bytes", "adapter_slots", b"adapter_slots", "compiled", b"compiled", "compiled_graphs", b"compiled_graphs", "cuda_graphs", b"cuda_graphs", "cuda_graphs_captured", b"cuda_graphs_captured", "device", b"device", "dtype", b"dtype", "host_cache_bytes", b"host_cache_bytes", "kv_cache", b"kv_cache", "kv_cache_bytes", b"kv_cache_bytes", "kv_cache_tokens", b"kv_cache_tokens", "lora_dtype", b"lora_dtype", "lora_kernel", b"lora_kernel", "max_batch_size", b"max_batch_size", "max_lora_rank", b"max_lora_rank", "max_sequence_length", b"max_sequence_length", "model_bytes", b"model_bytes", "model_id", b"model_id", "model_revision", b"model_revision", "quantization", b"quantization", "target_modules", b"target_modules", "versions", b"versions"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adapter_memory_bytes", b"adapter_memory_bytes", "adapter_slots", b"adapter_slots", "compiled", b"compiled", "compiled_graphs", b"compiled_graphs", "cuda_graphs", b"cuda_graphs", "cuda_graphs_captured", b"cuda_graphs_captured", "device", b"device", "dtype", b"dtype", "engine_process", b"engine_process", "host_cache_bytes", b"host_cache_bytes", "kv_cache", b"kv_cache", "kv_cache_bytes", b"kv_cache_bytes", "kv_cache_tokens", b"kv_cache_tokens", "lora_dtype", b"lora_dtype", "lora_kernel", b"lora_kernel", "max_batch_size", b"max_batch_size", "max_lora_rank", b"max_lora_rank", "max_sequence_length", b"max_sequence_length", "model_bytes", b"model_bytes", "model_id", b"model_id", "model_revision", b"model_revision", "quantization", b"quantization", "target_modules", b"target_modules", "versions", b"versions"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -97,6 +97,7 @@ class ServerInfo:
     lora_kernel: str
     cuda_graphs: bool
     cuda_graphs_captured: int
+    engine_process: bool  # the engine runs in a process of its own (--engine-process)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,6 +265,7 @@ class Facade:
             lora_kernel=settings.lora_kernel,
             cuda_graphs=isinstance(decode, GraphDecode),
             cuda_graphs_captured=decode.captured if isinstance(decode, GraphDecode) else 0,
+            engine_process=settings.engine_process,
         )
 
 
