@@ -29,7 +29,7 @@ from loramux.server.http_api.server import bind as bind_http
 from loramux.server.cpu_threads import in_own_thread
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.facade import Facade
-from loramux.server.engine.startup import build_engine
+from loramux.server.engine.startup import build_engine, settle_garbage_collector
 from loramux.server.engine_process.client import EngineProcess
 from loramux.server.errors import InvalidSettings
 from loramux.server.settings import Settings, check_installed
@@ -307,7 +307,9 @@ def start_engine(settings: Settings, telemetry: Telemetry, auth: Authenticator, 
     if base is not None:
         raise ValueError("an engine in its own process loads its model itself")
     telemetry.tenant_label = auth.tenant_label  # the calls' metrics label tenants as the engine's do
-    return process.start(telemetry)
+    process.start(telemetry)
+    settle_garbage_collector()  # this process imported torch and transformers too: out of the collector's sight
+    return process
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None, log_format: str = "text",
