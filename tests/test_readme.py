@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -73,7 +74,9 @@ def test_the_readme_runs_as_written(assets, tmp_path):
     operator = subprocess.run(f"loramux keys create --tenant ops --role operator --keys-file {keys}", shell=True, env=env,
                               capture_output=True, text=True, check=True).stdout.strip()
     log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(serve, shell=True, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=work)
+    # A session of its own: the shell may fork the server instead of becoming it, and both must end.
+    server = subprocess.Popen(serve, shell=True, env=env, stdout=subprocess.PIPE, stderr=log, text=True, cwd=work,
+                              start_new_session=True)
     try:
         announced = server.stdout.readline()
         assert announced.startswith("loramux listening on"), (tmp_path / "server.log").read_text()[-3000:]
@@ -99,7 +102,7 @@ def test_the_readme_runs_as_written(assets, tmp_path):
         assert done.returncode == 0, done.stdout + done.stderr
         assert "support-bot" in done.stdout and "-v2" in done.stdout
     finally:
-        server.terminate()
+        os.killpg(server.pid, signal.SIGTERM)
         server.wait(60)
         log.close()
 
