@@ -15,6 +15,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 from concurrent import futures
 
@@ -201,6 +202,10 @@ def test_the_engines_series_are_served_with_the_front_doors(server, client):
     assert grown(("vllm:e2e_request_latency_seconds_count", (("model_name", "pattern"),))) == 1
     assert after[("loramux_engine_process_resident_memory_bytes", ())] > 0
     assert after[("process_resident_memory_bytes", ())] > 0
+    # One exposition for both processes: no family twice (target_info is the front doors' alone).
+    text = urllib.request.urlopen(f"http://127.0.0.1:{server.telemetry.metrics_port}/metrics", timeout=10).read().decode()
+    names = [line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")]
+    assert len(names) == len(set(names)) and "target_info" in names
 
 
 def test_engine_spans_are_children_of_the_calls_span(server, client, receiver):
@@ -251,6 +256,55 @@ def test_an_engine_that_dies_fails_what_waited_and_readiness(assets):
         assert httpx.get(base + "/ready").status_code == 503
 
 
+def test_with_a_shared_store_an_adapter_seen_is_not_read_again(assets, tmp_path):
+    settings = assets.settings(engine_process=True, state_dir=tmp_path / "state")
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as client:
+        facade = server.engine.facade
+        assert facade.must_read("default", "qv-r4")  # unknown here: resolve (on the adapter pool) reads it first
+        client.load_adapter("qv-r4", source="qv-r4")
+        assert not facade.must_read("default", "qv-r4") and not facade.must_read("default", "")
+        client.unload_adapter("qv-r4")
+        assert facade.must_read("default", "qv-r4")
+        with pytest.raises(lc.NotFound):
+            client.generate(prompt="fox", adapter_id="qv-r4", max_new_tokens=2)
+        assert facade.must_read("default", "qv-r4")
+
+
+def test_an_interrupted_start_leaves_no_process(assets):
+    from loramux.server.engine_process.client import EngineProcess
+    from loramux.server.telemetry.signals import Telemetry
+
+    process = EngineProcess(assets.settings(engine_process=True))
+    before = _children(os.getpid())
+    failed = []
+
+    def start():
+        try:
+            process.start(Telemetry())
+        except errors.InternalError as e:
+            failed.append(e)
+
+    starting = threading.Thread(target=start)
+    starting.start()
+    eventually(lambda: process._process is not None and process._process.pid is not None)
+    process.abort()  # as serve() does when Ctrl-C interrupts the start
+    starting.join(60)
+    assert len(failed) == 1 and not starting.is_alive()
+    assert process._process.exitcode is not None and _children(os.getpid()) <= before
+
+
+def test_a_server_that_cannot_listen_stops_its_engine_process(assets):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        before = _children(os.getpid())
+        with pytest.raises(errors.InvalidSettings):
+            BackgroundServer(assets.settings(engine_process=True), port=taken.getsockname()[1])
+        eventually(lambda: _children(os.getpid()) <= before)
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for task in os.listdir(f"/proc/{pid}/task"):
@@ -294,6 +348,13 @@ def test_sigterm_drains_and_ends_both_processes(assets, tmp_path):
     process.send_signal(signal.SIGTERM)
     assert process.wait(60) == 0, process.stderr.read()
     eventually(lambda: not _alive(engine))
+
+
+def test_a_server_whose_engine_dies_exits_with_1(assets, tmp_path):
+    process = _serve(assets, tmp_path)
+    os.kill(_engine_of(process.pid), signal.SIGKILL)
+    assert process.wait(60) == 1
+    assert "the engine process ended: the server stops" in process.stderr.read()
 
 
 def test_an_engine_whose_server_is_killed_ends_too(assets, tmp_path):

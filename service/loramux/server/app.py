@@ -313,8 +313,9 @@ def start_engine(settings: Settings, telemetry: Telemetry, auth: Authenticator, 
 
 
 async def serve(settings: Settings, ready: asyncio.Event | None = None, log_format: str = "text",
-                log_level: str = "INFO") -> None:
-    """Serve until SIGINT or SIGTERM. `log_format` json: the stdout announcement is JSON too."""
+                log_level: str = "INFO") -> int:
+    """Serve until SIGINT or SIGTERM (0), or until the engine's own process ends unasked
+    (--engine-process: 1). `log_format` json: the stdout announcement is JSON too."""
     check_installed(settings)  # an option whose extra is not installed stops start-up at once
     auth = Authenticator(settings)  # a bad keys file stops start-up before the model loads
     try:
@@ -328,9 +329,15 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_form
     if telemetry.metrics_port is not None:
         log.info("metrics at http://%s:%d/metrics", settings.metrics_host, telemetry.metrics_port)
     loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    lost: list[bool] = []  # the engine's process ended unasked
+    if process is not None:
+        process.on_lost = lambda: (lost.append(True), loop.call_soon_threadsafe(stop.set))
     try:
         engine = await loop.run_in_executor(None, start_engine, settings, telemetry, auth, process)
-    except BaseException:
+    except BaseException:  # a failed or interrupted (Ctrl-C) start: the engine's process ends too
+        if process is not None:
+            process.abort()
         auth.close()
         telemetry.shutdown()
         raise
@@ -341,8 +348,6 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_form
         auth.close()
         telemetry.shutdown()
         raise
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):  # before announcing: a SIGTERM right after drains
         loop.add_signal_handler(sig, stop.set)
     announcement = f"loramux listening on {settings.host}:{running.port}"  # on stdout: scripts wait for it
@@ -353,9 +358,13 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_form
     if ready is not None:
         ready.set()
     await stop.wait()
-    log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)
+    if lost:  # outside an orchestrator's liveness probe too, a server without its engine does not linger
+        log.error("the engine process ended: the server stops (exit code 1)")
+    else:
+        log.info("shutting down: draining for up to %.1fs", settings.shutdown_grace_s)
     await running.stop()
     telemetry.shutdown()  # flushes spans and metrics still buffered
+    return 1 if lost else 0
 
 
 class BackgroundServer:
@@ -377,11 +386,26 @@ class BackgroundServer:
             self.telemetry = telemetry
             process = EngineProcess(settings) if settings.engine_process else None
         auth = Authenticator(settings)  # one for the restore's source checks and for the calls
-        self.engine = start_engine(settings, self.telemetry, auth, process, base)
+        try:
+            self.engine = start_engine(settings, self.telemetry, auth, process, base)
+        except BaseException:
+            auth.close()
+            if self._own_telemetry:
+                self.telemetry.shutdown()
+            raise
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loramux-grpc", daemon=True)
         self._thread.start()
-        self.running: RunningServer = self.run(create_server(self.engine, host=host, port=port, auth=auth))
+        try:
+            self.running: RunningServer = self.run(create_server(self.engine, host=host, port=port, auth=auth))
+        except BaseException:  # nothing left running behind the error
+            self.engine.stop()
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            auth.close()
+            if self._own_telemetry:
+                self.telemetry.shutdown()
+            raise
         self.target = f"{host}:{self.running.port}"
 
     def run(self, coro, timeout: float = 120):

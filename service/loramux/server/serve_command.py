@@ -131,11 +131,11 @@ def run(argv: list[str]) -> int:
 
     quiet_progress_bars()
     try:
-        asyncio.run(serve(settings, log_format=args.log_format, log_level=args.log_level))
+        code = asyncio.run(serve(settings, log_format=args.log_format, log_level=args.log_level))
     except InvalidSettings as e:  # found at start-up (a keys file that does not parse, a port in use)
         return bad_setting(e)
-    _exit_quietly(0)
-    return 0
+    _exit_quietly(code)
+    return code
 
 
 def _exit_quietly(code: int) -> None:

@@ -14,20 +14,23 @@ fails with ENGINE_EXITED, every generation under way gets that error as its last
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import logging
 import multiprocessing
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future
+from multiprocessing.connection import wait
 
 from loramux.server.engine.facade import (
     REMOTE_OPERATION_POLL_S, AdapterInfo, ErrorEvent, Event, FinishEvent, GenerateInput, Generation, MergeJob,
     Operation, ServerInfo, token_texts,
 )
-from loramux.server.errors import EngineExited, InternalError, LoramuxError
+from loramux.server.errors import AdapterNotFound, EngineExited, InternalError, LoramuxError
 from loramux.server.settings import Settings
 from loramux.server.telemetry.signals import Telemetry
 
@@ -37,6 +40,7 @@ START_TIMEOUT_S = 24 * 3600.0  # loading a model may take long (a Hub download);
 HEALTH_STALE_S = 5.0  # no health message for this long: the engine's process is stuck (or its pipe is)
 STOP_TIMEOUT_S = 30.0
 METRICS_TIMEOUT_S = 5.0
+KNOWN_ADAPTERS = 4096  # adapters remembered as held by the engine (must_read), least recently used dropped
 
 
 class EngineProcess:
@@ -61,10 +65,15 @@ class EngineProcess:
         self._gone: LoramuxError | None = None  # set once the engine's process has ended
         self._stopping = False
         self._reaping = threading.Lock()  # one thread waits for the process at a time (a second's waitpid would fail)
+        self._aborted = False
+        self._reader: threading.Thread | None = None
         self.facade: RemoteFacade | None = None
+        # Called once if the engine's process ends unasked (a crash): `serve` then stops the server.
+        self.on_lost: Callable[[], None] | None = None
 
     def start(self, telemetry: Telemetry) -> EngineProcess:
-        """Spawn the engine's process and wait until it serves (or raise its start-up error)."""
+        """Spawn the engine's process and wait until it serves (or raise its start-up error).
+        Whatever fails or interrupts the start (`abort`), the process does not outlive it."""
         from loramux.server.engine_process.entry import main
 
         self.telemetry = telemetry
@@ -72,36 +81,67 @@ class EngineProcess:
         here, there = context.Pipe(duplex=True)
         self._process = context.Process(target=main, args=(self.settings, there, *self._log), name="loramux-engine",
                                         daemon=False)
+        self._conn = here
+        atexit.register(self._at_exit)  # before multiprocessing's own hook, which would join it forever
         self._process.start()
         there.close()  # only the child holds its end: its exit is an EOF here
-        self._conn = here
-        facts = self._wait_ready(here)
-        self.pid, self.restored = facts["pid"], facts["restored"]
-        self._health = (True, time.monotonic())
-        self.facade = RemoteFacade(self, telemetry, _load_tokenizer(facts["model_dir"]))
-        threading.Thread(target=self._read_loop, name="loramux-engine-read", daemon=True).start()
+        try:
+            facts = self._wait_ready(here)
+            self.pid, self.restored = facts["pid"], facts["restored"]
+            self._health = (True, time.monotonic())
+            self.facade = RemoteFacade(self, telemetry, _load_tokenizer(facts["model_dir"]))
+        except BaseException:
+            self._end_process(0)
+            here.close()
+            atexit.unregister(self._at_exit)
+            raise
+        self._reader = threading.Thread(target=self._read_loop, name="loramux-engine-read", daemon=True)
+        self._reader.start()
         threading.Thread(target=self._send_loop, name="loramux-engine-write", daemon=True).start()
         log.info("engine process %d serving", self.pid)
         return self
 
+    def abort(self) -> None:
+        """End a start under way (the server's start was interrupted): the process is killed,
+        and `start` raises."""
+        self._aborted = True
+        if self._process is not None and self._process.exitcode is None:
+            self._process.kill()
+
     def _wait_ready(self, conn) -> dict:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not conn.poll(0.5):
-            if self._process.exitcode is not None or time.monotonic() > deadline:
+            if self._process.exitcode is not None or self._aborted or time.monotonic() > deadline:
                 break
         try:
-            kind, value = conn.recv() if conn.poll(0) else ("exited", None)
+            kind, value = conn.recv() if conn.poll(0) and not self._aborted else ("exited", None)
         except EOFError:
             kind, value = "exited", None
         if kind == "ready":
             return value
         if kind == "failed":
-            self._wait_exit(10)
+            self._end_process(10)
             raise value
-        if self._wait_exit(5) is None:
+        code = self._end_process(0)
+        raise InternalError.logged(RuntimeError("the engine process's start was interrupted" if self._aborted else
+                                                f"the engine process exited during start-up (exit code {code})"))
+
+    def _end_process(self, grace_s: float) -> int | None:
+        """Wait up to `grace_s` for the process to end, then kill it; its exit code."""
+        with self._reaping:
+            self._process.join(grace_s)
+            if self._process.exitcode is None:
+                self._process.kill()
+                self._process.join(10)
+            return self._process.exitcode
+
+    def _at_exit(self) -> None:
+        """At interpreter exit (the server's process ends without `stop`): the engine's process
+        is not left running, nor waited for forever."""
+        if self._process is not None and self._process.exitcode is None:
+            self._stopping = True
             self._process.kill()
-        raise InternalError.logged(RuntimeError(f"the engine process exited during start-up "
-                                                f"(exit code {self._wait_exit(5)})"))
+            self._process.join(10)
 
     # -- what the server's lifecycle calls -------------------------------------------------------
 
@@ -121,8 +161,9 @@ class EngineProcess:
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Stop the engine (the rows running finish, what waits fails with SHUTTING_DOWN) and
-        wait for its process to end; one that does not end in `timeout` is killed."""
-        if self._process is None:
+        wait for its process to end; one that does not end in `timeout` is killed. The reader
+        thread delivers what the engine sent last, then fails what still waits."""
+        if self._process is None or self._reader is None:
             return
         self._stopping = True
         if self._gone is None:
@@ -136,8 +177,11 @@ class EngineProcess:
                 log.warning("the engine process did not end within %.0fs: killed", timeout)
                 self._process.kill()
                 self._process.join(5)
-        self._closed(EngineExited("the engine process has stopped"))
+        self._reader.join(10)
+        if self._reader.is_alive():  # a grandchild still holds the pipe open: fail what waits from here
+            self._closed(EngineExited("the engine process has stopped"))
         self._conn.close()
+        atexit.unregister(self._at_exit)
 
     def stats(self):
         """The engine's counters (`EngineStats`: queue, rows, steps, decode time), from its process."""
@@ -208,7 +252,7 @@ class EngineProcess:
                 key = next(self._ids)
                 self._watches[key] = (operation, callback)
         if gone:
-            callback()
+            _call_back(callback)
             return
         self._out.put(("watch", key, operation.tenant, operation.name))
 
@@ -221,29 +265,48 @@ class EngineProcess:
             self._send(message)
 
     def _read_loop(self) -> None:
-        conn = self._conn
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):
-                break
-            except Exception:  # noqa: BLE001 - a message that does not unpickle: logged, the rest go on
-                log.exception("a message from the engine process could not be read")
-                continue
-            kind = message[0]
-            if kind == "events":
-                self._deliver(message[1])
-            elif kind == "result":
-                self._answer(*message[1:4])
-            elif kind == "health":
-                self._health = (message[1], time.monotonic())
-            elif kind == "done":
-                self._done(message[1], message[2])
-        code = self._wait_exit(1)
-        if self._gone is None and not self._stopping:
-            log.error("the engine process exited (exit code %s): calls and generations under way fail", code)
-        self._closed(EngineExited(f"the engine process exited (exit code {code})" if code is not None
-                                  else "the engine process has exited"))
+        """Read the engine's messages until its process ends. A message that cannot be read is a
+        broken contract (a call or a generation would wait forever): the engine is ended, and
+        everything waiting on it fails."""
+        conn, sentinel = self._conn, self._process.sentinel
+        try:
+            while True:
+                ready = wait([conn, sentinel])
+                if conn not in ready:  # ended, but a descendant still holds its end of the pipe open
+                    try:
+                        while conn.poll(0):
+                            self._handle(conn.recv())
+                    except (EOFError, OSError):
+                        pass
+                    break
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    break
+                self._handle(message)
+        except Exception:  # noqa: BLE001 - logged; the engine is ended below
+            log.exception("a message from the engine process could not be read: the engine process is ended")
+            self._process.kill()
+        finally:
+            code = self._wait_exit(1)
+            lost = self._gone is None and not self._stopping
+            if lost:
+                log.error("the engine process exited (exit code %s): calls and generations under way fail", code)
+            self._closed(EngineExited(f"the engine process exited (exit code {code})" if code is not None
+                                      else "the engine process has exited"))
+            if lost and self.on_lost is not None:
+                self.on_lost()
+
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "events":
+            self._deliver(message[1])
+        elif kind == "result":
+            self._answer(*message[1:4])
+        elif kind == "health":
+            self._health = (message[1], time.monotonic())
+        elif kind == "done":
+            self._done(message[1], message[2])
 
     def _wait_exit(self, timeout: float) -> int | None:
         """The process's exit code once it has ended (None if it runs past `timeout`)."""
@@ -252,10 +315,11 @@ class EngineProcess:
             return self._process.exitcode
 
     def _deliver(self, batch: list) -> None:
-        emits = self._emits
-        for gid, event in batch:
-            last = isinstance(event, (FinishEvent, ErrorEvent))
-            emit = emits.pop(gid, None) if last else emits.get(gid)
+        with self._lock:
+            emits = self._emits
+            targets = [((emits.pop(gid, None) if isinstance(event, (FinishEvent, ErrorEvent)) else emits.get(gid)), event)
+                       for gid, event in batch]
+        for emit, event in targets:
             if emit is None:
                 continue
             try:
@@ -279,9 +343,9 @@ class EngineProcess:
         if watched is None:
             return
         operation, callback = watched
-        if final is not None:  # the waiter's copy takes the engine's final state
+        if final is not None:  # the waiter's copy takes the engine's final state (one update, under the GIL)
             operation.__dict__.update(final.__dict__)
-        callback()
+        _call_back(callback)
 
     def _closed(self, error: LoramuxError) -> None:
         """The engine's process is gone: fail what waits on it, once."""
@@ -301,7 +365,7 @@ class EngineProcess:
             except Exception:  # noqa: BLE001
                 log.exception("delivering an engine event failed")
         for _, callback in watches.values():
-            callback()
+            _call_back(callback)
 
 
 class RemoteRequest:
@@ -329,17 +393,36 @@ class RemoteFacade:
         self.public_model = settings.public_model_name
         self.started = time.time()
         self._shared = settings.state_dir is not None
+        self._known: OrderedDict[tuple[str, str], None] = OrderedDict()  # adapters the engine was seen to hold
+        self._known_lock = threading.Lock()
 
     # -- generation ------------------------------------------------------------------------
 
     def must_read(self, tenant: str, adapter_id: str) -> bool:
-        """With a shared store, any named adapter may need a read first: `resolve` (a call to
-        the engine, on the adapter pool) finds out, so this never blocks."""
-        return bool(adapter_id) and self._shared
+        """With a shared store, an adapter not yet seen here in the engine (loaded, resolved,
+        served, listed) may need a read first: `resolve` (on the adapter pool) does it. Never
+        blocks: what the engine holds is remembered here, not asked."""
+        return bool(adapter_id) and self._shared and (tenant, adapter_id) not in self._known
+
+    def _seen(self, tenant: str, adapter_ids) -> None:
+        if not self._shared:
+            return
+        with self._known_lock:
+            for adapter_id in adapter_ids:
+                if adapter_id:
+                    self._known[(tenant, adapter_id)] = None
+                    self._known.move_to_end((tenant, adapter_id))
+            while len(self._known) > KNOWN_ADAPTERS:
+                self._known.popitem(last=False)
+
+    def _forget(self, tenant: str, adapter_id: str) -> None:
+        with self._known_lock:
+            self._known.pop((tenant, adapter_id), None)
 
     def resolve(self, tenant: str, adapter_id: str) -> None:
         if adapter_id:
             self._engine.call("resolve", tenant, adapter_id)
+            self._seen(tenant, (adapter_id,))
 
     def generate(self, tenant: str, inp: GenerateInput, emit: Callable[[Event], None], deadline: float | None = None,
                  trace_context: object = None) -> Generation:
@@ -353,9 +436,12 @@ class RemoteFacade:
         gids = self._engine.new_ids(emits)
         try:
             limits = self._engine.call("generate", gids, tenant, inp, deadline, _carrier(trace_context), many)
-        except BaseException:
+        except BaseException as e:
             self._engine.drop_ids(gids)
+            if isinstance(e, AdapterNotFound):
+                self._forget(tenant, inp.adapter_id)
             raise
+        self._seen(tenant, (inp.adapter_id,))
         return [Generation(RemoteRequest(gid), self.model, limit) for gid, limit in zip(gids, limits)]
 
     def cancel(self, generation: Generation) -> None:
@@ -377,10 +463,13 @@ class RemoteFacade:
 
     def load_adapter(self, tenant: str, adapter_id: str, source: str, revision: str = "", pin: bool = False,
                      warm: bool = False, replace: bool = False, deadline: float | None = None) -> AdapterInfo:
-        return self._engine.call("load_adapter", tenant, adapter_id, source, revision=revision, pin=pin, warm=warm,
+        info = self._engine.call("load_adapter", tenant, adapter_id, source, revision=revision, pin=pin, warm=warm,
                                  replace=replace, deadline=deadline)
+        self._seen(tenant, (adapter_id,))
+        return info
 
     def unload_adapter(self, tenant: str, adapter_id: str) -> None:
+        self._forget(tenant, adapter_id)
         self._engine.call("unload_adapter", tenant, adapter_id)
 
     def get_adapter(self, tenant: str, adapter_id: str) -> AdapterInfo:
@@ -421,6 +510,13 @@ class RemoteFacade:
 
     def server_info(self) -> ServerInfo:
         return self._engine.call("server_info")
+
+
+def _call_back(callback: Callable[[], None]) -> None:
+    try:
+        callback()
+    except Exception:  # noqa: BLE001 - a waiter's failure (its loop closed) is not the reader's
+        log.exception("an operation's callback failed")
 
 
 def _carrier(trace_context: object) -> dict | None:

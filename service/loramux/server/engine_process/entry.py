@@ -5,7 +5,7 @@ serves it (`host.Host`) until the front doors' process stops it or goes away.
 The front doors' process owns the lifecycle: this process ignores SIGINT and SIGTERM (a
 terminal's Ctrl-C, or a service manager that signals every process of the server, reach it
 too; the front doors' process drains first, then stops it). It ends when told to, or when
-its pipe closes because the front doors' process is gone.
+the front doors' process is gone (its pipe closes, or the process's sentinel says so).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 
 from loramux.server.settings import Settings
 
@@ -21,6 +22,7 @@ from loramux.server.settings import Settings
 def main(settings: Settings, conn, log_level: str, log_format: str) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    threading.Thread(target=_end_with_parent, name="loramux-engine-orphan", daemon=True).start()
     from loramux.server.telemetry.logs import configure_logging, quiet_libraries, quiet_progress_bars
 
     configure_logging(log_level, log_format)
@@ -49,6 +51,20 @@ def main(settings: Settings, conn, log_level: str, log_format: str) -> None:
     Host(engine, conn, telemetry).serve()
     auth.close()
     _exit(0)
+
+
+def _end_with_parent() -> None:
+    """End this process when the front doors' process is gone, whatever this one is doing
+    (loading a model for minutes, or serving: its pipe may be held open by a descendant)."""
+    from multiprocessing import parent_process
+    from multiprocessing.connection import wait
+
+    parent = parent_process()
+    if parent is None:
+        return
+    wait([parent.sentinel])
+    logging.getLogger(__name__).warning("the front doors' process is gone: the engine process ends")
+    _exit(1)
 
 
 def _exit(code: int) -> None:

@@ -22,6 +22,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.reduction import ForkingPickler
 
 from loramux.server.cpu_threads import limit_to_one_thread
 from loramux.server.engine.facade import ErrorEvent, Facade, FinishEvent
@@ -50,7 +51,8 @@ class Host:
         self._events: list = []
         self._events_lock = threading.Lock()
         self._generations: dict[int, object] = {}  # gid -> its Generation, until its last event
-        self._ended: set[int] = set()  # gids whose last event came before their Generation was kept
+        self._pending: set[int] = set()  # gids whose generate call runs
+        self._ended: set[int] = set()  # pending gids whose last event came before their Generation was kept
         self._generations_lock = threading.Lock()
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="loramux-engine-call",
                                          initializer=limit_to_one_thread)
@@ -108,11 +110,20 @@ class Host:
         each completion's max_new_tokens."""
         context = _context(carrier)
         emits = [self._emitter(gid) for gid in gids]
-        if many:
-            generations = self._facade.generate_many(tenant, inp, emits, deadline, trace_context=context)
-        else:
-            generations = [self._facade.generate(tenant, inp, emits[0], deadline, trace_context=context)]
         with self._generations_lock:
+            self._pending.update(gids)
+        try:
+            if many:
+                generations = self._facade.generate_many(tenant, inp, emits, deadline, trace_context=context)
+            else:
+                generations = [self._facade.generate(tenant, inp, emits[0], deadline, trace_context=context)]
+        except BaseException:
+            with self._generations_lock:
+                self._pending.difference_update(gids)
+                self._ended.difference_update(gids)
+            raise
+        with self._generations_lock:
+            self._pending.difference_update(gids)
             for gid, generation in zip(gids, generations):
                 if gid in self._ended:
                     self._ended.discard(gid)
@@ -165,8 +176,8 @@ class Host:
 
     def _forget(self, gid: int) -> None:
         with self._generations_lock:
-            if self._generations.pop(gid, None) is None:
-                self._ended.add(gid)
+            if self._generations.pop(gid, None) is None and gid in self._pending:
+                self._ended.add(gid)  # ended before its Generation was kept: not to be kept
 
     def _flush(self) -> tuple:
         with self._events_lock:
@@ -181,14 +192,24 @@ class Host:
             item = self._out.get()
             if item is None:
                 return
-            if not self._send(item() if callable(item) else item):
+            if callable(item):  # the outbox's events, pickled here once
+                events = item()
+                try:
+                    item = ForkingPickler.dumps(events)
+                except Exception as e:  # noqa: BLE001 - every event is a plain dataclass; one that is not fails its row alone
+                    item = ForkingPickler.dumps(("events", [self._sendable(gid, event, e) for gid, event in events[1]]))
+            if not self._send(item):
                 return
 
-    def _send(self, message: tuple) -> bool:
-        """Write one message (any thread; one writer at a time); False once the pipe is closed."""
+    def _send(self, message: tuple | memoryview) -> bool:
+        """Write one message, or one already pickled (any thread; one writer at a time); False
+        once the pipe is closed."""
         try:
             with self._send_lock:
-                self._conn.send(message)
+                if isinstance(message, memoryview):
+                    self._conn.send_bytes(message)
+                else:
+                    self._conn.send(message)
         except (OSError, ValueError):  # the pipe is closed: the reader sees it too
             return False
         except Exception as e:  # noqa: BLE001 - a value that does not pickle: its caller gets INTERNAL
@@ -196,6 +217,20 @@ class Host:
             if message[0] == "result":
                 return self._send(("result", message[1], False, InternalError.logged(e, "an engine answer could not be sent")))
         return True
+
+    def _sendable(self, gid: int, event, error: Exception) -> tuple:
+        """(gid, event), or, for an event that does not pickle, (gid, INTERNAL as its last
+        event), its generation cancelled."""
+        try:
+            ForkingPickler.dumps(event)
+            return gid, event
+        except Exception:  # noqa: BLE001
+            with self._generations_lock:
+                generation = self._generations.get(gid)
+            if generation is not None:
+                self._facade.cancel(generation)
+            self._forget(gid)
+            return gid, ErrorEvent(InternalError.logged(error, "an engine event could not be sent"))
 
     def _health_loop(self) -> None:
         stall_s = self._engine.settings.engine_stall_s

@@ -13,6 +13,7 @@ from google.protobuf import empty_pb2
 from loramux.server.grpc_api import convert
 from loramux.server.grpc_api.servicer import maps_errors, tenant_of
 from loramux.server.engine.facade import Facade
+from loramux.server.errors import OperationNotFound
 
 MAX_WAIT_S = 600.0
 
@@ -76,6 +77,9 @@ class OperationsServicer(operations_pb2_grpc.OperationsServicer):
         self.facade.on_operation_done(op, lambda: loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None)))
         try:
             await asyncio.wait_for(asyncio.shield(done), timeout=min(limits))
-        except TimeoutError:
-            pass
+        except TimeoutError:  # its progress now (an engine in its own process answered with a copy)
+            try:
+                op = await asyncio.to_thread(self.facade.get_operation, tenant, request.name)
+            except OperationNotFound:  # deleted meanwhile: as it was last seen
+                pass
         return convert.operation(op)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable
 from importlib import metadata
 
@@ -18,6 +19,7 @@ from loramux.server.settings import Settings
 from loramux.server.telemetry.signals import Telemetry
 
 log = logging.getLogger(__name__)
+ENGINE_SERIES_WARN_S = 60.0  # an engine whose series cannot be read is reported at most this often
 
 
 def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), role: str = "server",
@@ -54,7 +56,7 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), r
         own = CollectorRegistry(auto_describe=True)  # this server's series alone (not the process-wide registry)
         if role == "engine":  # its process's memory and CPU, named apart from the front doors' process's
             ProcessCollector(namespace="loramux_engine", registry=own)
-            readers.append(PrometheusMetricReader(registry=own))
+            readers.append(PrometheusMetricReader(registry=own, disable_target_info=True))  # the front doors' says it
             scrape = _exposition(own)
         else:
             for collector in (ProcessCollector, PlatformCollector, GCCollector):  # process_*, python_* as before
@@ -111,6 +113,7 @@ class EngineSeries:
 
     def __init__(self, read: Callable[[], str]):
         self._read = read
+        self._warned = 0.0
 
     def describe(self):
         return []  # nothing is read when it is registered (the engine may not run yet)
@@ -119,11 +122,15 @@ class EngineSeries:
         from prometheus_client.parser import text_string_to_metric_families
 
         try:
-            text = self._read()
-        except Exception:  # noqa: BLE001 - the scrape goes on without them
-            log.warning("the engine process's metrics could not be read for this scrape", exc_info=True)
+            families = list(text_string_to_metric_families(self._read()))
+        except Exception as e:  # noqa: BLE001 - the scrape goes on without them
+            now = time.monotonic()
+            if now - self._warned > ENGINE_SERIES_WARN_S:  # a dead or stuck engine: not a traceback per scrape
+                self._warned = now
+                log.warning("the engine process's metrics could not be read for this scrape (%s: %s)",
+                            type(e).__name__, e)
             return
-        yield from text_string_to_metric_families(text)
+        yield from families
 
 
 def _span_exporter(name: str, settings: Settings):
