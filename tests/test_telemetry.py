@@ -506,6 +506,13 @@ def test_genai_and_vllm_series_and_the_dashboard_reads_only_series_the_server_ex
         client.generate(prompt="x", adapter_id="mlp", max_new_tokens=1)
         urllib.request.urlopen(f"http://127.0.0.1:{server.running.http_port}/v1/models", timeout=10).read()
         got = scrape(server.telemetry.metrics_port)
+        # Asked for OpenMetrics first (as Prometheus asks): the text format, whose samples keep vLLM's colons.
+        asked = urllib.request.Request(f"http://127.0.0.1:{server.telemetry.metrics_port}/metrics", headers={
+            "Accept": "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5"})
+        with urllib.request.urlopen(asked, timeout=10) as reply:
+            assert reply.headers["Content-Type"].startswith("text/plain; version=0.0.4")
+            text = reply.read().decode()
+        assert "vllm:time_to_first_token_seconds_count{" in text and "vllm_" not in text
     qv = (("gen_ai_operation_name", "text_completion"), ("gen_ai_request_model", "qv"), ("tenant", "default"))
     base = (("gen_ai_operation_name", "chat"), ("gen_ai_request_model", assets.base.name), ("tenant", "default"))
     assert got[("gen_ai_server_time_to_first_token_seconds_count", qv)] == 2

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -65,15 +66,13 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), r
             if engine_series is not None:
                 own.register(EngineSeries(engine_series))
     if settings.metrics_port is not None and role != "engine":
-        from prometheus_client import start_http_server
-
         from loramux.server.telemetry.vllm_names import VllmNames
 
         served = CollectorRegistry(auto_describe=False)
         served.register(VllmNames(own))  # loramux's series, then vLLM's names for the ones dashboards read
         address = settings.metrics_host
         try:
-            http_server, thread = start_http_server(settings.metrics_port, addr=address, registry=served)
+            http_server, thread = _serve_metrics(served, address, settings.metrics_port)
         except OSError as e:
             raise InvalidSettings(f"cannot listen on {address}:{settings.metrics_port} ({e.strerror or e}): the port is in "
                                   "use by another process, or the address is not this host's", field="metrics_port") from None
@@ -98,6 +97,39 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), r
     telemetry = Telemetry(tracer_provider, meter_provider, tuple(closers), metrics_port)
     telemetry.scrape = scrape
     return telemetry
+
+
+def _serve_metrics(registry, host: str, port: int):
+    """The Prometheus endpoint on its own threads, always in the classic text format.
+
+    prometheus_client (0.26) writes OpenMetrics, which Prometheus asks for first, with sample
+    names escaped as label names are, so a `vllm:` family's samples come out as `vllm_...`
+    under a `vllm:` TYPE line (a parser then sees other families, which clash). The text
+    format keeps the colons, and every Prometheus reads it."""
+    import socket
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+    from prometheus_client import make_wsgi_app
+
+    metrics_app = make_wsgi_app(registry)
+
+    def text_format(environ, start_response):
+        environ = {k: v for k, v in environ.items() if k != "HTTP_ACCEPT"}  # the default: text 0.0.4
+        return metrics_app(environ, start_response)
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # no line per scrape on stderr
+            pass
+
+    http_server = make_server(host, port, text_format, Server, handler_class=Quiet)
+    thread = threading.Thread(target=http_server.serve_forever, name="loramux-metrics", daemon=True)
+    thread.start()
+    return http_server, thread
 
 
 def _exposition(registry) -> Callable[[], str]:
