@@ -7,8 +7,9 @@
 #      step; bytes against bandwidth; then a prefill of 16 x 512 tokens, base against 16
 #      adapters through each kernel                                                   (~2 min)
 #   2. scripts/gpu/test_cuda.py, the fidelity and serving checks: bf16 against float32 peft
-#      for loramux and peft; Triton kernels and CUDA graphs against the eager server; pinned
-#      host tier; DoRA (compile, quantization and two GPUs: FULL=1)                 (~2 min)
+#      for loramux and peft; Triton kernels and CUDA graphs against the eager server; the
+#      engine in its own process on CUDA; pinned host tier; DoRA (compile, quantization and
+#      two GPUs: FULL=1)                                                              (~2 min)
 #   3. the matrix at h2048 with bfloat16 checkpoints (so --dtype auto serves bfloat16), at
 #      the server's defaults                                                          (~3 min)
 #   4. the front doors against the engine alone: the engine thread's time per step with the

@@ -127,6 +127,26 @@ def test_triton_kernels_and_cuda_graphs_serve_what_the_eager_server_serves(asset
             eng.stop()
 
 
+def test_an_engine_in_its_own_process_serves_on_cuda_what_the_in_process_engine_serves(assets, engine):
+    """--engine-process on CUDA: the spawned engine initialises CUDA itself, and greedy tokens
+    through the gRPC door equal the in-process engine's (same settings, same bf16 arithmetic)."""
+    import loramux.client as lc
+    from loramux.server.app import BackgroundServer
+
+    jobs = [(a, p) for a in ["", *ADAPTERS] for p in PROMPTS]
+    here = {(a, p): engine.generate("default", GenerateInput(adapter_id=a, prompt=p, max_new_tokens=N), 120)["token_ids"]
+            for a, p in jobs}
+    settings = assets.settings(device="cuda", dtype="bfloat16", adapter_slots=2, host_cache_mib=64, engine_process=True)
+    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=120) as client:
+        for name in ADAPTERS:
+            client.load_adapter(name, source=name)
+        split = {(a, p): client.generate(prompt=p, adapter_id=a, max_new_tokens=N).token_ids for a, p in jobs}
+        info = client.server_info()
+    same = sum(split[j] == here[j] for j in jobs)
+    print(f"engine process on {info.device}: {same}/{len(jobs)} sequences equal the in-process engine's")
+    assert info.engine_process and info.device.startswith("cuda") and same == len(jobs)
+
+
 def test_host_tier_is_pinned_and_promotion_is_consistent(assets, engine):
     cache = engine.cache
     host = [w for w in cache._host.values()]
