@@ -39,21 +39,21 @@ python3 -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA dev
     2>&1 | tee "$out/versions.txt" || exit 1
 
 note "1. decode step"
-timeout 170 python3 scripts/gpu/step.py --out "$out/step.json" > "$out/step.log" 2>&1
+timeout 160 python3 scripts/gpu/step.py --out "$out/step.json" > "$out/step.log" 2>&1
 note "step.py exit $? ($(grep -c '"ms"' "$out/step.json" 2>/dev/null || echo 0) timings)"
 
 note "2. CUDA checks"
-timeout 130 python3 -m pytest -q -s -p no:cacheprovider -k "not quantized and not compiled and not two_gpus" \
+timeout 150 python3 -m pytest -q -s -p no:cacheprovider -k "not quantized and not compiled and not two_gpus" \
     scripts/gpu/test_cuda.py > "$out/gpu-tests.log" 2>&1
 note "test_cuda.py exit $?: $(tail -1 "$out/gpu-tests.log")"
 
 note "3. matrix h2048, bfloat16 checkpoints, default flags"
-timeout 200 python3 -m loramux.bench.matrix --models 2048 --checkpoint-dtype bfloat16 --out "$out/matrix" \
+timeout 180 python3 -m loramux.bench.matrix --models 2048 --checkpoint-dtype bfloat16 --out "$out/matrix" \
     > "$out/matrix.log" 2>&1
 note "matrix exit $?"
 
 note "4. front doors against the engine alone"
-timeout 100 python3 -m loramux.bench.front_doors --out "$out" > "$out/front-doors.log" 2>&1
+timeout 80 python3 -m loramux.bench.front_doors --out "$out" > "$out/front-doors.log" 2>&1
 note "front_doors exit $?: $(tail -1 "$out/front_doors.md" 2>/dev/null)"
 
 if [[ "${FULL:-0}" == 1 ]]; then
