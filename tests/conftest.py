@@ -98,6 +98,21 @@ def eventually(check, within: float = 30.0, retry_on: tuple[type[BaseException],
         time.sleep(interval)
 
 
+def scrape(port: int) -> dict:
+    """A Prometheus endpoint's samples: (name, labels without OpenTelemetry's scope) -> value."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_scope_")))
+            samples[(s.name, labels)] = s.value
+    return samples
+
+
 def merged_path(server, result, tenant: str = "default") -> Path:
     """Where a merge result lies on the server's disk (results name it under the tenant's
     directory of the merge root only)."""

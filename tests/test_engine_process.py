@@ -25,10 +25,9 @@ import openai
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 import loramux.client as lc
-from conftest import ADAPTERS, PROMPTS, eventually
+from conftest import ADAPTERS, PROMPTS, eventually, scrape
 from loramux.server import errors
 from loramux.server.app import BackgroundServer
 from loramux.server.engine.facade import Facade
@@ -78,16 +77,6 @@ def client(server):
         for name in ADAPTERS:
             c.load_adapter(name, source=name)
         yield c
-
-
-def scrape(server) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{server.telemetry.metrics_port}/metrics", timeout=10).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_scope_")))
-            samples[(s.name, labels)] = s.value
-    return samples
 
 
 def test_the_remote_facade_answers_every_method_of_the_facade():
@@ -165,9 +154,9 @@ def test_errors_keep_their_codes_and_reasons(server, client):
 def test_a_closed_stream_frees_its_row_in_the_engine(server, client):
     stream = client.generate_stream(prompt="fox", adapter_id="qv-r4", max_new_tokens=4000, ignore_eos=True)
     assert next(stream).token_ids
-    eventually(lambda: scrape(server)[("loramux_batch_size", ())] == 1)  # the engine's gauge, read through the front doors
+    eventually(lambda: scrape(server.telemetry.metrics_port)[("loramux_batch_size", ())] == 1)  # the engine's gauge, read through the front doors
     stream.close()
-    eventually(lambda: scrape(server)[("loramux_batch_size", ())] == 0)
+    eventually(lambda: scrape(server.telemetry.metrics_port)[("loramux_batch_size", ())] == 0)
     assert client.generate(prompt="fox", max_new_tokens=1).usage.completion_tokens == 1
 
 
@@ -190,9 +179,9 @@ def test_adapters_and_a_merge_through_the_engine_process(server, client):
 
 
 def test_the_engines_series_are_served_with_the_front_doors(server, client):
-    before = scrape(server)
+    before = scrape(server.telemetry.metrics_port)
     result = client.generate(prompt=PROMPTS[0], adapter_id="pattern", max_new_tokens=N)
-    after = scrape(server)
+    after = scrape(server.telemetry.metrics_port)
     tenant = (("tenant", "default"),)
     ok = (("rpc_grpc_status_code", "OK"), ("rpc_method", "Generate"))
     grown = lambda key: after[key] - before.get(key, 0)  # noqa: E731

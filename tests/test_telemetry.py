@@ -24,12 +24,11 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
-from prometheus_client.parser import text_string_to_metric_families
 
 import loramux.client as lc
 from loramux.client.errors import from_rpc_error
 from loramux.v1 import adapter_pb2
-from conftest import PROMPTS, eventually
+from conftest import PROMPTS, eventually, scrape
 from loramux.server.app import BackgroundServer
 from loramux.server.telemetry.logs import JsonFormatter
 from loramux.server.telemetry.providers import build_telemetry
@@ -292,16 +291,6 @@ def test_spans_and_metrics_reach_a_real_otlp_receiver(assets, protocol):
         assert {"loramux.rpc.requests", "loramux.generate.tokens", "loramux.queue.depth"} <= _metric_names(receiver.metrics)
     finally:
         stop()
-
-
-def scrape(port) -> dict:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_scope_")))
-            samples[(s.name, labels)] = s.value
-    return samples
 
 
 def test_prometheus_endpoint_moves_with_requests_and_evictions(assets, tmp_path):
