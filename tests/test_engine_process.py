@@ -133,6 +133,10 @@ def test_mixed_concurrent_requests_and_n_completions_equal_peft(assets, server, 
         logprobs = oai.completions.create(model="qv-r4", prompt=PROMPTS[2], max_tokens=N, temperature=0, logprobs=2)
         ids = assets.oracle("qv-r4", PROMPTS[2], N)
         assert logprobs.choices[0].logprobs.tokens == [assets.tokenizer.decode([i]) for i in ids]  # texts made here
+        date = oai.completions.create(model="all-r16", prompt="fox", max_tokens=16, temperature=0.8, seed=3,
+                                      extra_body={"guided_regex": "[0-9]{4}-[0-9]{2}"})  # compiled in the engine's process
+        assert len(date.choices[0].text) == 7 and date.choices[0].text[4] == "-"
+        assert {"all-r16", "qv-r4", *ADAPTERS} <= {m.id for m in oai.models.list().data}
 
 
 def test_errors_keep_their_codes_and_reasons(server, client):
