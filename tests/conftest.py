@@ -119,6 +119,21 @@ def merged_path(server, result, tenant: str = "default") -> Path:
     return server.engine.settings.merge_root / tenant / result.output_path
 
 
+@pytest.fixture(autouse=True)
+def _root_log_handlers_restored():
+    """A test that runs `loramux serve` installs its stderr handler on the root logger, bound
+    to that test's captured stream; later tests' log lines would go to the closed stream (and
+    "--- Logging error ---" to theirs). Whatever a test adds to the root logger goes with it."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for handler in root.handlers[:]:
+        if handler not in before:
+            root.removeHandler(handler)
+
+
 @pytest.fixture(scope="session")
 def assets(tmp_path_factory) -> Assets:
     return Assets(tmp_path_factory.mktemp("assets"))
