@@ -298,6 +298,50 @@ def test_a_server_that_cannot_listen_stops_its_engine_process(assets):
         eventually(lambda: _children(os.getpid()) <= before)
 
 
+def _half_writer(conn, pid_file: str) -> None:
+    """A stand-in engine that ends in the middle of writing a message, while a process it
+    forked still holds its end of the pipe."""
+    import struct
+
+    child = os.fork()
+    if child == 0:
+        signal.pause()  # holds the pipe until the test kills it
+        os._exit(0)
+    with open(pid_file, "w") as f:
+        f.write(str(child))
+    os.write(conn.fileno(), struct.pack("!i", 1 << 20) + b"half")  # a frame of 1 MiB, 4 bytes of it
+    os._exit(0)
+
+
+def test_an_engine_that_ends_mid_message_fails_what_waited(assets, tmp_path):
+    import multiprocessing
+
+    from loramux.server.engine_process.client import EngineProcess
+
+    engine = EngineProcess(assets.settings(engine_process=True))
+    context = multiprocessing.get_context("spawn")
+    here, there = context.Pipe(duplex=True)
+    pid_file = tmp_path / "holder.pid"
+    engine._process = context.Process(target=_half_writer, args=(there, str(pid_file)))
+    engine._conn = here
+    got: list = []
+    (gid,) = engine.new_ids([got.append])
+    lost: list = []
+    engine.on_lost = lambda: lost.append(True)
+    engine._process.start()
+    there.close()
+    engine._start_reading()
+    try:
+        engine._reader.join(30)  # the process ended; the held pipe and the half message do not stop the reader
+        assert not engine._reader.is_alive() and lost == [True]
+        assert [type(e).__name__ for e in got] == ["ErrorEvent"] and got[0].error.reason == "ENGINE_EXITED"
+        with pytest.raises(errors.EngineExited):
+            engine.call("stats")
+    finally:
+        os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        here.close()
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for task in os.listdir(f"/proc/{pid}/task"):

@@ -331,8 +331,15 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_form
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     lost: list[bool] = []  # the engine's process ended unasked
+    def on_lost() -> None:  # the engine's reader thread
+        lost.append(True)
+        try:
+            loop.call_soon_threadsafe(stop.set)
+        except RuntimeError:  # the loop has closed: the server is ending anyway
+            pass
+
     if process is not None:
-        process.on_lost = lambda: (lost.append(True), loop.call_soon_threadsafe(stop.set))
+        process.on_lost = on_lost
     try:
         engine = await loop.run_in_executor(None, start_engine, settings, telemetry, auth, process)
     except BaseException:  # a failed or interrupted (Ctrl-C) start: the engine's process ends too

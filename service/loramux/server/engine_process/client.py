@@ -15,10 +15,13 @@ fails with ENGINE_EXITED, every generation under way gets that error as its last
 from __future__ import annotations
 
 import atexit
+import copy
 import itertools
 import logging
 import multiprocessing
+import os
 import queue
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -40,6 +43,8 @@ START_TIMEOUT_S = 24 * 3600.0  # loading a model may take long (a Hub download);
 HEALTH_STALE_S = 5.0  # no health message for this long: the engine's process is stuck (or its pipe is)
 STOP_TIMEOUT_S = 30.0
 METRICS_TIMEOUT_S = 5.0
+REAP_POLL_S = 0.05  # how often the process's exit is asked of the kernel while waiting for it
+EXITED_READ_S = 2.0  # after the process ended, how long what it wrote is still read
 KNOWN_ADAPTERS = 4096  # adapters remembered as held by the engine (must_read), least recently used dropped
 
 
@@ -67,6 +72,8 @@ class EngineProcess:
         self._reaping = threading.Lock()  # one thread waits for the process at a time (a second's waitpid would fail)
         self._aborted = False
         self._reader: threading.Thread | None = None
+        self._read_done = threading.Event()
+        self._ended: int | None = None  # readable once the process has ended (_exit_signal)
         self.facade: RemoteFacade | None = None
         # Called once if the engine's process ends unasked (a crash): `serve` then stops the server.
         self.on_lost: Callable[[], None] | None = None
@@ -82,21 +89,24 @@ class EngineProcess:
         self._process = context.Process(target=main, args=(self.settings, there, *self._log), name="loramux-engine",
                                         daemon=False)
         self._conn = here
-        atexit.register(self._at_exit)  # before multiprocessing's own hook, which would join it forever
-        self._process.start()
-        there.close()  # only the child holds its end: its exit is an EOF here
         try:
+            atexit.register(self._at_exit)  # before multiprocessing's own hook, which would join it forever
+            self._process.start()
+            there.close()  # only the child holds its end: its exit is an EOF here
             facts = self._wait_ready(here)
             self.pid, self.restored = facts["pid"], facts["restored"]
             self._health = (True, time.monotonic())
             self.facade = RemoteFacade(self, telemetry, _load_tokenizer(facts["model_dir"]))
+            if self._aborted:
+                raise InternalError.logged(RuntimeError("the engine process's start was interrupted"))
         except BaseException:
-            self._end_process(0)
+            if self._process.pid is not None:
+                self._end_process(0)
+            there.close()
             here.close()
             atexit.unregister(self._at_exit)
             raise
-        self._reader = threading.Thread(target=self._read_loop, name="loramux-engine-read", daemon=True)
-        self._reader.start()
+        self._start_reading()
         threading.Thread(target=self._send_loop, name="loramux-engine-write", daemon=True).start()
         log.info("engine process %d serving", self.pid)
         return self
@@ -105,8 +115,8 @@ class EngineProcess:
         """End a start under way (the server's start was interrupted): the process is killed,
         and `start` raises."""
         self._aborted = True
-        if self._process is not None and self._process.exitcode is None:
-            self._process.kill()
+        self._stopping = True
+        self._kill()
 
     def _wait_ready(self, conn) -> dict:
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -129,19 +139,33 @@ class EngineProcess:
     def _end_process(self, grace_s: float) -> int | None:
         """Wait up to `grace_s` for the process to end, then kill it; its exit code."""
         with self._reaping:
-            self._process.join(grace_s)
-            if self._process.exitcode is None:
+            if self._reaped(grace_s) is None:
                 self._process.kill()
-                self._process.join(10)
+                self._reaped(10)
             return self._process.exitcode
+
+    def _reaped(self, timeout: float) -> int | None:
+        """The exit code once the process has ended, waiting up to `timeout` (callers hold
+        `_reaping`). Asked of the kernel (waitpid), not read from the process's sentinel, which
+        a process it forked may hold open after it ended."""
+        deadline = time.monotonic() + timeout
+        while self._process.exitcode is None and time.monotonic() < deadline:
+            time.sleep(REAP_POLL_S)
+        return self._process.exitcode
+
+    def _kill(self) -> None:
+        """Kill the process if it was started and has not been reaped (not a reused pid)."""
+        with self._reaping:
+            if self._process is not None and self._process.pid is not None and self._process.exitcode is None:
+                self._process.kill()
 
     def _at_exit(self) -> None:
         """At interpreter exit (the server's process ends without `stop`): the engine's process
         is not left running, nor waited for forever."""
-        if self._process is not None and self._process.exitcode is None:
-            self._stopping = True
-            self._process.kill()
-            self._process.join(10)
+        self._stopping = True
+        self._kill()
+        if self._process is not None and self._process.pid is not None:
+            self._wait_exit(10)
 
     # -- what the server's lifecycle calls -------------------------------------------------------
 
@@ -153,11 +177,11 @@ class EngineProcess:
 
     def drain(self, grace_s: float) -> bool:
         if self._gone is not None:
-            return False
+            return True  # nothing is left running: what ran failed with ENGINE_EXITED
         try:
             return self.call("drain", grace_s)
         except EngineExited:
-            return False
+            return True
 
     def stop(self, timeout: float = STOP_TIMEOUT_S) -> None:
         """Stop the engine (the rows running finish, what waits fails with SHUTTING_DOWN) and
@@ -172,15 +196,17 @@ class EngineProcess:
             except (LoramuxError, TimeoutError):
                 pass
         with self._reaping:
-            self._process.join(timeout)
-            if self._process.exitcode is None:
+            if self._reaped(timeout) is None:
                 log.warning("the engine process did not end within %.0fs: killed", timeout)
                 self._process.kill()
-                self._process.join(5)
+                self._reaped(5)
         self._reader.join(10)
         if self._reader.is_alive():  # a grandchild still holds the pipe open: fail what waits from here
             self._closed(EngineExited("the engine process has stopped"))
         self._conn.close()
+        if self._ended is not None:
+            os.close(self._ended)
+            self._ended = None
         atexit.unregister(self._at_exit)
 
     def stats(self):
@@ -203,7 +229,7 @@ class EngineProcess:
         future: Future = Future()
         with self._lock:
             if self._gone is not None:
-                raise self._gone
+                raise copy.copy(self._gone)
             call_id = next(self._ids)
             self._calls[call_id] = future
         self._send(message(call_id))  # from the caller's thread (a front door's pool): no hand-over to another
@@ -224,7 +250,7 @@ class EngineProcess:
         try:
             with self._send_lock:
                 self._conn.send(message)
-        except (OSError, ValueError):  # the engine's process is gone: the reader fails what waits
+        except OSError:  # the engine's process is gone: the reader fails what waits
             if message[0] in ("call", "stop"):
                 self._answer(message[1], False, EngineExited("the engine process has exited"))
         except Exception as e:  # noqa: BLE001 - an argument that does not pickle
@@ -235,7 +261,7 @@ class EngineProcess:
         """Ids for generations whose events go to `emits` (kept until their last event)."""
         with self._lock:
             if self._gone is not None:
-                raise self._gone
+                raise copy.copy(self._gone)
             gids = [next(self._ids) for _ in emits]
             self._emits.update(zip(gids, emits))
         return gids
@@ -268,10 +294,10 @@ class EngineProcess:
         """Read the engine's messages until its process ends. A message that cannot be read is a
         broken contract (a call or a generation would wait forever): the engine is ended, and
         everything waiting on it fails."""
-        conn, sentinel = self._conn, self._process.sentinel
+        conn, ended = self._conn, self._ended
         try:
             while True:
-                ready = wait([conn, sentinel])
+                ready = wait([conn, ended])
                 if conn not in ready:  # ended, but a descendant still holds its end of the pipe open
                     try:
                         while conn.poll(0):
@@ -286,8 +312,9 @@ class EngineProcess:
                 self._handle(message)
         except Exception:  # noqa: BLE001 - logged; the engine is ended below
             log.exception("a message from the engine process could not be read: the engine process is ended")
-            self._process.kill()
+            self._kill()
         finally:
+            self._read_done.set()
             code = self._wait_exit(1)
             lost = self._gone is None and not self._stopping
             if lost:
@@ -296,6 +323,24 @@ class EngineProcess:
                                       else "the engine process has exited"))
             if lost and self.on_lost is not None:
                 self.on_lost()
+
+    def _start_reading(self) -> None:
+        self._ended = _exit_signal(self._process)
+        self._read_done = threading.Event()
+        self._reader = threading.Thread(target=self._read_loop, name="loramux-engine-read", daemon=True)
+        self._reader.start()
+        threading.Thread(target=self._watch_exit, name="loramux-engine-exit", daemon=True).start()
+
+    def _watch_exit(self) -> None:
+        """Once the process has ended, what it wrote is read for EXITED_READ_S; then a read still
+        waiting (on a message it never finished, the pipe held open by a descendant) is cut off."""
+        wait([self._ended])
+        if not self._read_done.wait(EXITED_READ_S):
+            try:
+                with socket.socket(fileno=os.dup(self._conn.fileno())) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
     def _handle(self, message: tuple) -> None:
         kind = message[0]
@@ -311,8 +356,7 @@ class EngineProcess:
     def _wait_exit(self, timeout: float) -> int | None:
         """The process's exit code once it has ended (None if it runs past `timeout`)."""
         with self._reaping:
-            self._process.join(timeout)
-            return self._process.exitcode
+            return self._reaped(timeout)
 
     def _deliver(self, batch: list) -> None:
         with self._lock:
@@ -358,10 +402,10 @@ class EngineProcess:
             watches, self._watches = self._watches, {}
         self._out.put(None)
         for future in calls.values():
-            future.set_exception(error)
+            future.set_exception(copy.copy(error))  # each waiter its own (a raise adds to its traceback)
         for emit in emits.values():
             try:
-                emit(ErrorEvent(error))
+                emit(ErrorEvent(copy.copy(error)))
             except Exception:  # noqa: BLE001
                 log.exception("delivering an engine event failed")
         for _, callback in watches.values():
@@ -473,10 +517,14 @@ class RemoteFacade:
         self._engine.call("unload_adapter", tenant, adapter_id)
 
     def get_adapter(self, tenant: str, adapter_id: str) -> AdapterInfo:
-        return self._engine.call("get_adapter", tenant, adapter_id)
+        info = self._engine.call("get_adapter", tenant, adapter_id)
+        self._seen(tenant, (adapter_id,))
+        return info
 
     def list_adapters(self, tenant: str) -> list[AdapterInfo]:
-        return self._engine.call("list_adapters", tenant)
+        infos = self._engine.call("list_adapters", tenant)
+        self._seen(tenant, [info.adapter_id for info in infos])
+        return infos
 
     # -- merges and operations -------------------------------------------------------------
 
@@ -510,6 +558,25 @@ class RemoteFacade:
 
     def server_info(self) -> ServerInfo:
         return self._engine.call("server_info")
+
+
+def _exit_signal(process) -> int:
+    """A file descriptor that becomes readable when `process` ends: a pidfd (Linux 5.3), which
+    no descendant can hold open as it can the process's sentinel; else a pipe that a thread
+    polling the exit code (waitpid) closes."""
+    try:
+        return os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        pass
+    read_end, write_end = os.pipe()
+
+    def watch() -> None:
+        while process.exitcode is None:
+            time.sleep(REAP_POLL_S)
+        os.close(write_end)
+
+    threading.Thread(target=watch, name="loramux-engine-exit-poll", daemon=True).start()
+    return read_end
 
 
 def _call_back(callback: Callable[[], None]) -> None:

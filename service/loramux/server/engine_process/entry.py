@@ -48,7 +48,11 @@ def main(settings: Settings, conn, log_level: str, log_format: str) -> None:
     report = engine.restore_report
     conn.send(("ready", {"pid": os.getpid(), "model_dir": str(engine.base.directory),
                          "restored": len(report.restored) if report is not None else 0}))
-    Host(engine, conn, telemetry).serve()
+    try:
+        Host(engine, conn, telemetry).serve()
+    except BaseException:  # noqa: BLE001 - never a process alive but silent: the front doors' side fails what waited
+        logging.getLogger(__name__).exception("the engine process failed")
+        _exit(1)
     auth.close()
     _exit(0)
 

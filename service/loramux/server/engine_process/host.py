@@ -19,6 +19,7 @@ and from it:
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -31,7 +32,8 @@ from loramux.server.errors import InternalError, LoramuxError
 log = logging.getLogger(__name__)
 
 HEALTH_PERIOD_S = 0.5
-CALL_THREADS = 32  # calls run at once: more than the front doors' pools ever send together (their turns are taken there)
+CALL_THREADS = 64  # calls at once: more than the front doors ever send together (their pools: 4 + 4, and asyncio's
+# default executor, at most 32), so that their turns between tenants are taken there, not queued here
 # The facade's methods the front doors' process may call, and the engine's own.
 CALLS = frozenset({
     "resolve", "generate", "tokenize", "load_adapter", "unload_adapter", "get_adapter", "list_adapters",
@@ -70,6 +72,8 @@ class Host:
                 log.warning("the front doors' process closed its pipe: the engine stops")
                 self._stop_engine()
                 break
+            except Exception:  # noqa: BLE001 - a message that does not unpickle: the contract is broken
+                _die("a message from the front doors' process could not be read")
             kind = message[0]
             if kind == "call":
                 self._calls.submit(self._call, *message[1:])
@@ -84,7 +88,7 @@ class Host:
                 self._stop_engine()
                 self._out.put(("result", message[1], True, None))
                 break
-        self._calls.shutdown(wait=True)
+        self._calls.shutdown(wait=False, cancel_futures=True)  # a call still waiting (a slot) is failed by the exit
         self._out.put(None)
         sender.join(10)
         self._telemetry.shutdown()
@@ -187,19 +191,23 @@ class Host:
 
     def _send_loop(self) -> None:
         """Writes what the engine thread and the callbacks queued (events, health, operations
-        done), so that the engine thread never waits on the pipe."""
-        while True:
-            item = self._out.get()
-            if item is None:
-                return
-            if callable(item):  # the outbox's events, pickled here once
-                events = item()
-                try:
-                    item = ForkingPickler.dumps(events)
-                except Exception as e:  # noqa: BLE001 - every event is a plain dataclass; one that is not fails its row alone
-                    item = ForkingPickler.dumps(("events", [self._sendable(gid, event, e) for gid, event in events[1]]))
-            if not self._send(item):
-                return
+        done), so that the engine thread never waits on the pipe. If it cannot go on, the
+        process ends (the front doors' process then fails what waited) rather than go quiet."""
+        try:
+            while True:
+                item = self._out.get()
+                if item is None:
+                    return
+                if callable(item):  # the outbox's events, pickled here once
+                    events = item()
+                    try:
+                        item = ForkingPickler.dumps(events)
+                    except Exception as e:  # noqa: BLE001 - every event is a plain dataclass; one that is not fails its row alone
+                        item = ForkingPickler.dumps(("events", [self._sendable(gid, event, e) for gid, event in events[1]]))
+                if not self._send(item):
+                    return
+        except Exception:  # noqa: BLE001
+            _die("the engine process's sender failed")
 
     def _send(self, message: tuple | memoryview) -> bool:
         """Write one message, or one already pickled (any thread; one writer at a time); False
@@ -210,7 +218,7 @@ class Host:
                     self._conn.send_bytes(message)
                 else:
                     self._conn.send(message)
-        except (OSError, ValueError):  # the pipe is closed: the reader sees it too
+        except OSError:  # the pipe is closed: the reader sees it too
             return False
         except Exception as e:  # noqa: BLE001 - a value that does not pickle: its caller gets INTERNAL
             log.exception("an engine message could not be sent")
@@ -236,6 +244,14 @@ class Host:
         stall_s = self._engine.settings.engine_stall_s
         while not self._stopping.wait(HEALTH_PERIOD_S):
             self._out.put(("health", self._engine.healthy(stall_s)))
+
+
+def _die(what: str) -> None:
+    """End this process at once, after logging why: the front doors' process sees it end and
+    fails every call and generation that waited on it."""
+    log.exception("%s: the engine process ends", what)
+    logging.shutdown()
+    os._exit(1)
 
 
 def _context(carrier: dict | None):
