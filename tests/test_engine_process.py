@@ -263,6 +263,31 @@ def test_with_a_shared_store_an_adapter_seen_is_not_read_again(assets, tmp_path)
         assert facade.must_read("default", "qv-r4")
 
 
+def test_the_engines_tenancy_reads_the_keys_file(assets, tmp_path):
+    """Quotas and metric labels are the engine's (its own Authenticator over the same keys
+    file): a tenant's adapter quota is enforced there, with its QuotaFailure, and another
+    tenant is not limited."""
+    from loramux.server.tenancy.keys import append_key
+
+    keys_file = tmp_path / "keys.yaml"
+    keys = {t: append_key(keys_file, t, "admin", t) for t in ("limited", "free")}
+    keys_file.write_text(keys_file.read_text() + "tenants:\n  limited:\n    quotas: {adapters: 1}\n")
+    settings = assets.settings(engine_process=True, auth="keys", auth_keys_file=keys_file)
+    with (BackgroundServer(settings) as server, lc.Client(server.target, api_key=keys["limited"]) as limited,
+          lc.Client(server.target, api_key=keys["free"]) as free):
+        limited.load_adapter("one", source="qv-r4")
+        with pytest.raises(lc.ResourceExhausted) as e:
+            limited.load_adapter("two", source="mlp-r2")
+        assert (e.value.reason, e.value.metadata["quota"], e.value.metadata["tenant"]) == ("QUOTA_EXCEEDED", "adapters",
+                                                                                           "limited")
+        assert e.value.quota_violations[0][0] == "tenant:limited"
+        for name in ("a", "b"):
+            free.load_adapter(name, source="qv-r4")
+        assert [a.adapter_id for a in free.list_adapters()] == ["a", "b"]
+        with pytest.raises(lc.NotFound):  # another tenant's adapter is not there for this caller
+            free.generate(prompt="fox", adapter_id="one", max_new_tokens=2)
+
+
 def test_an_interrupted_start_leaves_no_process(assets):
     from loramux.server.engine_process.client import EngineProcess
     from loramux.server.telemetry.signals import Telemetry
