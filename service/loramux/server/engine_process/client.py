@@ -1,15 +1,17 @@
 """The front doors' side of an engine in its own process (`--engine-process`).
 
-`EngineProcess` starts the engine's process (`host.py`, spawned: a fresh interpreter that
-loads the model), and is what the server's lifecycle calls (drain, stop, health).
+`EngineProcess` starts the engine's process (`entry.py`, spawned: a fresh interpreter that
+loads the model and serves it with `host.py`), and is what the server's lifecycle calls
+(drain, stop, health).
 `RemoteFacade` is the facade the front doors call: the same methods, in the same terms, each
 a message to the engine's process and its answer; what needs only the tokenizer (token
 texts, decoding) is answered here, without a round trip. Events of generations come back
 one message per engine step and are handed to each generation's `emit` on the reader thread.
 
 If the engine's process ends (a crash, the kernel's OOM killer), every call waiting on it
-fails with ENGINE_EXITED, every generation under way gets that error as its last event, and
-`healthy()` turns false (readiness fails; the orchestrator restarts the server).
+fails with ENGINE_EXITED, every generation under way gets that error as its last event,
+`healthy()` turns false (health NOT_SERVING: a liveness probe restarts the server) and
+`on_lost` is called (`loramux serve` then stops, exit code 1).
 """
 
 from __future__ import annotations
