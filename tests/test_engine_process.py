@@ -370,8 +370,11 @@ def test_an_engine_that_ends_mid_message_fails_what_waited(assets, tmp_path):
 def _children(pid: int) -> set[int]:
     found = set()
     for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as f:
-            found |= {int(p) for p in f.read().split()}
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found |= {int(p) for p in f.read().split()}
+        except FileNotFoundError:  # a thread that ended meanwhile
+            pass
     return found
 
 
