@@ -14,7 +14,9 @@ docs/benchmarks.md, "LoRA in 16-bit serving").
 
 Each slot holds its adapter's A^T [in, r] and B^T [r, out] at the adapter's own rank, so
 an adapter's memory is its true size; slot S is the empty slot of rows without an adapter.
-What a pass computes depends only on the batch:
+What a pass computes depends on the batch, and on the torch path on the decode buffer's
+layout too (below: it keeps earlier batches' adapters, and the width of the second GEMM's
+sum changes its order, so a row's last bits can differ after other traffic):
 
 - **Distinct adapters, true ranks.** A layer keeps a decode buffer holding adapters' A^T
   (as rows) and B^T side by side, each cut to its own rank: `a_rows [columns, in]`, `b_cat [columns, out]`.
