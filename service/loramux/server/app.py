@@ -331,6 +331,7 @@ async def serve(settings: Settings, ready: asyncio.Event | None = None, log_form
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     lost: list[bool] = []  # the engine's process ended unasked
+
     def on_lost() -> None:  # the engine's reader thread
         lost.append(True)
         try:

@@ -328,7 +328,6 @@ class EngineProcess:
 
     def _start_reading(self) -> None:
         self._ended = _exit_signal(self._process)
-        self._read_done = threading.Event()
         self._reader = threading.Thread(target=self._read_loop, name="loramux-engine-read", daemon=True)
         self._reader.start()
         threading.Thread(target=self._watch_exit, name="loramux-engine-exit", daemon=True).start()

@@ -6,7 +6,7 @@ outbox: a list append. A sender thread pickles whatever has gathered since its l
 and writes it as one message, so a decode step's events for every row cross together.
 
 The messages (tuples), to this process:
-    ("call", id, name, args, kwargs)  a facade call (CALLS), answered by ("result", id, ok, value)
+    ("call", id, name, args, kwargs)  a call (FACADE_CALLS, Host._own), answered by ("result", id, ok, value)
     ("cancel", gid)                   cancel the generation `gid` (no answer)
     ("watch", key, tenant, name)      answered by ("done", key, operation) once it ends
     ("stop", id)                      stop the engine, answer, and end the process
@@ -34,11 +34,10 @@ log = logging.getLogger(__name__)
 HEALTH_PERIOD_S = 0.5
 CALL_THREADS = 64  # calls at once: more than the front doors ever send together (their pools: 4 + 4, and asyncio's
 # default executor, at most 32), so that their turns between tenants are taken there, not queued here
-# The facade's methods the front doors' process may call, and the engine's own.
-CALLS = frozenset({
-    "resolve", "generate", "tokenize", "load_adapter", "unload_adapter", "get_adapter", "list_adapters",
-    "merge", "get_operation", "list_operations", "cancel_operation", "delete_operation", "server_info",
-    "drain", "metrics", "stats",
+# The facade's methods the front doors' process calls as they are (Host._own answers the others).
+FACADE_CALLS = frozenset({
+    "resolve", "tokenize", "load_adapter", "unload_adapter", "get_adapter", "list_adapters", "get_operation",
+    "list_operations", "cancel_operation", "delete_operation", "server_info",
 })
 
 
@@ -59,6 +58,10 @@ class Host:
         self._calls = ThreadPoolExecutor(CALL_THREADS, thread_name_prefix="loramux-engine-call",
                                          initializer=limit_to_one_thread)
         self._stopping = threading.Event()
+        # Calls whose arguments cross differently (ids for emits, trace headers), and the engine's own
+        # (its counters are what benchmarks read).
+        self._own = {"generate": self._generate, "merge": self._merge, "drain": engine.drain, "metrics": self._metrics,
+                     "stats": engine.stats}
 
     def serve(self) -> None:
         """Read the front doors' messages until `stop` (or until their process is gone)."""
@@ -97,11 +100,10 @@ class Host:
 
     def _call(self, call_id: int, name: str, args: tuple, kwargs: dict) -> None:
         try:
-            if name not in CALLS:
+            handler = self._own.get(name) or (getattr(self._facade, name) if name in FACADE_CALLS else None)
+            if handler is None:
                 raise InternalError.logged(ValueError(f"no engine call {name!r}"))
-            value = getattr(self, f"_{name}", None)
-            value = value(*args, **kwargs) if value is not None else getattr(self._facade, name)(*args, **kwargs)
-            answer = ("result", call_id, True, value)
+            answer = ("result", call_id, True, handler(*args, **kwargs))
         except LoramuxError as e:
             answer = ("result", call_id, False, e)
         except Exception as e:  # noqa: BLE001 - the caller gets INTERNAL with a correlation id
@@ -137,13 +139,6 @@ class Host:
 
     def _merge(self, tenant: str, job, carrier: dict | None):
         return self._facade.merge(tenant, job, trace_context=_context(carrier))
-
-    def _drain(self, grace_s: float) -> bool:
-        return self._engine.drain(grace_s)
-
-    def _stats(self):
-        """The engine's counters (queue, rows, steps, decode time): benchmarks read them."""
-        return self._engine.stats()
 
     def _metrics(self) -> str:
         scrape = self._telemetry.scrape
