@@ -57,7 +57,7 @@ def make(seed=0):
 @pytest.mark.parametrize("seed", range(5))
 def test_distributions_and_greedy_tokens_equal_transformers(seed):
     logits, seen_ids, seen = make(seed)
-    batch = BatchParams(ROWS, [new_generator(p, CPU) for p in ROWS], CPU)
+    batch = BatchParams(ROWS, [new_generator(p) for p in ROWS], CPU)
     penalised = apply_repetition_penalty(logits, seen, batch.penalty)
     ours = distribution(penalised.index_select(0, batch.sampled_index), batch)
     for j, i in enumerate(batch.sampled):
@@ -76,7 +76,7 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
     logits, _, seen = make(1)
     alone = ROWS[3]
     def run(params, rows_logits, rows_seen):
-        batch = BatchParams(params, [new_generator(p, CPU) for p in params], CPU)
+        batch = BatchParams(params, [new_generator(p) for p in params], CPU)
         out = []
         for _ in range(20):
             tokens, _, _, _ = choose_tokens(rows_logits, batch, rows_seen)
@@ -89,7 +89,7 @@ def test_a_seeded_row_draws_the_same_whatever_shares_its_batch():
 def test_sampling_follows_the_distribution():
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -30.0]])
     p = SamplingParams(1, temperature=1.0, seed=11)
-    batch = BatchParams([p], [new_generator(p, CPU)], CPU)
+    batch = BatchParams([p], [new_generator(p)], CPU)
     counts = torch.zeros(5)
     for _ in range(6000):
         counts[choose_tokens(logits, batch, None)[0][0]] += 1
@@ -102,7 +102,7 @@ def test_non_finite_rows_are_reported_and_the_others_sampled():
     logits, _, seen = make(2)
     logits[2, 5] = float("nan")
     logits[4] = float("-inf")
-    batch = BatchParams(ROWS, [new_generator(p, CPU) for p in ROWS], CPU)
+    batch = BatchParams(ROWS, [new_generator(p) for p in ROWS], CPU)
     tokens, logprobs, bad, _ = choose_tokens(logits, batch, seen)
     assert bad.nonzero()[:, 0].tolist() == [2, 4] and logprobs is None
     assert tokens[0] == logits[0].argmax()
@@ -129,7 +129,7 @@ def controls_batch():
         ids = torch.randint(0, V, (6,), generator=g)
         counts[i].scatter_add_(0, ids, torch.ones(6))
     generated = torch.tensor([0, 0, 0, 0, 0, 1, 2])
-    batch = BatchParams(CONTROLS, [new_generator(p, CPU) for p in CONTROLS], CPU,
+    batch = BatchParams(CONTROLS, [new_generator(p) for p in CONTROLS], CPU,
                         [frozenset({1, 2})] * len(CONTROLS))
     return logits, counts, generated, batch
 
@@ -187,7 +187,7 @@ def test_choosing_tokens_never_waits_for_the_device():
     logits[1] = float("nan")
     params = [dataclasses.replace(p, top_logprobs=3, return_logprobs=True) for p in ROWS]
     params[0] = dataclasses.replace(params[0], presence_penalty=0.5, frequency_penalty=0.3, min_p=0.05)
-    batch = BatchParams(params, [new_generator(p, CPU) for p in params], CPU)
+    batch = BatchParams(params, [new_generator(p) for p in params], CPU)
     counts = torch.zeros_like(logits)
     with HostSyncs() as watch:
         tokens, logprobs, bad, top = choose_tokens(logits, batch, seen, counts)
@@ -197,3 +197,37 @@ def test_choosing_tokens_never_waits_for_the_device():
     with HostSyncs() as watch:  # (the watch sees what it is meant to)
         bool(bad.any())
     assert watch.seen
+
+
+def test_a_sampled_step_queues_the_same_device_operators_whatever_its_number_of_sampled_rows():
+    """Each sampled row's random number is drawn on the host from its own generator, and the
+    step's draws reach the device in one copy: on the model's device (here `meta`, which runs
+    no arithmetic), 2 and 8 sampled rows queue the same operators (on a GPU, one per row would
+    be a launch per row per step)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class ByDevice(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: dict[str, list[str]] = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for device in {t.device.type for t in (out if isinstance(out, (tuple, list)) else [out])
+                           if isinstance(t, torch.Tensor)}:
+                self.ops.setdefault(device, []).append(func.__name__)
+            return out
+
+    meta = torch.device("meta")
+    seen = {}
+    for m in (2, 8):
+        params = [SamplingParams(8, temperature=0.8, top_p=0.9, seed=i) for i in range(m)]
+        gens = [new_generator(p) for p in params]
+        assert all(g.device.type == "cpu" for g in gens)
+        batch = BatchParams(params, gens, meta)
+        with ByDevice() as watch:
+            choose_tokens(torch.empty(m, V, device=meta), batch, None)
+        seen[m] = watch.ops
+        assert watch.ops["cpu"] == ["rand.generator"] * m + ["stack.default"]
+    assert seen[2]["meta"] == seen[8]["meta"]
+    assert seen[2]["meta"].count("_to_copy.default") == 1  # the draws, in one copy

@@ -60,7 +60,7 @@ def new_row(base: BaseModel, request: GenerationRequest, now: float) -> Row:
     return Row(
         request=request,
         detokenizer=Detokenizer(base.tokenizer, request.params.stop, base.decode_text),
-        generator=new_generator(request.params, base.device),
+        generator=new_generator(request.params),
         started=now,
         stop_tokens=(frozenset() if request.params.ignore_eos else base.eos_token_ids) | request.params.stop_token_ids,
     )

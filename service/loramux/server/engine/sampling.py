@@ -7,7 +7,10 @@ argmax for greedy rows. Log-probabilities (and the top alternatives) are the mod
 before any of these, as OpenAI and vLLM return them. Every step is one
 tensor operation over the rows that need it; the only per-row Python work is drawing each
 sampled row's random number from its own generator, which keeps a seeded row reproducible
-whatever else shares its batch.
+whatever else shares its batch. The generators live on the host whatever the model's device:
+a step's draws are made there and sent to the device in one copy from pinned memory (one
+operator on the device's queue, not one per sampled row), and a seed draws the same numbers
+on a CPU and a GPU.
 
 Sampling draws one uniform number per row and takes the token where the row's cumulative
 probability reaches it (inverse CDF): the same distribution as `torch.multinomial`.
@@ -24,10 +27,11 @@ import torch
 from loramux.server.engine.request import SamplingParams
 
 
-def new_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
+def new_generator(params: SamplingParams) -> torch.Generator | None:
+    """A sampled row's own random numbers (on the host; `_draws`), seeded by its request or not."""
     if params.greedy:
         return None
-    gen = torch.Generator(device=device)
+    gen = torch.Generator()
     if params.seed is not None:
         gen.manual_seed(params.seed)
     else:
@@ -79,6 +83,16 @@ class BatchParams:
             self.any_top_p = any(p.top_p < 1.0 for p in chosen)
             self.any_top_k = any(p.top_k > 0 for p in chosen)
             self.min_p = _column([p.min_p for p in chosen], 0.0, device)  # [m, 1] or None
+
+
+def _draws(batch: BatchParams, device: torch.device) -> torch.Tensor:
+    """One uniform number in [0, 1) per sampled row [m] from the row's own generator
+    (reproducible per seed), drawn on the host and copied to `device` without waiting for its
+    queue (from pinned memory, which the caching host allocator keeps until the copy is done)."""
+    draws = torch.stack([torch.rand((), generator=batch.generators[i]) for i in batch.sampled])
+    if device.type != "cuda":
+        return draws.to(device)
+    return draws.pin_memory().to(device, non_blocking=True)
 
 
 def _column(values: list[float], off: float, device: torch.device) -> torch.Tensor | None:
@@ -193,8 +207,7 @@ def _sample(scores: torch.Tensor, batch: BatchParams) -> tuple[torch.Tensor, tor
     cdf = probs.cumsum(-1)
     total = cdf[:, -1]
     usable = torch.isfinite(total) & (total > 0)
-    # One uniform number per row, from the row's own generator (reproducible per seed).
-    draws = torch.stack([torch.rand((), generator=batch.generators[i], device=scores.device) for i in batch.sampled])
+    draws = _draws(batch, scores.device)
     target = (draws * total.clamp(min=0)).unsqueeze(1)  # [m, 1]
     tokens = torch.searchsorted(cdf.contiguous(), target, right=True)[:, 0].clamp(max=scores.shape[-1] - 1)
     # A token of zero probability can only be hit by rounding (at the very end, or where a
