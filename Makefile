@@ -46,6 +46,7 @@ bench: $(STAMP)
 	$(PY) -m loramux.bench.step_floor --out bench-results
 	$(PY) -m loramux.bench.front_doors --out bench-results
 	$(PY) -m loramux.bench.generation_controls --out bench-results
+	$(PY) -m loramux.bench.join_policy --out bench-results
 
 bench-quick: $(STAMP)
 	$(PY) -m loramux.bench.matrix --quick --out bench-results
@@ -55,6 +56,7 @@ bench-quick: $(STAMP)
 	$(PY) -m loramux.bench.step_floor --quick --out bench-results
 	$(PY) -m loramux.bench.front_doors --quick --out bench-results
 	$(PY) -m loramux.bench.generation_controls --quick --out bench-results
+	$(PY) -m loramux.bench.join_policy --quick --out bench-results
 
 # One workload in depth: Poisson arrivals, continuous vs static, microbenchmarks, gRPC and tracing cost.
 bench-detail: $(STAMP)

@@ -17,7 +17,8 @@
 #      engine runs in its own process (--engine-process: its default on a GPU)       (~1.5 min)
 # FULL=1 adds the matrix with --lora-kernel triton --cuda-graphs, the matrix with
 # --no-overlap-steps (what queuing each step ahead gives, against step 3), compile with both KV caches,
-# quantization (needs torchao and bitsandbytes) and the other benchmarks, which do not fit.
+# quantization (needs torchao and bitsandbytes) and the other benchmarks (join_policy: whether
+# waiting requests should join at the next step on a GPU too), which do not fit.
 # Results go to $OUT (the device tool's folder) or ./gpu-results.
 #
 # Needs python3 with CUDA torch (and the Triton it brings), transformers, peft and the packages
@@ -67,5 +68,6 @@ if [[ "${FULL:-0}" == 1 ]]; then
     python3 -m loramux.bench.merge --out "$out" > "$out/merge.log" 2>&1
     python3 -m loramux.bench.inference_options --out "$out" > "$out/inference-options.log" 2>&1
     python3 -m loramux.bench.quantization --out "$out" > "$out/quantization.log" 2>&1
+    python3 -m loramux.bench.join_policy --out "$out" > "$out/join-policy.log" 2>&1
 fi
 note "done"

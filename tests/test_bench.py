@@ -136,3 +136,21 @@ def test_quick_generation_controls_benchmark_prices_each_control_against_free_de
     assert set(cell["over_free"]) == set(cell["ms_per_step"]) - {"free"}
     assert cell["mask_us_per_row"]["schema"] > 0 and cell["mask_us_per_row"]["regex"] > 0
     assert "| h128-l2 | schema, every row |" in (tmp_path / "generation_controls.md").read_text()
+
+
+def test_quick_join_policy_benchmark_pairs_each_value_with_the_default(tmp_path):
+    from loramux.bench.join_policy import QUICK_CANDIDATES, WORKLOADS, main as join_main
+    from loramux.server.settings import Settings
+
+    assert join_main(["--quick", "--out", str(tmp_path)]) == 0
+    results = json.loads((tmp_path / "join_policy.json").read_text())
+    assert [c["workload"] for c in results["cells"]] == list(WORKLOADS)
+    for cell in results["cells"]:
+        assert cell["default"] == Settings.__dataclass_fields__["join_max_steps"].default == 0
+        assert set(cell["values"]) == {str(v) for v in QUICK_CANDIDATES}
+        for value, m in cell["values"].items():
+            assert len(m["tokens_per_s"]) == 1 and m["tokens_per_s"][0] > 0 and m["ttft_p99_ms"][0] > 0
+            if int(value) == cell["default"]:  # each against itself, paired
+                assert [m[f"{k}_over_default"] for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p99_ms")] \
+                    == [1.0] * 4
+    assert "| h128-l2 | long prompts | 0 (default) |" in (tmp_path / "join_policy.md").read_text()

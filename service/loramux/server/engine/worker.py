@@ -367,9 +367,9 @@ class Worker:
 
     def _worth_joining(self, running: int) -> bool:
         """Whether waiting requests should be prefilled now, stalling the running rows for one
-        pass. Prefilling several prompts together costs much less per token than one at a
-        time, so while rows decode, requests join once they are a `join_ratio` share of the
-        running rows, or the oldest has waited `join_max_steps` steps."""
+        pass: once they are a `join_ratio` share of the running rows, or the oldest has waited
+        `join_max_steps` steps (0, the default: at once; holding them back to prefill several
+        together measured no faster, and slower to first token: benchmarks.md)."""
         if len(self.scheduler) >= self.settings.join_ratio * running:
             return True
         return self._steps - self.scheduler.oldest().arrival_step >= self.settings.join_max_steps
