@@ -9,6 +9,7 @@ ends both processes, and an engine whose server is killed ends too."""
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import pickle
@@ -228,11 +229,26 @@ def test_a_failed_start_raises_its_error_and_leaves_no_process(assets, tmp_path)
     assert _children(os.getpid()) <= children
 
 
+@contextlib.contextmanager
+def _shut(telemetry):
+    try:
+        yield
+    finally:
+        telemetry.shutdown()
+
+
 def test_an_engine_that_dies_fails_what_waited_and_readiness(assets):
-    settings = assets.settings(engine_process=True, http_port=0, batch_window_ms=5)
-    with BackgroundServer(settings) as server, lc.Client(server.target, timeout=60) as client:
+    """(With telemetry the caller built, as tests and benchmarks give it: the engine's series
+    are served with it too.)"""
+    from loramux.server.telemetry.providers import build_telemetry
+
+    settings = assets.settings(engine_process=True, http_port=0, batch_window_ms=5, metrics_port=0)
+    telemetry = build_telemetry(settings)
+    with _shut(telemetry), BackgroundServer(settings, telemetry=telemetry) as server, \
+            lc.Client(server.target, timeout=60) as client:
         stream = client.generate_stream(prompt="fox", max_new_tokens=4000, ignore_eos=True)
         assert next(stream).token_ids
+        assert scrape(telemetry.metrics_port)[("loramux_batch_size", ())] == 1  # the engine's gauge
         os.kill(server.engine.pid, signal.SIGKILL)
         with pytest.raises(lc.Unavailable) as e:
             for _ in stream:

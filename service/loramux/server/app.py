@@ -393,6 +393,8 @@ class BackgroundServer:
         else:
             self.telemetry = telemetry
             process = EngineProcess(settings) if settings.engine_process else None
+            if process is not None:
+                telemetry.serve_engine_series(process.metrics)
         auth = Authenticator(settings)  # one for the restore's source checks and for the calls
         try:
             self.engine = start_engine(settings, self.telemetry, auth, process, base)

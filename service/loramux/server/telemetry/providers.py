@@ -63,8 +63,6 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), r
             for collector in (ProcessCollector, PlatformCollector, GCCollector):  # process_*, python_* as before
                 collector(registry=own)
             readers.append(PrometheusMetricReader(registry=own))
-            if engine_series is not None:
-                own.register(EngineSeries(engine_series))
     if settings.metrics_port is not None and role != "engine":
         from loramux.server.telemetry.vllm_names import VllmNames
 
@@ -96,6 +94,10 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), r
         closers.insert(0, meter_provider.shutdown)
     telemetry = Telemetry(tracer_provider, meter_provider, tuple(closers), metrics_port)
     telemetry.scrape = scrape
+    if metrics_port is not None:
+        telemetry.serve_engine_series = lambda read: own.register(EngineSeries(read))
+    if engine_series is not None:
+        telemetry.serve_engine_series(engine_series)
     return telemetry
 
 
