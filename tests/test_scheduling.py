@@ -180,6 +180,78 @@ def test_tenants_take_turns(assets):
         engine.stop()
 
 
+def test_turns_follow_the_tokens_each_tenant_was_served(assets):
+    """A tenant of long requests and one of short ones, every request waiting before the first
+    is admitted, one row at a time: the short one's requests go in until its service (prompt
+    tokens, output tokens twice) passes the long one's, not one for one."""
+    from collections import deque
+
+    from loramux.server.engine.scheduler import OUTPUT_WEIGHT, PROMPT_WEIGHT
+
+    engine = make_engine(assets, max_batch_size=1)
+    jobs = {"long": (3, 12), "short": (6, 1)}  # tenant -> (requests, tokens each)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        for tenant, (count, tokens) in jobs.items():
+            for i in range(count):
+                engine.submit(tenant, GenerateInput(prompt=PROMPTS[0], max_new_tokens=tokens, ignore_eos=True),
+                              rec.emit_for(f"{tenant}{i}"))
+        gate.set()
+        rec.wait_all()
+        order = rec.first_token_order()
+    finally:
+        engine.stop()
+    # What the rule gives: the least served tenant first, the one served last behind among equals.
+    prompt = len(engine.base.tokenizer(PROMPTS[0])["input_ids"])
+    service, turns, left, expected = {t: 0.0 for t in jobs}, deque(jobs), dict(jobs), []
+    while any(count for count, _ in left.values()):
+        tenant = sorted((t for t in turns if left[t][0]), key=lambda t: service[t])[0]
+        count, tokens = left[tenant]
+        expected.append(f"{tenant}{jobs[tenant][0] - count}")
+        service[tenant] += PROMPT_WEIGHT * prompt + OUTPUT_WEIGHT * tokens
+        left[tenant] = (count - 1, tokens)
+        turns.remove(tenant)
+        turns.append(tenant)
+    assert order == expected
+    assert order[:3] == ["long0", "short0", "short1"]  # not round robin's long0, short0, long1
+
+
+def test_a_tenant_back_from_idle_gets_no_credit_for_it(assets):
+    """A tenant that was idle while another was served starts at that tenant's service: the
+    two then take turns, instead of the newcomer taking every turn until it caught up (which
+    counting its service from 0 would give)."""
+    engine = make_engine(assets, max_batch_size=1)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        third_ended, go_on = threading.Event(), threading.Event()
+        for i in range(6):
+            emit = rec.emit_for(f"busy{i}")
+            if i == 2:  # the engine thread stops in busy2's end, before busy3 can be admitted
+                def emit(event, record=emit):
+                    record(event)
+                    if isinstance(event, FinishEvent):
+                        third_ended.set()
+                        assert go_on.wait(60)
+            engine.submit("busy", GenerateInput(prompt=PROMPTS[0], max_new_tokens=4, ignore_eos=True), emit)
+        gate.set()
+        assert third_ended.wait(60)
+        for i in range(2):
+            engine.submit("back", GenerateInput(prompt=PROMPTS[0], max_new_tokens=4, ignore_eos=True),
+                          rec.emit_for(f"back{i}"))
+        service = engine.worker.scheduler.service()
+        go_on.set()
+        rec.wait_all()
+        order = rec.first_token_order()
+    finally:
+        go_on.set()
+        engine.stop()
+    assert service["back"] == service["busy"] > 0
+    # Equals: busy is first in the turn order (back joined behind it), then turns alternate.
+    assert order == ["busy0", "busy1", "busy2", "busy3", "back0", "busy4", "back1", "busy5"]
+
+
 def adapter_order_run(assets, adapter_wait_ms):
     engine = make_engine(assets, adapter_slots=2, max_batch_size=4, adapter_wait_ms=adapter_wait_ms)
     try:

@@ -2,8 +2,16 @@
 
 Admission is fair across tenants and aware of adapters:
 
-- Tenants take turns (round robin). In its turn a tenant offers its best waiting request;
-  a tenant that was just served goes to the back of the turn order.
+- Tenants take turns, the one served least first. Each tenant's service is counted in tokens
+  while it is active (has requests waiting or rows running): PROMPT_WEIGHT per prompt token
+  when a request is admitted, OUTPUT_WEIGHT per output token (each decode step, per row it
+  holds). A tenant that becomes active starts at the least service of the tenants already
+  active (none: 0), so time spent idle is no credit, and one that ends is forgotten. (The
+  virtual token counter of Sheng et al., "Fairness in Serving Large Language Models", OSDI
+  2024.) So a tenant sending long requests gets turns as a tenant sending short ones gets
+  them, in proportion to the tokens each takes. Among equals, a tenant that was just served
+  goes to the back of the turn order (round robin). In its turn a tenant offers its best
+  waiting request.
 - A tenant's best request is its oldest *urgent* one (waiting longer than
   `adapter_wait_ms`), else its oldest whose adapter is already in a slot (or chosen in this
   pass, so same-adapter requests batch together, or no adapter at all), else its oldest
@@ -38,6 +46,8 @@ from loramux.server.settings import Settings
 
 _TIER_RANK = {Tier.ACCELERATOR: 0, Tier.HOST: 1, Tier.DISK: 2}
 RESERVE_RECENT_S = 10.0  # a tenant that sent a request this recently, and holds no row, has one kept free for it
+PROMPT_WEIGHT = 1.0  # a tenant's service per prompt token prefilled for it
+OUTPUT_WEIGHT = 2.0  # ... per output token (a decode step of a row it holds); the weights of Sheng et al.
 
 
 class KvBudget:
@@ -86,6 +96,8 @@ class Scheduler:
         self._loads: dict[int, Future] = {}  # disk reads in flight for waiting requests, by adapter uid
         self._shed: list[GenerationRequest] = []  # taken out of a full queue for a lighter tenant, to be answered
         self._recent: dict[str, float] = {}  # tenant -> when its latest request arrived (monotonic), for RESERVE_RECENT_S
+        self._service: dict[str, float] = {}  # active tenant -> its service so far (weighted tokens): who goes first
+        self._rows: Counter = Counter()  # tenant -> its running rows (the engine tells at each change: set_running)
         self.retry_hint_s = 1.0  # kept current by the engine from recent request durations
 
     def __len__(self) -> int:
@@ -139,10 +151,36 @@ class Scheduler:
         queue = self._waiting.get(request.tenant)
         self._recent[request.tenant] = request.arrival
         if queue is None:
+            if not self._rows[request.tenant]:
+                self._activate(request.tenant)
             queue = self._waiting[request.tenant] = deque()
             self._turns.append(request.tenant)
         queue.append(request)
         self._count += 1
+
+    def _activate(self, tenant: str) -> None:
+        """A tenant with nothing waiting or running sends a request: it starts at the least
+        service of the tenants active now (idle time is no credit), or where it was if higher."""
+        others = [served for other, served in self._service.items()
+                  if other != tenant and (other in self._waiting or self._rows[other])]
+        floor = min(others, default=0.0)
+        self._service[tenant] = max(self._service.get(tenant, floor), floor)
+
+    def set_running(self, rows: Counter) -> None:
+        """The running rows per tenant, after the batch changed; tenants neither running nor
+        waiting are forgotten (their service counts no more)."""
+        self._rows = +rows
+        for tenant in [t for t in self._service if t not in self._waiting and not self._rows[t]]:
+            del self._service[tenant]
+
+    def charge_step(self) -> None:
+        """A decode step: each running row is an output token of its tenant's."""
+        for tenant, rows in self._rows.items():
+            self._service[tenant] = self._service.get(tenant, 0.0) + OUTPUT_WEIGHT * rows
+
+    def service(self) -> dict[str, float]:
+        """Each active tenant's service so far (weighted tokens; who goes first: the least)."""
+        return dict(self._service)
 
     def drain(self) -> list[GenerationRequest]:
         """Take every waiting request out (at shutdown)."""
@@ -151,6 +189,7 @@ class Scheduler:
         self._waiting.clear()
         self._turns.clear()
         self._count = 0
+        self._service = {t: v for t, v in self._service.items() if self._rows[t]}
         return out
 
     def admit(self, rows_free: int, budget: KvBudget, now: float,
@@ -179,7 +218,8 @@ class Scheduler:
         blocked = False
         while rows_free > 0 and not blocked:
             progressed = False
-            for tenant in list(self._turns):
+            # the least served first; among equals, the turn order (sorted keeps it)
+            for tenant in sorted(self._turns, key=lambda t: self._service.get(t, 0.0)):
                 left = options[tenant]
                 if left and held[tenant] and rows_free <= self._reserved_for_others(tenant, held):
                     continue  # the last free rows wait for tenants that hold none (who may take them)
@@ -260,6 +300,9 @@ class Scheduler:
                         timeline.load_s += self._cache.last_read_s.get(uid, 0.0)
             timeline.admitted_ns = time.time_ns()
             self._remove(request)
+            # its prompt, and the first token its prefill makes
+            self._service[request.tenant] = (self._service.get(request.tenant, 0.0)
+                                             + PROMPT_WEIGHT * request.prompt_tokens + OUTPUT_WEIGHT)
             admitted.append(request)
         for tenant in served:  # served tenants go to the back, in the order they were served
             if tenant in self._turns:

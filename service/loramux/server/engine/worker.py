@@ -240,6 +240,7 @@ class Worker:
                 with self.cond:
                     self._steps += 1
                     self._adapter_bytes_read += self._running.adapter_bytes
+                    self.scheduler.charge_step()  # each row's token, to its tenant's service
                 started = time.perf_counter()
                 if self.overlap and self._running.can_launch():
                     queued = self._running.launch(lag=1 if self._pending is not None else 0)
@@ -264,6 +265,14 @@ class Worker:
                 self._pending = None  # (every row it holds has left: none of its tokens is used)
                 with self.cond:
                     self._running = None
+            if gone or admitted:
+                self._rows_changed()
+
+    def _rows_changed(self) -> None:
+        """Tell the scheduler each tenant's running rows (whose service each step counts)."""
+        rows = Counter(row.request.tenant for row in self._running.rows) if self._running is not None else Counter()
+        with self.cond:
+            self.scheduler.set_running(rows)
 
     def _hand_on(self) -> None:
         """Hand on the tokens of the step in flight, if any (its rows that ended since it was
@@ -351,6 +360,7 @@ class Worker:
                 self._row_done(row)
             with self.cond:
                 self._running = None
+            self._rows_changed()
 
     def _row_done(self, row: Row) -> None:
         if row.released:  # a row is released once, however it ended
