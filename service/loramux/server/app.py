@@ -388,20 +388,20 @@ class BackgroundServer:
 
         self._own_telemetry = telemetry is None
         process = None
+        self._unserve = lambda: None  # (the engine's series leave a telemetry the caller keeps)
         if telemetry is None:
             self.telemetry, process = build_server_telemetry(settings)
         else:
             self.telemetry = telemetry
             process = EngineProcess(settings) if settings.engine_process else None
             if process is not None:
-                telemetry.serve_engine_series(process.metrics)
+                self._unserve = telemetry.serve_engine_series(process.metrics)
         auth = Authenticator(settings)  # one for the restore's source checks and for the calls
         try:
             self.engine = start_engine(settings, self.telemetry, auth, process, base)
         except BaseException:
             auth.close()
-            if self._own_telemetry:
-                self.telemetry.shutdown()
+            self._release_telemetry()
             raise
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="loramux-grpc", daemon=True)
@@ -413,10 +413,14 @@ class BackgroundServer:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             auth.close()
-            if self._own_telemetry:
-                self.telemetry.shutdown()
+            self._release_telemetry()
             raise
         self.target = f"{host}:{self.running.port}"
+
+    def _release_telemetry(self) -> None:
+        self._unserve()
+        if self._own_telemetry:
+            self.telemetry.shutdown()
 
     def run(self, coro, timeout: float = 120):
         """Run a coroutine on the server's loop and wait for it."""
@@ -426,8 +430,7 @@ class BackgroundServer:
         self.run(self.running.stop(grace=grace))
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
-        if self._own_telemetry:
-            self.telemetry.shutdown()
+        self._release_telemetry()
 
     def __enter__(self) -> BackgroundServer:
         return self

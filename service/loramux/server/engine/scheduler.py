@@ -9,9 +9,9 @@ Admission is fair across tenants and aware of adapters:
   active (none: 0), so time spent idle is no credit, and one that ends is forgotten. (The
   virtual token counter of Sheng et al., "Fairness in Serving Large Language Models", OSDI
   2024.) So a tenant sending long requests gets turns as a tenant sending short ones gets
-  them, in proportion to the tokens each takes. Among equals, a tenant that was just served
-  goes to the back of the turn order (round robin). In its turn a tenant offers its best
-  waiting request.
+  them, in proportion to the tokens each takes. A tenant whose oldest request is urgent
+  (below) goes first. Among equals, a tenant that was just served goes to the back of the
+  turn order (round robin). In its turn a tenant offers its best waiting request.
 - A tenant's best request is its oldest *urgent* one (waiting longer than
   `adapter_wait_ms`), else its oldest whose adapter is already in a slot (or chosen in this
   pass, so same-adapter requests batch together, or no adapter at all), else its oldest
@@ -158,25 +158,36 @@ class Scheduler:
         queue.append(request)
         self._count += 1
 
+    def _floor(self, tenant: str) -> float:
+        """The least service of the other tenants active now (waiting or running), or 0."""
+        return min((served for other, served in self._service.items()
+                    if other != tenant and (other in self._waiting or self._rows[other])), default=0.0)
+
     def _activate(self, tenant: str) -> None:
         """A tenant with nothing waiting or running sends a request: it starts at the least
         service of the tenants active now (idle time is no credit), or where it was if higher."""
-        others = [served for other, served in self._service.items()
-                  if other != tenant and (other in self._waiting or self._rows[other])]
-        floor = min(others, default=0.0)
+        floor = self._floor(tenant)
         self._service[tenant] = max(self._service.get(tenant, floor), floor)
 
-    def set_running(self, rows: Counter) -> None:
-        """The running rows per tenant, after the batch changed; tenants neither running nor
-        waiting are forgotten (their service counts no more)."""
-        self._rows = +rows
+    def _charge(self, tenant: str, amount: float) -> None:
+        if tenant not in self._service:  # (not forgotten while active; never below the floor)
+            self._service[tenant] = self._floor(tenant)
+        self._service[tenant] += amount
+
+    def _forget_inactive(self) -> None:
+        """Tenants neither waiting nor running are forgotten (at each admission pass, when no
+        admitted request is between its admission and its rows)."""
         for tenant in [t for t in self._service if t not in self._waiting and not self._rows[t]]:
             del self._service[tenant]
+
+    def set_running(self, rows: Counter) -> None:
+        """The running rows per tenant, after the batch changed."""
+        self._rows = +rows
 
     def charge_step(self) -> None:
         """A decode step: each running row is an output token of its tenant's."""
         for tenant, rows in self._rows.items():
-            self._service[tenant] = self._service.get(tenant, 0.0) + OUTPUT_WEIGHT * rows
+            self._charge(tenant, OUTPUT_WEIGHT * rows)
 
     def service(self) -> dict[str, float]:
         """Each active tenant's service so far (weighted tokens; who goes first: the least)."""
@@ -189,7 +200,7 @@ class Scheduler:
         self._waiting.clear()
         self._turns.clear()
         self._count = 0
-        self._service = {t: v for t, v in self._service.items() if self._rows[t]}
+        self._forget_inactive()
         return out
 
     def admit(self, rows_free: int, budget: KvBudget, now: float,
@@ -203,6 +214,7 @@ class Scheduler:
         for tenant in [t for t, at in self._recent.items() if now - at > RESERVE_RECENT_S]:
             del self._recent[tenant]
         self._drop_dead(now)
+        self._forget_inactive()
         for uid in [u for u, f in self._loads.items() if f.done()]:
             del self._loads[uid]
         if rows_free <= 0 or not self._count:
@@ -216,10 +228,18 @@ class Scheduler:
         uids: set[int] = set()
         served: list[str] = []
         blocked = False
+        service = dict(self._service)  # with this pass's choices counted as they are made
+
+        def turn(tenant: str) -> tuple:
+            """A tenant whose oldest request is urgent first (the oldest of them first), then
+            the least served; among equals, the turn order (sorted keeps it)."""
+            oldest = self._waiting[tenant][0].arrival
+            urgent = now - oldest > wait_bound
+            return (not urgent, oldest if urgent else 0.0, service.get(tenant, 0.0))
+
         while rows_free > 0 and not blocked:
             progressed = False
-            # the least served first; among equals, the turn order (sorted keeps it)
-            for tenant in sorted(self._turns, key=lambda t: self._service.get(t, 0.0)):
+            for tenant in sorted(self._turns, key=turn):
                 left = options[tenant]
                 if left and held[tenant] and rows_free <= self._reserved_for_others(tenant, held):
                     continue  # the last free rows wait for tenants that hold none (who may take them)
@@ -251,10 +271,11 @@ class Scheduler:
                     budget.add(best)
                     prefill_free -= best.prompt_tokens
                     served.append(tenant)
+                    service[tenant] = service.get(tenant, 0.0) + _admission_cost(best)
                     progressed = True
                     break
-                if blocked or rows_free <= 0:
-                    break
+                if blocked or rows_free <= 0 or progressed:
+                    break  # (after a choice, the turns again, its cost counted)
             if not progressed:
                 break
         return self._give_slots(chosen, served)
@@ -300,9 +321,7 @@ class Scheduler:
                         timeline.load_s += self._cache.last_read_s.get(uid, 0.0)
             timeline.admitted_ns = time.time_ns()
             self._remove(request)
-            # its prompt, and the first token its prefill makes
-            self._service[request.tenant] = (self._service.get(request.tenant, 0.0)
-                                             + PROMPT_WEIGHT * request.prompt_tokens + OUTPUT_WEIGHT)
+            self._charge(request.tenant, _admission_cost(request))
             admitted.append(request)
         for tenant in served:  # served tenants go to the back, in the order they were served
             if tenant in self._turns:
@@ -366,4 +385,10 @@ class Scheduler:
 
     def _full(self, message: str) -> QueueFull:
         return QueueFull(message, retry_after_s=self.retry_hint_s, queued=self._count)
+
+
+def _admission_cost(request: GenerationRequest) -> float:
+    """The service a request's admission gives its tenant: its prompt (once for a group of n
+    completions, which is prefilled once) and the first token its prefill makes."""
+    return (PROMPT_WEIGHT * request.prompt_tokens if request.counts_prompt else 0.0) + OUTPUT_WEIGHT
 

@@ -95,7 +95,12 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), r
     telemetry = Telemetry(tracer_provider, meter_provider, tuple(closers), metrics_port)
     telemetry.scrape = scrape
     if metrics_port is not None:
-        telemetry.serve_engine_series = lambda read: own.register(EngineSeries(read))
+        def serve_engine_series(read: Callable[[], str]) -> Callable[[], None]:
+            collector = EngineSeries(read)
+            own.register(collector)
+            return lambda: own.unregister(collector)
+
+        telemetry.serve_engine_series = serve_engine_series
     if engine_series is not None:
         telemetry.serve_engine_series(engine_series)
     return telemetry

@@ -47,8 +47,9 @@ class Telemetry:
         # An engine process's Prometheus series as exposition text (its front doors' process serves them).
         self.scrape: Callable[[], str] | None = None
         # Serve an engine process's series (its exposition text, read at each scrape) with this
-        # process's; a no-op where this telemetry runs no Prometheus endpoint.
-        self.serve_engine_series: Callable[[Callable[[], str]], None] = lambda read: None
+        # process's, until the function it returns is called; a no-op where this telemetry runs
+        # no Prometheus endpoint.
+        self.serve_engine_series: Callable[[Callable[[], str]], Callable[[], None]] = lambda read: lambda: None
         self.tracer_provider = tracer_provider or trace.NoOpTracerProvider()
         self.meter_provider = meter_provider or metrics.NoOpMeterProvider()
         self.tracing = tracer_provider is not None
