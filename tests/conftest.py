@@ -3,6 +3,7 @@ and the peft oracle (PeftModel.generate, greedy, fp32) to compare against."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import shutil
@@ -111,6 +112,18 @@ def scrape(port: int) -> dict:
             labels = tuple(sorted((k, v) for k, v in s.labels.items() if not k.startswith("otel_scope_")))
             samples[(s.name, labels)] = s.value
     return samples
+
+
+@contextlib.contextmanager
+def loaded_client(target: str, names=ADAPTERS, timeout: float = 60):
+    """A gRPC client of the server at `target`, with the suite's adapters `names` registered
+    under their own names (their sources)."""
+    import loramux.client as lc
+
+    with lc.Client(target, timeout=timeout) as client:
+        for name in names:
+            client.load_adapter(name, source=name)
+        yield client
 
 
 def merged_path(server, result, tenant: str = "default") -> Path:

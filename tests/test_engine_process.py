@@ -28,7 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
 
 import loramux.client as lc
-from conftest import ADAPTERS, PROMPTS, eventually, scrape
+from conftest import ADAPTERS, PROMPTS, eventually, loaded_client, scrape
 from loramux.server import errors
 from loramux.server.app import BackgroundServer
 from loramux.server.engine.facade import Facade
@@ -74,9 +74,7 @@ def server(assets, tmp_path_factory, receiver):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with lc.Client(server.target, timeout=60) as c:
-        for name in ADAPTERS:
-            c.load_adapter(name, source=name)
+    with loaded_client(server.target) as c:
         yield c
 
 

@@ -17,7 +17,7 @@ from google.protobuf import duration_pb2
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import loramux.client as lc
-from conftest import ADAPTERS, PROMPTS
+from conftest import ADAPTERS, PROMPTS, loaded_client
 from loramux.server.app import BackgroundServer
 from loramux.v1 import adapter_pb2, generation_pb2, loramux_service_pb2
 from test_isolation import books_balance
@@ -35,9 +35,8 @@ def server(assets, tmp_path_factory):
         hub_cache_dir=tmp_path_factory.mktemp("hub"), max_prompt_bytes=2048, slot_wait_s=0.2, max_queue=64,
     )
     srv = BackgroundServer(settings)
-    with lc.Client(srv.target, timeout=60) as c:
-        for name in ADAPTERS:
-            c.load_adapter(name, source=name)
+    with loaded_client(srv.target):
+        pass
     yield srv
     srv.stop()
 

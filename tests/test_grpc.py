@@ -11,7 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 import loramux.client as lc
-from conftest import ADAPTERS, PROMPTS
+from conftest import ADAPTERS, PROMPTS, loaded_client
 from loramux.server.app import BackgroundServer
 
 N = 8
@@ -28,9 +28,7 @@ def server(assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with lc.Client(server.target, timeout=60) as c:
-        for name in ADAPTERS:
-            c.load_adapter(name, source=name)
+    with loaded_client(server.target) as c:
         yield c
 
 

@@ -13,7 +13,7 @@ from google.rpc import error_details_pb2
 from safetensors.torch import load_file, save_file
 
 import loramux.client as lc
-from conftest import ADAPTERS, PROMPTS
+from conftest import ADAPTERS, PROMPTS, loaded_client
 from loramux.server.app import BackgroundServer
 from loramux.server.engine.batch import Batch
 from loramux.server.engine.inputs import GenerateInput
@@ -38,9 +38,7 @@ def server(assets, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(server):
-    with lc.Client(server.target, timeout=60) as c:
-        for name in [*ADAPTERS, "overflow"]:
-            c.load_adapter(name, source=name)
+    with loaded_client(server.target, [*ADAPTERS, "overflow"]) as c:
         yield c
 
 

@@ -56,7 +56,7 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
     from loramux.server.settings import Settings
 
     candidates = QUICK_CANDIDATES if cases == QUICK else CANDIDATES
-    default = Settings.__dataclass_fields__["join_max_steps"].default
+    default = Settings.join_max_steps  # (the dataclass field's default)
     if default not in candidates:
         raise ValueError(f"the default --join-max-steps ({default}) must be among the candidates")
     tokenizer, _, _ = text_workload(work, 1, probes=0)

@@ -296,7 +296,10 @@ def build_server_telemetry(settings: Settings, log_level: str = "INFO",
     yet): the telemetry is then the front doors' process's, and reads the engine's series from
     its process at each scrape."""
     process = EngineProcess(settings, log_level, log_format) if settings.engine_process else None
-    return build_telemetry(settings, engine_series=process.metrics if process is not None else None), process
+    telemetry = build_telemetry(settings)
+    if process is not None:
+        telemetry.serve_engine_series(process.metrics)  # (for the telemetry's life)
+    return telemetry, process
 
 
 def start_engine(settings: Settings, telemetry: Telemetry, auth: Authenticator, process: EngineProcess | None = None,

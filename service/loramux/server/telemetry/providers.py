@@ -23,15 +23,14 @@ log = logging.getLogger(__name__)
 ENGINE_SERIES_WARN_S = 60.0  # an engine whose series cannot be read is reported at most this often
 
 
-def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), role: str = "server",
-                    engine_series: Callable[[], str] | None = None) -> Telemetry:
+def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), role: str = "server") -> Telemetry:
     """Providers for the settings' exporters, plus any processors/readers given (tests).
 
     `role`: "server" (the whole server in one process, or the front doors' process of a server
     whose engine runs in its own) or "engine" (that engine process). An engine process serves
-    no metrics endpoint: its Prometheus series are read through `Telemetry.scrape` and served by
-    the front doors' process, which passes `engine_series` (the engine's exposition text, read
-    at each scrape) and serves them with its own."""
+    no metrics endpoint: its Prometheus series are read through `Telemetry.scrape` and served
+    with the front doors' process's own (`Telemetry.serve_engine_series`: the engine's
+    exposition text, read at each scrape)."""
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
@@ -101,8 +100,6 @@ def build_telemetry(settings: Settings, span_processors=(), metric_readers=(), r
             return lambda: own.unregister(collector)
 
         telemetry.serve_engine_series = serve_engine_series
-    if engine_series is not None:
-        telemetry.serve_engine_series(engine_series)
     return telemetry
 
 
