@@ -403,3 +403,76 @@ def test_echo_and_prompt_logprobs_are_peft_s_scores_of_the_prompt(assets, server
     assert result.prompt.token_ids == ids and result.prompt.ranks == ranks.tolist()
     assert torch.allclose(torch.tensor(result.prompt.logprobs), expected, atol=1e-4)
     assert [len(a) for a in result.prompt.top_logprobs] == [3] * (len(ids) - 1) and len(result.completions) == 2
+
+
+def test_probed_fields_get_their_own_answer_and_harm_no_other_request(assets, server, client):
+    """What a probe of this door found: each is answered for its own request alone."""
+    url = server.base_url + "/completions"
+    headers = {"Authorization": f"Bearer {server.keys['default']}"}
+    # A top_k beyond 64 bits once failed the whole prefill it shared with other tenants' requests:
+    # now any top_k of the vocabulary's size or more keeps every token (as off does).
+    bystander = {"model": "qv-r4", "prompt": PROMPTS[0], "max_tokens": N, "temperature": 0}
+    with cf.ThreadPoolExecutor(4) as pool:
+        huge = [pool.submit(httpx.post, url, json={**bystander, "top_k": k}, headers=headers, timeout=60)
+                for k in (2**63, 10**30)]
+        plain = pool.submit(httpx.post, url, json=bystander, headers=headers, timeout=60)
+        answers = [f.result() for f in [*huge, plain]]
+    want = text_of(assets, assets.oracle("qv-r4", PROMPTS[0], N))
+    assert [(r.status_code, r.json()["choices"][0]["text"]) for r in answers] == [(200, want)] * 3
+    for key in ("--5", "-", "5-", "+5"):  # one sign at most, and only a minus
+        r = httpx.post(url, json={**bystander, "logit_bias": {key: 1}}, headers=headers)
+        assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["param"]) == (400, "invalid_parameter",
+                                                                                      "logit_bias"), key
+    r = httpx.post(url, json={**bystander, "logit_bias": {"-5": 1}}, headers=headers)  # a token id out of range
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "logit_bias")
+    # The router's own refusals are error objects too.
+    r = httpx.get(url, headers=headers)
+    assert (r.status_code, r.json()["error"]["code"], r.headers["allow"]) == (405, "method_not_allowed", "POST")
+    r = httpx.post(server.base_url + "/nowhere", json={}, headers=headers)
+    assert (r.status_code, r.json()["error"]["code"], r.json()["error"]["type"]) == (404, "not_found",
+                                                                                    "invalid_request_error")
+    # Validation names the field as the engine does, without the union member pydantic tried.
+    chat = server.base_url + "/chat/completions"
+    r = httpx.post(chat, json={"model": "qv-r4", "messages": [{"role": "user", "content": 5}]}, headers=headers)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "messages[0].content")
+    r = httpx.post(chat, json={"model": "qv-r4", "messages": [{"role": "user", "content": "x"}], "tool_choice": 5},
+                   headers=headers)
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "tool_choice")
+
+
+def test_a_large_body_is_converted_off_the_event_loop(server, client, monkeypatch):
+    """Parsing and converting a body over 64 KiB (its tools' schemas written out, its messages)
+    run on a worker thread; a small body is converted on the loop."""
+    import asyncio
+
+    from loramux.server.http_api import schemas
+
+    on_loop = []
+    convert = schemas.ChatCompletionRequest.to_input
+
+    def recording(self, *args):
+        try:
+            asyncio.get_running_loop()
+            on_loop.append(True)
+        except RuntimeError:
+            on_loop.append(False)
+        return convert(self, *args)
+
+    monkeypatch.setattr(schemas.ChatCompletionRequest, "to_input", recording)
+    tool = {"type": "function", "function": {"name": "f", "description": "d" * 100_000, "parameters": {
+        "type": "object", "properties": {"a": {"type": "integer", "maximum": 9}}, "required": ["a"]}}}
+    messages = [{"role": "user", "content": "fox"}]
+    for tools in ([], [tool]):
+        client.chat.completions.create(model="qv-r4", messages=messages, max_tokens=2, temperature=0,
+                                       tools=tools or openai.NOT_GIVEN)
+    assert on_loop == [True, False]
+
+
+def test_an_adapter_may_not_take_the_served_models_name(server, client):
+    from loramux.server.errors import InvalidRequest
+
+    public = client.models.list().data[0].id
+    with pytest.raises(InvalidRequest) as caught:
+        server.engine.load_adapter("default", public, "qv-r4")
+    assert (caught.value.reason, caught.value.field) == ("ADAPTER_ID_RESERVED", "adapter_id")
+    assert public not in [a.adapter_id for a in server.engine.list_adapters("default")]

@@ -178,6 +178,13 @@ def test_the_sdk_sends_each_kind(server):
     (Constraint("regex", "a" * (MAX_SPEC_BYTES + 1)), "GRAMMAR_TOO_LARGE"),
     (Constraint("grammar", "start: " + "(" * 5000 + '"a"' + ")" * 5000), "INVALID_GRAMMAR"),
     (Constraint("json_schema", "[" * 100_000 + "]" * 100_000), "GRAMMAR_TOO_LARGE"),
+    # Numbers the library would read as the most negative 64-bit integer crash its process
+    # (llguidance 1.9.1, a segfault); beyond 64 bits it saturates bounds silently: refused first.
+    (Constraint("json_schema", '{"type": "integer", "minimum": -1e40, "maximum": -1e39}'), "INVALID_GRAMMAR"),
+    (Constraint("json_schema", '{"type": "object", "properties": {"a": {"const": -9223372036854775807}}}'), "INVALID_GRAMMAR"),
+    (Constraint("json_schema", '{"enum": [[1, -9223372036854775807]]}'), "INVALID_GRAMMAR"),
+    (Constraint("json_schema", '{"type": "integer", "minimum": 1e40, "maximum": 1e41}'), "INVALID_GRAMMAR"),
+    (Constraint("grammar", 'start: "n=" %json {"type": "integer", "minimum": -1e40, "maximum": -1e39}'), "INVALID_GRAMMAR"),
 ])
 def test_a_bad_constraint_is_refused_before_anything_is_queued(server, constraint, reason):
     from loramux.server.errors import InvalidRequest
@@ -313,6 +320,24 @@ def test_a_forced_tool_call_comes_back_as_tool_calls_whole_and_streamed(server):
                 client.chat.completions.create(model="qv-r4", messages=messages, tool_choice=bad,
                                                tools=[WEATHER] if why != "tools is empty" else openai.NOT_GIVEN)
             assert why in caught.value.body["message"] and caught.value.body["param"] == "tool_choice"
+
+
+def test_a_forced_tool_call_cut_short_is_text_with_finish_reason_length(server):
+    """An answer that parses as JSON is not a complete call when max_tokens cut it: nine digits
+    at least, in at most two tokens of this vocabulary."""
+    url = f"http://127.0.0.1:{server.running.http_port}/v1"
+    count = {"type": "function", "function": {"name": "count", "parameters": {"type": "integer", "minimum": 100_000_000}}}
+    ask = dict(model="qv-r4", messages=[{"role": "user", "content": "lazy dog number 21"}], max_tokens=2,
+               temperature=0, tools=[count], tool_choice={"type": "function", "function": {"name": "count"}})
+    with openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120) as client:
+        whole = client.chat.completions.create(**ask)
+        chunks = list(client.chat.completions.create(**ask, stream=True))
+    choice = whole.choices[0]
+    assert (choice.finish_reason, choice.message.tool_calls) == ("length", None)
+    assert json.loads(choice.message.content) < 100_000_000  # a prefix that parses, and is no answer
+    assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == choice.message.content
 
 
 def test_n_through_grpc_and_the_sdk_shares_one_prefill(assets, server):

@@ -20,3 +20,11 @@ def validate_adapter_id(adapter_id: str, field: str = "adapter_id", reason: str 
             field=field,
             reason=reason,
         )
+
+
+def refuse_model_name(adapter_id: str, model_names: tuple[str, ...], field: str = "adapter_id") -> None:
+    """An adapter may not take the served model's name: the OpenAI API's `model` names the
+    base model by it, so such an adapter could never be called there."""
+    if adapter_id in model_names:
+        raise InvalidRequest(f"{field} {adapter_id!r} is the served model's name, which names the base model; choose "
+                             "another", field=field, reason="ADAPTER_ID_RESERVED")

@@ -412,6 +412,11 @@ class Settings:
         return self.model_name or self.model
 
     @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every name requests may give the base model by (no adapter may take one)."""
+        return tuple(dict.fromkeys((self.served_model_name, self.public_model_name)))
+
+    @property
     def public_model_name(self) -> str:
         """The model's name as clients see it: a local directory is shown by its last component,
         never by its server path."""

@@ -29,6 +29,7 @@ from loramux.server.adapters.cache import AdapterGone, NoSlotAvailable
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry
 from loramux.server.adapters.sources import ANYWHERE, SourceAllowance
 from loramux.server.errors import AdapterNotFound, LoramuxError, NoSlotFree, PinLimit
+from loramux.server.names import refuse_model_name
 from loramux.server.tenancy.quotas import UNLIMITED, Quotas, refuse
 from loramux.server.settings import Settings
 
@@ -83,6 +84,7 @@ class AdapterAdmin:
         refused = self._refusal()
         if refused is not None:
             raise refused
+        refuse_model_name(adapter_id, self._settings.model_names)
         new_pin = pin and not self._pinned_already(tenant, adapter_id, source, replace)
         with self._held_quota(tenant, adapter_id, new_pin) as adds_name:
             if new_pin:

@@ -285,7 +285,7 @@ class Batch:
                     rows[i].done = True
                     rows[i].request.emit(ErrorEvent(GrammarFailed(
                         f"the request's structured output failed after {rows[i].generated} tokens: {why}",
-                        generated=rows[i].generated)))
+                        field="structured_output", generated=rows[i].generated)))
         tokens, logprobs, bad, top = choose_tokens(logits, self._params, self.seen, self.counts, generated, allowed)
         if self.seen is not None:
             self.seen.scatter_(1, tokens[:, None], True)
@@ -446,15 +446,17 @@ def _advance(row: Row, token: int, logprob: float | None, now: float,
     if params.keeps_history:
         row.generated_ids.append(token)
     grammar = request.grammar
-    complete = False
+    complete = accepted = False
     if grammar is not None and token not in row.stop_tokens:
         if not grammar.consume(token):  # the mask allowed it, so only a failing grammar refuses it
             row.done = True
             request.emit(ErrorEvent(GrammarFailed(
                 f"the request's structured output refused the token it allowed ({grammar.failed() or 'no reason given'})",
-                generated=row.generated)))
+                field="structured_output", generated=row.generated)))
             return
-        complete = grammar.complete()
+        complete = accepted = grammar.complete()
+    elif grammar is not None:  # a stop token: the answer is whole if the constraint could end here
+        accepted = grammar.accepting()
     text = row.detokenizer.add(token)
     reason = None
     if row.detokenizer.stopped:
@@ -473,6 +475,7 @@ def _advance(row: Row, token: int, logprob: float | None, now: float,
                 finish_reason=reason,
                 prompt_tokens=len(request.prompt_ids),
                 completion_tokens=row.generated,
+                grammar_complete=accepted and reason is FinishReason.STOP_TOKEN,
                 timings=Timings(
                     queue_wait_s=row.started - request.arrival,
                     time_to_first_token_s=row.first_token_at - request.arrival,

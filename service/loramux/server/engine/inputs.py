@@ -241,7 +241,7 @@ def sampling_params(inp: GenerateInput, base: BaseModel, settings: Settings) -> 
         max_new_tokens=inp.max_new_tokens or settings.default_max_new_tokens,
         temperature=inp.temperature,
         top_p=inp.top_p if 0 < inp.top_p < 1 else 1.0,
-        top_k=inp.top_k,
+        top_k=inp.top_k if inp.top_k < base.vocab_size else 0,  # as many as the vocabulary, or more: every token
         repetition_penalty=inp.repetition_penalty if inp.repetition_penalty > 0 else 1.0,
         seed=inp.seed,
         stop=tuple(inp.stop),

@@ -24,6 +24,7 @@ import torch
 from opentelemetry.trace import StatusCode
 
 from loramux.server.adapters.registry import AdapterRecord, AdapterRegistry, validate_adapter_id
+from loramux.server.names import refuse_model_name
 from loramux.server.adapters.sources import MERGED_PREFIX
 from loramux.server.model.base_model import BaseModel
 from loramux.server.cpu_threads import limit_to_one_thread
@@ -100,6 +101,7 @@ class Merges:
                 )
         if job.register_as:
             validate_adapter_id(job.register_as, "register_as")
+            refuse_model_name(job.register_as, self.settings.model_names, "register_as")
             if self.registry.has(tenant, job.register_as) or any(
                 s.adapter_id == job.register_as for s in self.registry.registered(tenant)
             ):

@@ -94,6 +94,9 @@ class FinishEvent:
     prompt_tokens: int
     completion_tokens: int
     timings: Timings
+    # A structured-output answer its constraint accepts whole: ended by the constraint, or by
+    # a stop token where the constraint could end (not cut by length or a stop string).
+    grammar_complete: bool = False
 
 
 @dataclasses.dataclass(frozen=True)

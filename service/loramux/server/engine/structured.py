@@ -51,6 +51,12 @@ LEXER_STATES = 20_000  # per row (llguidance: 1-2 kB each, default 250,000): at 
 # JSON is written compactly, as json.dumps writes it: free whitespace lets a model pad its
 # answer with newlines until max_tokens, which is the commonest failure of JSON modes.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# The largest magnitude a number in a JSON schema may have. llguidance turns integer values
+# and bounds into 64-bit integers: beyond that range it saturates bounds silently (so an
+# answer could break the schema) and, where a value lands on the most negative one, its
+# process crashes (a segfault, measured with 1.9.1: `{"const": -9223372036854775807}`,
+# integer bounds of -1e40). Numbers are refused from 2^62 on, well inside the safe side.
+MAX_SCHEMA_NUMBER = 1 << 62
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +90,13 @@ class Constraint:
                 schema = {}
             if schema is False or not isinstance(schema, dict):
                 raise _invalid("json_schema must be a JSON Schema: an object, or true (false allows nothing)")
+            _check_numbers(schema)
             return matcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
         if self.kind == "regex":
             return matcher.grammar_from_regex(self.spec)
         if self.kind == "grammar":
+            for schema in _embedded_schemas(self.spec):
+                _check_numbers(schema)
             return matcher.grammar_from_lark(self.spec)
         choices = _json(self.spec, "choice")
         if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
@@ -102,6 +111,40 @@ def _json(text: str, what: str):
         return json.loads(text)
     except (ValueError, RecursionError) as e:
         raise _invalid(f"{what} is not valid JSON ({str(e)[:120]})") from None
+
+
+def _check_numbers(value) -> None:
+    """Refuse a schema holding a number of MAX_SCHEMA_NUMBER's magnitude or more, anywhere
+    (bounds, const, enum, nested values): see MAX_SCHEMA_NUMBER. Walks without recursion."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, (int, float)) and not isinstance(item, bool) and not abs(item) < MAX_SCHEMA_NUMBER:
+            shown = str(item) if len(str(item)) <= 24 else str(item)[:21] + "..."
+            raise _invalid(f"the schema holds the number {shown}; numbers in a schema must lie within "
+                           f"+/-2^62 ({MAX_SCHEMA_NUMBER:,}), as the structured-output library reads them as 64-bit integers")
+
+
+def _embedded_schemas(grammar: str):
+    """The JSON schemas a Lark grammar embeds (`%json { ... }`); one that does not parse is
+    left to the library, which refuses it."""
+    decoder = json.JSONDecoder()
+    at = grammar.find("%json")
+    while at >= 0:
+        start = at + len("%json")
+        while start < len(grammar) and grammar[start].isspace():
+            start += 1
+        try:
+            schema, _ = decoder.raw_decode(grammar, start)
+        except (ValueError, RecursionError):
+            schema = None
+        if schema is not None:
+            yield schema
+        at = grammar.find("%json", start)
 
 
 def _invalid(message: str, reason: str = "INVALID_GRAMMAR") -> InvalidRequest:
@@ -278,6 +321,10 @@ class RowGrammar:
     def complete(self) -> bool:
         """Whether the answer is complete: nothing but the end may follow."""
         return bool(self.matcher.is_stopped())
+
+    def accepting(self) -> bool:
+        """Whether the answer may end here (a stop token now leaves it whole)."""
+        return bool(self.matcher.is_stopped() or self.matcher.is_accepting())
 
 
 _MASK_THREAD: list = []

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from loramux.server.errors import InternalError, Kind, LoramuxError
@@ -30,7 +32,7 @@ STATUS = {
     Kind.DEADLINE_EXCEEDED: 504,
 }
 TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error", 408: "invalid_request_error",
-         404: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
+         404: "invalid_request_error", 405: "invalid_request_error", 409: "invalid_request_error", 413: "invalid_request_error",
          429: "rate_limit_error", 499: "invalid_request_error"}
 OPENAI_CODES = {"ADAPTER_NOT_FOUND": "model_not_found", "PROMPT_TOO_LONG": "context_length_exceeded"}
 # The engine's field names as the OpenAI request names them.
@@ -61,3 +63,16 @@ def error_response(error: BaseException) -> JSONResponse:
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after_s)))
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def routing_error(request: Request, error: HTTPException) -> JSONResponse:
+    """The router's own refusals (no such route, a method the route does not take) as OpenAI
+    error objects too (405 keeps its `Allow` header)."""
+    path = request.url.path if len(request.url.path) <= 200 else request.url.path[:197] + "..."
+    if error.status_code == 405:
+        message, code = f"{path} does not take {request.method[:16]}", "method_not_allowed"
+    elif error.status_code == 404:
+        message, code = f"{path} is not a route of this server", "not_found"
+    else:
+        message, code = str(error.detail)[:200], "invalid_request"
+    return JSONResponse(error_body(error.status_code, message, code), status_code=error.status_code, headers=error.headers)

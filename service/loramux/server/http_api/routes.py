@@ -30,6 +30,7 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 from opentelemetry.trace import SpanKind
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
@@ -38,7 +39,7 @@ from loramux.server.engine.facade import Event, Facade, FinishEvent, Generation,
 from loramux.server.errors import Cancelled, InternalError, InvalidRequest, LoramuxError, ShuttingDown
 from loramux.server.front_door.generation import merged as merged_events
 from loramux.server.front_door.generation import request_attributes
-from loramux.server.http_api.errors import error_response, status_of
+from loramux.server.http_api.errors import error_response, routing_error, status_of
 from loramux.server.http_api.schemas import ChatCompletionRequest, CompletionRequest, TokenizeRequest, constraint_param, parse
 from loramux.server.tenancy.auth import Authenticator, caller
 
@@ -68,7 +69,7 @@ class HttpFrontDoor:
             Route("/v1/models/{model:path}", self._endpoint("ListAdapters", self.model), methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
             Route("/ready", self.ready, methods=["GET"]),
-        ])
+        ], exception_handlers={HTTPException: routing_error})
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -142,12 +143,19 @@ class HttpFrontDoor:
             raise InvalidRequest(f"the request body did not arrive within {BODY_TIMEOUT_S:g} s", reason="REQUEST_TIMEOUT") from None
         return b"".join(chunks)
 
-    async def _parsed(self, request: Request, model):
-        """The body as `model`; a large one parsed off the event loop (in the caller's turn)."""
+    async def _input(self, request: Request, model, *args):
+        """The body as `model`, and the engine's input it asks for (`to_input(adapter, *args)`);
+        a large body is parsed and converted off the event loop, in the caller's turn (its
+        conversion walks and writes out what it holds: tools' schemas, messages)."""
         body = await self._body(request)
+
+        def convert():
+            parsed = parse(model, body)
+            return parsed, parsed.to_input(self._adapter_of(parsed.model or ""), *args)
+
         if len(body) <= PARSE_ON_LOOP_BYTES:
-            return parse(model, body)
-        return await self._blocking(self._pools.admission, parse, model, body)
+            return convert()
+        return await self._blocking(self._pools.admission, convert)
 
     def _adapter_of(self, model: str) -> str:
         """The adapter `model` names ("" for the base model)."""
@@ -193,22 +201,19 @@ class HttpFrontDoor:
     # -- generation -----------------------------------------------------------------------
 
     async def completions(self, request: Request) -> Response:
-        body = await self._parsed(request, CompletionRequest)
-        inp = body.to_input(self._adapter_of(body.model))
+        body, inp = await self._input(request, CompletionRequest)
         return await self._answer(request, body, inp, chat=False)
 
     async def chat_completions(self, request: Request) -> Response:
-        body = await self._parsed(request, ChatCompletionRequest)
-        inp = body.to_input(self._adapter_of(body.model), self.default_max_tokens)
+        body, inp = await self._input(request, ChatCompletionRequest, self.default_max_tokens)
         return await self._answer(request, body, inp, chat=True)
 
     async def _answer(self, request: Request, body, inp, chat: bool) -> Response:
+        named = constraint_param(body)
         try:
             runs = await self._run(request, inp, body.n or 1)
-        except InvalidRequest as e:
-            if e.field == "structured_output":  # named as this request named it
-                e.field = constraint_param(body)
-            raise
+        except LoramuxError as e:
+            raise _named(e, named) from None
         span = trace.get_current_span()
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
@@ -218,9 +223,12 @@ class HttpFrontDoor:
         if body.stream:
             usage = body.stream_options is not None and body.stream_options.include_usage
             stream = self._stream(runs, span, ident, created, body.model, chat, usage, inp, forced, echo,
-                                  body.prompt_logprobs is not None)
+                                  body.prompt_logprobs is not None, named)
             return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        per_choice = await self._collect(request, runs, span)
+        try:
+            per_choice = await self._collect(request, runs, span)
+        except LoramuxError as e:  # (a constraint that failed while it generated)
+            raise _named(e, named) from None
         build = functools.partial(self._choices, per_choice, inp, chat, echo, forced, body.prompt_logprobs is not None)
         if inp.return_logprobs or inp.prompt_logprobs is not None:  # a token's text per score: off the event loop
             choices, finishes = await self._blocking(self._pools.admission, build)
@@ -250,7 +258,7 @@ class HttpFrontDoor:
             choice = {"index": index, "finish_reason": finish.finish_reason.openai, "logprobs": scored}
             if prompt_logprobs and prompt is not None:  # asked for (not only echo's scores)
                 choice["prompt_logprobs"] = self._prompt_logprobs(prompt)
-            calls = _tool_calls(forced, text) if forced is not None else None
+            calls = _tool_calls(forced, text, finish) if forced is not None else None
             if calls:
                 choice["message"] = {"role": "assistant", "content": None, "tool_calls": calls}
                 choice["finish_reason"] = "tool_calls"
@@ -262,7 +270,8 @@ class HttpFrontDoor:
         return choices, finishes
 
     async def _stream(self, runs, span, ident, created, model, chat, usage, inp, forced: str | None = None,
-                      echo: str | None = None, prompt_logprobs: bool = False) -> AsyncIterator[bytes]:
+                      echo: str | None = None, prompt_logprobs: bool = False,
+                      named: str = "response_format") -> AsyncIterator[bytes]:
         """Chunks of every completion as they come (each names its `index`); `forced`: a
         forced tool call's answer is held back and sent as one `tool_calls` delta when it is
         complete. With `include_usage`, one last chunk holds the usage of them all. `echo`:
@@ -314,7 +323,7 @@ class HttpFrontDoor:
                     held[index].append(event.text)
                     if reason is None:
                         continue
-                    calls = _tool_calls(forced, "".join(held[index]))
+                    calls = _tool_calls(forced, "".join(held[index]), event)
                     if calls:
                         yield chunk({"index": index, "delta": {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]},
                                      "logprobs": None, "finish_reason": "tool_calls"})
@@ -332,7 +341,7 @@ class HttpFrontDoor:
             if usage:
                 yield chunk(None, usage=_usage(finishes))
         except Exception as e:  # noqa: BLE001 - after the first byte the status is sent: the error is the last event
-            error = e if isinstance(e, LoramuxError) else InternalError.logged(e)
+            error = _named(e, named) if isinstance(e, LoramuxError) else InternalError.logged(e)
             body = json.loads(error_response(error).body)
             body["error"]["status"] = status_of(error)
             span.set_attribute("error.type", error.reason)
@@ -395,8 +404,7 @@ class HttpFrontDoor:
                 "top_logprobs": [dict(top) for top in tops] if alternatives else None, "text_offset": offsets}
 
     async def tokenize(self, request: Request) -> Response:
-        body = await self._parsed(request, TokenizeRequest)
-        inp = body.to_input(self._adapter_of(body.model) if body.model else "")
+        _, inp = await self._input(request, TokenizeRequest)
         ids, context_tokens = await self._blocking(self._pools.admission, self.facade.tokenize, caller.get().tenant, inp)
         return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": context_tokens})
 
@@ -432,8 +440,19 @@ class HttpFrontDoor:
         return JSONResponse({"status": "ready"})
 
 
-def _tool_calls(forced: str, text: str) -> list[dict] | None:
-    """A forced call's answer as OpenAI's tool_calls (None when it was cut short: not JSON)."""
+def _named(error: LoramuxError, param: str) -> LoramuxError:
+    """A structured-output error names the field as the request named it (guided_regex, tools, ...)."""
+    if error.field == "structured_output":
+        error.field = param
+    return error
+
+
+def _tool_calls(forced: str, text: str, finish: FinishEvent) -> list[dict] | None:
+    """A forced call's answer as OpenAI's tool_calls; None when it was cut short (by
+    max_tokens, a stop string or a stop token where its schema could not end: the engine
+    says whether its constraint accepted the answer whole, as a prefix can parse as JSON)."""
+    if not finish.grammar_complete:
+        return None
     try:
         value = json.loads(text)
     except ValueError:

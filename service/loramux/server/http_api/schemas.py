@@ -144,7 +144,7 @@ class _Common(BaseModel):
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         bias = {}
         for key, value in (self.logit_bias or {}).items():
-            if not (key.isascii() and key.lstrip("-").isdecimal()) or len(key) > 12:
+            if not (key.isascii() and key.removeprefix("-").isdecimal()) or len(key) > 12:  # one sign at most
                 raise InvalidRequest(f"logit_bias keys must be token ids, got {key[:40]!r}", field="logit_bias",
                                      reason="INVALID_PARAMETER")
             bias[int(key)] = value
@@ -360,12 +360,27 @@ def parse(model: type[BaseModel], body: bytes) -> Any:
         return model.model_validate_json(body)
     except pydantic.ValidationError as e:
         first = e.errors()[0]
-        where = ".".join(str(p) for p in first.get("loc", ()))
+        where = _field_path(first.get("loc", ()))
         if first.get("type") == "json_invalid":
             raise InvalidRequest(f"the request body is not valid JSON ({first.get('msg', '')})",
                                  reason="MALFORMED_REQUEST") from None
         raise InvalidRequest(f"{where or 'body'}: {first.get('msg', 'invalid')}", field=where or None,
                              reason="INVALID_PARAMETER") from None
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "bytes"})
+
+
+def _field_path(loc: tuple) -> str:
+    """A validation error's location as the engine names fields (`messages[0].role`), without
+    the union member pydantic tried (`str`, `list[int]`): the field, never the validator's types."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif "[" not in str(part) and str(part) not in _UNION_TAGS:
+            path += ("." if path else "") + str(part)
+    return path
 
 
 def constraint_param(body) -> str:
