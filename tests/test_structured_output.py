@@ -465,3 +465,53 @@ def test_a_prefill_that_fails_ends_only_its_own_requests(assets, server, monkeyp
         with pytest.raises(LoramuxError) as e:
             scored.result()
     assert e.value.reason == "INTERNAL"
+
+
+def test_a_request_whose_values_break_a_shared_prefill_fails_alone(assets, server, monkeypatch, caplog):
+    """Four requests admitted in one pass: one whose row cannot be made, one whose values break
+    the prefill they share (a stand-in for a value no check caught). The prefill is tried whole,
+    then per request: the other two get peft's tokens."""
+    import threading
+
+    from loramux.server.engine import worker
+    from loramux.server.engine.batch import Batch
+    from loramux.server.engine.inputs import prompt_ids
+    from loramux.server.errors import LoramuxError
+
+    real_prefill, real_row = Batch.prefill.__func__, worker.new_row
+    sizes = []
+
+    def prefill(cls, base, rows, prompt_logprobs=False):
+        sizes.append(len(rows))
+        if any(row.request.prompt_ids == poisoned for row in rows):
+            raise ValueError("Overflow when unpacking long")
+        return real_prefill(cls, base, rows, prompt_logprobs)
+
+    def new_row(base, request, now):
+        if request.prompt_ids == unmade:
+            raise OverflowError("a seed out of range")
+        return real_row(base, request, now)
+
+    engine = server.engine
+    poisoned, unmade = (prompt_ids(GenerateInput(prompt=p), engine.base, engine.settings) for p in PROMPTS[2:4])
+    monkeypatch.setattr(Batch, "prefill", classmethod(prefill))
+    monkeypatch.setattr(worker, "new_row", new_row)
+    gate = threading.Event()
+    paused = engine.call_on_engine(gate.wait)  # the engine waits between passes: all four are admitted together
+    jobs = [("qv-r4", PROMPTS[0]), ("", PROMPTS[1]), ("", PROMPTS[2]), ("mlp-r2", PROMPTS[3])]
+    with cf.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(engine.generate, "default", GenerateInput(adapter_id=a, prompt=p, max_new_tokens=N), 60)
+                   for a, p in jobs]
+        eventually(lambda: engine.stats().waiting == 4)
+        gate.set()
+        paused.result(10)
+        assert [futures[i].result()["token_ids"] for i in (0, 1)] == [assets.oracle("qv-r4", PROMPTS[0], N),
+                                                                      assets.oracle(None, PROMPTS[1], N)]
+        for i in (2, 3):
+            with pytest.raises(LoramuxError) as e:
+                futures[i].result()
+            assert e.value.reason == "INTERNAL"
+    assert sizes == [3, 1, 1, 1]  # the three made rows together, then each alone
+    logged = [r.getMessage().split(" (correlation")[0] for r in caplog.records if "correlation id" in r.getMessage()]
+    assert sorted(logged) == ["prefilling 3 request(s) failed", "prefilling the request failed",
+                              "starting the request failed"]

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -294,10 +294,15 @@ class Worker:
         """Prefill newly admitted requests and add them to the running batch. If anything fails
         on the way, the admitted requests (and only they) get the error and their slots back."""
         rows: list[Row] = []
+        refused: set[int] = set()
         try:
             now = time.monotonic()
             for request in admitted:
-                rows.append(new_row(self.base, request, now))
+                try:
+                    rows.append(new_row(self.base, request, now))
+                except Exception as e:  # this request's own values (nothing else's) are at fault
+                    refused.add(id(request))
+                    self._abandon([request], [], as_domain_error(e, "starting the request failed"))
             live = []
             for row in rows:
                 if ended_early(row):
@@ -312,15 +317,15 @@ class Worker:
                 row.request.timeline.prefill_rows = len(live)
             fresh = None
             for part, scored in _prefills(live):  # a request with prompt logprobs is prefilled on its own
-                try:
-                    prefilled = Batch.prefill(self.base, part, prompt_logprobs=scored)
-                    if fresh is None:
-                        fresh = prefilled
-                    else:
-                        fresh.concatenate(prefilled)
-                except Exception as e:  # this part's requests alone fail (a long prompt's scores out of memory, say)
-                    for row in Batch.abandon(part, as_domain_error(e, f"prefilling {len(part)} request(s) failed")):
-                        self._row_done(row)
+                for prefilled in self._prefilled(part, scored):
+                    try:
+                        if fresh is None:
+                            fresh = prefilled
+                        else:
+                            fresh.concatenate(prefilled)
+                    except Exception as e:  # (its rows alone: the batch joined so far is intact)
+                        for row in Batch.abandon(prefilled.rows, as_domain_error(e, "joining a prefill failed")):
+                            self._row_done(row)
             if fresh is None:
                 return
             # The first tokens were emitted inside prefill; the end stamp only orders the spans.
@@ -337,7 +342,29 @@ class Worker:
                 else:
                     self._running.concatenate(fresh)  # all or nothing: the running batch is intact on failure
         except Exception as e:
-            self._abandon(admitted, rows, as_domain_error(e, f"joining {len(admitted)} request(s) failed"))
+            self._abandon([r for r in admitted if id(r) not in refused], rows,
+                          as_domain_error(e, f"joining {len(admitted)} request(s) failed"))
+
+    def _prefilled(self, part: list[Row], scored: bool) -> Iterator[Batch]:
+        """The part's prefill; if it fails, each request's alone (unless the part is one
+        request, or a row already has its first token), so that only the requests at fault
+        fail: one whose values break the batch's tensors, or a batch too large for memory."""
+        try:
+            yield Batch.prefill(self.base, part, prompt_logprobs=scored)
+            return
+        except Exception as e:
+            error = as_domain_error(e, f"prefilling {len(part)} request(s) failed")
+        pieces = _by_request(part)
+        if len(pieces) == 1 or any(row.generated for row in part):
+            for row in Batch.abandon(part, error):
+                self._row_done(row)
+            return
+        for piece in pieces:
+            try:
+                yield Batch.prefill(self.base, piece, prompt_logprobs=scored)
+            except Exception as e:  # (this request's own failure)
+                for row in Batch.abandon(piece, as_domain_error(e, "prefilling the request failed")):
+                    self._row_done(row)
 
     def _abandon(self, admitted: list[GenerationRequest], rows: list[Row], error: LoramuxError) -> None:
         """End admitted requests that are not in the running batch, releasing their slots."""
@@ -435,9 +462,14 @@ def _prefills(rows: list[Row]) -> list[tuple[list[Row], bool]]:
     with them (its n rows) apart, since its prefill keeps every position's scores."""
     plain = [row for row in rows if row.request.params.prompt_logprobs is None]
     parts: list[tuple[list[Row], bool]] = [(plain, False)] if plain else []
+    scored = [row for row in rows if row.request.params.prompt_logprobs is not None]
+    return parts + [(group, True) for group in _by_request(scored)]
+
+
+def _by_request(rows: list[Row]) -> list[list[Row]]:
+    """The rows of each request (its n completions together), in order."""
     groups: dict[int, list[Row]] = {}
     for row in rows:
-        if row.request.params.prompt_logprobs is not None:
-            key = id(row.request.group) if row.request.group is not None else id(row)
-            groups.setdefault(key, []).append(row)
-    return parts + [(group, True) for group in groups.values()]
+        key = id(row.request.group) if row.request.group is not None else id(row)
+        groups.setdefault(key, []).append(row)
+    return list(groups.values())
