@@ -163,8 +163,12 @@ def test_cancel_mid_decode_drops_the_row_and_its_pin(assets):
         engine.stop()
 
 
-def test_tenants_take_turns(assets):
-    engine = make_engine(assets, max_batch_size=1)
+@pytest.mark.parametrize("adapter_wait_ms", [2000, 0])
+def test_tenants_take_turns(assets, adapter_wait_ms):
+    """Also when every request is past the adapter wait bound: urgency orders a tenant's own
+    requests, never the tenants (an old backlog once turned the turns into first come, first
+    served)."""
+    engine = make_engine(assets, max_batch_size=1, adapter_wait_ms=adapter_wait_ms)
     try:
         rec = Recorder()
         gate = hold(engine)
@@ -564,5 +568,156 @@ def test_decode_steps_count_each_distinct_adapters_bytes_once(assets):
         steps = after.steps - before.steps
         assert steps == N - 1  # the prefill chose each row's first token
         assert after.adapter_bytes_read - before.adapter_bytes_read == steps * engine.base.bank.bytes_of(uid) > 0
+    finally:
+        engine.stop()
+
+
+def test_an_urgent_request_waiting_for_a_slot_holds_back_only_requests_that_need_one(assets):
+    """Both slots held by running rows; an urgent request for a third adapter waits for one.
+    Meanwhile another tenant's base-model request goes in at once (it needs no slot); the urgent
+    one goes in when a running row's slot frees, with peft's tokens."""
+    engine = make_engine(assets, adapter_slots=2, max_batch_size=6, adapter_wait_ms=0)
+    try:
+        x, y, z = "qv-r4", "mlp-r2", "all-r16"
+        engine.load_adapter("cold", z, z)
+        rec = Recorder()
+        gate = hold(engine)
+        engine.submit("default", GenerateInput(adapter_id=x, prompt=PROMPTS[0], max_new_tokens=N, ignore_eos=True),
+                      rec.emit_for("x"))
+        engine.submit("default", GenerateInput(adapter_id=y, prompt=PROMPTS[0], max_new_tokens=N - 8, ignore_eos=True),
+                      rec.emit_for("y"))
+        gate.set()
+        rec.wait_tokens("x", 1)
+        gate = hold(engine)
+        submit(engine, rec, "z", z, PROMPTS[1], n=4, tenant="cold")
+        submit(engine, rec, "base", "", PROMPTS[1], n=4, tenant="other")
+        gate.set()
+        rec.wait_all()
+        first_end = min(rec.index(n, FinishEvent) for n in ("x", "y"))
+        assert rec.index("base", TokenEvent) < first_end  # not held back by the urgent request
+        assert rec.index("z", TokenEvent) > first_end  # which waited for a slot
+        assert rec.token_ids("z") == assets.oracle(z, PROMPTS[1], 4)
+        assert rec.token_ids("base") == assets.oracle(None, PROMPTS[1], 4)
+    finally:
+        engine.stop()
+
+
+def test_a_tenant_keeps_its_lead_through_an_idle_moment(assets):
+    """A tenant calling one request at a time is idle between its calls: its service, ahead of
+    the others', is kept (forgetting it let such a client take 88% of a batch of one row)."""
+    from collections import deque
+
+    from loramux.server.engine.scheduler import OUTPUT_WEIGHT, PROMPT_WEIGHT
+
+    engine = make_engine(assets, max_batch_size=1)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        engine.submit("heavy", GenerateInput(prompt=PROMPTS[0], max_new_tokens=12, ignore_eos=True),
+                      rec.emit_for("heavy0"))
+        light_started, go_on = threading.Event(), threading.Event()
+        for i in range(6):
+            emit = rec.emit_for(f"light{i}")
+            if i == 0:  # the engine thread stops at light0's first token: heavy is idle, and was at that pass
+                def emit(event, record=emit):
+                    record(event)
+                    if isinstance(event, TokenEvent) and not light_started.is_set():
+                        light_started.set()
+                        assert go_on.wait(60)
+            engine.submit("light", GenerateInput(prompt=PROMPTS[0], max_new_tokens=1, ignore_eos=True), emit)
+        gate.set()
+        assert light_started.wait(60)
+        engine.submit("heavy", GenerateInput(prompt=PROMPTS[0], max_new_tokens=12, ignore_eos=True),
+                      rec.emit_for("heavy1"))
+        go_on.set()
+        rec.wait_all()
+        order = rec.first_token_order()
+    finally:
+        go_on.set()
+        engine.stop()
+    prompt = len(engine.base.tokenizer(PROMPTS[0])["input_ids"])
+    cost = {"heavy": PROMPT_WEIGHT * prompt + OUTPUT_WEIGHT * 12, "light": PROMPT_WEIGHT * prompt + OUTPUT_WEIGHT}
+    # After heavy0 and light0: heavy's service is kept; light's next requests go while it is below.
+    service, turns, left, expected = dict(cost), deque(["heavy", "light"]), {"heavy": 1, "light": 5}, []
+    while any(left.values()):
+        tenant = sorted((t for t in turns if left[t]), key=lambda t: service[t])[0]
+        expected.append(f"{tenant}{(2 if tenant == 'heavy' else 6) - left[tenant]}")
+        service[tenant] += cost[tenant]
+        left[tenant] -= 1
+        turns.remove(tenant)
+        turns.append(tenant)
+    assert order == ["heavy0", "light0", *expected]
+    assert order.index("heavy1") > order.index("light2")  # not the next turn, as a forgotten lead gave
+
+
+def test_a_group_of_n_is_taken_together_and_its_prompt_charged_once_per_prefill(assets):
+    """n completions admitted in one pass share one prefill, even when max_prefill_tokens holds
+    only one prompt; split over passes (a batch of 2 rows, n = 3), each pass's prefill is
+    charged its prompt."""
+    from loramux.server.engine.scheduler import OUTPUT_WEIGHT, PROMPT_WEIGHT
+
+    prompt = len(assets.tokenizer(PROMPTS[0])["input_ids"])
+    for rows, prefills in ((4, 1), (2, 2)):
+        engine = make_engine(assets, max_batch_size=rows, max_prefill_tokens=prompt)
+        try:
+            charged, ended = [], threading.Event()
+
+            def emit(event, count=[0]):
+                if isinstance(event, FinishEvent):
+                    count[0] += 1
+                    if count[0] == 3:  # on the engine thread, the group still counted as running
+                        charged.append(engine.worker.scheduler.service()["g"])
+                        ended.set()
+
+            gate = hold(engine)
+            before = engine.stats().prefills
+            engine.submit_many("g", GenerateInput(prompt=PROMPTS[0], max_new_tokens=4, ignore_eos=True), [emit] * 3)
+            gate.set()
+            assert ended.wait(60)
+            assert engine.stats().prefills - before == prefills, rows
+            assert charged == [PROMPT_WEIGHT * prompt * prefills + OUTPUT_WEIGHT * 3 * 4], rows
+        finally:
+            engine.stop()
+
+
+def test_completions_that_cannot_all_be_queued_take_no_other_tenants_place(assets):
+    """A full queue held by one tenant: n = 3 from another would need three of its places, and
+    may take two; none is queued and none of the holder's requests is refused for it."""
+    engine = make_engine(assets, max_queue=4)
+    try:
+        rec = Recorder()
+        gate = hold(engine)
+        for i in range(4):
+            submit(engine, rec, f"v{i}", "", PROMPTS[0], n=2, tenant="holder")
+        with pytest.raises(QueueFull):
+            engine.submit_many("asker", GenerateInput(prompt=PROMPTS[0], max_new_tokens=2), [lambda e: None] * 3)
+        assert engine.stats().waiting_by_tenant == {"holder": 4}
+        engine.submit_many("asker", GenerateInput(prompt=PROMPTS[0], max_new_tokens=2), [rec.emit_for("a0"),
+                                                                                        rec.emit_for("a1")])
+        assert engine.stats().waiting_by_tenant == {"holder": 2, "asker": 2}  # two places: the holder's newest
+        gate.set()
+        rec.wait_all()
+        assert [type(rec.outcome(f"v{i}")).__name__ for i in range(4)] == ["FinishEvent"] * 2 + ["ErrorEvent"] * 2
+    finally:
+        engine.stop()
+
+
+def test_tenants_that_called_recently_keep_one_row_free_at_most(assets):
+    """Three tenants called and hold no row: a flood still takes every row but one (each kept
+    row stood idle while they had nothing waiting)."""
+    engine = make_engine(assets, max_batch_size=8)
+    try:
+        rec = Recorder()
+        for tenant in ("c1", "c2", "c3"):
+            submit(engine, rec, tenant, "", "x", n=1, tenant=tenant)
+        rec.wait_all()
+        gate = hold(engine)
+        for i in range(10):
+            engine.submit("flood", GenerateInput(prompt=PROMPTS[3], max_new_tokens=N, ignore_eos=True),
+                          rec.emit_for(f"flood{i}"))
+        gate.set()
+        rec.wait_tokens("flood0", 2)
+        assert engine.stats().running == 7
+        rec.wait_all()
     finally:
         engine.stop()

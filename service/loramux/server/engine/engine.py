@@ -279,9 +279,8 @@ class Engine:
                                       else dataclasses.replace(params, seed=(params.seed + i) % (1 << 64)),
                                       emit, deadline, trace_context, record, grammar, group, counts_prompt=i == 0)
                         for i, (emit, grammar) in enumerate(zip(emits, grammars))]
-            for request in requests:
-                self.worker.enqueue(request, quotas.queued)
-                queued.append(request)
+            self.worker.enqueue(requests, quotas.queued)  # all or none
+            queued.extend(requests)
         except BaseException:
             for _ in range(len(begun) - len(queued)):  # those queued end their quota with their cancellation
                 self.usage.end(tenant)

@@ -6,21 +6,28 @@ Admission is fair across tenants and aware of adapters:
   while it is active (has requests waiting or rows running): PROMPT_WEIGHT per prompt token
   when a request is admitted, OUTPUT_WEIGHT per output token (each decode step, per row it
   holds). A tenant that becomes active starts at the least service of the tenants already
-  active (none: 0), so time spent idle is no credit, and one that ends is forgotten. (The
-  virtual token counter of Sheng et al., "Fairness in Serving Large Language Models", OSDI
-  2024.) So a tenant sending long requests gets turns as a tenant sending short ones gets
-  them, in proportion to the tokens each takes. A tenant whose oldest request is urgent
-  (below) goes first. Among equals, a tenant that was just served goes to the back of the
-  turn order (round robin). In its turn a tenant offers its best waiting request.
+  active (none: 0), or where it was if higher: time spent idle is no credit, and a lead is
+  kept through idle moments (a client calling one request at a time is idle between its
+  calls). A tenant's counter is forgotten once it is inactive and not ahead of the least
+  active service (it would start there anyway), or when no tenant is active. (The virtual
+  token counter of Sheng et al., "Fairness in Serving Large Language Models", OSDI 2024.) So
+  a tenant sending long requests gets turns as a tenant sending short ones gets them, in
+  proportion to the tokens each takes. Among equals, a tenant that was just served goes to
+  the back of the turn order (round robin). In its turn a tenant offers its best waiting
+  request; the `n` completions of one request are taken together (as many as fit), so they
+  share one prefill, and a group's prompt is charged once per pass that prefills it.
 - A tenant's best request is its oldest *urgent* one (waiting longer than
   `adapter_wait_ms`), else its oldest whose adapter is already in a slot (or chosen in this
   pass, so same-adapter requests batch together, or no adapter at all), else its oldest
   whose adapter is in host memory, else its oldest whose adapter is on disk.
 - A request whose adapter is on disk starts a read on an I/O thread and waits for it.
 - A request whose adapter cannot get a slot (every slot held by running rows or pinned)
-  waits. If that request is urgent, admission stops until it gets in: running rows finish,
-  their slots free up, and nothing new takes them first. So no request waits much longer
-  than `adapter_wait_ms` plus the longest running request, however cold its adapter.
+  waits. If that request is urgent, no request that needs an adapter is admitted until it
+  gets in (requests for the base model still are): running rows finish, their slots free up,
+  and nothing new takes them first. So once its tenant's turn comes, no request waits much
+  longer than `adapter_wait_ms` plus the longest running request, however cold its adapter.
+  Urgency orders a tenant's own requests, never the tenants: a backlog grown old does not
+  turn the turns into first come, first served.
 - Limits per step: rows (`max_batch_size`), the padded KV cache the batch can reach
   (`KvBudget`: rows x (width + most tokens still to come), `max_batch_tokens`) and prompt
   tokens prefilled together
@@ -45,7 +52,9 @@ from loramux.server.tenancy.quotas import refuse
 from loramux.server.settings import Settings
 
 _TIER_RANK = {Tier.ACCELERATOR: 0, Tier.HOST: 1, Tier.DISK: 2}
-RESERVE_RECENT_S = 10.0  # a tenant that sent a request this recently, and holds no row, has one kept free for it
+RESERVE_RECENT_S = 10.0  # a tenant that sent a request this recently, and holds no row, has a row kept free for it
+KEPT_ROWS = 1  # rows kept free for such tenants at most (and at most a quarter of the batch)
+REMEMBERED = 1024  # inactive tenants whose lead over the active ones is kept at most (the largest leads)
 PROMPT_WEIGHT = 1.0  # a tenant's service per prompt token prefilled for it
 OUTPUT_WEIGHT = 2.0  # ... per output token (a decode step of a row it holds); the weights of Sheng et al.
 
@@ -158,6 +167,45 @@ class Scheduler:
         queue.append(request)
         self._count += 1
 
+    def push_many(self, requests: list[GenerationRequest], tenant_queue_quota: int | None = None) -> None:
+        """Queue the `n` completions of one request, or none of them: room is checked for all
+        before any is queued and before any other tenant's place is given up for them."""
+        if len(requests) > 1:
+            self._check_room(requests[0].tenant, len(requests), tenant_queue_quota)
+        pushed = []
+        try:
+            for request in requests:
+                self.push(request, tenant_queue_quota)
+                pushed.append(request)
+        except BaseException:  # (not expected after the check: none stays queued either way)
+            for request in pushed:
+                self._remove(request)
+            raise
+
+    def _check_room(self, tenant: str, count: int, tenant_queue_quota: int | None) -> None:
+        """Whether `count` requests of `tenant` can be queued (push's rules, run ahead on the
+        counts alone: nothing changes); QueueFull or QuotaExceeded if not."""
+        s = self._settings
+        counts = {t: len(q) for t, q in self._waiting.items()}
+        total = self._count
+        for _ in range(count):
+            waiting = counts.get(tenant, 0)
+            if tenant_queue_quota is not None and waiting >= tenant_queue_quota:
+                raise refuse(tenant, "queued", tenant_queue_quota, waiting, f"{waiting} requests waiting, and "
+                             f"{count} completions asked for", retry_after_s=self.retry_hint_s)
+            if s.max_queue_per_tenant is not None and waiting >= s.max_queue_per_tenant:
+                raise self._full(f"tenant {tenant!r} would have more requests waiting than one tenant may queue "
+                                 f"({count} completions asked for); retry later")
+            if total >= s.max_queue:
+                heaviest = max(counts, key=lambda t: counts[t])
+                if counts[heaviest] <= waiting + 1:
+                    raise self._full(f"{total} requests are waiting, the most this server queues, and the "
+                                     f"{count} completions asked for do not fit; retry later")
+                counts[heaviest] -= 1
+                total -= 1
+            counts[tenant] = waiting + 1
+            total += 1
+
     def _floor(self, tenant: str) -> float:
         """The least service of the other tenants active now (waiting or running), or 0."""
         return min((served for other, served in self._service.items()
@@ -175,9 +223,16 @@ class Scheduler:
         self._service[tenant] += amount
 
     def _forget_inactive(self) -> None:
-        """Tenants neither waiting nor running are forgotten (at each admission pass, when no
-        admitted request is between its admission and its rows)."""
-        for tenant in [t for t in self._service if t not in self._waiting and not self._rows[t]]:
+        """Forget the counters of tenants neither waiting nor running (at each admission pass,
+        when no admitted request is between its admission and its rows) that would start at
+        the floor anyway: not ahead of the least active service, or every one when none is
+        active. Of those ahead, the REMEMBERED largest leads are kept."""
+        active = [served for t, served in self._service.items() if t in self._waiting or self._rows[t]]
+        floor = min(active) if active else None
+        inactive = [t for t in self._service if t not in self._waiting and not self._rows[t]]
+        kept = sorted((t for t in inactive if floor is not None and self._service[t] > floor),
+                      key=lambda t: self._service[t], reverse=True)[:REMEMBERED]
+        for tenant in set(inactive) - set(kept):
             del self._service[tenant]
 
     def set_running(self, rows: Counter) -> None:
@@ -226,16 +281,29 @@ class Scheduler:
         options = {t: list(self._waiting[t]) for t in self._turns}
         chosen: list[GenerationRequest] = []
         uids: set[int] = set()
-        served: list[str] = []
         blocked = False
         service = dict(self._service)  # with this pass's choices counted as they are made
 
-        def turn(tenant: str) -> tuple:
-            """A tenant whose oldest request is urgent first (the oldest of them first), then
-            the least served; among equals, the turn order (sorted keeps it)."""
-            oldest = self._waiting[tenant][0].arrival
-            urgent = now - oldest > wait_bound
-            return (not urgent, oldest if urgent else 0.0, service.get(tenant, 0.0))
+        slots_blocked = False  # an urgent request waits for a slot: only base-model requests go in meanwhile
+        prompts_counted: set[int] = set()  # groups of n whose prompt this pass prefills already
+
+        def turn(tenant: str) -> float:
+            """The least served first; among equals, the turn order (sorted keeps it)."""
+            return service.get(tenant, 0.0)
+
+        def take(request: GenerationRequest, tenant: str) -> None:
+            nonlocal rows_free, prefill_free
+            chosen.append(request)
+            held[tenant] += 1
+            if request.adapter_uid is not None:
+                uids.add(request.adapter_uid)
+            rows_free -= 1
+            budget.add(request)
+            cost = OUTPUT_WEIGHT
+            if _new_prompt(request, prompts_counted):
+                prefill_free -= request.prompt_tokens
+                cost += PROMPT_WEIGHT * request.prompt_tokens
+            service[tenant] = service.get(tenant, 0.0) + cost
 
         while rows_free > 0 and not blocked:
             progressed = False
@@ -244,7 +312,10 @@ class Scheduler:
                 if left and held[tenant] and rows_free <= self._reserved_for_others(tenant, held):
                     continue  # the last free rows wait for tenants that hold none (who may take them)
                 while left:
-                    best = min(left, key=lambda r: self._preference(r, uids, now, wait_bound))
+                    offered = [r for r in left if r.adapter_uid is None] if slots_blocked else left
+                    if not offered:
+                        break
+                    best = min(offered, key=lambda r: self._preference(r, uids, now, wait_bound))
                     left.remove(best)
                     urgent = now - best.arrival > wait_bound
                     fits = budget.fits(best) and (best.prompt_tokens <= prefill_free or not chosen)
@@ -256,29 +327,27 @@ class Scheduler:
                             ready = False
                         elif not self._cache.slots_available_for(uids | {uid}):
                             ready = False
-                            blocked = urgent
+                            slots_blocked = slots_blocked or urgent
                     if ready and not fits:
                         blocked = urgent
                     if blocked:
                         break
                     if not ready or not fits:
                         continue
-                    chosen.append(best)
-                    held[tenant] += 1
-                    if uid is not None:
-                        uids.add(uid)
-                    rows_free -= 1
-                    budget.add(best)
-                    prefill_free -= best.prompt_tokens
-                    served.append(tenant)
-                    service[tenant] = service.get(tenant, 0.0) + _admission_cost(best)
+                    take(best, tenant)
+                    if best.group is not None:  # its group's other completions with it, as many as fit
+                        for member in [r for r in left if r.group is best.group]:
+                            if rows_free <= 0 or not budget.fits(member):
+                                break
+                            left.remove(member)
+                            take(member, tenant)
                     progressed = True
                     break
                 if blocked or rows_free <= 0 or progressed:
                     break  # (after a choice, the turns again, its cost counted)
             if not progressed:
                 break
-        return self._give_slots(chosen, served)
+        return self._give_slots(chosen)
 
     def _reserved_for_others(self, tenant: str, held: Counter) -> int:
         """Rows `tenant` must leave free: one for each other tenant that sent a request within
@@ -287,7 +356,7 @@ class Scheduler:
         tenant, who then starts at the next pass instead of after a whole cohort of the
         flood's requests has ended."""
         others = sum(1 for other in self._recent if other != tenant and not held[other])
-        return min(others, self._settings.max_batch_size // 4)
+        return min(others, KEPT_ROWS, self._settings.max_batch_size // 4)
 
     def _preference(self, r: GenerationRequest, uids: set[int], now: float, wait_bound: float):
         if now - r.arrival > wait_bound:
@@ -296,10 +365,11 @@ class Scheduler:
             return (1, 0, r.arrival)
         return (1, _TIER_RANK[self._cache.tier(r.adapter_uid)], r.arrival)
 
-    def _give_slots(self, chosen: list[GenerationRequest], served: list[str]) -> list[GenerationRequest]:
+    def _give_slots(self, chosen: list[GenerationRequest]) -> list[GenerationRequest]:
         # Adapters already in slots first: promoting another must not evict one of them.
         chosen.sort(key=lambda r: r.adapter_uid is not None and self._cache.tier(r.adapter_uid) is not Tier.ACCELERATOR)
         admitted = []
+        prompts_counted: set[int] = set()
         for request in chosen:
             uid = request.adapter_uid
             timeline = request.timeline
@@ -321,9 +391,9 @@ class Scheduler:
                         timeline.load_s += self._cache.last_read_s.get(uid, 0.0)
             timeline.admitted_ns = time.time_ns()
             self._remove(request)
-            self._charge(request.tenant, _admission_cost(request))
+            self._charge(request.tenant, _admission_cost(request, prompts_counted))
             admitted.append(request)
-        for tenant in served:  # served tenants go to the back, in the order they were served
+        for tenant in dict.fromkeys(r.tenant for r in admitted):  # served tenants go to the back, in the order served
             if tenant in self._turns:
                 self._turns.remove(tenant)
                 self._turns.append(tenant)
@@ -387,8 +457,20 @@ class Scheduler:
         return QueueFull(message, retry_after_s=self.retry_hint_s, queued=self._count)
 
 
-def _admission_cost(request: GenerationRequest) -> float:
-    """The service a request's admission gives its tenant: its prompt (once for a group of n
-    completions, which is prefilled once) and the first token its prefill makes."""
-    return (PROMPT_WEIGHT * request.prompt_tokens if request.counts_prompt else 0.0) + OUTPUT_WEIGHT
+def _admission_cost(request: GenerationRequest, prompts_counted: set[int]) -> float:
+    """The service a request's admission gives its tenant: its prompt (once per pass for a
+    group of n completions: their prefill in one pass runs it once) and the first token its
+    prefill makes."""
+    return (PROMPT_WEIGHT * request.prompt_tokens if _new_prompt(request, prompts_counted) else 0.0) + OUTPUT_WEIGHT
+
+
+def _new_prompt(request: GenerationRequest, prompts_counted: set[int]) -> bool:
+    """Whether the request's prompt is prefilled for it in this pass (its group's first here),
+    noting it in `prompts_counted`."""
+    if request.group is None:
+        return True
+    if id(request.group) in prompts_counted:
+        return False
+    prompts_counted.add(id(request.group))
+    return True
 

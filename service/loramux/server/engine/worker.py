@@ -118,13 +118,15 @@ class Worker:
         started = self._pass_started
         return started is None or time.monotonic() - started < stall_s
 
-    def enqueue(self, request: GenerationRequest, tenant_queue_quota: int | None = None) -> None:
-        """Queue a validated request (the scheduler may refuse it: QueueFull, QuotaExceeded)."""
+    def enqueue(self, requests: list[GenerationRequest], tenant_queue_quota: int | None = None) -> None:
+        """Queue validated requests (the `n` completions of one call), all or none (the
+        scheduler may refuse them: QueueFull, QuotaExceeded)."""
         with self.cond:
             if self.draining:
                 raise ShuttingDown("the server is shutting down")
-            request.arrival_step = self._steps
-            self.scheduler.push(request, tenant_queue_quota)
+            for request in requests:
+                request.arrival_step = self._steps
+            self.scheduler.push_many(requests, tenant_queue_quota)
             self.cond.notify_all()
 
     def call(self, fn: Callable[[], object]) -> Future:
