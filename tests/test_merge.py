@@ -251,6 +251,8 @@ def test_merge_requests_are_checked_before_an_operation_exists(small):
         (lambda: client.combine([("qv-r4", 1.0), ("nope", 1.0)], "x"), lc.NotFound, "ADAPTER_NOT_FOUND"),
         (lambda: client.merge("qv-r4", "x", adapter_only=True, register_as="mlp-r2"), lc.AlreadyExists,
          "ADAPTER_ALREADY_EXISTS"),
+        (lambda: client.merge("qv-r4", "x", adapter_only=True, register_as=client.server_info().model_id),
+         lc.InvalidArgument, "ADAPTER_ID_RESERVED"),  # the served model's name names the base over HTTP
     ]:
         with pytest.raises(cls) as e:
             call().result(timeout=120)
