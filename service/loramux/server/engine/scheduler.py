@@ -337,7 +337,7 @@ class Scheduler:
                     take(best, tenant)
                     if best.group is not None:  # its group's other completions with it, as many as fit
                         for member in [r for r in left if r.group is best.group]:
-                            if rows_free <= 0 or not budget.fits(member):
+                            if rows_free <= self._reserved_for_others(tenant, held) or not budget.fits(member):
                                 break
                             left.remove(member)
                             take(member, tenant)
