@@ -15,7 +15,7 @@ from conftest import ADAPTERS, PROMPTS
 from loramux.server.engine.engine import Engine
 from loramux.server.engine.inputs import GenerateInput
 from loramux.server.engine.request import ErrorEvent, FinishEvent, TokenEvent
-from loramux.server.engine.structured import Constraint
+from loramux.server.engine.constraints import Constraint
 from loramux.server.model.base_model import load_base_model
 
 

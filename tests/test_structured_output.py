@@ -19,7 +19,8 @@ from conftest import ADAPTERS, PROMPTS, eventually
 from loramux.client import Client
 from loramux.client.errors import LoramuxError as ClientError
 from loramux.server.app import BackgroundServer
-from loramux.server.engine.structured import COMPILE_STACK_BYTES, MAX_SPEC_BYTES, Constraint
+from loramux.server.engine.constraints import MAX_SPEC_BYTES, Constraint
+from loramux.server.engine.structured import COMPILE_STACK_BYTES
 from loramux.server.engine.inputs import GenerateInput
 
 N = 24
@@ -515,3 +516,57 @@ def test_a_request_whose_values_break_a_shared_prefill_fails_alone(assets, serve
     logged = [r.getMessage().split(" (correlation")[0] for r in caplog.records if "correlation id" in r.getMessage()]
     assert sorted(logged) == ["prefilling 3 request(s) failed", "prefilling the request failed",
                               "starting the request failed"]
+
+
+def test_constraints_that_hang_or_kill_the_library_are_refused_in_a_child_process(assets, server, monkeypatch):
+    """Constraints a fuzzing of llguidance found to compile, or take a first mask, for minutes
+    or for ever are refused once their check in a child process outlasts CHECK_S; a child that
+    dies mid-check refuses its constraint; the engine's process serves on, its compile threads
+    free, a free request beside them equal to peft."""
+    import threading
+
+    from loramux.server.engine import grammar_check
+    from loramux.server.errors import InvalidRequest
+
+    monkeypatch.setattr(grammar_check, "CHECK_S", 1.0)
+    engine = server.engine
+    check = engine.grammars().check
+    hostile = [
+        Constraint("json_schema", '{"type": "integer", "multipleOf": 2147483648}'),  # compile: for ever
+        Constraint("json_schema", json.dumps({"allOf": [{"type": "string", "pattern": f"a{i}"} for i in range(25)]})),
+        Constraint("grammar", 'start: T0 start\nT0: "q"{1000}'),  # first mask: about 10 s
+    ]
+    with cf.ThreadPoolExecutor(len(hostile) + 1) as pool:
+        bystander = pool.submit(engine.generate, "default", GenerateInput(prompt=PROMPTS[0], max_new_tokens=N), 120)
+        outcomes = [pool.submit(engine.generate, "default", GenerateInput(prompt="fox", max_new_tokens=4, constraint=c), 60)
+                    for c in hostile]
+        for future in outcomes:
+            with pytest.raises(InvalidRequest) as e:
+                future.result()
+            assert e.value.reason == "GRAMMAR_TOO_COMPLEX" and "within 1 s" in e.value.message
+        assert bystander.result()["token_ids"] == assets.oracle(None, PROMPTS[0], N)
+    starts = check.starts
+    with pytest.raises(InvalidRequest):  # refused again from the cache: no new check
+        engine.generate("default", GenerateInput(prompt="fox", max_new_tokens=4, constraint=hostile[0]), 60)
+    assert check.starts == starts
+
+    # A child that dies while it checks (as a crash of the library would end it).
+    monkeypatch.setattr(grammar_check, "CHECK_S", 60.0)
+    dying = Constraint("json_schema", '{"type": "integer", "multipleOf": 1073741824}')
+    with cf.ThreadPoolExecutor(1) as pool:
+        future = pool.submit(engine.generate, "default", GenerateInput(prompt="fox", max_new_tokens=4, constraint=dying), 60)
+        def checking():
+            busy = [c for c in check._all if c.checking is dying]
+            assert busy
+            return busy[0]
+
+        eventually(checking)
+        checking()._process.kill()
+        with pytest.raises(InvalidRequest) as e:
+            future.result()
+    assert e.value.reason == "INVALID_GRAMMAR" and "its process ended" in e.value.message
+    started = time.monotonic()
+    result = engine.generate("default", GenerateInput(prompt="fox", max_new_tokens=4,
+                                                      constraint=Constraint("regex", "[a-c]{2}-after")), 60)
+    assert result["finish"].finish_reason.value in ("stop_token", "length") and time.monotonic() - started < 10
+    assert threading.active_count() < 200

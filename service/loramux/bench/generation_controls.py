@@ -64,7 +64,7 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
     del requests  # the batch is ROWS rows, as the per-step cost is what is measured
     from loramux.server.engine.engine import Engine
     from loramux.server.engine.inputs import GenerateInput
-    from loramux.server.engine.structured import Constraint
+    from loramux.server.engine.constraints import Constraint
     from loramux.server.model.base_model import load_base_model
     from loramux.server.settings import Settings
 

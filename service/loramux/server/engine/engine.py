@@ -187,6 +187,9 @@ class Engine:
         self.operations.cancel_running(ShuttingDown("the server is shutting down"))
         self.merges.shutdown()
         self.sync.stop()
+        with self._grammars_lock:
+            if self._grammars is not None:
+                self._grammars.close()  # its checking process, if one runs
         if self.state is not None:
             self.state.close()
         if self.objects is not None:

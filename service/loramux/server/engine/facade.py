@@ -38,7 +38,7 @@ from loramux.server.engine.inputs import (
 from loramux.server.engine.request import (
     ErrorEvent, Event, FinishEvent, FinishReason, GenerationRequest, PromptEvent, Timings, TokenEvent,
 )
-from loramux.server.engine.structured import Constraint
+from loramux.server.engine.constraints import Constraint
 from loramux.server.merging.merge import MergeJob, MergeResult
 from loramux.server.store.operations import Operation
 from loramux.server.tiers import Tier

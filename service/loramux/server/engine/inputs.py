@@ -9,7 +9,7 @@ import struct
 from loramux.server.model.base_model import BaseModel
 from loramux.server.engine.kv_cache import static_row_tokens
 from loramux.server.engine.request import SamplingParams
-from loramux.server.engine.structured import Constraint
+from loramux.server.engine.constraints import Constraint
 from loramux.server.errors import InvalidRequest, NoChatTemplate, PromptTooLong
 from loramux.server.settings import Settings
 

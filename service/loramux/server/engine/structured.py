@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import json
+import importlib
 import logging
 import queue
 import threading
@@ -34,12 +34,13 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import torch
 
+from loramux.server.engine.constraints import (
+    Constraint, compile_matcher, first_line, invalid, library_tokenizer, tokenizer_text,
+)
+from loramux.server.engine.grammar_check import GrammarCheck
 from loramux.server.errors import InvalidRequest, QueueFull
 
 log = logging.getLogger(__name__)
-KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
-MAX_SPEC_BYTES = 128 * 1024  # a schema, regex or grammar's text (a 128 KiB grammar compiles in well under a second)
-MAX_CHOICES = 1024
 COMPILE_TIMEOUT_S = 10.0  # a request waits this long for its constraint to compile (its own, or others' before it)
 COMPILE_THREADS = 2
 COMPILE_QUEUE = 64  # constraints waiting for a compile thread; more are refused as busy
@@ -47,110 +48,6 @@ COMPILE_STACK_BYTES = 256 << 20  # address space only: a 50,000-rule chain recur
 MASK_STEP_BUDGET_S = 0.005  # one row's mask per token: 10-30 us for ordinary constraints at a 32,000-token vocabulary
 MASK_SLOW_STEPS = 3  # steps in a row over the budget end the row (the first mask also builds the lexer)
 CACHE_ENTRIES = 64  # compiled constraints kept (each at most LEXER_STATES states of 1-2 kB as it is used)
-LEXER_STATES = 20_000  # per row (llguidance: 1-2 kB each, default 250,000): at most ~40 MB per constrained row
-# JSON is written compactly, as json.dumps writes it: free whitespace lets a model pad its
-# answer with newlines until max_tokens, which is the commonest failure of JSON modes.
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
-# The largest magnitude a number in a JSON schema may have. llguidance turns integer values
-# and bounds into 64-bit integers: beyond that range it saturates bounds silently (so an
-# answer could break the schema) and, where a value lands on the most negative one, its
-# process crashes (a segfault, measured with 1.9.1: `{"const": -9223372036854775807}`,
-# integer bounds of -1e40). Numbers are refused from 2^62 on, well inside the safe side.
-MAX_SCHEMA_NUMBER = 1 << 62
-
-
-@dataclasses.dataclass(frozen=True)
-class Constraint:
-    """`kind`: one of KINDS; `spec`: the JSON schema (JSON text), the regex, the Lark grammar
-    or the choices (a JSON array of strings); empty for json_object."""
-
-    kind: str
-    spec: str = ""
-
-    def check(self) -> None:
-        if self.kind not in KINDS:
-            raise _invalid(f"the structured output kind must be one of {', '.join(KINDS)}, got {self.kind[:40]!r}")
-        size = len(self.spec.encode())
-        if size > MAX_SPEC_BYTES:
-            raise _invalid(f"the {self.kind} is {size} bytes, more than the {MAX_SPEC_BYTES} this server compiles",
-                           reason="GRAMMAR_TOO_LARGE")
-        if self.kind != "json_object" and not self.spec:
-            raise _invalid(f"{self.kind} needs its text")
-
-    def grammar(self) -> str:
-        """The llguidance grammar (its JSON form), or InvalidRequest when the text is malformed."""
-        import llguidance
-
-        matcher = llguidance.LLMatcher
-        if self.kind == "json_object":
-            return matcher.grammar_from_json_schema({"type": "object"}, defaults=JSON_OPTIONS)
-        if self.kind == "json_schema":
-            schema = _json(self.spec, "json_schema")
-            if schema is True:  # JSON Schema's "anything": any JSON value
-                schema = {}
-            if schema is False or not isinstance(schema, dict):
-                raise _invalid("json_schema must be a JSON Schema: an object, or true (false allows nothing)")
-            _check_numbers(schema)
-            return matcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
-        if self.kind == "regex":
-            return matcher.grammar_from_regex(self.spec)
-        if self.kind == "grammar":
-            for schema in _embedded_schemas(self.spec):
-                _check_numbers(schema)
-            return matcher.grammar_from_lark(self.spec)
-        choices = _json(self.spec, "choice")
-        if not isinstance(choices, list) or not choices or not all(isinstance(c, str) and c for c in choices):
-            raise _invalid("choice must be a non-empty list of non-empty strings")
-        if len(choices) > MAX_CHOICES:
-            raise _invalid(f"choice holds {len(choices)} strings, more than {MAX_CHOICES}")
-        return matcher.grammar_from_lark("start: " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices))
-
-
-def _json(text: str, what: str):
-    try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:
-        raise _invalid(f"{what} is not valid JSON ({str(e)[:120]})") from None
-
-
-def _check_numbers(value) -> None:
-    """Refuse a schema holding a number of MAX_SCHEMA_NUMBER's magnitude or more, anywhere
-    (bounds, const, enum, nested values): see MAX_SCHEMA_NUMBER. Walks without recursion."""
-    stack = [value]
-    while stack:
-        item = stack.pop()
-        if isinstance(item, dict):
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-        elif isinstance(item, (int, float)) and not isinstance(item, bool) and not abs(item) < MAX_SCHEMA_NUMBER:
-            shown = str(item) if len(str(item)) <= 24 else str(item)[:21] + "..."
-            raise _invalid(f"the schema holds the number {shown}; numbers in a schema must lie within "
-                           f"+/-2^62 ({MAX_SCHEMA_NUMBER:,}), as the structured-output library reads them as 64-bit integers")
-
-
-def _embedded_schemas(grammar: str):
-    """The JSON schemas a Lark grammar embeds (`%json { ... }`); one that does not parse is
-    left to the library, which refuses it."""
-    decoder = json.JSONDecoder()
-    at = grammar.find("%json")
-    while at >= 0:
-        start = at + len("%json")
-        while start < len(grammar) and grammar[start].isspace():
-            start += 1
-        try:
-            schema, _ = decoder.raw_decode(grammar, start)
-        except (ValueError, RecursionError):
-            schema = None
-        if schema is not None:
-            yield schema
-        at = grammar.find("%json", start)
-
-
-def _invalid(message: str, reason: str = "INVALID_GRAMMAR") -> InvalidRequest:
-    return InvalidRequest(message, field="structured_output", reason=reason)
-
-
 class _Compiler:
     """A few threads with large stacks, fed from a bounded queue."""
 
@@ -210,17 +107,23 @@ class Grammars:
 
     def _build_tokenizer(self, tokenizer, eos_ids: frozenset[int]):
         try:
-            import llguidance
-            import llguidance.hf
+            importlib.import_module("llguidance")
         except ImportError as e:  # a server installed without its dependencies
             raise InvalidRequest(f"structured output needs llguidance, which is not installed ({e})",
                                  field="structured_output", reason="STRUCTURED_OUTPUT_UNAVAILABLE") from None
         try:
-            state = llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size, eos_token=sorted(eos_ids) or None)
+            text = tokenizer_text(tokenizer)
+            state = library_tokenizer(text, self.vocab_size, sorted(eos_ids))
         except Exception as e:  # noqa: BLE001 - e.g. a slow (Python) tokenizer
             raise InvalidRequest(f"structured output is not available for this model's tokenizer ({type(e).__name__}: "
                                  f"{str(e)[:160]})", field="structured_output", reason="STRUCTURED_OUTPUT_UNAVAILABLE") from None
+        self.check = GrammarCheck(text, self.vocab_size, sorted(eos_ids), children=COMPILE_THREADS)
         return state
+
+    def close(self) -> None:
+        """Stop the grammar check's child process, if one runs."""
+        if self._tokenizer.done() and self._tokenizer.exception() is None:
+            self.check.close()
 
     def matcher(self, constraint: Constraint, timeout_s: float = COMPILE_TIMEOUT_S) -> RowGrammar:
         """A fresh matcher for one request (blocking: waits for the compile, at most `timeout_s`).
@@ -241,25 +144,19 @@ class Grammars:
             if not future.running():  # still waiting behind other compiles: not this constraint's fault
                 raise QueueFull("structured-output constraints are compiling for other requests; retry shortly",
                                 reason="GRAMMAR_QUEUE_FULL", retry_after_s=1.0) from None
-            raise _invalid(f"the {constraint.kind} did not compile within {timeout_s:g} s", reason="GRAMMAR_TOO_COMPLEX") from None
+            raise invalid(f"the {constraint.kind} did not compile within {timeout_s:g} s", reason="GRAMMAR_TOO_COMPLEX") from None
         except InvalidRequest:
             raise
         except Exception as e:  # noqa: BLE001 - a library error is the constraint's
             with self._lock:
                 self._cache.pop(constraint, None)
-            raise _invalid(f"the {constraint.kind} could not be compiled ({type(e).__name__}: {str(e)[:200]})") from None
+            raise invalid(f"the {constraint.kind} could not be compiled ({type(e).__name__}: {str(e)[:200]})") from None
         return RowGrammar(self, pristine.deep_copy())
 
     def _compile(self, constraint: Constraint):
-        import llguidance
-
         state = self._tokenizer.result()
-        grammar = constraint.grammar()
-        limits = llguidance.LLParserLimits(verbose_errors=False, max_lexer_states=LEXER_STATES)  # errors quote the grammar, never the server's state
-        matcher = llguidance.LLMatcher(state, grammar, log_level=0, limits=limits)
-        if matcher.is_error():
-            raise _invalid(f"the {constraint.kind} could not be compiled: {_first_line(matcher.get_error())}")
-        return matcher
+        self.check.check(constraint)  # in a child process first: it may crash or hang the library
+        return compile_matcher(state, constraint)
 
     # -- per step (engine thread) -----------------------------------------------------------
 
@@ -307,7 +204,7 @@ class RowGrammar:
         masks cost more than MASK_STEP_BUDGET_S for MASK_SLOW_STEPS steps in a row (every
         row of the batch waits for them); else None."""
         if self.matcher.is_error():
-            return _first_line(self.matcher.get_error())
+            return first_line(self.matcher.get_error())
         self.slow_steps = self.slow_steps + 1 if seconds > MASK_STEP_BUDGET_S else 0
         if self.slow_steps >= MASK_SLOW_STEPS:
             return (f"its masks took {1000 * seconds:.1f} ms per token, more than the {1000 * MASK_STEP_BUDGET_S:g} ms "
@@ -350,5 +247,3 @@ def _mask_thread():
         return _MASK_THREAD[0]
 
 
-def _first_line(text: str) -> str:
-    return (text.strip().splitlines() or [""])[0][:300]

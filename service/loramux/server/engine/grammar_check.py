@@ -1,0 +1,217 @@
+"""Each new structured-output constraint meets the library in a child process first.
+
+llguidance compiles and masks in native code, in the engine's process. A fuzzing of it
+(docs/security.md, "Structured output") found constraints that crash the process (numbers on
+the most negative 64-bit integer, refused in constraints.py) and others whose compile or
+first mask runs for minutes or for ever, burning a core no thread can be stopped on: a
+`multipleOf` of 2147483648, twenty-five unanchored `pattern`s one string must match, a
+recursion with a long forced key and no end. No check of the text can know every such
+shape; a process can be killed. So before the engine's process compiles a constraint, a
+child process holding the same tokenizer compiles it and computes its first mask (the
+costliest step: it builds the lexer) within CHECK_S. A constraint that outlasts it, or that
+the child dies on, is refused (GRAMMAR_TOO_COMPLEX, INVALID_GRAMMAR) and the child is
+started again for the next one. Grammars caches the outcome with the compiled constraint,
+so a constraint is checked once; one child serves the checks in turn.
+
+The child is `python -m loramux.server.engine.grammar_check`: it reads JSON lines on stdin
+(first the tokenizer, then one constraint per line) and answers each with one line on
+stdout. It ends when its stdin closes (the server stopped or died).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import select
+import subprocess
+import sys
+import threading
+import time
+import weakref
+
+from loramux.server.engine.constraints import Constraint, invalid
+
+log = logging.getLogger(__name__)
+CHECK_S = 5.0  # a constraint's compile and first mask in the child (ordinary ones: milliseconds)
+START_S = 60.0  # the child's start: the library's tokenizer state (about 2 s per 32,000 tokens)
+CHILD_MEMORY_BYTES = 8 << 30  # the child's address space (the 256 MiB compile stack is address space too)
+CHILD_STACK_BYTES = 256 << 20  # deep grammars recurse deeply, as on the engine's compile threads
+
+
+class GrammarCheck:
+    """The parent's side: `children` child processes (one per compile thread, so that one
+    constraint's check never delays another's), each started when first needed, killed and
+    started again when a check outlasts CHECK_S or it dies."""
+
+    def __init__(self, tokenizer_text: str, vocab_size: int, eos_ids: list[int], children: int = 2):
+        hello = (json.dumps({"tokenizer": tokenizer_text, "vocab_size": vocab_size, "eos": eos_ids}) + "\n").encode()
+        self._all = [_Child(hello) for _ in range(children)]
+        self._free: queue.Queue[_Child] = queue.Queue()
+        for child in self._all:
+            self._free.put(child)
+
+    @property
+    def starts(self) -> int:
+        """Child processes started so far (diagnostics, tests)."""
+        return sum(child.starts for child in self._all)
+
+    def check(self, constraint: Constraint) -> None:
+        """Return when a child compiled `constraint` and took its first mask within CHECK_S;
+        InvalidRequest otherwise (the library's own refusal, too long, or the child died)."""
+        child = self._free.get()
+        try:
+            child.check(constraint)
+        finally:
+            self._free.put(child)
+
+    def close(self) -> None:
+        for child in self._all:
+            child.stop()
+
+
+class _Child:
+    def __init__(self, hello: bytes):
+        self._hello = hello
+        self._process: subprocess.Popen | None = None
+        self._pending = b""  # bytes read past the last answer's line (none, in practice)
+        self._lock = threading.Lock()
+        self.starts = 0
+        self.checking: Constraint | None = None  # the constraint the child is checking now
+        self._finalizer = weakref.finalize(self, _kill, [None])
+
+    def check(self, constraint: Constraint) -> None:
+        with self._lock:
+            process = self._started()
+            answer = None
+            self.checking = constraint
+            try:
+                process.stdin.write((json.dumps({"kind": constraint.kind, "spec": constraint.spec}) + "\n").encode())
+                process.stdin.flush()
+                answer = self._line(process, time.monotonic() + CHECK_S)
+            except OSError:  # the child is gone: as if it died on this constraint
+                pass
+            finally:
+                self.checking = None
+            if answer is None:
+                alive = process.poll() is None
+                self._stop()
+                if alive:
+                    log.warning("structured output: a %s outlasted its %g s check; its child process was stopped",
+                                constraint.kind, CHECK_S)
+                    raise invalid(f"the {constraint.kind} did not compile and take its first step within {CHECK_S:g} s",
+                                  reason="GRAMMAR_TOO_COMPLEX")
+                log.warning("structured output: the library's child process died on a %s (exit %s)", constraint.kind,
+                            process.returncode)
+                raise invalid(f"the structured-output library failed on this {constraint.kind} (its process ended)")
+        reply = json.loads(answer)
+        if "error" in reply:
+            raise invalid(str(reply["error"])[:400], reason=reply.get("reason") or "INVALID_GRAMMAR")
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _started(self) -> subprocess.Popen:
+        if self._process is not None and self._process.poll() is None:
+            return self._process
+        self._stop()
+        process = subprocess.Popen([sys.executable, "-m", "loramux.server.engine.grammar_check"], stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
+        self._process, self._pending = process, b""
+        self._finalizer.detach()
+        self._finalizer = weakref.finalize(self, _kill, [process])
+        self.starts += 1
+        try:
+            process.stdin.write(self._hello)
+            process.stdin.flush()
+            ready = self._line(process, time.monotonic() + START_S)
+        except OSError:
+            ready = None
+        if ready is None or json.loads(ready).get("ready") is not True:
+            self._stop()
+            raise invalid("structured output's checking process did not start; retry shortly",
+                          reason="STRUCTURED_OUTPUT_UNAVAILABLE")
+        return process
+
+    def _line(self, process: subprocess.Popen, deadline: float) -> bytes | None:
+        """The child's next line, or None at the deadline or if it ended first."""
+        fd = process.stdout.fileno()
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                return None
+            data = os.read(fd, 1 << 16)
+            if not data:
+                return None
+            self._pending += data
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line
+
+    def _stop(self) -> None:
+        process, self._process = self._process, None
+        if process is not None:
+            _kill([process])
+
+
+def _kill(holder: list) -> None:
+    child = holder[0]
+    if child is None:
+        return
+    for stream in (child.stdin, child.stdout):
+        try:
+            stream.close()
+        except OSError:
+            pass
+    if child.poll() is None:
+        child.kill()
+    child.wait()
+
+
+# -- the child -----------------------------------------------------------------------------
+
+
+def _serve() -> None:
+    from loramux.server.engine.constraints import compile_matcher, library_tokenizer
+    from loramux.server.errors import InvalidRequest
+
+    inp, out = sys.stdin.buffer, sys.stdout.buffer
+
+    def answer(value: dict) -> None:
+        out.write((json.dumps(value) + "\n").encode())
+        out.flush()
+
+    hello = json.loads(inp.readline())
+    state = library_tokenizer(hello["tokenizer"], hello["vocab_size"], hello["eos"])
+    answer({"ready": True})
+    for line in inp:
+        request = json.loads(line)
+        try:
+            matcher = compile_matcher(state, Constraint(request["kind"], request["spec"]))
+            matcher.compute_bitmask()  # the first mask builds the lexer: the step that ran for minutes
+            if matcher.is_error():
+                raise InvalidRequest(f"the {request['kind']} failed at its first step: "
+                                     f"{matcher.get_error().strip()[:300]}", reason="INVALID_GRAMMAR")
+            answer({"ok": True})
+        except InvalidRequest as e:
+            answer({"error": e.message, "reason": e.reason})
+        except Exception as e:  # noqa: BLE001 - a library error is the constraint's
+            answer({"error": f"the {request['kind']} could not be compiled ({type(e).__name__}: {str(e)[:200]})"})
+
+
+def main() -> None:
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY_BYTES, CHILD_MEMORY_BYTES))
+    except (ImportError, ValueError, OSError):  # a lower hard limit already: it stays
+        pass
+    threading.stack_size(CHILD_STACK_BYTES)
+    worker = threading.Thread(target=_serve, name="loramux-grammar-check")
+    worker.start()
+    worker.join()
+
+
+if __name__ == "__main__":
+    main()
