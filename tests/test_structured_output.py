@@ -564,9 +564,43 @@ def test_constraints_that_hang_or_kill_the_library_are_refused_in_a_child_proces
         checking()._process.kill()
         with pytest.raises(InvalidRequest) as e:
             future.result()
-    assert e.value.reason == "INVALID_GRAMMAR" and "its process ended" in e.value.message
+    assert e.value.reason == "INVALID_GRAMMAR" and "its process ended" in e.value.message, e.value.message
     started = time.monotonic()
     result = engine.generate("default", GenerateInput(prompt="fox", max_new_tokens=4,
                                                       constraint=Constraint("regex", "[a-c]{2}-after")), 60)
     assert result["finish"].finish_reason.value in ("stop_token", "length") and time.monotonic() - started < 10
     assert threading.active_count() < 200
+
+
+def test_a_row_whose_mask_outlasts_the_step_wait_ends_and_the_batch_goes_on(assets, server, ll_tokenizer, monkeypatch):
+    """A mask call that runs for seconds (a forced loop with no end: about 2 s in its first
+    mask, let through the child's check here) is waited for MASK_WAIT_S at most: its row ends,
+    the rows beside it, constrained or free, get peft's tokens under their own masks."""
+    import threading
+
+    from loramux.server.engine import grammar_check, structured
+    from loramux.server.errors import LoramuxError
+
+    monkeypatch.setattr(grammar_check, "CHECK_S", 30.0)
+    monkeypatch.setattr(structured, "MASK_WAIT_S", 0.3)
+    engine = server.engine
+    slow = Constraint("grammar", 'start: T0 start\nT0: "q"{200}')
+    jobs = [("slow", None, PROMPTS[0], slow), ("person", "qv-r4", PROMPTS[1], CONSTRAINTS["person"]),
+            ("date", None, PROMPTS[2], CONSTRAINTS["date"]), ("free", "mlp-r2", PROMPTS[3], None)]
+    engine.grammars().matcher(slow, 60)  # compiled (and checked) before the batch
+    gate = threading.Event()
+    paused = engine.call_on_engine(gate.wait)
+    with cf.ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(engine.generate, "default", GenerateInput(adapter_id=a or "", prompt=p,
+                                                                                max_new_tokens=N, constraint=c), 120)
+                   for name, a, p, c in jobs}
+        eventually(lambda: engine.stats().waiting == len(jobs))
+        gate.set()
+        paused.result(10)
+        with pytest.raises(LoramuxError) as e:
+            futures["slow"].result()
+        assert e.value.reason == "GRAMMAR_FAILED" and "more than 0.3 s" in e.value.message, e.value.message
+        for name, adapter, prompt, c in jobs[1:]:
+            want = (constrained_oracle(assets, ll_tokenizer, adapter, prompt, c, N) if c is not None
+                    else assets.oracle(adapter, prompt, N))
+            assert futures[name].result()["token_ids"] == want, name

@@ -274,13 +274,14 @@ class Batch:
             generated = _on_device([row.generated + lag for row in rows], logits.device)
         allowed = None
         if pending is not None:
-            constrained, grammars, started = pending
-            mask = grammars[0].grammars.allowed(started, logits.device)  # [k, V]
-            seconds = started[2]
+            constrained, grammars, masks = pending
+            mask = grammars[0].grammars.allowed(masks, logits.device)  # [k, V]
+            seconds = masks.seconds
             allowed = (torch.tensor(constrained, dtype=torch.long, device=logits.device), mask)
             stuck = (~mask.any(dim=-1)).tolist()
             for j, (i, grammar) in enumerate(zip(constrained, grammars)):
-                why = grammar.failed(seconds[j]) or ("it allows no token here" if stuck[j] else None)
+                why = (grammar.late(seconds[j]) if j in masks.late else grammar.failed(seconds[j])) or (
+                    "it allows no token here" if stuck[j] else None)
                 if why is not None:  # this row alone fails; its token below is not used
                     rows[i].done = True
                     rows[i].request.emit(ErrorEvent(GrammarFailed(

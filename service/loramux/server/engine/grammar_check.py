@@ -84,20 +84,19 @@ class _Child:
     def check(self, constraint: Constraint) -> None:
         with self._lock:
             process = self._started()
-            answer = None
+            answer, died = None, False
             self.checking = constraint
             try:
                 process.stdin.write((json.dumps({"kind": constraint.kind, "spec": constraint.spec}) + "\n").encode())
                 process.stdin.flush()
                 answer = self._line(process, time.monotonic() + CHECK_S)
-            except OSError:  # the child is gone: as if it died on this constraint
-                pass
+            except (OSError, EOFError):  # the child is gone: it died on this constraint
+                died = True
             finally:
                 self.checking = None
             if answer is None:
-                alive = process.poll() is None
                 self._stop()
-                if alive:
+                if not died:
                     log.warning("structured output: a %s outlasted its %g s check; its child process was stopped",
                                 constraint.kind, CHECK_S)
                     raise invalid(f"the {constraint.kind} did not compile and take its first step within {CHECK_S:g} s",
@@ -127,7 +126,7 @@ class _Child:
             process.stdin.write(self._hello)
             process.stdin.flush()
             ready = self._line(process, time.monotonic() + START_S)
-        except OSError:
+        except (OSError, EOFError):
             ready = None
         if ready is None or json.loads(ready).get("ready") is not True:
             self._stop()
@@ -136,7 +135,7 @@ class _Child:
         return process
 
     def _line(self, process: subprocess.Popen, deadline: float) -> bytes | None:
-        """The child's next line, or None at the deadline or if it ended first."""
+        """The child's next line; None at the deadline, EOFError if it ended first."""
         fd = process.stdout.fileno()
         while b"\n" not in self._pending:
             left = deadline - time.monotonic()
@@ -144,7 +143,7 @@ class _Child:
                 return None
             data = os.read(fd, 1 << 16)
             if not data:
-                return None
+                raise EOFError("the checking process ended")
             self._pending += data
         line, _, self._pending = self._pending.partition(b"\n")
         return line

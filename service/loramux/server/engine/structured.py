@@ -47,6 +47,8 @@ COMPILE_QUEUE = 64  # constraints waiting for a compile thread; more are refused
 COMPILE_STACK_BYTES = 256 << 20  # address space only: a 50,000-rule chain recurses past 8 MiB
 MASK_STEP_BUDGET_S = 0.005  # one row's mask per token: 10-30 us for ordinary constraints at a 32,000-token vocabulary
 MASK_SLOW_STEPS = 3  # steps in a row over the budget end the row (the first mask also builds the lexer)
+MASK_WAIT_S = 1.0  # a step waits this long for its masks at most: a row whose mask is not done by then ends
+MASK_THREADS = 2  # threads computing a step's masks (a late one is lost until the library returns)
 CACHE_ENTRIES = 64  # compiled constraints kept (each at most LEXER_STATES states of 1-2 kB as it is used)
 class _Compiler:
     """A few threads with large stacks, fed from a bounded queue."""
@@ -160,35 +162,88 @@ class Grammars:
 
     # -- per step (engine thread) -----------------------------------------------------------
 
-    def start_masks(self, matchers: list) -> tuple[torch.Tensor, Future, list[float]]:
+    def start_masks(self, matchers: list) -> Masks:
         """Start computing the masks of `matchers` (one per constrained row, in order) on the
-        mask thread (llguidance drops the GIL while it works); returns the bitmask [k, words]
-        int32 (filled once the future is done), the future, and each row's seconds (set by
-        then). The caller runs its forward pass meanwhile. A matcher that raises gets an
-        empty mask: its row alone ends."""
-        bitmask = torch.zeros((len(matchers), self._words), dtype=torch.int32)
-        seconds = [0.0] * len(matchers)
-        size = self._words * 4
+        mask threads (llguidance drops the GIL while it works), the rows split among them.
+        The caller runs its forward pass meanwhile, then takes them with `allowed`."""
+        masks = Masks(matchers, self._words)
+        pool = _mask_threads()
+        for chunk in masks.chunks(MASK_THREADS):
+            pool.submit(masks.fill, chunk)
+        return masks
 
-        def fill() -> None:
-            base = bitmask.data_ptr()
-            for i, matcher in enumerate(matchers):
-                started = time.perf_counter()
-                try:
-                    matcher.unsafe_compute_mask_ptr(base + i * size, size)
-                except Exception:  # noqa: BLE001 - this row's constraint is broken: it allows nothing
-                    log.exception("structured output: a row's mask could not be computed")
-                    bitmask[i] = 0
-                seconds[i] = time.perf_counter() - started
-        return bitmask, _mask_thread().submit(fill), seconds
-
-    def allowed(self, pending: tuple[torch.Tensor, Future, list[float]], device: torch.device) -> torch.Tensor:
-        """The finished masks as booleans [k, vocab_size] on `device`."""
-        bitmask, future, _ = pending
-        future.result()
-        words = bitmask.to(device)
+    def allowed(self, masks: Masks, device: torch.device) -> torch.Tensor:
+        """The masks as booleans [k, vocab_size] on `device`, waiting at most MASK_WAIT_S for
+        them. A row whose mask is still being computed then is late (`Masks.late`: its row
+        ends; the computation runs on, its thread lost until the library returns); rows whose
+        turn had not come are computed here, on the caller's thread."""
+        masks.wait(MASK_WAIT_S)
+        words = masks.bitmask.to(device)
         bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
         return bits.reshape(len(words), -1)[:, : self.vocab_size].bool()
+
+
+class Masks:
+    """One step's masks: each row is claimed by one thread (a mask thread, or at the deadline
+    the caller's) before its matcher is touched, so that no matcher is ever used by two."""
+
+    def __init__(self, matchers: list, words: int):
+        self.matchers = matchers
+        self.bitmask = torch.zeros((len(matchers), words), dtype=torch.int32)
+        self.seconds = [0.0] * len(matchers)  # each row's mask time (a late row: how long it was waited for)
+        self.late: set[int] = set()  # rows whose mask was not done by the deadline (their rows end)
+        self._size = words * 4
+        self._lock = threading.Lock()
+        self._claimed = [False] * len(matchers)
+        self._done = [threading.Event() for _ in matchers]
+        self._closed = False  # the deadline passed: mask threads take no more rows
+
+    def chunks(self, parts: int) -> list[range]:
+        k = len(self.matchers)
+        step = max(1, -(-k // max(1, parts)))
+        return [range(i, min(k, i + step)) for i in range(0, k, step)]
+
+    def fill(self, rows: range) -> None:
+        for i in rows:
+            with self._lock:
+                if self._closed or self._claimed[i]:
+                    return
+                self._claimed[i] = True
+            self._compute(i)
+
+    def _compute(self, i: int) -> None:
+        started = time.perf_counter()
+        try:
+            self.matchers[i].unsafe_compute_mask_ptr(self.bitmask.data_ptr() + i * self._size, self._size)
+        except Exception:  # noqa: BLE001 - this row's constraint is broken: it allows nothing
+            log.exception("structured output: a row's mask could not be computed")
+            self.bitmask[i] = 0
+        self.seconds[i] = time.perf_counter() - started
+        self._done[i].set()
+
+    def wait(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        for done in self._done:
+            if not done.wait(max(0.0, deadline - time.monotonic())):
+                break
+        with self._lock:
+            self._closed = True
+            unclaimed = [i for i, claimed in enumerate(self._claimed) if not claimed]
+            for i in unclaimed:
+                self._claimed[i] = True
+        for i in unclaimed:  # (their threads were busy elsewhere: computed here)
+            self._compute(i)
+        for i, done in enumerate(self._done):
+            if not done.is_set():  # still in the library: its row ends, its result is not read
+                self.late.add(i)
+                self.seconds[i] = timeout_s
+        if self.late:
+            # A late computation still writes into the buffer it was given: kept alive (by this
+            # object, which its thread holds), and the rows are read from a copy.
+            self._written = self.bitmask
+            self.bitmask = self.bitmask.clone()
+            self.bitmask[sorted(self.late)] = 0
+            log.warning("structured output: %d row(s)' masks took over %g s; those rows end", len(self.late), timeout_s)
 
 
 @dataclasses.dataclass(eq=False)
@@ -210,6 +265,13 @@ class RowGrammar:
             return (f"its masks took {1000 * seconds:.1f} ms per token, more than the {1000 * MASK_STEP_BUDGET_S:g} ms "
                     "this server allows (every row of the batch waits for them)")
         return None
+
+    def late(self, waited_s: float) -> str:
+        """Why the row ends when its mask was not done after `waited_s` (its matcher is still in
+        the library, on a mask thread: never used again)."""
+        self.matcher = None
+        return (f"its mask took more than {waited_s:g} s, the longest this server waits (every row of the batch "
+                "waits for it)")
 
     def consume(self, token: int) -> bool:
         """Take the row's chosen token; False when the grammar refuses it (the row must end)."""
@@ -237,13 +299,13 @@ def _compiler() -> _Compiler:
         return _COMPILER[0]
 
 
-def _mask_thread():
-    """One thread that waits on llguidance's mask computation (which drops the GIL), so that
-    the engine thread runs the forward pass at the same time."""
+def _mask_threads():
+    """Threads that wait on llguidance's mask computation (which drops the GIL), so that the
+    engine thread runs the forward pass at the same time (shared by every engine in the process)."""
     with _MASK_LOCK:
         if not _MASK_THREAD:
             from concurrent.futures import ThreadPoolExecutor
-            _MASK_THREAD.append(ThreadPoolExecutor(1, thread_name_prefix="loramux-masks"))
+            _MASK_THREAD.append(ThreadPoolExecutor(MASK_THREADS, thread_name_prefix="loramux-masks"))
         return _MASK_THREAD[0]
 
 
