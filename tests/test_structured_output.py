@@ -215,6 +215,9 @@ def test_grpc_and_http_name_the_refusal(server):
         with pytest.raises(openai.BadRequestError) as newer:
             client.completions.create(model="qv-r4", prompt="fox", extra_body={"structured_outputs": {"regex": "(x"}})
         assert newer.value.body["param"] == "structured_outputs"
+        with pytest.raises(openai.BadRequestError) as again:  # the same constraint's cached refusal, named anew
+            client.completions.create(model="qv-r4", prompt="fox", extra_body={"guided_regex": "(x"})
+        assert again.value.body["param"] == "guided_regex"
         with pytest.raises(openai.BadRequestError) as both:
             client.completions.create(model="qv-r4", prompt="fox",
                                       extra_body={"response_format": {"type": "json_object"}, "guided_regex": "a"})
@@ -585,7 +588,9 @@ def test_a_row_whose_mask_outlasts_the_step_wait_ends_and_the_batch_goes_on(asse
     monkeypatch.setattr(structured, "MASK_WAIT_S", 0.3)
     engine = server.engine
     slow = Constraint("grammar", 'start: T0 start\nT0: "q"{200}')
-    jobs = [("slow", None, PROMPTS[0], slow), ("person", "qv-r4", PROMPTS[1], CONSTRAINTS["person"]),
+    # Two slow rows first: both mask threads are lost in them, and new ones take the other rows.
+    jobs = [("slow", None, PROMPTS[0], slow), ("slow2", "qv-r4", PROMPTS[0], slow),
+            ("person", "qv-r4", PROMPTS[1], CONSTRAINTS["person"]),
             ("date", None, PROMPTS[2], CONSTRAINTS["date"]), ("free", "mlp-r2", PROMPTS[3], None)]
     engine.grammars().matcher(slow, 60)  # compiled (and checked) before the batch
     gate = threading.Event()
@@ -597,10 +602,11 @@ def test_a_row_whose_mask_outlasts_the_step_wait_ends_and_the_batch_goes_on(asse
         eventually(lambda: engine.stats().waiting == len(jobs))
         gate.set()
         paused.result(10)
-        with pytest.raises(LoramuxError) as e:
-            futures["slow"].result()
-        assert e.value.reason == "GRAMMAR_FAILED" and "more than 0.3 s" in e.value.message, e.value.message
-        for name, adapter, prompt, c in jobs[1:]:
+        for name in ("slow", "slow2"):
+            with pytest.raises(LoramuxError) as e:
+                futures[name].result()
+            assert e.value.reason == "GRAMMAR_FAILED" and "more than 0.3 s" in e.value.message, e.value.message
+        for name, adapter, prompt, c in jobs[2:]:
             want = (constrained_oracle(assets, ll_tokenizer, adapter, prompt, c, N) if c is not None
                     else assets.oracle(adapter, prompt, N))
             assert futures[name].result()["token_ids"] == want, name

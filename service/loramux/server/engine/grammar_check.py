@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import queue
-import select
+import selectors
 import subprocess
 import sys
 import threading
@@ -66,9 +66,14 @@ class GrammarCheck:
         finally:
             self._free.put(child)
 
+    @property
+    def starting(self) -> bool:
+        """Whether a child is starting now (a check waiting for it is not its constraint's fault)."""
+        return any(child.starting for child in self._all)
+
     def close(self) -> None:
         for child in self._all:
-            child.stop()
+            child.stop(closed=True)
 
 
 class _Child:
@@ -79,6 +84,8 @@ class _Child:
         self._lock = threading.Lock()
         self.starts = 0
         self.checking: Constraint | None = None  # the constraint the child is checking now
+        self.starting = False
+        self._closed = False
         self._finalizer = weakref.finalize(self, _kill, [None])
 
     def check(self, constraint: Constraint) -> None:
@@ -92,10 +99,14 @@ class _Child:
                 answer = self._line(process, time.monotonic() + CHECK_S)
             except (OSError, EOFError):  # the child is gone: it died on this constraint
                 died = True
+            except BaseException:  # anything else: the child's state is unknown, it goes
+                self._stop()
+                raise
             finally:
                 self.checking = None
             if answer is None:
                 self._stop()
+                self._restart_soon()
                 if not died:
                     log.warning("structured output: a %s outlasted its %g s check; its child process was stopped",
                                 constraint.kind, CHECK_S)
@@ -108,14 +119,37 @@ class _Child:
         if "error" in reply:
             raise invalid(str(reply["error"])[:400], reason=reply.get("reason") or "INVALID_GRAMMAR")
 
-    def stop(self) -> None:
+    def stop(self, closed: bool = False) -> None:
         with self._lock:
+            self._closed = self._closed or closed
             self._stop()
+
+    def _restart_soon(self) -> None:
+        """Start the next child now, in the background, so that the next constraint does not
+        wait for it (the lock is taken when this one's check has let it go)."""
+        def start() -> None:
+            with self._lock:
+                if self._closed:
+                    return
+                try:
+                    self._started()
+                except Exception:  # noqa: BLE001 - the next check starts it, or says why it cannot
+                    log.exception("structured output: restarting the checking process failed")
+        threading.Thread(target=start, name="loramux-grammar-check-start", daemon=True).start()
 
     def _started(self) -> subprocess.Popen:
         if self._process is not None and self._process.poll() is None:
             return self._process
         self._stop()
+        if self._closed:
+            raise invalid("structured output is stopping with its engine", reason="STRUCTURED_OUTPUT_UNAVAILABLE")
+        self.starting = True
+        try:
+            return self._start()
+        finally:
+            self.starting = False
+
+    def _start(self) -> subprocess.Popen:
         process = subprocess.Popen([sys.executable, "-m", "loramux.server.engine.grammar_check"], stdin=subprocess.PIPE,
                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, close_fds=True)
         self._process, self._pending = process, b""
@@ -128,6 +162,9 @@ class _Child:
             ready = self._line(process, time.monotonic() + START_S)
         except (OSError, EOFError):
             ready = None
+        except BaseException:
+            self._stop()
+            raise
         if ready is None or json.loads(ready).get("ready") is not True:
             self._stop()
             raise invalid("structured output's checking process did not start; retry shortly",
@@ -137,14 +174,16 @@ class _Child:
     def _line(self, process: subprocess.Popen, deadline: float) -> bytes | None:
         """The child's next line; None at the deadline, EOFError if it ended first."""
         fd = process.stdout.fileno()
-        while b"\n" not in self._pending:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                return None
-            data = os.read(fd, 1 << 16)
-            if not data:
-                raise EOFError("the checking process ended")
-            self._pending += data
+        with selectors.DefaultSelector() as selector:  # (not select(): descriptors past 1024)
+            selector.register(fd, selectors.EVENT_READ)
+            while b"\n" not in self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or not selector.select(left):
+                    return None
+                data = os.read(fd, 1 << 16)
+                if not data:
+                    raise EOFError("the checking process ended")
+                self._pending += data
         line, _, self._pending = self._pending.partition(b"\n")
         return line
 
@@ -199,7 +238,17 @@ def _serve() -> None:
             answer({"error": f"the {request['kind']} could not be compiled ({type(e).__name__}: {str(e)[:200]})"})
 
 
+def _watch_parent(parent: int) -> None:
+    """End this process when the server's is gone (a server killed outright never closes the
+    pipe's other end if a process it forked still holds it)."""
+    while True:
+        time.sleep(1.0)
+        if os.getppid() != parent:
+            os._exit(0)
+
+
 def main() -> None:
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), name="parent-watch", daemon=True).start()
     try:
         import resource
 

@@ -230,8 +230,9 @@ class Scheduler:
         active = [served for t, served in self._service.items() if t in self._waiting or self._rows[t]]
         floor = min(active) if active else None
         inactive = [t for t in self._service if t not in self._waiting and not self._rows[t]]
-        kept = sorted((t for t in inactive if floor is not None and self._service[t] > floor),
-                      key=lambda t: self._service[t], reverse=True)[:REMEMBERED]
+        kept = [t for t in inactive if floor is not None and self._service[t] > floor]
+        if len(kept) > REMEMBERED:  # (sorted only then: this runs at every admission pass)
+            kept = sorted(kept, key=lambda t: self._service[t], reverse=True)[:REMEMBERED]
         for tenant in set(inactive) - set(kept):
             del self._service[tenant]
 

@@ -49,6 +49,7 @@ MASK_STEP_BUDGET_S = 0.005  # one row's mask per token: 10-30 us for ordinary co
 MASK_SLOW_STEPS = 3  # steps in a row over the budget end the row (the first mask also builds the lexer)
 MASK_WAIT_S = 1.0  # a step waits this long for its masks at most: a row whose mask is not done by then ends
 MASK_THREADS = 2  # threads computing a step's masks (a late one is lost until the library returns)
+MAX_LOST_MASK_THREADS = 4  # threads lost in late calls at once: past it, new constraints are refused until one returns
 CACHE_ENTRIES = 64  # compiled constraints kept (each at most LEXER_STATES states of 1-2 kB as it is used)
 class _Compiler:
     """A few threads with large stacks, fed from a bounded queue."""
@@ -104,6 +105,8 @@ class Grammars:
         self._compiler = _compiler()
         self._cache: collections.OrderedDict[Constraint, Future] = collections.OrderedDict()
         self._lock = threading.Lock()
+        self.check: GrammarCheck | None = None  # (made with the tokenizer's state)
+        self._closed = False
         # Building the tokenizer's state reads every token (about 2 s at 32,000): started now, waited for by the first request.
         self._tokenizer: Future = self._compiler.submit(lambda: self._build_tokenizer(tokenizer, eos_ids))
 
@@ -120,17 +123,23 @@ class Grammars:
             raise InvalidRequest(f"structured output is not available for this model's tokenizer ({type(e).__name__}: "
                                  f"{str(e)[:160]})", field="structured_output", reason="STRUCTURED_OUTPUT_UNAVAILABLE") from None
         self.check = GrammarCheck(text, self.vocab_size, sorted(eos_ids), children=COMPILE_THREADS)
+        if self._closed:  # (closed while the state was being built)
+            self.check.close()
         return state
 
     def close(self) -> None:
-        """Stop the grammar check's child process, if one runs."""
-        if self._tokenizer.done() and self._tokenizer.exception() is None:
+        """Stop the grammar check's child processes (and start none after)."""
+        self._closed = True
+        if self.check is not None:
             self.check.close()
 
     def matcher(self, constraint: Constraint, timeout_s: float = COMPILE_TIMEOUT_S) -> RowGrammar:
         """A fresh matcher for one request (blocking: waits for the compile, at most `timeout_s`).
         InvalidRequest when the constraint does not compile, or takes too long."""
         constraint.check()
+        if _mask_pool().lost_now >= MAX_LOST_MASK_THREADS:
+            raise QueueFull("structured output's mask threads are held by constraints the library is slow on; retry "
+                            "shortly", reason="GRAMMAR_QUEUE_FULL", retry_after_s=5.0)
         with self._lock:
             future = self._cache.get(constraint)
             if future is not None:
@@ -143,11 +152,17 @@ class Grammars:
         try:
             pristine = future.result(timeout_s)
         except FutureTimeout:
-            if not future.running():  # still waiting behind other compiles: not this constraint's fault
+            check = self.check
+            if not future.running() or (check is not None and check.starting):  # behind other compiles, or a
+                # checking process's start: not this constraint's fault
                 raise QueueFull("structured-output constraints are compiling for other requests; retry shortly",
                                 reason="GRAMMAR_QUEUE_FULL", retry_after_s=1.0) from None
             raise invalid(f"the {constraint.kind} did not compile within {timeout_s:g} s", reason="GRAMMAR_TOO_COMPLEX") from None
-        except InvalidRequest:
+        except InvalidRequest as e:
+            if e.reason == "STRUCTURED_OUTPUT_UNAVAILABLE":  # (no checking process: not this constraint's answer)
+                with self._lock:
+                    if self._cache.get(constraint) is future:
+                        del self._cache[constraint]
             raise
         except Exception as e:  # noqa: BLE001 - a library error is the constraint's
             with self._lock:
@@ -164,86 +179,100 @@ class Grammars:
 
     def start_masks(self, matchers: list) -> Masks:
         """Start computing the masks of `matchers` (one per constrained row, in order) on the
-        mask threads (llguidance drops the GIL while it works), the rows split among them.
-        The caller runs its forward pass meanwhile, then takes them with `allowed`."""
+        mask threads (llguidance drops the GIL while it works), each taking the next row
+        until none is left. The caller runs its forward pass meanwhile, then takes them with
+        `allowed`."""
         masks = Masks(matchers, self._words)
-        pool = _mask_threads()
-        for chunk in masks.chunks(MASK_THREADS):
-            pool.submit(masks.fill, chunk)
+        _mask_pool().submit(masks)
         return masks
 
     def allowed(self, masks: Masks, device: torch.device) -> torch.Tensor:
-        """The masks as booleans [k, vocab_size] on `device`, waiting at most MASK_WAIT_S for
-        them. A row whose mask is still being computed then is late (`Masks.late`: its row
-        ends; the computation runs on, its thread lost until the library returns); rows whose
-        turn had not come are computed here, on the caller's thread."""
-        masks.wait(MASK_WAIT_S)
+        """The masks as booleans [k, vocab_size] on `device`, waiting MASK_WAIT_S at most
+        (twice, when every mask thread was lost to a late row: see `Masks.wait`)."""
+        masks.wait(MASK_WAIT_S, _mask_pool())
         words = masks.bitmask.to(device)
         bits = (words[:, :, None] >> torch.arange(32, dtype=torch.int32, device=device)) & 1
         return bits.reshape(len(words), -1)[:, : self.vocab_size].bool()
 
 
 class Masks:
-    """One step's masks: each row is claimed by one thread (a mask thread, or at the deadline
-    the caller's) before its matcher is touched, so that no matcher is ever used by two."""
+    """One step's masks. Mask threads take rows one at a time (a row is claimed before its
+    matcher is touched, so no matcher is ever used by two threads). A row whose mask is still
+    in the library when the step stops waiting is late: its row ends, its matcher is never
+    used again, and its thread is lost to the pool until the call returns (the pool starts a
+    new one). Library work never runs on the caller's (the engine's) thread."""
 
     def __init__(self, matchers: list, words: int):
         self.matchers = matchers
         self.bitmask = torch.zeros((len(matchers), words), dtype=torch.int32)
         self.seconds = [0.0] * len(matchers)  # each row's mask time (a late row: how long it was waited for)
-        self.late: set[int] = set()  # rows whose mask was not done by the deadline (their rows end)
+        self.late: set[int] = set()  # rows whose mask was not done in time (their rows end)
         self._size = words * 4
         self._lock = threading.Lock()
-        self._claimed = [False] * len(matchers)
-        self._done = [threading.Event() for _ in matchers]
-        self._closed = False  # the deadline passed: mask threads take no more rows
+        self._next = 0  # the next row no thread has taken
+        self._finished = [False] * len(matchers)
+        self._left = len(matchers)  # rows neither done nor late
+        self._done = threading.Event()
+        self._closed = False  # the step stopped waiting: no thread takes another row
+        if not matchers:
+            self._done.set()
 
-    def chunks(self, parts: int) -> list[range]:
-        k = len(self.matchers)
-        step = max(1, -(-k // max(1, parts)))
-        return [range(i, min(k, i + step)) for i in range(0, k, step)]
-
-    def fill(self, rows: range) -> None:
-        for i in rows:
+    def work(self) -> bool:
+        """Take rows and compute their masks until none is left; True when this thread's row
+        went late while it computed (the thread is lost: the pool has replaced it)."""
+        while True:
             with self._lock:
-                if self._closed or self._claimed[i]:
-                    return
-                self._claimed[i] = True
-            self._compute(i)
+                if self._closed or self._next >= len(self.matchers):
+                    return False
+                i = self._next
+                self._next += 1
+            started = time.perf_counter()
+            try:
+                self.matchers[i].unsafe_compute_mask_ptr(self.bitmask.data_ptr() + i * self._size, self._size)
+            except Exception:  # noqa: BLE001 - this row's constraint is broken: it allows nothing
+                log.exception("structured output: a row's mask could not be computed")
+                self.bitmask[i] = 0
+            with self._lock:
+                if i in self.late:
+                    return True
+                self.seconds[i] = time.perf_counter() - started
+                self._finished[i] = True
+                self._left -= 1
+                if not self._left:
+                    self._done.set()
 
-    def _compute(self, i: int) -> None:
-        started = time.perf_counter()
-        try:
-            self.matchers[i].unsafe_compute_mask_ptr(self.bitmask.data_ptr() + i * self._size, self._size)
-        except Exception:  # noqa: BLE001 - this row's constraint is broken: it allows nothing
-            log.exception("structured output: a row's mask could not be computed")
-            self.bitmask[i] = 0
-        self.seconds[i] = time.perf_counter() - started
-        self._done[i].set()
-
-    def wait(self, timeout_s: float) -> None:
-        deadline = time.monotonic() + timeout_s
-        for done in self._done:
-            if not done.wait(max(0.0, deadline - time.monotonic())):
+    def wait(self, timeout_s: float, pool: _MaskPool) -> None:
+        """Wait for the masks, `timeout_s` at most; the rows still being computed then are
+        late. If rows were left that no thread had taken (every thread was in a late row),
+        the pool's new threads take them, for `timeout_s` more at most."""
+        for _ in range(2):
+            if self._done.wait(timeout_s):
                 break
+            with self._lock:
+                taken = [i for i in range(self._next) if i not in self.late and not self._finished[i]]
+                self.late.update(taken)
+                self._left -= len(taken)
+                for i in taken:
+                    self.seconds[i] = timeout_s
+                if not self._left:
+                    self._done.set()
+            pool.lost(len(taken))
+            if self._done.is_set():
+                break
+            pool.submit(self)  # (the rows no thread took yet, for the threads that replace the lost)
         with self._lock:
             self._closed = True
-            unclaimed = [i for i, claimed in enumerate(self._claimed) if not claimed]
-            for i in unclaimed:
-                self._claimed[i] = True
-        for i in unclaimed:  # (their threads were busy elsewhere: computed here)
-            self._compute(i)
-        for i, done in enumerate(self._done):
-            if not done.is_set():  # still in the library: its row ends, its result is not read
-                self.late.add(i)
-                self.seconds[i] = timeout_s
+            untaken = list(range(self._next, len(self.matchers)))
+            self._next = len(self.matchers)
+            self.late.update(untaken)  # (every mask thread lost: these rows end too)
         if self.late:
-            # A late computation still writes into the buffer it was given: kept alive (by this
-            # object, which its thread holds), and the rows are read from a copy.
+            log.warning("structured output: %d row(s)' masks were not done within %g s; those rows end",
+                        len(self.late), timeout_s)
+            # A late computation still writes into the buffer it was given: kept alive (this
+            # object, which its thread holds, keeps it), and the rows are read from a copy.
             self._written = self.bitmask
             self.bitmask = self.bitmask.clone()
             self.bitmask[sorted(self.late)] = 0
-            log.warning("structured output: %d row(s)' masks took over %g s; those rows end", len(self.late), timeout_s)
 
 
 @dataclasses.dataclass(eq=False)
@@ -286,9 +315,17 @@ class RowGrammar:
         return bool(self.matcher.is_stopped() or self.matcher.is_accepting())
 
 
-_MASK_THREAD: list = []
+_MASK_POOL: list = []
 _COMPILER: list = []
 _MASK_LOCK = threading.Lock()
+
+
+def _mask_pool() -> _MaskPool:
+    """The process's mask threads (shared by every engine in it)."""
+    with _MASK_LOCK:
+        if not _MASK_POOL:
+            _MASK_POOL.append(_MaskPool(MASK_THREADS))
+        return _MASK_POOL[0]
 
 
 def _compiler() -> _Compiler:
@@ -299,13 +336,40 @@ def _compiler() -> _Compiler:
         return _COMPILER[0]
 
 
-def _mask_threads():
-    """Threads that wait on llguidance's mask computation (which drops the GIL), so that the
-    engine thread runs the forward pass at the same time (shared by every engine in the process)."""
-    with _MASK_LOCK:
-        if not _MASK_THREAD:
-            from concurrent.futures import ThreadPoolExecutor
-            _MASK_THREAD.append(ThreadPoolExecutor(MASK_THREADS, thread_name_prefix="loramux-masks"))
-        return _MASK_THREAD[0]
+class _MaskPool:
+    """MASK_THREADS threads taking a step's rows; a thread lost in a late row's library call is
+    replaced, up to MAX_LOST_MASK_THREADS lost at once (Grammars refuses new constraints at
+    that point, until one comes back)."""
+
+    def __init__(self, threads: int):
+        self._lock = threading.Lock()
+        self._steps: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = threads
+        self._live = 0
+        self.lost_now = 0  # threads still inside a late row's call
+
+    def submit(self, masks: Masks) -> None:
+        with self._lock:
+            while self._live < self._threads and self.lost_now < MAX_LOST_MASK_THREADS:
+                self._live += 1
+                threading.Thread(target=self._run, name="loramux-masks", daemon=True).start()
+            live = self._live
+        for _ in range(live):  # each live thread takes rows of this step until none is left
+            self._steps.put(masks)
+
+    def lost(self, n: int) -> None:
+        """`n` threads went late: they leave the pool (they end when their call returns)."""
+        if n:
+            with self._lock:
+                self._live -= n
+                self.lost_now += n
+
+    def _run(self) -> None:
+        while True:
+            masks = self._steps.get()
+            if masks.work():  # this thread's row went late: it was counted lost
+                with self._lock:
+                    self.lost_now -= 1
+                return
 
 

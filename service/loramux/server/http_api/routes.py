@@ -18,6 +18,7 @@ its row is freed at the next step, as a gRPC cancel does.
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import functools
 import json
@@ -441,8 +442,10 @@ class HttpFrontDoor:
 
 
 def _named(error: LoramuxError, param: str) -> LoramuxError:
-    """A structured-output error names the field as the request named it (guided_regex, tools, ...)."""
+    """A structured-output error names the field as the request named it (guided_regex, tools,
+    ...): on a copy, since a compiled constraint's refusal is one object for every request."""
     if error.field == "structured_output":
+        error = copy.copy(error)
         error.field = param
     return error
 
