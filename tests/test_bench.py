@@ -89,13 +89,15 @@ def test_quick_quantization_benchmark_compares_int8_with_full_precision(tmp_path
     assert "| h128-l2 | bnb-4bit |" in (tmp_path / "quantization.md").read_text()
 
 
-def test_quick_inference_options_benchmark_runs_every_configuration_and_agrees_with_eager(tmp_path):
-    from loramux.bench.inference_options import CONFIGS
+def test_quick_inference_options_benchmark_runs_eager_static_and_compiled_and_agrees_with_eager(tmp_path):
+    from loramux.bench.inference_options import CONFIGS, QUICK_CONFIGS
     from loramux.bench.inference_options import main as options_main
 
     assert options_main(["--quick", "--out", str(tmp_path)]) == 0
     (cell,) = json.loads((tmp_path / "inference_options.json").read_text())["cells"]
-    for config, flags in CONFIGS.items():
+    assert set(QUICK_CONFIGS) <= set(cell) and not set(CONFIGS) - set(QUICK_CONFIGS) & set(cell)
+    for config in QUICK_CONFIGS:
+        flags = CONFIGS[config]
         row = cell[config]
         assert all(s > 0 for s in row["tokens_per_s"]) and all(ms > 0 for ms in row["step_ms"]), config
         assert row["long_step_ms"] > 0, config

@@ -37,6 +37,9 @@ CONFIGS = {
     "compile": {"compile": True},
     "compile+static": {"compile": True, "kv_cache": "static"},
 }
+# --quick (the suite's run): one compiled configuration (compiling is most of its time; the
+# compiled step with the dynamic cache is checked against peft in tests/test_static_kv_and_compile.py).
+QUICK_CONFIGS = ("eager", "static", "compile+static")
 
 
 def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -> dict:
@@ -45,13 +48,14 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
     from loramux.server.settings import Settings
 
     tokenizer, workload, probes = text_workload(work, requests, probes=6)
+    configs = {name: CONFIGS[name] for name in (QUICK_CONFIGS if cases == QUICK else CONFIGS)}
     out = []
     for case in cases:
         base, names = build_with_adapters(case, tokenizer, work)
         cell: dict = {"model": case.name}
         with contextlib.ExitStack() as stack:
             servers = {}
-            for config, flags in CONFIGS.items():  # all four up at once, so rounds can alternate
+            for config, flags in configs.items():  # all up at once, so rounds can alternate
                 settings = Settings(model=str(base), adapter_roots=(work / "adapters",), auth="none", port=0, **flags)
                 started = time.perf_counter()
                 server = stack.enter_context(BackgroundServer(settings))
@@ -89,7 +93,7 @@ def run(cases: tuple[ModelShape, ...], rounds: int, requests: int, work: Path) -
                                   for a in ["", *names] for p in probes}
                          for config, (_, client) in servers.items()}
         eager = cell["eager"]
-        for config in CONFIGS:
+        for config in configs:
             if config == "eager":
                 continue
             row = cell[config]
@@ -149,7 +153,7 @@ def markdown(results: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in results["cells"]:
-        for config in CONFIGS:
+        for config in (name for name in CONFIGS if name in c):
             r = c[config]
             warm = f" ({r['compile_warm_s']}, {r['graphs']})" if r["graphs"] else ""
             kv = f"{r['kv_cache_bytes'] / 2**20:.0f} MiB" if r["kv_cache_bytes"] else ""
