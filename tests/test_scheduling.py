@@ -98,6 +98,20 @@ def settle(engine) -> None:
     engine.call_on_engine(lambda: None).result(60)
 
 
+def pausing(rec, name: str, kind: type):
+    """An emit for `name` that records its events and, at its first event of `kind`, holds the
+    engine thread (inside the step) until `go_on` is set; returns (emit, reached, go_on)."""
+    record, reached, go_on = rec.emit_for(name), threading.Event(), threading.Event()
+
+    def emit(event):
+        record(event)
+        if isinstance(event, kind) and not reached.is_set():
+            reached.set()
+            assert go_on.wait(60)
+
+    return emit, reached, go_on
+
+
 def submit(engine, rec, name, adapter, prompt, n=N, tenant="default"):
     return engine.submit(tenant, GenerateInput(adapter_id=adapter, prompt=prompt, max_new_tokens=n), rec.emit_for(name))
 
@@ -229,15 +243,10 @@ def test_a_tenant_back_from_idle_gets_no_credit_for_it(assets):
     try:
         rec = Recorder()
         gate = hold(engine)
-        third_ended, go_on = threading.Event(), threading.Event()
+        # The engine thread stops in busy2's end, before busy3 can be admitted.
+        paused, third_ended, go_on = pausing(rec, "busy2", FinishEvent)
         for i in range(6):
-            emit = rec.emit_for(f"busy{i}")
-            if i == 2:  # the engine thread stops in busy2's end, before busy3 can be admitted
-                def emit(event, record=emit):
-                    record(event)
-                    if isinstance(event, FinishEvent):
-                        third_ended.set()
-                        assert go_on.wait(60)
+            emit = paused if i == 2 else rec.emit_for(f"busy{i}")
             engine.submit("busy", GenerateInput(prompt=PROMPTS[0], max_new_tokens=4, ignore_eos=True), emit)
         gate.set()
         assert third_ended.wait(60)
@@ -615,15 +624,10 @@ def test_a_tenant_keeps_its_lead_through_an_idle_moment(assets):
         gate = hold(engine)
         engine.submit("heavy", GenerateInput(prompt=PROMPTS[0], max_new_tokens=12, ignore_eos=True),
                       rec.emit_for("heavy0"))
-        light_started, go_on = threading.Event(), threading.Event()
+        # The engine thread stops at light0's first token: heavy is idle, and was at that pass.
+        paused, light_started, go_on = pausing(rec, "light0", TokenEvent)
         for i in range(6):
-            emit = rec.emit_for(f"light{i}")
-            if i == 0:  # the engine thread stops at light0's first token: heavy is idle, and was at that pass
-                def emit(event, record=emit):
-                    record(event)
-                    if isinstance(event, TokenEvent) and not light_started.is_set():
-                        light_started.set()
-                        assert go_on.wait(60)
+            emit = paused if i == 0 else rec.emit_for(f"light{i}")
             engine.submit("light", GenerateInput(prompt=PROMPTS[0], max_new_tokens=1, ignore_eos=True), emit)
         gate.set()
         assert light_started.wait(60)
