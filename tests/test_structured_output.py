@@ -610,3 +610,25 @@ def test_a_row_whose_mask_outlasts_the_step_wait_ends_and_the_batch_goes_on(asse
             want = (constrained_oracle(assets, ll_tokenizer, adapter, prompt, c, N) if c is not None
                     else assets.oracle(adapter, prompt, N))
             assert futures[name].result()["token_ids"] == want, name
+
+
+def test_one_tenants_new_constraints_compile_one_at_a_time(server, monkeypatch):
+    """A tenant's two hanging constraints hold one compile thread between them: another
+    tenant's new constraint compiles on the other at once, not after them."""
+    from loramux.server.engine import grammar_check
+    from loramux.server.errors import InvalidRequest
+
+    monkeypatch.setattr(grammar_check, "CHECK_S", 2.0)
+    grammars = server.engine.grammars()
+    with cf.ThreadPoolExecutor(3) as pool:
+        hangs = [pool.submit(grammars.matcher, Constraint("json_schema", json.dumps({"type": "integer", "multipleOf": m})),
+                             30, "greedy") for m in (16777216, 123456789)]  # (not cached by another test)
+        eventually(lambda: "greedy" in grammars._compiling)
+        other = pool.submit(grammars.matcher, Constraint("regex", "[a-f]{4}-other-tenant"), 30, "other")
+        other.result()
+        assert not any(h.done() for h in hangs)  # both still waiting: the first in its check, the second for its turn
+        for h in hangs:
+            with pytest.raises(InvalidRequest) as e:
+                h.result()
+            assert e.value.reason == "GRAMMAR_TOO_COMPLEX"
+    assert grammars._compiling == set()

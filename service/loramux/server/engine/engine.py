@@ -270,7 +270,7 @@ class Engine:
             if inp.constraint is not None:  # compiled (or found compiled) before anything is queued
                 wait = COMPILE_TIMEOUT_S if deadline is None else max(0.0, min(COMPILE_TIMEOUT_S, deadline - time.monotonic()))
                 try:
-                    grammars = [self.grammars().matcher(inp.constraint, wait) for _ in emits]  # compiled once, then cached
+                    grammars = [self.grammars().matcher(inp.constraint, wait, tenant) for _ in emits]  # compiled once, then cached
                 except InvalidRequest as e:
                     if e.reason == "GRAMMAR_TOO_COMPLEX" and wait < COMPILE_TIMEOUT_S:  # the caller's deadline cut it short
                         raise DeadlineExceeded("the deadline passed while the structured output was being compiled") from None

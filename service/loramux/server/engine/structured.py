@@ -106,6 +106,8 @@ class Grammars:
         self._cache: collections.OrderedDict[Constraint, Future] = collections.OrderedDict()
         self._lock = threading.Lock()
         self.check: GrammarCheck | None = None  # (made with the tokenizer's state)
+        self._turns = threading.Condition()
+        self._compiling: set[str] = set()  # tenants with a new constraint compiling (one each at a time)
         self._closed = False
         # Building the tokenizer's state reads every token (about 2 s at 32,000): started now, waited for by the first request.
         self._tokenizer: Future = self._compiler.submit(lambda: self._build_tokenizer(tokenizer, eos_ids))
@@ -133,22 +135,37 @@ class Grammars:
         if self.check is not None:
             self.check.close()
 
-    def matcher(self, constraint: Constraint, timeout_s: float = COMPILE_TIMEOUT_S) -> RowGrammar:
+    def matcher(self, constraint: Constraint, timeout_s: float = COMPILE_TIMEOUT_S, tenant: str | None = None) -> RowGrammar:
         """A fresh matcher for one request (blocking: waits for the compile, at most `timeout_s`).
-        InvalidRequest when the constraint does not compile, or takes too long."""
+        InvalidRequest when the constraint does not compile, or takes too long. A tenant has
+        one new constraint compiling at a time (`tenant`; its others wait in their callers'
+        threads), so one tenant's slow constraints hold one compile thread, never both."""
         constraint.check()
         if _mask_pool().lost_now >= MAX_LOST_MASK_THREADS:
             raise QueueFull("structured output's mask threads are held by constraints the library is slow on; retry "
                             "shortly", reason="GRAMMAR_QUEUE_FULL", retry_after_s=5.0)
-        with self._lock:
-            future = self._cache.get(constraint)
-            if future is not None:
-                self._cache.move_to_end(constraint)
-            else:
-                future = self._compiler.submit(lambda: self._compile(constraint))
-                self._cache[constraint] = future
-                while len(self._cache) > CACHE_ENTRIES:
-                    self._cache.popitem(last=False)
+        deadline = time.monotonic() + timeout_s
+        turn = submitted = False
+        try:
+            while True:
+                with self._lock:
+                    future = self._cache.get(constraint)
+                    if future is not None:
+                        self._cache.move_to_end(constraint)
+                        break
+                    if tenant is None or turn:
+                        future = self._compiler.submit(lambda: self._compile(constraint))
+                        submitted = True
+                        self._cache[constraint] = future
+                        while len(self._cache) > CACHE_ENTRIES:
+                            self._cache.popitem(last=False)
+                        break
+                turn = self._take_turn(tenant, deadline)  # (then looks again: another request may have compiled it)
+        finally:
+            if turn and submitted:  # the turn ends with the compile
+                future.add_done_callback(lambda _: self._end_turn(tenant))
+            elif turn:
+                self._end_turn(tenant)
         try:
             pristine = future.result(timeout_s)
         except FutureTimeout:
@@ -169,6 +186,21 @@ class Grammars:
                 self._cache.pop(constraint, None)
             raise invalid(f"the {constraint.kind} could not be compiled ({type(e).__name__}: {str(e)[:200]})") from None
         return RowGrammar(self, pristine.deep_copy())
+
+    def _take_turn(self, tenant: str, deadline: float) -> bool:
+        """Wait until `tenant` has no new constraint compiling, then take the turn (True);
+        QueueFull past `deadline`."""
+        with self._turns:
+            if not self._turns.wait_for(lambda: tenant not in self._compiling, max(0.0, deadline - time.monotonic())):
+                raise QueueFull("this tenant's other structured-output constraints are compiling; retry shortly",
+                                reason="GRAMMAR_QUEUE_FULL", retry_after_s=1.0)
+            self._compiling.add(tenant)
+        return True
+
+    def _end_turn(self, tenant: str) -> None:
+        with self._turns:
+            self._compiling.discard(tenant)
+            self._turns.notify_all()
 
     def _compile(self, constraint: Constraint):
         state = self._tokenizer.result()
