@@ -582,13 +582,15 @@ def test_decode_steps_count_each_distinct_adapters_bytes_once(assets):
 
 
 def test_an_urgent_request_waiting_for_a_slot_holds_back_only_requests_that_need_one(assets):
-    """Both slots held by running rows; an urgent request for a third adapter waits for one.
-    Meanwhile another tenant's base-model request goes in at once (it needs no slot); the urgent
-    one goes in when a running row's slot frees, with peft's tokens."""
-    engine = make_engine(assets, adapter_slots=2, max_batch_size=6, adapter_wait_ms=0)
+    """Both free slots held by running rows (the third is pinned); an urgent request for another
+    adapter waits for one. Meanwhile another tenant's base-model request and its request for
+    the pinned adapter go in at once (they hold no slot another could take); the urgent one
+    goes in when a running row's slot frees, with peft's tokens."""
+    engine = make_engine(assets, adapter_slots=3, max_batch_size=6, adapter_wait_ms=0)
     try:
-        x, y, z = "qv-r4", "mlp-r2", "all-r16"
+        x, y, z, p = "qv-r4", "mlp-r2", "all-r16", "pattern"
         engine.load_adapter("cold", z, z)
+        engine.load_adapter("other", p, p, pin=True)  # in its slot for good: the two others are the free ones
         rec = Recorder()
         gate = hold(engine)
         engine.submit("default", GenerateInput(adapter_id=x, prompt=PROMPTS[0], max_new_tokens=N, ignore_eos=True),
@@ -600,10 +602,13 @@ def test_an_urgent_request_waiting_for_a_slot_holds_back_only_requests_that_need
         gate = hold(engine)
         submit(engine, rec, "z", z, PROMPTS[1], n=4, tenant="cold")
         submit(engine, rec, "base", "", PROMPTS[1], n=4, tenant="other")
+        submit(engine, rec, "pinned", p, PROMPTS[1], n=4, tenant="other")
         gate.set()
         rec.wait_all()
         first_end = min(rec.index(n, FinishEvent) for n in ("x", "y"))
         assert rec.index("base", TokenEvent) < first_end  # not held back by the urgent request
+        assert rec.index("pinned", TokenEvent) < first_end  # (its slot is no one else's either way)
+        assert rec.token_ids("pinned") == assets.oracle(p, PROMPTS[1], 4)
         assert rec.index("z", TokenEvent) > first_end  # which waited for a slot
         assert rec.token_ids("z") == assets.oracle(z, PROMPTS[1], 4)
         assert rec.token_ids("base") == assets.oracle(None, PROMPTS[1], 4)

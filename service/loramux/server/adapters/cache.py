@@ -241,6 +241,11 @@ class TieredAdapterCache:
             self._evictable.pop(uid, None)
             return True
 
+    def pinned_in_slot(self, uid: int) -> bool:
+        """Whether the adapter is pinned (so in a slot for good: its rows hold no slot another could take)."""
+        with self._lock:
+            return uid in self._pinned
+
     def slots_available_for(self, uids: set[int]) -> bool:
         """Whether all of `uids` could be in slots at once, given pins, running requests and
         the byte budget (evicting every evictable adapter that is not one of them)."""

@@ -23,7 +23,8 @@ Admission is fair across tenants and aware of adapters:
 - A request whose adapter is on disk starts a read on an I/O thread and waits for it.
 - A request whose adapter cannot get a slot (every slot held by running rows or pinned)
   waits. If that request is urgent, no request that needs an adapter is admitted until it
-  gets in (requests for the base model still are): running rows finish, their slots free up,
+  gets in (requests for the base model, or for an adapter pinned in its slot, still are):
+  running rows finish, their slots free up,
   and nothing new takes them first. So once its tenant's turn comes, no request waits much
   longer than `adapter_wait_ms` plus the longest running request, however cold its adapter.
   Urgency orders a tenant's own requests, never the tenants: a backlog grown old does not
@@ -313,7 +314,7 @@ class Scheduler:
                 if left and held[tenant] and rows_free <= self._reserved_for_others(tenant, held):
                     continue  # the last free rows wait for tenants that hold none (who may take them)
                 while left:
-                    offered = [r for r in left if r.adapter_uid is None] if slots_blocked else left
+                    offered = [r for r in left if self._holds_no_slot(r)] if slots_blocked else left
                     if not offered:
                         break
                     best = min(offered, key=lambda r: self._preference(r, uids, now, wait_bound))
@@ -349,6 +350,11 @@ class Scheduler:
             if not progressed:
                 break
         return self._give_slots(chosen)
+
+    def _holds_no_slot(self, request: GenerationRequest) -> bool:
+        """Whether admitting `request` keeps no slot from others: the base model, or an adapter
+        pinned in its slot for good."""
+        return request.adapter_uid is None or self._cache.pinned_in_slot(request.adapter_uid)
 
     def _reserved_for_others(self, tenant: str, held: Counter) -> int:
         """Rows `tenant` must leave free: one for each other tenant that sent a request within
