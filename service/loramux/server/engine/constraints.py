@@ -19,6 +19,14 @@ KINDS = ("json_object", "json_schema", "regex", "grammar", "choice")
 MAX_SPEC_BYTES = 128 * 1024  # a schema, regex or grammar's text (a 128 KiB grammar compiles in well under a second)
 MAX_CHOICES = 1024
 LEXER_STATES = 20_000  # per row (llguidance: 1-2 kB each, default 250,000): at most ~40 MB per constrained row
+# Parser items per mask step (llguidance's default 50,000). A grammar that forces a long text
+# again and again after a first choice (`start: ("a"|"b") x`, `x: T0 x`, `T0: "q"{3000}`)
+# passes a check of its first step, then spends minutes and gigabytes in its second mask at the
+# default (measured with 1.9.1: 10 GB in 40 s, or an abort under an address-space limit). Time
+# and memory grow with this limit: at 1,000, about 1 s and 0.6 GB at worst (a 5,000-character
+# forced text); schemas of 300 properties, 20 alternatives of objects, recursion and 3,000-value
+# enums use far fewer (their masks took at most 2 ms over 80 random steps at 300).
+STEP_ITEMS = 1000
 # JSON is written compactly, as json.dumps writes it: free whitespace lets a model pad its
 # answer with newlines until max_tokens, which is the commonest failure of JSON modes.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -55,7 +63,8 @@ def compile_matcher(state, constraint: Constraint):
     import llguidance
 
     grammar = constraint.grammar()
-    limits = llguidance.LLParserLimits(verbose_errors=False, max_lexer_states=LEXER_STATES)  # errors quote the grammar, never the server's state
+    limits = llguidance.LLParserLimits(verbose_errors=False, max_lexer_states=LEXER_STATES,  # errors quote the grammar, never the server's state
+                                       step_max_items=STEP_ITEMS)
     matcher = llguidance.LLMatcher(state, grammar, log_level=0, limits=limits)
     if matcher.is_error():
         raise invalid(f"the {constraint.kind} could not be compiled: {first_line(matcher.get_error())}")

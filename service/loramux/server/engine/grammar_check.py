@@ -34,7 +34,9 @@ import weakref
 from loramux.server.engine.constraints import Constraint, invalid
 
 log = logging.getLogger(__name__)
-CHECK_S = 5.0  # a constraint's compile and first mask in the child (ordinary ones: milliseconds)
+CHECK_S = 5.0  # a constraint's compile and first masks in the child (ordinary ones: milliseconds)
+CHECK_STEPS = 16  # masks the child takes along one path (each next token: the lowest allowed but the end)
+CHECK_MASK_S = 0.25  # one of those masks may take this long (ordinary ones: microseconds to milliseconds)
 START_S = 60.0  # the child's start: the library's tokenizer state (about 2 s per 32,000 tokens)
 CHILD_MEMORY_BYTES = 8 << 30  # the child's address space (the 256 MiB compile stack is address space too)
 CHILD_STACK_BYTES = 256 << 20  # deep grammars recurse deeply, as on the engine's compile threads
@@ -94,7 +96,8 @@ class _Child:
             answer, died = None, False
             self.checking = constraint
             try:
-                process.stdin.write((json.dumps({"kind": constraint.kind, "spec": constraint.spec}) + "\n").encode())
+                request = {"kind": constraint.kind, "spec": constraint.spec, "steps": CHECK_STEPS, "step_s": CHECK_MASK_S}
+                process.stdin.write((json.dumps(request) + "\n").encode())
                 process.stdin.flush()
                 answer = self._line(process, time.monotonic() + CHECK_S)
             except (OSError, EOFError):  # the child is gone: it died on this constraint
@@ -226,11 +229,7 @@ def _serve() -> None:
     for line in inp:
         request = json.loads(line)
         try:
-            matcher = compile_matcher(state, Constraint(request["kind"], request["spec"]))
-            matcher.compute_bitmask()  # the first mask builds the lexer: the step that ran for minutes
-            if matcher.is_error():
-                raise InvalidRequest(f"the {request['kind']} failed at its first step: "
-                                     f"{matcher.get_error().strip()[:300]}", reason="INVALID_GRAMMAR")
+            _walk(compile_matcher(state, Constraint(request["kind"], request["spec"])), request, hello["eos"])
             answer({"ok": True})
         except InvalidRequest as e:
             answer({"error": e.message, "reason": e.reason})
@@ -245,6 +244,42 @@ def _watch_parent(parent: int) -> None:
         time.sleep(1.0)
         if os.getppid() != parent:
             os._exit(0)
+
+
+def _walk(matcher, request: dict, eos: list[int]) -> None:
+    """Take the matcher's masks along one path, `steps` of them at most, each next token the
+    lowest the mask allows but the end: InvalidRequest when one takes over `step_s` or the
+    library fails. The first mask builds the lexer; a grammar may also hide a slow step behind
+    a first choice. (A path, not every path: the engine's own step wait covers the rest.)"""
+    from loramux.server.errors import InvalidRequest
+
+    kind = request["kind"]
+    for step in range(request["steps"]):
+        started = time.perf_counter()
+        mask = matcher.compute_bitmask()
+        seconds = time.perf_counter() - started
+        if matcher.is_error():
+            raise InvalidRequest(f"the {kind} failed at step {step + 1}: {matcher.get_error().strip()[:300]}",
+                                 reason="INVALID_GRAMMAR")
+        if seconds > request["step_s"]:
+            raise InvalidRequest(f"the {kind} took {seconds:.2f} s for one token's mask (step {step + 1}), more than "
+                                 f"the {request['step_s']:g} s this server allows", reason="GRAMMAR_TOO_COMPLEX")
+        token = _lowest_allowed(mask, set(eos))
+        if token is None or matcher.is_stopped() or not matcher.consume_token(token):
+            return
+
+
+def _lowest_allowed(mask: bytes, eos: set[int]) -> int | None:
+    """The lowest token id a bitmask allows (32-bit little-endian words), the end tokens aside."""
+    for offset in range(0, len(mask), 4):
+        word = int.from_bytes(mask[offset:offset + 4], "little")
+        while word:
+            bit = (word & -word).bit_length() - 1
+            token = offset * 8 + bit
+            if token not in eos:
+                return token
+            word &= word - 1
+    return None
 
 
 def main() -> None:
