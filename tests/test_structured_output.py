@@ -539,6 +539,7 @@ def test_constraints_that_hang_or_kill_the_library_are_refused_in_a_child_proces
         Constraint("json_schema", json.dumps({"allOf": [{"type": "string", "pattern": f"a{i}"} for i in range(25)]})),
         Constraint("grammar", 'start: T0 start\nT0: "q"{5000}'),  # first mask: about 1 s (10 s at the library's limits)
         Constraint("grammar", 'start: ("a" | "b") x\nx: T0 x\nT0: "q"{3000}'),  # fast first mask, then a slow second
+        Constraint("grammar", 'start: "a" | "z" x\nx: T0 x\nT0: "q"{3000}'),  # slow only past the highest first token
     ]
     with cf.ThreadPoolExecutor(len(hostile) + 1) as pool:
         bystander = pool.submit(engine.generate, "default", GenerateInput(prompt=PROMPTS[0], max_new_tokens=N), 120)

@@ -35,7 +35,7 @@ from loramux.server.engine.constraints import Constraint, invalid
 
 log = logging.getLogger(__name__)
 CHECK_S = 5.0  # a constraint's compile and first masks in the child (ordinary ones: milliseconds)
-CHECK_STEPS = 16  # masks the child takes along one path (each next token: the lowest allowed but the end)
+CHECK_STEPS = 16  # masks the child takes along each of its three paths (the lowest token allowed, the highest, a random one)
 CHECK_MASK_S = 0.25  # one of those masks may take this long (ordinary ones: microseconds to milliseconds)
 START_S = 60.0  # the child's start: the library's tokenizer state (about 2 s per 32,000 tokens)
 CHILD_MEMORY_BYTES = 8 << 30  # the child's address space (the 256 MiB compile stack is address space too)
@@ -247,39 +247,43 @@ def _watch_parent(parent: int) -> None:
 
 
 def _walk(matcher, request: dict, eos: list[int]) -> None:
-    """Take the matcher's masks along one path, `steps` of them at most, each next token the
-    lowest the mask allows but the end: InvalidRequest when one takes over `step_s` or the
-    library fails. The first mask builds the lexer; a grammar may also hide a slow step behind
-    a first choice. (A path, not every path: the engine's own step wait covers the rest.)"""
+    """Take the matcher's masks along three paths, `steps` masks each at most, each next token
+    the lowest the mask allows, the highest, or one drawn at random (a fixed seed), the end
+    tokens aside: InvalidRequest when a mask takes over `step_s` or the library fails. The
+    first mask builds the lexer; a grammar may also hide a slow step behind a first choice.
+    (Some paths, not every path: the engine's own step wait covers the rest.)"""
+    import random
+
     from loramux.server.errors import InvalidRequest
 
-    kind = request["kind"]
-    for step in range(request["steps"]):
-        started = time.perf_counter()
-        mask = matcher.compute_bitmask()
-        seconds = time.perf_counter() - started
-        if matcher.is_error():
-            raise InvalidRequest(f"the {kind} failed at step {step + 1}: {matcher.get_error().strip()[:300]}",
-                                 reason="INVALID_GRAMMAR")
-        if seconds > request["step_s"]:
-            raise InvalidRequest(f"the {kind} took {seconds:.2f} s for one token's mask (step {step + 1}), more than "
-                                 f"the {request['step_s']:g} s this server allows", reason="GRAMMAR_TOO_COMPLEX")
-        token = _lowest_allowed(mask, set(eos))
-        if token is None or matcher.is_stopped() or not matcher.consume_token(token):
-            return
+    kind, ends, rng = request["kind"], set(eos), random.Random(0)
+    choosers = (lambda allowed: allowed[0], lambda allowed: allowed[-1], rng.choice)
+    for path, choose in enumerate(choosers):
+        walker = matcher.deep_copy() if path < len(choosers) - 1 else matcher
+        for step in range(request["steps"]):
+            started = time.perf_counter()
+            mask = walker.compute_bitmask()
+            seconds = time.perf_counter() - started
+            if walker.is_error():
+                raise InvalidRequest(f"the {kind} failed at step {step + 1}: {walker.get_error().strip()[:300]}",
+                                     reason="INVALID_GRAMMAR")
+            if seconds > request["step_s"]:
+                raise InvalidRequest(f"the {kind} took {seconds:.2f} s for one token's mask (step {step + 1}), more "
+                                     f"than the {request['step_s']:g} s this server allows", reason="GRAMMAR_TOO_COMPLEX")
+            allowed = [t for t in _allowed(mask) if t not in ends]
+            if not allowed or walker.is_stopped() or not walker.consume_token(choose(allowed)):
+                break
 
 
-def _lowest_allowed(mask: bytes, eos: set[int]) -> int | None:
-    """The lowest token id a bitmask allows (32-bit little-endian words), the end tokens aside."""
+def _allowed(mask: bytes) -> list[int]:
+    """The token ids a bitmask allows (32-bit little-endian words), in order."""
+    out = []
     for offset in range(0, len(mask), 4):
         word = int.from_bytes(mask[offset:offset + 4], "little")
         while word:
-            bit = (word & -word).bit_length() - 1
-            token = offset * 8 + bit
-            if token not in eos:
-                return token
+            out.append(offset * 8 + (word & -word).bit_length() - 1)
             word &= word - 1
-    return None
+    return out
 
 
 def main() -> None:
