@@ -7,11 +7,12 @@ first mask runs for minutes or for ever, burning a core no thread can be stopped
 `multipleOf` of 2147483648, twenty-five unanchored `pattern`s one string must match, a
 recursion with a long forced key and no end. No check of the text can know every such
 shape; a process can be killed. So before the engine's process compiles a constraint, a
-child process holding the same tokenizer compiles it and computes its first mask (the
-costliest step: it builds the lexer) within CHECK_S. A constraint that outlasts it, or that
-the child dies on, is refused (GRAMMAR_TOO_COMPLEX, INVALID_GRAMMAR) and the child is
-started again for the next one. Grammars caches the outcome with the compiled constraint,
-so a constraint is checked once; one child serves the checks in turn.
+child process holding the same tokenizer compiles it and takes its masks along three paths
+(`_walk`: the first mask builds the lexer, and a slow step may hide behind a first choice).
+A constraint with a mask over CHECK_MASK_S, or that outlasts CHECK_S or kills the child, is
+refused (GRAMMAR_TOO_COMPLEX, INVALID_GRAMMAR); a child killed or dead is started again at
+once. Grammars caches the outcome with the compiled constraint, so a constraint is checked
+once; two children (one per compile thread) serve the checks.
 
 The child is `python -m loramux.server.engine.grammar_check`: it reads JSON lines on stdin
 (first the tokenizer, then one constraint per line) and answers each with one line on
@@ -34,7 +35,7 @@ import weakref
 from loramux.server.engine.constraints import Constraint, invalid
 
 log = logging.getLogger(__name__)
-CHECK_S = 5.0  # a constraint's compile and first masks in the child (ordinary ones: milliseconds)
+CHECK_S = 5.0  # a constraint's compile and its masks' walk in the child (ordinary ones: milliseconds)
 CHECK_STEPS = 16  # masks the child takes along each of its three paths (the lowest token allowed, the highest, a random one)
 CHECK_MASK_S = 0.25  # one of those masks may take this long (ordinary ones: microseconds to milliseconds)
 START_S = 60.0  # the child's start: the library's tokenizer state (about 2 s per 32,000 tokens)
@@ -60,7 +61,7 @@ class GrammarCheck:
         return sum(child.starts for child in self._all)
 
     def check(self, constraint: Constraint) -> None:
-        """Return when a child compiled `constraint` and took its first mask within CHECK_S;
+        """Return when a child compiled `constraint` and walked its masks within the limits;
         InvalidRequest otherwise (the library's own refusal, too long, or the child died)."""
         child = self._free.get()
         try:
@@ -113,7 +114,7 @@ class _Child:
                 if not died:
                     log.warning("structured output: a %s outlasted its %g s check; its child process was stopped",
                                 constraint.kind, CHECK_S)
-                    raise invalid(f"the {constraint.kind} did not compile and take its first step within {CHECK_S:g} s",
+                    raise invalid(f"the {constraint.kind} did not compile and take its first masks within {CHECK_S:g} s",
                                   reason="GRAMMAR_TOO_COMPLEX")
                 log.warning("structured output: the library's child process died on a %s (exit %s)", constraint.kind,
                             process.returncode)

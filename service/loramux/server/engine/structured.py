@@ -167,7 +167,7 @@ class Grammars:
             elif turn:
                 self._end_turn(tenant)
         try:
-            pristine = future.result(timeout_s)
+            pristine = future.result(max(0.0, deadline - time.monotonic()))  # (a turn waited for counts too)
         except FutureTimeout:
             check = self.check
             if not future.running() or (check is not None and check.starting):  # behind other compiles, or a
@@ -276,27 +276,15 @@ class Masks:
     def wait(self, timeout_s: float, pool: _MaskPool) -> None:
         """Wait for the masks, `timeout_s` at most; the rows still being computed then are
         late. If rows were left that no thread had taken (every thread was in a late row),
-        the pool's new threads take them, for `timeout_s` more at most."""
-        for _ in range(2):
-            if self._done.wait(timeout_s):
-                break
-            with self._lock:
-                taken = [i for i in range(self._next) if i not in self.late and not self._finished[i]]
-                self.late.update(taken)
-                self._left -= len(taken)
-                for i in taken:
-                    self.seconds[i] = timeout_s
-                if not self._left:
-                    self._done.set()
-            pool.lost(len(taken))
-            if self._done.is_set():
-                break
+        the pool's new threads take them, for `timeout_s` more at most. Then no thread takes
+        another row, and every row not done is late."""
+        if self._done.wait(timeout_s):
+            return  # (every row done: the common case)
+        self._give_up(pool, timeout_s, close=False)
+        if not self._done.is_set():
             pool.submit(self)  # (the rows no thread took yet, for the threads that replace the lost)
-        with self._lock:
-            self._closed = True
-            untaken = list(range(self._next, len(self.matchers)))
-            self._next = len(self.matchers)
-            self.late.update(untaken)  # (every mask thread lost: these rows end too)
+            if not self._done.wait(timeout_s):
+                self._give_up(pool, 2 * timeout_s, close=True)
         if self.late:
             log.warning("structured output: %d row(s)' masks were not done within %g s; those rows end",
                         len(self.late), timeout_s)
@@ -305,6 +293,24 @@ class Masks:
             self._written = self.bitmask
             self.bitmask = self.bitmask.clone()
             self.bitmask[sorted(self.late)] = 0
+
+    def _give_up(self, pool: _MaskPool, waited_s: float, close: bool) -> None:
+        """Make the rows being computed late (their threads are lost to the pool); with
+        `close`, also those no thread took, and let no thread take another."""
+        with self._lock:
+            untaken = []
+            if close:
+                self._closed = True
+                untaken = list(range(self._next, len(self.matchers)))
+                self._next = len(self.matchers)
+            running = [i for i in range(self._next) if not self._finished[i] and i not in self.late]
+            for i in untaken + running:
+                self.late.add(i)
+                self.seconds[i] = waited_s
+            self._left = len(self.matchers) - sum(self._finished) - len(self.late)
+            if not self._left:
+                self._done.set()
+        pool.lost(len(running))
 
 
 @dataclasses.dataclass(eq=False)
